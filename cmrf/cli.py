@@ -1,0 +1,61 @@
+"""The ``cmrf`` command line.
+
+Each command lives beside the code it drives: ``COMMANDS`` maps a command name to a function
+``build(parser) -> run`` that adds the command's arguments and returns ``run(args) -> int``.
+Only the module of the command being run is imported, so one command's heavy dependencies never
+slow down another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# name -> ("module:builder", one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("cmrf.quickstart:build_command", "build TinyU-Net, print its costs beside the paper's"),
+    "profile": ("cmrf.profile:build_command", "params, fvcore MACs and paper-convention FLOPs of a model"),
+}
+
+
+def _builder(spec: str):
+    module_name, func_name = spec.split(":")
+    return getattr(importlib.import_module(module_name), func_name)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with ``command`` only that command's module is imported."""
+    from cmrf import __version__
+
+    parser = argparse.ArgumentParser(prog="cmrf", description="CMRF and TinyU-Net tools")
+    parser.add_argument("--version", action="version", version=f"cmrf {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (spec, help_text) in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if command in (None, name):
+            sub_parser.set_defaults(run=_builder(spec)(sub_parser))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return int(args.run(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("CMRF_DEBUG"):
+            raise
+        # Bad input: one clear line, no traceback (CMRF_DEBUG=1 shows it).
+        print(f"cmrf {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""TinyU-Net: a U-Net built from CMRF blocks (MICCAI 2024)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cmrf.layers import CMRF, check_positive_int, check_spatial_dims, conv_type, maxpool_type
+from cmrf.models._builder import build_model, reference_key_hook, rename_keys
+from cmrf.models.registry import register_model
+
+__all__ = ["TinyUNet", "checkpoint_filter_fn"]
+
+# Upsampling used by the decoder: the paper's bicubic in 2D; PyTorch has no bicubic for volumes,
+# so 3D uses trilinear (and 1D linear).
+_UPSAMPLE_MODE = {1: "linear", 2: "bicubic", 3: "trilinear"}
+
+
+# --- reference checkpoints -------------------------------------------------------------------
+
+_CMRF_KEY_MAP = [
+    (r"\.pwconv1\.conv\.", ".pw1.conv."),
+    (r"\.pwconv1\.bn\.", ".pw1.norm."),
+    (r"\.pwconv2\.conv\.", ".pw2.conv."),
+    (r"\.pwconv2\.bn\.", ".pw2.norm."),
+    (r"\.m\.(\d+)\.conv\.", r".cascade.\1.conv."),
+    (r"\.m\.(\d+)\.bn\.", r".cascade.\1.norm."),
+]
+
+
+def _stage_index(match: re.Match) -> str:
+    kind = "encoders" if match.group(1) == "encoder" else "decoders"
+    return f"{kind}.{int(match.group(2)) - 1}."
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module | None = None):
+    """Map a state dict saved by the reference TinyU-Net code to this library's names.
+
+    Reference names (``encoder{1..4}.cmrf.pwconv1.conv.weight``, ``decoder{i}.cmrf.m.{k}.bn.*``,
+    ``final_conv.*``) become ``encoders.{i-1}.pw1.conv.weight``, ``decoders.{i-1}.cascade.{k}
+    .norm.*``, ``head.*``. A state dict already in this library's names passes through.
+    """
+    if not any(k.startswith(("encoder1.cmrf.", "final_conv.")) for k in state_dict):
+        return dict(state_dict)
+    patterns = [(r"^(encoder|decoder)(\d+)\.cmrf\.", _stage_index), (r"^final_conv\.", "head.")]
+    return rename_keys(state_dict, patterns + _CMRF_KEY_MAP)
+
+
+class TinyUNet(nn.Module):
+    """TinyU-Net.
+
+    Encoder: ``len(channels)`` stages, each ``CMRF(prev, C_i)`` (its output is the skip) then a
+    2x max-pool. Decoder, deepest first: upsample x2 to the skip's exact size (bicubic in 2D,
+    ``align_corners=False``), concatenate ``[upsampled, skip]``, ``CMRF``. Head: 1x1 conv with bias.
+
+    Any spatial size of at least ``2 ** len(channels)`` per side works. Where a side is not a
+    multiple of ``2 ** len(channels)``, pooling floors it and each decoder stage upsamples to
+    the skip's exact size instead of exactly 2x, so the output always has the input's size.
+    For multiples of 16 (the reference's only supported case) this is the reference exactly.
+
+    Args:
+        in_channels: image channels. Default 3.
+        num_classes: output channels (logits). Default 2.
+        N: receptive fields per CMRF. Default 8.
+        channels: encoder widths, shallow to deep; each a multiple of ``2N``.
+            Default ``(64, 128, 256, 512)``.
+        spatial_dims: 2 for images (default) or 3 for volumes (trilinear upsampling).
+        fused: passed to every CMRF (``None``: follow ``CMRF_FUSED``).
+
+    Shapes: ``(B, in_channels, *S) -> (B, num_classes, *S)``.
+    """
+
+    checkpoint_filter_fn = staticmethod(checkpoint_filter_fn)
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        num_classes: int = 2,
+        N: int = 8,
+        channels: Sequence[int] = (64, 128, 256, 512),
+        spatial_dims: int = 2,
+        fused: bool | None = None,
+    ):
+        super().__init__()
+        check_positive_int("in_channels", in_channels)
+        check_positive_int("num_classes", num_classes)
+        channels = tuple(channels)
+        if not channels:
+            raise ValueError("channels must name at least one encoder width, got ()")
+        for i, width in enumerate(channels):
+            check_positive_int(f"channels[{i}]", width)
+        self.in_channels = int(in_channels)
+        self.num_classes = int(num_classes)
+        self.channels = channels
+        self.spatial_dims = check_spatial_dims(spatial_dims)
+        self.upsample_mode = _UPSAMPLE_MODE[spatial_dims]
+
+        def block(cin: int, cout: int) -> CMRF:
+            return CMRF(cin, cout, N, spatial_dims=spatial_dims, fused=fused)
+
+        widths_in = (in_channels,) + channels[:-1]
+        self.encoders = nn.ModuleList(block(a, b) for a, b in zip(widths_in, channels))
+        self.pool = maxpool_type(spatial_dims)(2, 2)
+        # decoders[i] produces channels[i]; the deepest one sees the pooled deepest features.
+        below = channels[1:] + channels[-1:]
+        self.decoders = nn.ModuleList(block(b + c, c) for b, c in zip(below, channels))
+        self.head = conv_type(spatial_dims)(channels[0], num_classes, 1)
+        # Lets load_state_dict take checkpoints saved by the reference code as they are.
+        self.register_load_state_dict_pre_hook(reference_key_hook(checkpoint_filter_fn))
+
+    @property
+    def min_size(self) -> int:
+        """Smallest side the network accepts: one pixel survives every pooling."""
+        return 2 ** len(self.channels)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        ndim = self.spatial_dims + 2
+        if x.dim() != ndim:
+            raise ValueError(
+                f"TinyUNet (spatial_dims={self.spatial_dims}) expects a {ndim}-D input "
+                f"(B, C, {', '.join('*' * self.spatial_dims)}), got shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"TinyUNet expected {self.in_channels} input channels, received "
+                f"{x.shape[1]} (input shape {tuple(x.shape)})"
+            )
+        small = [s for s in x.shape[2:] if s < self.min_size]
+        if small:
+            raise ValueError(
+                f"TinyUNet needs every spatial side >= {self.min_size} (2 ** {len(self.channels)} "
+                f"poolings), got spatial size {tuple(x.shape[2:])}"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        skips = []
+        for encoder in self.encoders:
+            x = encoder(x)
+            skips.append(x)
+            x = self.pool(x)
+        for decoder, skip in zip(reversed(self.decoders), reversed(skips)):
+            x = F.interpolate(x, size=skip.shape[2:], mode=self.upsample_mode, align_corners=False)
+            x = decoder(torch.cat([x, skip], dim=1))
+        return self.head(x)
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> TinyUNet:
+    return build_model(TinyUNet, variant, pretrained, **kwargs)
+
+
+@register_model
+def tinyunet(pretrained: bool = False, **kwargs) -> TinyUNet:
+    """TinyU-Net as in the paper: N=8, widths (64, 128, 256, 512); 481,170 params for 3 in / 2 out."""
+    return _create("tinyunet", pretrained, **kwargs)
+
+
+@register_model
+def tinyunet3d(pretrained: bool = False, **kwargs) -> TinyUNet:
+    """TinyU-Net for volumes (``spatial_dims=3``): 3x3x3 cascades, trilinear upsampling."""
+    kwargs.setdefault("spatial_dims", 3)
+    return _create("tinyunet3d", pretrained, **kwargs)

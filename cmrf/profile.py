@@ -1,0 +1,161 @@
+"""Cost profiling: parameters, fvcore MACs, and FLOPs in the TinyU-Net paper's convention.
+
+The paper's tables come from a module-hook counter (thop) doubled. For each module call it counts
+``out.numel() * in_channels / groups * prod(kernel)`` for convolutions (bias ignored),
+``4 * out.numel()`` for affine BatchNorm (``2 *`` without affine), ``in_features * out.numel()``
+for Linear, a per-mode constant times ``out.numel()`` for ``nn.Upsample`` modules, and zero for
+everything else, functional calls such as ``F.interpolate`` included. FLOPs = 2 x that total.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from cmrf.ops import reference_only
+
+# thop's per-output-element cost of nn.Upsample by mode.
+_UPSAMPLE_OPS = {"nearest": 1, "linear": 5, "bilinear": 11, "bicubic": 259, "trilinear": 31}
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Costs of one forward pass.
+
+    Attributes:
+        params: trainable and frozen parameters (BatchNorm running statistics excluded).
+        macs: multiply-accumulates counted by fvcore (convolutions, matmuls, norms).
+        flops: floating-point operations in the paper's convention (2 x thop count).
+        input_size: the profiled input shape.
+    """
+
+    params: int
+    macs: int
+    flops: int
+    input_size: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        return (
+            f"input {'x'.join(map(str, self.input_size))}: params {self.params:,} "
+            f"({self.params / 1e6:.3f}M) | fvcore MACs {self.macs / 1e9:.4f}G | "
+            f"paper-convention FLOPs {self.flops / 1e9:.4f}G"
+        )
+
+
+def _paper_ops(module: nn.Module, inputs, output) -> int:
+    if not isinstance(output, torch.Tensor):
+        return 0
+    if isinstance(module, _CONVS):
+        taps = math.prod(module.kernel_size)
+        return output.numel() * (module.in_channels // module.groups) * taps
+    if isinstance(module, _NORMS):
+        return (4 if module.affine else 2) * output.numel()
+    if isinstance(module, nn.Linear):
+        return module.in_features * output.numel()
+    if isinstance(module, nn.Upsample):
+        return _UPSAMPLE_OPS.get(module.mode, 0) * output.numel()
+    return 0
+
+
+def count_paper_flops(model: nn.Module, example: torch.Tensor) -> int:
+    """FLOPs of ``model(example)`` in the paper's convention (see the module docstring)."""
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        total += _paper_ops(module, inputs, output)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        with torch.no_grad(), reference_only():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return 2 * total
+
+
+def count_fvcore_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Total MACs that fvcore's ``FlopCountAnalysis`` counts for ``model(example)``."""
+    from fvcore.nn import FlopCountAnalysis
+
+    with warnings.catch_warnings(), torch.no_grad(), reference_only():
+        warnings.simplefilter("ignore")  # tracer warnings about shape checks in forward()
+        analysis = FlopCountAnalysis(model, (example,))
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        return int(analysis.total())
+
+
+def profile(model: nn.Module, input_size: Sequence[int]) -> Profile:
+    """Count parameters, fvcore MACs and paper-convention FLOPs of ``model`` on one input.
+
+    Args:
+        model: any ``nn.Module`` taking one tensor. It is profiled in eval mode on its own device
+            and dtype, and its training flag is restored afterwards.
+        input_size: the full input shape, e.g. ``(1, 3, 256, 256)``.
+
+    Returns:
+        A ``Profile``; ``str()`` gives a one-line summary, ``to_dict()`` the JSON-ready figures.
+    """
+    input_size = tuple(int(s) for s in input_size)
+    if len(input_size) < 3 or any(s < 1 for s in input_size):
+        raise ValueError(f"input_size must be (B, C, *spatial) with positive sides, got {input_size}")
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    example = torch.zeros(input_size, device=device, dtype=dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        flops = count_paper_flops(model, example)
+        macs = count_fvcore_macs(model, example)
+    finally:
+        model.train(was_training)
+    params = sum(p.numel() for p in model.parameters())
+    return Profile(params=params, macs=macs, flops=flops, input_size=input_size)
+
+
+def add_model_arguments(parser) -> None:
+    """Arguments that build a registry model: ``NAME --in-chans --num-classes --N --channels``."""
+    parser.add_argument("model", metavar="NAME", help="registry name, e.g. tinyunet (see cmrf.list_models())")
+    parser.add_argument("--in-chans", type=int, default=None, help="input channels (default: C of --input-size, else 3)")
+    parser.add_argument("--num-classes", type=int, default=2, help="output classes (default 2)")
+    parser.add_argument("--N", dest="N", type=int, default=None, help="receptive fields per CMRF")
+    parser.add_argument("--channels", type=int, nargs="+", default=None, help="encoder widths")
+
+
+def model_kwargs(args) -> dict:
+    """Constructor keyword arguments from ``add_model_arguments``' options that were given."""
+    return {k: v for k, v in (("N", args.N), ("channels", args.channels)) if v is not None}
+
+
+def build_command(parser):
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--input-size", type=int, nargs="+", default=[1, 3, 256, 256], metavar="S",
+        help="input shape B C *spatial (default 1 3 256 256)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON: params, macs, flops, input_size")
+    return _run_profile
+
+
+def _run_profile(args) -> int:
+    import json
+
+    from cmrf.models import create_model
+
+    in_chans = args.in_chans if args.in_chans is not None else args.input_size[1]
+    model = create_model(args.model, in_chans=in_chans, num_classes=args.num_classes, **model_kwargs(args))
+    result = profile(model, args.input_size)
+    print(json.dumps(result.to_dict()) if args.json else f"{args.model}: {result}")
+    return 0

@@ -1,0 +1,50 @@
+"""Shared test fixtures: golden files from ../shared/golden and a fast hypothesis profile."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+
+# CI runs on 2 cores: keep property tests small and free of deadlines (timings are noisy).
+settings.register_profile(
+    "ci", max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)
+settings.register_profile("dev", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def golden_path(name: str) -> Path:
+    """Path of a golden file; fails under CI when it is missing, skips elsewhere."""
+    path = GOLDEN_DIR / name
+    if not path.is_file():
+        message = f"golden file {path} is missing (it lives in ../shared/golden beside the project)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def load_golden(name: str) -> dict[str, torch.Tensor]:
+    """All tensors of a golden safetensors file."""
+    from safetensors.torch import load_file
+
+    return load_file(str(golden_path(name)))
+
+
+def golden_state_dict(golden: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The reference model's state dict stored in a golden file (``state_dict.`` stripped)."""
+    prefix = "state_dict."
+    return {k[len(prefix):]: v for k, v in golden.items() if k.startswith(prefix)}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
