@@ -1,0 +1,143 @@
+"""SegNet (Badrinarayanan et al., TPAMI 2017): the classic VGG16-BN encoder-decoder.
+
+``segnet`` is the original (29,444,162 params for 3 in / 2 classes, as in TinyU-Net's Table 3);
+``segnet_cmrf`` is the same network after ``replace_blocks`` (see docs/replace_blocks.md for the
+mapping and its costs beside the paper's).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cmrf.layers import batchnorm_type, check_positive_int, check_spatial_dims, conv_type
+from cmrf.models._builder import build_model
+from cmrf.models.registry import register_model
+
+__all__ = ["SegNet", "ConvBNReLU"]
+
+# Widths of every 3x3 conv, stage by stage; each stage starts from the previous one's end.
+ENCODER_WIDTHS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+# Deepest stage first; the last stage's last conv becomes the classifier (num_classes outputs).
+DECODER_WIDTHS = ((512, 512, 512), (512, 512, 256), (256, 256, 128), (128, 64), (64, None))
+
+_MAXUNPOOL = {1: nn.MaxUnpool1d, 2: nn.MaxUnpool2d, 3: nn.MaxUnpool3d}
+_MAXPOOL_INDICES = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
+
+
+class ConvBNReLU(nn.Sequential):
+    """3x3 convolution (with bias, as in SegNet) -> BatchNorm (PyTorch defaults) -> ReLU.
+
+    Shapes: ``(B, in_channels, *S) -> (B, out_channels, *S)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, spatial_dims: int = 2):
+        super().__init__()
+        self.conv = conv_type(spatial_dims)(in_channels, out_channels, 3, padding=1)
+        self.norm = batchnorm_type(spatial_dims)(out_channels)
+        self.act = nn.ReLU(inplace=True)
+
+
+def _stage(in_channels: int, widths, num_classes: int, spatial_dims: int) -> nn.Sequential:
+    """ConvBNReLU layers through ``widths``; a ``None`` width is a plain 3x3 classifier conv."""
+    layers = []
+    for width in widths:
+        if width is None:
+            layers.append(conv_type(spatial_dims)(in_channels, num_classes, 3, padding=1))
+        else:
+            layers.append(ConvBNReLU(in_channels, width, spatial_dims))
+            in_channels = width
+    return nn.Sequential(*layers)
+
+
+class SegNet(nn.Module):
+    """SegNet with a VGG16-BN encoder and pooling-index unpooling.
+
+    Encoder: five stages of 3x3 ConvBNReLU (widths 64-64, 128-128, 256x3, 512x3, 512x3), each
+    followed by a 2x max-pool that keeps its indices. Decoder, deepest first: max-unpool with the
+    matching indices (to the pre-pool size), then a stage mirroring the encoder (512x3,
+    512-512-256, 256-256-128, 128-64, 64 then a plain 3x3 conv to ``num_classes``).
+
+    Every stage is its own ``nn.Sequential`` (``encoders[i]``, ``decoders[i]``) running at one
+    resolution, so ``replace_blocks`` sees one block per stage; the last decoder stage holds the
+    classifier and is kept.
+
+    Args:
+        in_channels: image channels. Default 3.
+        num_classes: output channels (logits). Default 2.
+        spatial_dims: 2 for images (default), 3 for volumes, 1 for signals.
+
+    Shapes: ``(B, in_channels, *S) -> (B, num_classes, *S)``; every side must be at least 32
+    (five poolings). Sides that are not multiples of 32 work: unpooling restores the exact sizes.
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 2, spatial_dims: int = 2):
+        super().__init__()
+        self.in_channels = check_positive_int("in_channels", in_channels)
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        self.spatial_dims = check_spatial_dims(spatial_dims)
+        encoders, width = [], in_channels
+        for widths in ENCODER_WIDTHS:
+            encoders.append(_stage(width, widths, num_classes, spatial_dims))
+            width = widths[-1]
+        decoders = []
+        for widths in DECODER_WIDTHS:
+            decoders.append(_stage(width, widths, num_classes, spatial_dims))
+            width = widths[-1]
+        self.encoders = nn.ModuleList(encoders)
+        self.decoders = nn.ModuleList(decoders)
+        self.pool = _MAXPOOL_INDICES[spatial_dims](2, 2, return_indices=True)
+        self.unpool = _MAXUNPOOL[spatial_dims](2, 2)
+
+    @property
+    def min_size(self) -> int:
+        return 2 ** len(self.encoders)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ndim = self.spatial_dims + 2
+        if x.dim() != ndim or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"SegNet expects input (B, {self.in_channels}, {', '.join('*' * self.spatial_dims)}) "
+                f"({ndim}-D), got shape {tuple(x.shape)}"
+            )
+        if any(s < self.min_size for s in x.shape[2:]):
+            raise ValueError(
+                f"SegNet needs every spatial side >= {self.min_size} (five poolings), got "
+                f"{tuple(x.shape[2:])}"
+            )
+        pooled = []  # (indices, size before pooling), shallow to deep
+        for encoder in self.encoders:
+            x = encoder(x)
+            # Plain ints: unpooling checks the size with Python conditions, which tracing breaks.
+            size = [int(s) for s in x.shape[2:]]
+            x, indices = self.pool(x)
+            pooled.append((indices, size))
+        for decoder, (indices, size) in zip(self.decoders, reversed(pooled)):
+            x = decoder(self.unpool(x, indices, output_size=size))
+        return x
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    return build_model(SegNet, variant, pretrained, **kwargs)
+
+
+@register_model
+def segnet(pretrained: bool = False, **kwargs) -> SegNet:
+    """SegNet (VGG16-BN encoder-decoder): 29,444,162 params for 3 in / 2 classes."""
+    return _create("segnet", pretrained, **kwargs)
+
+
+@register_model
+def segnet_cmrf(pretrained: bool = False, N: int = 8, **kwargs) -> SegNet:
+    """SegNet with every stage except the classifier's replaced by ``CMRF`` (``replace_blocks``).
+
+    Nine stages become ``CMRF(C_in, C_out, N)``; the last decoder stage (64 -> 64 ConvBNReLU
+    and the 3x3 classifier) is kept. 642,946 params for 3 in / 2 classes, N=8.
+    """
+    from cmrf.surgery import replace_blocks
+
+    model = _create("segnet_cmrf", pretrained, **kwargs)
+    probe = torch.zeros((1, model.in_channels) + (model.min_size,) * model.spatial_dims)
+    param = next(model.parameters())
+    replace_blocks(model, N, example_input=probe.to(device=param.device, dtype=param.dtype))
+    return model

@@ -1,0 +1,596 @@
+"""``replace_blocks``: swap CMRF into an encoder-decoder network someone already wrote.
+
+A *feature extraction block* is a module that maps one tensor ``(B, C_in, *S)`` to one tensor
+``(B, C_out, *S)`` (same batch, same spatial size), holds two or more convolutions, and runs all
+of them at that spatial size. ``replace_blocks`` finds the outermost such modules and replaces
+each by ``CMRF(C_in, C_out, N)``. Shapes are not guessed from names or constructor arguments: the
+model is run once on an example input with forward hooks on every module, and each module's
+actual input and output are recorded.
+
+Never replaced: the model itself, modules with a single convolution (stems, 1x1 projections),
+the block holding the network's last-run convolution (the classifier head), modules whose output
+resolution differs from their input's or that convolve at another resolution inside (pooling,
+strided convolutions, upsampling), modules called with several inputs or keyword arguments,
+modules returning something other than one tensor, and modules that already are a CMRF. A
+module that is not replaced is searched inside, so a stage ``Sequential(MaxPool, DoubleConv)``
+gets its ``DoubleConv`` replaced.
+
+Replacement is all-or-nothing: every new module is built first, the model is changed only when
+all of them could be built, and it is run once more afterwards; if that run fails or its output
+shapes differ, every swap is undone before the error is raised.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from cmrf.layers import CMRF, check_positive_int, cmrf_channels
+from cmrf.ops import reference_only
+
+__all__ = [
+    "BlockReplacement",
+    "NothingToReplaceWarning",
+    "ReplaceReport",
+    "SkippedBlock",
+    "choose_n",
+    "replace_blocks",
+]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+
+# Default probe side per spatial dimension: every pooling of common U-Nets / SegNets (up to
+# 2**5) still leaves at least one pixel, while the probe stays cheap on a CPU.
+DEFAULT_PROBE_SIDE = {1: 256, 2: 64, 3: 32}
+
+# Zoo models name the blocks that give the paper's mapping in this attribute; it is used when
+# ``targets`` is not given.
+DEFAULT_TARGETS_ATTR = "replace_blocks_targets"
+
+
+class NothingToReplaceWarning(UserWarning):
+    """``replace_blocks`` found no block to replace; the model was left unchanged."""
+
+
+@dataclass(frozen=True)
+class BlockReplacement:
+    """One replaced module.
+
+    Attributes:
+        path: dotted module path inside the model (as in ``named_modules``).
+        old_type: class name of the module that was (or, in a dry run, would be) replaced.
+        in_channels, out_channels: channels seen by the probe.
+        N: receptive fields of the CMRF that replaces it (``N' <= N`` when channels forced it).
+        old_params, new_params: parameter counts of the old block and of the CMRF.
+        spatial_dims: 1, 2 or 3.
+    """
+
+    path: str
+    old_type: str
+    in_channels: int
+    out_channels: int
+    N: int
+    old_params: int
+    new_params: int
+    spatial_dims: int
+
+
+@dataclass(frozen=True)
+class SkippedBlock:
+    """A module that looked like a block but was not replaced, and why."""
+
+    path: str
+    type: str
+    reason: str
+
+
+@dataclass
+class ReplaceReport:
+    """What ``replace_blocks`` did (or, with ``dry_run=True``, would do).
+
+    ``str(report)`` is a table with one row per replaced module path; ``to_dict()`` gives the
+    same as JSON-ready data.
+
+    Attributes:
+        replaced: the replaced modules, in model order.
+        skipped: modules that hold two or more convolutions but were left alone, with reasons.
+        params_before: parameters of the model before.
+        params_after: parameters after (predicted exactly in a dry run).
+        N: the ``N`` that was asked for.
+        dry_run: whether the model was left untouched on purpose.
+        example_shape: shape of the probe input.
+        targets_from_model: whether the targets came from the model's own
+            ``replace_blocks_targets`` attribute.
+    """
+
+    replaced: list[BlockReplacement] = field(default_factory=list)
+    skipped: list[SkippedBlock] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    N: int = 8
+    dry_run: bool = False
+    example_shape: tuple[int, ...] | None = None
+    targets_from_model: bool = False
+
+    @property
+    def changed(self) -> bool:
+        """Whether the model was modified."""
+        return bool(self.replaced) and not self.dry_run
+
+    @property
+    def paths(self) -> list[str]:
+        """Paths of the replaced modules."""
+        return [r.path for r in self.replaced]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        verb = "would replace" if self.dry_run else "replaced"
+        ratio = self.params_after / self.params_before if self.params_before else 1.0
+        lines = [
+            f"replace_blocks (N={self.N}{', dry run' if self.dry_run else ''}): {verb} "
+            f"{len(self.replaced)} block(s); params {self.params_before:,} -> {self.params_after:,} "
+            f"({100 * ratio:.1f}%)"
+        ]
+        if self.replaced:
+            header = ("path", "old block", "channels", "N", "old params", "new params")
+            rows = [
+                (r.path, r.old_type, f"{r.in_channels} -> {r.out_channels}", str(r.N),
+                 f"{r.old_params:,}", f"{r.new_params:,}")
+                for r in self.replaced
+            ]
+            lines += _table(header, rows)
+        if self.skipped:
+            lines.append("skipped:")
+            lines += _table(("path", "type", "reason"), [(s.path, s.type, s.reason) for s in self.skipped])
+        return "\n".join(lines)
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    # Numbers right-aligned, text left-aligned; the last column is never padded.
+    def fmt(row):
+        cells = []
+        for i, cell in enumerate(row):
+            numeric = cell.replace(",", "").isdigit()
+            cells.append(cell.rjust(widths[i]) if numeric else cell.ljust(widths[i]))
+        return "  " + "  ".join(cells).rstrip()
+
+    return [fmt(header)] + [fmt(row) for row in rows]
+
+
+def choose_n(out_channels: int, N: int) -> int | None:
+    """The largest ``N' <= N`` with ``out_channels`` divisible by ``2N'``, or ``None`` if odd."""
+    for n in range(N, 0, -1):
+        if out_channels % (2 * n) == 0:
+            return n
+    return None
+
+
+# --- module selectors ------------------------------------------------------------------------
+
+
+def _as_selectors(name: str, value) -> list:
+    """Normalise ``targets``/``exclude``: one selector or an iterable of them."""
+    if value is None:
+        return []
+    if isinstance(value, (str, type)):
+        value = [value]
+    if not isinstance(value, Iterable):
+        raise ValueError(
+            f"{name} must be a module class, a class name or path pattern (str), or a list of "
+            f"those; got {value!r}"
+        )
+    selectors = list(value)
+    for item in selectors:
+        if isinstance(item, str):
+            continue
+        if isinstance(item, type) and issubclass(item, nn.Module):
+            continue
+        raise ValueError(
+            f"{name} entries must be nn.Module subclasses or strings (class names or path "
+            f"patterns such as 'encoder.*'), got {item!r}"
+        )
+    return selectors
+
+
+def _matches(selectors: list, path: str, module: nn.Module) -> bool:
+    for item in selectors:
+        if isinstance(item, str):
+            if type(module).__name__ == item or fnmatch.fnmatchcase(path, item):
+                return True
+        elif isinstance(module, item):
+            return True
+    return False
+
+
+def _check_selectors_exist(name: str, selectors: list, modules: dict[str, nn.Module]) -> None:
+    """A string that matches no path and no class name is almost surely a typo: say so."""
+    class_names = {type(m).__name__ for m in modules.values()}
+    for item in selectors:
+        if not isinstance(item, str) or item in class_names:
+            continue
+        if not any(fnmatch.fnmatchcase(path, item) for path in modules if path):
+            raise ValueError(
+                f"{name} entry {item!r} matches no module path and no class name in the model "
+                f"(paths look like {', '.join(list(p for p in modules if p)[:5])}; class names "
+                f"include {', '.join(sorted(class_names)[:8])})"
+            )
+
+
+# --- probing ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Call:
+    """What one module call looked like."""
+
+    problem: str | None  # why the call cannot be a block's call, or None
+    in_shape: tuple[int, ...] | None = None
+    out_shape: tuple[int, ...] | None = None
+
+
+@dataclass
+class _Probe:
+    calls: dict[str, list[_Call]]
+    conv_calls: list[tuple[str, tuple[int, ...]]]  # (path, output shape) in execution order
+    output_shapes: object
+
+
+def _describe_call(args: tuple, kwargs: dict, output) -> _Call:
+    if kwargs:
+        return _Call(f"called with keyword arguments ({', '.join(kwargs)}); needs exactly one tensor input")
+    if len(args) != 1:
+        return _Call(f"called with {len(args)} positional inputs; needs exactly one tensor input")
+    if not isinstance(args[0], torch.Tensor):
+        return _Call(f"its input is a {type(args[0]).__name__}, not a tensor")
+    if not isinstance(output, torch.Tensor):
+        return _Call(f"returns a {type(output).__name__}, not one tensor")
+    return _Call(None, tuple(args[0].shape), tuple(output.shape))
+
+
+def _shapes(output):
+    """The shape structure of a model output (tensor, or nested tuple/list/dict of them)."""
+    if isinstance(output, torch.Tensor):
+        return tuple(output.shape)
+    if isinstance(output, (list, tuple)):
+        return type(output)(_shapes(o) for o in output) if isinstance(output, list) else tuple(
+            _shapes(o) for o in output
+        )
+    if isinstance(output, dict):
+        return {k: _shapes(v) for k, v in output.items()}
+    return type(output).__name__
+
+
+def _run(model: nn.Module, example) -> object:
+    """Forward ``example`` in eval mode without grad or side effects; return output shapes."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad(), reference_only():
+            output = model(*example) if isinstance(example, tuple) else model(example)
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    return _shapes(output)
+
+
+def _probe(model: nn.Module, modules: dict[str, nn.Module], example) -> _Probe:
+    calls: dict[str, list[_Call]] = {}
+    conv_calls: list[tuple[str, tuple[int, ...]]] = []
+
+    def make_hook(path: str, module: nn.Module):
+        def hook(mod, args, kwargs, output):
+            calls.setdefault(path, []).append(_describe_call(args, kwargs, output))
+            if isinstance(mod, _CONVS) and isinstance(output, torch.Tensor):
+                conv_calls.append((path, tuple(output.shape)))
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(p, m), with_kwargs=True) for p, m in modules.items()]
+    try:
+        output_shapes = _run(model, example)
+    except Exception as err:  # the model's own forward failed: explain what was tried
+        shape = tuple(example.shape) if isinstance(example, torch.Tensor) else "a tuple of inputs"
+        raise ValueError(
+            f"replace_blocks could not run {type(model).__name__} on the probe input {shape} "
+            f"({type(err).__name__}: {err}); pass example_input= with an input the model accepts"
+        ) from err
+    finally:
+        for handle in handles:
+            handle.remove()
+    return _Probe(calls, conv_calls, output_shapes)
+
+
+def _default_example(model: nn.Module) -> torch.Tensor | None:
+    """``(2, C, S, ..., S)`` from the first convolution's input channels and type, or ``None``."""
+    conv = next((m for m in model.modules() if isinstance(m, _CONVS)), None)
+    if conv is None:
+        return None
+    spatial_dims = len(conv.kernel_size)
+    param = conv.weight
+    side = DEFAULT_PROBE_SIDE[spatial_dims]
+    return torch.randn(
+        (2, conv.in_channels) + (side,) * spatial_dims, device=param.device, dtype=param.dtype
+    )
+
+
+# --- selection -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    path: str
+    module: nn.Module
+    in_channels: int
+    out_channels: int
+    N: int
+    spatial_dims: int
+
+
+def _num_convs(module: nn.Module) -> int:
+    return sum(isinstance(m, _CONVS) for m in module.modules())
+
+
+def _block_problem(path: str, module: nn.Module, probe: _Probe) -> tuple[str | None, bool]:
+    """Why ``module`` cannot be replaced (or ``None``), and whether that is worth reporting.
+
+    Resolution changes are not reported: they mark containers (stages with pooling, whole
+    encoders), which are searched inside instead.
+    """
+    calls = probe.calls.get(path)
+    if not calls:
+        return "never called in the probe forward", True
+    problems = [c.problem for c in calls if c.problem]
+    if problems:
+        return problems[0], True
+    first = calls[0]
+    if any((c.in_shape, c.out_shape) != (first.in_shape, first.out_shape) for c in calls):
+        return f"called {len(calls)} times with different shapes", True
+    in_shape, out_shape = first.in_shape, first.out_shape
+    if len(in_shape) != len(out_shape) or len(in_shape) not in (3, 4, 5):
+        return f"maps {in_shape} to {out_shape}, not (B, C, *spatial) to (B, C', *spatial)", True
+    if in_shape[0] != out_shape[0] or in_shape[2:] != out_shape[2:]:
+        return f"changes resolution ({in_shape} -> {out_shape})", False
+    prefix = path + "."
+    spatial = in_shape[2:]
+    for conv_path, conv_shape in probe.conv_calls:
+        if conv_path.startswith(prefix) and conv_shape[2:] != spatial and any(s != 1 for s in conv_shape[2:]):
+            # Global-context branches (squeeze-excitation on 1x1 maps) are allowed.
+            return f"runs {conv_path} at another resolution {conv_shape[2:]} inside", False
+    last_conv = probe.conv_calls[-1][0] if probe.conv_calls else None
+    if last_conv is not None and (last_conv == path or last_conv.startswith(prefix)):
+        return f"holds the network's final convolution {last_conv} (the classifier head)", True
+    return None, False
+
+
+def _select(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    probe: _Probe,
+    N: int,
+    targets: list,
+    exclude: list,
+    indivisible: str,
+) -> tuple[list[_Plan], list[SkippedBlock]]:
+    plans: list[_Plan] = []
+    skipped: list[SkippedBlock] = []
+
+    def visit(path: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            child_path = f"{path}.{name}" if path else name
+            if modules.get(child_path) is child:  # first registration of a shared module only
+                consider(child_path, child)
+
+    def consider(path: str, module: nn.Module) -> None:
+        n_convs = _num_convs(module)
+        if n_convs == 0:
+            return
+        kind = type(module).__name__
+        if exclude and _matches(exclude, path, module):
+            skipped.append(SkippedBlock(path, kind, "excluded"))
+            return
+        if isinstance(module, CMRF):
+            if targets and _matches(targets, path, module):
+                skipped.append(SkippedBlock(path, kind, "already a CMRF"))
+            return
+        if isinstance(module, _CONTAINERS):
+            visit(path, module)
+            return
+        targeted = bool(targets) and _matches(targets, path, module)
+        if targets and not targeted:
+            visit(path, module)
+            return
+        if n_convs < (1 if targeted else 2):
+            return
+        problem, report = _block_problem(path, module, probe)
+        if problem is None:
+            call = probe.calls[path][0]
+            in_channels, out_channels = call.in_shape[1], call.out_shape[1]
+            n = N if out_channels % (2 * N) == 0 else (choose_n(out_channels, N) if indivisible == "reduce" else None)
+            if n is None:
+                problem, report = _channel_problem(out_channels, N, indivisible), True
+            else:
+                cmrf_channels(in_channels, out_channels, n)  # double-check the arithmetic
+                plans.append(_Plan(path, module, in_channels, out_channels, n, len(call.in_shape) - 2))
+                return
+        if report or targeted:
+            skipped.append(SkippedBlock(path, kind, problem))
+        visit(path, module)
+
+    visit("", model)
+    return plans, skipped
+
+
+def _channel_problem(out_channels: int, N: int, indivisible: str) -> str:
+    if indivisible == "skip":
+        return f"out_channels {out_channels} is not divisible by 2N = {2 * N} (indivisible='skip')"
+    return f"out_channels {out_channels} is odd: no N' >= 1 makes it divisible by 2N'"
+
+
+# --- the public function ---------------------------------------------------------------------
+
+
+def replace_blocks(
+    model: nn.Module,
+    N: int = 8,
+    *,
+    targets=None,
+    exclude=None,
+    dry_run: bool = False,
+    example_input: torch.Tensor | tuple | None = None,
+    indivisible: str = "reduce",
+) -> ReplaceReport:
+    """Replace the feature extraction blocks of ``model`` by CMRF modules, in place.
+
+    Args:
+        model: any network taking one tensor (or the tuple ``example_input``); 1D, 2D or 3D.
+        N: receptive fields of every CMRF. Default 8 (the paper's).
+        targets: restrict the choice to modules matching any of these: an ``nn.Module`` subclass,
+            a class name (``"DoubleConv"``), or a path pattern (``"encoder.*"``, shell-style,
+            matched against ``named_modules`` paths). Matching modules are replaced when they
+            pass the shape checks, even with a single convolution; non-matching ones are searched
+            inside. Default ``None``: the model's ``replace_blocks_targets`` attribute if it has
+            one (zoo models use it to give the paper's mapping), else every block qualifies.
+        exclude: selectors as in ``targets``; matching modules and everything inside them stay.
+        dry_run: only report what would be replaced; the model is not touched.
+        example_input: probe input. Default: ``randn(2, C, S, ...)`` with ``C`` and the number of
+            spatial dimensions of the model's first convolution and ``S`` = 256 (1D), 64 (2D) or
+            32 (3D), on that convolution's device and dtype.
+        indivisible: what to do with a block whose ``out_channels`` is not divisible by ``2N``:
+            ``"reduce"`` (default) uses the largest ``N' <= N`` that divides (odd channel counts
+            are skipped), ``"skip"`` leaves the block and says why in the report.
+
+    Returns:
+        A ``ReplaceReport`` (``print`` it): one row per replaced path with old and new parameter
+        counts and channels, and the blocks skipped with reasons.
+
+    New modules are put on the replaced block's device and dtype, in its training mode, and
+    frozen if every parameter of the block was frozen. If nothing qualifies, the model is left
+    unchanged and a ``NothingToReplaceWarning`` is issued (not an error, so sweeps over many
+    models keep going; turn it into one with ``warnings.simplefilter("error",
+    NothingToReplaceWarning)``).
+
+    Raises:
+        ValueError: bad ``N``, ``targets``, ``exclude``, ``indivisible`` or ``example_input``, a
+            string selector that matches nothing, or a model that fails on the probe input.
+        RuntimeError: the model no longer runs, or its output shapes change, after the swap
+            (for example when its ``forward`` reads attributes of the replaced modules); every
+            swap is undone first.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"replace_blocks needs an nn.Module, got {type(model).__name__}")
+    N = check_positive_int("N", N)
+    if indivisible not in ("reduce", "skip"):
+        raise ValueError(f"indivisible must be 'reduce' or 'skip', got {indivisible!r}")
+    modules = dict(model.named_modules())
+    targets_from_model = targets is None and getattr(model, DEFAULT_TARGETS_ATTR, None) is not None
+    if targets_from_model:
+        targets = getattr(model, DEFAULT_TARGETS_ATTR)
+    targets = _as_selectors("targets", targets)
+    exclude = _as_selectors("exclude", exclude)
+    _check_selectors_exist("targets", targets, modules)
+    _check_selectors_exist("exclude", exclude, modules)
+
+    params_before = sum(p.numel() for p in model.parameters())
+    report = ReplaceReport(
+        params_before=params_before, params_after=params_before, N=N, dry_run=bool(dry_run),
+        targets_from_model=targets_from_model,
+    )
+    if example_input is None:
+        example_input = _default_example(model)
+        if example_input is None:
+            warnings.warn(
+                f"replace_blocks: {type(model).__name__} has no convolution, nothing to replace; "
+                f"the model is unchanged",
+                NothingToReplaceWarning,
+                stacklevel=2,
+            )
+            return report
+    elif isinstance(example_input, list):
+        example_input = tuple(example_input)
+    if not isinstance(example_input, torch.Tensor) and not (
+        isinstance(example_input, tuple) and all(isinstance(t, torch.Tensor) for t in example_input)
+    ):
+        raise ValueError(
+            f"example_input must be a tensor (or a tuple of tensors), got {type(example_input).__name__}"
+        )
+    if isinstance(example_input, torch.Tensor):
+        report.example_shape = tuple(example_input.shape)
+
+    probe = _probe(model, modules, example_input)
+    plans, report.skipped = _select(model, modules, probe, N, targets, exclude, indivisible)
+    if not plans:
+        reasons = "; ".join(f"{s.path}: {s.reason}" for s in report.skipped[:5])
+        warnings.warn(
+            f"replace_blocks found no feature extraction block to replace in "
+            f"{type(model).__name__} (a module mapping (B, C, *S) to (B, C', *S) with two or more "
+            f"convolutions){'; skipped: ' + reasons if reasons else ''}; the model is unchanged",
+            NothingToReplaceWarning,
+            stacklevel=2,
+        )
+        return report
+
+    # Build every new module before touching the model: a failure here changes nothing.
+    new_modules = [_build_cmrf(plan) for plan in plans]
+    for plan, new in zip(plans, new_modules):
+        old_params = sum(p.numel() for p in plan.module.parameters())
+        new_params = sum(p.numel() for p in new.parameters())
+        report.replaced.append(
+            BlockReplacement(
+                plan.path, type(plan.module).__name__, plan.in_channels, plan.out_channels, plan.N,
+                old_params, new_params, plan.spatial_dims,
+            )
+        )
+    if not dry_run:
+        _swap_all(model, plans, new_modules, example_input, probe.output_shapes)
+        report.params_after = sum(p.numel() for p in model.parameters())
+    else:
+        report.params_after = params_before + sum(r.new_params - r.old_params for r in report.replaced)
+    return report
+
+
+def _build_cmrf(plan: _Plan) -> CMRF:
+    old = plan.module
+    param = next(old.parameters(), None)
+    new = CMRF(plan.in_channels, plan.out_channels, plan.N, spatial_dims=plan.spatial_dims)
+    if param is not None:
+        new = new.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
+        if not any(p.requires_grad for p in old.parameters()):
+            new.requires_grad_(False)
+    new.train(old.training)
+    return new
+
+
+def _set(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, module)
+
+
+def _swap_all(model, plans, new_modules, example_input, expected_shapes) -> None:
+    """Swap every planned module, check the model still runs alike, undo everything if not."""
+    done = []
+    try:
+        for plan, new in zip(plans, new_modules):
+            _set(model, plan.path, new)
+            done.append(plan)
+        shapes = _run(model, example_input)
+        if shapes != expected_shapes:
+            raise RuntimeError(f"output shapes changed from {expected_shapes} to {shapes}")
+    except Exception as err:
+        for plan in reversed(done):
+            _set(model, plan.path, plan.module)
+        raise RuntimeError(
+            f"replace_blocks undid every swap because {type(model).__name__} no longer runs "
+            f"alike after replacing {', '.join(p.path for p in plans)}: {type(err).__name__}: {err}. "
+            f"Its forward may depend on the replaced modules' internals; exclude those blocks "
+            f"(exclude=[...])"
+        ) from err

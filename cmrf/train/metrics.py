@@ -1,0 +1,94 @@
+"""IoU and Dice per class, as the TinyU-Net paper reports them, built on torchmetrics.
+
+**Accumulated over the dataset, not averaged per image.** For each class ``k`` the true
+positives, false positives and false negatives are summed over every pixel of every image of
+the split, then ``IoU_k = TP / (TP + FP + FN)`` and ``Dice_k = 2TP / (2TP + FP + FN)`` (Dice is
+torchmetrics' per-class F1). The background is a class like any other, and ``mean_iou`` /
+``mean_dice`` are the unweighted means over all classes, background included, which is how the
+paper's mIoU and mDice are formed. A class that never occurs, in prediction or ground truth,
+scores 0 (torchmetrics' ``zero_division=0``).
+
+Under ``torch.distributed`` the counts are summed across ranks when ``compute()`` runs, so every
+rank gets the score of the whole split (torchmetrics synchronises metric states itself).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def default_class_names(num_classes: int) -> list[str]:
+    """``["background", "foreground"]`` for 2 classes, else ``["background", "class1", ...]``."""
+    if num_classes == 2:
+        return ["background", "foreground"]
+    return ["background"] + [f"class{i}" for i in range(1, num_classes)]
+
+
+class SegmentationMetrics:
+    """Per-class IoU and Dice accumulated over a dataset.
+
+    Args:
+        num_classes: number of classes ``K`` (background included), >= 2.
+        class_names: ``K`` names for the report; default ``default_class_names(K)``.
+        device: where the confusion counts live (the model's device). Default CPU.
+
+    Call ``update(prediction, target)`` per batch with ``prediction`` either logits
+    ``(B, K, *S)`` or labels ``(B, *S)`` and ``target`` labels ``(B, *S)``, then ``compute()``.
+    """
+
+    def __init__(self, num_classes: int, class_names: Sequence[str] | None = None, device="cpu"):
+        from torchmetrics import MetricCollection
+        from torchmetrics.classification import MulticlassF1Score, MulticlassJaccardIndex
+
+        if num_classes < 2:
+            raise ValueError(f"segmentation metrics need num_classes >= 2, got {num_classes}")
+        names = list(class_names) if class_names is not None else default_class_names(num_classes)
+        if len(names) != num_classes:
+            raise ValueError(f"got {len(names)} class names {names} for num_classes={num_classes}")
+        self.num_classes = num_classes
+        self.class_names = names
+        self.metrics = MetricCollection(
+            {
+                "iou": MulticlassJaccardIndex(num_classes, average="none"),
+                "dice": MulticlassF1Score(num_classes, average="none", multidim_average="global"),
+            }
+        ).to(device)
+
+    def update(self, prediction: torch.Tensor, target: torch.Tensor) -> None:
+        if prediction.dim() == target.dim() + 1:
+            prediction = prediction.argmax(dim=1)
+        if prediction.shape != target.shape:
+            raise ValueError(
+                f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape"
+            )
+        self.metrics.update(prediction.reshape(-1), target.reshape(-1))
+
+    def compute(self) -> dict:
+        """``{"mean_iou", "mean_dice", "per_class": {name: {"iou", "dice"}}}``, fractions in 0..1."""
+        scores = self.metrics.compute()
+        iou, dice = scores["iou"].double().cpu(), scores["dice"].double().cpu()
+        return {
+            "mean_iou": float(iou.mean()),
+            "mean_dice": float(dice.mean()),
+            "per_class": {
+                name: {"iou": float(iou[k]), "dice": float(dice[k])} for k, name in enumerate(self.class_names)
+            },
+        }
+
+    def reset(self) -> None:
+        self.metrics.reset()
+
+
+def format_table(scores: dict, title: str | None = None) -> str:
+    """The paper-style table of ``SegmentationMetrics.compute()``'s result, in percent."""
+    names = list(scores["per_class"])
+    width = max(len("mean"), *(len(n) for n in names))
+    lines = [title] if title else []
+    lines.append(f"{'class':<{width}}  {'IoU %':>7}  {'Dice %':>7}")
+    for name in names:
+        row = scores["per_class"][name]
+        lines.append(f"{name:<{width}}  {100 * row['iou']:7.2f}  {100 * row['dice']:7.2f}")
+    lines.append(f"{'mean':<{width}}  {100 * scores['mean_iou']:7.2f}  {100 * scores['mean_dice']:7.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,176 @@
+"""CMRF: the paper's arithmetic, the reference's algorithm, and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cmrf import CMRF
+from cmrf.layers import cmrf_num_params
+
+
+def _randomise_batchnorm(module: torch.nn.Module) -> None:
+    """Give every BatchNorm non-trivial affine parameters and running statistics."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+
+
+def functional_cmrf(block: CMRF, x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode CMRF written out step by step from the spec, with the block's weights."""
+
+    def conv_bn(t, cn, groups=1, padding=0):
+        t = F.conv2d(t, cn.conv.weight, padding=padding, groups=groups)
+        n = cn.norm
+        return F.batch_norm(t, n.running_mean, n.running_var, n.weight, n.bias, False, 0.0, n.eps)
+
+    y = F.gelu(conv_bn(x, block.pw1))
+    odd = y[:, 0::2]  # channels 1, 3, 5, ... in the paper's 1-based numbering
+    even = y[:, 1::2]
+    parts = [odd + even]
+    stage = even
+    for cn in block.cascade:
+        stage = conv_bn(stage, cn, groups=stage.shape[1], padding=1)
+        parts.append(stage)
+    out = F.gelu(conv_bn(torch.cat(parts, 1), block.pw2))
+    return x + out if block.in_channels == block.out_channels else out
+
+
+@given(
+    cin=st.integers(1, 24),
+    N=st.integers(1, 6),
+    k=st.integers(1, 3),
+    size=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+)
+def test_shape_and_closed_form_params(cin, N, k, size):
+    cout = 2 * N * k
+    block = CMRF(cin, cout, N)
+    out = block(torch.randn(2, cin, *size))
+    assert out.shape == (2, cout, *size)
+    assert sum(p.numel() for p in block.parameters()) == cmrf_num_params(cin, cout, N)
+
+
+@given(cin=st.integers(1, 40), cout=st.integers(1, 40), N=st.integers(1, 8))
+def test_valid_iff_out_divisible_by_2n(cin, cout, N):
+    if cout % (2 * N) == 0:
+        assert CMRF(cin, cout, N).out_channels == cout
+    else:
+        with pytest.raises(ValueError, match=rf"{cout} is not divisible by 2N = {2 * N}"):
+            CMRF(cin, cout, N)
+
+
+def test_issue_example_message_names_the_numbers():
+    with pytest.raises(ValueError, match=r"60 is not divisible by 2N = 16"):
+        CMRF(64, 60, N=8)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"in_channels": 0, "out_channels": 16}, "in_channels"),
+        ({"in_channels": 8, "out_channels": -16}, "out_channels"),
+        ({"in_channels": 8, "out_channels": 16, "N": 0}, "N"),
+        ({"in_channels": 8.0, "out_channels": 16}, "in_channels"),
+        ({"in_channels": 8, "out_channels": 16, "N": 2.5}, "N"),
+        ({"in_channels": 8, "out_channels": 16, "N": True}, "N"),
+        ({"in_channels": 8, "out_channels": "16"}, "out_channels"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        CMRF(**kwargs)
+
+
+@pytest.mark.parametrize("cin, cout, N", [(3, 64, 8), (32, 32, 4), (16, 16, 8), (12, 8, 2), (5, 6, 1)])
+def test_matches_functional_restatement(cin, cout, N):
+    block = CMRF(cin, cout, N).eval()
+    _randomise_batchnorm(block)
+    x = torch.randn(2, cin, 11, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), functional_cmrf(block, x), atol=1e-5, rtol=1e-5)
+
+
+def test_parity_split_and_concat_order_matter():
+    """Swapping the halves or reordering the concat changes the output, so the test above can fail."""
+    block = CMRF(8, 32, N=4).eval()
+    _randomise_batchnorm(block)
+    x = torch.randn(1, 8, 9, 9)
+    with torch.no_grad():
+        expected = functional_cmrf(block, x)
+        # Feed the cascade from the odd half instead: a different (wrong) network.
+        perm = torch.arange(block.pw1.conv.out_channels).view(-1, 2).flip(1).reshape(-1)
+        block.pw1.conv.weight.copy_(block.pw1.conv.weight[perm])
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(block.pw1.norm, name).copy_(getattr(block.pw1.norm, name)[perm])
+        assert not torch.allclose(block(x), expected, atol=1e-3)
+
+
+def test_stage_outputs_land_in_concat_order():
+    """The k-th c-channel slot of the concat holds the k-th cascade stage (slot 0: odd + even)."""
+    block = CMRF(4, 24, N=3).eval()
+    _randomise_batchnorm(block)
+    captured = {}
+    block.pw2.register_forward_pre_hook(lambda m, args: captured.setdefault("concat", args[0]))
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        block(x)
+        y = block.pw1(x)
+        stage1 = block.cascade[0](y[:, 1::2])
+        stage2 = block.cascade[1](stage1)
+    c = 4
+    concat = captured["concat"]
+    torch.testing.assert_close(concat[:, :c], y[:, 0::2] + y[:, 1::2])
+    torch.testing.assert_close(concat[:, c : 2 * c], stage1)
+    torch.testing.assert_close(concat[:, 2 * c :], stage2)
+
+
+def test_residual_only_when_channels_match_and_enabled():
+    assert CMRF(16, 16).add_residual
+    assert not CMRF(16, 16, shortcut=False).add_residual
+    assert not CMRF(8, 16).add_residual
+    block = CMRF(16, 16, N=2).eval()
+    x = torch.randn(1, 16, 5, 5)
+    with torch.no_grad():
+        plain = CMRF(16, 16, N=2, shortcut=False).eval()
+        plain.load_state_dict(block.state_dict())
+        torch.testing.assert_close(block(x), plain(x) + x)
+
+
+def test_batchnorm_settings_are_the_references():
+    norms = [m for m in CMRF(8, 16, N=2).modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 3
+    assert all(m.eps == 1e-3 and m.momentum == 0.03 for m in norms)
+
+
+def test_gelu_is_exact_not_tanh():
+    acts = [m for m in CMRF(8, 16, N=2).modules() if isinstance(m, torch.nn.GELU)]
+    assert len(acts) == 2 and all(a.approximate == "none" for a in acts)
+
+
+def test_wrong_input_channels_names_both_numbers():
+    with pytest.raises(ValueError, match=r"\(B, 8, \*, \*\).*\(1, 5, 4, 4\)"):
+        CMRF(8, 16, N=2)(torch.randn(1, 5, 4, 4))
+
+
+@given(cin=st.integers(1, 8), N=st.integers(1, 4), size=st.tuples(*[st.integers(1, 5)] * 3))
+def test_volumes(cin, N, size):
+    block = CMRF(cin, 2 * N, N, spatial_dims=3)
+    x = torch.randn(2, cin, *size, requires_grad=True)
+    out = block(x)
+    assert out.shape == (2, 2 * N, *size)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    assert sum(p.numel() for p in block.parameters()) == cmrf_num_params(cin, 2 * N, N, spatial_dims=3)
+    assert all(stage.conv.weight.shape[2:] == (3, 3, 3) for stage in block.cascade)
+
+
+def test_spatial_dims_checked():
+    with pytest.raises(ValueError, match="spatial_dims must be 1, 2 or 3, got 4"):
+        CMRF(8, 16, spatial_dims=4)

@@ -1,0 +1,90 @@
+"""Cost profiling: the paper's figures, the paper's counting rule, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import cmrf
+from cmrf.cli import main
+from cmrf.layers import cmrf_num_params
+from cmrf.profile import count_paper_flops
+
+
+@pytest.fixture(scope="module")
+def tinyunet_profile():
+    return cmrf.profile(cmrf.create_model("tinyunet"), (1, 3, 256, 256))
+
+
+def test_paper_figures(tinyunet_profile):
+    assert tinyunet_profile.params == 481_170
+    assert abs(tinyunet_profile.flops - 3.3267e9) <= 0.005e9
+    # fvcore: 1.565G conv MACs plus 0.049G for batch norm (spec).
+    assert abs(tinyunet_profile.macs - 1.614e9) <= 0.002e9
+
+
+def test_cli_json(capsys):
+    assert main(["profile", "tinyunet", "--input-size", "1", "3", "256", "256", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["params"] == 481_170
+    assert abs(figures["flops"] - 3.3267e9) <= 0.005e9
+    assert figures["macs"] > 0
+
+
+def test_cli_model_kwargs(capsys):
+    args = ["profile", "tinyunet", "--input-size", "1", "1", "64", "64", "--num-classes", "4", "--N", "4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    expected = cmrf.profile(cmrf.create_model("tinyunet", in_chans=1, num_classes=4, N=4), (1, 1, 64, 64))
+    assert f"params {expected.params:,}" in out
+
+
+def test_cli_bad_input_is_one_line(capsys):
+    assert main(["profile", "nosuchnet"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'nosuchnet'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("N", [1, 2, 4, 16])
+def test_params_follow_closed_form_for_every_n(N):
+    widths = (64, 128, 256, 512)
+    model = cmrf.create_model("tinyunet", N=N)
+    encoder = sum(cmrf_num_params(a, b, N) for a, b in zip((3,) + widths[:-1], widths))
+    decoder = sum(cmrf_num_params(b + c, c, N) for b, c in zip(widths[1:] + widths[-1:], widths))
+    head = 64 * 2 + 2
+    assert sum(p.numel() for p in model.parameters()) == encoder + decoder + head
+
+
+def test_paper_rule_on_a_hand_counted_model():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=True),  # 8*4*4 outputs x 3*9 taps
+        nn.BatchNorm2d(8),  # 4 x 128
+        nn.ReLU(),  # free
+        nn.Upsample(scale_factor=2, mode="bilinear"),  # 11 x 512
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),  # 512 x 9
+        nn.Upsample(scale_factor=2, mode="bicubic"),  # 259 x 2048
+    )
+    expected = 2 * (128 * 27 + 4 * 128 + 11 * 512 + 512 * 9 + 259 * 2048)
+    assert count_paper_flops(model.eval(), torch.zeros(1, 3, 4, 4)) == expected
+
+
+def test_functional_interpolate_is_free():
+    class Up(nn.Module):
+        def forward(self, x):
+            return nn.functional.interpolate(x, scale_factor=2, mode="bicubic")
+
+    assert count_paper_flops(Up(), torch.zeros(1, 1, 4, 4)) == 0
+
+
+def test_profile_restores_training_mode():
+    model = cmrf.TinyUNet(channels=(16, 32)).train()
+    cmrf.profile(model, (1, 3, 32, 32))
+    assert model.training
+
+
+def test_bad_input_size():
+    with pytest.raises(ValueError, match="input_size"):
+        cmrf.profile(cmrf.TinyUNet(), (3, 256))

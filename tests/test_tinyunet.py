@@ -1,0 +1,181 @@
+"""TinyU-Net: golden parity with the reference code, checkpoints, registry, any input size."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+import cmrf
+from cmrf import TinyUNet, create_model
+from cmrf.models.tinyunet import checkpoint_filter_fn
+from tests.conftest import golden_state_dict, load_golden
+
+GOLDEN = "tinyunet_official.safetensors"
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return load_golden(GOLDEN)
+
+
+@pytest.fixture(params=["pth", "safetensors"])
+def reference_checkpoint(request, golden, tmp_path):
+    """The golden state dict saved as the reference code saves it, or as safetensors."""
+    state = golden_state_dict(golden)
+    path = tmp_path / f"best_model.{request.param}"
+    if request.param == "pth":
+        torch.save(state, path)
+    else:
+        save_file(state, str(path))
+    return path
+
+
+def _after_train_stats(golden):
+    prefix = "after_train_forward."
+    return checkpoint_filter_fn({k[len(prefix):]: v for k, v in golden.items() if k.startswith(prefix)})
+
+
+def test_golden_parity_through_create_model(golden, reference_checkpoint):
+    model = create_model("tinyunet", checkpoint_path=reference_checkpoint)
+    x = golden["input"]
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), golden["output_eval"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(model.train()(x), golden["output_train"], atol=1e-4, rtol=0)
+    stats = _after_train_stats(golden)
+    assert len(stats) == 8 * 9 * 2  # 8 CMRFs x 9 BatchNorms (pw1, 7 stages, pw2) x mean/var
+    state = model.state_dict()
+    for key, expected in stats.items():
+        torch.testing.assert_close(state[key], expected, atol=1e-4, rtol=0, msg=key)
+
+
+def test_reference_state_dict_loads_with_plain_load_state_dict(golden):
+    model = TinyUNet().eval()
+    model.load_state_dict(golden_state_dict(golden))
+    with torch.no_grad():
+        torch.testing.assert_close(model(golden["input"]), golden["output_eval"], atol=1e-4, rtol=0)
+
+
+def test_golden_metadata_matches_defaults(golden):
+    from safetensors import safe_open
+
+    from tests.conftest import golden_path
+
+    with safe_open(str(golden_path(GOLDEN)), "pt") as f:
+        meta = f.metadata()
+    assert (int(meta["in_channels"]), int(meta["num_classes"]), int(meta["N"])) == (3, 2, 8)
+
+
+def test_own_names_are_clean_and_round_trip(tmp_path):
+    model = create_model("tinyunet", in_chans=1, num_classes=4)
+    keys = list(model.state_dict())
+    assert "encoders.0.pw1.conv.weight" in keys and "head.bias" in keys
+    assert not any("cmrf" in k or "pwconv" in k for k in keys)
+    cmrf.save_weights(model, tmp_path / "w.safetensors")
+    clone = create_model("tinyunet", in_chans=1, num_classes=4, checkpoint_path=tmp_path / "w.safetensors")
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(clone.state_dict()[key], value)
+
+
+def test_missing_and_unexpected_keys_are_listed_and_model_untouched(golden, tmp_path):
+    state = golden_state_dict(golden)
+    state.pop("final_conv.bias")
+    state["encoder1.cmrf.extra.weight"] = torch.zeros(1)
+    path = tmp_path / "broken.pth"
+    torch.save(state, path)
+    model = TinyUNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"missing keys: head\.bias.*unexpected keys: encoders\.0\.extra"):
+        cmrf.load_checkpoint(model, path)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_shape_mismatch_is_reported(golden, tmp_path):
+    path = tmp_path / "three_classes.pth"
+    torch.save(golden_state_dict(golden), path)
+    with pytest.raises(ValueError, match=r"head\.weight: checkpoint \(2, 64, 1, 1\) vs model \(4, 64, 1, 1\)"):
+        create_model("tinyunet", num_classes=4, checkpoint_path=path)
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"weights": object()}, path)
+    with pytest.raises(ValueError, match="weights_only"):
+        cmrf.load_checkpoint(TinyUNet(), path)
+
+
+def test_pretrained_raises_and_suggests_checkpoint_path():
+    with pytest.raises(ValueError, match="checkpoint_path"):
+        create_model("tinyunet", pretrained=True)
+
+
+def test_unknown_model_lists_known_ones():
+    with pytest.raises(ValueError, match="tinyunet"):
+        create_model("tinyunett")
+
+
+def test_timm_registry():
+    assert "tinyunet" in timm.list_models("tinyunet*")
+    model = timm.create_model("tinyunet", num_classes=3, in_chans=1)
+    assert isinstance(model, TinyUNet)
+    assert model(torch.randn(1, 1, 32, 32)).shape == (1, 3, 32, 32)
+    assert cmrf.list_models("tiny*") == ["tinyunet", "tinyunet3d"]
+
+
+def test_paper_parameter_count():
+    assert sum(p.numel() for p in TinyUNet().parameters()) == 481_170
+
+
+@pytest.mark.parametrize("size", [(250, 190), (37, 53), (16, 16), (64, 96)])
+def test_any_size_returns_input_size(size):
+    model = TinyUNet(in_channels=1, num_classes=3, channels=(16, 32, 48, 64)).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, *size)).shape == (1, 3, *size)
+
+
+@given(
+    h=st.integers(16, 70),
+    w=st.integers(16, 70),
+    depth=st.integers(1, 4),
+    N=st.sampled_from([1, 2, 4]),
+    in_ch=st.integers(1, 4),
+    classes=st.integers(1, 5),
+)
+def test_random_sizes_and_widths(h, w, depth, N, in_ch, classes):
+    channels = tuple(2 * N * (i + 1) for i in range(depth))
+    model = TinyUNet(in_ch, classes, N=N, channels=channels).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, in_ch, h, w)).shape == (1, classes, h, w)
+
+
+def test_multiple_of_16_uses_exact_2x_upsampling():
+    """For sides divisible by 16, upsampling to the skip size equals scale_factor=2 (the reference)."""
+    x = torch.randn(1, 4, 5, 7)
+    by_size = torch.nn.functional.interpolate(x, size=(10, 14), mode="bicubic", align_corners=False)
+    by_scale = torch.nn.functional.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)
+    torch.testing.assert_close(by_size, by_scale)
+
+
+def test_wrong_channels_names_expected_and_received():
+    with pytest.raises(ValueError, match=r"expected 3 input channels, received 1"):
+        TinyUNet()(torch.randn(1, 1, 32, 32))
+
+
+def test_too_small_or_wrong_rank_is_explained():
+    with pytest.raises(ValueError, match=r">= 16"):
+        TinyUNet()(torch.randn(1, 3, 15, 32))
+    with pytest.raises(ValueError, match="4-D input"):
+        TinyUNet()(torch.randn(3, 32, 32))
+
+
+def test_volumetric_variant():
+    model = create_model("tinyunet3d", in_chans=1, num_classes=3, channels=(16, 32))
+    assert model.upsample_mode == "trilinear"
+    x = torch.randn(2, 1, 9, 12, 7, requires_grad=True)
+    out = model(x)
+    assert out.shape == (2, 3, 9, 12, 7)
+    out.mean().backward()
+    assert x.grad is not None
