@@ -17,6 +17,13 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("cmrf.quickstart:build_command", "build TinyU-Net, print its costs beside the paper's"),
     "profile": ("cmrf.profile:build_command", "params, fvcore MACs and paper-convention FLOPs of a model"),
+    "export": ("cmrf.export:build_command", "export a model, optimized for inference, to ONNX"),
+    "bench": ("cmrf.bench:build_command", "CPU inference speed of TinyU-Net against the reference algorithm"),
+    "bench-cascade": ("cmrf.ops.bench:build_command", "time the fused Triton cascade against the reference"),
+    "demo": ("cmrf.train.cli:build_demo", "train TinyU-Net on synthetic lesions on the CPU, evaluate, plot"),
+    "train": ("cmrf.train.cli:build_train", "train a model with the paper's recipe (resumable, DDP-ready)"),
+    "evaluate": ("cmrf.train.cli:build_evaluate", "per-class IoU/Dice of a trained checkpoint on a split"),
+    "predict": ("cmrf.train.cli:build_predict", "mask PNGs and overlays of a trained checkpoint on images"),
 }
 
 

@@ -11,15 +11,21 @@ arithmetic (outputs agree with the original to float rounding, well within 1e-4 
   becomes a sum of two 1x1 convolutions;
 * bicubic upsampling by exactly 2 (``align_corners=False``) runs as one depthwise convolution
   with a fixed 5x5 kernel per output phase plus ``pixel_shuffle``; other sizes (odd inputs)
-  fall back to ``F.interpolate``.
+  fall back to ``F.interpolate``;
+* 2x max-pooling is two elementwise maxima of strided views (no indices);
+* the cascade's depthwise convolutions run on channels-last copies of their few channels;
+* ``pw2`` is one matrix product with its bias folded in as an extra column;
+* wide block outputs are produced in bands of rows and handed, band by band, to the layers that
+  read them (pooling, the next 1x1 convolution, the head), so they never exist at full size.
 
-The optimized modules call plain PyTorch operators only (no dispatch to fused kernels), so they
-trace and export to ONNX as they are.
+While a model is being exported (``torch.export``/ONNX) the plain operators are used instead of
+the eager-only tricks (layouts, bands). Nothing here dispatches to fused kernels.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +34,14 @@ from torch import nn
 from cmrf.layers import CMRF, ConvNorm, conv_type
 from cmrf.models.tinyunet import TinyUNet
 
-__all__ = ["InferenceCMRF", "InferenceTinyUNet", "fold_conv_norm", "optimize_for_inference", "upsample_bicubic2x"]
+__all__ = [
+    "InferenceCMRF",
+    "InferenceTinyUNet",
+    "fold_conv_norm",
+    "max_pool2x",
+    "optimize_for_inference",
+    "upsample_bicubic2x",
+]
 
 
 # --- BatchNorm folding -----------------------------------------------------------------------
@@ -60,7 +73,9 @@ def fold_conv_norm(block: ConvNorm) -> tuple[torch.Tensor, torch.Tensor]:
     return folded_weight.to(dtype), folded_bias.to(dtype)
 
 
-def _conv_from(weight: torch.Tensor, bias: torch.Tensor | None, spatial_dims: int, groups: int = 1) -> nn.Module:
+def _conv_from(
+    weight: torch.Tensor, bias: torch.Tensor | None, spatial_dims: int, groups: int = 1
+) -> nn.Module:
     """A biased convolution module holding ``weight`` and ``bias`` ("same" padding, stride 1)."""
     out_channels, in_per_group, *kernel = weight.shape
     conv = conv_type(spatial_dims)(
@@ -129,7 +144,33 @@ def upsample_bicubic2x(x: torch.Tensor, kernel: torch.Tensor | None = None) -> t
     return F.pixel_shuffle(phases, 2)
 
 
+# --- layout and pooling ---------------------------------------------------------------------
+
+
+def _exporting() -> bool:
+    """Whether the model is being traced for export, where memory layouts do not exist."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+
+
+def max_pool2x(x: torch.Tensor) -> torch.Tensor:
+    """``F.max_pool2d(x, 2, 2)`` for 4-D ``x`` as two elementwise maxima of strided views.
+
+    On the CPU this is several times faster than ``max_pool2d``, which also computes indices.
+    Rows go first: pairing whole rows reads memory contiguously and halves the data before the
+    strided column pass. Odd sides are floored as ``max_pool2d`` does.
+
+    Shapes: ``(B, C, H, W) -> (B, C, H // 2, W // 2)``.
+    """
+    h, w = 2 * (x.shape[2] // 2), 2 * (x.shape[3] // 2)
+    rows = torch.maximum(x[:, :, 0:h:2, :w], x[:, :, 1:h:2, :w])
+    return torch.maximum(rows[..., 0::2], rows[..., 1::2])
+
+
 # --- optimized blocks ------------------------------------------------------------------------
+
+
+# Target size of one band of CMRF's pw2 output: small enough to stay in a core's L2 cache.
+BAND_BYTES = 4 << 20
 
 
 class InferenceCMRF(nn.Module):
@@ -159,6 +200,11 @@ class InferenceCMRF(nn.Module):
         self.pw2 = pw2
         self.branch = branch
         self.add_residual = add_residual
+        # pw2 as one matrix [W | b]: multiplying it with the concatenation plus a channel of ones
+        # adds the bias inside the matrix product, instead of first filling the wide output
+        # with the bias as the convolution does.
+        augmented = torch.cat([pw2.weight.flatten(1), pw2.bias[:, None]], dim=1)
+        self.register_buffer("pw2_augmented", augmented.detach().clone(), persistent=False)
 
     @classmethod
     def from_cmrf(cls, cmrf: CMRF) -> InferenceCMRF:
@@ -167,18 +213,111 @@ class InferenceCMRF(nn.Module):
         order = torch.cat([torch.arange(0, weight.shape[0], 2), torch.arange(1, weight.shape[0], 2)])
         pw1 = _conv_from(weight[order], bias[order], dims)
         branch = weight.shape[0] // 2
-        cascade = nn.ModuleList(_conv_from(*fold_conv_norm(stage), dims, groups=branch) for stage in cmrf.cascade)
+        cascade = nn.ModuleList(
+            _conv_from(*fold_conv_norm(stage), dims, groups=branch) for stage in cmrf.cascade
+        )
         pw2 = _conv_from(*fold_conv_norm(cmrf.pw2), dims)
         return cls(pw1, cascade, pw2, branch, cmrf.add_residual, dims)
 
-    def mix(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Cascade and ``pw2`` on the activated ``pw1`` output ``(B, 2c, *S)`` in halves order."""
+    def cascade_outputs(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """``[odd + even, d_1, ..., d_{N-1}]`` from the activated ``pw1`` output ``(B, 2c, *S)``."""
         odd, even = hidden[:, : self.branch], hidden[:, self.branch :]
         outputs = [odd + even]
+        if self.spatial_dims == 2 and not _exporting():
+            # oneDNN's depthwise convolution is several times faster on channels-last tensors,
+            # and the cascade's few channels make the conversion cheap.
+            even = even.contiguous(memory_format=torch.channels_last)
         for stage in self.cascade:
             even = stage(even)
             outputs.append(even)
-        return F.gelu(self.pw2(torch.cat(outputs, dim=1)))
+        return outputs
+
+    def band_rows(self, hidden: torch.Tensor) -> int:
+        """Rows (along the first spatial axis) per band: about ``BAND_BYTES`` of ``pw2`` output.
+
+        Even, so that a 2x pooling of a band is a band of the pooled tensor, and at least the
+        cascade depth, so that the halo never costs more than the band.
+        """
+        row_bytes = hidden[:, :1, 0].numel() * self.pw2.out_channels * hidden.element_size()
+        rows = max(len(self.cascade), 2, BAND_BYTES // max(row_bytes, 1))
+        return rows + rows % 2
+
+    def _band(self, hidden: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
+        """``gelu(pw2(cat(cascade_outputs)))`` for rows ``top:bottom`` only.
+
+        The cascade runs on the band plus a halo of ``N - 1`` rows on each side: each stage's
+        zero padding at an inner band edge spoils one more halo row, never a kept one, and at
+        the tensor's own borders the padding is the true one.
+        """
+        if (top, bottom) == (0, hidden.shape[2]):
+            parts = self.cascade_outputs(hidden)  # the whole tensor: no slicing in exported graphs
+        else:
+            halo = len(self.cascade)
+            first, last = max(top - halo, 0), min(bottom + halo, hidden.shape[2])
+            parts = self.cascade_outputs(hidden[:, :, first:last])
+            parts = [part[:, :, top - first : bottom - first] for part in parts]
+        if _exporting():
+            return F.gelu(self.pw2(torch.cat(parts, dim=1)))
+        parts.append(parts[0].new_ones((parts[0].shape[0], 1, *parts[0].shape[2:])))
+        stacked = torch.cat(parts, dim=1)
+        batch, channels = stacked.shape[:2]
+        if batch == 1:  # one matrix product, not a batched one of size 1
+            y = torch.mm(self.pw2_augmented, stacked.reshape(channels, -1))
+        else:
+            y = torch.matmul(self.pw2_augmented, stacked.reshape(batch, channels, -1))
+        return F.gelu(y.view(batch, -1, *stacked.shape[2:]))
+
+    def mix_into(
+        self,
+        hidden: torch.Tensor,
+        consumers: list[Callable[[torch.Tensor], torch.Tensor] | None],
+        residual: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """Everything after ``pw1``, then each of ``consumers``, band by band.
+
+        Large inputs run in bands of rows (``band_rows``): each band's wide ``pw2`` output is
+        handed to every consumer (a 1x1 convolution or a 2x pooling of the next layer) while
+        it is still in cache, so the block's full-size output is never written to memory.
+
+        Args:
+            hidden: the activated ``pw1`` output ``(B, 2c, *S)``, parity halves first/second.
+            consumers: functions applied to the block output, each keeping the rows (a 1x1
+                convolution) or halving them (2x pooling, floored); ``None`` returns the block
+                output itself.
+            residual: added to the block output before the consumers (the residual CMRF).
+
+        Returns:
+            One tensor per consumer, each equal to ``consumer(full block output)``.
+        """
+        height = hidden.shape[2]
+        rows = self.band_rows(hidden) if not _exporting() else None
+        if rows is None or rows >= height:
+            y = self._band(hidden, 0, height)
+            y = y if residual is None else y + residual
+            return [y if consumer is None else consumer(y) for consumer in consumers]
+        results: list[torch.Tensor | None] = [None] * len(consumers)
+        shrinks = [1] * len(consumers)  # 1: the consumer keeps the rows; 2: it pools them
+        top = 0
+        while top < height:
+            bottom = min(top + rows, height)
+            if bottom == height - 1:  # a last band of one row would pool to nothing: merge it
+                bottom = height
+            y = self._band(hidden, top, bottom)
+            if residual is not None:
+                y = y + residual[:, :, top:bottom]
+            for k, consumer in enumerate(consumers):
+                part = y if consumer is None else consumer(y)
+                if top == 0:
+                    shrinks[k] = 1 if part.shape[2] == bottom - top else 2
+                    results[k] = part.new_empty((*part.shape[:2], height // shrinks[k], *part.shape[3:]))
+                start = top // shrinks[k]
+                results[k][:, :, start : start + part.shape[2]] = part
+            top = bottom
+        return results
+
+    def mix(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Cascade, concatenation, ``pw2`` and GELU on the activated ``pw1`` output ``(B, 2c, *S)``."""
+        return self.mix_into(hidden, [None])[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
@@ -186,8 +325,8 @@ class InferenceCMRF(nn.Module):
                 f"CMRF expected input of shape (B, {self.in_channels}, "
                 f"{', '.join('*' * self.spatial_dims)}), got {tuple(x.shape)}"
             )
-        y = self.mix(F.gelu(self.pw1(x)))
-        return x + y if self.add_residual else y
+        residual = x if self.add_residual else None
+        return self.mix_into(F.gelu(self.pw1(x)), [None], residual)[0]
 
 
 class InferenceDecoderCMRF(nn.Module):
@@ -235,22 +374,35 @@ class InferenceTinyUNet(nn.Module):
         below = model.channels[1:] + model.channels[-1:]
         self.decoders = nn.ModuleList(
             InferenceDecoderCMRF(InferenceCMRF.from_cmrf(block), low, model.upsample_mode, model.spatial_dims)
-            for block, low in zip(model.decoders, below)
+            for block, low in zip(model.decoders, below, strict=True)
         )
         self.head = copy.deepcopy(model.head).requires_grad_(False)
 
     min_size = TinyUNet.min_size
 
+    def downsample(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spatial_dims == 2 and not _exporting():
+            return max_pool2x(x)
+        return self.pool(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         TinyUNet._check_input(self, x)  # the original's validation: same messages
-        skips = []
-        for encoder in self.encoders:
-            x = encoder(x)
-            skips.append(x)
-            x = self.pool(x)
-        for decoder, skip in zip(reversed(self.decoders), reversed(skips)):
-            x = decoder(x, skip)
-        return self.head(x)
+        # Each wide block output is consumed band by band (see InferenceCMRF.mix_into) by the
+        # layers that read it: an encoder's by the pooling and by its decoder's pw1 (the skip
+        # half), a decoder's by the next decoder's pw1 (the upsampled half) or by the head.
+        skip_projections = []
+        for encoder, decoder in zip(self.encoders, self.decoders, strict=True):
+            residual = x if encoder.add_residual else None
+            consumers = [self.downsample, decoder.pw1_skip]
+            x, projection = encoder.mix_into(F.gelu(encoder.pw1(x)), consumers, residual)
+            skip_projections.append(projection)
+        low = self.decoders[-1].pw1_low(x)
+        for i in reversed(range(len(self.decoders))):
+            decoder, projection = self.decoders[i], skip_projections[i]
+            hidden = F.gelu(projection + decoder.upsample(low, projection.shape[2:]))
+            consumer = self.decoders[i - 1].pw1_low if i > 0 else self.head
+            (low,) = decoder.block.mix_into(hidden, [consumer])
+        return low
 
 
 # --- entry point -----------------------------------------------------------------------------

@@ -130,7 +130,9 @@ def profile(model: nn.Module, input_size: Sequence[int]) -> Profile:
 def add_model_arguments(parser) -> None:
     """Arguments that build a registry model: ``NAME --in-chans --num-classes --N --channels``."""
     parser.add_argument("model", metavar="NAME", help="registry name, e.g. tinyunet (see cmrf.list_models())")
-    parser.add_argument("--in-chans", type=int, default=None, help="input channels (default: C of --input-size, else 3)")
+    parser.add_argument(
+        "--in-chans", type=int, default=None, help="input channels (default: C of --input-size, else 3)"
+    )
     parser.add_argument("--num-classes", type=int, default=2, help="output classes (default 2)")
     parser.add_argument("--N", dest="N", type=int, default=None, help="receptive fields per CMRF")
     parser.add_argument("--channels", type=int, nargs="+", default=None, help="encoder widths")

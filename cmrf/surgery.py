@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from cmrf.layers import CMRF, check_positive_int, cmrf_channels
+from cmrf.layers import CMRF, check_positive_int, cmrf_channels, cmrf_num_params
 from cmrf.ops import reference_only
 
 __all__ = [
@@ -142,25 +142,31 @@ class ReplaceReport:
         if self.replaced:
             header = ("path", "old block", "channels", "N", "old params", "new params")
             rows = [
-                (r.path, r.old_type, f"{r.in_channels} -> {r.out_channels}", str(r.N),
-                 f"{r.old_params:,}", f"{r.new_params:,}")
+                (
+                    r.path,
+                    r.old_type,
+                    f"{r.in_channels} -> {r.out_channels}",
+                    str(r.N),
+                    f"{r.old_params:,}",
+                    f"{r.new_params:,}",
+                )
                 for r in self.replaced
             ]
-            lines += _table(header, rows)
+            lines += _table(header, rows, right=(3, 4, 5))
         if self.skipped:
             lines.append("skipped:")
             lines += _table(("path", "type", "reason"), [(s.path, s.type, s.reason) for s in self.skipped])
         return "\n".join(lines)
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    # Numbers right-aligned, text left-aligned; the last column is never padded.
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], right: tuple[int, ...] = ()) -> list[str]:
+    """Aligned text rows; columns listed in ``right`` (numbers) are right-aligned."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
     def fmt(row):
-        cells = []
-        for i, cell in enumerate(row):
-            numeric = cell.replace(",", "").isdigit()
-            cells.append(cell.rjust(widths[i]) if numeric else cell.ljust(widths[i]))
+        cells = [
+            cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))
+        ]
         return "  " + "  ".join(cells).rstrip()
 
     return [fmt(header)] + [fmt(row) for row in rows]
@@ -260,10 +266,10 @@ def _shapes(output):
     """The shape structure of a model output (tensor, or nested tuple/list/dict of them)."""
     if isinstance(output, torch.Tensor):
         return tuple(output.shape)
-    if isinstance(output, (list, tuple)):
-        return type(output)(_shapes(o) for o in output) if isinstance(output, list) else tuple(
-            _shapes(o) for o in output
-        )
+    if isinstance(output, list):
+        return [_shapes(o) for o in output]
+    if isinstance(output, tuple):
+        return tuple(_shapes(o) for o in output)
     if isinstance(output, dict):
         return {k: _shapes(v) for k, v in output.items()}
     return type(output).__name__
@@ -317,9 +323,10 @@ def _default_example(model: nn.Module) -> torch.Tensor | None:
     spatial_dims = len(conv.kernel_size)
     param = conv.weight
     side = DEFAULT_PROBE_SIDE[spatial_dims]
-    return torch.randn(
-        (2, conv.in_channels) + (side,) * spatial_dims, device=param.device, dtype=param.dtype
-    )
+    # A private generator: probing must not move the caller's random stream.
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn((2, conv.in_channels) + (side,) * spatial_dims, generator=generator)
+    return example.to(device=param.device, dtype=param.dtype)
 
 
 # --- selection -------------------------------------------------------------------------------
@@ -382,6 +389,9 @@ def _select(
 ) -> tuple[list[_Plan], list[SkippedBlock]]:
     plans: list[_Plan] = []
     skipped: list[SkippedBlock] = []
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        owners.setdefault(id(module), []).append(name)
 
     def visit(path: str, module: nn.Module) -> None:
         for name, child in module.named_children():
@@ -411,10 +421,14 @@ def _select(
         if n_convs < (1 if targeted else 2):
             return
         problem, report = _block_problem(path, module, probe)
+        if problem is None and len(owners.get(id(module), ())) > 1:
+            # Swapping one reference would leave the other parents on the old block.
+            paths = ", ".join(owners[id(module)])
+            problem, report = f"one module registered at several paths ({paths})", True
         if problem is None:
             call = probe.calls[path][0]
             in_channels, out_channels = call.in_shape[1], call.out_shape[1]
-            n = N if out_channels % (2 * N) == 0 else (choose_n(out_channels, N) if indivisible == "reduce" else None)
+            n = _pick_n(out_channels, N, indivisible)
             if n is None:
                 problem, report = _channel_problem(out_channels, N, indivisible), True
             else:
@@ -427,6 +441,13 @@ def _select(
 
     visit("", model)
     return plans, skipped
+
+
+def _pick_n(out_channels: int, N: int, indivisible: str) -> int | None:
+    """``N`` when ``2N`` divides ``out_channels``; else per ``indivisible`` the largest ``N'`` or None."""
+    if out_channels % (2 * N) == 0:
+        return N
+    return choose_n(out_channels, N) if indivisible == "reduce" else None
 
 
 def _channel_problem(out_channels: int, N: int, indivisible: str) -> str:
@@ -501,7 +522,10 @@ def replace_blocks(
 
     params_before = sum(p.numel() for p in model.parameters())
     report = ReplaceReport(
-        params_before=params_before, params_after=params_before, N=N, dry_run=bool(dry_run),
+        params_before=params_before,
+        params_after=params_before,
+        N=N,
+        dry_run=bool(dry_run),
         targets_from_model=targets_from_model,
     )
     if example_input is None:
@@ -538,15 +562,22 @@ def replace_blocks(
         )
         return report
 
-    # Build every new module before touching the model: a failure here changes nothing.
-    new_modules = [_build_cmrf(plan) for plan in plans]
-    for plan, new in zip(plans, new_modules):
+    # Build every new module before touching the model: a failure here changes nothing. A dry
+    # run builds none (initialising weights would move the caller's random stream).
+    new_modules = [] if dry_run else [_build_cmrf(plan) for plan in plans]
+    for plan in plans:
         old_params = sum(p.numel() for p in plan.module.parameters())
-        new_params = sum(p.numel() for p in new.parameters())
+        new_params = cmrf_num_params(plan.in_channels, plan.out_channels, plan.N, plan.spatial_dims)
         report.replaced.append(
             BlockReplacement(
-                plan.path, type(plan.module).__name__, plan.in_channels, plan.out_channels, plan.N,
-                old_params, new_params, plan.spatial_dims,
+                plan.path,
+                type(plan.module).__name__,
+                plan.in_channels,
+                plan.out_channels,
+                plan.N,
+                old_params,
+                new_params,
+                plan.spatial_dims,
             )
         )
     if not dry_run:

@@ -1,7 +1,9 @@
 """Cost of 3D TinyU-Net beside MONAI's BasicUNet and UNet: params, FLOPs, peak training memory.
 
 Each model is measured in a fresh subprocess (so peak RSS belongs to that model alone): one
-forward + backward at batch 1 with one input channel and two classes, on the CPU.
+forward + backward at batch 1 with one input channel and two classes, on the CPU. "Peak train
+memory" is the growth of the process's peak RSS during that step (activations, gradients and
+workspace; the weights and the input were allocated before).
 
     python examples/volumes_cost.py --sizes 96 128          # markdown table
     python examples/volumes_cost.py --sizes 64 --json       # one JSON line per row
@@ -16,7 +18,9 @@ import sys
 
 MODELS = {
     "tinyunet3d": "cmrf.create_model('tinyunet3d', in_chans=1, num_classes=2)",
-    "tinyunet3d (32-256)": "cmrf.create_model('tinyunet3d', in_chans=1, num_classes=2, channels=(32, 64, 128, 256))",
+    "tinyunet3d (32-256)": (
+        "cmrf.create_model('tinyunet3d', in_chans=1, num_classes=2, channels=(32, 64, 128, 256))"
+    ),
     "MONAI BasicUNet": "monai.networks.nets.BasicUNet(spatial_dims=3, in_channels=1, out_channels=2)",
     "MONAI UNet": (
         "monai.networks.nets.UNet(spatial_dims=3, in_channels=1, out_channels=2, "
@@ -32,9 +36,6 @@ torch.manual_seed(0)
 model = {build}
 size = {size}
 result = {{"params": sum(p.numel() for p in model.parameters())}}
-if {count}:
-    cost = cmrf.profile(model, (1, 1, size, size, size))
-    result.update(macs=cost.macs, flops=cost.flops)
 x = torch.randn(1, 1, size, size, size)
 target = torch.randint(0, 2, (1, size, size, size))
 model.train()
@@ -45,6 +46,9 @@ loss.backward()
 result["step_s"] = time.perf_counter() - start
 result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 result["train_mem_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+if {count}:  # after the training step, so its no-grad forward cannot raise the peak first
+    cost = cmrf.profile(model, (1, 1, size, size, size))
+    result.update(macs=cost.macs, flops=cost.flops)
 print(json.dumps(result))
 """
 

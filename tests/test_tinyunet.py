@@ -96,7 +96,8 @@ def test_missing_and_unexpected_keys_are_listed_and_model_untouched(golden, tmp_
 def test_shape_mismatch_is_reported(golden, tmp_path):
     path = tmp_path / "three_classes.pth"
     torch.save(golden_state_dict(golden), path)
-    with pytest.raises(ValueError, match=r"head\.weight: checkpoint \(2, 64, 1, 1\) vs model \(4, 64, 1, 1\)"):
+    expected = r"head\.weight: checkpoint \(2, 64, 1, 1\) vs model \(4, 64, 1, 1\)"
+    with pytest.raises(ValueError, match=expected):
         create_model("tinyunet", num_classes=4, checkpoint_path=path)
 
 

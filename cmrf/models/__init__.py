@@ -1,6 +1,8 @@
 """Model zoo. Importing this package registers every model with cmrf's and timm's registries."""
 
+from cmrf.models.cmunext import CMUNeXt
 from cmrf.models.registry import create_model, is_model, list_models, register_model
+from cmrf.models.segnet import SegNet
 from cmrf.models.tinyunet import TinyUNet
 
-__all__ = ["TinyUNet", "create_model", "is_model", "list_models", "register_model"]
+__all__ = ["CMUNeXt", "SegNet", "TinyUNet", "create_model", "is_model", "list_models", "register_model"]

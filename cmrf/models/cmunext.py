@@ -2,7 +2,7 @@
 
 ``cmunext`` matches the reference implementation (3,149,202 params for 3 in / 2 classes) and
 loads its checkpoints; ``cmunext_cmrf`` is TinyU-Net's Table 3 variant: the five encoder blocks
-replaced by CMRF through ``replace_blocks`` (1,968,... params, 12.23 paper-convention GFLOPs).
+replaced by CMRF through ``replace_blocks`` (1,967,799 params, 12.23 paper-convention GFLOPs).
 """
 
 from __future__ import annotations
@@ -26,11 +26,23 @@ _UPSAMPLE_MODE = {1: "linear", 2: "bilinear", 3: "trilinear"}
 # --- reference checkpoints -------------------------------------------------------------------
 
 # Inside one ConvMixer layer: Sequential(Residual(dw conv, GELU, BN), 1x1, GELU, BN, 1x1, GELU, BN).
-_LAYER_KEYS = {"0.fn.0": "spatial.conv", "0.fn.2": "spatial.norm", "1": "expand.conv",
-               "3": "expand.norm", "4": "project.conv", "6": "project.norm"}
+_LAYER_KEYS = {
+    "0.fn.0": "spatial.conv",
+    "0.fn.2": "spatial.norm",
+    "1": "expand.conv",
+    "3": "expand.norm",
+    "4": "project.conv",
+    "6": "project.norm",
+}
 # fusion_conv: Sequential(grouped 3x3, GELU, BN, 1x1, GELU, BN, 1x1, GELU, BN).
-_FUSION_KEYS = {"0": "spatial.conv", "2": "spatial.norm", "3": "expand.conv", "5": "expand.norm",
-                "6": "project.conv", "8": "project.norm"}
+_FUSION_KEYS = {
+    "0": "spatial.conv",
+    "2": "spatial.norm",
+    "3": "expand.conv",
+    "5": "expand.norm",
+    "6": "project.conv",
+    "8": "project.norm",
+}
 
 
 def _encoder_layer(match: re.Match) -> str:
@@ -54,6 +66,10 @@ _REFERENCE_PATTERNS = [
 ]
 
 
+# Top-level names that only the reference uses (ours are stem.conv|norm, encoders, ups, fusions, head).
+_REFERENCE_NAME = re.compile(r"^(stem\.conv\.\d|encoder\d|Up\d|Up_conv\d|Conv_1x1)\.")
+
+
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module | None = None):
     """Map a state dict saved by the reference CMUNeXt code to this library's names.
 
@@ -63,7 +79,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module |
     ``Up_conv{k}.conv.{0,2,3,5,6,8}`` -> ``fusions.{k-2}.*``; ``Conv_1x1`` -> ``head``.
     A state dict already in this library's names passes through.
     """
-    if not any(k.startswith(("stem.conv.0.", "Conv_1x1.")) for k in state_dict):
+    if not any(_REFERENCE_NAME.match(k) for k in state_dict):
         return dict(state_dict)
     return rename_keys(state_dict, _REFERENCE_PATTERNS)
 
@@ -77,8 +93,14 @@ class ConvActNorm(nn.Sequential):
     Shapes: ``(B, in_channels, *S) -> (B, out_channels, *S)`` (padding keeps ``S``).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, groups: int = 1,
-                 spatial_dims: int = 2):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 1,
+        groups: int = 1,
+        spatial_dims: int = 2,
+    ):
         super().__init__()
         self.conv = conv_type(spatial_dims)(
             in_channels, out_channels, kernel_size, padding=kernel_size // 2, groups=groups
@@ -105,7 +127,9 @@ class ConvMixerLayer(nn.Module):
 
     def __init__(self, channels: int, kernel_size: int, spatial_dims: int = 2):
         super().__init__()
-        self.spatial = ConvActNorm(channels, channels, kernel_size, groups=channels, spatial_dims=spatial_dims)
+        self.spatial = ConvActNorm(
+            channels, channels, kernel_size, groups=channels, spatial_dims=spatial_dims
+        )
         self.expand = ConvActNorm(channels, 4 * channels, spatial_dims=spatial_dims)
         self.project = ConvActNorm(4 * channels, channels, spatial_dims=spatial_dims)
 
@@ -120,8 +144,9 @@ class CMUNeXtBlock(nn.Module):
     Shapes: ``(B, in_channels, *S) -> (B, out_channels, *S)``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, depth: int, kernel_size: int,
-                 spatial_dims: int = 2):
+    def __init__(
+        self, in_channels: int, out_channels: int, depth: int, kernel_size: int, spatial_dims: int = 2
+    ):
         super().__init__()
         self.layers = nn.Sequential(
             *(ConvMixerLayer(in_channels, kernel_size, spatial_dims) for _ in range(depth))
@@ -250,8 +275,9 @@ def _with_cmrf(model: CMUNeXt, N: int) -> CMUNeXt:
     from cmrf.surgery import replace_blocks
 
     param = next(model.parameters())
-    probe = torch.zeros((1, model.in_channels) + (32,) * model.spatial_dims, device=param.device,
-                        dtype=param.dtype)
+    probe = torch.zeros(
+        (1, model.in_channels) + (32,) * model.spatial_dims, device=param.device, dtype=param.dtype
+    )
     replace_blocks(model, N, example_input=probe)
     return model
 
@@ -266,5 +292,25 @@ def cmunext(pretrained: bool = False, **kwargs) -> CMUNeXt:
 @register_model
 def cmunext_cmrf(pretrained: bool = False, N: int = 8, **kwargs) -> CMUNeXt:
     """CMUNeXt with its five encoder blocks replaced by ``CMRF`` (TinyU-Net's Table 3 row):
-    1,968,... params, 12.23 paper-convention GFLOPs at 1x3x256x256."""
+    1,967,799 params, 12.23 paper-convention GFLOPs at 1x3x256x256."""
     return _with_cmrf(_create("cmunext_cmrf", pretrained, **kwargs), N)
+
+
+@register_model
+def cmunext_s(pretrained: bool = False, **kwargs) -> CMUNeXt:
+    """CMUNeXt-S (reference configuration): dims (8, 16, 32, 64, 128), depths (1, 1, 1, 1, 1),
+    kernels (3, 3, 7, 7, 9); 417,514 params for 3 in / 2 classes."""
+    kwargs.setdefault("dims", (8, 16, 32, 64, 128))
+    kwargs.setdefault("depths", (1, 1, 1, 1, 1))
+    kwargs.setdefault("kernels", (3, 3, 7, 7, 9))
+    return _create("cmunext_s", pretrained, **kwargs)
+
+
+@register_model
+def cmunext_l(pretrained: bool = False, **kwargs) -> CMUNeXt:
+    """CMUNeXt-L (reference configuration): dims (32, 64, 128, 256, 512), depths (1, 1, 1, 6, 3),
+    kernels (3, 3, 7, 7, 7); 8,286,754 params for 3 in / 2 classes."""
+    kwargs.setdefault("dims", (32, 64, 128, 256, 512))
+    kwargs.setdefault("depths", (1, 1, 1, 6, 3))
+    kwargs.setdefault("kernels", (3, 3, 7, 7, 7))
+    return _create("cmunext_l", pretrained, **kwargs)

@@ -132,7 +132,7 @@ def segnet_cmrf(pretrained: bool = False, N: int = 8, **kwargs) -> SegNet:
     """SegNet with every stage except the classifier's replaced by ``CMRF`` (``replace_blocks``).
 
     Nine stages become ``CMRF(C_in, C_out, N)``; the last decoder stage (64 -> 64 ConvBNReLU
-    and the 3x3 classifier) is kept. 642,946 params for 3 in / 2 classes, N=8.
+    and the 3x3 classifier) is kept. 643,186 params for 3 in / 2 classes, N=8.
     """
     from cmrf.surgery import replace_blocks
 

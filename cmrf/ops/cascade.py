@@ -2,13 +2,29 @@
 
 ``cascade_concat_reference`` is the oracle: it runs the stage modules exactly as the reference
 code does, so autograd and BatchNorm running statistics behave as in plain PyTorch.
-``cascade_concat`` is the dispatch every CMRF calls.
+``cascade_concat`` is the dispatch every CMRF calls: it picks the reference or the fused Triton
+kernels of ``cmrf.ops.triton_cascade`` (imported lazily, so importing ``cmrf`` never imports Triton).
+
+Dispatch rules, in order:
+
+1. inside ``reference_only()``: the reference, always;
+2. the per-call ``fused`` argument (a CMRF's ``fused`` attribute) when it is not ``None``, else the
+   ``CMRF_FUSED`` environment variable read at call time: ``auto`` (default), ``1`` or ``0``;
+3. ``0``: the reference. ``auto``: the fused kernels for CUDA tensors when Triton is installed and
+   the stages qualify (see ``fused_unsupported_reason``), the reference otherwise. ``1``: the fused
+   kernels; a tensor that is not on CUDA is accepted only under ``TRITON_INTERPRET=1`` (Triton's
+   CPU interpreter, used by the tests) and anything else raises ``FusedUnavailableError``; stages
+   that do not qualify (3-D volumes, a conv with bias, ...) run the reference with a warning that
+   gives the reason, never silently.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
 import threading
+import warnings
 
 import torch
 from torch import nn
@@ -56,6 +72,152 @@ def reference_forced() -> bool:
     return getattr(_state, "reference_only", False)
 
 
+FUSED_ENV = "CMRF_FUSED"
+_ENV_VALUES = {"auto": "auto", "": "auto", "1": "on", "true": "on", "on": "on", "0": "off", "false": "off",
+               "off": "off"}
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class FusedUnavailableError(RuntimeError):
+    """The fused cascade was forced but cannot run here (no CUDA tensor, or no Triton)."""
+
+
+def fused_mode(fused: bool | None = None) -> str:
+    """``"on"``, ``"off"`` or ``"auto"`` from ``fused`` if given, else from ``CMRF_FUSED`` (read now).
+
+    Raises:
+        ValueError: for a ``CMRF_FUSED`` value other than auto/1/0 (or true/false/on/off).
+    """
+    if fused is not None:
+        return "on" if fused else "off"
+    raw = os.environ.get(FUSED_ENV, "auto")
+    mode = _ENV_VALUES.get(raw.strip().lower())
+    if mode is None:
+        raise ValueError(f"{FUSED_ENV} must be 'auto', '1' or '0', got {raw!r}")
+    return mode
+
+
+def triton_available() -> bool:
+    """Whether Triton is installed (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_enabled() -> bool:
+    """Whether Triton's CPU interpreter is requested (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
+
+
+def _is_depthwise_3x3(conv, c: int) -> bool:
+    return (
+        type(conv) is nn.Conv2d
+        and conv.in_channels == conv.out_channels == conv.groups == c
+        and tuple(conv.kernel_size) == (3, 3)
+        and tuple(conv.stride) == (1, 1)
+        and tuple(conv.dilation) == (1, 1)
+        and conv.padding in ((1, 1), "same")
+        and conv.padding_mode == "zeros"
+        and conv.bias is None
+    )
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
+def fused_unsupported_reason(y: torch.Tensor, stages: nn.ModuleList) -> str | None:
+    """Why the fused kernels cannot reproduce ``cascade_concat_reference(y, stages)``, or ``None``.
+
+    The kernels cover 2-D inputs ``(B, 2c, H, W)`` in fp32/fp16/bf16 and stages that are exactly
+    a bias-free depthwise 3x3 ``nn.Conv2d`` (stride 1, padding 1) followed by ``nn.BatchNorm2d``,
+    all in the same mode (training or eval, tracking running statistics or not), without hooks.
+    """
+    if len(stages) == 0:
+        return "N = 1 has no cascade stage to fuse"
+    if y.dim() != 4:
+        return (
+            f"only 2-D inputs (B, C, H, W) have fused kernels, got a {y.dim()}-D input "
+            f"(3-D volumes use the reference)"
+        )
+    if y.dtype not in _FUSED_DTYPES:
+        return f"dtype {y.dtype} is not one of float32, float16, bfloat16"
+    if y.shape[1] % 2:
+        return f"the cascade input needs an even channel count, got {y.shape[1]}"
+    c = y.shape[1] // 2
+    modes = set()
+    for index, stage in enumerate(stages):
+        conv, norm = getattr(stage, "conv", None), getattr(stage, "norm", None)
+        children = {name for name, _ in stage.named_children()}
+        if children != {"conv", "norm"} or not _is_depthwise_3x3(conv, c):
+            return (
+                f"stage {index} is not a bias-free depthwise 3x3 Conv2d({c}, {c}) followed by "
+                f"BatchNorm2d and nothing else"
+            )
+        if type(norm) is not nn.BatchNorm2d or norm.num_features != c:
+            return f"stage {index}'s norm is {type(norm).__name__}, not BatchNorm2d({c})"
+        if conv.weight.device != y.device:
+            return f"stage {index}'s weights are on {conv.weight.device}, the input on {y.device}"
+        if _has_hooks(stage):
+            return f"stage {index} has forward hooks, which fused kernels would skip"
+        modes.add((norm.training, norm.running_mean is None))
+    if len(modes) > 1:
+        return "the stages' BatchNorms mix training/eval mode or running-statistics tracking"
+    return None
+
+
+def check_fused_device(y: torch.Tensor) -> None:
+    """Raise ``FusedUnavailableError`` unless Triton can run on ``y``'s device here."""
+    if not triton_available():
+        raise FusedUnavailableError(
+            "the fused CMRF cascade was forced (CMRF_FUSED=1 or fused=True) but Triton is not installed; "
+            "install triton for CUDA, or set CMRF_FUSED=0 / fused=False to use the PyTorch reference"
+        )
+    if y.is_cuda:
+        return
+    if not interpreter_enabled():
+        raise FusedUnavailableError(
+            f"the fused CMRF cascade was forced (CMRF_FUSED=1 or fused=True) on a {y.device.type} tensor: "
+            f"its Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 for Triton's CPU interpreter); "
+            f"move the model and input to CUDA, or set CMRF_FUSED=0 / fused=False for the PyTorch reference"
+        )
+    from cmrf.ops import triton_cascade
+
+    if not triton_cascade.INTERPRETED:
+        raise FusedUnavailableError(
+            "TRITON_INTERPRET=1 was set after cmrf's Triton kernels were compiled for CUDA; set it before "
+            "the first fused call (before cmrf.ops.triton_cascade is imported) to run them on CPU tensors"
+        )
+
+
 def cascade_concat(y: torch.Tensor, stages: nn.ModuleList, fused: bool | None = None) -> torch.Tensor:
-    """Dispatch between the reference and the fused implementation (see ``cascade_concat_reference``)."""
-    return cascade_concat_reference(y, stages)
+    """CMRF's cascade through the reference or the fused Triton kernels (rules in the module docstring).
+
+    Args:
+        y: ``(B, 2c, *S)``, the output of CMRF's first pointwise conv.
+        stages: the ``N - 1`` depthwise conv + BatchNorm stages.
+        fused: ``None`` follows ``CMRF_FUSED``; ``True`` forces the fused kernels; ``False`` the reference.
+
+    Returns:
+        ``(B, N*c, *S)``, as ``cascade_concat_reference``.
+
+    Raises:
+        FusedUnavailableError: when the fused path is forced where Triton cannot run.
+        ValueError: for a bad ``CMRF_FUSED`` value.
+    """
+    if reference_forced():
+        return cascade_concat_reference(y, stages)
+    mode = fused_mode(fused)
+    if mode == "off":
+        return cascade_concat_reference(y, stages)
+    if mode == "auto":
+        if not (y.is_cuda and triton_available()) or fused_unsupported_reason(y, stages):
+            return cascade_concat_reference(y, stages)
+    else:
+        check_fused_device(y)
+        reason = fused_unsupported_reason(y, stages)
+        if reason:
+            warnings.warn(f"fused CMRF cascade forced but unavailable, using the reference: {reason}",
+                          stacklevel=3)
+            return cascade_concat_reference(y, stages)
+    from cmrf.ops.triton_cascade import cascade_concat_fused
+
+    return cascade_concat_fused(y, stages)

@@ -12,3 +12,9 @@ Submodules (imported on demand so ``import cmrf`` stays light):
 
 Needs the ``train`` extra: ``pip install "cmrf[train]"``.
 """
+
+from cmrf.train.loop import Recipe, fit
+from cmrf.train.losses import CEDiceLoss
+from cmrf.train.metrics import SegmentationMetrics, format_table
+
+__all__ = ["CEDiceLoss", "Recipe", "SegmentationMetrics", "fit", "format_table"]

@@ -73,7 +73,8 @@ class SegmentationMetrics:
             "mean_iou": float(iou.mean()),
             "mean_dice": float(dice.mean()),
             "per_class": {
-                name: {"iou": float(iou[k]), "dice": float(dice[k])} for k, name in enumerate(self.class_names)
+                name: {"iou": float(iou[k]), "dice": float(dice[k])}
+                for k, name in enumerate(self.class_names)
             },
         }
 

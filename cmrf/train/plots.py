@@ -41,7 +41,7 @@ def plot_history(history: Sequence[dict], path: str | Path) -> Path:
     figure = Figure(figsize=(11, 3.4))
     axes = figure.subplots(1, 3)
     series = (("train_loss", "training loss (CE + Dice)"), ("val_mean_iou", "validation mIoU"), ("lr", "lr"))
-    for ax, (key, title) in zip(axes, series):
+    for ax, (key, title) in zip(axes, series, strict=True):
         ax.plot(epochs, [r[key] for r in history], marker="o" if len(epochs) < 30 else None)
         ax.set_title(title)
         ax.set_xlabel("epoch")
@@ -109,7 +109,7 @@ def plot_overlays(
         if targets is not None:
             panels.append(overlay(image, _display_slice(targets[i], spatial_dims)))
         panels.append(overlay(image, _display_slice(predictions[i], spatial_dims)))
-        for j, (ax, panel) in enumerate(zip(axes[i], panels)):
+        for j, (ax, panel) in enumerate(zip(axes[i], panels, strict=False)):
             ax.imshow(panel, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])

@@ -119,7 +119,8 @@ def lesion_scene(rng: np.random.Generator, size: int, spatial_dims: int, channel
     # outline is an ellipse pushed in and out by coarse (lobes) and finer (ragged edge) noise.
     centre = rng.uniform(-0.3, 0.3, size=spatial_dims)
     radii = rng.uniform(0.22, 0.5, size=spatial_dims)
-    boundary_noise = smooth_field(rng, size, spatial_dims, 5) + 0.35 * smooth_field(rng, size, spatial_dims, 10)
+    boundary_noise = smooth_field(rng, size, spatial_dims, 5)
+    boundary_noise = boundary_noise + 0.35 * smooth_field(rng, size, spatial_dims, 10)
     level = blob_level(coords, centre, radii, rng.uniform(0.25, 0.5), boundary_noise)
     mask = level < 0.0
     brown = np.array([1.0, 0.8, 0.72]) * rng.uniform(0.3, 0.6) + rng.normal(0.0, 0.02, size=3)

@@ -1,0 +1,248 @@
+"""optimize_for_inference, ONNX export and the CPU benchmark: exactness against the plain model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from cmrf import CMRF, TinyUNet, export_onnx, optimize_for_inference, save_weights
+from cmrf.bench import reference_tinyunet, run_benchmark
+from cmrf.cli import main as cli_main
+from cmrf.inference import InferenceCMRF, fold_conv_norm, max_pool2x, upsample_bicubic2x
+from cmrf.layers import ConvNorm
+from tests.conftest import golden_state_dict, load_golden
+
+TOL = 1e-4
+
+
+def _randomise_batchnorm(module: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm affine parameters and running statistics, so folding is exercised."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return module
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape
+    return float((a - b).abs().max().detach())
+
+
+# --- building blocks -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spatial_dims", [1, 2, 3])
+def test_fold_conv_norm_equals_conv_then_batchnorm(spatial_dims):
+    block = _randomise_batchnorm(ConvNorm(6, 6, kernel_size=3, groups=6, spatial_dims=spatial_dims)).eval()
+    weight, bias = fold_conv_norm(block)
+    x = torch.randn(2, 6, *([7] * spatial_dims))
+    conv = (F.conv1d, F.conv2d, F.conv3d)[spatial_dims - 1]
+    folded = conv(x, weight, bias, padding=1, groups=6)
+    assert _max_diff(folded, block(x)) < 1e-5
+
+
+@given(
+    channels=st.integers(1, 3),
+    height=st.integers(1, 12),
+    width=st.integers(1, 12),
+    batch=st.integers(1, 2),
+)
+def test_bicubic2x_equals_interpolate_including_borders(channels, height, width, batch):
+    x = torch.randn(batch, channels, height, width) * 10
+    expected = F.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)
+    assert _max_diff(upsample_bicubic2x(x), expected) < 1e-4
+
+
+@given(height=st.integers(2, 11), width=st.integers(2, 11))
+def test_max_pool2x_equals_max_pool2d(height, width):
+    x = torch.randn(2, 3, height, width)
+    assert torch.equal(max_pool2x(x), F.max_pool2d(x, 2, 2))
+
+
+# --- optimize_for_inference ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tinyunet_pair():
+    torch.manual_seed(1)
+    model = _randomise_batchnorm(TinyUNet()).eval()
+    return model, optimize_for_inference(model)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 64, 64), (2, 3, 48, 80), (1, 3, 37, 53), (1, 3, 250, 190)])
+def test_tinyunet_optimized_equals_original(tinyunet_pair, shape):
+    model, fast = tinyunet_pair
+    x = torch.randn(shape)
+    with torch.no_grad():
+        expected = model(x)
+        assert _max_diff(fast(x), expected) < TOL
+        # also in inference mode, where the channels-last cascade takes another code path
+    with torch.inference_mode():
+        assert _max_diff(fast(x), expected) < TOL
+
+
+def test_optimized_matches_reference_golden_output():
+    golden = load_golden("tinyunet_official.safetensors")
+    model = TinyUNet()
+    model.load_state_dict(golden_state_dict(golden))
+    with torch.no_grad():
+        out = optimize_for_inference(model)(golden["input"])
+    assert _max_diff(out, golden["output_eval"]) < TOL
+
+
+def test_original_is_left_untouched():
+    model = _randomise_batchnorm(TinyUNet(channels=(16, 32), N=2)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = optimize_for_inference(model)
+    assert model.training and not fast.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(p.requires_grad for p in fast.parameters())
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fast.modules())
+
+
+def test_any_model_holding_cmrf_blocks():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        CMRF(8, 16, N=2),
+        nn.Sequential(CMRF(16, 16, N=4), nn.ReLU()),  # in == out: the residual CMRF
+        nn.Conv2d(16, 2, 1),
+    )
+    model = _randomise_batchnorm(model).eval()
+    fast = optimize_for_inference(model)
+    assert not any(isinstance(m, CMRF) for m in fast.modules())
+    assert sum(isinstance(m, InferenceCMRF) for m in fast.modules()) == 2
+    assert fast[2][0].add_residual
+    for shape in [(2, 3, 17, 23), (1, 3, 40, 8)]:
+        x = torch.randn(shape)
+        with torch.inference_mode():
+            assert _max_diff(fast(x), model(x)) < TOL
+
+
+def test_bands_of_rows_are_exact(monkeypatch):
+    """Tiny bands: every inner band edge, an odd last band and the pooled halves are exercised."""
+    import cmrf.inference
+
+    monkeypatch.setattr(cmrf.inference, "BAND_BYTES", 1)
+    unet = _randomise_batchnorm(TinyUNet(channels=(16, 32), N=4, spatial_dims=2)).eval()
+    volume = _randomise_batchnorm(TinyUNet(in_channels=1, channels=(8, 16), N=2, spatial_dims=3)).eval()
+    residual = _randomise_batchnorm(CMRF(8, 8, N=2)).eval()
+    cases = [(unet, (2, 3, 45, 38)), (volume, (1, 1, 11, 9, 8)), (residual, (1, 8, 13, 5))]
+    for model, shape in cases:
+        fast = optimize_for_inference(model)
+        x = torch.randn(shape)
+        with torch.inference_mode():
+            assert _max_diff(fast(x), model(x)) < TOL
+
+
+def test_volume_tinyunet_and_single_cmrf():
+    model = _randomise_batchnorm(TinyUNet(in_channels=1, channels=(8, 16), N=2, spatial_dims=3)).eval()
+    x = torch.randn(1, 1, 10, 13, 9)  # odd sides: trilinear to the skip's exact size
+    with torch.inference_mode():
+        assert _max_diff(optimize_for_inference(model)(x), model(x)) < TOL
+    block = _randomise_batchnorm(CMRF(6, 12, N=3, spatial_dims=1)).eval()
+    x = torch.randn(2, 6, 31)
+    with torch.inference_mode():
+        assert _max_diff(optimize_for_inference(block)(x), block(x)) < TOL
+
+
+def test_bad_input_gives_clear_errors(tinyunet_pair):
+    _, fast = tinyunet_pair
+    with pytest.raises(ValueError, match="expected 3 input channels"):
+        fast(torch.randn(1, 4, 64, 64))
+    with pytest.raises(ValueError, match=r"every spatial side >= 16"):
+        fast(torch.randn(1, 3, 8, 64))
+    with pytest.raises(ValueError, match="no CMRF block in Sequential"):
+        optimize_for_inference(nn.Sequential(nn.Conv2d(3, 3, 1)))
+    with pytest.raises(ValueError, match="expects an nn.Module"):
+        optimize_for_inference("tinyunet")
+    with pytest.raises(ValueError, match=r"CMRF expected input of shape \(B, 8"):
+        optimize_for_inference(CMRF(8, 16, N=2))(torch.randn(1, 5, 4, 4))
+
+
+# --- ONNX ------------------------------------------------------------------------------------
+
+ort = pytest.importorskip("onnxruntime")
+
+
+def _run_onnx(path, x: torch.Tensor) -> torch.Tensor:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+
+
+@pytest.fixture(scope="module")
+def small_unet():
+    torch.manual_seed(2)
+    return _randomise_batchnorm(TinyUNet(channels=(16, 32, 64), N=4)).eval()
+
+
+def test_onnx_dynamic_batch_and_size_matches_pytorch(small_unet, tmp_path):
+    path = export_onnx(small_unet, tmp_path / "unet.onnx", (1, 3, 32, 32), dynamic=True)
+    for shape in [(1, 3, 32, 32), (2, 3, 24, 40)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            expected = small_unet(x)
+        assert _max_diff(_run_onnx(path, x), expected) < TOL
+
+
+def test_onnx_cli_static_odd_size_with_checkpoint(small_unet, tmp_path, capsys):
+    weights = tmp_path / "weights.safetensors"
+    save_weights(small_unet, weights)
+    out = tmp_path / "static.onnx"
+    argv = ["export", "onnx", "tinyunet", "--channels", "16", "32", "64", "--N", "4"]
+    argv += ["--checkpoint", str(weights), "--input-size", "1", "3", "37", "29", "-o", str(out)]
+    assert cli_main(argv) == 0
+    assert "wrote" in capsys.readouterr().out
+    x = torch.randn(1, 3, 37, 29)  # not multiples of 8: upsampling falls back to Resize
+    with torch.no_grad():
+        expected = small_unet(x)
+    assert _max_diff(_run_onnx(out, x), expected) < TOL
+
+
+def test_onnx_dynamic_needs_multiples_of_min_size(small_unet, tmp_path):
+    with pytest.raises(ValueError, match="multiples of 8"):
+        export_onnx(small_unet, tmp_path / "x.onnx", (1, 3, 36, 32), dynamic=True)
+    with pytest.raises(ValueError, match="input_size must be"):
+        export_onnx(small_unet, tmp_path / "x.onnx", (3, 32))
+
+
+# --- the benchmark ---------------------------------------------------------------------------
+
+
+def test_bench_baseline_is_the_reference_algorithm():
+    golden = load_golden("tinyunet_official.safetensors")
+    model = TinyUNet()
+    model.load_state_dict(golden_state_dict(golden))
+    with torch.no_grad():
+        out = reference_tinyunet(golden["input"], model.state_dict())
+    assert _max_diff(out, golden["output_eval"]) < TOL
+
+
+def test_run_benchmark_reports_every_row():
+    result = run_benchmark(
+        batch_sizes=(1,), size=32, repeats=1, warmup=0, threads=1,
+        rows=("baseline", "eager", "optimized"), memory=False, leak_calls=2,
+    )
+    json.dumps(result)  # JSON-ready
+    rows = {r["row"]: r for r in result["rows"]}
+    assert set(rows) == {"baseline", "eager", "optimized"}
+    assert rows["baseline"]["speedup_vs_baseline"] == pytest.approx(1.0)
+    for row in rows.values():
+        assert row["median_ms"] > 0 and row["images_per_s"] > 0
+        assert row["max_abs_diff_vs_baseline"] < TOL
+    assert result["machine"]["threads"] == 1
+    assert set(result["rss_growth"]) == {"optimized"}
+
+
+def test_bench_cli_rejects_sizes_the_reference_cannot_run(capsys):
+    assert cli_main(["bench", "--size", "100"]) == 2
+    assert "multiple of 16" in capsys.readouterr().err

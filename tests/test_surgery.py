@@ -1,0 +1,519 @@
+"""replace_blocks: which modules it replaces, on networks written by others, and bad input."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from cmrf import CMRF, replace_blocks
+from cmrf.layers import batchnorm_type, conv_type, maxpool_type
+from cmrf.surgery import NothingToReplaceWarning, ReplaceReport, choose_n
+
+# --- networks written the way users write them -------------------------------------------------
+
+
+def conv_bn_relu(cin: int, cout: int, spatial_dims: int = 2, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        conv_type(spatial_dims)(cin, cout, 3, stride=stride, padding=1, bias=False),
+        batchnorm_type(spatial_dims)(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class DoubleConv(nn.Module):
+    """(conv => BN => ReLU) * 2, as in most hand-written U-Nets."""
+
+    def __init__(self, cin: int, cout: int, spatial_dims: int = 2, stride: int = 1):
+        super().__init__()
+        self.double_conv = nn.Sequential(
+            conv_bn_relu(cin, cout, spatial_dims, stride), conv_bn_relu(cout, cout, spatial_dims)
+        )
+
+    def forward(self, x):
+        return self.double_conv(x)
+
+
+class Up(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+        self.conv = DoubleConv(cin, cout)
+
+    def forward(self, x1, x2):
+        return self.conv(torch.cat([x2, self.up(x1)], dim=1))
+
+
+class UserUNet(nn.Module):
+    """Encoder stages as nn.Sequential in a ModuleList, decoder with DoubleConv classes."""
+
+    def __init__(self, in_channels=3, num_classes=2, widths=(8, 16, 32)):
+        super().__init__()
+        self.inc = DoubleConv(in_channels, widths[0])
+        self.downs = nn.ModuleList(
+            nn.Sequential(nn.MaxPool2d(2), DoubleConv(a, b)) for a, b in zip(widths, widths[1:])
+        )
+        self.ups = nn.ModuleList(Up(b + a, a) for a, b in zip(widths[::-1][1:], widths[::-1]))
+        self.outc = nn.Conv2d(widths[0], num_classes, 1)
+
+    def forward(self, x):
+        skips = [self.inc(x)]
+        for down in self.downs:
+            skips.append(down(skips[-1]))
+        x = skips.pop()
+        for up in self.ups:
+            x = up(x, skips.pop())
+        return self.outc(x)
+
+
+class UserSegNet(nn.Module):
+    """A small SegNet with functional pooling indices and the classifier inside the last stage."""
+
+    def __init__(self, in_channels=3, num_classes=2, widths=(8, 16, 32)):
+        super().__init__()
+        chans = (in_channels,) + widths
+        self.enc = nn.ModuleList(
+            nn.Sequential(conv_bn_relu(a, b), conv_bn_relu(b, b)) for a, b in zip(chans, chans[1:])
+        )
+        rev = widths[::-1]
+        self.dec = nn.ModuleList(
+            nn.Sequential(conv_bn_relu(a, a), conv_bn_relu(a, b)) for a, b in zip(rev, rev[1:])
+        )
+        self.dec.append(
+            nn.Sequential(conv_bn_relu(widths[0], widths[0]), nn.Conv2d(widths[0], num_classes, 3, padding=1))
+        )
+
+    def forward(self, x):
+        indices = []
+        for stage in self.enc:
+            x, idx = F.max_pool2d(stage(x), 2, 2, return_indices=True)
+            indices.append(idx)
+        for stage, idx in zip(self.dec, reversed(indices)):
+            x = stage(F.max_unpool2d(x, idx, 2, 2))
+        return x
+
+
+def monai_basic_unet(spatial_dims=2):
+    BasicUNet = pytest.importorskip("monai.networks.nets").BasicUNet
+    return BasicUNet(spatial_dims=spatial_dims, in_channels=3, out_channels=2, features=(8, 8, 16, 16, 32, 8))
+
+
+def smp_unet():
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    return smp.Unet("resnet18", encoder_weights=None, in_channels=3, classes=2)
+
+
+# name -> (builder, input shape, paths that must be among the replaced ones)
+FOREIGN = {
+    "user_segnet": (UserSegNet, (2, 3, 32, 32), {"enc.0", "enc.2", "dec.0", "dec.1"}),
+    "user_unet": (UserUNet, (2, 3, 32, 32), {"inc", "downs.0.1", "downs.1.1", "ups.0.conv", "ups.1.conv"}),
+    "monai_basicunet": (monai_basic_unet, (2, 3, 32, 32), {"conv_0", "down_1.convs", "upcat_1.convs"}),
+    "monai_basicunet_3d": (lambda: monai_basic_unet(3), (1, 3, 32, 32, 32), {"conv_0", "down_4.convs"}),
+    "smp_unet_resnet18": (smp_unet, (2, 3, 64, 64), {"encoder.layer1", "encoder.layer4.1"}),
+}
+
+
+def train_losses(model: nn.Module, x: torch.Tensor, target: torch.Tensor, steps: int = 4) -> list[float]:
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("name", list(FOREIGN))
+def test_foreign_networks_are_replaced_and_still_train(name):
+    build, shape, must_replace = FOREIGN[name]
+    model = build()
+    x = torch.randn(shape)
+    target = torch.randint(0, 2, (shape[0],) + shape[2:])
+    with torch.no_grad():
+        shape_before = model.eval()(x).shape
+    params_before = sum(p.numel() for p in model.parameters())
+    # 2D: the default probe (inferred from the first conv); 3D: a small volume of our own.
+    probe = torch.randn(1, *shape[1:]) if len(shape) == 5 else None
+    report = replace_blocks(model, example_input=probe)
+    params_after = sum(p.numel() for p in model.parameters())
+
+    assert must_replace <= set(report.paths), str(report)
+    assert report.params_before == params_before and report.params_after == params_after
+    assert params_after < params_before
+    for path in report.paths:
+        assert isinstance(model.get_submodule(path), CMRF)
+        assert path in str(report)
+    with torch.no_grad():
+        assert model.eval()(x).shape == shape_before
+    losses = train_losses(model, x, target)
+    assert losses[-1] < losses[0], losses
+
+
+def test_user_unet_mapping_and_reasons():
+    model = UserUNet()
+    report = replace_blocks(model)
+    # Down stages (pool + DoubleConv) change resolution: their DoubleConv is replaced instead;
+    # Up modules take two inputs: skipped with the reason, their DoubleConv replaced.
+    assert report.paths == ["inc", "downs.0.1", "downs.1.1", "ups.0.conv", "ups.1.conv"]
+    reasons = {s.path: s.reason for s in report.skipped}
+    assert "2 positional inputs" in reasons["ups.0"]
+    assert isinstance(model.outc, nn.Conv2d)  # the head stays
+
+
+def test_smp_unet_reports_unprobeable_blocks():
+    report = replace_blocks(smp_unet(), dry_run=True)
+    reasons = {s.path: s.reason for s in report.skipped}
+    assert "returns a list" in reasons["encoder"]
+    assert "keyword arguments" in reasons["decoder.blocks.0"]
+
+
+# --- property test: random stacks of conv blocks -------------------------------------------------
+
+
+class Residual(nn.Module):
+    def __init__(self, channels: int, spatial_dims: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            conv_bn_relu(channels, channels, spatial_dims), conv_bn_relu(channels, channels, spatial_dims)
+        )
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+CHANNELS = st.sampled_from([4, 5, 6, 8, 12, 16, 24, 7])
+SIDES = {1: 32, 2: 16, 3: 8}
+
+
+@st.composite
+def conv_stacks(draw):
+    """A Sequential of random units, the blocks replace_blocks must replace, and their N."""
+    spatial_dims = draw(st.sampled_from([1, 2, 3]))
+    N = draw(st.sampled_from([1, 2, 4, 8]))
+    max_downs = 2 if spatial_dims == 3 else 3
+    channels = in_channels = draw(st.sampled_from([1, 3]))
+    units, expected, downs = [], {}, 0
+
+    def expect(path, out):
+        n = max((n for n in range(1, N + 1) if out % (2 * n) == 0), default=None)
+        if n is not None:
+            expected[path] = n
+        return n is not None
+
+    for i in range(draw(st.integers(1, 5))):
+        kind = draw(st.sampled_from(["single", "double", "strided", "pool", "group", "residual"]))
+        if kind in ("strided", "pool") and downs >= max_downs:
+            kind = "double"
+        out = draw(CHANNELS)
+        path = str(i)
+        if kind == "single":
+            units.append(conv_bn_relu(channels, out, spatial_dims))
+        elif kind == "double":
+            units.append(DoubleConv(channels, out, spatial_dims))
+            expect(path, out)
+        elif kind == "strided":  # halves the resolution: never replaced, nor its single convs
+            units.append(DoubleConv(channels, out, spatial_dims, stride=2))
+            downs += 1
+        elif kind == "pool":
+            units.append(maxpool_type(spatial_dims)(2))
+            out = channels
+            downs += 1
+        elif kind == "group":  # the outermost block wins; if it cannot be replaced, look inside
+            mid = draw(CHANNELS)
+            units.append(
+                nn.Sequential(DoubleConv(channels, mid, spatial_dims), DoubleConv(mid, out, spatial_dims))
+            )
+            if not expect(path, out):
+                expect(f"{path}.0", mid)
+        else:
+            units.append(Residual(channels, spatial_dims))
+            out = channels
+            expect(path, out)
+        channels = out
+    units.append(conv_type(spatial_dims)(channels, 2, 1))  # the head
+    model = nn.Sequential(*units)
+    x = torch.randn((2, in_channels) + (SIDES[spatial_dims],) * spatial_dims)
+    return model, x, N, expected
+
+
+@given(conv_stacks())
+def test_random_stacks_replace_exactly_the_shape_preserving_multi_conv_blocks(case):
+    model, x, N, expected = case
+    with torch.no_grad():
+        shape_before = model.eval()(x).shape
+    untouched = {name: m for name, m in model.named_modules() if name and name.split(".")[0] not in expected}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NothingToReplaceWarning)
+        report = replace_blocks(model, N, example_input=x)
+    replaced = {name: m.N for name, m in model.named_modules() if isinstance(m, CMRF)}
+    assert replaced == expected, str(report)
+    assert {r.path: r.N for r in report.replaced} == expected
+    for name, module in untouched.items():
+        if not any(name == p or name.startswith(p + ".") for p in expected):
+            assert model.get_submodule(name) is module
+    with torch.no_grad():
+        assert model(x).shape == shape_before
+
+
+def test_choose_n():
+    assert choose_n(64, 8) == 8
+    assert choose_n(24, 8) == 6
+    assert choose_n(10, 8) == 5
+    assert choose_n(2, 8) == 1
+    assert choose_n(7, 8) is None
+
+
+# --- options -------------------------------------------------------------------------------------
+
+
+def small_stack():
+    return nn.Sequential(
+        DoubleConv(3, 16), nn.MaxPool2d(2), DoubleConv(16, 24), DoubleConv(24, 16), nn.Conv2d(16, 2, 1)
+    )
+
+
+def test_targets_by_class_name_type_and_pattern():
+    for targets in (["DoubleConv"], [DoubleConv], "0", ["0", "2"]):
+        model = small_stack()
+        report = replace_blocks(model, targets=targets)
+        wanted = {"0", "2", "3"} if targets in (["DoubleConv"], [DoubleConv]) else set(targets)
+        assert set(report.paths) == wanted
+
+
+def test_targets_force_a_single_conv_and_an_inner_module():
+    model = small_stack()
+    report = replace_blocks(model, targets=["0.double_conv.1"])
+    assert report.paths == ["0.double_conv.1"]  # one ConvBNReLU, 16 -> 16, forced
+    assert isinstance(model[0].double_conv[1], CMRF) and model[0].double_conv[1].add_residual
+
+
+def test_exclude_keeps_a_subtree():
+    model = small_stack()
+    report = replace_blocks(model, exclude=["2", nn.Upsample])
+    assert report.paths == ["0", "3"]
+    assert ("2", "excluded") in {(s.path, s.reason) for s in report.skipped}
+    assert isinstance(model[2], DoubleConv)
+
+
+def test_indivisible_channels_reduce_or_skip():
+    model = small_stack()
+    report = replace_blocks(model, N=8)
+    assert {r.path: r.N for r in report.replaced} == {"0": 8, "2": 6, "3": 8}
+    model = small_stack()
+    report = replace_blocks(model, N=8, indivisible="skip")
+    assert report.paths == ["0", "3"]
+    reasons = {s.path: s.reason for s in report.skipped}
+    assert "24 is not divisible by 2N = 16" in reasons["2"]
+
+
+def test_odd_channels_are_skipped_with_reason():
+    model = nn.Sequential(DoubleConv(3, 7), nn.Conv2d(7, 2, 1))
+    with pytest.warns(NothingToReplaceWarning):
+        report = replace_blocks(model)
+    assert "7 is odd" in report.skipped[0].reason
+
+
+def test_dry_run_changes_nothing_and_predicts_params():
+    model = small_stack()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = list(model.modules())
+    report = replace_blocks(model, dry_run=True)
+    assert list(model.modules()) == modules
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN stats too
+    assert report.dry_run and not report.changed and "would replace" in str(report)
+    predicted = report.params_after
+    assert replace_blocks(model).params_after == predicted == sum(p.numel() for p in model.parameters())
+
+
+def test_probe_leaves_running_stats_and_modes_alone():
+    model = small_stack().train()
+    model[2].eval()  # a user's per-module choice, e.g. frozen BatchNorm
+    stats = model[3].double_conv[0][1].running_mean.clone()
+    replace_blocks(model, exclude=["3"])
+    assert torch.equal(model[3].double_conv[0][1].running_mean, stats)
+    assert model.training and not model[2].training  # the CMRF at 2 took the old block's mode
+
+
+def test_dtype_and_trainability_are_kept():
+    model = small_stack().double()
+    model[0].requires_grad_(False)
+    replace_blocks(model)
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert not any(p.requires_grad for p in model[0].parameters())
+    assert all(p.requires_grad for p in model[2].parameters())
+    model(torch.randn(2, 3, 16, 16, dtype=torch.float64)).sum().backward()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_is_kept():
+    model = small_stack().cuda()
+    replace_blocks(model)
+    assert all(p.is_cuda for p in model.parameters())
+
+
+def test_report_table():
+    report = replace_blocks(small_stack())
+    assert isinstance(report, ReplaceReport)
+    text = str(report)
+    assert "3 block(s)" in text and "16 -> 24" in text and "DoubleConv" in text
+    row = report.replaced[1]
+    assert f"{row.old_params:,}" in text and f"{row.new_params:,}" in text
+    assert report.to_dict()["replaced"][0]["path"] == "0"
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+def test_nothing_to_replace_warns_and_leaves_the_model():
+    for model in (
+        nn.Sequential(nn.Linear(4, 4), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 2, 1)),
+    ):
+        modules = list(model.modules())
+        with pytest.warns(NothingToReplaceWarning, match="unchanged"):
+            report = replace_blocks(model)
+        assert report.replaced == [] and list(model.modules()) == modules
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = conv_bn_relu(8, 8), conv_bn_relu(8, 8)
+
+    def forward(self, x, y):
+        return self.b(self.a(x) + y)
+
+
+class DictOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = conv_bn_relu(8, 8), conv_bn_relu(8, 8)
+
+    def forward(self, x):
+        return {"out": self.b(self.a(x))}
+
+
+class Wrapper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.two, self.dict_out, self.block = TwoInputs(), DictOut(), DoubleConv(8, 8)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.two(x, x)
+        x = self.dict_out(x)["out"]
+        return self.head(self.block(x))
+
+
+def test_unprobeable_blocks_are_skipped_with_reasons():
+    model = Wrapper()
+    report = replace_blocks(model)
+    assert report.paths == ["block"]
+    reasons = {s.path: s.reason for s in report.skipped}
+    assert "2 positional inputs" in reasons["two"]
+    assert "returns a dict" in reasons["dict_out"]
+
+
+class ReadsInternals(nn.Module):
+    """A forward that depends on the replaced module's attributes: replacement must roll back."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = DoubleConv(3, 8), DoubleConv(8, 8)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        x = self.second(self.first(x))
+        return self.head(x * self.second.double_conv[0][1].weight.view(1, -1, 1, 1))
+
+
+def test_failure_after_swap_restores_every_module():
+    model = ReadsInternals()
+    modules = dict(model.named_modules())
+    with pytest.raises(RuntimeError, match="undid every swap"):
+        replace_blocks(model)
+    assert dict(model.named_modules()) == modules
+
+
+def test_probe_failure_is_a_clear_error():
+    model = UserSegNet()  # needs sides divisible by 8
+    with pytest.raises(ValueError, match="pass example_input"):
+        replace_blocks(model, example_input=torch.randn(1, 3, 12, 12))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(N=0), "N must be an integer >= 1"),
+        (dict(N=2.5), "N must be an integer"),
+        (dict(targets=[3]), "targets entries must be"),
+        (dict(exclude=42), "exclude must be"),
+        (dict(targets=["no_such_block*"]), "matches no module"),
+        (dict(indivisible="round"), "indivisible must be"),
+        (dict(example_input="image.png"), "example_input must be a tensor"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    model = small_stack()
+    modules = list(model.modules())
+    with pytest.raises(ValueError, match=match):
+        replace_blocks(model, **kwargs)
+    assert list(model.modules()) == modules
+
+
+def test_not_a_module():
+    with pytest.raises(ValueError, match="needs an nn.Module"):
+        replace_blocks("segnet")
+
+
+def test_shared_module_is_skipped_with_reason():
+    block = DoubleConv(8, 8)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), block, block, nn.Conv2d(8, 2, 1))
+    with pytest.warns(NothingToReplaceWarning):
+        report = replace_blocks(model)
+    assert "several paths (1, 2)" in report.skipped[0].reason
+    assert model[1] is model[2] is block
+
+
+class SqueezeExcite(nn.Module):
+    """Two 3x3 convs and a squeeze-excitation branch convolving a 1x1 map."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = DoubleConv(channels, channels)
+        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, channels, 1), nn.Sigmoid())
+
+    def forward(self, x):
+        y = self.body(x)
+        return y * self.gate(y)
+
+
+def test_global_context_branch_does_not_block_replacement():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), SqueezeExcite(16), nn.Conv2d(16, 2, 1))
+    assert replace_blocks(model).paths == ["1"]
+
+
+def test_targeted_block_that_changes_resolution_is_reported():
+    model = nn.Sequential(DoubleConv(3, 16, stride=2), DoubleConv(16, 16), nn.Conv2d(16, 2, 1))
+    report = replace_blocks(model, targets=["0", "1"])
+    assert report.paths == ["1"]
+    assert "changes resolution" in {s.path: s.reason for s in report.skipped}["0"]
+
+
+def test_default_probe_leaves_the_global_random_stream_alone():
+    model = small_stack()
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    replace_blocks(model, dry_run=True)
+    assert torch.equal(torch.rand(3), expected)

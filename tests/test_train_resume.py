@@ -1,0 +1,110 @@
+"""Exact resume after a real SIGKILL, and a 2-process torchrun (DDP, gloo) run on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cmrf.cli import main
+from cmrf.train.state import STATE_FILE
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and torchrun gloo are POSIX here")
+
+TINY = ["--img-size", "32", "--channels", "16", "32", "--device", "cpu", "--no-plots"]
+# The same thread count in every process, so float sums add up in the same order in all runs.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CMRF_FUSED": "0"}
+
+
+def _cmrf(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cmrf", *args]
+
+
+def _completed_epochs(state_file) -> int:
+    try:
+        return torch.load(state_file, weights_only=True)["epoch"]
+    except (FileNotFoundError, EOFError, RuntimeError):
+        return 0
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    epochs = 5
+    # 4 steps per epoch; killed after epoch 2 completes, wherever the run then is.
+    train = ["train", *TINY, "--synthetic-samples", "16", "--batch-size", "4", "--lr", "3e-3"]
+    train += ["--epochs", str(epochs)]
+    reference = subprocess.Popen(
+        _cmrf(*train, "--out", str(tmp_path / "ref")),
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    victim = subprocess.Popen(
+        _cmrf(*train, "--out", str(tmp_path / "run")),
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    state_file = tmp_path / "run" / STATE_FILE
+    deadline = time.monotonic() + 240
+    while _completed_epochs(state_file) < 2:
+        assert victim.poll() is None, (
+            f"the run ended before it could be killed: {victim.stderr.read()[-2000:]}"
+        )
+        assert time.monotonic() < deadline, "no checkpoint after 240 s"
+        time.sleep(0.02)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert victim.returncode == -signal.SIGKILL
+    killed_after = _completed_epochs(state_file)
+    assert 2 <= killed_after < epochs
+
+    resumed = subprocess.run(
+        _cmrf(*train, "--resume", "--out", str(tmp_path / "run")),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {tmp_path / 'run'} after epoch {killed_after}/{epochs}" in resumed.stdout
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()[-3000:]
+
+    got, want = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("run", "ref"))
+    assert [r["epoch"] for r in got["history"]] == list(range(1, epochs + 1))  # each epoch exactly once
+    assert got == want  # same losses, lrs, validation and test scores as the run never interrupted
+    for name in ("last.safetensors", "best.safetensors"):
+        a, b = load_file(str(tmp_path / "run" / name)), load_file(str(tmp_path / "ref" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path, capsys):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "cmrf", "train", *TINY, "--synthetic-samples", "16", "--epochs", "1", "--out", str(out)]
+    run = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("epoch 1/1") == 1, run.stdout  # only rank 0 reports (and writes)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["epoch"] for r in metrics["history"]] == [1]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "best.safetensors",
+        "last.safetensors",
+        "last_state.pt",
+        "metrics.json",
+    ]
+    assert torch.load(out / STATE_FILE, weights_only=True)["world_size"] == 2
+
+    # Each rank scored half of the test images; the reported scores are those of the whole split,
+    # as a single process finds them.
+    scores = tmp_path / "scores.json"
+    assert main(["evaluate", str(out / "best.safetensors"), "--device", "cpu", "--json", str(scores)]) == 0
+    single = json.loads(scores.read_text())
+    for name, values in single["per_class"].items():
+        assert metrics["per_class"][name] == pytest.approx(values, abs=1e-4)
