@@ -169,16 +169,23 @@ def _onnxruntime_runner(model, onnx_path: Path, threads: int) -> Callable:
 def time_rows(
     runners: dict[str, Callable], x: torch.Tensor, repeats: int, warmup: int
 ) -> dict[str, list[float]]:
-    """Seconds per call of every runner; rows are interleaved so that load changes hit all alike."""
+    """Seconds per call of every runner.
+
+    Rows are interleaved so that load changes hit all alike, and their order rotates every
+    repeat: the first call after another runtime's (its threads waking up) costs more, and
+    rotating spreads that cost evenly, where the median ignores it.
+    """
     times = {name: [] for name in runners}
+    names = list(runners)
     with torch.inference_mode():
         for _ in range(warmup):
             for run in runners.values():
                 run(x)
-        for _ in range(repeats):
-            for name, run in runners.items():
+        for repeat in range(repeats):
+            shift = repeat % len(names)
+            for name in names[shift:] + names[:shift]:
                 start = time.perf_counter()
-                run(x)
+                runners[name](x)
                 times[name].append(time.perf_counter() - start)
     return times
 

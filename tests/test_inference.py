@@ -126,6 +126,9 @@ def test_any_model_holding_cmrf_blocks():
         x = torch.randn(shape)
         with torch.inference_mode():
             assert _max_diff(fast(x), model(x)) < TOL
+    x = torch.randn(2, 8, 9, 12).transpose(2, 3)  # not contiguous: the convolution fallback
+    with torch.inference_mode():
+        assert _max_diff(fast[1](x), model[1](x)) < TOL
 
 
 def test_bands_of_rows_are_exact(monkeypatch):
