@@ -208,9 +208,16 @@ def test_build_synthetic_bundle_from_options():
         build_datasets(parse("--num-classes", "3"), 0)
 
 
+@pytest.mark.parametrize("spatial_dims, side", [("2", 256), ("3", 64)])
+def test_default_size_depends_on_dimensions(spatial_dims, side):
+    args = parse("--synthetic-samples", "1", "--spatial-dims", spatial_dims)
+    build_datasets(args, 0)
+    assert args.img_size == side  # the paper's 256 for images; volumes a CPU can train
+
+
 def test_option_values_are_checked_by_the_parser(capsys):
     args = parse()
-    assert (args.data, args.img_size, args.spatial_dims, args.num_classes) == ("synthetic", 256, 2, None)
+    assert (args.data, args.img_size, args.spatial_dims, args.num_classes) == ("synthetic", None, 2, None)
     for bad in (["--val-fraction", "1.5"], ["--img-size", "0"], ["--data", "mnist"], ["--spatial-dims", "4"]):
         with pytest.raises(SystemExit):
             parse(*bad)

@@ -58,7 +58,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         metavar="C",
-        help="encoder widths, e.g. 16 32 for a tiny TinyU-Net (default: the model's)",
+        help="encoder widths, each a multiple of 2N (16 for the default N=8), e.g. 16 32 for a tiny "
+        "TinyU-Net (default: the model's)",
     )
     group.add_argument(
         "--replace-blocks",

@@ -748,6 +748,10 @@ def _fraction(text: str) -> float:
     return value
 
 
+# The paper's 256 x 256 for images; volumes default to what a CPU can train.
+DEFAULT_IMG_SIZE = {2: 256, 3: 64}
+
+
 def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the data options (``--data``, ``--root``, ``--img-size``, ...) to ``parser``."""
     group = parser.add_argument_group("data")
@@ -755,8 +759,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                        help="dataset: built-in synthetic lesions (default, no download), an ISIC 2018 "
                             "Task 1 tree, or a folder with images/ and masks/")
     group.add_argument("--root", type=Path, default=None, help="dataset folder (isic2018, folder)")
-    group.add_argument("--img-size", type=_positive_int, default=256,
-                       help="side in pixels (voxels in 3D) that every sample is resized to (default 256)")
+    group.add_argument("--img-size", type=_positive_int, default=None,
+                       help="side in pixels (voxels in 3D) that every sample is resized to (default 256 "
+                            "for images as in the paper, 64 for volumes)")
     group.add_argument("--num-classes", type=_positive_int, default=None,
                        help="classes incl. background: synthetic 2 (default) or 4; folder: inferred from "
                             "the masks if not given")
@@ -854,9 +859,14 @@ def build_datasets(args: argparse.Namespace, seed: int) -> DataBundle:
             ``test_fraction``, ``split_dir``, ``synthetic_samples``, ``spatial_dims``).
         seed: non-negative seed of the synthetic samples, the fraction split and augmentation.
 
+    An unset ``args.img_size`` is filled in with the default for ``args.spatial_dims``.
+
     Raises:
         DataError: missing root, missing/unpaired/unreadable files, size mismatches, empty splits.
     """
+    if args.img_size is None:
+        # 256^3 volumes would not fit a CPU's memory, so volumes get a smaller default.
+        args.img_size = DEFAULT_IMG_SIZE[args.spatial_dims]
     if args.data == "synthetic":
         return _synthetic_bundle(args, seed)
     if args.data not in DATA_CHOICES:
