@@ -651,7 +651,24 @@ def split_from_files(pairs: list, split_dir: str | Path) -> dict[str, list]:
 # --- datasets on disk ----------------------------------------------------------------------------
 
 
-class FolderSegmentation(SegmentationDataset):
+class PairedSegmentation(SegmentationDataset):
+    """Base of the datasets that read image/mask file pairs: holds the pairs and the sizes."""
+
+    def __init__(self, pairs: list[Pair], img_size: int, num_classes: int, in_channels: int,
+                 spatial_dims: int, augment: bool = False, seed: int = 0):
+        super().__init__(spatial_dims=spatial_dims, augment=augment, seed=seed)
+        if not pairs:
+            raise DataError("a dataset split has no samples")
+        self.pairs = list(pairs)
+        self.img_size = img_size
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+
+class FolderSegmentation(PairedSegmentation):
     """Image/mask pairs from disk (ISIC 2018 or a generic folder), resized to ``img_size``.
 
     Args:
@@ -668,16 +685,7 @@ class FolderSegmentation(SegmentationDataset):
 
     def __init__(self, pairs: list[Pair], img_size: int, num_classes: int, in_channels: int = 3,
                  augment: bool = False, seed: int = 0):
-        super().__init__(spatial_dims=2, augment=augment, seed=seed)
-        if not pairs:
-            raise DataError("a dataset split has no samples")
-        self.pairs = list(pairs)
-        self.img_size = img_size
-        self.num_classes = num_classes
-        self.in_channels = in_channels
-
-    def __len__(self) -> int:
-        return len(self.pairs)
+        super().__init__(pairs, img_size, num_classes, in_channels, 2, augment, seed)
 
     def load_pair(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         pair = self.pairs[index]

@@ -19,7 +19,7 @@ from cmrf.train.data import (
     DataBundle,
     DataError,
     Pair,
-    SegmentationDataset,
+    PairedSegmentation,
     check_mask_values,
     class_names_for,
     infer_num_classes,
@@ -147,7 +147,7 @@ def check_volume_shapes(pairs: list[Pair]) -> None:
             )
 
 
-class NiftiSegmentation(SegmentationDataset):
+class NiftiSegmentation(PairedSegmentation):
     """Volume/mask pairs from NIfTI files, resized to ``img_size`` per side.
 
     Args:
@@ -164,16 +164,7 @@ class NiftiSegmentation(SegmentationDataset):
 
     def __init__(self, pairs: list[Pair], img_size: int, num_classes: int, in_channels: int = 1,
                  augment: bool = False, seed: int = 0):
-        super().__init__(spatial_dims=3, augment=augment, seed=seed)
-        if not pairs:
-            raise DataError("a dataset split has no samples")
-        self.pairs = list(pairs)
-        self.img_size = img_size
-        self.num_classes = num_classes
-        self.in_channels = in_channels
-
-    def __len__(self) -> int:
-        return len(self.pairs)
+        super().__init__(pairs, img_size, num_classes, in_channels, 3, augment, seed)
 
     def load_pair(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         pair = self.pairs[index]
