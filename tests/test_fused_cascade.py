@@ -140,6 +140,111 @@ def test_many_tiles(monkeypatch):
         )
 
 
+def small_eval_blocks(monkeypatch, block_w: int, elements: int, programs: int = 3):
+    """Shrink the single-launch kernel's block (and its persistent grid) so tiny images span tiles."""
+    monkeypatch.setattr(triton_cascade, "EVAL_MAX_BLOCK_W", block_w)
+    monkeypatch.setattr(triton_cascade, "EVAL_MAX_BLOCK_ELEMENTS", elements)
+    monkeypatch.setattr(triton_cascade, "EVAL_MAX_PROGRAMS", programs)
+
+
+def eval_fused_and_reference(y, stages):
+    """Eval-mode fused output, the launches it made, and the reference output."""
+    triton_cascade.launch_counts.clear()
+    with torch.no_grad():
+        out = cascade_concat(y, stages, fused=True)
+        counts = dict(triton_cascade.launch_counts)
+        expected = cascade_concat_reference(y, stages)
+    return out, counts, expected
+
+
+# (N, block cap W, block cap elements, H, W): the tile (block - 2(N-1)) is smaller than the odd
+# image in both directions, so tile borders, halos crossing them and image-edge tiles all occur.
+@pytest.mark.parametrize("N, cap_w, cap_elements, H, W", [
+    (2, 8, 64, 13, 11),     # 8x8 blocks, 6x6 tiles: 3 x 2 tiles
+    (4, 16, 256, 23, 21),   # 16x16 blocks, 10x10 tiles: 3 x 3 tiles
+    (8, 32, 1024, 31, 19),  # 32x32 blocks, 18x18 tiles: 2 x 2 tiles (halo 7 > image edge margin)
+])
+def test_eval_single_launch_across_tiles(monkeypatch, N, cap_w, cap_elements, H, W):
+    small_eval_blocks(monkeypatch, cap_w, cap_elements)
+    block_h, block_w = triton_cascade.eval_tile_shape(H, W, N - 1)
+    tile_h, tile_w = block_h - 2 * (N - 1), block_w - 2 * (N - 1)
+    assert tile_h < H and tile_w < W  # really several tiles in each direction
+    stages = make_stages(2, N, seed=N).eval()
+    y = torch.randn(1, 4, H, W, device=DEVICE)
+    out, counts, expected = eval_fused_and_reference(y, stages)
+    assert counts == {"_eval_cascade_kernel": 1}  # one launch for all N - 1 stages, no fallback
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_single_launch_channels_last_and_strided(monkeypatch):
+    small_eval_blocks(monkeypatch, 8, 64, programs=2)  # 8x8 blocks, 4x4 tiles (N = 3)
+    stages = make_stages(2, 3, seed=1).eval()
+    y = torch.randn(2, 4, 9, 7, device=DEVICE).to(memory_format=torch.channels_last)
+    out, counts, expected = eval_fused_and_reference(y, stages)
+    assert counts == {"_eval_cascade_kernel": 1}
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    base = torch.randn(2, 5, 11, 20, device=DEVICE)
+    y = base[:, 1:, 1:10, ::2]  # storage offset, width stride 2
+    out, counts, expected = eval_fused_and_reference(y, stages)
+    assert counts == {"_eval_cascade_kernel": 1}
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_eval_single_launch_low_precision(monkeypatch, dtype):
+    """Intermediates stay fp32 on chip: error vs fp32 no worse than the low-precision reference's."""
+    small_eval_blocks(monkeypatch, 16, 256)  # 16x16 blocks, 10x10 tiles (N = 4)
+    stages = make_stages(2, 4, seed=2).eval()
+    y = torch.randn(1, 4, 13, 15, device=DEVICE)
+    with torch.no_grad():
+        exact = cascade_concat_reference(y, stages)
+        low_stages = copy.deepcopy(stages).to(dtype)
+        low_ref = cascade_concat_reference(y.to(dtype), low_stages)
+    out, counts, _ = eval_fused_and_reference(y.to(dtype), low_stages)
+    assert counts == {"_eval_cascade_kernel": 1} and out.dtype == dtype
+    fused_error = (out.float() - exact).abs().max().item()
+    reference_error = (low_ref.float() - exact).abs().max().item()
+    assert fused_error <= 1.5 * reference_error + 4 * torch.finfo(dtype).eps, (fused_error, reference_error)
+
+
+def test_eval_tile_rule_and_fallback(monkeypatch):
+    # Default caps: 32 x 64 blocks for large images while the halo leaves half of each dimension.
+    assert triton_cascade.eval_tile_shape(256, 256, 8) == (32, 64)
+    assert triton_cascade.eval_tile_shape(256, 256, 9) is None  # tile 14 rows < half of 32
+    assert triton_cascade.eval_tile_shape(5, 6, 3) == (16, 16)  # one tile covers the image
+    assert triton_cascade.eval_tile_shape(3, 3, 20) is None  # halo wider than any allowed block
+    # The fallback (one launch per stage) still matches, across several of its own tiles.
+    small_eval_blocks(monkeypatch, 16, 256)
+    monkeypatch.setattr(triton_cascade, "MAX_BLOCK_W", 8)
+    monkeypatch.setattr(triton_cascade, "MAX_BLOCK_ELEMENTS", 64)
+    assert triton_cascade.eval_tile_shape(17, 18, 7) is None  # 16x16 block, 2-pixel tile
+    stages = make_stages(2, 8, seed=3).eval()
+    y = torch.randn(1, 4, 17, 18, device=DEVICE)
+    out, counts, expected = eval_fused_and_reference(y, stages)
+    assert counts == {"_stage_forward_kernel": 7}
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_launches_once_per_call_and_training_does_not():
+    stages = make_stages(1, 4)
+    y = torch.randn(1, 2, 6, 5, device=DEVICE)
+    triton_cascade.launch_counts.clear()
+    with torch.no_grad():
+        cascade_concat(y, stages.eval(), fused=True)
+        cascade_concat(y, stages, fused=True)
+    assert dict(triton_cascade.launch_counts) == {"_eval_cascade_kernel": 2}
+    # Gradients needed (frozen-BatchNorm fine-tuning) or training mode: the per-stage kernels.
+    triton_cascade.launch_counts.clear()
+    cascade_concat(y.clone().requires_grad_(), stages, fused=True)
+    assert "_eval_cascade_kernel" not in triton_cascade.launch_counts
+    triton_cascade.launch_counts.clear()
+    with torch.no_grad():
+        cascade_concat(y, stages.train(), fused=True)
+    assert "_eval_cascade_kernel" not in triton_cascade.launch_counts
+
+
 def test_channels_last_and_strided_inputs():
     stages = make_stages(2, 3)
     y = torch.randn(2, 4, 7, 9, device=DEVICE).to(memory_format=torch.channels_last)
@@ -328,7 +433,7 @@ def test_torch_compile_keeps_fused_op_in_one_graph():
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
         triton_cascade.launch_counts.clear()
         torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
-    assert triton_cascade.launch_counts["_stage_forward_kernel"] == 3
+    assert dict(triton_cascade.launch_counts) == {"_eval_cascade_kernel": 1}
 
 
 # Compiles every kernel variant for sm_90 in a process without the interpreter: catches what only
@@ -341,7 +446,7 @@ from cmrf.ops import triton_cascade as tc
 
 # Pointers to feature maps take the storage dtype; weights, statistics and partials are fp32.
 IO = {"src_ptr", "dst_ptr", "prev_ptr", "odd_ptr", "gslot_ptr", "next_g_ptr", "next_z_ptr", "cur_ptr",
-      "godd_ptr"}
+      "godd_ptr", "even_ptr", "out_ptr"}
 
 def compile_kernel(kernel, dtype, constexprs, ones):
     signature, constants = {}, {}
@@ -363,6 +468,8 @@ compile_kernel(tc._affine_kernel, "bf16", blocks, ("C",))
 for flags in (dict(HAS_NEXT=False, CUR_IS_Z=True, WRITE_G=False, WRITE_ODD=False),
               dict(HAS_NEXT=True, CUR_IS_Z=False, WRITE_G=True, WRITE_ODD=True)):
     compile_kernel(tc._stage_backward_kernel, "bf16", {**flags, **blocks}, ("C", "num_partials", "cur_sw"))
+compile_kernel(tc._eval_cascade_kernel, "bf16", dict(NUM_STAGES=3, BLOCK_H=32, BLOCK_W=64), ("C", "even_sw"))
+compile_kernel(tc._eval_cascade_kernel, "fp16", dict(NUM_STAGES=7, BLOCK_H=32, BLOCK_W=32), ())
 print("compiled")
 """
 

@@ -7,6 +7,14 @@ and ``d_k = BN_k(z_k)`` with ``d_0 = even``; the result is ``[odd + even, d_1, .
 
 Kernels (one program = one ``(batch, channel)`` plane tile of ``BLOCK_H x BLOCK_W`` pixels):
 
+* ``_eval_cascade_kernel`` (inference, BatchNorm folded): ALL stages of a tile in one program and
+  one launch. The block is the output tile plus an ``S``-pixel halo; the intermediate stages
+  ping-pong between two fp32 scratch planes private to the program (zeroed outside the image
+  before the next stage reads them), and every stage's tile centre goes straight into its concat
+  slot, as does ``odd + even``. The grid is persistent (at most ``EVAL_MAX_PROGRAMS`` programs
+  loop over the tiles), which bounds the scratch. ``eval_tile_shape`` picks the block and decides
+  the fallback to the per-stage kernel below when the halo would eat most of the block.
+
 * ``_stage_forward_kernel``: loads the stage input with a one-pixel halo, applying the previous
   stage's BatchNorm affine while loading (zero outside the image, exactly like the reference's
   zero padding of the *normalised* tensor), convolves, and writes either the raw conv output
@@ -50,6 +58,13 @@ import triton.language as tl
 # Module constants rather than arguments so tests can shrink them to exercise many tiles.
 MAX_BLOCK_W = 64
 MAX_BLOCK_ELEMENTS = 1024
+
+# Single-launch inference kernel: block (halo included) at most EVAL_MAX_BLOCK_W wide and
+# EVAL_MAX_BLOCK_ELEMENTS in all, and at most EVAL_MAX_PROGRAMS programs (persistent grid), which
+# bounds its fp32 scratch to EVAL_MAX_PROGRAMS * 2 * EVAL_MAX_BLOCK_ELEMENTS * 4 bytes (32 MiB).
+EVAL_MAX_BLOCK_W = 64
+EVAL_MAX_BLOCK_ELEMENTS = 2048
+EVAL_MAX_PROGRAMS = 2048
 
 # Launches per kernel name since import: lets tests prove the Triton path really ran.
 launch_counts: collections.Counter = collections.Counter()
@@ -250,6 +265,82 @@ def _stage_backward_kernel(
                  g_slot.to(godd_ptr.dtype.element_ty), mask=inside)
 
 
+@triton.jit
+def _eval_cascade_kernel(
+    even_ptr, odd_ptr, weight_ptr, scale_ptr, shift_ptr, out_ptr, scratch_ptr,
+    C, H, W, n_tiles_h, n_tiles_w, num_tiles,
+    even_sb, even_sc, even_sh, even_sw,
+    odd_sb, odd_sc, odd_sh, odd_sw,
+    out_sb, out_sc, out_sh, out_sw,
+    NUM_STAGES: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    # All S = NUM_STAGES folded stages of one (batch, channel) tile in one program (inference).
+    # The block is BLOCK_H x BLOCK_W pixels; its centre (BLOCK - 2 S per side) is the output tile
+    # and the S-pixel ring around it is the halo. Each stage's out-of-block taps corrupt one more
+    # ring, so stage k is exact at least k pixels in from the block edge, hence on the whole
+    # centre for every k <= S.
+    # Intermediate stages live in this program's two fp32 scratch planes (ping-pong); Triton has
+    # no register shifts / shared-memory indexing, so neighbours are re-read from scratch, which
+    # stays in L1/L2. The grid is persistent (programs loop over tiles) so scratch is bounded.
+    # Plain locals: arithmetic on constexprs is itself constexpr.
+    HALO = NUM_STAGES
+    TILE_H = BLOCK_H - 2 * NUM_STAGES
+    TILE_W = BLOCK_W - 2 * NUM_STAGES
+    PLANE = BLOCK_H * BLOCK_W
+    prog = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    local_r = tl.arange(0, BLOCK_H)[:, None]
+    local_c = tl.arange(0, BLOCK_W)[None, :]
+    local = local_r * BLOCK_W + local_c
+    centre = (local_r >= HALO) & (local_r < HALO + TILE_H) & (local_c >= HALO) & (local_c < HALO + TILE_W)
+    scratch = scratch_ptr + prog.to(tl.int64) * (2 * PLANE)
+    tiles_per_plane = n_tiles_h * n_tiles_w
+    for t in range(prog, num_tiles, num_programs):
+        plane = t // tiles_per_plane
+        tile = t % tiles_per_plane
+        b = (plane // C).to(tl.int64)
+        ch = plane % C
+        ch64 = ch.to(tl.int64)
+        rows = (tile // n_tiles_w) * TILE_H - HALO + local_r
+        cols = (tile % n_tiles_w) * TILE_W - HALO + local_c
+        in_image = (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)
+        store_mask = centre & in_image
+        r64 = rows.to(tl.int64)
+        c64 = cols.to(tl.int64)
+        out_pixel = out_ptr + b * out_sb + r64 * out_sh + c64 * out_sw
+
+        # d_0 = even over the whole block; zero outside the image is the first stage's padding.
+        even = tl.load(even_ptr + b * even_sb + ch64 * even_sc + r64 * even_sh + c64 * even_sw,
+                       mask=in_image, other=0.0).to(tl.float32)
+        odd = tl.load(odd_ptr + b * odd_sb + ch64 * odd_sc + r64 * odd_sh + c64 * odd_sw,
+                      mask=store_mask, other=0.0).to(tl.float32)
+        tl.store(out_pixel + ch64 * out_sc, (odd + even).to(out_ptr.dtype.element_ty), mask=store_mask)
+        # The previous tile's last stage may still be reading buffer 0 in other threads.
+        tl.debug_barrier()
+        tl.store(scratch + local, even)
+
+        for k in range(NUM_STAGES):
+            # Stage k's input (buffer k % 2) was written by all threads before this barrier; the
+            # buffer written below was last read by stage k - 1, also before it.
+            tl.debug_barrier()
+            src = scratch + (k % 2) * PLANE
+            acc = tl.full((BLOCK_H, BLOCK_W), 0.0, tl.float32)
+            for tap in tl.static_range(9):
+                nr = local_r + (tap // 3 - 1)
+                nc = local_c + (tap % 3 - 1)
+                # Out-of-block neighbours read as 0: only the halo ring is wrong, never the centre.
+                in_block = (nr >= 0) & (nr < BLOCK_H) & (nc >= 0) & (nc < BLOCK_W)
+                v = tl.load(src + nr * BLOCK_W + nc, mask=in_block, other=0.0)
+                acc += v * tl.load(weight_ptr + (k * C + ch) * 9 + tap)
+            d = acc * tl.load(scale_ptr + k * C + ch) + tl.load(shift_ptr + k * C + ch)
+            # The reference zero-pads every stage's input: outside the image d_k must read as 0
+            # for stage k + 1, not as the folded BatchNorm shift.
+            d = tl.where(in_image, d, 0.0)
+            tl.store(scratch + ((k + 1) % 2) * PLANE + local, d)
+            slot = ((k + 1) * C + ch).to(tl.int64)
+            tl.store(out_pixel + slot * out_sc, d.to(out_ptr.dtype.element_ty), mask=store_mask)
+
+
 INTERPRETED = type(_stage_forward_kernel).__name__ == "InterpretedFunction"
 
 
@@ -262,6 +353,27 @@ def _launch(kernel, grid, *args, **meta) -> None:
 def _tile_shape(H: int, W: int) -> tuple[int, int]:
     block_w = min(MAX_BLOCK_W, triton.next_power_of_2(W))
     block_h = min(triton.next_power_of_2(H), max(1, MAX_BLOCK_ELEMENTS // block_w))
+    return block_h, block_w
+
+
+def eval_tile_shape(H: int, W: int, num_stages: int) -> tuple[int, int] | None:
+    """Block ``(BLOCK_H, BLOCK_W)`` of the single-launch inference kernel, or ``None`` to fall back.
+
+    The block holds the output tile plus a halo of ``S = num_stages`` pixels on every side, so the
+    tile is ``(BLOCK_H - 2S) x (BLOCK_W - 2S)``. The block is the smallest power of two covering
+    the image plus halo, capped at ``EVAL_MAX_BLOCK_W`` wide and ``EVAL_MAX_BLOCK_ELEMENTS`` in all.
+    Rule (deterministic, depends only on ``H``, ``W``, ``S`` and the caps): the single launch is
+    used when, in each dimension, the tile is at least one pixel and either covers the whole image
+    (one tile) or is at least half the block (so halo recompute costs at most 4x the useful convs);
+    otherwise ``None``: the per-stage kernel runs instead (e.g. ``N > 9`` with a 32-row block).
+    """
+    halo = 2 * num_stages
+    block_w = min(EVAL_MAX_BLOCK_W, triton.next_power_of_2(W + halo))
+    block_h = min(triton.next_power_of_2(H + halo), max(1, EVAL_MAX_BLOCK_ELEMENTS // block_w))
+    for block, extent in ((block_h, H), (block_w, W)):
+        tile = block - halo
+        if tile < 1 or (tile < extent and 2 * tile < block):
+            return None
     return block_h, block_w
 
 
@@ -321,12 +433,40 @@ def cascade_inference(y: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
 
     Returns:
         ``(B, (S + 1) c, H, W)`` in ``y``'s dtype and layout.
+
+    Runs ``_eval_cascade_kernel`` once (all stages per tile, halo of ``S`` pixels) when
+    ``eval_tile_shape(H, W, S)`` gives a block, else ``_stage_forward_kernel`` once per stage.
     """
     B, c, H, W, S = _check_inputs(y, weight)
     out = _empty_output(y, S)
+    even, odd = y[:, 1::2], y[:, 0::2]
+    eval_block = eval_tile_shape(H, W, S)
+    if eval_block is not None:
+        # One launch for all stages; intermediates never leave the program's scratch.
+        block_h, block_w = eval_block
+        n_tiles_h = triton.cdiv(H, block_h - 2 * S)
+        n_tiles_w = triton.cdiv(W, block_w - 2 * S)
+        num_tiles = B * c * n_tiles_h * n_tiles_w
+        if num_tiles == 0:
+            return out
+        num_programs = min(num_tiles, EVAL_MAX_PROGRAMS)
+        # Tile indices (and t + num_programs) are int32 in the kernel; pixel offsets are int64.
+        if num_tiles + num_programs >= 2**31:
+            raise ValueError(f"too many tiles ({num_tiles}) for one launch: split the batch")
+        # The kernel indexes the (S, c) parameters densely.
+        weight, scale, shift = weight.contiguous(), scale.contiguous(), shift.contiguous()
+        scratch = torch.empty((num_programs, 2, block_h, block_w), dtype=torch.float32, device=y.device)
+        _launch(
+            _eval_cascade_kernel, (num_programs,),
+            even, odd, weight, scale, shift, out, scratch,
+            c, H, W, n_tiles_h, n_tiles_w, num_tiles,
+            *_strides(even), *_strides(odd), *_strides(out),
+            NUM_STAGES=S, BLOCK_H=block_h, BLOCK_W=block_w,
+        )
+        return out
+    # Fallback (halo too wide for the block): one launch per stage, re-reading the previous slot.
     block_h, block_w = _tile_shape(H, W)
     grid = _grid(B, c, H, W, block_h, block_w)
-    even, odd = y[:, 1::2], y[:, 0::2]
     for s in range(S):
         src = even if s == 0 else out[:, s * c:(s + 1) * c]
         dst = out[:, (s + 1) * c:(s + 2) * c]
