@@ -97,6 +97,21 @@ class ConvNorm(nn.Sequential):
             self.add_module(name, layer)
 
 
+class ConvBNReLU(nn.Sequential):
+    """3x3 convolution (with bias) -> BatchNorm (PyTorch defaults) -> ReLU.
+
+    The classic block of SegNet and of CMUNeXt's ``conv_block``.
+
+    Shapes: ``(B, in_channels, *S) -> (B, out_channels, *S)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, spatial_dims: int = 2):
+        super().__init__()
+        self.conv = conv_type(spatial_dims)(in_channels, out_channels, 3, padding=1)
+        self.norm = batchnorm_type(spatial_dims)(out_channels)
+        self.act = nn.ReLU(inplace=True)
+
+
 def cmrf_channels(in_channels: int, out_channels: int, N: int) -> tuple[int, int]:
     """Validate CMRF's channel arithmetic and return ``(hidden, branch)``.
 

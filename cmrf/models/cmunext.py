@@ -13,7 +13,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cmrf.layers import batchnorm_type, check_positive_int, check_spatial_dims, conv_type, maxpool_type
+from cmrf.layers import (
+    ConvBNReLU,
+    batchnorm_type,
+    check_positive_int,
+    check_spatial_dims,
+    conv_type,
+    maxpool_type,
+)
 from cmrf.models._builder import build_model, reference_key_hook, rename_keys
 from cmrf.models.registry import register_model
 
@@ -109,16 +116,6 @@ class ConvActNorm(nn.Sequential):
         self.norm = batchnorm_type(spatial_dims)(out_channels)
 
 
-class ConvNormReLU(nn.Sequential):
-    """3x3 convolution (with bias) -> BatchNorm -> ReLU (the reference ``conv_block``)."""
-
-    def __init__(self, in_channels: int, out_channels: int, spatial_dims: int = 2):
-        super().__init__()
-        self.conv = conv_type(spatial_dims)(in_channels, out_channels, 3, padding=1)
-        self.norm = batchnorm_type(spatial_dims)(out_channels)
-        self.act = nn.ReLU(inplace=True)
-
-
 class ConvMixerLayer(nn.Module):
     """``x + spatial(x)`` (k x k depthwise), then an inverted bottleneck ``C -> 4C -> C``.
 
@@ -139,7 +136,7 @@ class ConvMixerLayer(nn.Module):
 
 
 class CMUNeXtBlock(nn.Module):
-    """``depth`` ConvMixer layers at ``in_channels``, then a 3x3 ConvNormReLU to ``out_channels``.
+    """``depth`` ConvMixer layers at ``in_channels``, then a 3x3 ConvBNReLU to ``out_channels``.
 
     Shapes: ``(B, in_channels, *S) -> (B, out_channels, *S)``.
     """
@@ -151,14 +148,14 @@ class CMUNeXtBlock(nn.Module):
         self.layers = nn.Sequential(
             *(ConvMixerLayer(in_channels, kernel_size, spatial_dims) for _ in range(depth))
         )
-        self.proj = ConvNormReLU(in_channels, out_channels, spatial_dims)
+        self.proj = ConvBNReLU(in_channels, out_channels, spatial_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.layers(x))
 
 
 class UpConv(nn.Sequential):
-    """``nn.Upsample`` x2 (bilinear in 2D) -> 3x3 ConvNormReLU (the reference ``up_conv``)."""
+    """``nn.Upsample`` x2 (bilinear in 2D) -> 3x3 ConvBNReLU (the reference ``up_conv``)."""
 
     def __init__(self, in_channels: int, out_channels: int, spatial_dims: int = 2):
         super().__init__()
@@ -187,7 +184,7 @@ class FusionConv(nn.Sequential):
 class CMUNeXt(nn.Module):
     """CMUNeXt.
 
-    ``stem`` (3x3 ConvNormReLU to ``dims[0]``); five encoder blocks ``encoders[i] =
+    ``stem`` (3x3 ConvBNReLU to ``dims[0]``); five encoder blocks ``encoders[i] =
     CMUNeXtBlock(dims[i-1], dims[i], depths[i], kernels[i])`` (the first maps ``dims[0]`` to
     itself), separated by 2x max-pools; decoder, deepest first: ``ups[i]`` upsamples x2 and maps
     ``dims[i+1] -> dims[i]``, then ``fusions[i]`` fuses ``cat([skip, up])`` (skip first) to
@@ -233,7 +230,7 @@ class CMUNeXt(nn.Module):
             raise ValueError(f"kernels must be odd (padding k // 2 keeps the size), got {kernels}")
         self.dims = dims
         sd = spatial_dims
-        self.stem = ConvNormReLU(in_channels, dims[0], sd)
+        self.stem = ConvBNReLU(in_channels, dims[0], sd)
         widths_in = dims[:1] + dims[:-1]
         self.encoders = nn.ModuleList(
             CMUNeXtBlock(a, b, d, k, sd) for a, b, d, k in zip(widths_in, dims, depths, kernels)

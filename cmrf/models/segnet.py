@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cmrf.layers import batchnorm_type, check_positive_int, check_spatial_dims, conv_type
+from cmrf.layers import ConvBNReLU, check_positive_int, check_spatial_dims, conv_type
 from cmrf.models._builder import build_model
 from cmrf.models.registry import register_model
 
-__all__ = ["SegNet", "ConvBNReLU"]
+__all__ = ["SegNet"]
 
 # Widths of every 3x3 conv, stage by stage; each stage starts from the previous one's end.
 ENCODER_WIDTHS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
@@ -23,19 +23,6 @@ DECODER_WIDTHS = ((512, 512, 512), (512, 512, 256), (256, 256, 128), (128, 64), 
 
 _MAXUNPOOL = {1: nn.MaxUnpool1d, 2: nn.MaxUnpool2d, 3: nn.MaxUnpool3d}
 _MAXPOOL_INDICES = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
-
-
-class ConvBNReLU(nn.Sequential):
-    """3x3 convolution (with bias, as in SegNet) -> BatchNorm (PyTorch defaults) -> ReLU.
-
-    Shapes: ``(B, in_channels, *S) -> (B, out_channels, *S)``.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, spatial_dims: int = 2):
-        super().__init__()
-        self.conv = conv_type(spatial_dims)(in_channels, out_channels, 3, padding=1)
-        self.norm = batchnorm_type(spatial_dims)(out_channels)
-        self.act = nn.ReLU(inplace=True)
 
 
 def _stage(in_channels: int, widths, num_classes: int, spatial_dims: int) -> nn.Sequential:
