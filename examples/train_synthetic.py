@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 
 import cmrf
+from cmrf.cli.data_args import add_data_arguments, data_options
+from cmrf.data import build_datasets
 from cmrf.train import Recipe, fit, format_table
-from cmrf.train.data import add_data_arguments, build_datasets
 from cmrf.train.state import model_metadata
 
 
@@ -29,7 +30,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/synthetic")
     args = parser.parse_args()
 
-    bundle = build_datasets(args, seed=args.seed)
+    bundle = build_datasets(seed=args.seed, **data_options(args))
     model = cmrf.create_model("tinyunet", in_chans=bundle.in_channels, num_classes=bundle.num_classes)
     # With this metadata in the checkpoints, `cmrf evaluate` and `cmrf predict` can rebuild the model.
     metadata = model_metadata(

@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from cmrf.cli.data_args import add_data_arguments, data_options
 from cmrf.train.data import (
     ISIC_FOLDERS,
     DataError,
     FolderSegmentation,
-    add_data_arguments,
     augment_pair,
     build_datasets,
     denormalize,
@@ -32,8 +32,14 @@ from cmrf.train.data import (
 from cmrf.train.synthetic import SyntheticSegmentation, generate_sample
 
 
+def _build(args, seed=0):
+    return build_datasets(seed=seed, **data_options(args))
+
+
 def parse(*argv: str) -> argparse.Namespace:
-    return add_data_arguments(argparse.ArgumentParser()).parse_args(list(argv))
+    parser = argparse.ArgumentParser()
+    add_data_arguments(parser)
+    return parser.parse_args(list(argv))
 
 
 def write_pair(root: Path, stem: str, size=(20, 16), mask_values=(0, 255), image_dir="images",
@@ -191,7 +197,7 @@ def test_workers_give_the_same_batches_and_see_augment_switched_off():
 
 def test_build_synthetic_bundle_from_options():
     args = parse("--img-size", "32", "--synthetic-samples", "40", "--num-classes", "4")
-    bundle = build_datasets(args, seed=0)
+    bundle = _build(args, seed=0)
     assert (bundle.num_classes, bundle.in_channels, bundle.spatial_dims) == (4, 3, 2)
     assert bundle.class_names == ["background", "lung field", "GGO", "consolidation"]
     assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (40, 10, 10)
@@ -201,18 +207,18 @@ def test_build_synthetic_bundle_from_options():
     # The held-out splits are different samples from the training ones.
     assert not torch.equal(bundle.val[0][1], SyntheticSegmentation(40, 32, 4, seed=0)[0][1])
 
-    volumes = build_datasets(parse("--img-size", "12", "--synthetic-samples", "2", "--spatial-dims", "3"), 0)
+    volumes = _build(parse("--img-size", "12", "--synthetic-samples", "2", "--spatial-dims", "3"), 0)
     assert (volumes.in_channels, volumes.spatial_dims, volumes.num_classes) == (1, 3, 2)
     assert volumes.train[0][0].shape == (1, 12, 12, 12) and volumes.train[0][1].shape == (12, 12, 12)
     with pytest.raises(DataError, match="2 .* or 4"):
-        build_datasets(parse("--num-classes", "3"), 0)
+        _build(parse("--num-classes", "3"), 0)
 
 
 @pytest.mark.parametrize("spatial_dims, side", [("2", 256), ("3", 64)])
 def test_default_size_depends_on_dimensions(spatial_dims, side):
     args = parse("--synthetic-samples", "1", "--spatial-dims", spatial_dims)
-    build_datasets(args, 0)
-    assert args.img_size == side  # the paper's 256 for images; volumes a CPU can train
+    image, _ = _build(args, 0).train[0]
+    assert image.shape[-1] == side  # the paper's 256 for images; volumes a CPU can train
 
 
 def test_option_values_are_checked_by_the_parser(capsys):
@@ -305,7 +311,7 @@ def test_unreadable_and_missing_files_are_named(tmp_path: Path):
 
 
 def test_isic_tree_uses_the_official_splits(isic_root: Path):
-    bundle = build_datasets(parse("--data", "isic2018", "--root", str(isic_root), "--img-size", "8"), seed=0)
+    bundle = _build(parse("--data", "isic2018", "--root", str(isic_root), "--img-size", "8"), seed=0)
     assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (6, 2, 3)
     assert bundle.class_names == ["background", "lesion"] and bundle.in_channels == 3
     assert bundle.val.pairs[0].mask.name == "ISIC_0000006_segmentation.png"
@@ -322,30 +328,30 @@ def test_isic_training_folder_only_is_split_by_fractions(isic_root: Path):
             (isic_root / folder).rmdir()
     args = parse("--data", "isic2018", "--root", str(isic_root), "--val-fraction", "0.2",
                  "--test-fraction", "0.3")
-    bundle = build_datasets(args, seed=0)
+    bundle = _build(args, seed=0)
     assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (3, 1, 2)
     stems = [p.stem for ds in (bundle.train, bundle.val, bundle.test) for p in ds.pairs]
     assert sorted(stems) == [f"ISIC_{i:07d}" for i in range(6)]
-    assert [p.stem for p in build_datasets(args, seed=0).val.pairs] == [p.stem for p in bundle.val.pairs]
+    assert [p.stem for p in _build(args, seed=0).val.pairs] == [p.stem for p in bundle.val.pairs]
 
 
 def test_isic_errors_name_the_missing_thing(isic_root: Path, tmp_path_factory):
     (isic_root / ISIC_FOLDERS["train"][1] / "ISIC_0000002_segmentation.png").unlink()
     with pytest.raises(DataError, match=r"mask for image .*ISIC_0000002\.jpg is missing: expected .*"
                                         r"ISIC_0000002_segmentation\.png"):
-        build_datasets(parse("--data", "isic2018", "--root", str(isic_root)), 0)
+        _build(parse("--data", "isic2018", "--root", str(isic_root)), 0)
     for file in (isic_root / ISIC_FOLDERS["test"][1]).iterdir():
         file.unlink()
     (isic_root / ISIC_FOLDERS["test"][1]).rmdir()
     empty = tmp_path_factory.mktemp("empty")
     with pytest.raises(DataError, match="ISIC2018_Task1-2_Training_Input"):
-        build_datasets(parse("--data", "isic2018", "--root", str(empty)), 0)
+        _build(parse("--data", "isic2018", "--root", str(empty)), 0)
     with pytest.raises(DataError, match="needs --root"):
-        build_datasets(parse("--data", "isic2018"), 0)
+        _build(parse("--data", "isic2018"), 0)
     with pytest.raises(DataError, match=r"data root .*nowhere does not exist"):
-        build_datasets(parse("--data", "isic2018", "--root", str(empty / "nowhere")), 0)
+        _build(parse("--data", "isic2018", "--root", str(empty / "nowhere")), 0)
     with pytest.raises(DataError, match="2 classes"):
-        build_datasets(parse("--data", "isic2018", "--root", str(isic_root), "--num-classes", "3"), 0)
+        _build(parse("--data", "isic2018", "--root", str(isic_root), "--num-classes", "3"), 0)
 
 
 # --- generic folder ------------------------------------------------------------------------------
@@ -353,10 +359,10 @@ def test_isic_errors_name_the_missing_thing(isic_root: Path, tmp_path_factory):
 
 def test_folder_with_binary_masks_and_fractions(folder_root: Path):
     args = parse("--data", "folder", "--root", str(folder_root), "--img-size", "8")
-    bundle = build_datasets(args, seed=0)
+    bundle = _build(args, seed=0)
     assert bundle.num_classes == 2 and bundle.class_names == ["background", "foreground"]
     assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (6, 2, 2)
-    other_seed = build_datasets(args, seed=1)
+    other_seed = _build(args, seed=1)
     assert {p.stem for p in other_seed.val.pairs} != {p.stem for p in bundle.val.pairs} or \
         {p.stem for p in other_seed.test.pairs} != {p.stem for p in bundle.test.pairs}
     _, mask = bundle.train[0]
@@ -371,14 +377,14 @@ def test_folder_with_palette_masks_infers_classes_and_reads_names(tmp_path: Path
         values[8:12, 10:14] = 3 if i == 4 else 1
         write_palette_mask(tmp_path / "masks" / f"slice{i}.png", values)
     (tmp_path / "classes.txt").write_text("BG\nlung field\nGGO\nconsolidation\n")
-    bundle = build_datasets(parse("--data", "folder", "--root", str(tmp_path), "--img-size", "20"), 0)
+    bundle = _build(parse("--data", "folder", "--root", str(tmp_path), "--img-size", "20"), 0)
     assert bundle.num_classes == 4 and bundle.class_names == ["BG", "lung field", "GGO", "consolidation"]
     datasets = (bundle.train, bundle.val, bundle.test)
     masks = torch.cat([dataset[i][1].flatten() for dataset in datasets for i in range(len(dataset))])
     assert set(masks.unique().tolist()) == {0, 1, 2, 3}
     (tmp_path / "classes.txt").write_text("BG\nlesion\n")
     with pytest.raises(DataError, match=r"classes\.txt names 2 classes but the data has 4"):
-        build_datasets(parse("--data", "folder", "--root", str(tmp_path)), 0)
+        _build(parse("--data", "folder", "--root", str(tmp_path)), 0)
 
 
 def test_folder_with_split_files(folder_root: Path, tmp_path_factory):
@@ -387,22 +393,22 @@ def test_folder_with_split_files(folder_root: Path, tmp_path_factory):
     (split_dir / "val.txt").write_text("case4\ncase5\n")
     (split_dir / "test.txt").write_text("case6\n")
     args = parse("--data", "folder", "--root", str(folder_root), "--split-dir", str(split_dir))
-    bundle = build_datasets(args, 0)
+    bundle = _build(args, 0)
     assert [p.stem for p in bundle.train.pairs] == ["case0", "case1", "case2", "case3"]
     assert [p.stem for p in bundle.test.pairs] == ["case6"]
 
     (split_dir / "test.txt").write_text("# nothing\n")
     with pytest.raises(DataError, match=r"test\.txt lists no samples: the test split is empty"):
-        build_datasets(args, 0)
+        _build(args, 0)
     (split_dir / "test.txt").write_text("case5\n")
     with pytest.raises(DataError, match=r"test\.txt, line 1: 'case5' is already in val\.txt"):
-        build_datasets(args, 0)
+        _build(args, 0)
     (split_dir / "test.txt").write_text("case6\ncase99\n")
     with pytest.raises(DataError, match=r"test\.txt, line 2: no image/mask pair with stem 'case99'"):
-        build_datasets(args, 0)
+        _build(args, 0)
     (split_dir / "test.txt").unlink()
     with pytest.raises(DataError, match=r"split file .*test\.txt does not exist"):
-        build_datasets(args, 0)
+        _build(args, 0)
 
 
 def test_folder_bad_data_is_reported_with_the_file(tmp_path: Path):
@@ -410,43 +416,43 @@ def test_folder_bad_data_is_reported_with_the_file(tmp_path: Path):
         return parse("--data", "folder", "--root", str(tmp_path), "--img-size", "8", *extra)
 
     with pytest.raises(DataError, match=r"image folder .*images does not exist"):
-        build_datasets(folder_args(), 0)
+        _build(folder_args(), 0)
     for i in range(2):
         write_pair(tmp_path, f"case{i}", seed=i)
     with pytest.raises(DataError, match="the train split is empty: 2 samples"):
-        build_datasets(folder_args(), 0)
+        _build(folder_args(), 0)
     with pytest.raises(DataError, match="--test-fraction 0.5 leave nothing to train on"):
-        build_datasets(folder_args("--val-fraction", "0.5", "--test-fraction", "0.5"), 0)
+        _build(folder_args("--val-fraction", "0.5", "--test-fraction", "0.5"), 0)
     write_pair(tmp_path, "case2", seed=2)
 
     write_pair(tmp_path, "orphan")
     (tmp_path / "masks" / "orphan.png").unlink()
     with pytest.raises(DataError, match=r"mask for image .*orphan\.png is missing"):
-        build_datasets(folder_args(), 0)
+        _build(folder_args(), 0)
     (tmp_path / "images" / "orphan.png").unlink()
 
     write_pair(tmp_path, "case0", image_suffix=".jpg")
     with pytest.raises(DataError, match="two image files with stem 'case0'"):
-        build_datasets(folder_args(), 0)
+        _build(folder_args(), 0)
     (tmp_path / "images" / "case0.jpg").unlink()
 
     Image.new("L", (21, 16)).save(tmp_path / "masks" / "case1.png")
     with pytest.raises(DataError, match=r"image .*case1\.png is 20x16 but its mask .*case1\.png is 21x16"):
-        build_datasets(folder_args(), 0)
+        _build(folder_args(), 0)
     write_pair(tmp_path, "case1", seed=1)
 
     (tmp_path / "masks" / "case2.png").write_bytes(b"\x89PNG truncated")
     with pytest.raises(DataError, match=r"cannot read mask file .*case2\.png"):
-        build_datasets(folder_args(), 0)
+        _build(folder_args(), 0)
     write_pair(tmp_path, "case2", mask_values=(0, 3))
     # Checked per item: the values need the whole mask decoded.
-    bundle = build_datasets(folder_args("--num-classes", "2"), 0)
+    bundle = _build(folder_args("--num-classes", "2"), 0)
     datasets = (bundle.train, bundle.val, bundle.test)
     with pytest.raises(DataError, match=r"file .*case2\.png has values 3 outside the class range 0\.\.1"):
         for dataset in datasets:
             for i in range(len(dataset)):
                 dataset[i]
-    assert build_datasets(folder_args(), 0).num_classes == 4  # inferred from the masks instead
+    assert _build(folder_args(), 0).num_classes == 4  # inferred from the masks instead
     # From a DataLoader worker the error arrives without the worker's traceback in its message.
     loader = DataLoader(FolderSegmentation(find_folder_pairs(tmp_path), 8, num_classes=2), num_workers=1)
     with pytest.raises(DataError) as caught:
@@ -479,7 +485,7 @@ def nifti_root(tmp_path: Path) -> Path:
 
 def test_nifti_folder_gives_normalised_resized_volumes(nifti_root: Path):
     args = parse("--data", "folder", "--root", str(nifti_root), "--spatial-dims", "3", "--img-size", "8")
-    bundle = build_datasets(args, seed=0)
+    bundle = _build(args, seed=0)
     assert (bundle.num_classes, bundle.in_channels, bundle.spatial_dims) == (3, 1, 3)
     assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (3, 1, 1)
     bundle.train.augment = False
@@ -494,7 +500,7 @@ def test_nifti_folder_gives_normalised_resized_volumes(nifti_root: Path):
 
 def test_nifti_folder_read_as_images_gets_a_hint(nifti_root: Path):
     with pytest.raises(DataError, match="NIfTI volumes: add --spatial-dims 3"):
-        build_datasets(parse("--data", "folder", "--root", str(nifti_root)), 0)
+        _build(parse("--data", "folder", "--root", str(nifti_root)), 0)
 
 
 def test_nifti_multichannel_volumes(tmp_path: Path):
@@ -503,7 +509,7 @@ def test_nifti_multichannel_volumes(tmp_path: Path):
         write_volume(tmp_path / "masks" / f"v{i}.nii", np.eye(4, dtype=np.float32)[None].repeat(4, 0))
     args = parse("--data", "folder", "--root", str(tmp_path), "--spatial-dims", "3", "--img-size", "4",
                  "--val-fraction", "0.3", "--test-fraction", "0.3")
-    bundle = build_datasets(args, 0)
+    bundle = _build(args, 0)
     assert bundle.in_channels == 2 and bundle.train[0][0].shape == (2, 4, 4, 4)
 
 
@@ -511,22 +517,22 @@ def test_nifti_bad_data_is_reported_with_the_file(nifti_root: Path):
     args = parse("--data", "folder", "--root", str(nifti_root), "--spatial-dims", "3", "--img-size", "8")
     write_volume(nifti_root / "masks" / "vol1.nii.gz", np.zeros((6, 7, 9), dtype=np.uint8))
     with pytest.raises(DataError, match=r"vol1\.nii\.gz has shape \(6, 7, 8\) but its mask .* \(6, 7, 9\)"):
-        build_datasets(args, 0)
+        _build(args, 0)
     write_volume(nifti_root / "masks" / "vol1.nii.gz", np.full((6, 7, 8), 0.5, dtype=np.float32))
     with pytest.raises(DataError, match=r"mask file .*vol1\.nii\.gz holds non-integer values"):
-        build_datasets(args, 0)
+        _build(args, 0)
     (nifti_root / "masks" / "vol1.nii.gz").write_bytes(b"garbage")
     with pytest.raises(DataError, match=r"cannot read mask file .*vol1\.nii\.gz"):
-        build_datasets(args, 0)
+        _build(args, 0)
     (nifti_root / "masks" / "vol1.nii.gz").unlink()
     with pytest.raises(DataError, match=r"mask for volume .*vol1\.nii\.gz is missing"):
-        build_datasets(args, 0)
+        _build(args, 0)
     write_volume(nifti_root / "masks" / "vol1.nii.gz", np.full((6, 7, 8), 5, dtype=np.uint8))
-    bundle = build_datasets(parse("--data", "folder", "--root", str(nifti_root), "--spatial-dims", "3",
+    bundle = _build(parse("--data", "folder", "--root", str(nifti_root), "--spatial-dims", "3",
                                   "--img-size", "8", "--num-classes", "3"), 0)
     with pytest.raises(DataError, match=r"vol1\.nii\.gz has values 5 outside the class range 0\.\.2"):
         for dataset in (bundle.train, bundle.val, bundle.test):
             for i in range(len(dataset)):
                 dataset[i]
     with pytest.raises(DataError, match="2D images"):
-        build_datasets(parse("--data", "isic2018", "--root", str(nifti_root), "--spatial-dims", "3"), 0)
+        _build(parse("--data", "isic2018", "--root", str(nifti_root), "--spatial-dims", "3"), 0)

@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from cmrf import CMRF, TinyUNet, export_onnx, optimize_for_inference, save_weights
-from cmrf.bench import reference_tinyunet, run_benchmark
+from cmrf.bench import run_benchmark
 from cmrf.cli import main as cli_main
 from cmrf.inference import InferenceCMRF, fold_conv_norm, max_pool2x, upsample_bicubic2x
 from cmrf.layers import ConvNorm
+from cmrf.reference import reference_tinyunet
 from tests.conftest import golden_state_dict, load_golden
 
 TOL = 1e-4

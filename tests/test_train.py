@@ -158,8 +158,8 @@ def test_resume_refuses_a_different_length(run_dir, tmp_path, capsys):
 
 
 def test_recipe_defaults_are_the_papers_and_threads_choice():
-    from cmrf.train.cli import choose_threads
     from cmrf.train.loop import Recipe, autocast_dtype, resolve_device
+    from cmrf.train.setup import choose_threads
 
     recipe = Recipe()
     assert (recipe.lr, recipe.min_lr, recipe.betas, recipe.epochs) == (1e-4, 1e-6, (0.9, 0.999), 300)

@@ -15,9 +15,9 @@ when an item is loaded (that needs the whole mask decoded).
 
 from __future__ import annotations
 
-import argparse
 import math
 import numbers
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from cmrf.constants import NORMALIZE_MEAN, NORMALIZE_STD
+
 __all__ = [
     "DataBundle",
     "DataError",
     "FolderSegmentation",
     "SegmentationDataset",
-    "add_data_arguments",
+    "DATA_CHOICES",
+    "DATA_OPTIONS",
+    "IMAGE_SUFFIXES",
     "augment_pair",
     "build_datasets",
     "denormalize",
@@ -46,10 +50,6 @@ __all__ = [
 
 DATA_CHOICES = ("synthetic", "isic2018", "folder")
 
-# Images are scaled to [0, 1] then mapped to roughly zero mean, unit spread with these constants,
-# the same for every channel and every dataset, so a model trained on one source accepts another.
-NORMALIZE_MEAN = 0.5
-NORMALIZE_STD = 0.25
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -733,60 +733,21 @@ def class_names_for(root: Path | None, num_classes: int) -> list[str]:
     return ["background"] + [f"class {k}" for k in range(1, num_classes)]
 
 
-# --- command-line options ------------------------------------------------------------------------
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction strictly between 0 and 1, got {value}")
-    return value
-
-
 # The paper's 256 x 256 for images; volumes default to what a CPU can train.
 DEFAULT_IMG_SIZE = {2: 256, 3: 64}
 
-
-def add_data_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the data options (``--data``, ``--root``, ``--img-size``, ...) to ``parser``."""
-    group = parser.add_argument_group("data")
-    group.add_argument("--data", choices=DATA_CHOICES, default="synthetic",
-                       help="dataset: built-in synthetic lesions (default, no download), an ISIC 2018 "
-                            "Task 1 tree, or a folder with images/ and masks/")
-    group.add_argument("--root", type=Path, default=None, help="dataset folder (isic2018, folder)")
-    group.add_argument("--img-size", type=_positive_int, default=None,
-                       help="side in pixels (voxels in 3D) that every sample is resized to (default 256 "
-                            "for images as in the paper, 64 for volumes)")
-    group.add_argument("--num-classes", type=_positive_int, default=None,
-                       help="classes incl. background: synthetic 2 (default) or 4; folder: inferred from "
-                            "the masks if not given")
-    group.add_argument("--val-fraction", type=_fraction, default=0.2,
-                       help="share of the samples held out for validation when no official or listed split "
-                            "exists (default 0.2)")
-    group.add_argument("--test-fraction", type=_fraction, default=0.2,
-                       help="share held out for testing, likewise (default 0.2)")
-    group.add_argument("--split-dir", type=Path, default=None,
-                       help="folder with train.txt, val.txt, test.txt listing sample stems (overrides "
-                            "fractions and ISIC's official split)")
-    group.add_argument("--synthetic-samples", type=_positive_int, default=400,
-                       help="synthetic training samples (validation and test get a quarter each, at least 8; "
-                            "default 400)")
-    group.add_argument("--spatial-dims", type=int, choices=(2, 3), default=2,
-                       help="2: images; 3: volumes (synthetic volumes, or NIfTI files with --data folder)")
-    return parser
+# The options of ``build_datasets`` and their defaults (the command line's ``cmrf.cli.data_args``).
+DATA_OPTIONS = {
+    "data": "synthetic",
+    "root": None,
+    "img_size": None,
+    "num_classes": None,
+    "val_fraction": 0.2,
+    "test_fraction": 0.2,
+    "split_dir": None,
+    "synthetic_samples": 400,
+    "spatial_dims": 2,
+}
 
 
 def _synthetic_bundle(args, seed: int) -> DataBundle:
@@ -859,19 +820,24 @@ def _disk_bundle(args, seed: int) -> DataBundle:
     )
 
 
-def build_datasets(args: argparse.Namespace, seed: int) -> DataBundle:
-    """Build the train/val/test datasets chosen by the options of :func:`add_data_arguments`.
+def build_datasets(seed: int = 0, **options) -> DataBundle:
+    """Build the train/val/test datasets.
 
     Args:
-        args: parsed options (``data``, ``root``, ``img_size``, ``num_classes``, ``val_fraction``,
-            ``test_fraction``, ``split_dir``, ``synthetic_samples``, ``spatial_dims``).
         seed: non-negative seed of the synthetic samples, the fraction split and augmentation.
-
-    An unset ``args.img_size`` is filled in with the default for ``args.spatial_dims``.
+        **options: ``data`` ("synthetic", "isic2018" or "folder"), ``root``, ``img_size``,
+            ``num_classes``, ``val_fraction``, ``test_fraction``, ``split_dir``,
+            ``synthetic_samples``, ``spatial_dims``; defaults in ``DATA_OPTIONS``. An unset
+            ``img_size`` is the default for ``spatial_dims`` (``DEFAULT_IMG_SIZE``).
 
     Raises:
-        DataError: missing root, missing/unpaired/unreadable files, size mismatches, empty splits.
+        DataError: unknown option, missing root, missing/unpaired/unreadable files, size
+            mismatches, empty splits.
     """
+    unknown = sorted(set(options) - set(DATA_OPTIONS))
+    if unknown:
+        raise DataError(f"unknown data option(s) {', '.join(unknown)}; expected {', '.join(DATA_OPTIONS)}")
+    args = types.SimpleNamespace(**{**DATA_OPTIONS, **options})
     if args.img_size is None:
         # 256^3 volumes would not fit a CPU's memory, so volumes get a smaller default.
         args.img_size = DEFAULT_IMG_SIZE[args.spatial_dims]

@@ -1,9 +1,9 @@
 """The ``cmrf`` command line.
 
-Each command lives beside the code it drives: ``COMMANDS`` maps a command name to a function
-``build(parser) -> run`` that adds the command's arguments and returns ``run(args) -> int``.
-Only the module of the command being run is imported, so one command's heavy dependencies never
-slow down another.
+This package is the only place argparse lives: library functions take keyword arguments.
+``COMMANDS`` maps a command name to a function ``build(parser) -> run`` in a module of this package
+that adds the command's arguments and returns ``run(args) -> int``. Only the module of the command
+being run is imported, so one command's heavy dependencies never slow down another.
 """
 
 from __future__ import annotations
@@ -15,15 +15,15 @@ import sys
 
 # name -> ("module:builder", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "quickstart": ("cmrf.quickstart:build_command", "build TinyU-Net, print its costs beside the paper's"),
-    "profile": ("cmrf.profile:build_command", "params, fvcore MACs and paper-convention FLOPs of a model"),
-    "export": ("cmrf.export:build_command", "export a model, optimized for inference, to ONNX"),
-    "bench": ("cmrf.bench:build_command", "CPU inference speed of TinyU-Net against the reference algorithm"),
-    "bench-cascade": ("cmrf.ops.bench:build_command", "time the fused Triton cascade against the reference"),
-    "demo": ("cmrf.train.cli:build_demo", "train TinyU-Net on synthetic lesions on the CPU, evaluate, plot"),
-    "train": ("cmrf.train.cli:build_train", "train a model with the paper's recipe (resumable, DDP-ready)"),
-    "evaluate": ("cmrf.train.cli:build_evaluate", "per-class IoU/Dice of a trained checkpoint on a split"),
-    "predict": ("cmrf.train.cli:build_predict", "mask PNGs and overlays of a trained checkpoint on images"),
+    "quickstart": ("cmrf.cli.quickstart:build", "build TinyU-Net, print its costs beside the paper's"),
+    "profile": ("cmrf.cli.profile:build", "params, fvcore MACs and paper-convention FLOPs of a model"),
+    "export": ("cmrf.cli.export:build", "export a model, optimized for inference, to ONNX"),
+    "bench": ("cmrf.cli.bench:build", "CPU inference speed of TinyU-Net against the reference algorithm"),
+    "bench-cascade": ("cmrf.cli.bench:build_cascade", "time the fused Triton cascade against the reference"),
+    "demo": ("cmrf.cli.train:build_demo", "train TinyU-Net on synthetic lesions on the CPU, evaluate, plot"),
+    "train": ("cmrf.cli.train:build_train", "train a model with the paper's recipe (resumable, DDP-ready)"),
+    "evaluate": ("cmrf.cli.evaluate:build", "per-class IoU/Dice of a trained checkpoint on a split"),
+    "predict": ("cmrf.cli.predict:build", "mask PNGs and overlays of a trained checkpoint on images"),
 }
 
 

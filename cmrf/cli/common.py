@@ -1,0 +1,53 @@
+"""Command-line options shared by several commands (``--model``, ``--device``, ``--threads``...)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model --N --channels --replace-blocks``: which network to train."""
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model", default="tinyunet", help="registry name (default tinyunet; tinyunet3d for 3D data)"
+    )
+    group.add_argument(
+        "--N", dest="N", type=int, default=None, help="receptive fields per CMRF (default: the model's)"
+    )
+    group.add_argument(
+        "--channels",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="C",
+        help="encoder widths, each a multiple of 2N (16 for the default N=8), e.g. 16 32 for a tiny "
+        "TinyU-Net (default: the model's)",
+    )
+    group.add_argument(
+        "--replace-blocks",
+        action="store_true",
+        help="swap the model's blocks for CMRF with cmrf.replace_blocks (N from --N, default 8)",
+    )
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser, seed_default: int | None = 0) -> None:
+    """``--device --workers --threads --seed``."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads of PyTorch (default 0: PyTorch's default; -1: only the cores not busy already)",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto (default: CUDA if available), cpu, cuda, cuda:N"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=0, help="DataLoader worker processes (default %(default)s)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=seed_default,
+        help="seed of data, initialisation, shuffling, augmentation"
+        + (f" (default {seed_default})" if seed_default is not None else " (default: the run's)"),
+    )

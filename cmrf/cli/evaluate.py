@@ -1,0 +1,71 @@
+"""``cmrf evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+
+from cmrf.cli.common import add_runtime_arguments
+from cmrf.cli.data_args import add_data_arguments, data_options
+from cmrf.train.setup import model_from_checkpoint, torch_threads
+
+
+def _data_arguments_from_checkpoint(parser: argparse.ArgumentParser) -> None:
+    """Data flags whose defaults come from the checkpoint's run (then from the data module)."""
+    data_dests = add_data_arguments(parser)
+    defaults = {dest: parser.get_default(dest) for dest in data_dests}
+    parser.set_defaults(**{dest: None for dest in data_dests}, data_defaults=defaults)
+
+
+def _fill_from_run(args: argparse.Namespace, run_data: dict) -> None:
+    for dest, default in args.data_defaults.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, run_data.get(dest, default))
+    if args.seed is None:
+        args.seed = run_data.get("seed", 0)
+
+
+def build(parser: argparse.ArgumentParser):
+    parser.add_argument("checkpoint", help="best.safetensors or last.safetensors written by cmrf train")
+    parser.add_argument(
+        "--split", choices=("test", "val", "train"), default="test", help="split (default test)"
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
+    parser.add_argument(
+        "--json", dest="json_out", default=None, metavar="FILE", help="also write the scores as JSON"
+    )
+    add_runtime_arguments(parser, seed_default=None)
+    _data_arguments_from_checkpoint(parser)
+    parser.epilog = "Data flags default to the ones the checkpoint was trained with."
+    return run_evaluate
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    with torch_threads(args.threads):
+        return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from cmrf.data import build_datasets
+    from cmrf.files import atomic_write_json
+    from cmrf.train.loop import Processes, eval_loader, evaluate_model, resolve_device
+    from cmrf.train.metrics import format_table
+
+    model, meta = model_from_checkpoint(args.checkpoint)
+    _fill_from_run(args, meta.get("data", {}))
+    bundle = build_datasets(seed=args.seed, **data_options(args))
+    if bundle.num_classes != meta["num_classes"] or bundle.in_channels != meta["in_chans"]:
+        raise ValueError(
+            f"{args.checkpoint} was trained for {meta['in_chans']} channels and {meta['num_classes']} "
+            f"classes, the data has {bundle.in_channels} channels and {bundle.num_classes} classes"
+        )
+    dataset = getattr(bundle, args.split)
+    if dataset is None or len(dataset) == 0:
+        raise ValueError(f"the {args.split} split is empty; choose another with --split")
+    device = resolve_device(args.device)
+    loader = eval_loader(dataset, args.batch_size, args.workers, Processes())
+    scores = evaluate_model(model.to(device), loader, bundle.num_classes, list(bundle.class_names), device)
+    scores = {**scores, "split": args.split, "images": len(dataset), "checkpoint": str(args.checkpoint)}
+    print(format_table(scores, f"{args.split} split ({len(dataset)} images), {args.checkpoint}"))
+    if args.json_out:
+        atomic_write_json(scores, args.json_out)
+    return 0

@@ -1,0 +1,5 @@
+"""``cmrf profile``."""
+
+from cmrf.profile import build_command as build
+
+__all__ = ["build"]
