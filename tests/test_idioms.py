@@ -17,7 +17,7 @@ import cmrf
 from cmrf import CMRF, TinyUNet, create_model
 from cmrf.constants import NORMALIZE_MEAN, NORMALIZE_STD
 from cmrf.layers import check_input
-from cmrf.models import CMUNeXt, SegNet
+from cmrf.models import CMUNeXt, SegNet, UnknownArgumentError
 from tests.conftest import golden_state_dict, load_golden
 
 # Small configurations of every registered model (SegNet's widths are fixed), so tests stay fast.
@@ -203,8 +203,10 @@ def test_reset_classifier_rejects_what_segmentation_cannot_do(num_classes, globa
 
 @pytest.mark.parametrize("factory", [create_model, timm.create_model], ids=["cmrf", "timm"])
 def test_unknown_kwargs_are_named_with_the_accepted_ones(factory):
-    with pytest.raises(ValueError, match=r"tinyunet does not take drop_rate=0\.1.*accepts: .*channels"):
+    with pytest.raises(ValueError, match=r"tinyunet does not take drop_rate=0\.1.*accepts: .*N, ch") as err:
         factory("tinyunet", drop_rate=0.1)
+    # Also a TypeError, as Python's own "unexpected keyword argument", for callers that catch that.
+    assert isinstance(err.value, UnknownArgumentError) and isinstance(err.value, TypeError)
     with pytest.raises(ValueError, match=r"segnet does not take N=4; it accepts: in_chans"):
         factory("segnet", N=4)
     with pytest.raises(ValueError, match=r"cmunext_cmrf does not take channels=\(8,\).*\bN\b"):

@@ -19,6 +19,11 @@ _TIMM_BOOKKEEPING = ("cache_dir", "pretrained_model_args")
 # our models do; any other value would change the model, so it is refused.
 _NEUTRAL_TIMM_KWARGS = ("drop_rate", "drop_path_rate", "drop_block_rate")
 
+class UnknownArgumentError(ValueError, TypeError):
+    """An argument a model does not take. A ``ValueError`` with a clear message; also a ``TypeError``,
+    which is what Python raises for an unexpected keyword, so code that catches that keeps working."""
+
+
 FilterFn = Callable[[dict[str, torch.Tensor], nn.Module | None], dict[str, torch.Tensor]]
 
 
@@ -63,7 +68,7 @@ def _resolve_in_channels(kwargs: dict) -> None:
 
 
 def _check_kwargs(model_cls: type[nn.Module], variant: str, kwargs: dict, entry_args: Sequence[str]) -> None:
-    """Raise ``ValueError`` naming any argument neither the constructor nor the entry point takes."""
+    """Raise ``UnknownArgumentError`` naming an argument neither the constructor nor entry point takes."""
     accepted = [p for p in inspect.signature(model_cls).parameters if p != "self"]
     accepted += [*entry_args, "device", "dtype"]
     unknown = [k for k in kwargs if k not in accepted and k not in _NEUTRAL_TIMM_KWARGS]
@@ -76,7 +81,7 @@ def _check_kwargs(model_cls: type[nn.Module], variant: str, kwargs: dict, entry_
     if changing:
         neutral = "/".join(_NEUTRAL_TIMM_KWARGS)
         note = f" ({variant} has no dropout or stochastic depth: only {neutral}=0 is accepted)"
-    raise ValueError(f"{variant} does not take {given}{note}; it accepts: {names}")
+    raise UnknownArgumentError(f"{variant} does not take {given}{note}; it accepts: {names}")
 
 
 def _has_tag(variant: str, tag: str) -> bool:
@@ -112,7 +117,8 @@ def build_model(
 
     Raises:
         ValueError: ``pretrained=True``, ``features_only=True``, ``in_chans`` and ``in_channels``
-            that disagree, or an argument the model does not take (named, with the accepted ones).
+            that disagree, or (``UnknownArgumentError``, also a ``TypeError``) an argument the model
+            does not take, named, with the accepted ones.
     """
     if pretrained:
         raise ValueError(
