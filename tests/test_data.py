@@ -798,6 +798,14 @@ def test_memory_cache_falls_back_to_disk_if_too_big(folder_root: Path, tmp_path_
     assert bundle.train[0][0].shape == (3, 8, 8)
 
 
+def test_unusable_cache_folder_is_a_clear_error(folder_root: Path, tmp_path_factory):
+    not_a_folder = tmp_path_factory.mktemp("cache") / "file"
+    not_a_folder.write_text("")
+    options = folder_options(folder_root, "--cache", "disk", "--cache-dir", str(not_a_folder / "x"))
+    with pytest.raises(DataError, match=r"cannot create the data cache folder .*file/x: .*--cache-dir"):
+        build_datasets(**options)
+
+
 def test_disk_cache_follows_changed_files(folder_root: Path, tmp_path_factory):
     cache_dir = tmp_path_factory.mktemp("cache")
     options = folder_options(folder_root, "--cache", "disk", "--cache-dir", str(cache_dir), "--val-fraction",

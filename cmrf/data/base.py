@@ -181,7 +181,7 @@ def shared_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         # Unlike zeros(...).share_memory_(), this neither fills nor copies the whole block.
         storage = torch.UntypedStorage._new_shared(numel * torch.empty(0, dtype=dtype).element_size())
         return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
-    except (AttributeError, RuntimeError, OSError):
+    except (AttributeError, RuntimeError, OSError, TypeError):
         tensor = torch.zeros(shape, dtype=dtype)
         try:
             return tensor.share_memory_()

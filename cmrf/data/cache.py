@@ -20,6 +20,7 @@ Augmentation is not cached: it is drawn per epoch from ``(seed, epoch, index)``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -271,18 +272,36 @@ def reuse_disk_store(spec: StoreSpec) -> SampleStore | None:
         return None
 
 
+def _reserve(path: Path) -> None:
+    """Allocate a file's blocks now: writing into a sparse memory-mapped file on a full disk would
+    kill the process (SIGBUS) instead of raising an error."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "rb+") as file:
+        try:
+            os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise
+            # Some file systems cannot reserve blocks (EOPNOTSUPP): the free-space check must do.
+
+
 def _create_disk_store(folder: Path, layout: Layout) -> None:
     """Create the store's files in a temporary folder renamed into place (a racing process may win)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder.parent).free
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder.parent).free
+    except OSError as err:
+        raise DataError(f"cannot create the data cache folder {folder.parent}: {err}; give another "
+                        "--cache-dir, or --cache memory") from None
     if layout.nbytes > free:
         raise DataError(
             f"the disk cache needs {_gib(layout.nbytes)} in {folder.parent} but only {_gib(free)} are free; "
             "give --cache-dir on a larger disk, or --cache none"
         )
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         shapes = (
             ((layout.count, *layout.image_shape), layout.image_dtype),
             ((layout.count, *layout.mask_shape), layout.mask_dtype),
@@ -292,9 +311,7 @@ def _create_disk_store(folder: Path, layout: Layout) -> None:
             array = np.lib.format.open_memmap(tmp / name, mode="w+", dtype=dtype, shape=shape)
             del array
             # Reserve the blocks now: writing into a sparse file on a full disk would kill the process.
-            if hasattr(os, "posix_fallocate"):
-                with open(tmp / name, "rb+") as file:
-                    os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+            _reserve(tmp / name)
         (tmp / "info.json").write_text(json.dumps(_info(layout)))
         if folder.exists():
             shutil.rmtree(folder, ignore_errors=True)  # incomplete or of another format
