@@ -234,9 +234,16 @@ def test_default_size_depends_on_dimensions(spatial_dims, side):
 def test_option_values_are_checked_by_the_parser(capsys):
     args = parse()
     assert (args.data, args.img_size, args.spatial_dims, args.num_classes) == ("synthetic", None, 2, None)
-    for bad in (["--val-fraction", "1.5"], ["--img-size", "0"], ["--data", "mnist"], ["--spatial-dims", "4"]):
+    assert (args.mask_values, args.mask_threshold, args.cache, args.cache_dir) == (None, None, "memory", None)
+    for bad in (["--val-fraction", "1.5"], ["--img-size", "0"], ["--data", "mnist"], ["--spatial-dims", "4"],
+                ["--cache", "gpu"], ["--mask-threshold", "0"], ["--mask-values", "a"], ["--mask-values"]):
         with pytest.raises(SystemExit):
             parse(*bad)
+    assert parse("--mask-values", "0", "128", "255").mask_values == [0, 128, 255]
+    with pytest.raises(DataError, match="--mask-threshold: only for masks read from files"):
+        build_datasets(**data_options(parse("--mask-threshold", "128")))
+    with pytest.raises(DataError, match="unknown data option"):
+        build_datasets(masks="png")
 
 
 # --- files ---------------------------------------------------------------------------------------
@@ -788,9 +795,9 @@ def test_pickled_datasets_share_the_cache(folder_root: Path, tmp_path_factory, c
 
 
 def test_memory_cache_falls_back_to_disk_if_too_big(folder_root: Path, tmp_path_factory, monkeypatch):
-    import cmrf.data.cache as cache
+    import cmrf.data.store as store
 
-    monkeypatch.setattr(cache, "_memory_room", lambda: 1000)
+    monkeypatch.setattr(store, "_memory_room", lambda: 1000)
     cache_dir = tmp_path_factory.mktemp("cache")
     with pytest.warns(DataWarning, match=r"only 0\.00 GiB of shared memory.*caching on disk in"):
         bundle = build_datasets(**folder_options(folder_root, "--cache-dir", str(cache_dir)))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numbers
 
 from cmrf.data.base import DataBundle, DataError
-from cmrf.data.cache import CACHE_CHOICES
 from cmrf.data.masks import MaskRule
+from cmrf.data.store import CACHE_CHOICES
 
 __all__ = ["DATA_CHOICES", "DATA_OPTIONS", "DEFAULT_IMG_SIZE", "build_datasets"]
 
@@ -89,7 +89,7 @@ def build_datasets(seed: int = 0, **options) -> DataBundle:
 
         given = [f"--{name.replace('_', '-')}" for name in _MASK_OPTIONS[1:] if options[name] is not None]
         if given:
-            raise DataError(f"{', '.join(given)} apply to masks read from files, not to --data synthetic")
+            raise DataError(f"{', '.join(given)}: only for masks read from files, not for --data synthetic")
         return synthetic_bundle(img_size=options["img_size"], num_classes=options["num_classes"],
                                 spatial_dims=spatial_dims, synthetic_samples=options["synthetic_samples"],
                                 seed=seed, **caching)

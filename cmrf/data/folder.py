@@ -15,16 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cmrf.data.base import DataBundle, DataError
-from cmrf.data.cache import (
-    CachedSource,
-    Layout,
-    SourceDataset,
-    StoreSpec,
-    mask_dtype_for,
-    open_store,
-    reuse_disk_store,
-    run_checks,
-)
+from cmrf.data.cache import CachedSource, SourceDataset, run_checks
 from cmrf.data.imageio import (
     HIGH_BIT_MODES,
     IMAGE_SUFFIXES,
@@ -36,6 +27,7 @@ from cmrf.data.imageio import (
 from cmrf.data.masks import MaskRule, MaskValues, class_names_for, resolve_classes
 from cmrf.data.pairs import Pair, find_pairs, pairs_bundle, require_dir, source_key, used_pairs
 from cmrf.data.splits import split_pairs
+from cmrf.data.store import Layout, StoreSpec, mask_dtype_for, open_store, reuse_disk_store
 
 __all__ = [
     "FolderSegmentation",

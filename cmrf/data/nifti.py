@@ -16,20 +16,12 @@ import numpy as np
 import torch
 
 from cmrf.data.base import DataBundle, DataError
-from cmrf.data.cache import (
-    CachedSource,
-    Layout,
-    SourceDataset,
-    StoreSpec,
-    mask_dtype_for,
-    open_store,
-    reuse_disk_store,
-    run_checks,
-)
+from cmrf.data.cache import CachedSource, SourceDataset, run_checks
 from cmrf.data.imageio import present_values, quantize, resize_image, resize_nearest
 from cmrf.data.masks import MAX_LISTED, MaskRule, MaskValues, class_names_for, resolve_classes
 from cmrf.data.pairs import Pair, find_pairs, pairs_bundle, require_dir, source_key, used_pairs
 from cmrf.data.splits import split_pairs
+from cmrf.data.store import Layout, StoreSpec, mask_dtype_for, open_store, reuse_disk_store
 
 __all__ = ["NiftiSegmentation", "VolumePairSource", "find_nifti_pairs", "nifti_bundle", "read_volume",
            "read_volume_mask"]

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from cmrf.data.base import SPLITS, DataBundle, DataError
-from cmrf.data.cache import CachedSource, Layout, SourceDataset, StoreSpec, open_store
+from cmrf.data.cache import CachedSource, SourceDataset
 from cmrf.data.imageio import quantize
+from cmrf.data.store import Layout, StoreSpec, open_store
 
 __all__ = ["SYNTHETIC_CLASS_NAMES", "SyntheticSegmentation", "SyntheticSource", "generate_sample",
            "synthetic_bundle"]
