@@ -673,6 +673,7 @@ def test_relative_root_and_split_dir_are_stored_absolute(folder_root: Path, monk
     options = data_options(parse("--data", "folder", "--root", relative, "--split-dir", f"./{relative}/../x",
                                  "--cache-dir", "~/c"))
     assert options["root"] == folder_root and options["root"].is_absolute()
+    assert parse("--root", relative).root == folder_root  # what cmrf train stores from the parsed flags
     assert options["split_dir"] == folder_root.parent / "x"
     assert options["cache_dir"] == Path.home() / "c"
     # A namespace filled by hand (evaluate fills it from a run's stored strings) is resolved too.
