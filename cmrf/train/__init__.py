@@ -2,7 +2,7 @@
 
 Submodules (imported on demand so ``import cmrf`` stays light):
 
-- ``cmrf.train.data``: datasets (ISIC 2018, generic folders, synthetic lesions).
+- datasets live in ``cmrf.data`` (ISIC 2018, generic folders, NIfTI, synthetic lesions).
 - ``cmrf.train.losses``: cross-entropy + Dice.
 - ``cmrf.train.metrics``: per-class IoU and Dice accumulated over a dataset (torchmetrics).
 - ``cmrf.train.state``: atomic checkpoints and the resumable training state.

@@ -374,7 +374,7 @@ def fit(
 
     Args:
         model: a segmentation network ``(B, C, *S) -> (B, K, *S)`` on the CPU.
-        bundle: a ``cmrf.train.data.DataBundle`` (train/val/test datasets, classes, channels).
+        bundle: a ``cmrf.data.DataBundle`` (train/val/test datasets, classes, channels).
         out_dir: run directory; created if missing. Holds ``last``/``best`` checkpoints, the
             resumable state, ``metrics.json`` and the figures (see ``RunFiles``).
         recipe: optimisation settings; default ``Recipe()``, the paper's.
@@ -559,7 +559,7 @@ def write_overlays(
     model: nn.Module, dataset: Dataset, path: Path, count: int, device: torch.device, spatial_dims: int = 2
 ) -> Path:
     """Draw the first ``count`` items of ``dataset`` with their ground truth and prediction."""
-    from cmrf.train.data import denormalize
+    from cmrf.data import denormalize
     from cmrf.train.plots import plot_overlays
 
     items = [dataset[i] for i in range(min(count, len(dataset)))]
