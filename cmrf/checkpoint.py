@@ -34,6 +34,8 @@ def _existing_file(path: str | Path) -> Path:
         raise FileNotFoundError(errno.ENOENT, "no such checkpoint file", str(path))
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a folder, expected a checkpoint file", str(path))
+    with open(path, "rb"):  # a PermissionError here names the file; readers' own errors may not
+        pass
     return path
 
 
@@ -80,8 +82,6 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
 def _read_torch_file(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
     except pickle.UnpicklingError as err:
         lines = [line.strip() for line in str(err).splitlines() if "WeightsUnpickler error" in line]
         reason = lines[0].split(". ")[0] if lines else type(err).__name__
@@ -89,7 +89,7 @@ def _read_torch_file(path: Path):
             f"cannot read {path}: it holds pickled objects other than tensors ({reason}); cmrf loads "
             f"checkpoints only with torch.load(weights_only=True) or as .safetensors, so no pickled code runs"
         ) from err
-    except Exception as err:  # zip and pickle errors come in many types (RuntimeError, EOFError...)
+    except Exception as err:  # zip and pickle errors come in many types (RuntimeError, EOFError, OSError...)
         raise _truncated(path, "torch checkpoint", err) from err
 
 

@@ -68,9 +68,10 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        # mkstemp makes the file private (0600); give it the mode a plain open() would have.
-        os.chmod(tmp, _new_file_mode(path))
         yield tmp
+        # mkstemp makes the file private (0600), and some writers (safetensors) recreate it as such:
+        # set the mode a plain open() would have, once the writer is done.
+        os.chmod(tmp, _new_file_mode(path))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
