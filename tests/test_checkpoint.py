@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,7 +60,8 @@ def test_truncated_pth_names_the_file(tmp_path):
     path = tmp_path / "w.pth"
     torch.save(_small_unet().state_dict(), path)
     _truncate(path)
-    with pytest.raises(ValueError, match=rf"cannot read weights from {path}: file is truncated or not a torch"):
+    expected = rf"cannot read weights from {path}: file is truncated or not a torch checkpoint file"
+    with pytest.raises(ValueError, match=expected):
         read_state_dict(path)
     path.write_bytes(b"")
     with pytest.raises(ValueError, match=rf"cannot read weights from {path}"):
@@ -115,7 +117,7 @@ def test_safetensors_io_error_becomes_an_oserror(tmp_path, monkeypatch):
     import safetensors.torch
 
     def save_file(tensors, filename, metadata=None):
-        open(filename, "wb").write(b"{")
+        Path(filename).write_bytes(b"{")
         raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(safetensors.torch, "save_file", save_file)
@@ -145,7 +147,8 @@ def test_infer_io_channels_from_own_and_reference_names(in_chans, num_classes):
         "num_classes": num_classes,
     }
     cmunext = cmrf.create_model("cmunext_s", in_chans=in_chans, num_classes=num_classes)
-    assert infer_io_channels("cmunext_s", cmunext.state_dict()) == {"in_chans": in_chans, "num_classes": num_classes}
+    expected = {"in_chans": in_chans, "num_classes": num_classes}
+    assert infer_io_channels("cmunext_s", cmunext.state_dict()) == expected
 
 
 def test_infer_io_channels_says_none_for_another_model():
@@ -173,7 +176,8 @@ def test_reference_checkpoint_with_other_class_count(golden, tmp_path):
 
 
 def test_reference_checkpoint_needs_the_model_name(reference_pth):
-    with pytest.raises(ValueError, match=rf"{reference_pth} carries no cmrf metadata.*--model NAME.*tinyunet"):
+    expected = rf"{reference_pth} carries no cmrf metadata.*--model NAME.*tinyunet"
+    with pytest.raises(ValueError, match=expected):
         model_from_checkpoint(reference_pth)
     with pytest.raises(ValueError, match="cannot tell num_classes .*look like a cmunext_s's"):
         model_from_checkpoint(reference_pth, model="cmunext_s")
