@@ -195,3 +195,6 @@ def test_run_checkpoint_refuses_disagreeing_values(tmp_path):
     assert meta["model_kwargs"] == kwargs and model.channels == (16, 32)
     with pytest.raises(ValueError, match=r"other settings: num_classes=3 \(the file has 2\)"):
         model_from_checkpoint(path, num_classes=3)
+    expected = r"model_kwargs=\{'N': 2\} \(the file has \{'channels': \[16, 32\], 'N': 4\}\)"
+    with pytest.raises(ValueError, match=expected):
+        model_from_checkpoint(path, model_kwargs={"N": 2})

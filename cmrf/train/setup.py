@@ -89,7 +89,8 @@ def model_from_checkpoint(
     Two kinds of file are accepted:
 
     - a ``.safetensors`` written by ``cmrf train``: its metadata names the model, its classes and
-      the run's data options. Arguments that are given must agree with it.
+      the run's data options. Arguments that are given must agree with it (an empty
+      ``model_kwargs`` counts as not given).
     - a bare state dict (a ``.pth`` saved by the reference code with
       ``torch.save(model.state_dict(), ...)``, or any ``.safetensors`` without cmrf metadata):
       ``model`` is then required; ``in_chans`` and ``num_classes`` are read from the first and
@@ -114,7 +115,9 @@ def model_from_checkpoint(
 
     state = read_state_dict(path)
     if safetensors_metadata(path).get("format") == "cmrf":
-        meta = _run_metadata(path, model=model, num_classes=num_classes, in_chans=in_chans)
+        meta = _run_metadata(
+            path, model=model, num_classes=num_classes, in_chans=in_chans, model_kwargs=model_kwargs
+        )
     else:
         meta = _bare_metadata(path, state, model, num_classes, in_chans, model_kwargs or {})
     data = meta["data"]
@@ -137,7 +140,7 @@ def _run_metadata(path: str | Path, **given) -> dict:
 
     meta = read_metadata(path)
     meta.setdefault("data", {})
-    clashes = [f"{k}={v!r} (the file has {meta[k]!r})" for k, v in given.items() if v not in (None, meta[k])]
+    clashes = [f"{k}={v!r} (the file has {meta.get(k)!r})" for k, v in given.items() if v and v != meta[k]]
     # cmrf train stores "tinyunet" trained on volumes as "tinyunet3d"; asking for "tinyunet" is fine.
     if clashes and clashes != ["model='tinyunet' (the file has 'tinyunet3d')"]:
         raise ValueError(f"{path} was written by cmrf train with other settings: {', '.join(clashes)}")
