@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args.command is None else 2
     try:
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         if os.environ.get("CMRF_DEBUG"):
             raise
         # Bad input: one clear line, no traceback (CMRF_DEBUG=1 shows it).
