@@ -129,7 +129,7 @@ def test_overwrite_replaces_the_run_files_and_only_them(run_dir, tmp_path, capsy
     shutil.copytree(run_dir, out)
     (out / "notes.txt").write_text("the user's own file")
     assert main(["train", *TINY, "--epochs", "1", "--no-plots", "--overwrite", "--out", str(out)]) == 0
-    assert "--overwrite: deleted 6 file(s) of the previous run" in capsys.readouterr().out
+    assert f"deleted 6 file(s) of the previous run in {out}" in capsys.readouterr().out
     # No mix of two runs: the first run's figures are gone, the user's file stays.
     assert sorted(p.name for p in out.iterdir()) == [
         "best.safetensors", "last.safetensors", "last_state.pt", "metrics.json", "notes.txt"

@@ -218,6 +218,16 @@ def _compiled(module: nn.Module, backend: str | None) -> nn.Module:
     return torch.compile(module, backend=backend) if backend else module
 
 
+def _runners(model: nn.Module, recipe: Recipe, processes: Processes, device: torch.device):
+    """``(train_model, eval_model)``: ``model`` compiled when asked, DDP-wrapped for training."""
+    eval_model = _compiled(model, recipe.compile_backend)
+    if not processes.distributed:
+        return eval_model, eval_model
+    device_ids = [device.index] if device.type == "cuda" else None
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return _compiled(ddp, recipe.compile_backend), eval_model
+
+
 def _setup(model: nn.Module, bundle, out: Path, recipe: Recipe, metadata: dict, plots: bool) -> _Run:
     """Devices, the model on its device, optimizer, schedule, scaler, loss and loaders."""
     processes = init_processes(recipe.device)
@@ -236,15 +246,9 @@ def _setup(model: nn.Module, bundle, out: Path, recipe: Recipe, metadata: dict, 
     workers = choose_workers(recipe.workers, device, processes.local_world_size)
     pin = device.type == "cuda"
     loader, epochs = train_loader(bundle.train, recipe.batch_size, workers, processes, recipe.seed, pin)
-    val_loader = eval_loader(
-        bundle.val, recipe.batch_size, workers, processes, device=device, persistent=True
-    )
-    eval_model = _compiled(model, recipe.compile_backend)
-    train_model = eval_model
-    if processes.distributed:
-        device_ids = [device.index] if device.type == "cuda" else None
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-        train_model = _compiled(ddp, recipe.compile_backend)
+    batch = recipe.batch_size
+    val_loader = eval_loader(bundle.val, batch, workers, processes, device=device, persistent=True)
+    train_model, eval_model = _runners(model, recipe, processes, device)
     if processes.is_main:
         out.mkdir(parents=True, exist_ok=True)
     run = _Run(
@@ -263,7 +267,7 @@ def _clear(run: _Run) -> None:
     if run.processes.is_main:
         removed = run.files.remove()
         if removed:
-            run.log(f"--overwrite: deleted {len(removed)} file(s) of the previous run in {run.files.out}")
+            run.log(f"deleted {len(removed)} file(s) of the previous run in {run.files.out}")
     run.processes.barrier()
 
 
