@@ -1,15 +1,19 @@
 """Train TinyU-Net on the built-in synthetic lesions with the Python API: no download, CPU only.
 
     python examples/train_synthetic.py --epochs 8 --out runs/synthetic
+    python examples/train_synthetic.py --epochs 8 --out runs/synthetic --overwrite   # run it again
 
 The same run from the command line is ``cmrf train --img-size 64 --synthetic-samples 160
 --epochs 8 --lr 3e-3 --device cpu --out runs/synthetic``; this script shows the pieces it is made
-of, for users who want to plug in their own model or dataset.
+of, for users who want to plug in their own model or dataset. Like ``cmrf train``, ``fit`` refuses
+a folder that holds another run unless told to continue it (``--resume``) or replace it
+(``--overwrite``).
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import cmrf
 from cmrf.cli.data_args import add_data_arguments, data_options
@@ -28,26 +32,28 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/synthetic")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     args = parser.parse_args()
 
-    bundle = build_datasets(seed=args.seed, **data_options(args))
+    options = data_options(args)
+    bundle = build_datasets(seed=args.seed, **options)
     model = cmrf.create_model("tinyunet", in_chans=bundle.in_channels, num_classes=bundle.num_classes)
-    # With this metadata in the checkpoints, `cmrf evaluate` and `cmrf predict` can rebuild the model.
+    # With this metadata in the checkpoints, `cmrf evaluate` and `cmrf predict` can rebuild the
+    # model, and a resume with other data or another model is refused.
+    data = {key: str(value) if isinstance(value, Path) else value for key, value in options.items()}
     metadata = model_metadata(
         "tinyunet",
         {},
         bundle.in_channels,
         bundle.num_classes,
         bundle.class_names,
-        data={
-            "data": args.data,
-            "img_size": args.img_size,
-            "synthetic_samples": args.synthetic_samples,
-            "seed": args.seed,
-        },
+        data={**data, "seed": args.seed},
     )
     recipe = Recipe(epochs=args.epochs, lr=args.lr, seed=args.seed, device="cpu")
-    result = fit(model, bundle, args.out, recipe, metadata=metadata)
+    result = fit(
+        model, bundle, args.out, recipe, resume=args.resume, overwrite=args.overwrite, metadata=metadata
+    )
     print(format_table(result, f"{result['split']} split, best epoch {result['best_epoch']}"))
     print(f"cmrf evaluate {args.out}/best.safetensors   # the same scores from the command line")
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import json
+import shutil
 
 import pytest
 import torch
@@ -84,12 +88,195 @@ def test_predict_writes_masks_at_the_input_size_and_overlays(run_dir, tmp_path, 
     assert "wrote 2 mask(s)" in capsys.readouterr().out
 
 
-def test_demo_runs_with_its_settings_overridden(tmp_path, capsys):
+def test_demo_runs_with_its_settings_overridden_and_reruns_into_its_own_folder(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), *TINY, "--epochs", "1"]) == 0
     printed = capsys.readouterr().out
     assert "demo done" in printed and "foreground IoU" in printed and "background" in printed
     assert (out / "metrics.json").is_file() and (out / "best.safetensors").is_file()
+    assert read_metadata(out / "best.safetensors")["command"] == "demo"
+    # README's demo command, run again: the demo replaces its own earlier run (and says so).
+    (out / "metrics.json").write_text("{}")
+    assert main(["demo", "--out", str(out), *TINY, "--epochs", "1", "--no-plots"]) == 0
+    assert f"replacing the earlier demo run in {out}" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["history"][0]["epoch"] == 1
+    assert not (out / "overlays.png").exists()  # the earlier run's figures went with it
+
+
+def _hashes(folder) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("command", ["train", "demo"])
+def test_a_second_run_into_the_same_out_is_refused_and_the_first_stays_byte_identical(
+    run_dir, command, capsys
+):
+    before = _hashes(run_dir)
+    assert main([command, *TINY, "--epochs", "1", "--out", str(run_dir)]) == 2
+    err = _one_error_line(capsys)
+    assert f"{run_dir} already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert _hashes(run_dir) == before
+
+
+def test_overwrite_replaces_the_run_files_and_only_them(run_dir, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(run_dir, out)
+    (out / "notes.txt").write_text("the user's own file")
+    assert main(["train", *TINY, "--epochs", "1", "--no-plots", "--overwrite", "--out", str(out)]) == 0
+    assert f"deleted 6 file(s) of the previous run in {out}" in capsys.readouterr().out
+    # No mix of two runs: the first run's figures are gone, the user's file stays.
+    assert sorted(p.name for p in out.iterdir()) == [
+        "best.safetensors", "last.safetensors", "last_state.pt", "metrics.json", "notes.txt"
+    ]  # fmt: skip
+    assert len(json.loads((out / "metrics.json").read_text())["history"]) == 1
+    assert main(["train", *TINY, "--resume", "--overwrite", "--out", str(out)]) == 2
+    assert "choose one" in _one_error_line(capsys)
+
+
+WITHOUT_CHANNELS = ["--img-size", "32", "--synthetic-samples", "16", "--device", "cpu", "--lr", "3e-3"]
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["train", *TINY, "--channels", "16", "32", "64"], ["--channels 16 32 (given 16 32 64)"]),
+        (["train", *WITHOUT_CHANNELS, "--model", "segnet_cmrf"], ["--model tinyunet (given segnet_cmrf)"]),
+        (
+            ["train", *TINY, "--img-size", "48", "--synthetic-samples", "8"],
+            ["--img-size 32 (given 48)", "--synthetic-samples 16 (given 8)"],
+        ),
+        (
+            ["train", *TINY, "--lr", "1e-3", "--batch-size", "4"],
+            ["--batch-size 8 (given 4)", "--lr 0.003 (given 0.001)"],
+        ),
+        (["demo"], ["--epochs 2 (given 8)", "--img-size 32 (given 64)", "--channels 16 32 (given default)"]),
+    ],
+)
+def test_resume_with_other_settings_is_one_line_listing_the_differences(run_dir, argv, expected, capsys):
+    before = _hashes(run_dir)
+    epochs = [] if argv[0] == "demo" else ["--epochs", "2"]
+    assert main([*argv, *epochs, "--resume", "--out", str(run_dir)]) == 2
+    err = _one_error_line(capsys)
+    assert f"cannot resume {run_dir}, its run has other settings" in err
+    assert all(difference in err for difference in expected), err
+    assert _hashes(run_dir) == before
+
+
+def test_a_failed_final_evaluation_says_the_epochs_are_safe_and_resume_finishes(
+    tmp_path, capsys, monkeypatch
+):
+    import cmrf.data
+
+    build_datasets = cmrf.data.build_datasets
+
+    class BrokenTestSplit(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            raise ValueError("mask file t.png has values 2, 255 outside the class range 0..1")
+
+    def with_a_bad_test_mask(**options):
+        bundle = build_datasets(**options)
+        bundle.test = BrokenTestSplit()
+        return bundle
+
+    monkeypatch.setattr(cmrf.data, "build_datasets", with_a_bad_test_mask)
+    out = tmp_path / "run"
+    argv = ["train", *TINY, "--synthetic-samples", "8", "--epochs", "2", "--no-plots", "--out", str(out)]
+    assert main(argv) == 2
+    err = _one_error_line(capsys)
+    assert "values 2, 255" in err and f"2 trained epoch(s) are safe in {out / STATE_FILE}" in err
+    assert "--resume to finish the run" in err
+    assert not (out / "metrics.json").exists()
+    monkeypatch.undo()
+    assert main([*argv, "--resume"]) == 0
+    assert f"resuming {out} after epoch 2/2" in capsys.readouterr().out
+    assert [r["epoch"] for r in json.loads((out / "metrics.json").read_text())["history"]] == [1, 2]
+
+
+def _temporary_files(folder) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_full_disk_while_saving_the_state_keeps_the_previous_one(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    state_file = out / STATE_FILE
+    real_save, saved = torch.save, []
+
+    def save_then_fill_the_disk(obj, f, *args, **kwargs):
+        if not saved:  # epoch 1 is written; epoch 2's write fails halfway
+            saved.append(real_save(obj, f, *args, **kwargs))
+            return
+        saved.append(state_file.read_bytes())
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_then_fill_the_disk)
+    argv = ["train", *TINY, "--synthetic-samples", "8", "--epochs", "2", "--no-plots", "--out", str(out)]
+    assert main(argv) == 2
+    err = _one_error_line(capsys)
+    assert str(state_file) in err and "No space left on device" in err
+    assert state_file.read_bytes() == saved[1] and _temporary_files(out) == []
+    monkeypatch.undo()
+    assert main([*argv, "--resume"]) == 0  # the run goes on from the intact state
+    assert f"resuming {out} after epoch 1/2" in capsys.readouterr().out
+
+
+def test_a_full_disk_while_writing_metrics_keeps_the_previous_file(run_dir, tmp_path, capsys, monkeypatch):
+    import os
+
+    out = tmp_path / "copy"
+    shutil.copytree(run_dir, out)
+    before = _hashes(out)
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    # The run is complete: --resume only evaluates again and rewrites metrics.json.
+    argv = ["train", *TINY, "--epochs", "2", "--lr", "3e-3", "--no-plots", "--resume", "--out", str(out)]
+    assert main(argv) == 2
+    err = _one_error_line(capsys)
+    assert str(out / "metrics.json") in err and "No space left on device" in err
+    assert _hashes(out) == before and _temporary_files(out) == []
+
+
+def test_results_do_not_depend_on_the_worker_count(tmp_path):
+    from safetensors.torch import load_file
+
+    # Two epochs with augmentation: persistent workers must see the epoch change.
+    common = [*TINY, "--synthetic-samples", "8", "--epochs", "2", "--aug-stop", "2", "--no-plots"]
+    for workers in ("0", "2"):
+        assert main(["train", *common, "--workers", workers, "--out", str(tmp_path / workers)]) == 0
+    a, b = (load_file(str(tmp_path / w / "last.safetensors")) for w in ("0", "2"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    histories = [json.loads((tmp_path / w / "metrics.json").read_text())["history"] for w in ("0", "2")]
+    assert histories[0] == histories[1]
+
+
+def test_compile_trains_the_same_network_and_saves_plain_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    # A very small network and dynamo's "eager" backend keep this test to seconds; the CLI's
+    # default backend is inductor.
+    tiny = ["--img-size", "32", "--synthetic-samples", "8", "--N", "2", "--channels", "8", "16"]
+    common = ["train", *tiny, "--device", "cpu", "--epochs", "1", "--no-plots"]
+    assert main([*common, "--compile", "eager", "--out", str(tmp_path / "compiled")]) == 0
+    assert main([*common, "--out", str(tmp_path / "eager")]) == 0
+    compiled, eager = (load_file(str(tmp_path / d / "last.safetensors")) for d in ("compiled", "eager"))
+    assert compiled.keys() == eager.keys()  # no "_orig_mod." prefix
+    assert all(torch.allclose(compiled[k], eager[k], atol=1e-6) for k in eager)
+    assert main(["evaluate", str(tmp_path / "compiled" / "best.safetensors"), "--device", "cpu"]) == 0
 
 
 def test_train_3d_volumes(tmp_path):
@@ -148,21 +335,20 @@ def test_bad_input_is_one_clean_error_line(argv, message, capsys, tmp_path, monk
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
-def test_resume_refuses_a_different_length(run_dir, tmp_path, capsys):
-    import shutil
-
-    copy = tmp_path / "copy"
-    shutil.copytree(run_dir, copy)
-    assert main(["train", *TINY, "--epochs", "3", "--resume", "--out", str(copy)]) == 2
-    assert "--epochs 2" in capsys.readouterr().err
+def test_resume_refuses_a_different_length(run_dir, capsys):
+    assert main(["train", *TINY, "--epochs", "3", "--lr", "3e-3", "--resume", "--out", str(run_dir)]) == 2
+    assert "--epochs 2 (given 3)" in _one_error_line(capsys)
 
 
 def test_recipe_defaults_are_the_papers_and_threads_choice():
-    from cmrf.train.loop import Recipe, autocast_dtype, resolve_device
+    from cmrf.train.processes import autocast_dtype, resolve_device
+    from cmrf.train.recipe import Recipe
     from cmrf.train.setup import choose_threads
 
     recipe = Recipe()
     assert (recipe.lr, recipe.min_lr, recipe.betas, recipe.epochs) == (1e-4, 1e-6, (0.9, 0.999), 300)
+    assert (recipe.workers, recipe.compile, recipe.compile_backend) == ("auto", False, None)
+    assert Recipe(compile=True).compile_backend == "inductor"
     assert recipe.augment_epochs == 180 and Recipe(epochs=10).augment_epochs == 6
     assert Recipe(epochs=10, aug_stop=0).augment_epochs == 0
     assert autocast_dtype("auto", torch.device("cpu")) is None  # the CPU trains in float32
@@ -171,3 +357,23 @@ def test_recipe_defaults_are_the_papers_and_threads_choice():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_workers_auto_is_zero_on_the_cpu_and_one_per_free_core_on_cuda(monkeypatch):
+    from types import SimpleNamespace
+
+    from cmrf.train import loaders
+    from cmrf.train.loaders import choose_workers
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_workers("auto", cpu) == 0 and choose_workers(3, cpu) == 3 and choose_workers(2, cuda) == 2
+    monkeypatch.setattr(loaders, "_usable_cores", lambda: 16)
+    assert choose_workers("auto", cuda) == loaders.MAX_AUTO_WORKERS == 8
+    assert choose_workers("auto", cuda, processes_per_machine=4) == 3  # 4 cores each, one trains
+    monkeypatch.setattr(loaders, "_usable_cores", lambda: 1)
+    assert choose_workers("auto", cuda) == 0
+    monkeypatch.setattr(loaders, "_usable_cores", lambda: 16)
+    monkeypatch.setattr(loaders.multiprocessing, "current_process", lambda: SimpleNamespace(daemon=True))
+    assert choose_workers("auto", cuda) == 0  # a daemonic process cannot start workers
+    with pytest.raises(SystemExit):
+        main(["train", "--workers", "-1"])

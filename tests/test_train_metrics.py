@@ -1,7 +1,10 @@
-"""Losses, metrics (against hand-computed confusion matrices) and atomic checkpoint files."""
+"""Losses, metrics (against hand-computed confusion matrices), the training state, atomic run files
+and the run-folder rule."""
 
 from __future__ import annotations
 
+import errno
+import io
 import random
 
 import numpy as np
@@ -11,15 +14,21 @@ import torch.nn.functional as F
 
 from cmrf.train.losses import CEDiceLoss
 from cmrf.train.metrics import SegmentationMetrics, default_class_names, format_table
+from cmrf.train.plots import plot_history
+from cmrf.train.recipe import Recipe
+from cmrf.train.run_folder import RunFiles, RunFolderError, check_run_folder
 from cmrf.train.state import (
-    atomic_torch_save,
-    atomic_write_json,
+    STATE_FILE,
+    Progress,
+    TrainingParts,
+    capture_state,
     get_rng_state,
     load_training_state,
     model_metadata,
     read_metadata,
+    restore_state,
+    resume_differences,
     save_training_state,
-    set_rng_state,
 )
 
 # 3 classes, 6 pixels. Confusion (rows = truth, columns = prediction):
@@ -114,45 +123,140 @@ def test_loss_is_small_for_confident_correct_logits_and_checks_shapes():
         CEDiceLoss(ce_weight=0, dice_weight=0)
 
 
-def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
-    path = tmp_path / "state.pt"
-    atomic_torch_save({"epoch": 1, "w": torch.ones(3)}, path)
-    with pytest.raises(Exception):  # noqa: B017 - pickling a lambda fails inside torch.save
-        atomic_torch_save({"epoch": 2, "bad": lambda: 0}, path)
-    assert torch.load(path, weights_only=True)["epoch"] == 1
-    atomic_write_json({"a": 1}, tmp_path / "m.json")
-    assert (tmp_path / "m.json").read_text().strip().startswith("{")
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".tmp")) == ["m.json", "state.pt"]
+def _tmp_files(folder):
+    return [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_training_state_round_trips_with_weights_only_and_restores_rng(tmp_path):
-    model = torch.nn.Linear(3, 2)
+def _full_disk_halfway(real_save):
+    """A ``torch.save`` that writes half of its bytes, then fails as a full disk does."""
+
+    def save(obj, f, *args, **kwargs):
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        data = buffer.getvalue()
+        f.write(data[: len(data) // 2])
+        f.flush()
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    return save
+
+
+def test_state_write_failing_halfway_keeps_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / STATE_FILE
+    save_training_state(path, {"format": "cmrf-train-state/1", "epoch": 1, "w": torch.ones(3)})
+    before = path.read_bytes()
+    monkeypatch.setattr(torch, "save", _full_disk_halfway(torch.save))
+    with pytest.raises(OSError) as raised:
+        save_training_state(path, {"format": "cmrf-train-state/1", "epoch": 2, "w": torch.zeros(3)})
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(path)  # names the file
+    assert path.read_bytes() == before and _tmp_files(tmp_path) == []
+    monkeypatch.undo()
+    assert load_training_state(path)["epoch"] == 1
+
+
+def test_plot_write_failing_halfway_keeps_the_previous_figure(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    history = [{"epoch": 1, "train_loss": 1.0, "val_mean_iou": 0.5, "lr": 1e-3}]
+    path = plot_history(history, tmp_path / "curve.png")
+    before = path.read_bytes()
+    real_savefig = Figure.savefig
+
+    def savefig(self, fname, *args, **kwargs):
+        real_savefig(self, fname, *args, **kwargs)
+        with open(fname, "r+b") as f:  # half of the picture made it to the disk
+            f.truncate(len(before) // 2)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    with pytest.raises(OSError, match="No space left") as raised:
+        plot_history(history * 2, path)
+    assert raised.value.filename == str(path)
+    assert path.read_bytes() == before and _tmp_files(tmp_path) == []
+
+
+def _parts(seed: int) -> TrainingParts:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 10, 1e-6)
-    model(torch.randn(4, 3)).sum().backward()
-    optimizer.step()
-    scheduler.step()
-    rng = get_rng_state()
+    return TrainingParts(model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False))
+
+
+def test_capture_and_restore_round_trip_with_weights_only(tmp_path):
+    parts = _parts(0)
+    parts.model(torch.randn(5, 3)).sum().backward()
+    parts.optimizer.step()
+    parts.scheduler.step()
+    progress = Progress(epoch=1, history=[{"epoch": 1, "train_loss": 0.5}], best_score=0.25, best_epoch=1)
+    meta = model_metadata("tinyunet", {}, 3, 2, ["bg", "fg"], data={"img_size": 32})
+    rngs = [get_rng_state()]
+    state = capture_state(parts, progress, recipe=Recipe(epochs=10), metadata=meta, rng_states=rngs)
     draws = (random.random(), np.random.rand(), torch.rand(2))
-    save_training_state(
-        tmp_path / "s.pt",
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": [rng],
-            "best": None,
-        },
-    )
-    state = load_training_state(tmp_path / "s.pt")  # weights_only=True inside
-    set_rng_state(state["rng"][0])
-    assert (random.random(), np.random.rand()) == draws[:2]
-    assert torch.equal(torch.rand(2), draws[2])
-    fresh = torch.optim.Adam(torch.nn.Linear(3, 2).parameters(), lr=1e-3)
-    fresh.load_state_dict(state["optimizer"])
-    assert fresh.state_dict()["state"][0]["step"] == 1
+    save_training_state(tmp_path / "s.pt", state)
+
+    fresh = _parts(1)
+    restored = restore_state(load_training_state(tmp_path / "s.pt"), fresh)  # weights_only=True inside
+    assert restored == progress
+    assert (random.random(), np.random.rand()) == draws[:2] and torch.equal(torch.rand(2), draws[2])
+    for a, b in zip(parts.model.state_dict().values(), fresh.model.state_dict().values()):
+        assert torch.equal(a, b)  # running statistics included
+    assert fresh.optimizer.state_dict()["state"][0]["step"] == 1
+    assert fresh.scheduler.state_dict() == parts.scheduler.state_dict()
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pt"):
         load_training_state(tmp_path / "junk.pt")
+
+
+def test_restore_refuses_weights_of_another_network_before_loading_anything():
+    parts, other = _parts(0), _parts(1)
+    state = capture_state(parts, Progress(), recipe=Recipe(), metadata={}, rng_states=[get_rng_state()])
+    other.model.append(torch.nn.Linear(4, 2))
+    before = {k: v.clone() for k, v in other.model.state_dict().items()}
+    with pytest.raises(ValueError, match="another network .*2 missing"):
+        restore_state(state, other)
+    assert all(torch.equal(before[k], v) for k, v in other.model.state_dict().items())
+
+
+def test_resume_differences_name_the_flags_that_matter():
+    data = {"img_size": 32, "seed": 0}
+    meta = model_metadata("tinyunet", {"channels": [16, 32]}, 3, 2, ["bg", "fg"], None, data)
+    saved = capture_state(_parts(0), Progress(), recipe=Recipe(epochs=4), metadata=meta, rng_states=[])
+    # Where and how fast it runs may change; what it computes may not.
+    same = Recipe(epochs=4, workers=3, device="cpu", amp="none", overlays=0, compile="eager")
+    assert resume_differences(saved, recipe=same, metadata=meta) == []
+    other_meta = model_metadata("segnet", {}, 3, 2, ["bg", "fg"], 4, {"img_size": 64, "seed": 0})
+    found = resume_differences(saved, recipe=Recipe(epochs=5, lr=3e-3, seed=1), metadata=other_meta)
+    assert found == [
+        "--epochs 4 (given 5)",
+        "--lr 0.0001 (given 0.003)",
+        "--seed 0 (given 1)",
+        "--model tinyunet (given segnet)",
+        "--replace-blocks N default (given 4)",
+        "--channels 16 32 (given default)",
+        "--img-size 32 (given 64)",
+    ]
+    # aug_stop is compared by its effect: 60% of 4 epochs is 2.
+    assert resume_differences(saved, recipe=Recipe(epochs=4, aug_stop=2), metadata=meta) == []
+    assert resume_differences(saved, recipe=Recipe(epochs=4, aug_stop=3), metadata=meta) == [
+        "--aug-stop 2 (given 3)"
+    ]
+
+
+def test_run_folder_rule(tmp_path):
+    check_run_folder(tmp_path / "new")  # a missing folder is fine
+    (tmp_path / "notes.txt").write_text("mine")
+    check_run_folder(tmp_path)  # so is a folder without a run's files
+    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / ".last_state.pt.abc123.pt.tmp").write_bytes(b"left by a kill")
+    with pytest.raises(RunFolderError, match=r"already holds a run \(metrics.json\).*--resume.*--overwrite"):
+        check_run_folder(tmp_path)
+    with pytest.raises(RunFolderError, match="choose one"):
+        check_run_folder(tmp_path, resume=True, overwrite=True)
+    check_run_folder(tmp_path, resume=True)
+    check_run_folder(tmp_path, overwrite=True)
+    assert RunFiles(tmp_path).remove() == [tmp_path / "metrics.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # only the run's files go
 
 
 def test_model_metadata_round_trip(tmp_path):

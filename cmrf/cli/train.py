@@ -10,14 +10,16 @@ from pathlib import Path
 
 from cmrf.cli.common import add_model_arguments, add_runtime_arguments
 from cmrf.cli.data_args import add_data_arguments, data_options
-from cmrf.train.loop import AMP_CHOICES, Recipe
+from cmrf.train.recipe import AMP_CHOICES, Recipe
+from cmrf.train.run_folder import RunFiles, check_run_folder
 from cmrf.train.setup import build_model, torch_threads
 
 # The demo: TinyU-Net at full width on small synthetic lesion images, on the CPU, in about two
 # to three minutes on two cores. It departs from the paper's recipe to fit that budget: 64x64
 # images instead of 256x256, 160 training images, 8 epochs instead of 300, and lr 3e-3 instead of
 # 1e-4 (a short run needs larger steps; the cosine schedule still ends at 1e-6). Augmentation is on
-# for the first 60% of the epochs, as in the paper.
+# for the first 60% of the epochs, as in the paper. Re-running the demo into the same --out replaces
+# the earlier demo run there (and nothing else: a folder holding another run is refused).
 DEMO_DEFAULTS = {
     "out": "cmrf-demo",
     "device": "cpu",
@@ -77,6 +79,15 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--overlays", type=int, default=d.overlays, help="test images in overlays.png (default 4)"
     )
+    group.add_argument(
+        "--compile",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="BACKEND",
+        help="torch.compile the model (opt-in; backend inductor unless named, e.g. aot_eager); compiling "
+        "costs time before the first steps and pays off on long GPU runs",
+    )
     add_runtime_arguments(parser, seed_default=d.seed)
 
 
@@ -96,6 +107,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
         seed=args.seed,
         device=args.device,
         overlays=args.overlays,
+        compile=args.compile,
     )
 
 
@@ -104,15 +116,25 @@ def _jsonable(value):
 
 
 def build_train(parser: argparse.ArgumentParser):
-    data_dests = add_data_arguments(parser)
+    add_data_arguments(parser)
     add_model_arguments(parser)
     add_recipe_arguments(parser)
-    parser.add_argument("--out", default="runs/cmrf", help="run directory (default %(default)s)")
+    parser.add_argument(
+        "--out",
+        default="runs/cmrf",
+        help="run folder (default %(default)s); one that holds another run is refused unless --resume "
+        "or --overwrite",
+    )
     parser.add_argument(
         "--resume", action="store_true", help="continue the run in --out exactly where it stopped"
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the files of the run already in --out (and only those) before training",
+    )
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG figures")
-    parser.set_defaults(data_dests=data_dests)
+    parser.set_defaults(run_kind="train")
     return run_train
 
 
@@ -121,19 +143,35 @@ def run_train(args: argparse.Namespace) -> int:
         return _train(args)
 
 
-def _train(args: argparse.Namespace) -> int:
-    from cmrf.data import build_datasets
-    from cmrf.train.loop import fit
-    from cmrf.train.metrics import format_table
-
-    recipe = recipe_from_args(args)  # checks the recipe before any data is read
-    bundle = build_datasets(seed=args.seed, **data_options(args))
+def _model_kwargs(args: argparse.Namespace) -> tuple[dict, int | None]:
+    """The model's constructor arguments and the ``N`` of ``--replace-blocks`` (or ``None``)."""
     model_kwargs = {k: v for k, v in (("N", args.N), ("channels", args.channels)) if v is not None}
     replace_n = (args.N or 8) if args.replace_blocks else None
     if replace_n is not None:
         model_kwargs.pop("N", None)  # --N then configures the swapped-in CMRFs
-    from cmrf.train.loop import seed_everything
+    return model_kwargs, replace_n
 
+
+def _data_metadata(args: argparse.Namespace, bundle) -> dict:
+    """The run's data options (``data_options``), seed and resolved image size, for the metadata."""
+    data = {key: _jsonable(value) for key, value in data_options(args).items()}
+    if data.get("img_size") is None:  # the data's default: record the size the run used
+        data["img_size"] = int(bundle.train[0][0].shape[-1])
+    data.update(seed=args.seed, spatial_dims=bundle.spatial_dims)
+    return data
+
+
+def _train(args: argparse.Namespace) -> int:
+    from cmrf.data import build_datasets
+    from cmrf.train.loop import fit
+    from cmrf.train.metrics import format_table
+    from cmrf.train.processes import seed_everything
+    from cmrf.train.state import model_metadata
+
+    recipe = recipe_from_args(args)  # checks the recipe before any data is read
+    check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)  # before reading data, too
+    bundle = build_datasets(seed=args.seed, **data_options(args))
+    model_kwargs, replace_n = _model_kwargs(args)
     seed_everything(args.seed)  # the initial weights are part of a seeded run
     model, name = build_model(
         args.model,
@@ -145,15 +183,27 @@ def _train(args: argparse.Namespace) -> int:
         args.img_size,
         report=int(os.environ.get("RANK", "0")) == 0,
     )
-    from cmrf.train.state import model_metadata
-
-    data = {dest: _jsonable(getattr(args, dest)) for dest in args.data_dests}
-    data.update(seed=args.seed, spatial_dims=bundle.spatial_dims)
     metadata = model_metadata(
-        name, model_kwargs, bundle.in_channels, bundle.num_classes, bundle.class_names, replace_n, data
+        name,
+        model_kwargs,
+        bundle.in_channels,
+        bundle.num_classes,
+        bundle.class_names,
+        replace_n,
+        _data_metadata(args, bundle),
+        command=args.run_kind,
     )
     started = time.perf_counter()
-    result = fit(model, bundle, args.out, recipe, resume=args.resume, metadata=metadata, plots=args.plots)
+    result = fit(
+        model,
+        bundle,
+        args.out,
+        recipe,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        metadata=metadata,
+        plots=args.plots,
+    )
     minutes = (time.perf_counter() - started) / 60
     if int(os.environ.get("RANK", "0")) == 0:
         title = f"{result['split']} split, best epoch {result['best_epoch']} (by validation mIoU)"
@@ -164,20 +214,35 @@ def _train(args: argparse.Namespace) -> int:
 
 def build_demo(parser: argparse.ArgumentParser):
     run = build_train(parser)
-    parser.set_defaults(**DEMO_DEFAULTS)
+    parser.set_defaults(**DEMO_DEFAULTS, run_kind="demo")
     parser.description = (
         "Train TinyU-Net on synthetic lesion images on the CPU (no download), evaluate it on held-out "
         "images and write metrics.json, checkpoints, training curve and overlays to --out. Any train "
         "flag can override the demo's settings: "
         + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_DEFAULTS.items() if k != "out")
-        + "."
+        + ". Re-running it into the same --out replaces the earlier demo run there; a folder that holds "
+        "any other run is refused."
     )
     return _demo(run)
+
+
+def _replaces_earlier_demo(out: str | Path) -> bool:
+    """True when ``out`` holds a run and that run was made by ``cmrf demo`` (its metadata says so)."""
+    from cmrf.train.state import saved_run_metadata
+
+    files = RunFiles(Path(out))
+    if not files.existing():
+        return False
+    meta = saved_run_metadata(files) or {}
+    return meta.get("command") == "demo"
 
 
 def _demo(run_train_fn):
     def run_demo(args: argparse.Namespace) -> int:
         started = time.perf_counter()
+        if not (args.resume or args.overwrite) and _replaces_earlier_demo(args.out):
+            print(f"replacing the earlier demo run in {args.out}")
+            args.overwrite = True
         status = run_train_fn(args)
         metrics = json.loads((Path(args.out) / "metrics.json").read_text())
         foreground = [v["iou"] for k, v in metrics["per_class"].items() if k != "background"]

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cmrf.train.state import _replace_atomically
+from cmrf.files import atomic_path
+from cmrf.train.run_folder import naming_errors
 
 # Colours of classes 1..K-1 in overlays (class 0, the background, is left transparent).
 CLASS_COLOURS = np.array(
@@ -21,10 +22,10 @@ CLASS_COLOURS = np.array(
 
 
 def _save(figure, path: str | Path) -> Path:
+    """Write ``figure`` atomically: a failed write (full disk) leaves the previous file as it was."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    figure.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=100, bbox_inches="tight")
-    _replace_atomically(tmp, path)
+    with naming_errors(path), atomic_path(path) as tmp:
+        figure.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=100, bbox_inches="tight")
     return path
 
 

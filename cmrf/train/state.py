@@ -1,75 +1,57 @@
-"""Checkpoints that survive a kill at any moment, and the exact training state for ``--resume``.
+"""The exact training state that ``--resume`` continues from, and the metadata of checkpoints.
 
-A run directory holds, for ``tag`` in ``("last", "best")``:
+A run folder (``cmrf.train.run_folder.RunFiles``) holds:
 
-- ``{tag}.safetensors``: the model weights (``cmrf.checkpoint.save_weights``), with metadata that
-  lets ``cmrf evaluate`` / ``cmrf predict`` rebuild the model (see ``model_metadata``);
+- ``last.safetensors`` / ``best.safetensors``: model weights (``cmrf.checkpoint.save_weights``)
+  with metadata that lets ``cmrf evaluate`` / ``cmrf predict`` rebuild the model
+  (``model_metadata``);
 - ``last_state.pt``: everything ``--resume`` needs, loadable with ``torch.load(weights_only=True)``:
-  the model weights again, optimizer, scheduler, gradient scaler, completed epochs, history, best
-  score and the random generator states (as tensors and lists, never pickled objects).
+  weights, optimizer, scheduler, gradient scaler, progress, random generator states, and the
+  recipe and metadata of the run (so that a resume with other settings is refused). Its content is
+  defined once, by the pair ``capture_state`` / ``restore_state``;
+- ``metrics.json``, ``training_curve.png``, ``overlays.png``.
 
-The state file repeats the weights on purpose: it is then the one file that defines where a run
-stands, written with a single atomic rename, so a kill between two writes can never pair the
-weights of one epoch with the optimizer of another.
-
-Every file is written to ``name.tmp`` first, flushed to disk, then renamed over the old one
-(``os.replace`` is atomic on POSIX and Windows): a reader sees the old file or the new, never half.
+The state repeats the weights on purpose: it is the one file that defines where a run stands,
+written with a single atomic rename, so a kill between two writes can never pair the weights of
+one epoch with the optimizer of another. Every file goes through ``cmrf.files``: temporary file in
+the same folder, fsync, rename; on a failure (a full disk) the previous file stays as it was and
+no temporary file is left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
+import math
 import random
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+
+from cmrf.files import atomic_write
+from cmrf.train.run_folder import STATE_FILE, RunFiles, naming_errors
+
+__all__ = [
+    "STATE_FILE",
+    "Progress",
+    "TrainingParts",
+    "capture_state",
+    "decode_metadata",
+    "get_rng_state",
+    "load_training_state",
+    "model_metadata",
+    "read_metadata",
+    "restore_state",
+    "resume_differences",
+    "save_training_state",
+    "saved_run_metadata",
+    "set_rng_state",
+]
 
 STATE_FORMAT = "cmrf-train-state/1"
-STATE_FILE = "last_state.pt"
-
-
-def _replace_atomically(tmp: Path, path: Path) -> None:
-    os.replace(tmp, path)
-    # Make the rename itself durable (a no-op where directories cannot be opened, e.g. Windows).
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_torch_save(obj, path: str | Path) -> None:
-    """``torch.save(obj, path)`` through a temporary file and an atomic rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    _replace_atomically(tmp, path)
-
-
-def atomic_write_text(text: str, path: str | Path) -> None:
-    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    _replace_atomically(tmp, path)
-
-
-def atomic_write_json(obj, path: str | Path) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
-    atomic_write_text(json.dumps(obj, indent=2) + "\n", path)
 
 
 # --- random generator states as plain tensors and lists -----------------------------------------
@@ -138,8 +120,9 @@ def model_metadata(
         in_chans, num_classes: the model's input channels and classes.
         class_names: one name per class.
         replace_blocks_n: ``N`` when the model went through ``cmrf.replace_blocks``, else ``None``.
-        data: the data options of the run (image size, dataset, seed...), for ``evaluate``.
-        **extra: further values, stored with ``json.dumps``.
+        data: the data options of the run (``cmrf.data.build_datasets`` keywords and ``seed``),
+            for ``evaluate`` and for the checks of ``--resume``.
+        **extra: further values, stored with ``json.dumps`` (e.g. ``command="demo"``).
     """
     meta = {
         "format": "cmrf",
@@ -153,6 +136,11 @@ def model_metadata(
     }
     meta.update({key: json.dumps(value) for key, value in extra.items()})
     return meta
+
+
+def decode_metadata(meta: dict[str, str]) -> dict:
+    """The values of ``model_metadata``'s strings (``model`` and ``format`` stay strings)."""
+    return {key: value if key in ("format", "model") else json.loads(value) for key, value in meta.items()}
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -177,19 +165,217 @@ def read_metadata(path: str | Path) -> dict:
             f"{path} carries no cmrf training metadata (model name, classes); pass a best.safetensors "
             f"or last.safetensors written by cmrf train"
         )
-    decoded = {"model": meta["model"]}
-    for key, value in meta.items():
-        if key not in ("format", "model"):
-            decoded[key] = json.loads(value)
+    decoded = decode_metadata(meta)
+    decoded.pop("format")
     return decoded
+
+
+def saved_run_metadata(files: RunFiles) -> dict | None:
+    """The decoded ``model_metadata`` of the run in a folder, or ``None`` if none is readable."""
+    for path in (files.last, files.best):
+        with contextlib.suppress(ValueError, OSError):
+            return read_metadata(path)
+    with contextlib.suppress(ValueError, OSError, KeyError):
+        return decode_metadata(load_training_state(files.state)["metadata"])
+    return None
+
+
+# --- what must agree for a resume ---------------------------------------------------------------
+
+# Metadata entries that define the network and the data, with the flag that sets each.
+_MODEL_FLAGS = {"model": "--model", "replace_blocks": "--replace-blocks N", "in_chans": "input channels"}
+_MODEL_KWARG_FLAGS = {"N": "--N", "channels": "--channels"}
+# Recipe fields that may change on resume: where and how fast it runs, not what it computes.
+RESUME_FREE_FIELDS = ("amp", "workers", "device", "overlays", "compile")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "default"
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+def _metadata_settings(meta: dict) -> dict[str, object]:
+    """Flag -> value of the decoded metadata entries that define the model and the data."""
+    settings = {flag: meta.get(key) for key, flag in _MODEL_FLAGS.items()}
+    kwargs = meta.get("model_kwargs") or {}
+    settings.update({_MODEL_KWARG_FLAGS.get(key, f"model {key}"): value for key, value in kwargs.items()})
+    settings["--num-classes"] = meta.get("num_classes")
+    data = meta.get("data") or {}
+    settings.update({_flag(key): value for key, value in data.items()})
+    return settings
+
+
+def _recipe_settings(recipe) -> dict[str, object]:
+    """Flag -> value of the recipe fields that change the computation (``aug_stop`` as epochs)."""
+    settings = {
+        _flag(f.name): getattr(recipe, f.name) for f in fields(recipe) if f.name not in RESUME_FREE_FIELDS
+    }
+    settings["--aug-stop"] = recipe.augment_epochs
+    if "--betas" in settings:
+        settings["--betas"] = list(settings["--betas"])
+    return settings
+
+
+def _differences(saved: dict, given: dict) -> list[str]:
+    keys = list(dict.fromkeys([*saved, *given]))
+    return [
+        f"{key} {_shown(saved.get(key))} (given {_shown(given.get(key))})"
+        for key in keys
+        if saved.get(key) != given.get(key)
+    ]
 
 
 # --- the resumable training state ---------------------------------------------------------------
 
 
+@dataclass
+class Progress:
+    """Where a run stands.
+
+    Attributes:
+        epoch: completed epochs.
+        history: one record per completed epoch (``epoch`` 1-based, ``train_loss``,
+            ``val_mean_iou``, ``lr``).
+        best_score: best validation mIoU so far (``-inf`` before the first epoch).
+        best_epoch: the 1-based epoch that scored ``best_score`` (0 before the first epoch).
+    """
+
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_score: float = -math.inf
+    best_epoch: int = 0
+
+
+@dataclass
+class TrainingParts:
+    """The objects whose state a run saves: the plain model (not DDP- or compile-wrapped),
+    its optimizer, the lr scheduler and the gradient scaler."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+
+def capture_state(
+    parts: TrainingParts,
+    progress: Progress,
+    *,
+    recipe,
+    metadata: dict[str, str],
+    rng_states: list[dict],
+) -> dict:
+    """The training state after ``progress.epoch`` epochs, as ``restore_state`` reads it.
+
+    Args:
+        parts: model, optimizer, scheduler, scaler.
+        progress: completed epochs, history, best score.
+        recipe: the run's ``cmrf.train.Recipe`` (stored as a dict).
+        metadata: the run's ``model_metadata`` strings (``{}`` when the caller gave none).
+        rng_states: ``get_rng_state()`` of every process, by rank.
+
+    Returns:
+        A dict of tensors, lists, numbers and strings (``torch.load(weights_only=True)`` reads it).
+    """
+    return {
+        "format": STATE_FORMAT,
+        "epoch": progress.epoch,
+        "history": progress.history,
+        "best_score": progress.best_score,
+        "best_epoch": progress.best_epoch,
+        "model": {k: v.detach().cpu() for k, v in parts.model.state_dict().items()},
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
+        "scaler": parts.scaler.state_dict(),
+        "rng": rng_states,
+        "world_size": len(rng_states),
+        "recipe": recipe.to_dict(),
+        "metadata": dict(metadata),
+    }
+
+
+def resume_differences(state: dict, *, recipe, metadata: dict[str, str]) -> list[str]:
+    """The settings in which a run about to resume from ``state`` differs from the saved run.
+
+    Compares the network and data (``metadata``, when both sides have it) and the recipe fields
+    that change what is computed (all but ``RESUME_FREE_FIELDS``).
+
+    Returns:
+        One ``"--flag SAVED (given GIVEN)"`` entry per difference; empty when they agree.
+    """
+    known = {f.name for f in fields(recipe)}
+    saved_recipe = type(recipe)(**{k: v for k, v in state["recipe"].items() if k in known})
+    differences = _differences(_recipe_settings(saved_recipe), _recipe_settings(recipe))
+    if saved_recipe.aug_stop is None and recipe.aug_stop is None:  # both 60% of --epochs: said there
+        differences = [d for d in differences if not d.startswith("--aug-stop ")]
+    saved_meta = state.get("metadata") or {}
+    if saved_meta and metadata:
+        saved = _metadata_settings(decode_metadata(saved_meta))
+        given = _metadata_settings(decode_metadata(metadata))
+        # --seed is also a recipe field: report it once.
+        differences += [d for d in _differences(saved, given) if not d.startswith("--seed ")]
+    return differences
+
+
+def _check_weights_fit(model: nn.Module, weights: dict[str, torch.Tensor], source: str | Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - weights.keys())
+    unexpected = sorted(weights.keys() - expected.keys())
+    reshaped = sorted(k for k in expected.keys() & weights.keys() if expected[k].shape != weights[k].shape)
+    if missing or unexpected or reshaped:
+        counts = f"{len(missing)} missing, {len(unexpected)} unexpected, {len(reshaped)} reshaped tensors"
+        first = (missing or unexpected or reshaped)[0]
+        raise ValueError(
+            f"cannot resume {source}: its weights belong to another network ({counts}, e.g. {first}); "
+            f"resume with the model flags of that run, or train into another --out"
+        )
+
+
+def restore_state(
+    state: dict, parts: TrainingParts, *, rank: int = 0, world_size: int = 1, source: str | Path = STATE_FILE
+) -> Progress:
+    """Load a ``capture_state`` dict into ``parts`` and this process's random generators.
+
+    Check the settings first with ``resume_differences``. A state saved by another number of
+    processes restores rank 0's generators everywhere (the run continues, not bit for bit).
+    ``source`` names the state in error messages (its file).
+
+    Returns:
+        The saved ``Progress``.
+
+    Raises:
+        ValueError: the saved weights do not fit ``parts.model`` (nothing is loaded then).
+    """
+    _check_weights_fit(parts.model, state["model"], source)
+    parts.model.load_state_dict(state["model"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scheduler.load_state_dict(state["scheduler"])
+    parts.scaler.load_state_dict(state["scaler"])
+    rng_states = state["rng"]
+    set_rng_state(rng_states[rank] if len(rng_states) == world_size else rng_states[0])
+    return Progress(
+        epoch=state["epoch"],
+        history=list(state["history"]),
+        best_score=state["best_score"],
+        best_epoch=state["best_epoch"],
+    )
+
+
 def save_training_state(path: str | Path, state: dict) -> None:
-    """Write the training ``state`` dict atomically (adds the format tag)."""
-    atomic_torch_save({"format": STATE_FORMAT, **state}, path)
+    """Write a ``capture_state`` dict to ``path`` atomically (the previous file survives a failure).
+
+    Raises:
+        OSError: the file could not be written (full disk, read-only folder); names ``path``.
+    """
+    with naming_errors(path), atomic_write(path) as f:
+        torch.save(state, f)
 
 
 def load_training_state(path: str | Path) -> dict:

@@ -1,0 +1,105 @@
+"""``Recipe``: the optimisation settings of a run; its defaults are the TinyU-Net paper's.
+
+The paper's recipe (MICCAI 2024, section 4.1):
+
+- Adam, lr 1e-4, betas (0.9, 0.999), no weight decay;
+- cosine annealing of the lr from 1e-4 to 1e-6 over the run, stepped once per epoch;
+- loss = cross-entropy + Dice (``cmrf.train.losses.CEDiceLoss``);
+- 300 epochs, data augmentation switched off after epoch 180 (``aug_stop``, 60% of the run);
+- 256x256 inputs (a data option, ``--img-size``).
+
+The paper does not state the batch size; the default here is 8, the value of the CMUNeXt code
+base that TinyU-Net's experiments build on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "none")
+
+
+def _check_count(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass
+class Recipe:
+    """Optimisation settings; the defaults are the paper's (see the module docstring).
+
+    Attributes:
+        epochs: training epochs. Default 300.
+        batch_size: images per step and process. Default 8 (not stated in the paper).
+        lr: initial learning rate of Adam. Default 1e-4.
+        min_lr: learning rate reached at the end of the cosine schedule. Default 1e-6.
+        betas: Adam's betas. Default (0.9, 0.999).
+        weight_decay: Adam's L2 penalty. Default 0.
+        aug_stop: augmentation is on for epochs ``1..aug_stop`` (1-based) and off afterwards;
+            ``None`` (default) means 60% of ``epochs`` (180 of 300, as in the paper).
+        ce_weight, dice_weight: weights of the two loss terms. Default 1 and 1.
+        amp: mixed precision on GPU: ``"auto"`` (bf16 where supported, else fp16), ``"bf16"``,
+            ``"fp16"`` or ``"none"``. The CPU always trains in float32.
+        workers: DataLoader worker processes, or ``"auto"`` (default): 0 on the CPU, on CUDA one
+            per free core up to 8 (``cmrf.train.setup.choose_workers``). Results do not depend on it.
+        seed: seed of initialisation, shuffling and augmentation. Default 0.
+        device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:1"``.
+        overlays: number of test images drawn in ``overlays.png``. Default 4.
+        compile: ``torch.compile`` the model: ``False`` (default, eager), ``True`` (inductor) or
+            the name of a backend (``"inductor"``, ``"aot_eager"``, ...). Compiling costs time
+            before the first steps (see docs/training.md) and pays off on long GPU runs.
+    """
+
+    epochs: int = 300
+    batch_size: int = 8
+    lr: float = 1e-4
+    min_lr: float = 1e-6
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    aug_stop: int | None = None
+    ce_weight: float = 1.0
+    dice_weight: float = 1.0
+    amp: str = "auto"
+    workers: int | str = "auto"
+    seed: int = 0
+    device: str = "auto"
+    overlays: int = 4
+    compile: bool | str = False
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size"):
+            _check_count(name, getattr(self, name), 1)
+        for name in ("seed", "overlays"):
+            _check_count(name, getattr(self, name), 0)
+        if self.workers != "auto":
+            _check_count("workers", self.workers, 0)
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        self.betas = tuple(float(b) for b in self.betas)
+        if self.aug_stop is not None and not 0 <= self.aug_stop <= self.epochs:
+            raise ValueError(f"aug_stop must be between 0 and epochs={self.epochs}, got {self.aug_stop}")
+        if self.amp not in AMP_CHOICES:
+            raise ValueError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
+        if not isinstance(self.compile, (bool, str)) or self.compile == "":
+            raise ValueError(f"compile must be True, False or a torch.compile backend, got {self.compile!r}")
+
+    @property
+    def augment_epochs(self) -> int:
+        """Number of leading epochs trained with augmentation."""
+        return round(0.6 * self.epochs) if self.aug_stop is None else self.aug_stop
+
+    @property
+    def compile_backend(self) -> str | None:
+        """The ``torch.compile`` backend, or ``None`` for eager execution."""
+        if self.compile is True:
+            return "inductor"
+        return self.compile or None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(d["betas"])
+        return d

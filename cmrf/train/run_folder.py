@@ -1,0 +1,113 @@
+"""A run folder: the files a training run writes, and the rule that protects another run's files.
+
+Training into a folder that already holds a run's files is refused unless the caller says what to
+do with that run: continue it (``resume``) or replace it (``overwrite``, which deletes the run's
+files, and only those, first). So a second run never mixes its files with, or silently replaces,
+those of the first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+STATE_FILE = "last_state.pt"
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The files a run writes in its folder ``out``."""
+
+    out: Path
+
+    @property
+    def state(self) -> Path:
+        return self.out / STATE_FILE
+
+    @property
+    def last(self) -> Path:
+        return self.out / "last.safetensors"
+
+    @property
+    def best(self) -> Path:
+        return self.out / "best.safetensors"
+
+    @property
+    def metrics(self) -> Path:
+        return self.out / "metrics.json"
+
+    @property
+    def curve(self) -> Path:
+        return self.out / "training_curve.png"
+
+    @property
+    def overlays(self) -> Path:
+        return self.out / "overlays.png"
+
+    def all(self) -> list[Path]:
+        """Every file of a run, in the order they are first written."""
+        return [self.best, self.last, self.state, self.curve, self.metrics, self.overlays]
+
+    def existing(self) -> list[Path]:
+        """The files of a run that are already in the folder (a run, or part of one, is there)."""
+        return [path for path in self.all() if path.is_file()]
+
+    def remove(self) -> list[Path]:
+        """Delete the files of a run (and temporary files a killed writer left); return them.
+
+        Only the names a run writes are touched: other files in the folder stay.
+        """
+        removed = self.existing()
+        for path in removed:
+            path.unlink()
+        for path in self.all():
+            # cmrf.files names its temporary files ".NAME.<random>.<suffix>.tmp"
+            for tmp in self.out.glob(f".{path.name}.*.tmp"):
+                tmp.unlink()
+        return removed
+
+
+class RunFolderError(ValueError):
+    """A run folder cannot be used as asked (it holds another run, or nothing to resume)."""
+
+
+def check_run_folder(out: str | Path, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse to train into ``out`` when it holds another run and neither flag says what to do.
+
+    Args:
+        out: the run folder.
+        resume: the run in ``out`` is to be continued.
+        overwrite: the run in ``out`` is to be replaced (its files are deleted first).
+
+    Raises:
+        RunFolderError: both flags are set, or ``out`` holds a run's files and neither is.
+    """
+    if resume and overwrite:
+        raise RunFolderError("--resume continues the run in --out and --overwrite deletes it: choose one")
+    if resume or overwrite:
+        return
+    found = RunFiles(Path(out)).existing()
+    if found:
+        names = ", ".join(path.name for path in found)
+        raise RunFolderError(
+            f"{out} already holds a run ({names}); pass --resume to continue it, --overwrite to "
+            f"replace it, or choose another --out"
+        )
+
+
+@contextlib.contextmanager
+def naming_errors(path: str | Path) -> Iterator[None]:
+    """Re-raise an ``OSError`` of the block with ``path`` as its file name.
+
+    Writers report a full disk as ``OSError(ENOSPC)`` without a file name, or with the name of
+    the temporary file; the user needs to know which file of the run could not be written.
+    """
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None and Path(err.filename) == Path(path):
+            raise
+        cause = err.strerror or str(err) or type(err).__name__
+        raise OSError(err.errno, cause, str(path)) from err
