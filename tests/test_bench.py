@@ -247,14 +247,13 @@ def test_one_failing_row_does_not_stop_the_others(monkeypatch):
 
 
 def test_deadline_skips_rows_and_compile_rows_that_would_not_fit():
-    rows = ("inference.optimized", "inference.compile")
-    settings = resolve_settings("cpu", rows=rows, compile=True, compile_estimate_s=1e6, **TINY)
-    report = run_benchmark(settings, progress=None)
-    rows = _rows(report)
+    selection = ("inference.optimized", "inference.compile")
+    settings = resolve_settings("cpu", rows=selection, compile=True, compile_estimate_s=1e6, **TINY)
+    rows = _rows(run_benchmark(settings, progress=None))
     assert rows["inference.compile"].status == "skipped"
     assert "would pass the deadline" in rows["inference.compile"].note
     assert rows["inference.optimized"].status == "ok"
-    late = run_benchmark(resolve_settings("cpu", rows=rows, deadline_s=1e-6, **TINY), progress=None)
+    late = run_benchmark(resolve_settings("cpu", rows=selection, deadline_s=1e-6, **TINY), progress=None)
     assert late.rows and all(r.status == "skipped" and "deadline" in r.note for r in late.rows)
     assert "Skipped: inference.reference" in to_markdown(late)
 
