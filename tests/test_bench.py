@@ -320,3 +320,13 @@ def test_bench_cascade_is_an_alias_for_the_cascade_rows():
     assert args.rows == ["cascade"] and args.run.__name__ == "run"
     args = build_parser("bench").parse_args(["bench"])
     assert args.rows is None  # all groups
+
+
+def test_cpu_memory_probe_runs_a_row_in_a_fresh_process():
+    from cmrf.bench.memory import probe_peak_rss
+
+    settings = resolve_settings("cpu", rows=("inference.optimized",), **TINY)
+    peak = probe_peak_rss("inference.optimized", settings, timeout_s=300)
+    assert peak is None or 0 <= peak < 2048  # None where /proc cannot reset the peak (not Linux)
+    with pytest.raises(RuntimeError, match="memory probe failed"):
+        probe_peak_rss("inference.nonsense", settings, timeout_s=300)

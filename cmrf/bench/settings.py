@@ -214,8 +214,6 @@ def resolve_settings(device: str | None = "cpu", **overrides) -> BenchSettings:
         raise ValueError(f"unknown bench settings {sorted(unknown)}; known: {sorted(known)}")
     defaults = _CUDA_DEFAULTS if torch.device(device).type == "cuda" else _CPU_DEFAULTS
     values = {**defaults, **{k: v for k, v in overrides.items() if v is not None}}
-    if "deadline_s" in overrides and overrides["deadline_s"] is None:
-        values["deadline_s"] = defaults["deadline_s"]
     settings = replace(BenchSettings(device=device), **values)
     _validate(settings)
     return settings
