@@ -328,5 +328,15 @@ def test_cpu_memory_probe_runs_a_row_in_a_fresh_process():
     settings = resolve_settings("cpu", rows=("inference.optimized",), **TINY)
     peak = probe_peak_rss("inference.optimized", settings, timeout_s=300)
     assert peak is None or 0 <= peak < 2048  # None where /proc cannot reset the peak (not Linux)
-    with pytest.raises(RuntimeError, match="memory probe failed"):
-        probe_peak_rss("inference.nonsense", settings, timeout_s=300)
+
+
+
+def test_cpu_memory_probe_failure_is_reported(monkeypatch):
+    import subprocess
+
+    import cmrf.bench.memory as memory
+
+    failed = subprocess.CompletedProcess([], 1, stdout="", stderr="Traceback ...\nValueError: boom\n")
+    monkeypatch.setattr(memory.subprocess, "run", lambda *a, **k: failed)
+    with pytest.raises(RuntimeError, match="memory probe failed: ValueError: boom"):
+        memory.probe_peak_rss("inference.optimized", resolve_settings("cpu"))
