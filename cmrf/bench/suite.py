@@ -317,8 +317,9 @@ class _Run:
                          "max_memory_allocated during one call minus what was allocated before it; "
                          "% HBM bound: compulsory traffic over kernel time, against the device's bandwidth.")
         else:
-            notes.append("cascade rows: the fused kernels run only in Triton's CPU interpreter here, so "
-                         "they are compared with the reference at small shapes and not timed.")
+            if any(r.group == "cascade" for r in self.report.rows):
+                notes.append("cascade rows: the fused kernels run only in Triton's CPU interpreter here, "
+                             "so they are compared with the reference at small shapes and not timed.")
             if not s.memory:
                 notes.append("peak MiB: not measured (add --memory for the peak RSS of each row's first "
                              "call in a fresh process).")
