@@ -22,6 +22,11 @@ from cmrf.bench.settings import CASCADE_WIDTHS, PRECISIONS, BenchSettings
 
 __all__ = ["CascadeCase", "cascade_bytes", "cascade_case_runners", "cascade_cases_of"]
 
+# TODO(lead): a `--sweep` that times every eval-kernel configuration on these shapes, once
+# `cmrf.ops.triton_cascade` in main offers a way to force one (the cascade branch has
+# `eval_configs(H, W, S)`, `train_configs(H, W)` and the context manager `force_config(config)`):
+# one extra fused row per configuration, named `...fused.<config>`, timed in the case's group.
+
 
 @dataclass(frozen=True)
 class CascadeCase:
