@@ -1,22 +1,16 @@
-"""Benchmark CMRF's fused Triton cascade against the eager PyTorch reference.
+"""Time CMRF's cascade, reference against fused, at TinyU-Net's four cascade shapes.
 
-    python examples/bench_cascade.py                  # CUDA: TinyU-Net shapes, batch 16, 256x256
-    python examples/bench_cascade.py --dtypes bf16    # any option of `cmrf bench-cascade --help`
+    python examples/bench_cascade.py                         # CUDA: eval batch 128, train batch 16 and 128
+    python examples/bench_cascade.py --cascade-dtypes fp32 bf16 --json cascade.json
 
-Without a GPU it runs the kernels in Triton's CPU interpreter on tiny shapes: a correctness check,
-not a speed measurement. Figures are printed and written to bench_cascade.json (``--json``).
+The same as ``cmrf bench --rows cascade`` (any option of ``cmrf bench --help`` works). Without a
+GPU the fused kernels run in Triton's CPU interpreter on small shapes: the rows then check
+correctness only and are not timed.
 """
 
-import os
 import sys
 
-import torch
-
-if not torch.cuda.is_available():
-    # Triton reads this when kernels are defined, so set it before cmrf's kernels are imported.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from cmrf.cli import main  # noqa: E402
+from cmrf.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["bench-cascade", *sys.argv[1:]]))
+    sys.exit(main(["bench", "--rows", "cascade", *sys.argv[1:]]))

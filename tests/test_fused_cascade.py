@@ -485,23 +485,3 @@ def test_kernels_compile_for_a_real_gpu():
 def test_importing_cmrf_does_not_import_the_kernels():
     code = "import sys, cmrf; cmrf.CMRF(4, 8, N=2); assert 'cmrf.ops.triton_cascade' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
-
-
-def test_bench_cascade_command_writes_figures(tmp_path, capsys):
-    import json
-
-    from cmrf.cli import main
-
-    path = tmp_path / "bench.json"
-    argv = ["bench-cascade", "--device", DEVICE, "--quick", "--dtypes", "fp32", "--modes", "eval",
-            "--size", "8", "--batch", "1", "--N", "2", "--warmup", "0", "--iters", "1", "--no-model",
-            "--json", str(path)]
-    assert main(argv) == 0
-    report = json.loads(path.read_text())
-    assert report["N"] == 2 and len(report["cascade"]) == 4
-    assert all(case["max_abs_diff"] < 1e-5 and case["fused_ms"] > 0 for case in report["cascade"])
-    # TinyU-Net's widths / 8 at 8 / 256 of its resolutions: c = width / 2N, input (B, 2c, side, side).
-    expected = [[1, 4, 8, 8], [1, 8, 4, 4], [1, 16, 2, 2], [1, 32, 1, 1]]
-    assert [case["shape"] for case in report["cascade"]] == expected
-    assert "device:" in capsys.readouterr().out
-    assert main(["bench-cascade", "--device", "tpu", "--json", str(path)]) == 2

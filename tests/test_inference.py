@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,11 +10,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from cmrf import CMRF, TinyUNet, export_onnx, optimize_for_inference, save_weights
-from cmrf.bench import run_benchmark
 from cmrf.cli import main as cli_main
 from cmrf.inference import InferenceCMRF, fold_conv_norm, max_pool2x, upsample_bicubic2x
 from cmrf.layers import ConvNorm
-from cmrf.reference import reference_tinyunet
 from tests.conftest import golden_state_dict, load_golden
 
 TOL = 1e-4
@@ -217,36 +213,3 @@ def test_onnx_dynamic_needs_multiples_of_min_size(small_unet, tmp_path):
         export_onnx(small_unet, tmp_path / "x.onnx", (1, 3, 36, 32), dynamic=True)
     with pytest.raises(ValueError, match="input_size must be"):
         export_onnx(small_unet, tmp_path / "x.onnx", (3, 32))
-
-
-# --- the benchmark ---------------------------------------------------------------------------
-
-
-def test_bench_baseline_is_the_reference_algorithm():
-    golden = load_golden("tinyunet_official.safetensors")
-    model = TinyUNet()
-    model.load_state_dict(golden_state_dict(golden))
-    with torch.no_grad():
-        out = reference_tinyunet(golden["input"], model.state_dict())
-    assert _max_diff(out, golden["output_eval"]) < TOL
-
-
-def test_run_benchmark_reports_every_row():
-    result = run_benchmark(
-        batch_sizes=(1,), size=32, repeats=1, warmup=0, threads=1,
-        rows=("baseline", "eager", "optimized"), memory=False, leak_calls=2,
-    )
-    json.dumps(result)  # JSON-ready
-    rows = {r["row"]: r for r in result["rows"]}
-    assert set(rows) == {"baseline", "eager", "optimized"}
-    assert rows["baseline"]["speedup_vs_baseline"] == pytest.approx(1.0)
-    for row in rows.values():
-        assert row["median_ms"] > 0 and row["images_per_s"] > 0
-        assert row["max_abs_diff_vs_baseline"] < TOL
-    assert result["machine"]["threads"] == 1
-    assert set(result["rss_growth"]) == {"optimized"}
-
-
-def test_bench_cli_rejects_sizes_the_reference_cannot_run(capsys):
-    assert cli_main(["bench", "--size", "100"]) == 2
-    assert "multiple of 16" in capsys.readouterr().err

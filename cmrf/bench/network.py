@@ -1,0 +1,252 @@
+"""Whole-network rows: TinyU-Net inference and one Adam training step, in every variant.
+
+Each builder returns a ``Runner``: ``call()`` does the timed unit of work on a fixed input and
+``check()`` does it once and returns the tensors compared with the group reference's. Every
+variant starts from a copy of the same model (seeded, BatchNorm statistics randomised so that
+folding and normalisation are exercised), so outputs and gradients are comparable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cmrf.bench.settings import PRECISIONS, BenchSettings
+
+__all__ = ["NetworkContext", "Runner", "build_network_runner", "randomise_batchnorm"]
+
+
+@dataclass
+class Runner:
+    """``call()`` is timed; ``check()`` runs once first and returns ``name -> tensor`` to compare."""
+
+    call: Callable[[], object]
+    check: Callable[[], dict[str, torch.Tensor]]
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm affine parameters and running statistics (deterministic)."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.track_running_stats:
+            c = m.num_features
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(c, generator=gen) - 0.5)
+                m.running_mean.copy_(torch.rand(c, generator=gen) - 0.5)
+                m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
+    return model
+
+
+def autocast(settings: BenchSettings, cache_enabled: bool = True):
+    """The run's autocast context (a no-op in fp32)."""
+    if settings.precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(settings.torch_device.type, dtype=PRECISIONS[settings.precision],
+                          cache_enabled=cache_enabled)
+
+
+@dataclass
+class NetworkContext:
+    """The model every variant copies, and the fixed input and target, all on the bench device."""
+
+    model: nn.Module
+    x: torch.Tensor
+    target: torch.Tensor
+
+    @classmethod
+    def create(cls, settings: BenchSettings) -> NetworkContext:
+        from cmrf.models import create_model
+
+        device = settings.torch_device
+        torch.manual_seed(0)
+        model = randomise_batchnorm(create_model("tinyunet", N=settings.N)).to(device)
+        gen = torch.Generator().manual_seed(1)
+        shape = (settings.batch, model.in_channels, settings.size, settings.size)
+        x = torch.randn(shape, generator=gen).to(device)
+        target = torch.randint(0, model.num_classes, (settings.batch, settings.size, settings.size),
+                               generator=gen).to(device)
+        return cls(model, x, target)
+
+
+def _dynamo_graphs() -> int:
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _inference_runner(forward: Callable[[torch.Tensor], torch.Tensor], x, settings, note="") -> Runner:
+    def run():
+        with torch.inference_mode(), autocast(settings):
+            return forward(x)
+
+    return Runner(call=run, check=lambda: {"output": run()}, note=note)
+
+
+def _reference_forward(ctx: NetworkContext) -> Callable[[torch.Tensor], torch.Tensor]:
+    from cmrf.reference import reference_tinyunet
+
+    weights = {k: v.detach() for k, v in ctx.model.state_dict().items()}
+    n, depth = ctx.model.encoders[0].N, len(ctx.model.channels)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return reference_tinyunet(x, weights, n, depth)
+
+    return forward
+
+
+def capture_cuda_graph(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                       settings: BenchSettings) -> Callable:
+    """``forward`` captured in a CUDA graph for ``x``'s shape: ``run(x)`` copies ``x`` in and replays.
+
+    Warms up on a side stream first (as ``torch.cuda.graphs`` asks) and captures under
+    inference mode and the run's autocast without its weight cache (cached casts would be
+    captured as stale tensors).
+    """
+    static_x = x.clone()
+    stream = torch.cuda.Stream(device=x.device)
+    stream.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(stream), torch.inference_mode(), autocast(settings, cache_enabled=False):
+        for _ in range(3):
+            forward(static_x)
+    torch.cuda.current_stream(x.device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), autocast(settings, cache_enabled=False), torch.cuda.graph(graph):
+        static_out = forward(static_x)
+
+    def run(inp: torch.Tensor) -> torch.Tensor:
+        static_x.copy_(inp)
+        graph.replay()
+        return static_out
+
+    return run
+
+
+def _optimized_graph_runner(ctx: NetworkContext, settings: BenchSettings) -> Runner:
+    from cmrf.inference import optimize_for_inference
+
+    model = copy.deepcopy(ctx.model).eval()
+    if "cuda_graph" in inspect.signature(optimize_for_inference).parameters:
+        # cmrf's own capture: the way users are told to remove launch overhead
+        return _inference_runner(optimize_for_inference(model, cuda_graph=True), ctx.x, settings,
+                                 note="optimize_for_inference(cuda_graph=True)")
+    run = capture_cuda_graph(optimize_for_inference(model), ctx.x, settings)
+    return _inference_runner(run, ctx.x, settings,
+                             note="graph captured here: optimize_for_inference has no cuda_graph=")
+
+
+def _onnxruntime_runner(ctx: NetworkContext, settings: BenchSettings) -> Runner:
+    import onnxruntime as ort
+
+    from cmrf.export import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(copy.deepcopy(ctx.model).eval(), Path(tmp) / "tinyunet.onnx", tuple(ctx.x.shape))
+        options = ort.SessionOptions()
+        if settings.threads:
+            options.intra_op_num_threads = settings.threads
+        options.inter_op_num_threads = 1
+        # ORT's threads spin after each run by default; interleaved with PyTorch's rows they would
+        # steal the cores PyTorch needs and distort every row.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    x = ctx.x.cpu().numpy()
+
+    def run() -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {"input": x})[0])
+
+    return Runner(call=run, check=lambda: {"output": run()})
+
+
+def _inference(variant: str, ctx: NetworkContext, settings: BenchSettings) -> Runner:
+    from cmrf.inference import optimize_for_inference
+
+    if variant == "reference":
+        return _inference_runner(_reference_forward(ctx), ctx.x, settings)
+    if variant == "compile":
+        return _compiled(_inference_runner(torch.compile(_reference_forward(ctx)), ctx.x, settings))
+    if variant == "cmrf":
+        return _inference_runner(copy.deepcopy(ctx.model).eval(), ctx.x, settings)
+    if variant == "optimized":
+        return _inference_runner(optimize_for_inference(copy.deepcopy(ctx.model).eval()), ctx.x, settings)
+    if variant == "optimized-graph":
+        return _optimized_graph_runner(ctx, settings)
+    if variant == "onnxruntime":
+        return _onnxruntime_runner(ctx, settings)
+    raise ValueError(f"unknown inference variant {variant!r}")
+
+
+def _compiled(runner: Runner) -> Runner:
+    """Record how long the first call (the compilation) took and how many graphs Dynamo made."""
+    check = runner.check
+
+    def timed_check():
+        graphs, start = _dynamo_graphs(), time.perf_counter()
+        outputs = check()
+        seconds = time.perf_counter() - start
+        runner.extra.update(compile_s=round(seconds, 1), graphs=_dynamo_graphs() - graphs)
+        runner.note = f"first call (compiling) {seconds:.0f} s, {runner.extra['graphs']} graph(s)"
+        return outputs
+
+    runner.check = timed_check
+    return runner
+
+
+def _training(variant: str, ctx: NetworkContext, settings: BenchSettings) -> Runner:
+    """One Adam step (forward, loss, backward, step, zero_grad) of a copy of the model in train mode."""
+    from cmrf.ops.cascade import reference_only
+
+    if variant not in ("reference", "cmrf", "compile", "cmrf-compile"):
+        raise ValueError(f"unknown training variant {variant!r}")
+    model = copy.deepcopy(ctx.model).train()
+    net = torch.compile(model) if variant in ("compile", "cmrf-compile") else model
+    path = reference_only if variant in ("reference", "compile") else contextlib.nullcontext
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def forward_backward() -> torch.Tensor:
+        with path():
+            with autocast(settings):
+                out = net(ctx.x)
+                loss = F.cross_entropy(out.float(), ctx.target)
+            loss.backward()
+        return out
+
+    def step():
+        forward_backward()
+        optimizer.step()
+        # grads freed after the step, so a call starts with none: its peak memory is its own
+        optimizer.zero_grad(set_to_none=True)
+
+    def check() -> dict[str, torch.Tensor]:
+        out = forward_backward().detach().float()
+        grads = {f"grad.{n}": p.grad.detach().float().clone() for n, p in model.named_parameters()
+                 if p.grad is not None}
+        optimizer.zero_grad(set_to_none=True)
+        return {"output": out, **grads}
+
+    runner = Runner(call=step, check=check)
+    return _compiled(runner) if net is not model else runner
+
+
+def build_network_runner(name: str, ctx: NetworkContext, settings: BenchSettings) -> Runner:
+    """The runner of row ``name`` (``inference.<variant>`` or ``training.<variant>``)."""
+    group, _, variant = name.partition(".")
+    if group == "inference":
+        return _inference(variant, ctx, settings)
+    if group == "training":
+        return _training(variant, ctx, settings)
+    raise ValueError(f"not a whole-network row: {name!r}")

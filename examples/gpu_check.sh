@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# One unattended GPU check of cmrf: the CUDA tests, then `cmrf bench --device cuda`.
+#
+#   bash examples/gpu_check.sh               # tests (<= 200 s), then the benchmark (<= 330 s)
+#   bash examples/gpu_check.sh --bench-only  # the benchmark again (e.g. on a machine still warm)
+#
+# Run from the repository root on a machine with one CUDA GPU and a python3 that has torch, Triton,
+# timm, safetensors and hypothesis (the device image of this project has them; fvcore and monai are
+# not needed by the tests run here, and travel as wheels in .whl/ when they are wanted: see
+# docs/benchmarks.md). Everything is written under $OUT (default ./gpu_check_out), at most 6 files:
+#   env.txt         GPU, driver, versions
+#   tests.log       pytest output;  tests.xml  its JUnit report
+#   bench_cuda.md   the benchmark table (stdout of cmrf bench)
+#   bench_cuda.json the same figures as JSON;  bench_cuda.log  its progress lines and errors
+#
+# Environment overrides: PYTHON (python3), GPU_CHECK_TESTS (the test files), BENCH_DEVICE (cuda),
+# BENCH_ARGS (extra `cmrf bench` options), TEST_TIMEOUT (200), BENCH_TIMEOUT (330).
+# Exit status: 0 when the tests passed and the benchmark finished, else 1 (the logs say which).
+
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT"
+PYTHON="${PYTHON:-python3}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-200}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-330}"
+BENCH_DEVICE="${BENCH_DEVICE:-cuda}"
+BENCH_ONLY=0
+[ "${1:-}" = "--bench-only" ] && BENCH_ONLY=1
+
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+unset CI  # the golden files (../shared) do not travel: their tests skip instead of failing
+
+# Wheels carried in .whl/ (fvcore, monai, ...) go to a private folder, never into the image's site.
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/cmrf_site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/cmrf_site"
+fi
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1
+    "$PYTHON" - <<'EOF'
+import importlib
+import platform
+
+import torch
+
+print("python", platform.python_version())
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs",
+          round(p.total_memory / 2**30, 1), "GiB")
+for name in ("triton", "timm", "safetensors", "hypothesis", "onnxruntime", "fvcore", "monai"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as err:  # missing packages are reported, not fatal
+        print(name, "missing:", type(err).__name__)
+EOF
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+status=0
+if [ "$BENCH_ONLY" = 0 ]; then
+    tests=""
+    for f in ${GPU_CHECK_TESTS:-tests/test_fused_cascade.py tests/test_upsample.py tests/test_inference.py \
+        tests/test_bench.py}; do
+        [ -e "$f" ] && tests="$tests $f"
+    done
+    echo "== pytest$tests (timeout ${TEST_TIMEOUT} s)"
+    timeout "$TEST_TIMEOUT" "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider --junitxml="$OUT/tests.xml" \
+        $tests >"$OUT/tests.log" 2>&1
+    rc=$?
+    tail -n 40 "$OUT/tests.log"
+    echo "== pytest exit status $rc"
+    [ "$rc" = 0 ] || status=1
+fi
+
+echo "== cmrf bench --device $BENCH_DEVICE ${BENCH_ARGS:-} (timeout ${BENCH_TIMEOUT} s)"
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of options
+timeout "$BENCH_TIMEOUT" "$PYTHON" -m cmrf bench --device "$BENCH_DEVICE" ${BENCH_ARGS:-} \
+    --json "$OUT/bench_cuda.json" >"$OUT/bench_cuda.md" 2>"$OUT/bench_cuda.log"
+rc=$?
+tail -n 30 "$OUT/bench_cuda.log"
+cat "$OUT/bench_cuda.md"
+echo "== cmrf bench exit status $rc"
+[ "$rc" = 0 ] || status=1
+exit "$status"

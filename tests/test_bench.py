@@ -1,0 +1,342 @@
+"""``cmrf bench``: the timing harness, the settings, the table and JSON, failure isolation, the CLI.
+
+The end-to-end runs use tiny images (32x32), one timed call and a few rows; they check that every
+row is measured and compared with the reference, never how fast anything is. The fused cascade
+runs in Triton's CPU interpreter when there is no GPU: ``TRITON_INTERPRET=1`` is set here before
+anything imports the kernels.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import dataclasses
+import functools
+import itertools
+import json
+
+import pytest
+
+from cmrf import TinyUNet
+from cmrf.bench import Report, Row, resolve_settings, run_benchmark, to_json, to_markdown
+from cmrf.bench.harness import Deadline, cuda_peak_mib, describe_error, kernel_time_ms, time_interleaved
+from cmrf.bench.report import COLUMNS
+from cmrf.bench.settings import BenchSettings, row_names, selected
+from cmrf.bench.targets import apply_targets
+from cmrf.cli import main as cli_main
+from cmrf.reference import reference_tinyunet
+from tests.conftest import golden_state_dict, load_golden
+
+TOL = 1e-4
+CPU = torch.device("cpu")
+TINY = dict(size=32, repeats=1, warmup=0, train_repeats=1, train_warmup=0, threads=1)
+
+
+def test_bench_baseline_is_the_reference_algorithm():
+    golden = load_golden("tinyunet_official.safetensors")
+    model = TinyUNet()
+    model.load_state_dict(golden_state_dict(golden))
+    with torch.no_grad():
+        out = reference_tinyunet(golden["input"], model.state_dict())
+    assert float((out - golden["output_eval"]).abs().max()) < TOL
+
+
+# --- the harness -----------------------------------------------------------------------------
+
+
+def test_time_interleaved_rotates_rows_and_isolates_a_failure():
+    order = []
+    calls = {name: functools.partial(order.append, name) for name in ("a", "b", "c")}
+    samples, errors = time_interleaved(calls, CPU, repeats=3, warmup=1)
+    assert errors == {}
+    assert {k: len(v) for k, v in samples.items()} == {"a": 3, "b": 3, "c": 3}
+    assert all(ms >= 0 for v in samples.values() for ms in v)
+    # warm-up in order, then each repeat starts one row later
+    assert order == list("abc" "abc" "bca" "cab")
+
+    count = itertools.count()
+
+    def flaky():
+        if next(count) == 1:  # the second call fails
+            raise RuntimeError("compile not supported\nsecond line")
+
+    samples, errors = time_interleaved({"ok": lambda: None, "flaky": flaky}, CPU, repeats=3, warmup=0)
+    assert errors == {"flaky": "RuntimeError: compile not supported"}
+    assert set(samples) == {"ok"} and len(samples["ok"]) == 3
+
+
+def test_deadline_and_error_text():
+    now = [100.0]
+    deadline = Deadline(10, clock=lambda: now[0])
+    assert deadline.allows(9.5) and deadline.remaining() == 10
+    now[0] = 105.0
+    assert deadline.elapsed() == 5 and deadline.allows(4) and not deadline.allows(6)
+    now[0] = 111.0
+    assert not deadline.allows()
+    assert Deadline(None).allows(1e9)
+    assert describe_error(ValueError("x" * 500), limit=50).endswith("...")
+    assert describe_error(KeyError()) == "KeyError"
+
+
+def test_cuda_figures_are_none_off_cuda():
+    assert kernel_time_ms(lambda: None, CPU) is None
+    assert cuda_peak_mib(lambda: None, CPU) is None
+
+
+# --- settings and row selection ---------------------------------------------------------------
+
+
+def test_cpu_defaults_follow_the_cpu_target():
+    s = resolve_settings("cpu")
+    assert (s.batch, s.size, s.threads, s.precision, s.compile) == (1, 256, 2, "fp32", False)
+    names = row_names(s)
+    assert "inference.onnxruntime" in names and "inference.optimized-graph" not in names
+    assert sum(n.startswith("cascade.") for n in names) == 2 * 4 * 2  # eval + one train batch, 4 shapes
+
+
+def test_selection_adds_the_group_reference_and_drops_compile_rows_when_off():
+    s = resolve_settings("cpu", rows=("inference.optimized", "cascade.train.b1.L3"))
+    picked = [n for n in row_names(s) if selected(s, n)]
+    assert picked == [
+        "inference.reference", "inference.optimized",
+        "cascade.train.b1.L3.fp32.reference", "cascade.train.b1.L3.fp32.fused",
+    ]
+    s = resolve_settings("cpu", rows=("training",), compile=True)
+    assert [n for n in row_names(s) if selected(s, n)] == [
+        "training.reference", "training.compile", "training.cmrf", "training.cmrf-compile"
+    ]
+    with pytest.raises(ValueError, match="only torch.compile rows"):
+        resolve_settings("cpu", rows=("inference.compile",))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(size=100), "multiple of 16"),
+        (dict(precision="bf16"), "autocast.*CUDA"),
+        (dict(rows=("inference.nonsense",)), "matches no row"),
+        (dict(warmup=-1), "warmup must be an integer >= 0"),
+        (dict(batch=0), "batch must be an integer >= 1"),
+        (dict(cascade_dtypes=("fp64",)), "cascade_dtypes"),
+        (dict(deadline_s=-5), "deadline_s must be a number > 0"),
+        (dict(bogus=1), "unknown bench settings"),
+    ],
+)
+def test_bad_settings_give_clear_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_settings("cpu", **overrides)
+
+
+def test_bad_device_is_rejected():
+    with pytest.raises(ValueError, match="'cpu', 'cuda' or 'cuda:N', got 'tpu'"):
+        resolve_settings("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_settings("cuda")
+
+
+# --- table, JSON and targets -----------------------------------------------------------------
+
+
+def _report(settings: BenchSettings, rows: list[Row]) -> Report:
+    return Report(machine={"device": "test", "logical_cpus": 2, "threads": 2, "python": "3", "date": "d",
+                           "torch": "2"}, settings=dataclasses.asdict(settings), rows=rows)
+
+
+def test_markdown_has_one_cell_per_column_and_json_is_ready():
+    settings = resolve_settings("cpu")
+    rows = [
+        Row("inference.reference", "reference eager", "inference", 1, wall_ms=190.0, max_diff=0.0,
+            vs_eager=1.0),
+        Row("inference.optimized", "optimize_for_inference", "inference", 1, wall_ms=38.0, max_diff=7e-8,
+            vs_eager=5.0, note="a | pipe"),
+        Row("inference.cmrf", "cmrf default", "inference", 1).fail("TypeError: boom"),
+        Row("training.cmrf", "cmrf default", "training", 1).skip("deadline 210 s reached"),
+    ]
+    report = _report(settings, rows)
+    text = to_markdown(report)
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(rows)
+    assert all(line.count("|") == len(COLUMNS) + 1 for line in table)  # the pipe in a note is escaped
+    assert "| error |" in text and "TypeError: boom" in text
+    assert "Skipped: training.cmrf (deadline 210 s reached)" in text
+    data = json.loads(json.dumps(to_json(report)))
+    assert data["skipped"] == ["training.cmrf"] and data["rows"][1]["max_diff"] == 7e-8
+
+
+def test_targets_state_goal_and_verdict_never_a_result():
+    settings = resolve_settings("cpu")
+    met = Row("inference.optimized", "", "inference", 1, wall_ms=38.0, max_diff=7e-8, vs_eager=5.3)
+    slow = Row("inference.optimized", "", "inference", 1, wall_ms=40.0, max_diff=7e-8, vs_eager=3.9)
+    failed = Row("inference.optimized", "", "inference", 1).fail("boom")
+    for row, verdict in ((met, "met: 5.30x eager"), (slow, "NOT met: 3.90x eager"), (failed, "unmeasured")):
+        apply_targets(_report(settings, [row]), settings)
+        assert row.target.startswith(">= 5x reference eager") and row.verdict.startswith(verdict)
+    other = Row("inference.optimized", "", "inference", 8, wall_ms=30.0, max_diff=0.0, vs_eager=9.0)
+    batch8 = resolve_settings("cpu", batch=8)
+    apply_targets(_report(batch8, [other]), batch8)
+    assert other.verdict == "n/a: this run has batch 8, the target 1"
+    # a CUDA inference target needs the compile row too: without it the verdict says so
+    cuda = BenchSettings(device="cuda", batch=16, size=256, precision="bf16")
+    row = Row("inference.cmrf", "", "inference", 16, wall_ms=4.0, vs_eager=5.5)
+    apply_targets(_report(cuda, [row]), cuda)
+    assert row.verdict == "unmeasured: vs compile (5.50x eager)"
+    row.vs_eager, row.vs_compile = 2.0, 1.1
+    apply_targets(_report(cuda, [row]), cuda)
+    assert row.verdict == "NOT met: 2.00x eager, 1.10x compile"
+    ref = Row("training.reference", "", "training", 16, wall_ms=130.0, peak_mib=900.0)
+    fast = Row("training.cmrf", "", "training", 16, wall_ms=30.0, vs_eager=4.3, vs_compile=4.1,
+               peak_mib=800.0)
+    apply_targets(_report(cuda, [ref, fast]), cuda)
+    assert ref.target == "" and fast.verdict == "met: 4.30x eager, 4.10x compile, peak 800 vs 900 MiB"
+
+
+# --- whole runs ------------------------------------------------------------------------------
+
+
+def _rows(report: Report) -> dict[str, Row]:
+    return {r.name: r for r in report.rows}
+
+
+def test_cpu_run_checks_and_times_every_row():
+    settings = resolve_settings("cpu", rows=("inference.optimized", "training.cmrf"), leak_calls=2, **TINY)
+    report = run_benchmark(settings, progress=None)
+    rows = _rows(report)
+    assert list(rows) == ["inference.reference", "inference.optimized", "training.reference", "training.cmrf"]
+    for row in rows.values():
+        assert row.status == "ok", row.note
+        assert row.wall_ms > 0 and row.max_diff < TOL and row.kernel_ms is None
+    assert rows["inference.reference"].vs_eager == pytest.approx(1.0)
+    assert rows["inference.optimized"].extra["rss_growth"]["calls"] == 2
+    assert rows["training.cmrf"].extra["grad_max_rel"] < 1e-3
+    assert report.machine["threads"] == 1
+
+
+def _fail_after(call, count):
+    if next(count) >= 1:
+        raise OSError("lost")
+    return call()
+
+
+def test_one_failing_row_does_not_stop_the_others(monkeypatch):
+    import cmrf.bench.suite as suite
+
+    real = suite.build_network_runner
+
+    def build(name, ctx, settings):
+        if name == "inference.optimized":
+            raise RuntimeError("compile not supported on this device")
+        runner = real(name, ctx, settings)
+        if name == "inference.cmrf":  # fails while being timed, after its check passed
+            runner.call = functools.partial(_fail_after, runner.call, itertools.count())
+        return runner
+
+    monkeypatch.setattr(suite, "build_network_runner", build)
+    rows = ("inference.optimized", "inference.cmrf")
+    settings = resolve_settings("cpu", rows=rows, **{**TINY, "repeats": 2})
+    rows = _rows(run_benchmark(settings, progress=None))
+    assert rows["inference.optimized"].status == "error"
+    assert "RuntimeError: compile not supported" in rows["inference.optimized"].note
+    assert rows["inference.cmrf"].status == "error" and "OSError: lost" in rows["inference.cmrf"].note
+    assert rows["inference.reference"].status == "ok" and rows["inference.reference"].wall_ms > 0
+
+
+def test_deadline_skips_rows_and_compile_rows_that_would_not_fit():
+    selection = ("inference.optimized", "inference.compile")
+    settings = resolve_settings("cpu", rows=selection, compile=True, compile_estimate_s=1e6, **TINY)
+    rows = _rows(run_benchmark(settings, progress=None))
+    assert rows["inference.compile"].status == "skipped"
+    assert "would pass the deadline" in rows["inference.compile"].note
+    assert rows["inference.optimized"].status == "ok"
+    late = run_benchmark(resolve_settings("cpu", rows=selection, deadline_s=1e-6, **TINY), progress=None)
+    assert late.rows and all(r.status == "skipped" and "deadline" in r.note for r in late.rows)
+    assert "Skipped: inference.reference" in to_markdown(late)
+
+
+def test_compile_row_is_compared_and_timed(monkeypatch):
+    """The torch.compile path of the benchmark, with Dynamo's eager backend so that it stays fast."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    settings = resolve_settings("cpu", rows=("inference.compile",), compile=True, **TINY)
+    rows = _rows(run_benchmark(settings, progress=None))
+    compiled = rows["inference.compile"]
+    assert compiled.status == "ok", compiled.note
+    assert compiled.max_diff < TOL and compiled.extra["graphs"] >= 1 and "compiling" in compiled.note
+    reference = rows["inference.reference"]
+    assert reference.vs_compile == pytest.approx(compiled.wall_ms / reference.wall_ms)
+
+
+def test_cascade_rows_run_in_the_interpreter_check_only():
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("on CUDA the cascade rows are timed at full size (the GPU check script runs them)")
+    settings = resolve_settings("cpu", rows=("cascade.eval", "cascade.train.b1.L3"), N=2, **TINY)
+    rows = _rows(run_benchmark(settings, progress=None))
+    assert len(rows) == 2 * 4 + 2
+    for name, row in rows.items():
+        assert row.status == "check-only", (name, row.note)
+        assert row.wall_ms is None and row.max_diff < 1e-5
+    assert rows["cascade.train.b1.L3.fp32.fused"].extra["grad_max_rel"] < 1e-4
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+def test_bench_cli_writes_table_and_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--device", "cpu", "--size", "32", "--repeats", "1", "--warmup", "0", "--threads", "1",
+            "--rows", "inference.cmrf", "--json", str(path), "--quiet"]
+    assert cli_main(argv) == 0
+    out = capsys.readouterr()
+    assert "| inference.cmrf: cmrf default | 1 |" in out.out and f"wrote {path}" in out.err
+    data = json.loads(path.read_text())
+    assert [r["name"] for r in data["rows"]] == ["inference.reference", "inference.cmrf"]
+    assert data["settings"]["size"] == 32 and data["machine"]["torch"] == torch.__version__
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "--size", "100"], "multiple of 16"),
+        (["bench", "--device", "tpu"], "got 'tpu'"),
+        (["bench", "--device", "cpu", "--rows", "inference.nope"], "matches no row"),
+        (["bench", "--device", "cpu", "--precision", "bf16"], "CUDA"),
+        (["bench-cascade", "--device", "cpu", "--rows", "training.cmrf", "--repeats", "0"], "repeats"),
+    ],
+)
+def test_bench_cli_rejects_bad_arguments(argv, message, capsys):
+    assert cli_main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_cascade_is_an_alias_for_the_cascade_rows():
+    from cmrf.cli import build_parser
+
+    args = build_parser("bench-cascade").parse_args(["bench-cascade", "--device", "cpu"])
+    assert args.rows == ["cascade"] and args.run.__name__ == "run"
+    args = build_parser("bench").parse_args(["bench"])
+    assert args.rows is None  # all groups
+
+
+def test_cpu_memory_probe_runs_a_row_in_a_fresh_process():
+    from cmrf.bench.memory import probe_peak_rss
+
+    settings = resolve_settings("cpu", rows=("inference.optimized",), **TINY)
+    peak = probe_peak_rss("inference.optimized", settings, timeout_s=300)
+    assert peak is None or 0 <= peak < 2048  # None where /proc cannot reset the peak (not Linux)
+
+
+
+def test_cpu_memory_probe_failure_is_reported(monkeypatch):
+    import subprocess
+
+    import cmrf.bench.memory as memory
+
+    failed = subprocess.CompletedProcess([], 1, stdout="", stderr="Traceback ...\nValueError: boom\n")
+    monkeypatch.setattr(memory.subprocess, "run", lambda *a, **k: failed)
+    with pytest.raises(RuntimeError, match="memory probe failed: ValueError: boom"):
+        memory.probe_peak_rss("inference.optimized", resolve_settings("cpu"))
