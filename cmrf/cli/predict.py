@@ -107,8 +107,8 @@ def _check_model_fits_images(meta: dict, checkpoint) -> None:
 @torch.no_grad()
 def run_predict(args: argparse.Namespace) -> int:
     from cmrf.data import denormalize, image_size, load_image, save_mask_png
-    from cmrf.train.processes import resolve_device
     from cmrf.train.plots import plot_overlays
+    from cmrf.train.processes import resolve_device
 
     model, meta = model_from_checkpoint(args.checkpoint, **checkpoint_model_options(args))
     _check_model_fits_images(meta, args.checkpoint)
