@@ -19,7 +19,6 @@ import argparse
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,20 +27,6 @@ from cmrf.cli.model_args import add_checkpoint_model_arguments, checkpoint_model
 from cmrf.train.setup import model_from_checkpoint
 
 __all__ = ["build", "output_stems", "run_predict"]
-
-
-def _header_size(path: Path) -> tuple[int, int]:
-    """``(height, width)`` of an image file, read from its header."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return image.height, image.width
-
-
-try:
-    from cmrf.data import image_size
-except ImportError:  # TODO(lead): cmrf.data.image_size comes with the "data" branch; drop this then.
-    image_size = _header_size
 
 
 def _image_files(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -119,17 +104,11 @@ def _check_model_fits_images(meta: dict, checkpoint) -> None:
         )
 
 
-def _overlay(image: torch.Tensor, prediction: torch.Tensor, path: Path, title: str) -> None:
-    from cmrf.train.plots import plot_overlays
-
-    plot_overlays(image[None], None, prediction[None], path, titles=[title])
-
-
 @torch.no_grad()
 def run_predict(args: argparse.Namespace) -> int:
-    from cmrf.data import denormalize, load_image, save_mask_png
-    from cmrf.files import atomic_save
-    from cmrf.train.loop import resolve_device
+    from cmrf.data import denormalize, image_size, load_image, save_mask_png
+    from cmrf.train.plots import plot_overlays
+    from cmrf.train.processes import resolve_device
 
     model, meta = model_from_checkpoint(args.checkpoint, **checkpoint_model_options(args))
     _check_model_fits_images(meta, args.checkpoint)
@@ -151,14 +130,14 @@ def run_predict(args: argparse.Namespace) -> int:
             failed += 1
             continue
         prediction = model(image[None].to(device)).argmax(dim=1)[0].cpu()
-        # The output side: an error here (full disk, read-only folder) ends the run with exit 2,
-        # leaving the masks already written and, for this one, any previous file intact.
-        # The mask matches the input image's size; the overlay shows what the network saw.
-        save_mask = partial(save_mask_png, prediction, num_classes=meta["num_classes"], size=size)
-        atomic_save(out / f"{stem}_mask.png", save_mask)
+        # The output side: an error here (full disk, read-only folder) ends the run with exit 2.
+        # Both writers are atomic (cmrf.files): the masks already written and, for this one, any
+        # previous file stay intact. The mask matches the input image's size; the overlay shows
+        # what the network saw.
+        save_mask_png(prediction, out / f"{stem}_mask.png", meta["num_classes"], size)
         if args.overlays:
-            draw = partial(_overlay, denormalize(image), prediction, title=path.name)
-            atomic_save(out / f"{stem}_overlay.png", draw)
+            plot_overlays(denormalize(image)[None], None, prediction[None], out / f"{stem}_overlay.png",
+                          titles=[path.name])
         written += 1
     what = " and overlays" if args.overlays else ""
     print(f"wrote {written} mask(s){what} to {out}; {failed} input(s) failed")
