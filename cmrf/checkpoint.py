@@ -1,14 +1,96 @@
-"""Loading and saving model weights safely (safetensors, or ``torch.load(weights_only=True)``)."""
+"""Loading and saving model weights safely (safetensors, or ``torch.load(weights_only=True)``).
+
+Also what a bare state dict can tell about the model that wrote it (``infer_io_channels``), so
+that a checkpoint saved by the reference code, which carries no metadata, can be rebuilt.
+"""
 
 from __future__ import annotations
 
+import errno
+import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
+__all__ = [
+    "infer_io_channels",
+    "is_safetensors_file",
+    "load_checkpoint",
+    "read_state_dict",
+    "safetensors_metadata",
+    "save_weights",
+]
+
 # Wrappers that training scripts commonly put around the state dict.
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
+
+
+def _existing_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(errno.ENOENT, "no such checkpoint file", str(path))
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder, expected a checkpoint file", str(path))
+    with open(path, "rb"):  # a PermissionError here names the file; readers' own errors may not
+        pass
+    return path
+
+
+def is_safetensors_file(path: str | Path) -> bool:
+    """Whether ``path`` is (meant to be) safetensors: by its suffix, else by its first bytes.
+
+    A safetensors file starts with an 8-byte header length and then the JSON header's ``{``;
+    ``torch.save`` files start with a zip (``PK``) or pickle (``0x80``) signature.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _truncated(path: Path, kind: str, err: BaseException) -> ValueError:
+    # The reader's own first sentence: torch's zip errors go on for several more.
+    detail = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
+    return ValueError(f"cannot read weights from {path}: file is truncated or not a {kind} file ({detail})")
+
+
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file (``{}`` when it has none or is a torch file).
+
+    Only the header is read. Raises ``ValueError`` naming the file when it is truncated or not
+    safetensors, ``OSError`` when it cannot be opened.
+    """
+    path = _existing_file(path)
+    if not is_safetensors_file(path):
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except OSError:
+        raise
+    except Exception as err:  # safetensors has its own error type, not an OSError
+        raise _truncated(path, "safetensors", err) from err
+
+
+def _read_torch_file(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [line.strip() for line in str(err).splitlines() if "WeightsUnpickler error" in line]
+        reason = lines[0].split(". ")[0] if lines else type(err).__name__
+        raise ValueError(
+            f"cannot read {path}: it holds pickled objects other than tensors ({reason}); cmrf loads "
+            f"checkpoints only with torch.load(weights_only=True) or as .safetensors, so no pickled code runs"
+        ) from err
+    except Exception as err:  # zip and pickle errors come in many types (RuntimeError, EOFError, OSError...)
+        raise _truncated(path, "torch checkpoint", err) from err
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -17,28 +99,31 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     ``torch.save`` files are opened with ``weights_only=True``: no pickled code runs. A dict
     that wraps the weights under ``state_dict``/``model`` is unwrapped, and the ``module.``
     prefix of DataParallel/DDP checkpoints is removed.
+
+    Raises:
+        FileNotFoundError, IsADirectoryError, PermissionError: the file cannot be opened.
+        ValueError: the file is truncated or corrupt, holds pickled objects, or holds no state
+            dict of tensors; the message names the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
+    path = _existing_file(path)
+    if is_safetensors_file(path):
         from safetensors.torch import load_file
 
-        state = load_file(str(path), device="cpu")
-    else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # unpickling errors come in many types
-            raise ValueError(
-                f"cannot read {path} as a weights-only torch checkpoint ({err}); cmrf loads only "
-                f"tensors (weights_only=True) or .safetensors files"
-            ) from err
+            state = load_file(str(path), device="cpu")
+        except OSError:
+            raise
+        except Exception as err:  # SafetensorError, not an OSError
+            raise _truncated(path, "safetensors", err) from err
+    else:
+        state = _read_torch_file(path)
     if isinstance(state, dict):
         for key in _WRAPPER_KEYS:
             if isinstance(state.get(key), dict):
                 state = state[key]
                 break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    tensors_only = isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+    if not tensors_only or not state:
         raise ValueError(f"{path} does not hold a state dict of tensors")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
@@ -51,17 +136,17 @@ def _name_list(names, limit: int = 20) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load weights from ``path`` into ``model`` strictly and return the model.
-
-    Foreign key names (e.g. the reference TinyU-Net code's) are mapped by the model's
-    ``checkpoint_filter_fn`` when it has one. Everything is checked before any weight is copied,
-    so a failed load leaves the model untouched. Raises ``ValueError`` listing missing keys,
-    unexpected keys and shape mismatches.
-    """
-    state = read_state_dict(path)
+def _map_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` in ``model``'s key names (the reference code's names are mapped)."""
     filter_fn = getattr(model, "checkpoint_filter_fn", None)
-    mapped = filter_fn(state, model) if filter_fn is not None else state
+    return filter_fn(state, model) if filter_fn is not None else state
+
+
+def load_state_dict_checked(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str | Path
+) -> nn.Module:
+    """Load ``state`` into ``model`` strictly after checking every key and shape (see ``load_checkpoint``)."""
+    mapped = _map_keys(model, state)
     expected = model.state_dict()
     missing = expected.keys() - mapped.keys()
     unexpected = mapped.keys() - expected.keys()
@@ -79,18 +164,112 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
         if mismatched:
             problems.append(f"shape mismatches: {'; '.join(mismatched[:20])}")
         raise ValueError(
-            f"checkpoint {path} does not fit {type(model).__name__}: " + " | ".join(problems)
+            f"checkpoint {source} does not fit {type(model).__name__}: " + " | ".join(problems)
         )
     model.load_state_dict(mapped)
     return model
 
 
+def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load weights from ``path`` into ``model`` strictly and return the model.
+
+    Foreign key names (e.g. the reference TinyU-Net code's) are mapped by the model's
+    ``checkpoint_filter_fn`` when it has one. Everything is checked before any weight is copied,
+    so a failed load leaves the model untouched. Raises ``ValueError`` listing missing keys,
+    unexpected keys and shape mismatches, or naming a truncated/corrupt file.
+    """
+    return load_state_dict_checked(model, read_state_dict(path), path)
+
+
 def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Save ``model``'s state dict as safetensors, atomically (temp file, then rename)."""
+    """Save ``model``'s state dict as safetensors, atomically (``cmrf.files.atomic_path``).
+
+    A failed write (full disk, read-only folder) leaves a previous ``path`` as it was and no
+    temporary file behind.
+    """
     from safetensors.torch import save_file
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    from cmrf.files import atomic_path
+
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        try:
+            save_file(state, str(tmp), metadata=metadata)
+        except OSError:
+            raise
+        except Exception as err:  # safetensors reports I/O errors as "... (os error 28)"
+            code = re.search(r"os error (\d+)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from err
+
+
+# --- what a bare state dict says about its model -------------------------------------------------
+
+# Two probe values per argument; each is far from the usual 1-4 so no other width equals it by chance.
+_PROBES = {"in_chans": (3, 5), "num_classes": (2, 7)}
+
+
+def _probe_shapes(name: str, model_kwargs: dict, **io) -> tuple[nn.Module, dict[str, torch.Size]]:
+    from cmrf.models import create_model
+
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        model = create_model(name, **io, **model_kwargs)
+    return model, {k: v.shape for k, v in model.state_dict().items()}
+
+
+def _solve(got: torch.Size, low: torch.Size, high: torch.Size, values: tuple[int, int]) -> int | None:
+    """The argument value that makes the probe shape ``low``/``high`` (at ``values``) equal ``got``.
+
+    Widths depend linearly on in_chans/num_classes (``a * value + b``); ``None`` if ``got`` does
+    not fit that line at an integer >= 1.
+    """
+    if len(got) != len(low):
+        return None
+    found = set()
+    for g, lo, hi in zip(got, low, high):
+        if lo == hi:
+            if g != lo:
+                return None  # another constructor argument (N, channels...) differs: cannot tell
+            continue
+        slope, rest = divmod(hi - lo, values[1] - values[0])
+        if rest or slope == 0:
+            return None
+        value, rest = divmod(g - (lo - slope * values[0]), slope)
+        if rest or value < 1:
+            return None
+        found.add(value)
+    return found.pop() if len(found) == 1 else None
+
+
+def infer_io_channels(
+    name: str, state: dict[str, torch.Tensor], model_kwargs: dict | None = None
+) -> dict[str, int | None]:
+    """``in_chans`` and ``num_classes`` of registry model ``name`` that ``state`` was saved from.
+
+    The layers that depend on each argument are found by building the model on the ``meta``
+    device (no memory used) at two values of it; their shapes in ``state`` (mapped to this
+    library's key names, so reference checkpoints work) then give the value.
+
+    Args:
+        name: registry name, e.g. ``"tinyunet"``.
+        state: a state dict, in this library's or the reference code's key names.
+        model_kwargs: further constructor arguments (``N``, ``channels``) the model was built with.
+
+    Returns:
+        ``{"in_chans": int | None, "num_classes": int | None}``; ``None`` where the state dict
+        cannot say (a layer is missing or its shape fits no value).
+    """
+    model_kwargs = dict(model_kwargs or {})
+    base_io = {arg: values[0] for arg, values in _PROBES.items()}
+    base_model, base = _probe_shapes(name, model_kwargs, **base_io)
+    mapped = _map_keys(base_model, state)
+    result: dict[str, int | None] = {}
+    for arg, values in _PROBES.items():
+        _, other = _probe_shapes(name, model_kwargs, **{**base_io, arg: values[1]})
+        dependent = [k for k in base if base[k] != other.get(k)]
+        answers = {
+            _solve(mapped[k].shape, base[k], other[k], values) if k in mapped else None for k in dependent
+        }
+        result[arg] = answers.pop() if len(answers) == 1 else None
+    return result

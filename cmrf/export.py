@@ -1,9 +1,13 @@
-"""ONNX export of CMRF models (``cmrf.export_onnx`` and ``cmrf export onnx NAME``).
+"""ONNX export of CMRF models (``cmrf.export_onnx``; the command is ``cmrf export``, in ``cmrf.cli.export``).
 
 The exported graph is the one ``optimize_for_inference`` builds: BatchNorms folded, decoder
 ``pw1`` split around the upsampling, bicubic x2 as a depthwise convolution plus
 ``DepthToSpace``. ONNX Runtime runs it several times faster than an export of the plain model,
 whose bicubic ``Resize`` is slow.
+
+The file is written atomically (``cmrf.files.atomic_path``): a failed export (full disk,
+read-only folder, an exporter error) leaves a previous file at ``path`` intact and no temporary
+file behind.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cmrf.files import atomic_path
 from cmrf.inference import optimize_for_inference
 from cmrf.layers import CMRF
 from cmrf.ops import reference_only
@@ -29,6 +34,25 @@ _MAX_SIDE = 1 << 15
 
 def _holds_cmrf(model: nn.Module) -> bool:
     return any(isinstance(m, CMRF) for m in model.modules())
+
+
+_MAX_UNPOOLS = (nn.MaxUnpool1d, nn.MaxUnpool2d, nn.MaxUnpool3d)
+
+
+def _check_dynamic_supported(model: nn.Module) -> None:
+    """Refuse dynamic export of models whose graph cannot follow a new input size.
+
+    The exporter lowers max-unpooling (SegNet) to a ScatterND whose flattened output size is
+    fixed at the example's: the graph runs at that size only, and ONNX Runtime fails at any
+    other one ("ScatterND ... invalid indice"). Refusing is better than a file that lies.
+    """
+    unpools = [name or "the model" for name, m in model.named_modules() if isinstance(m, _MAX_UNPOOLS)]
+    if unpools:
+        raise ValueError(
+            f"dynamic=True cannot export {type(model).__name__}: its max-unpooling ({unpools[0]}) is "
+            f"exported with the example's sizes, so ONNX Runtime fails at any other input size; export "
+            f"with dynamic=False once per input size you need"
+        )
 
 
 def _check_input_size(input_size: Sequence[int]) -> tuple[int, ...]:
@@ -93,11 +117,15 @@ def export_onnx(
         The path written. The graph has one input ``input`` and one output ``output``.
 
     Raises:
-        ValueError: for a malformed ``input_size``, or a dynamic export of a TinyU-Net with
-            sides that are not multiples of ``model.min_size``.
+        ValueError: for a malformed ``input_size``, a dynamic export of a TinyU-Net with
+            sides that are not multiples of ``model.min_size``, or a dynamic export of a model
+            with max-unpooling (SegNet), which ONNX Runtime could run only at the example's size.
+        OSError: the file cannot be written (the previous file, if any, is left as it was).
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"export_onnx expects an nn.Module, got {type(model).__name__}")
+    if dynamic:
+        _check_dynamic_supported(model)
     spatial_multiple = int(getattr(model, "min_size", 1))
     size = _check_input_size(input_size)
     if optimize and _holds_cmrf(model):
@@ -114,11 +142,11 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     # The exporter reports its progress on stdout; keep the library quiet unless asked.
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
-    with torch.no_grad(), reference_only(), quiet:
+    with torch.no_grad(), reference_only(), quiet, atomic_path(path) as tmp:
         torch.onnx.export(
             model,
             (example,),
-            str(path),
+            str(tmp),
             input_names=["input"],
             output_names=["output"],
             opset_version=opset_version,
@@ -127,51 +155,3 @@ def export_onnx(
             external_data=False,
         )
     return path
-
-
-# --- command line ----------------------------------------------------------------------------
-
-
-def build_command(parser):
-    """``cmrf export onnx NAME [--checkpoint PATH] [--input-size ...] [--dynamic] -o FILE``."""
-    from cmrf.profile import add_model_arguments
-
-    parser.add_argument("format", choices=["onnx"], help="export format (onnx)")
-    add_model_arguments(parser)
-    parser.add_argument(
-        "--checkpoint", default=None, help="weights to load (.safetensors or a weights-only .pth)"
-    )
-    parser.add_argument(
-        "--input-size", type=int, nargs="+", default=[1, 3, 256, 256], metavar="S",
-        help="example input shape B C *spatial (default 1 3 256 256)",
-    )
-    parser.add_argument("--dynamic", action="store_true", help="dynamic batch and spatial size")
-    parser.add_argument(
-        "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})"
-    )
-    parser.add_argument(
-        "--no-optimize", action="store_true", help="export the plain model (slower in ONNX Runtime)"
-    )
-    parser.add_argument("-o", "--output", required=True, help="the .onnx file to write")
-    return _run_export
-
-
-def _run_export(args) -> int:
-    from cmrf.checkpoint import load_checkpoint
-    from cmrf.models import create_model
-    from cmrf.profile import model_kwargs
-
-    in_chans = args.in_chans if args.in_chans is not None else args.input_size[1]
-    model = create_model(args.model, in_chans=in_chans, num_classes=args.num_classes, **model_kwargs(args))
-    if args.checkpoint:
-        load_checkpoint(model, args.checkpoint)
-    path = export_onnx(
-        model, args.output, args.input_size, dynamic=args.dynamic, optimize=not args.no_optimize,
-        opset_version=args.opset,
-    )
-    size_mb = path.stat().st_size / 2**20
-    shape = "x".join(map(str, args.input_size))
-    dynamic = ", dynamic batch and size" if args.dynamic else ""
-    print(f"wrote {path} ({size_mb:.2f} MiB, input {shape}{dynamic})")
-    return 0
-

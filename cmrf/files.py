@@ -52,27 +52,52 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     Args:
         path: the final file.
         suffix: the temporary file's suffix (default: ``path``'s, so writers that choose a format
-            by suffix still see the right one).
+            by suffix, such as Pillow and matplotlib, still see the right one).
 
     Yields:
-        The temporary path (a hidden file in ``path``'s folder).
+        The temporary path: a hidden file in ``path``'s folder, ``.NAME.XXXXXXXX.tmp{suffix}``.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
-    tmp_suffix = (path.suffix if suffix is None else suffix) + ".tmp"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=tmp_suffix, dir=folder)
+    # ".tmp" goes before the suffix: "x.png.tmp" would make Pillow refuse an unknown format.
+    tmp_suffix = ".tmp" + (path.suffix if suffix is None else suffix)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=tmp_suffix, dir=folder)
+    except OSError as err:  # missing or read-only folder, full disk: name the file the user asked for
+        raise _naming(err, path) from err
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # mkstemp makes the file private (0600), and some writers (safetensors) recreate it as such:
+        # set the mode a plain open() would have, once the writer is done.
+        os.chmod(tmp, _new_file_mode(path))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(err, OSError) and (err.filename is None or str(err.filename) == str(tmp)):
+            raise _naming(err, path) from err
         raise
     _fsync_folder(folder)
+
+
+def _new_file_mode(path: Path) -> int:
+    """The permission bits ``path`` gets: those of the file it replaces, else 0666 minus the umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """``err`` naming ``path``: ``write()`` errors (ENOSPC) carry no file name, and the temporary
+    file's name means nothing to the user."""
+    return OSError(err.errno, err.strerror or str(err), str(path))
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ Every block takes ``spatial_dims`` (MONAI's convention): 2 for images ``(B, C, H
 from __future__ import annotations
 
 import numbers
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -23,8 +24,9 @@ _MAXPOOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
 
 
 def check_spatial_dims(spatial_dims) -> int:
-    """Return ``spatial_dims`` if it is 1, 2 or 3, else raise ``ValueError``."""
-    if isinstance(spatial_dims, bool) or spatial_dims not in (1, 2, 3):
+    """Return ``spatial_dims`` if it is the integer 1, 2 or 3, else raise ``ValueError``."""
+    integral = isinstance(spatial_dims, numbers.Integral) and not isinstance(spatial_dims, bool)
+    if not integral or spatial_dims not in (1, 2, 3):
         raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
     return int(spatial_dims)
 
@@ -51,6 +53,102 @@ def check_positive_int(name: str, value) -> int:
     if value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value}")
     return int(value)
+
+
+def check_positive_ints(
+    name: str, values, what: str, example: str, length: int | None = None
+) -> tuple[int, ...]:
+    """Return ``values`` as a tuple of Python ints, each >= 1, else raise ``ValueError`` naming it.
+
+    Args:
+        name: the argument's name, used in messages (``"channels"``).
+        values: any iterable of integers (tuple, list, ...); a single number or a string is refused.
+        what: what the entries are, for messages (``"encoder widths"``).
+        example: a valid value shown in the message, e.g. ``"(64, 128, 256, 512)"``.
+        length: the required number of entries, or ``None`` (default) for any number >= 1.
+    """
+    if isinstance(values, (str, bytes, numbers.Number)) or not isinstance(values, Iterable):
+        raise ValueError(f"{name} must be a sequence of {what}, e.g. {example}, got {values!r}")
+    values = tuple(values)
+    if length is not None and len(values) != length:
+        raise ValueError(f"{name} must have {length} entries, e.g. {example}, got {values}")
+    if not values:
+        raise ValueError(f"{name} must have at least one entry, e.g. {example}, got ()")
+    return tuple(check_positive_int(f"{name}[{i}]", value) for i, value in enumerate(values))
+
+
+def check_optional_bool(name: str, value) -> bool | None:
+    """Return ``value`` if it is ``None``, ``True`` or ``False``, else raise ``ValueError``.
+
+    Strict on purpose: ``bool("false")`` is ``True``, so a string would silently mean the opposite.
+    """
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{name} must be True, False or None, got {value!r} ({type(value).__name__})")
+    return value
+
+
+# Named in the message of ``check_input``; any other dtype (integer, bool, complex) is refused.
+_FLOAT_DTYPES = "float32, float16, bfloat16, float64"
+
+
+def check_input(
+    x,
+    in_channels: int,
+    spatial_dims: int,
+    name: str,
+    min_size: int = 1,
+    multiple_of: int = 1,
+    why: str = "",
+) -> None:
+    """Raise ``ValueError`` unless ``x`` is a floating-point ``(B, in_channels, *S)`` tensor.
+
+    The one input check of every model and block of this library, so they all say the same thing.
+
+    Args:
+        x: the input.
+        in_channels: the channel count ``x.shape[1]`` must have.
+        spatial_dims: ``len(S)``; ``x`` must have ``spatial_dims + 2`` dimensions.
+        name: the model or block named in the messages (``"TinyUNet"``).
+        min_size: smallest allowed spatial side. Default 1.
+        multiple_of: every spatial side must be a multiple of this. Default 1.
+        why: the reason for ``min_size``/``multiple_of``, shown in parentheses (``"4 poolings"``).
+
+    Raises:
+        ValueError: naming what was expected and what was received: not a tensor, wrong number of
+            dimensions, wrong channel count, a non-floating dtype (an integer image needs
+            ``x.float() / 255`` and the training normalisation), or a side that is too small or
+            not a multiple of ``multiple_of``.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
+    ndim = spatial_dims + 2
+    expected = f"(B, {in_channels}, {', '.join('*' * spatial_dims)})"
+    if x.dim() != ndim:
+        raise ValueError(
+            f"{name} (spatial_dims={spatial_dims}) expects a {ndim}-D input {expected}, "
+            f"got shape {tuple(x.shape)}"
+        )
+    if x.shape[1] != in_channels:
+        raise ValueError(
+            f"{name} expected {in_channels} input channels, received {x.shape[1]}: expected shape "
+            f"{expected}, got {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        hint = "x.float() / 255" if x.dtype == torch.uint8 else "x.float()"
+        raise ValueError(
+            f"{name} expects a floating-point input ({_FLOAT_DTYPES}), got {x.dtype}; convert with "
+            f"{hint} (then normalise as in training)"
+        )
+    reason = f" ({why})" if why else ""
+    if any(side < min_size for side in x.shape[2:]):
+        raise ValueError(
+            f"{name} needs every spatial side >= {min_size}{reason}, got spatial size {tuple(x.shape[2:])}"
+        )
+    if multiple_of > 1 and any(side % multiple_of for side in x.shape[2:]):
+        raise ValueError(
+            f"{name} needs every spatial side to be a multiple of {multiple_of}{reason}, got spatial "
+            f"size {tuple(x.shape[2:])}"
+        )
 
 
 class ConvNorm(nn.Sequential):
@@ -195,8 +293,10 @@ class CMRF(nn.Module):
         self.out_channels = int(out_channels)
         self.N = int(N)
         self.spatial_dims = check_spatial_dims(spatial_dims)
-        self.add_residual = bool(shortcut) and in_channels == out_channels
-        self.fused = fused
+        if not isinstance(shortcut, bool):
+            raise ValueError(f"shortcut must be True or False, got {shortcut!r} ({type(shortcut).__name__})")
+        self.add_residual = shortcut and in_channels == out_channels
+        self.fused = check_optional_bool("fused", fused)
         self.pw1 = ConvNorm(in_channels, hidden, act=nn.GELU(), spatial_dims=spatial_dims)
         self.cascade = nn.ModuleList(
             ConvNorm(branch, branch, kernel_size=3, groups=branch, spatial_dims=spatial_dims)
@@ -207,13 +307,7 @@ class CMRF(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        expected_dims = self.spatial_dims + 2
-        if x.dim() != expected_dims or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"CMRF expected input of shape (B, {self.in_channels}, "
-                f"{', '.join('*' * self.spatial_dims)}) ({expected_dims}-D), got "
-                f"{tuple(x.shape)}"
-            )
+        check_input(x, self.in_channels, self.spatial_dims, "CMRF")
         y = cascade_concat(self.pw1(x), self.cascade, fused=self.fused)
         y = self.pw2(y)
         return x + y if self.add_residual else y

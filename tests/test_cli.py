@@ -1,11 +1,19 @@
-"""The command line as a user runs it: console script entry, ``python -m cmrf``, quickstart."""
+"""The command line as a user runs it: console script entry, ``python -m cmrf``, quickstart, and the
+error boundary (one line and exit 2 for what the user can fix, ``--debug`` for the traceback)."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
-from cmrf.cli import COMMANDS, main
+import pytest
+import torch
+
+import cmrf
+from cmrf.cli import COMMANDS, EXIT_INTERNAL, EXIT_USER_ERROR, main
 
 
 def test_python_m_cmrf_help_lists_every_command():
@@ -32,3 +40,144 @@ def test_quickstart_prints_paper_and_ours(capsys):
 def test_no_command_prints_help(capsys):
     assert main([]) == 0
     assert "COMMAND" in capsys.readouterr().out
+
+
+# --- the error boundary: one line and exit 2 for what the user can fix, --debug for tracebacks ------
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_missing_file_is_one_line_naming_it(tmp_path, capsys):
+    missing = tmp_path / "best.safetensors"
+    status = main(["predict", str(missing), str(tmp_path), "--out", str(tmp_path / "out")])
+    assert status == EXIT_USER_ERROR == 2
+    assert _one_line(capsys.readouterr().err) == f"cmrf predict: error: {missing}: no such checkpoint file"
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_flag_shows_the_traceback(tmp_path, where):
+    command = ["evaluate", str(tmp_path / "missing.safetensors")]
+    argv = ["--debug", *command] if where == "before" else [*command, "--debug"]
+    with pytest.raises(FileNotFoundError):
+        main(argv)
+
+
+def test_debug_environment_variable(tmp_path, monkeypatch, capsys):
+    argv = ["evaluate", str(tmp_path / "missing.safetensors")]
+    monkeypatch.setenv("CMRF_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        main(argv)
+    monkeypatch.setenv("CMRF_DEBUG", "0")
+    assert main(argv) == 2
+
+
+def test_unexpected_error_is_one_line_with_exit_70(monkeypatch, capsys):
+    import cmrf.quickstart
+
+    def broken(size):
+        raise RuntimeError("something\nunexpected")
+
+    monkeypatch.setattr(cmrf.quickstart, "quickstart_report", broken)
+    assert main(["quickstart"]) == EXIT_INTERNAL == 70
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("cmrf quickstart: internal error: RuntimeError: something unexpected")
+    assert line.endswith("(rerun with --debug for the traceback, and please report it)")
+    with pytest.raises(RuntimeError):
+        main(["--debug", "quickstart"])
+
+
+def test_error_wrapped_by_a_library_is_still_a_user_error(monkeypatch, capsys):
+    import errno
+
+    import cmrf.quickstart
+
+    def wrapped(size):
+        try:
+            raise PermissionError(errno.EACCES, "Permission denied", "/data/x.png")
+        except OSError as err:
+            raise RuntimeError("the library failed") from err
+
+    monkeypatch.setattr(cmrf.quickstart, "quickstart_report", wrapped)
+    assert main(["quickstart"]) == 2
+    assert _one_line(capsys.readouterr().err) == "cmrf quickstart: error: /data/x.png: Permission denied"
+
+
+def test_ctrl_c_exits_130(monkeypatch, capsys):
+    import cmrf.quickstart
+
+    def interrupted(size):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cmrf.quickstart, "quickstart_report", interrupted)
+    assert main(["quickstart"]) == 130
+    assert _one_line(capsys.readouterr().err) == "cmrf quickstart: interrupted"
+
+
+def test_bad_flag_value_is_argparse_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["quickstart", "--size", "0"])
+    assert exit_.value.code == 2
+    assert "expected an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_argparse_lives_only_in_the_cli_package():
+    package = Path(cmrf.__file__).parent
+    outside = [p for p in package.rglob("*.py") if "cli" not in p.relative_to(package).parts]
+    assert [p for p in outside if "argparse" in p.read_text()] == []
+    # The command builders that used to live in library modules (bench's move with the bench package).
+    for name in ("profile.py", "export.py", "quickstart.py", "checkpoint.py"):
+        source = (package / name).read_text()
+        assert "def build_command" not in source and "def add_model_arguments" not in source, name
+
+
+# --- evaluate: reference checkpoints and an atomic --json ----------------------------------------
+
+SYNTHETIC = ["--data", "synthetic", "--img-size", "32", "--synthetic-samples", "8"]
+
+
+@pytest.fixture()
+def run_checkpoint(tmp_path):
+    from cmrf.train.state import model_metadata
+
+    path = tmp_path / "best.safetensors"
+    data = {"data": "synthetic", "img_size": 32, "synthetic_samples": 8, "seed": 0, "spatial_dims": 2}
+    kwargs = {"channels": [16, 32], "N": 4}
+    meta = model_metadata("tinyunet", kwargs, 3, 2, ["background", "lesion"], data=data)
+    cmrf.save_weights(cmrf.TinyUNet(channels=(16, 32), N=4), path, metadata=meta)
+    return path
+
+
+def test_evaluate_json_on_a_full_disk_keeps_the_previous_file(run_checkpoint, tmp_path, monkeypatch, capsys):
+    import errno
+
+    scores = tmp_path / "scores.json"
+    assert main(["evaluate", str(run_checkpoint), "--json", str(scores)]) == 0
+    before = scores.read_bytes()
+    assert json.loads(before)["split"] == "test"
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)  # the data hit the disk only at fsync (delayed allocation)
+    capsys.readouterr()
+    assert main(["evaluate", str(run_checkpoint), "--json", str(scores), "--split", "val"]) == 2
+    assert _one_line(capsys.readouterr().err) == f"cmrf evaluate: error: {scores}: No space left on device"
+    assert scores.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["best.safetensors", "scores.json"]
+
+
+def test_evaluate_takes_a_reference_checkpoint(tmp_path, capsys):
+    from tests.conftest import golden_state_dict, load_golden
+
+    reference = tmp_path / "best_model.pth"
+    torch.save(golden_state_dict(load_golden("tinyunet_official.safetensors")), reference)
+    assert main(["evaluate", str(reference), *SYNTHETIC]) == 2
+    assert "--model NAME" in _one_line(capsys.readouterr().err)
+    assert main(["evaluate", str(reference), "--model", "tinyunet", *SYNTHETIC]) == 0
+    assert "mean" in capsys.readouterr().out.lower()
+    assert main(["evaluate", str(reference), "--model", "tinyunet", *SYNTHETIC, "--num-classes", "4"]) == 2
+    assert "num_classes=2, but --num-classes 4 was given" in _one_line(capsys.readouterr().err)

@@ -1,4 +1,6 @@
-"""Datasets of cmrf.train: synthetic generator, augmentation, ISIC/folder/NIfTI readers, bad data."""
+"""cmrf.data: synthetic generator, augmentation, ISIC/folder readers, mask conventions, checks, caching.
+
+NIfTI volumes are tested in test_volumes.py."""
 
 from __future__ import annotations
 
@@ -15,21 +17,29 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from cmrf.cli.data_args import add_data_arguments, data_options
-from cmrf.train.data import (
+from cmrf.data import (
     ISIC_FOLDERS,
     DataError,
+    DataWarning,
     FolderSegmentation,
+    SyntheticSegmentation,
     augment_pair,
     build_datasets,
     denormalize,
     find_folder_pairs,
+    generate_sample,
     load_image,
     normalize,
     read_image_file,
     read_mask_file,
     save_mask_png,
 )
-from cmrf.train.synthetic import SyntheticSegmentation, generate_sample
+from cmrf.data.imageio import dequantize, quantize, resize_image
+
+
+def as_stored(image: torch.Tensor) -> torch.Tensor:
+    """An image in [0, 1] as a dataset keeps it: quantized to 8 bits."""
+    return dequantize(quantize(image))
 
 
 def _build(args, seed=0):
@@ -167,7 +177,7 @@ def test_augmentation_is_seeded_by_epoch_and_index_and_can_be_switched_off():
     dataset = SyntheticSegmentation(4, 32, seed=3, augment=True)
     first = dataset[1]
     assert torch.equal(first[0], dataset[1][0])  # same epoch, same item: same draw
-    plain = normalize(generate_sample(3, 1, 32)[0])
+    plain = normalize(as_stored(generate_sample(3, 1, 32)[0]))
     assert not torch.equal(first[0], plain)
     dataset.set_epoch(1)
     assert not torch.equal(first[0], dataset[1][0])
@@ -187,7 +197,7 @@ def test_workers_give_the_same_batches_and_see_augment_switched_off():
     with_workers = batches(2)
     assert all(torch.equal(a, b) for a, b in zip(in_process, with_workers, strict=True))
     dataset.augment = False  # what the loop does after --aug-stop; workers are re-created per epoch
-    plain = torch.cat([normalize(generate_sample(1, i, 24)[0]).flatten() for i in range(2)])
+    plain = torch.cat([normalize(as_stored(generate_sample(1, i, 24)[0])).flatten() for i in range(2)])
     x, _ = next(iter(DataLoader(dataset, batch_size=2, num_workers=1)))
     assert torch.equal(x.flatten(), plain)
 
@@ -224,9 +234,16 @@ def test_default_size_depends_on_dimensions(spatial_dims, side):
 def test_option_values_are_checked_by_the_parser(capsys):
     args = parse()
     assert (args.data, args.img_size, args.spatial_dims, args.num_classes) == ("synthetic", None, 2, None)
-    for bad in (["--val-fraction", "1.5"], ["--img-size", "0"], ["--data", "mnist"], ["--spatial-dims", "4"]):
+    assert (args.mask_values, args.mask_threshold, args.cache, args.cache_dir) == (None, None, "memory", None)
+    for bad in (["--val-fraction", "1.5"], ["--img-size", "0"], ["--data", "mnist"], ["--spatial-dims", "4"],
+                ["--cache", "gpu"], ["--mask-threshold", "0"], ["--mask-values", "a"], ["--mask-values"]):
         with pytest.raises(SystemExit):
             parse(*bad)
+    assert parse("--mask-values", "0", "128", "255").mask_values == [0, 128, 255]
+    with pytest.raises(DataError, match="--mask-threshold: only for masks read from files"):
+        build_datasets(**data_options(parse("--mask-threshold", "128")))
+    with pytest.raises(DataError, match="unknown data option"):
+        build_datasets(masks="png")
 
 
 # --- files ---------------------------------------------------------------------------------------
@@ -382,9 +399,16 @@ def test_folder_with_palette_masks_infers_classes_and_reads_names(tmp_path: Path
     datasets = (bundle.train, bundle.val, bundle.test)
     masks = torch.cat([dataset[i][1].flatten() for dataset in datasets for i in range(len(dataset))])
     assert set(masks.unique().tolist()) == {0, 1, 2, 3}
-    (tmp_path / "classes.txt").write_text("BG\nlesion\n")
-    with pytest.raises(DataError, match=r"classes\.txt names 2 classes but the data has 4"):
+    (tmp_path / "classes.txt").write_text("BG\nlesion\n")  # names 2 classes: values 2 and 3 are not classes
+    with pytest.raises(DataError, match=r"(?s)not classes of classes\.txt \(2 names\), 0\.\.1:.*slice0\.png"):
         _build(parse("--data", "folder", "--root", str(tmp_path)), 0)
+    with pytest.raises(DataError, match="classes.txt has 2 classes, but the mask options give 4"):
+        _build(parse("--data", "folder", "--root", str(tmp_path), "--num-classes", "4"), 0)
+    (tmp_path / "classes.txt").unlink()  # without names or options, 0..3 is ambiguous
+    with pytest.raises(DataError, match=r"(?s)not binary.*If these are class indices: --num-classes 4"):
+        _build(parse("--data", "folder", "--root", str(tmp_path)), 0)
+    with_option = parse("--data", "folder", "--root", str(tmp_path), "--num-classes", "4")
+    assert _build(with_option, 0).num_classes == 4
 
 
 def test_folder_with_split_files(folder_root: Path, tmp_path_factory):
@@ -445,94 +469,428 @@ def test_folder_bad_data_is_reported_with_the_file(tmp_path: Path):
     with pytest.raises(DataError, match=r"cannot read mask file .*case2\.png"):
         _build(folder_args(), 0)
     write_pair(tmp_path, "case2", mask_values=(0, 3))
-    # Checked per item: the values need the whole mask decoded.
-    bundle = _build(folder_args("--num-classes", "2"), 0)
-    datasets = (bundle.train, bundle.val, bundle.test)
-    with pytest.raises(DataError, match=r"file .*case2\.png has values 3 outside the class range 0\.\.1"):
-        for dataset in datasets:
-            for i in range(len(dataset)):
-                dataset[i]
-    assert _build(folder_args(), 0).num_classes == 4  # inferred from the masks instead
-    # From a DataLoader worker the error arrives without the worker's traceback in its message.
-    loader = DataLoader(FolderSegmentation(find_folder_pairs(tmp_path), 8, num_classes=2), num_workers=1)
+    # Mask values are checked when the datasets are built, for every split, and every bad file is
+    # listed: with case2 holding 3, the others' 255 is no longer binary foreground either.
+    listed = (r"3 of 3 mask file\(s\) hold values that are not classes of --num-classes 2, 0\.\.1:\n"
+              r"  .*case0\.png: 255\n  .*case1\.png: 255\n  .*case2\.png: 3\n"
+              r"255 is binary foreground only when")
+    with pytest.raises(DataError, match=listed):
+        _build(folder_args("--num-classes", "2"), 0)
+    bundle = _build(folder_args("--mask-values", "0", "255", "3"), 0)
+    assert bundle.num_classes == 3 and bundle.class_names == ["background", "class 1", "class 2"]
+    # An image whose header is fine but whose pixels are cut off fails when loaded, naming the file,
+    # and from a DataLoader worker the error arrives without the worker's traceback in its message.
+    write_pair(tmp_path, "case2", seed=2, size=(64, 48))
+    image = tmp_path / "images" / "case2.png"
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    dataset = FolderSegmentation([p for p in find_folder_pairs(tmp_path) if p.stem == "case2"], 8)
     with pytest.raises(DataError) as caught:
-        list(loader)
-    assert str(caught.value).startswith(f"mask file {tmp_path / 'masks' / 'case2.png'} has values 3 outside")
+        list(DataLoader(dataset, num_workers=1))
+    assert str(caught.value).startswith(f"cannot read image file {image}")
 
 
-# --- NIfTI volumes -------------------------------------------------------------------------------
-
-nibabel = pytest.importorskip("nibabel")
+# --- mask conventions: read right or refused, before any training -------------------------------
 
 
-def write_volume(path: Path, values: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nibabel.save(nibabel.Nifti1Image(values, np.eye(4)), str(path))
+def folder_of(root: Path, masks: dict[str, np.ndarray], suffix: str = ".png", size=(20, 16)) -> Path:
+    """A folder with one random image per entry of ``masks`` (stem -> mask values (H, W) uint8)."""
+    for i, (stem, values) in enumerate(masks.items()):
+        write_pair(root, stem, size=size, seed=i)
+        (root / "masks" / f"{stem}.png").unlink()
+        mask = Image.fromarray(values.astype(np.uint8), mode="L")
+        mask.save(root / "masks" / f"{stem}{suffix}", quality=75)
+    return root
 
 
-@pytest.fixture
-def nifti_root(tmp_path: Path) -> Path:
-    rng = np.random.default_rng(0)
-    for i in range(5):
-        mask = np.zeros((6, 7, 8), dtype=np.uint8)
-        mask[1:4, 2:5, 3:6] = 1
-        mask[4:, :2, :2] = 2
-        image = rng.normal(-500.0, 200.0, size=(6, 7, 8)).astype(np.float32) + 400.0 * mask
-        write_volume(tmp_path / "images" / f"vol{i}.nii.gz", image)
-        write_volume(tmp_path / "masks" / f"vol{i}.nii.gz", mask)
-    return tmp_path
+def halves(left: int, right: int, size=(20, 16)) -> np.ndarray:
+    width, height = size
+    values = np.full((height, width), right, dtype=np.uint8)
+    values[:, : width // 2] = left
+    return values
 
 
-def test_nifti_folder_gives_normalised_resized_volumes(nifti_root: Path):
-    args = parse("--data", "folder", "--root", str(nifti_root), "--spatial-dims", "3", "--img-size", "8")
-    bundle = _build(args, seed=0)
-    assert (bundle.num_classes, bundle.in_channels, bundle.spatial_dims) == (3, 1, 3)
-    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (3, 1, 1)
+def folder_options(root: Path, *extra: str) -> dict:
+    return data_options(parse("--data", "folder", "--root", str(root), "--img-size", "8", *extra))
+
+
+def every_mask(bundle) -> torch.Tensor:
+    return torch.cat([mask.flatten() for _, mask in load_all(bundle)])
+
+
+@pytest.mark.parametrize("values", [(0, 255), (0, 1), (0, 0), (255, 255), (1, 1)])
+def test_binary_masks_are_two_classes(tmp_path: Path, values):
+    folder_of(tmp_path, {f"c{i}": halves(values[0] if i else 0, values[1]) for i in range(5)})
+    bundle = build_datasets(**folder_options(tmp_path))
+    assert bundle.num_classes == 2 and bundle.class_names == ["background", "foreground"]
+    bundle.train.augment = False
+    _, mask = bundle.train[0]
+    assert set(mask.unique().tolist()) <= {0, 1}
+    foreground = values[1] != 0
+    assert (mask[:, 4:] == int(foreground)).all()  # 255 (or 1) is class 1
+
+
+def test_masks_with_0_1_2_255_stop_before_training_naming_files_and_values(tmp_path: Path):
+    masks = {f"ok{i}": halves(0, 255) for i in range(4)}
+    masks.update(odd0=halves(1, 2), odd1=halves(0, 255))
+    masks["odd1"][0, 0] = 1
+    folder_of(tmp_path, masks)
+    with pytest.raises(DataError) as caught:
+        build_datasets(**folder_options(tmp_path))
+    message = str(caught.value)
+    assert "not binary" in message and "values found over 6 mask file(s): 0, 1, 2, 255" in message
+    assert "values 0, 255 in 4 file(s)" in message and "ok0.png" in message
+    assert f"values 1, 2 in 1 file(s): {tmp_path / 'masks' / 'odd0.png'}" in message
+    assert "values 0, 1, 255 in 1 file(s)" in message and "odd1.png" in message
+    assert "--mask-values 0 1 2 255" in message and "--num-classes K" in message
+    # The same folder from the command line: exit status 2, one error, and no run was started.
+    from cmrf.cli import main
+
+    out = tmp_path / "run"
+    status = main(["train", "--data", "folder", "--root", str(tmp_path), "--img-size", "8", "--epochs", "1",
+                   "--channels", "16", "32", "--device", "cpu", "--out", str(out)])
+    assert status == 2 and not (out / "last.safetensors").exists()
+    # Told which value is which class, the same masks are four classes.
+    bundle = build_datasets(**folder_options(tmp_path, "--mask-values", "0", "1", "2", "255"))
+    assert bundle.num_classes == 4 and set(every_mask(bundle).tolist()) == {0, 1, 2, 3}
+
+
+def test_mask_values_map_each_value_to_its_class_and_refuse_others(tmp_path: Path):
+    folder_of(tmp_path, {f"c{i}": halves(128, 255 if i % 2 else 0) for i in range(5)})
+    bundle = build_datasets(**folder_options(tmp_path, "--mask-values", "0", "128", "255"))
+    assert bundle.num_classes == 3
+    dataset = bundle.train
+    dataset.augment = False
+    for index, pair in enumerate(dataset.pairs):
+        _, mask = dataset[index]
+        right = 2 if int(pair.stem[1:]) % 2 else 0
+        assert (mask[:, :3] == 1).all() and (mask[:, 5:] == right).all()
+    with pytest.raises(DataError, match=r"(?s)2 of 5 mask file\(s\) hold values that are not classes of "
+                                        r"--mask-values 0, 128:\n  .*c1\.png: 255\n  .*c3\.png: 255"):
+        build_datasets(**folder_options(tmp_path, "--mask-values", "0", "128"))
+    with pytest.raises(DataError, match="--num-classes 2 disagrees with the 3 --mask-values"):
+        build_datasets(**folder_options(tmp_path, "--mask-values", "0", "128", "255", "--num-classes", "2"))
+    with pytest.raises(DataError, match="each value may appear once"):
+        build_datasets(**folder_options(tmp_path, "--mask-values", "0", "0"))
+    with pytest.raises(DataError, match="not both"):
+        build_datasets(**folder_options(tmp_path, "--mask-values", "0", "255", "--mask-threshold", "9"))
+
+
+def test_num_classes_reads_class_indices_and_lists_files_outside(tmp_path: Path):
+    """The issue's case: 0/1 masks where one test mask holds 255, with --num-classes 2."""
+    masks = {f"c{i}": halves(0, 1) for i in range(6)}
+    masks["c5"] = halves(0, 255)
+    folder_of(tmp_path, masks)
+    split_dir = tmp_path / "splits"
+    split_dir.mkdir()
+    (split_dir / "train.txt").write_text("c0\nc1\nc2\nc3\n")
+    (split_dir / "val.txt").write_text("c4\n")
+    (split_dir / "test.txt").write_text("c5\n")  # the bad mask is in the test split
+    options = folder_options(tmp_path, "--num-classes", "2", "--split-dir", str(split_dir))
+    with pytest.raises(DataError, match=r"(?s)1 of 6 mask.*--num-classes 2, 0\.\.1:\n  .*c5\.png: 255\n"):
+        build_datasets(**options)
+    Image.fromarray(halves(0, 1), mode="L").save(tmp_path / "masks" / "c5.png")
+    assert build_datasets(**options).num_classes == 2
+    # 16-bit masks: class values beyond 255 are indices like any other.
+    wide = np.zeros((16, 20), dtype=np.uint16)
+    wide[:, 10:] = 300
+    Image.fromarray(wide).save(tmp_path / "masks" / "c5.png")
+    bundle = build_datasets(**folder_options(tmp_path, "--mask-values", "0", "1", "300", "--split-dir",
+                                             str(split_dir)))
+    assert bundle.num_classes == 3 and set(bundle.test[0][1].unique().tolist()) == {0, 2}
+
+
+def test_jpeg_masks_are_refused_or_thresholded_on_request(tmp_path: Path):
+    """JPEG 0/255 masks gain compression noise; they are refused unless --mask-threshold is given."""
+    circle = np.zeros((48, 64), dtype=np.uint8)
+    y, x = np.mgrid[:48, :64]
+    circle[(y - 24) ** 2 + (x - 30) ** 2 < 15**2] = 255
+    folder_of(tmp_path, {f"c{i}": np.roll(circle, 3 * i, axis=1) for i in range(5)}, ".jpg", size=(64, 48))
+    noisy = np.unique(np.asarray(Image.open(tmp_path / "masks" / "c0.jpg")))
+    assert len(noisy) > 2  # the premise: JPEG did add values
+    with pytest.raises(DataError) as caught:
+        build_datasets(**folder_options(tmp_path))
+    message = str(caught.value)
+    assert message.startswith("5 mask file(s) are JPEG, whose lossy compression changes pixel values")
+    assert f"{tmp_path / 'masks' / 'c0.jpg'}: values 0, " in message and "--mask-threshold 128" in message
+    with pytest.raises(DataError, match="are JPEG"):  # --num-classes 2 does not make them exact
+        build_datasets(**folder_options(tmp_path, "--num-classes", "2"))
+    options = data_options(parse("--data", "folder", "--root", str(tmp_path), "--mask-threshold", "128"))
+    bundle = build_datasets(**{**options, "img_size": 64})
     bundle.train.augment = False
     image, mask = bundle.train[0]
-    assert image.shape == (1, 8, 8, 8) and image.dtype == torch.float32
-    assert mask.shape == (8, 8, 8) and set(mask.unique().tolist()) == {0, 1, 2}
-    unit = denormalize(image)
-    assert unit[0][mask == 1].mean() > unit[0][mask == 0].mean() + 0.2  # intensities kept their meaning
-    bundle.train.augment = True
-    assert bundle.train[0][0].shape == (1, 8, 8, 8)
+    index = [p.stem for p in bundle.train.pairs][0]
+    expected = torch.from_numpy((np.roll(circle, 3 * int(index[1:]), axis=1) > 0).astype(np.int64))
+    expected = torch.nn.functional.interpolate(expected[None, None].float(), (64, 64), mode="nearest-exact")
+    assert bundle.num_classes == 2 and mask.shape == (64, 64)
+    assert (mask != expected[0, 0].long()).float().mean() < 0.02  # only edge pixels may differ
 
 
-def test_nifti_folder_read_as_images_gets_a_hint(nifti_root: Path):
-    with pytest.raises(DataError, match="NIfTI volumes: add --spatial-dims 3"):
-        _build(parse("--data", "folder", "--root", str(nifti_root)), 0)
+def test_many_grey_levels_suggest_a_threshold(tmp_path: Path):
+    ramp = np.tile(np.arange(20, dtype=np.uint8) * 13, (16, 1))  # anti-aliased-like: 20 levels
+    folder_of(tmp_path, {f"c{i}": ramp for i in range(5)})
+    with pytest.raises(DataError, match=r"(?s)values found over 5 mask file\(s\): 0, 13, 26, .* \(20 values\)"
+                                        r".*--mask-threshold 128"):
+        build_datasets(**folder_options(tmp_path))
+    bundle = build_datasets(**folder_options(tmp_path, "--mask-threshold", "128"))
+    bundle.train.augment = False
+    assert bundle.num_classes == 2 and set(bundle.train[0][1].unique().tolist()) == {0, 1}
 
 
-def test_nifti_multichannel_volumes(tmp_path: Path):
-    for i in range(3):
-        write_volume(tmp_path / "images" / f"v{i}.nii", np.random.default_rng(i).random((4, 4, 4, 2)))
-        write_volume(tmp_path / "masks" / f"v{i}.nii", np.eye(4, dtype=np.float32)[None].repeat(4, 0))
-    args = parse("--data", "folder", "--root", str(tmp_path), "--spatial-dims", "3", "--img-size", "4",
-                 "--val-fraction", "0.3", "--test-fraction", "0.3")
-    bundle = _build(args, 0)
-    assert bundle.in_channels == 2 and bundle.train[0][0].shape == (2, 4, 4, 4)
+def test_every_bad_file_is_reported_up_to_a_cap(tmp_path: Path):
+    masks = {f"c{i:02d}": halves(0, 255) for i in range(30)}
+    for i in range(25):
+        masks[f"c{i:02d}"] = halves(0, 7)
+    folder_of(tmp_path, masks)
+    with pytest.raises(DataError) as caught:
+        build_datasets(**folder_options(tmp_path, "--num-classes", "2"))
+    lines = str(caught.value).splitlines()
+    assert lines[0].startswith("30 of 30 mask file(s)")  # 7 is out of range; so 255 is not binary either
+    listed = [line for line in lines if line.startswith("  /")]
+    assert len(listed) == 20 and "  ... and 10 more" in lines
+    for i in range(25):  # several unreadable files are all reported too
+        (tmp_path / "masks" / f"c{i:02d}.png").write_bytes(b"broken")
+    with pytest.raises(DataError) as caught:
+        build_datasets(**folder_options(tmp_path))
+    lines = str(caught.value).splitlines()
+    assert lines[0] == "25 of 30 image/mask pairs cannot be used:" and "  ... and 5 more" in lines
+    assert sum("cannot read mask file" in line for line in lines) == 20
 
 
-def test_nifti_bad_data_is_reported_with_the_file(nifti_root: Path):
-    args = parse("--data", "folder", "--root", str(nifti_root), "--spatial-dims", "3", "--img-size", "8")
-    write_volume(nifti_root / "masks" / "vol1.nii.gz", np.zeros((6, 7, 9), dtype=np.uint8))
-    with pytest.raises(DataError, match=r"vol1\.nii\.gz has shape \(6, 7, 8\) but its mask .* \(6, 7, 9\)"):
-        _build(args, 0)
-    write_volume(nifti_root / "masks" / "vol1.nii.gz", np.full((6, 7, 8), 0.5, dtype=np.float32))
-    with pytest.raises(DataError, match=r"mask file .*vol1\.nii\.gz holds non-integer values"):
-        _build(args, 0)
-    (nifti_root / "masks" / "vol1.nii.gz").write_bytes(b"garbage")
-    with pytest.raises(DataError, match=r"cannot read mask file .*vol1\.nii\.gz"):
-        _build(args, 0)
-    (nifti_root / "masks" / "vol1.nii.gz").unlink()
-    with pytest.raises(DataError, match=r"mask for volume .*vol1\.nii\.gz is missing"):
-        _build(args, 0)
-    write_volume(nifti_root / "masks" / "vol1.nii.gz", np.full((6, 7, 8), 5, dtype=np.uint8))
-    bundle = _build(parse("--data", "folder", "--root", str(nifti_root), "--spatial-dims", "3",
-                                  "--img-size", "8", "--num-classes", "3"), 0)
-    with pytest.raises(DataError, match=r"vol1\.nii\.gz has values 5 outside the class range 0\.\.2"):
-        for dataset in (bundle.train, bundle.val, bundle.test):
-            for i in range(len(dataset)):
-                dataset[i]
-    with pytest.raises(DataError, match="2D images"):
-        _build(parse("--data", "isic2018", "--root", str(nifti_root), "--spatial-dims", "3"), 0)
+def test_isic_bad_mask_in_the_official_test_folder_fails_the_build(isic_root: Path):
+    truth = isic_root / ISIC_FOLDERS["test"][1] / "ISIC_0000010_segmentation.png"
+    Image.fromarray(halves(0, 128), mode="L").save(truth)
+    with pytest.raises(DataError, match=r"(?s)1 of 11 mask file.*ISIC 2018 Task 1 \(2 classes\), 0\.\.1:\n"
+                                        r"  .*ISIC_0000010_segmentation\.png: 128"):
+        build_datasets(**data_options(parse("--data", "isic2018", "--root", str(isic_root))))
+
+
+# --- stored roots are absolute --------------------------------------------------------------------
+
+
+def test_relative_root_and_split_dir_are_stored_absolute(folder_root: Path, monkeypatch):
+    monkeypatch.chdir(folder_root.parent)
+    relative = folder_root.name
+    options = data_options(parse("--data", "folder", "--root", relative, "--split-dir", f"./{relative}/../x",
+                                 "--cache-dir", "~/c"))
+    assert options["root"] == folder_root and options["root"].is_absolute()
+    assert parse("--root", relative).root == folder_root  # what cmrf train stores from the parsed flags
+    assert options["split_dir"] == folder_root.parent / "x"
+    assert options["cache_dir"] == Path.home() / "c"
+    # A namespace filled by hand (evaluate fills it from a run's stored strings) is resolved too.
+    assert data_options(argparse.Namespace(root=relative, split_dir=None))["root"] == folder_root
+    # What cmrf train stores in its metadata works from another folder.
+    monkeypatch.chdir("/")
+    assert build_datasets(**{**options, "split_dir": None, "img_size": 8}).num_classes == 2
+
+
+# --- one helper for image sizes -------------------------------------------------------------------
+
+
+def test_image_size_is_height_width(tmp_path: Path):
+    from cmrf.data import image_size
+
+    write_pair(tmp_path, "wide", size=(40, 30))
+    assert image_size(tmp_path / "images" / "wide.png") == (30, 40)
+    with pytest.raises(DataError, match=r"image file .*none\.png does not exist"):
+        image_size(tmp_path / "none.png")
+
+
+# --- decoded once, cached ---------------------------------------------------------------------
+
+
+class Counter:
+    """Wraps a function and counts its calls (in this process)."""
+
+    def __init__(self, function):
+        self.function, self.calls = function, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.function(*args, **kwargs)
+
+
+def count_decoding(monkeypatch) -> tuple[Counter, Counter]:
+    import cmrf.data.folder as folder
+
+    images, masks = Counter(folder.decode_image), Counter(folder.decode_mask)
+    monkeypatch.setattr(folder, "decode_image", images)
+    monkeypatch.setattr(folder, "decode_mask", masks)
+    return images, masks
+
+
+def load_all(bundle) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [ds[i] for ds in (bundle.train, bundle.val, bundle.test) for i in range(len(ds))]
+
+
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_each_file_is_decoded_once(folder_root: Path, tmp_path_factory, monkeypatch, cache):
+    images, masks = count_decoding(monkeypatch)
+    cache_dir = tmp_path_factory.mktemp("cache")
+    options = folder_options(folder_root, "--cache", cache, "--cache-dir", str(cache_dir))
+    bundle = build_datasets(**options)
+    assert (images.calls, masks.calls) == (0, 10)  # every mask read once, by the check
+    first = load_all(bundle)
+    assert (images.calls, masks.calls) == (10, 10)  # images on first use; masks came from the check
+    for epoch in range(1, 3):
+        bundle.train.set_epoch(epoch)
+        load_all(bundle)
+    assert (images.calls, masks.calls) == (10, 10)
+    bundle.train.augment = False
+    held_out = len(bundle.train)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first[held_out:], load_all(bundle)[held_out:]))
+    again = build_datasets(**options)
+    load_all(again)
+    if cache == "disk":  # a second run reads nothing: no mask for the check, no image
+        assert (images.calls, masks.calls) == (10, 10)
+        assert len(list(cache_dir.iterdir())) == 1
+    else:
+        assert (images.calls, masks.calls) == (20, 20)
+
+
+def test_without_cache_files_are_decoded_on_every_load(folder_root: Path, monkeypatch):
+    images, masks = count_decoding(monkeypatch)
+    bundle = build_datasets(**folder_options(folder_root, "--cache", "none"))
+    load_all(bundle)
+    load_all(bundle)
+    assert (images.calls, masks.calls) == (20, 30)
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_workers_share_the_cache_and_see_epoch_and_augment(folder_root: Path, persistent):
+    """Samples decoded by workers in epoch 1 are in the shared cache: later epochs read no file
+    (the files are deleted after the first epoch), and set_epoch/augment reach running workers."""
+    bundle = build_datasets(**folder_options(folder_root))
+    train = bundle.train
+    loader = DataLoader(train, batch_size=2, num_workers=2, persistent_workers=persistent)
+
+    def epoch(number: int) -> torch.Tensor:
+        train.set_epoch(number)
+        return torch.cat([x.flatten() for x, _ in loader])
+
+    first = epoch(0)
+    for path in (folder_root / "images").iterdir():
+        path.unlink()
+    assert torch.equal(first, epoch(0))  # same epoch, same draws, from the cache
+    assert not torch.equal(first, epoch(1))
+    train.augment = False
+    plain = torch.cat([train[i][0].flatten() for i in range(len(train))])
+    assert torch.equal(epoch(2), plain)
+
+
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_pickled_datasets_share_the_cache(folder_root: Path, tmp_path_factory, cache):
+    """Spawned workers get the dataset through torch's pickler: the copy writes to the same cache."""
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401 (registers torch's reductions, as DataLoader does)
+
+    cache_dir = tmp_path_factory.mktemp("cache")
+    bundle = build_datasets(**folder_options(folder_root, "--cache", cache, "--cache-dir", str(cache_dir)))
+    copy = pickle.loads(ForkingPickler.dumps(bundle.val))
+    assert copy.source.store is not bundle.val.source.store
+    loaded = [copy[i][0] for i in range(len(copy))]
+    for path in (folder_root / "images").iterdir():
+        path.unlink()
+    assert all(torch.equal(image, bundle.val[i][0]) for i, image in enumerate(loaded))
+
+
+def test_memory_cache_falls_back_to_disk_if_too_big(folder_root: Path, tmp_path_factory, monkeypatch):
+    import cmrf.data.store as store
+
+    monkeypatch.setattr(store, "_memory_room", lambda: 1000)
+    cache_dir = tmp_path_factory.mktemp("cache")
+    with pytest.warns(DataWarning, match=r"only 0\.00 GiB of shared memory.*caching on disk in"):
+        bundle = build_datasets(**folder_options(folder_root, "--cache-dir", str(cache_dir)))
+    assert bundle.train.source.store.kind == "disk" and any(cache_dir.iterdir())
+    assert bundle.train[0][0].shape == (3, 8, 8)
+
+
+def test_unusable_cache_folder_is_a_clear_error(folder_root: Path, tmp_path_factory):
+    not_a_folder = tmp_path_factory.mktemp("cache") / "file"
+    not_a_folder.write_text("")
+    options = folder_options(folder_root, "--cache", "disk", "--cache-dir", str(not_a_folder / "x"))
+    with pytest.raises(DataError, match=r"cannot create the data cache folder .*file/x: .*--cache-dir"):
+        build_datasets(**options)
+
+
+def test_disk_cache_follows_changed_files(folder_root: Path, tmp_path_factory):
+    cache_dir = tmp_path_factory.mktemp("cache")
+    options = folder_options(folder_root, "--cache", "disk", "--cache-dir", str(cache_dir), "--val-fraction",
+                             "0.1", "--test-fraction", "0.1")
+    bundle = build_datasets(**options)
+    stems = [p.stem for p in bundle.train.pairs]
+    before = bundle.train[0][1]
+    write_pair(folder_root, stems[0], mask_values=(255, 0))  # the mask inverted: a new file
+    after = build_datasets(**options).train[0][1]
+    assert torch.equal(after, 1 - before)
+    assert len(list(cache_dir.iterdir())) == 2
+
+
+def test_sixteen_bit_images_keep_their_precision_and_match_load_image(tmp_path: Path):
+    for i in range(5):
+        write_pair(tmp_path, f"ct{i}", seed=i)
+        values = (np.random.default_rng(i).random((16, 20)) * 4000).astype(np.uint16)
+        (tmp_path / "images" / f"ct{i}.png").unlink()
+        Image.fromarray(values).save(tmp_path / "images" / f"ct{i}.png")
+    bundle = build_datasets(**folder_options(tmp_path))
+    assert bundle.train.source.store.layout.image_dtype == "uint16"
+    bundle.train.augment = False
+    image, _ = bundle.train[0]
+    path = bundle.train.pairs[0].image
+    assert torch.equal(image, load_image(path, 8))
+    exact = resize_image(torch.from_numpy(read_image_file(path)).permute(2, 0, 1), 8)
+    assert (denormalize(image) - exact).abs().max() < 1e-4  # far finer than 8 bits (1/255)
+
+
+def test_synthetic_samples_are_generated_once_per_index(monkeypatch):
+    import cmrf.data.synthetic as synthetic
+
+    generated = Counter(synthetic.generate_sample)
+    monkeypatch.setattr(synthetic, "generate_sample", generated)
+    dataset = SyntheticSegmentation(6, 24, seed=2, augment=True)
+    draws = []
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        draws.append(torch.stack([dataset[i][0] for i in range(6)]))
+    assert generated.calls == 6
+    assert not torch.equal(draws[0], draws[1])  # augmentation is still drawn per epoch
+    uncached = SyntheticSegmentation(6, 24, seed=2, augment=True, cache="none")
+    uncached.set_epoch(2)
+    assert torch.equal(torch.stack([uncached[i][0] for i in range(6)]), draws[2])
+
+
+def test_fill_decodes_everything_up_front(folder_root: Path, monkeypatch):
+    images, _ = count_decoding(monkeypatch)
+    bundle = build_datasets(**folder_options(folder_root))
+    bundle.test.fill()
+    assert images.calls == len(bundle.test)
+    load_all(bundle)
+    assert images.calls == 10
+
+
+# --- structure ------------------------------------------------------------------------------------
+
+
+def test_data_package_has_no_import_cycle_and_a_leaf_base():
+    """Module-level and function-level imports between cmrf.data modules form no cycle."""
+    import ast
+    import graphlib
+
+    import cmrf.data
+
+    folder = Path(cmrf.data.__file__).parent
+    graph = {}
+    for path in folder.glob("*.py"):
+        name = f"cmrf.data.{path.stem}" if path.stem != "__init__" else "cmrf.data"
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("cmrf.data"):
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(a.name for a in node.names if a.name.startswith("cmrf.data"))
+        graph[name] = imported
+    assert graph["cmrf.data.base"] == set()
+    assert all("cmrf.data" not in deps for name, deps in graph.items() if name != "cmrf.data")
+    tuple(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError on a cycle
+    assert not list(folder.parent.glob("data.py")) and not (folder.parent / "train" / "data.py").exists()

@@ -1,7 +1,11 @@
-"""Volumes: CMRF and TinyU-Net with spatial_dims=3 (one implementation, parameterised)."""
+"""Volumes: CMRF and TinyU-Net with spatial_dims=3 (one implementation, parameterised), NIfTI data."""
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -9,6 +13,8 @@ from hypothesis import strategies as st
 
 import cmrf
 from cmrf import CMRF, TinyUNet
+from cmrf.cli.data_args import add_data_arguments, data_options
+from cmrf.data import DataError, build_datasets, denormalize
 from cmrf.layers import cmrf_num_params
 
 
@@ -64,3 +70,121 @@ def test_3d_profile_counts_3d_convolutions():
     assert cost.flops == 2 * voxels * (2 + 8 + 27 + 4 + 8 + 16)
     assert cost.params == cmrf_num_params(1, 4, 2, spatial_dims=3)
     assert cost.macs >= voxels * (2 + 27 + 8)
+
+
+# --- NIfTI volumes as training data (cmrf.data.nifti) --------------------------------------------
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_data_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def build(*argv: str, seed: int = 0):
+    return build_datasets(seed=seed, **data_options(parse(*argv)))
+
+
+def write_volume(path: Path, values: np.ndarray) -> None:
+    nibabel = pytest.importorskip("nibabel")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nibabel.save(nibabel.Nifti1Image(values, np.eye(4)), str(path))
+
+
+@pytest.fixture
+def nifti_root(tmp_path: Path) -> Path:
+    """Five 6x7x8 volumes whose masks hold classes 0, 1 and 2."""
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        mask = np.zeros((6, 7, 8), dtype=np.uint8)
+        mask[1:4, 2:5, 3:6] = 1
+        mask[4:, :2, :2] = 2
+        image = rng.normal(-500.0, 200.0, size=(6, 7, 8)).astype(np.float32) + 400.0 * mask
+        write_volume(tmp_path / "images" / f"vol{i}.nii.gz", image)
+        write_volume(tmp_path / "masks" / f"vol{i}.nii.gz", mask)
+    return tmp_path
+
+
+def test_nifti_folder_gives_normalised_resized_volumes(nifti_root: Path):
+    volumes = ("--data", "folder", "--root", str(nifti_root), "--spatial-dims", "3", "--img-size", "8")
+    bundle = build(*volumes, "--num-classes", "3")
+    assert (bundle.num_classes, bundle.in_channels, bundle.spatial_dims) == (3, 1, 3)
+    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (3, 1, 1)
+    bundle.train.augment = False
+    image, mask = bundle.train[0]
+    assert image.shape == (1, 8, 8, 8) and image.dtype == torch.float32
+    assert mask.shape == (8, 8, 8) and set(mask.unique().tolist()) == {0, 1, 2}
+    unit = denormalize(image)
+    assert unit[0][mask == 1].mean() > unit[0][mask == 0].mean() + 0.2  # intensities kept their meaning
+    bundle.train.augment = True
+    assert bundle.train[0][0].shape == (1, 8, 8, 8)
+    # Masks holding 0, 1, 2 are not binary: without an option the classes are not guessed.
+    with pytest.raises(DataError, match=r"(?s)not binary.*vol0\.nii\.gz.*--num-classes 3"):
+        build(*volumes)
+    (nifti_root / "classes.txt").write_text("background\nlung\nlesion\n")
+    assert build(*volumes).class_names == ["background", "lung", "lesion"]
+
+
+def test_nifti_folder_read_as_images_gets_a_hint(nifti_root: Path):
+    with pytest.raises(DataError, match="NIfTI volumes: add --spatial-dims 3"):
+        build("--data", "folder", "--root", str(nifti_root))
+
+
+def test_nifti_multichannel_volumes(tmp_path: Path):
+    for i in range(3):
+        write_volume(tmp_path / "images" / f"v{i}.nii", np.random.default_rng(i).random((4, 4, 4, 2)))
+        write_volume(tmp_path / "masks" / f"v{i}.nii", np.eye(4, dtype=np.float32)[None].repeat(4, 0))
+    bundle = build("--data", "folder", "--root", str(tmp_path), "--spatial-dims", "3", "--img-size", "4",
+                   "--val-fraction", "0.3", "--test-fraction", "0.3")
+    assert bundle.in_channels == 2 and bundle.train[0][0].shape == (2, 4, 4, 4)
+    assert bundle.num_classes == 2  # 0/1 masks are binary
+
+
+def test_nifti_bad_data_is_reported_with_the_file(nifti_root: Path):
+    volumes = ("--data", "folder", "--root", str(nifti_root), "--spatial-dims", "3", "--img-size", "8")
+    write_volume(nifti_root / "masks" / "vol1.nii.gz", np.zeros((6, 7, 9), dtype=np.uint8))
+    with pytest.raises(DataError, match=r"vol1\.nii\.gz has shape \(6, 7, 8\) but its mask .* \(6, 7, 9\)"):
+        build(*volumes)
+    write_volume(nifti_root / "masks" / "vol1.nii.gz", np.full((6, 7, 8), 0.5, dtype=np.float32))
+    with pytest.raises(DataError, match=r"mask file .*vol1\.nii\.gz holds non-integer values"):
+        build(*volumes)
+    (nifti_root / "masks" / "vol1.nii.gz").write_bytes(b"garbage")
+    (nifti_root / "masks" / "vol3.nii.gz").write_bytes(b"garbage")
+    with pytest.raises(DataError, match=r"(?s)2 of 5 volume/mask pairs cannot be used:\n"
+                                        r"  cannot read mask file .*vol1\.nii\.gz.*\n  cannot read .*vol3"):
+        build(*volumes)
+    (nifti_root / "masks" / "vol1.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"mask for volume .*vol1\.nii\.gz is missing"):
+        build(*volumes)
+    write_volume(nifti_root / "masks" / "vol1.nii.gz", np.full((6, 7, 8), 5, dtype=np.uint8))
+    write_volume(nifti_root / "masks" / "vol3.nii.gz", np.full((6, 7, 8), 1, dtype=np.uint8))
+    # Checked before any training, whichever split vol1 falls in.
+    bad_value = r"(?s)1 of 5 mask file.*--num-classes 3, 0\.\.2:\n  .*vol1\.nii\.gz: 5\n"
+    with pytest.raises(DataError, match=bad_value):
+        build(*volumes, "--num-classes", "3")
+    with pytest.raises(DataError, match="2D images"):
+        build("--data", "isic2018", "--root", str(nifti_root), "--spatial-dims", "3")
+
+
+def test_nifti_label_values_can_be_mapped_and_are_cached(nifti_root: Path, tmp_path_factory, monkeypatch):
+    """Large label values (an atlas's 1000, 2000) map to classes; a disk cache skips every read."""
+    for i in range(5):
+        mask = np.zeros((6, 7, 8), dtype=np.int16)
+        mask[1:4, 2:5, 3:6], mask[4:, :2, :2] = 1000, 2000
+        write_volume(nifti_root / "masks" / f"vol{i}.nii.gz", mask)
+    cache_dir = tmp_path_factory.mktemp("cache")
+    volumes = ("--data", "folder", "--root", str(nifti_root), "--spatial-dims", "3", "--img-size", "8",
+               "--mask-values", "0", "1000", "2000", "--cache", "disk", "--cache-dir", str(cache_dir))
+    first = build(*volumes)
+    items = [first.train[i] for i in range(len(first.train))]
+    assert first.num_classes == 3 and set(torch.cat([m.flatten() for _, m in items]).tolist()) == {0, 1, 2}
+    import cmrf.data.nifti as nifti
+
+    def no_reading(*args):
+        raise AssertionError("a volume was read again")
+
+    monkeypatch.setattr(nifti, "read_volume_mask", no_reading)
+    monkeypatch.setattr(nifti, "read_volume", no_reading)
+    again = build(*volumes)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+               for a, b in zip(items, (again.train[i] for i in range(len(again.train)))))

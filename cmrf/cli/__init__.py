@@ -4,6 +4,18 @@ This package is the only place argparse lives: library functions take keyword ar
 ``COMMANDS`` maps a command name to a function ``build(parser) -> run`` in a module of this package
 that adds the command's arguments and returns ``run(args) -> int``. Only the module of the command
 being run is imported, so one command's heavy dependencies never slow down another.
+
+Errors are handled here, once, for every command (docs/cli.md):
+
+- exit 2 and one line ``cmrf COMMAND: error: PATH: CAUSE`` on stderr for what the user can fix: a
+  file-system error (``OSError``: missing file, permission, read-only folder, full disk) or a bad
+  argument, data or checkpoint (``ValueError``, which the library raises with the value named);
+- exit 70 (``EX_SOFTWARE``) and one line ending in "rerun with --debug" for any other exception
+  (a bug: please report it with the traceback);
+- exit 130 on Ctrl-C.
+
+``--debug`` (``cmrf --debug COMMAND ...`` or anywhere after the command) or the environment
+variable ``CMRF_DEBUG=1`` shows the full traceback instead of the one line.
 """
 
 from __future__ import annotations
@@ -11,7 +23,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
+
+__all__ = ["COMMANDS", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_USER_ERROR", "build_parser", "main"]
 
 # name -> ("module:builder", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -26,6 +41,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("cmrf.cli.predict:build", "mask PNGs and overlays of a trained checkpoint on images"),
 }
 
+EXIT_USER_ERROR = 2  # bad argument, data, checkpoint, or a file-system error; argparse uses 2 too
+EXIT_INTERNAL = 70  # sysexits.h EX_SOFTWARE: an unexpected exception, i.e. a bug
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+_DEBUG_HELP = "show the full traceback of an error instead of one line (also: CMRF_DEBUG=1)"
+
 
 def _builder(spec: str):
     module_name, func_name = spec.split(":")
@@ -38,30 +59,78 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="cmrf", description="CMRF and TinyU-Net tools")
     parser.add_argument("--version", action="version", version=f"cmrf {__version__}")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (spec, help_text) in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        # SUPPRESS: a sub-command's default must not undo a global --debug given before it.
+        sub_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
         if command in (None, name):
             sub_parser.set_defaults(run=_builder(spec)(sub_parser))
     return parser
 
 
+def _debug_requested(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("CMRF_DEBUG", "") not in ("", "0")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _one_line(text: str) -> str:
+    """``text`` without terminal colour codes, its lines and runs of blanks joined by one space."""
+    return " ".join(_ANSI.sub("", text).split())
+
+
+def _user_error(err: BaseException) -> BaseException | None:
+    """The ``OSError`` or ``ValueError`` behind ``err`` (itself, or what it was raised from)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, (OSError, ValueError)):
+            return err
+        seen.add(id(err))
+        err = err.__cause__
+    return None
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for ``err``: ``PATH: CAUSE`` for file-system errors, the message otherwise."""
+    if isinstance(err, OSError) and err.filename is not None:
+        cause = err.strerror or (str(err.args[0]) if err.args else type(err).__name__)
+        where = f"{err.filename} -> {err.filename2}" if err.filename2 is not None else f"{err.filename}"
+        return _one_line(f"{where}: {cause}")
+    return _one_line(str(err)) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``cmrf`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status (see module doc)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
         parser.print_help()
-        return 0 if args.command is None else 2
+        return 0 if args.command is None else EXIT_USER_ERROR
     try:
         return int(args.run(args) or 0)
-    except (ValueError, OSError) as err:
-        if os.environ.get("CMRF_DEBUG"):
+    except KeyboardInterrupt:
+        if _debug_requested(args):
             raise
-        # Bad input: one clear line, no traceback (CMRF_DEBUG=1 shows it).
-        print(f"cmrf {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        print(f"cmrf {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        if _debug_requested(args):
+            raise
+        user_error = _user_error(err)
+        if user_error is not None:
+            print(f"cmrf {args.command}: error: {describe_error(user_error)}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        print(
+            f"cmrf {args.command}: internal error: {type(err).__name__}: {describe_error(err)} "
+            f"(rerun with --debug for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
-from cmrf.data import DATA_CHOICES, DATA_OPTIONS
+from cmrf.data import CACHE_CHOICES, DATA_CHOICES, DATA_OPTIONS
 
 __all__ = ["add_data_arguments", "data_options"]
+
+# Options holding folders: stored absolute, so a run's metadata works from any working folder.
+PATH_OPTIONS = ("root", "split_dir", "cache_dir")
 
 
 def _positive_int(text: str) -> int:
@@ -21,6 +25,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer mask value, got {text!r}") from None
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -31,6 +42,11 @@ def _fraction(text: str) -> float:
     return value
 
 
+def absolute_path(path: str | os.PathLike) -> Path:
+    """``path`` with ``~`` expanded, made absolute against the current folder and normalised."""
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
 def add_data_arguments(parser: argparse.ArgumentParser) -> list[str]:
     """Add the data options (``--data``, ``--root``, ``--img-size``, ...); return their destinations."""
     before = {action.dest for action in parser._actions}
@@ -38,19 +54,27 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> list[str]:
     group.add_argument("--data", choices=DATA_CHOICES, default="synthetic",
                        help="dataset: built-in synthetic lesions (default, no download), an ISIC 2018 "
                             "Task 1 tree, or a folder with images/ and masks/")
-    group.add_argument("--root", type=Path, default=None, help="dataset folder (isic2018, folder)")
+    group.add_argument("--root", type=absolute_path, default=None,
+                       help="dataset folder (isic2018, folder); stored absolute in the run")
     group.add_argument("--img-size", type=_positive_int, default=None,
                        help="side in pixels (voxels in 3D) that every sample is resized to (default 256 "
                             "for images as in the paper, 64 for volumes)")
     group.add_argument("--num-classes", type=_positive_int, default=None,
-                       help="classes incl. background: synthetic 2 (default) or 4; folder: inferred from "
-                            "the masks if not given")
+                       help="classes incl. background. Synthetic: 2 (default) or 4. Files: the masks hold "
+                            "class indices 0..K-1 (K=2 also accepts 0/255); without it, masks must be "
+                            "binary (0/255 or 0/1) or root/classes.txt must name the classes")
+    group.add_argument("--mask-values", type=_integer, nargs="+", default=None, metavar="V",
+                       help="mask files: pixels equal to the i-th value are class i (e.g. 0 128 255: three "
+                            "classes); any other value is an error")
+    group.add_argument("--mask-threshold", type=_positive_int, default=None, metavar="T",
+                       help="mask files: two classes, class 1 where the value is >= T (for JPEG or "
+                            "anti-aliased masks, e.g. 128)")
     group.add_argument("--val-fraction", type=_fraction, default=0.2,
                        help="share of the samples held out for validation when no official or listed split "
                             "exists (default 0.2)")
     group.add_argument("--test-fraction", type=_fraction, default=0.2,
                        help="share held out for testing, likewise (default 0.2)")
-    group.add_argument("--split-dir", type=Path, default=None,
+    group.add_argument("--split-dir", type=absolute_path, default=None,
                        help="folder with train.txt, val.txt, test.txt listing sample stems (overrides "
                             "fractions and ISIC's official split)")
     group.add_argument("--synthetic-samples", type=_positive_int, default=400,
@@ -58,11 +82,23 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> list[str]:
                             "default 400)")
     group.add_argument("--spatial-dims", type=int, choices=(2, 3), default=2,
                        help="2: images; 3: volumes (synthetic volumes, or NIfTI files with --data folder)")
+    group.add_argument("--cache", choices=CACHE_CHOICES, default="memory",
+                       help="keep decoded, resized samples so later epochs decode nothing: in shared memory "
+                            "(default; falls back to disk if it would not fit), on disk (kept between runs), "
+                            "or not at all")
+    group.add_argument("--cache-dir", type=absolute_path, default=None,
+                       help="folder of --cache disk (default $CMRF_CACHE_DIR or ~/.cache/cmrf/data)")
     return [action.dest for action in parser._actions if action.dest not in before]
 
 
 def data_options(args: argparse.Namespace) -> dict:
-    """The ``build_datasets`` keyword arguments held by parsed data flags."""
-    return {name: getattr(args, name) for name in DATA_OPTIONS if hasattr(args, name)}
+    """The ``build_datasets`` keyword arguments held by parsed data flags.
 
-
+    Folders (``root``, ``split_dir``, ``cache_dir``) are returned absolute, so what ``cmrf train``
+    stores in its checkpoints finds the data from any working folder.
+    """
+    options = {name: getattr(args, name) for name in DATA_OPTIONS if hasattr(args, name)}
+    for name in PATH_OPTIONS:
+        if options.get(name) is not None:
+            options[name] = absolute_path(options[name])
+    return options

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from cmrf.cli.common import add_runtime_arguments
 from cmrf.cli.data_args import add_data_arguments, data_options
+from cmrf.cli.model_args import add_checkpoint_model_arguments, checkpoint_model_options
 from cmrf.train.setup import model_from_checkpoint, torch_threads
 
 
@@ -25,7 +27,8 @@ def _fill_from_run(args: argparse.Namespace, run_data: dict) -> None:
 
 
 def build(parser: argparse.ArgumentParser):
-    parser.add_argument("checkpoint", help="best.safetensors or last.safetensors written by cmrf train")
+    parser.add_argument("checkpoint", help="best.safetensors or last.safetensors written by cmrf train, or a "
+                                           "state dict such as the reference code's .pth (with --model)")
     parser.add_argument(
         "--split", choices=("test", "val", "train"), default="test", help="split (default test)"
     )
@@ -35,7 +38,12 @@ def build(parser: argparse.ArgumentParser):
     )
     add_runtime_arguments(parser, seed_default=None)
     _data_arguments_from_checkpoint(parser)
-    parser.epilog = "Data flags default to the ones the checkpoint was trained with."
+    add_checkpoint_model_arguments(parser, num_classes=False)  # --num-classes is the data flag's
+    parser.epilog = (
+        "Data flags default to the ones the checkpoint was trained with. A bare state dict (e.g. a "
+        "reference-code .pth) needs --model and the data flags; --num-classes and --in-chans are read "
+        "from its layers when not given."
+    )
     return run_evaluate
 
 
@@ -50,7 +58,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from cmrf.train.loop import Processes, eval_loader, evaluate_model, resolve_device
     from cmrf.train.metrics import format_table
 
-    model, meta = model_from_checkpoint(args.checkpoint)
+    model, meta = model_from_checkpoint(args.checkpoint, **checkpoint_model_options(args))
+    if args.json_out:  # fail now on a folder that cannot exist, not after the evaluation
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
     _fill_from_run(args, meta.get("data", {}))
     bundle = build_datasets(seed=args.seed, **data_options(args))
     if bundle.num_classes != meta["num_classes"] or bundle.in_channels != meta["in_chans"]:

@@ -1,5 +1,76 @@
-"""``cmrf export``."""
+"""``cmrf export onnx [NAME] [--checkpoint FILE] [--input-size B C *S] [--dynamic] -o FILE``."""
 
-from cmrf.export import build_command as build
+from __future__ import annotations
 
-__all__ = ["build"]
+import argparse
+
+from cmrf.cli.model_args import add_registry_model_arguments, constructor_kwargs, positive_int
+from cmrf.export import DEFAULT_OPSET
+
+__all__ = ["build", "run_export"]
+
+
+def build(parser: argparse.ArgumentParser):
+    parser.add_argument("format", choices=["onnx"], help="export format (onnx)")
+    add_registry_model_arguments(parser, name_required=False, num_classes_default=None)
+    parser.add_argument("--checkpoint", default=None, metavar="FILE",
+                        help="weights to load: a .safetensors written by cmrf train (names its model), or "
+                             "a state dict (.pth/.safetensors, e.g. the reference code's) with NAME")
+    parser.add_argument("--input-size", type=positive_int, nargs="+", default=None, metavar="S",
+                        help="example input shape B C *spatial (default 1, the model's channels, then the "
+                             "run's image size or 256 per side, 64 for volumes)")
+    parser.add_argument("--dynamic", action="store_true", help="dynamic batch and spatial size")
+    parser.add_argument("--opset", type=positive_int, default=DEFAULT_OPSET,
+                        help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument("--no-optimize", action="store_true",
+                        help="export the plain model (slower in ONNX Runtime)")
+    parser.add_argument("-o", "--output", required=True, metavar="FILE",
+                        help="the .onnx file to write (atomically: a failed export keeps an old file intact)")
+    parser.epilog = "A checkpoint's model, channels and classes come from the file where it can tell them."
+    return run_export
+
+
+def _model(args: argparse.Namespace):
+    """``(model, its input channels, its run's data options)`` from the flags and the checkpoint."""
+    from cmrf.train.setup import build_model, model_from_checkpoint
+
+    if args.checkpoint:
+        model, meta = model_from_checkpoint(
+            args.checkpoint, model=args.model, num_classes=args.num_classes, in_chans=args.in_chans,
+            model_kwargs=constructor_kwargs(args),
+        )
+        return model, meta["in_chans"], meta.get("data", {})
+    if args.model is None:
+        raise ValueError("give a model NAME (e.g. tinyunet) or a --checkpoint written by cmrf train")
+    in_chans = args.in_chans or (args.input_size[1] if args.input_size and len(args.input_size) > 1 else 3)
+    model, _ = build_model(args.model, in_chans, args.num_classes or 2, model_kwargs=constructor_kwargs(args))
+    return model, in_chans, {}
+
+
+def _input_size(args: argparse.Namespace, model, in_chans: int, data: dict) -> list[int]:
+    if args.input_size is None:
+        spatial_dims = int(getattr(model, "spatial_dims", 2))
+        side = data.get("img_size") or (256 if spatial_dims == 2 else 64)
+        return [1, in_chans, *([side] * spatial_dims)]
+    if len(args.input_size) >= 2 and args.input_size[1] != in_chans:
+        raise ValueError(
+            f"--input-size {' '.join(map(str, args.input_size))} has {args.input_size[1]} channels, but the "
+            f"model takes {in_chans}"
+        )
+    return list(args.input_size)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from cmrf.export import export_onnx
+
+    model, in_chans, data = _model(args)
+    input_size = _input_size(args, model, in_chans, data)
+    path = export_onnx(
+        model, args.output, input_size, dynamic=args.dynamic, optimize=not args.no_optimize,
+        opset_version=args.opset,
+    )
+    size_mb = path.stat().st_size / 2**20
+    shape = "x".join(map(str, input_size))
+    dynamic = ", dynamic batch and size" if args.dynamic else ""
+    print(f"wrote {path} ({size_mb:.2f} MiB, input {shape}{dynamic})")
+    return 0

@@ -1,33 +1,36 @@
-"""``cmrf predict``."""
+"""``cmrf predict CHECKPOINT INPUT... --out DIR``: a mask PNG (and an overlay PNG) per image.
+
+It keeps going: an input that cannot be read (a corrupt or unreadable image, a missing path, a
+folder without images) is reported on one line of stderr and skipped; the others are written. The
+summary counts the masks written and the inputs that failed, and the exit status is 1 when any
+input failed (docs/cli.md). Errors on the output side (read-only folder, full disk) stop the run
+with exit status 2: every later write would fail the same way.
+
+Output names are unique (compared case-insensitively, as on macOS and Windows disks):
+``STEM_mask.png`` and ``STEM_overlay.png``, where ``STEM`` is the input's stem; inputs whose stems
+collide (``a.png``, ``a.jpg``) use their full file name instead (``a.png_mask.png``,
+``a.jpg_mask.png``); inputs whose file names collide too (``x/a.png``, ``y/a.png``) get ``-2``,
+``-3``... in input order after the first (``a.png-2_mask.png``). Every file is written atomically.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from cmrf.cli.model_args import add_checkpoint_model_arguments, checkpoint_model_options, positive_int
 from cmrf.train.setup import model_from_checkpoint
 
-
-def _image_files(inputs: list[str]) -> list[Path]:
-    from cmrf.data import IMAGE_SUFFIXES
-
-    files = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {item}")
-            files.extend(found)
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise FileNotFoundError(f"no such image file or folder: {item}")
-    return files
+__all__ = ["build", "output_stems", "run_predict"]
 
 
-def _image_size(path: Path) -> tuple[int, int]:
+def _header_size(path: Path) -> tuple[int, int]:
     """``(height, width)`` of an image file, read from its header."""
     from PIL import Image
 
@@ -35,41 +38,128 @@ def _image_size(path: Path) -> tuple[int, int]:
         return image.height, image.width
 
 
+try:
+    from cmrf.data import image_size
+except ImportError:  # TODO(lead): cmrf.data.image_size comes with the "data" branch; drop this then.
+    image_size = _header_size
+
+
+def _image_files(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The image files named by ``inputs`` (files and folders), each once; and the inputs that
+    name nothing usable, as ``(path, reason)``."""
+    from cmrf.data import IMAGE_SUFFIXES
+
+    files, problems, seen = [], [], set()
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                problems.append((item, f"folder holds no images ({', '.join(IMAGE_SUFFIXES)})"))
+        elif item.is_file():
+            found = [item]
+        else:
+            found = []
+            problems.append((item, "no such file or folder"))
+        for path in found:
+            if path.resolve() not in seen:
+                seen.add(path.resolve())
+                files.append(path)
+    return files, problems
+
+
+def output_stems(paths: Sequence[Path]) -> list[str]:
+    """One output stem per input path, unique case-insensitively (rules in the module docstring)."""
+    stem_count = Counter(p.stem.casefold() for p in paths)
+    stems = [p.stem if stem_count[p.stem.casefold()] == 1 else p.name for p in paths]
+    taken: set[str] = set()
+    unique = []
+    for stem in stems:
+        candidate, n = stem, 1
+        while candidate.casefold() in taken:
+            n += 1
+            candidate = f"{stem}-{n}"
+        taken.add(candidate.casefold())
+        unique.append(candidate)
+    return unique
+
+
 def build(parser: argparse.ArgumentParser):
-    parser.add_argument("checkpoint", help="best.safetensors or last.safetensors written by cmrf train")
+    parser.add_argument("checkpoint", help="best.safetensors or last.safetensors written by cmrf train, or a "
+                                           "state dict such as the reference code's .pth (with --model)")
     parser.add_argument("inputs", nargs="+", help="image files and/or folders of images")
-    parser.add_argument("--out", required=True, help="folder for NAME_mask.png and NAME_overlay.png")
-    parser.add_argument("--img-size", type=int, default=None, help="network input side (default: the run's)")
+    parser.add_argument("--out", required=True, help="folder for STEM_mask.png and STEM_overlay.png")
+    parser.add_argument("--img-size", type=positive_int, default=None,
+                        help="network input side (default: the run's, 256 for a bare state dict)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--no-overlays", dest="overlays", action="store_false", help="write only the masks")
+    add_checkpoint_model_arguments(parser)
+    parser.epilog = (
+        "Unreadable inputs are reported and skipped; exit status 1 if any input failed. Stems that collide "
+        "(a.png, a.jpg) give a.png_mask.png and a.jpg_mask.png."
+    )
     return run_predict
+
+
+def _report(path: Path, err: BaseException | str) -> None:
+    from cmrf.cli import describe_error
+
+    message = err if isinstance(err, str) else describe_error(err)
+    if str(path) not in message:
+        message = f"{path}: {message}"
+    print(f"cmrf predict: error: {message} (skipped)", file=sys.stderr)
+
+
+def _check_model_fits_images(meta: dict, checkpoint) -> None:
+    if (meta.get("data", {}).get("spatial_dims") or 2) != 2:
+        raise ValueError(f"{checkpoint} holds a volume (3D) model; cmrf predict handles 2D image files")
+    if meta["in_chans"] not in (1, 3):
+        raise ValueError(
+            f"{checkpoint} holds a model with {meta['in_chans']} input channels; cmrf predict reads images "
+            f"as grey (1) or RGB (3)"
+        )
+
+
+def _overlay(image: torch.Tensor, prediction: torch.Tensor, path: Path, title: str) -> None:
+    from cmrf.train.plots import plot_overlays
+
+    plot_overlays(image[None], None, prediction[None], path, titles=[title])
 
 
 @torch.no_grad()
 def run_predict(args: argparse.Namespace) -> int:
     from cmrf.data import denormalize, load_image, save_mask_png
+    from cmrf.files import atomic_save
     from cmrf.train.loop import resolve_device
-    from cmrf.train.plots import plot_overlays
 
-    model, meta = model_from_checkpoint(args.checkpoint)
+    model, meta = model_from_checkpoint(args.checkpoint, **checkpoint_model_options(args))
+    _check_model_fits_images(meta, args.checkpoint)
     img_size = args.img_size or meta.get("data", {}).get("img_size") or 256
-    files = _image_files(args.inputs)
+    files, problems = _image_files(args.inputs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
     model.to(device)
-    for path in files:
-        image = load_image(path, img_size, meta["in_chans"])
+    for path, reason in problems:
+        _report(path, reason)
+    failed, written = len(problems), 0
+    for path, stem in zip(files, output_stems(files), strict=True):
+        try:  # the input side: a bad image is reported and skipped
+            size = image_size(path)
+            image = load_image(path, img_size, meta["in_chans"])
+        except (OSError, ValueError) as err:
+            _report(path, err)
+            failed += 1
+            continue
         prediction = model(image[None].to(device)).argmax(dim=1)[0].cpu()
-        # The mask file matches the input image's size; the overlay shows what the network saw.
-        save_mask_png(prediction, out / f"{path.stem}_mask.png", meta["num_classes"], _image_size(path))
+        # The output side: an error here (full disk, read-only folder) ends the run with exit 2,
+        # leaving the masks already written and, for this one, any previous file intact.
+        # The mask matches the input image's size; the overlay shows what the network saw.
+        save_mask = partial(save_mask_png, prediction, num_classes=meta["num_classes"], size=size)
+        atomic_save(out / f"{stem}_mask.png", save_mask)
         if args.overlays:
-            plot_overlays(
-                denormalize(image)[None],
-                None,
-                prediction[None],
-                out / f"{path.stem}_overlay.png",
-                titles=[path.name],
-            )
-    print(f"wrote {len(files)} mask(s){' and overlays' if args.overlays else ''} to {out}")
-    return 0
+            draw = partial(_overlay, denormalize(image), prediction, title=path.name)
+            atomic_save(out / f"{stem}_overlay.png", draw)
+        written += 1
+    what = " and overlays" if args.overlays else ""
+    print(f"wrote {written} mask(s){what} to {out}; {failed} input(s) failed")
+    return 1 if failed else 0

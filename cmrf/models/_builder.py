@@ -1,15 +1,28 @@
-"""What every model entry point shares: argument normalisation and reference-key hooks."""
+"""What every model entry point shares: argument checks, timm's cfg, reference-key hooks."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
+from timm.models import get_pretrained_cfg, resolve_pretrained_cfg
 from torch import nn
 
-# Arguments timm.create_model passes to every entry point that our constructors do not take.
-_TIMM_ONLY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+from cmrf.models._base import fit_cfg
+
+# Bookkeeping arguments timm.create_model passes to every entry point; they do not describe the model.
+_TIMM_BOOKKEEPING = ("cache_dir", "pretrained_model_args")
+# timm training scripts pass these with value 0 (the default: no dropout), which is exactly what
+# our models do; any other value would change the model, so it is refused.
+_NEUTRAL_TIMM_KWARGS = ("drop_rate", "drop_path_rate", "drop_block_rate")
+
+class UnknownArgumentError(ValueError, TypeError):
+    """An argument a model does not take. A ``ValueError`` with a clear message; also a ``TypeError``,
+    which is what Python raises for an unexpected keyword, so code that catches that keeps working."""
+
 
 FilterFn = Callable[[dict[str, torch.Tensor], nn.Module | None], dict[str, torch.Tensor]]
 
@@ -24,27 +37,88 @@ def rename_keys(state_dict: dict[str, torch.Tensor], patterns) -> dict[str, torc
     return renamed
 
 
-def reference_key_hook(filter_fn: FilterFn):
+def map_reference_keys(module: nn.Module, state_dict: dict, prefix: str, *_, filter_fn: FilterFn) -> None:
+    """``load_state_dict`` pre-hook body: rename the keys under ``prefix`` with ``filter_fn``, in place."""
+    own = {k[len(prefix):]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix)}
+    for key, value in filter_fn(own, module).items():
+        state_dict[prefix + key] = value
+
+
+def reference_key_hook(filter_fn: FilterFn) -> functools.partial:
     """A ``load_state_dict`` pre-hook that maps foreign key names with ``filter_fn``.
 
     With it, ``model.load_state_dict(torch.load("best_model.pth"))`` accepts a checkpoint saved
-    by the reference code, also when the model is nested inside another one.
+    by the reference code, also when the model is nested inside another one. The hook is a
+    ``functools.partial`` of module-level functions, so the model still pickles (``torch.save``,
+    ``copy.deepcopy``, multiprocessing) when ``filter_fn`` is a module-level function too.
     """
-
-    def hook(module, state_dict, prefix, *_):
-        own = {k[len(prefix):]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix)}
-        for key, value in filter_fn(own, module).items():
-            state_dict[prefix + key] = value
-
-    return hook
+    return functools.partial(map_reference_keys, filter_fn=filter_fn)
 
 
-def build_model(model_cls: type[nn.Module], variant: str, pretrained: bool, **kwargs) -> nn.Module:
-    """Instantiate ``model_cls`` for a registry entry point.
+def _resolve_in_channels(kwargs: dict) -> None:
+    """Make timm's ``in_chans`` and our ``in_channels`` one argument (in place)."""
+    if "in_chans" not in kwargs:
+        return
+    in_chans = kwargs.pop("in_chans")
+    if kwargs.setdefault("in_channels", in_chans) != in_chans:
+        raise ValueError(
+            f"in_chans={in_chans!r} and in_channels={kwargs['in_channels']!r} disagree; they are "
+            f"the same argument (timm's name and ours): give one of them"
+        )
 
-    Accepts timm's argument names (``in_chans``) beside ours (``in_channels``) and drops the
-    extras ``timm.create_model`` passes. ``pretrained=True`` raises: no weights are published
-    and nothing is downloaded, ever.
+
+def _check_kwargs(model_cls: type[nn.Module], variant: str, kwargs: dict, entry_args: Sequence[str]) -> None:
+    """Raise ``UnknownArgumentError`` naming an argument neither the constructor nor entry point takes."""
+    accepted = [p for p in inspect.signature(model_cls).parameters if p != "self"]
+    accepted += [*entry_args, "device", "dtype"]
+    unknown = [k for k in kwargs if k not in accepted and k not in _NEUTRAL_TIMM_KWARGS]
+    changing = [k for k in _NEUTRAL_TIMM_KWARGS if kwargs.get(k, 0) != 0]
+    if not unknown and not changing:
+        return
+    given = ", ".join(f"{k}={kwargs[k]!r}" for k in unknown + changing)
+    names = ", ".join("in_chans (or in_channels)" if a == "in_channels" else a for a in accepted)
+    note = ""
+    if changing:
+        neutral = "/".join(_NEUTRAL_TIMM_KWARGS)
+        note = f" ({variant} has no dropout or stochastic depth: only {neutral}=0 is accepted)"
+    raise UnknownArgumentError(f"{variant} does not take {given}{note}; it accepts: {names}")
+
+
+def _has_tag(variant: str, tag: str) -> bool:
+    # Older timm falls back to ImageNet's cfg with a warning for an unknown tag, newer timm raises.
+    try:
+        return get_pretrained_cfg(f"{variant}.{tag}") is not None
+    except RuntimeError:
+        return False
+
+
+def build_model(
+    model_cls: type[nn.Module],
+    variant: str,
+    pretrained: bool,
+    entry_args: Sequence[str] = (),
+    finish: Callable[[nn.Module], nn.Module] | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Instantiate ``model_cls`` for the registry entry point ``variant``.
+
+    Accepts timm's argument names (``in_chans``) beside ours (``in_channels``), uses timm's
+    ``pretrained_cfg``/``pretrained_cfg_overlay`` for the model's ``pretrained_cfg`` (see
+    ``cmrf.models._base``) and drops timm's bookkeeping arguments (``cache_dir``).
+
+    Args:
+        model_cls: the network class.
+        variant: the entry point's name (``"tinyunet"``), also the cfg's ``architecture``.
+        pretrained: ``True`` raises: no weights are published and nothing is downloaded, ever.
+        entry_args: arguments the entry point itself took (e.g. ``N`` of ``segnet_cmrf``), listed
+            in the error for an unknown argument.
+        finish: applied to the built model before its cfg is filled in (e.g. ``replace_blocks``).
+        **kwargs: constructor arguments, ``in_chans``, ``device``, ``dtype``.
+
+    Raises:
+        ValueError: ``pretrained=True``, ``features_only=True``, ``in_chans`` and ``in_channels``
+            that disagree, or (``UnknownArgumentError``, also a ``TypeError``) an argument the model
+            does not take, named, with the accepted ones.
     """
     if pretrained:
         raise ValueError(
@@ -52,13 +126,22 @@ def build_model(model_cls: type[nn.Module], variant: str, pretrained: bool, **kw
             f"train one (cmrf train) or load your own with checkpoint_path='best_model.pth' "
             f"(a .safetensors file or a state dict saved by the reference code)"
         )
-    for key in _TIMM_ONLY_KWARGS:
+    for key in _TIMM_BOOKKEEPING:
         kwargs.pop(key, None)
+    pretrained_cfg = kwargs.pop("pretrained_cfg", None)
+    overlay = kwargs.pop("pretrained_cfg_overlay", None)
+    if isinstance(pretrained_cfg, str) and not _has_tag(variant, pretrained_cfg):
+        raise ValueError(f"{variant!r} has no pretrained tag {pretrained_cfg!r} (cmrf publishes no weights)")
     if kwargs.pop("features_only", False):
         raise ValueError(f"{variant!r} does not support timm's features_only")
+    _resolve_in_channels(kwargs)
+    _check_kwargs(model_cls, variant, kwargs, entry_args)
+    for key in _NEUTRAL_TIMM_KWARGS:
+        kwargs.pop(key, None)
     device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
-    if "in_chans" in kwargs:
-        in_chans = kwargs.pop("in_chans")
-        if kwargs.setdefault("in_channels", in_chans) != in_chans:
-            raise ValueError(f"in_chans={in_chans} and in_channels={kwargs['in_channels']} disagree")
-    return model_cls(**kwargs).to(device=device, dtype=dtype)
+    model = model_cls(**kwargs).to(device=device, dtype=dtype)
+    if finish is not None:
+        model = finish(model)
+    base = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg).to_dict()
+    model.pretrained_cfg = fit_cfg(base, model, architecture=variant, overlay=overlay)
+    return model

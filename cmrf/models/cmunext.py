@@ -7,20 +7,25 @@ replaced by CMRF through ``replace_blocks`` (1,967,799 params, 12.23 paper-conve
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 
 import torch
+from timm.models import generate_default_cfgs
 from torch import nn
 
 from cmrf.layers import (
     ConvBNReLU,
     batchnorm_type,
+    check_input,
     check_positive_int,
+    check_positive_ints,
     check_spatial_dims,
     conv_type,
     maxpool_type,
 )
+from cmrf.models._base import SegmentationModel, zoo_cfg
 from cmrf.models._builder import build_model, reference_key_hook, rename_keys
 from cmrf.models.registry import register_model
 
@@ -181,7 +186,7 @@ class FusionConv(nn.Sequential):
 # --- the network -----------------------------------------------------------------------------
 
 
-class CMUNeXt(nn.Module):
+class CMUNeXt(SegmentationModel):
     """CMUNeXt.
 
     ``stem`` (3x3 ConvBNReLU to ``dims[0]``); five encoder blocks ``encoders[i] =
@@ -201,9 +206,19 @@ class CMUNeXt(nn.Module):
         kernels: depthwise kernel side per encoder block (odd). Default ``(3, 3, 7, 7, 7)``.
         spatial_dims: 2 for images (default), 3 for volumes (trilinear upsampling).
 
-    Shapes: ``(B, in_channels, *S) -> (B, num_classes, *S)``; every side a multiple of 16.
+    Shapes: ``(B, in_channels, *S) -> (B, num_classes, *S)``, floating-point input; every side a
+    multiple of 16.
+
+    timm idioms: ``pretrained_cfg``/``default_cfg`` (the library's normalisation, input size,
+    classes), ``get_classifier()`` (``head``), ``reset_classifier(num_classes)``.
+
+    Raises:
+        ValueError: for arguments of the wrong type, length or range (``dims=16``, an even
+            kernel...), naming the argument.
     """
 
+    # Four poolings, then x2 upsampling back: every side must be a multiple of 2 ** 4.
+    input_multiple = 16
     checkpoint_filter_fn = staticmethod(checkpoint_filter_fn)
     replace_blocks_targets = ("encoders.*",)
 
@@ -220,12 +235,9 @@ class CMUNeXt(nn.Module):
         self.in_channels = check_positive_int("in_channels", in_channels)
         self.num_classes = check_positive_int("num_classes", num_classes)
         self.spatial_dims = check_spatial_dims(spatial_dims)
-        dims, depths, kernels = tuple(dims), tuple(depths), tuple(kernels)
-        for name, values in (("dims", dims), ("depths", depths), ("kernels", kernels)):
-            if len(values) != 5:
-                raise ValueError(f"{name} must have 5 entries (one per stage), got {values}")
-            for i, value in enumerate(values):
-                check_positive_int(f"{name}[{i}]", value)
+        dims = check_positive_ints("dims", dims, "stage widths", "(16, 32, 128, 160, 256)", length=5)
+        depths = check_positive_ints("depths", depths, "layers per stage", "(1, 1, 1, 3, 1)", length=5)
+        kernels = check_positive_ints("kernels", kernels, "odd kernel sides", "(3, 3, 7, 7, 7)", length=5)
         if any(k % 2 == 0 for k in kernels):
             raise ValueError(f"kernels must be odd (padding k // 2 keeps the size), got {kernels}")
         self.dims = dims
@@ -241,19 +253,21 @@ class CMUNeXt(nn.Module):
         self.head = conv_type(sd)(dims[0], num_classes, 1)
         # Lets load_state_dict take checkpoints saved by the reference code as they are.
         self.register_load_state_dict_pre_hook(reference_key_hook(checkpoint_filter_fn))
+        self._init_cfg("cmunext")
+
+    @property
+    def smallest_side(self) -> int:
+        return self.input_multiple
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ndim = self.spatial_dims + 2
-        if x.dim() != ndim or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"CMUNeXt expects input (B, {self.in_channels}, {', '.join('*' * self.spatial_dims)}) "
-                f"({ndim}-D), got shape {tuple(x.shape)}"
-            )
-        if any(s % 16 for s in x.shape[2:]):
-            raise ValueError(
-                f"CMUNeXt needs every spatial side to be a multiple of 16 (four poolings, then x2 "
-                f"upsampling back), got {tuple(x.shape[2:])}"
-            )
+        check_input(
+            x,
+            self.in_channels,
+            self.spatial_dims,
+            "CMUNeXt",
+            multiple_of=self.input_multiple,
+            why="four poolings, then x2 upsampling back",
+        )
         skips = []
         x = self.stem(x)
         for i, encoder in enumerate(self.encoders):
@@ -262,6 +276,11 @@ class CMUNeXt(nn.Module):
         for i in reversed(range(4)):
             x = self.fusions[i](torch.cat([skips[i], self.ups[i](x)], dim=1))
         return self.head(x)
+
+
+default_cfgs = generate_default_cfgs(
+    {name: zoo_cfg(first_conv="stem.conv") for name in ("cmunext", "cmunext_cmrf", "cmunext_s", "cmunext_l")}
+)
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> CMUNeXt:
@@ -290,7 +309,8 @@ def cmunext(pretrained: bool = False, **kwargs) -> CMUNeXt:
 def cmunext_cmrf(pretrained: bool = False, N: int = 8, **kwargs) -> CMUNeXt:
     """CMUNeXt with its five encoder blocks replaced by ``CMRF`` (TinyU-Net's Table 3 row):
     1,967,799 params, 12.23 paper-convention GFLOPs at 1x3x256x256."""
-    return _with_cmrf(_create("cmunext_cmrf", pretrained, **kwargs), N)
+    finish = functools.partial(_with_cmrf, N=N)
+    return _create("cmunext_cmrf", pretrained, entry_args=("N",), finish=finish, **kwargs)
 
 
 @register_model

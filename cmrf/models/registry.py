@@ -35,7 +35,7 @@ def is_model(name: str) -> bool:
 def create_model(
     name: str,
     pretrained: bool = False,
-    in_chans: int = 3,
+    in_chans: int | None = None,
     num_classes: int = 2,
     checkpoint_path: str | Path | None = None,
     **kwargs,
@@ -46,19 +46,26 @@ def create_model(
         name: a name from ``list_models()``, e.g. ``"tinyunet"``.
         pretrained: no released weights exist yet; ``True`` raises and points to
             ``checkpoint_path``. Nothing is ever downloaded.
-        in_chans: input channels. Default 3.
+        in_chans: input channels (timm's name; ``in_channels`` is the same argument). Default:
+            the model's, 3.
         num_classes: output classes. Default 2.
         checkpoint_path: a ``.safetensors`` file or a ``torch.save``-d state dict (loaded with
             ``weights_only=True``), in this library's key names or the reference code's.
         **kwargs: passed to the model's constructor (e.g. ``N=4``, ``channels=(32, 64)``).
 
+    The model carries timm's ``pretrained_cfg``/``default_cfg`` (the library's normalisation) and
+    has ``get_classifier()``/``reset_classifier(n)``, as with ``timm.create_model``.
+
     Raises:
-        ValueError: unknown name (the message lists the known ones), or a checkpoint whose keys
-            or shapes do not fit the model.
+        ValueError: unknown name (the message lists the known ones), an argument the model does
+            not take (named, with the accepted ones), ``in_chans`` and ``in_channels`` that
+            disagree, or a checkpoint whose keys or shapes do not fit the model.
     """
     if name not in _ENTRYPOINTS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    model = _ENTRYPOINTS[name](pretrained=pretrained, in_chans=in_chans, num_classes=num_classes, **kwargs)
+    if in_chans is not None:
+        kwargs["in_chans"] = in_chans
+    model = _ENTRYPOINTS[name](pretrained=pretrained, num_classes=num_classes, **kwargs)
     if checkpoint_path is not None:
         from cmrf.checkpoint import load_checkpoint
 

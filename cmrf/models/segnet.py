@@ -7,10 +7,14 @@ mapping and its costs beside the paper's).
 
 from __future__ import annotations
 
+import functools
+
 import torch
+from timm.models import generate_default_cfgs
 from torch import nn
 
-from cmrf.layers import ConvBNReLU, check_positive_int, check_spatial_dims, conv_type
+from cmrf.layers import ConvBNReLU, check_input, check_positive_int, check_spatial_dims, conv_type
+from cmrf.models._base import SegmentationModel, zoo_cfg
 from cmrf.models._builder import build_model
 from cmrf.models.registry import register_model
 
@@ -37,7 +41,7 @@ def _stage(in_channels: int, widths, num_classes: int, spatial_dims: int) -> nn.
     return nn.Sequential(*layers)
 
 
-class SegNet(nn.Module):
+class SegNet(SegmentationModel):
     """SegNet with a VGG16-BN encoder and pooling-index unpooling.
 
     Encoder: five stages of 3x3 ConvBNReLU (widths 64-64, 128-128, 256x3, 512x3, 512x3), each
@@ -54,9 +58,16 @@ class SegNet(nn.Module):
         num_classes: output channels (logits). Default 2.
         spatial_dims: 2 for images (default), 3 for volumes, 1 for signals.
 
-    Shapes: ``(B, in_channels, *S) -> (B, num_classes, *S)``; every side must be at least 32
-    (five poolings). Sides that are not multiples of 32 work: unpooling restores the exact sizes.
+    Shapes: ``(B, in_channels, *S) -> (B, num_classes, *S)``, floating-point input; every side
+    must be at least 32 (five poolings). Sides that are not multiples of 32 work: unpooling
+    restores the exact sizes.
+
+    timm idioms: ``pretrained_cfg``/``default_cfg`` (the library's normalisation, input size,
+    classes), ``get_classifier()`` (the last decoder stage's 3x3 conv, ``decoders.4.1``),
+    ``reset_classifier(num_classes)``.
     """
+
+    classifier_name = f"decoders.{len(DECODER_WIDTHS) - 1}.{len(DECODER_WIDTHS[-1]) - 1}"
 
     def __init__(self, in_channels: int = 3, num_classes: int = 2, spatial_dims: int = 2):
         super().__init__()
@@ -75,23 +86,16 @@ class SegNet(nn.Module):
         self.decoders = nn.ModuleList(decoders)
         self.pool = _MAXPOOL_INDICES[spatial_dims](2, 2, return_indices=True)
         self.unpool = _MAXUNPOOL[spatial_dims](2, 2)
+        self._init_cfg("segnet")
 
     @property
     def min_size(self) -> int:
         return 2 ** len(self.encoders)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ndim = self.spatial_dims + 2
-        if x.dim() != ndim or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"SegNet expects input (B, {self.in_channels}, {', '.join('*' * self.spatial_dims)}) "
-                f"({ndim}-D), got shape {tuple(x.shape)}"
-            )
-        if any(s < self.min_size for s in x.shape[2:]):
-            raise ValueError(
-                f"SegNet needs every spatial side >= {self.min_size} (five poolings), got "
-                f"{tuple(x.shape[2:])}"
-            )
+        check_input(
+            x, self.in_channels, self.spatial_dims, "SegNet", min_size=self.min_size, why="five poolings"
+        )
         pooled = []  # (indices, size before pooling), shallow to deep
         for encoder in self.encoders:
             x = encoder(x)
@@ -104,8 +108,25 @@ class SegNet(nn.Module):
         return x
 
 
+default_cfgs = generate_default_cfgs(
+    {
+        "segnet": zoo_cfg(classifier=SegNet.classifier_name, first_conv="encoders.0.0.conv"),
+        "segnet_cmrf": zoo_cfg(classifier=SegNet.classifier_name, first_conv="encoders.0.pw1.conv"),
+    }
+)
+
+
 def _create(variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
     return build_model(SegNet, variant, pretrained, **kwargs)
+
+
+def _with_cmrf(model: SegNet, N: int) -> SegNet:
+    from cmrf.surgery import replace_blocks
+
+    param = next(model.parameters())
+    probe = torch.zeros((1, model.in_channels) + (model.min_size,) * model.spatial_dims)
+    replace_blocks(model, N, example_input=probe.to(device=param.device, dtype=param.dtype))
+    return model
 
 
 @register_model
@@ -121,10 +142,5 @@ def segnet_cmrf(pretrained: bool = False, N: int = 8, **kwargs) -> SegNet:
     Nine stages become ``CMRF(C_in, C_out, N)``; the last decoder stage (64 -> 64 ConvBNReLU
     and the 3x3 classifier) is kept. 643,186 params for 3 in / 2 classes, N=8.
     """
-    from cmrf.surgery import replace_blocks
-
-    model = _create("segnet_cmrf", pretrained, **kwargs)
-    probe = torch.zeros((1, model.in_channels) + (model.min_size,) * model.spatial_dims)
-    param = next(model.parameters())
-    replace_blocks(model, N, example_input=probe.to(device=param.device, dtype=param.dtype))
-    return model
+    finish = functools.partial(_with_cmrf, N=N)
+    return _create("segnet_cmrf", pretrained, entry_args=("N",), finish=finish, **kwargs)

@@ -7,9 +7,20 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.models import generate_default_cfgs
 from torch import nn
 
-from cmrf.layers import CMRF, check_positive_int, check_spatial_dims, conv_type, maxpool_type
+from cmrf.layers import (
+    CMRF,
+    check_input,
+    check_optional_bool,
+    check_positive_int,
+    check_positive_ints,
+    check_spatial_dims,
+    conv_type,
+    maxpool_type,
+)
+from cmrf.models._base import SegmentationModel, zoo_cfg
 from cmrf.models._builder import build_model, reference_key_hook, rename_keys
 from cmrf.models.registry import register_model
 
@@ -50,7 +61,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module |
     return rename_keys(state_dict, patterns + _CMRF_KEY_MAP)
 
 
-class TinyUNet(nn.Module):
+class TinyUNet(SegmentationModel):
     """TinyU-Net.
 
     Encoder: ``len(channels)`` stages, each ``CMRF(prev, C_i)`` (its output is the skip) then a
@@ -71,7 +82,14 @@ class TinyUNet(nn.Module):
         spatial_dims: 2 for images (default) or 3 for volumes (trilinear upsampling).
         fused: passed to every CMRF (``None``: follow ``CMRF_FUSED``).
 
-    Shapes: ``(B, in_channels, *S) -> (B, num_classes, *S)``.
+    Shapes: ``(B, in_channels, *S) -> (B, num_classes, *S)``, floating-point input.
+
+    timm idioms: ``pretrained_cfg``/``default_cfg`` (the library's normalisation, input size,
+    classes), ``get_classifier()`` (``head``), ``reset_classifier(num_classes)``.
+
+    Raises:
+        ValueError: for arguments of the wrong type or range (``channels=64`` instead of a
+            sequence, widths not multiples of ``2N``...), naming the argument.
     """
 
     checkpoint_filter_fn = staticmethod(checkpoint_filter_fn)
@@ -86,17 +104,18 @@ class TinyUNet(nn.Module):
         fused: bool | None = None,
     ):
         super().__init__()
-        check_positive_int("in_channels", in_channels)
-        check_positive_int("num_classes", num_classes)
-        channels = tuple(channels)
-        if not channels:
-            raise ValueError("channels must name at least one encoder width, got ()")
-        for i, width in enumerate(channels):
-            check_positive_int(f"channels[{i}]", width)
-        self.in_channels = int(in_channels)
-        self.num_classes = int(num_classes)
+        self.in_channels = check_positive_int("in_channels", in_channels)
+        self.num_classes = check_positive_int("num_classes", num_classes)
+        N = check_positive_int("N", N)
+        channels = check_positive_ints("channels", channels, "encoder widths", "(64, 128, 256, 512)")
+        bad = [f"channels[{i}]={c}" for i, c in enumerate(channels) if c % (2 * N)]
+        if bad:
+            raise ValueError(
+                f"every encoder width must be a multiple of 2N = {2 * N} (N = {N}), got {', '.join(bad)}"
+            )
         self.channels = channels
         self.spatial_dims = check_spatial_dims(spatial_dims)
+        check_optional_bool("fused", fused)
         self.upsample_mode = _UPSAMPLE_MODE[spatial_dims]
 
         def block(cin: int, cout: int) -> CMRF:
@@ -111,6 +130,7 @@ class TinyUNet(nn.Module):
         self.head = conv_type(spatial_dims)(channels[0], num_classes, 1)
         # Lets load_state_dict take checkpoints saved by the reference code as they are.
         self.register_load_state_dict_pre_hook(reference_key_hook(checkpoint_filter_fn))
+        self._init_cfg({2: "tinyunet", 3: "tinyunet3d"}.get(spatial_dims))
 
     @property
     def min_size(self) -> int:
@@ -118,23 +138,9 @@ class TinyUNet(nn.Module):
         return 2 ** len(self.channels)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        ndim = self.spatial_dims + 2
-        if x.dim() != ndim:
-            raise ValueError(
-                f"TinyUNet (spatial_dims={self.spatial_dims}) expects a {ndim}-D input "
-                f"(B, C, {', '.join('*' * self.spatial_dims)}), got shape {tuple(x.shape)}"
-            )
-        if x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"TinyUNet expected {self.in_channels} input channels, received "
-                f"{x.shape[1]} (input shape {tuple(x.shape)})"
-            )
-        small = [s for s in x.shape[2:] if s < self.min_size]
-        if small:
-            raise ValueError(
-                f"TinyUNet needs every spatial side >= {self.min_size} (2 ** {len(self.channels)} "
-                f"poolings), got spatial size {tuple(x.shape[2:])}"
-            )
+        # Also called unbound by cmrf.inference's InferenceTinyUNet, which has the same attributes.
+        why = f"2 ** {len(self.channels)} poolings"
+        check_input(x, self.in_channels, self.spatial_dims, "TinyUNet", min_size=self.min_size, why=why)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -147,6 +153,14 @@ class TinyUNet(nn.Module):
             x = F.interpolate(x, size=skip.shape[2:], mode=self.upsample_mode, align_corners=False)
             x = decoder(torch.cat([x, skip], dim=1))
         return self.head(x)
+
+
+default_cfgs = generate_default_cfgs(
+    {
+        "tinyunet": zoo_cfg(first_conv="encoders.0.pw1.conv"),
+        "tinyunet3d": zoo_cfg(spatial_dims=3, first_conv="encoders.0.pw1.conv"),
+    }
+)
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> TinyUNet:

@@ -77,14 +77,51 @@ def build_model(
     return model, name
 
 
-def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild and load the model of a ``cmrf train`` checkpoint; returns ``(model, metadata)``."""
-    from cmrf.checkpoint import load_checkpoint
-    from cmrf.train.state import read_metadata
+def model_from_checkpoint(
+    path: str | Path,
+    model: str | None = None,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+    model_kwargs: dict | None = None,
+) -> tuple[nn.Module, dict]:
+    """Rebuild and load the model of a checkpoint; returns ``(model in eval mode, metadata)``.
 
-    meta = read_metadata(path)
-    data = meta.get("data", {})
-    model, _ = build_model(
+    Two kinds of file are accepted:
+
+    - a ``.safetensors`` written by ``cmrf train``: its metadata names the model, its classes and
+      the run's data options. Arguments that are given must agree with it (an empty
+      ``model_kwargs`` counts as not given).
+    - a bare state dict (a ``.pth`` saved by the reference code with
+      ``torch.save(model.state_dict(), ...)``, or any ``.safetensors`` without cmrf metadata):
+      ``model`` is then required; ``in_chans`` and ``num_classes`` are read from the first and
+      last layers' shapes (``cmrf.checkpoint.infer_io_channels``) when not given.
+
+    Args:
+        path: the checkpoint file.
+        model: registry name (``--model`` on the command line), needed for bare state dicts.
+        num_classes, in_chans: the model's classes and input channels, when the file cannot say.
+        model_kwargs: further constructor arguments of a bare state dict's model (``N``, ``channels``).
+
+    Returns:
+        ``(model, metadata)``; ``metadata`` has at least ``model``, ``in_chans``, ``num_classes``,
+        ``class_names`` and ``data`` (the run's data options, empty for a bare state dict).
+
+    Raises:
+        OSError: the file cannot be opened.
+        ValueError: a truncated or corrupt file, a bare state dict without ``model``, values that
+            disagree with the file, or weights that do not fit the model; each names the file.
+    """
+    from cmrf.checkpoint import load_state_dict_checked, read_state_dict, safetensors_metadata
+
+    state = read_state_dict(path)
+    if safetensors_metadata(path).get("format") == "cmrf":
+        meta = _run_metadata(
+            path, model=model, num_classes=num_classes, in_chans=in_chans, model_kwargs=model_kwargs
+        )
+    else:
+        meta = _bare_metadata(path, state, model, num_classes, in_chans, model_kwargs or {})
+    data = meta["data"]
+    net, _ = build_model(
         meta["model"],
         meta["in_chans"],
         meta["num_classes"],
@@ -93,5 +130,62 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
         meta.get("replace_blocks"),
         data.get("img_size") or 64,
     )
-    load_checkpoint(model, path)
-    return model.eval(), meta
+    load_state_dict_checked(net, state, path)
+    return net.eval(), meta
+
+
+def _run_metadata(path: str | Path, **given) -> dict:
+    """The metadata of a ``cmrf train`` checkpoint, checked against the values that were ``given``."""
+    from cmrf.train.state import read_metadata
+
+    meta = read_metadata(path)
+    meta.setdefault("data", {})
+    clashes = [f"{k}={v!r} (the file has {meta.get(k)!r})" for k, v in given.items() if v and v != meta[k]]
+    # cmrf train stores "tinyunet" trained on volumes as "tinyunet3d"; asking for "tinyunet" is fine.
+    if clashes and clashes != ["model='tinyunet' (the file has 'tinyunet3d')"]:
+        raise ValueError(f"{path} was written by cmrf train with other settings: {', '.join(clashes)}")
+    return meta
+
+
+def _bare_metadata(
+    path: str | Path, state: dict, model: str | None, num_classes: int | None, in_chans: int | None,
+    model_kwargs: dict,
+) -> dict:
+    """Metadata of a state dict without any: the given values, the rest inferred from shapes."""
+    from cmrf.checkpoint import infer_io_channels
+    from cmrf.models import is_model, list_models
+
+    if model is None:
+        raise ValueError(
+            f"{path} carries no cmrf metadata (a state dict such as the reference code saves), so it "
+            f"cannot say which model it holds: give the model name (--model NAME; one of "
+            f"{', '.join(list_models())})"
+        )
+    if not is_model(model):
+        raise ValueError(f"unknown model {model!r}; available: {', '.join(list_models())}")
+    try:
+        inferred = infer_io_channels(model, state, model_kwargs)
+    except TypeError as err:  # a constructor argument this model does not have
+        given = ", ".join(f"--{k} {v}" for k, v in model_kwargs.items())
+        raise ValueError(f"model {model!r} does not take {given} ({err})") from err
+    values = {}
+    given = (("num_classes", num_classes, "--num-classes"), ("in_chans", in_chans, "--in-chans"))
+    for arg, value, flag in given:
+        found = inferred[arg]
+        if value is not None and found is not None and value != found:
+            raise ValueError(f"{path} holds a {model} with {arg}={found}, but {flag} {value} was given")
+        if value is None and found is None:
+            raise ValueError(
+                f"cannot tell {arg} from {path}: its layers do not look like a {model}'s (is --model right? "
+                f"other --N/--channels?); give {flag} if they are"
+            )
+        values[arg] = value if value is not None else found
+    return {
+        "model": model,
+        "model_kwargs": model_kwargs,
+        **values,
+        "class_names": ["background"] + [f"class_{i}" for i in range(1, values["num_classes"])],
+        "replace_blocks": None,
+        "data": {},
+        "source": "state dict",
+    }

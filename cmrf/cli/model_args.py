@@ -1,0 +1,90 @@
+"""Flags that say which registry model to build: by name (``profile``, ``export``) or, for a
+checkpoint that cannot say (a reference ``.pth``), beside the checkpoint (``evaluate``, ``predict``,
+``export``)."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = [
+    "add_checkpoint_model_arguments",
+    "add_registry_model_arguments",
+    "checkpoint_model_options",
+    "constructor_kwargs",
+    "positive_int",
+]
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _add_constructor_arguments(group) -> None:
+    group.add_argument("--N", dest="N", type=positive_int, default=None,
+                       help="receptive fields per CMRF (default: the model's)")
+    group.add_argument("--channels", type=positive_int, nargs="+", default=None, metavar="C",
+                       help="encoder widths (default: the model's)")
+
+
+def add_registry_model_arguments(
+    parser: argparse.ArgumentParser, name_required: bool = True, num_classes_default: int | None = 2
+) -> None:
+    """``NAME --in-chans --num-classes --N --channels``: a model built from the registry.
+
+    Args:
+        parser: the command's parser.
+        name_required: ``False`` makes ``NAME`` optional (a checkpoint may name the model).
+        num_classes_default: default of ``--num-classes`` (``None``: from the checkpoint, else 2).
+    """
+    parser.add_argument("model", metavar="NAME", nargs=None if name_required else "?", default=None,
+                        help="registry name, e.g. tinyunet (see cmrf.list_models())"
+                        + ("" if name_required else "; optional with a --checkpoint written by cmrf train"))
+    parser.add_argument("--in-chans", type=positive_int, default=None,
+                        help="input channels (default: C of --input-size, else 3)")
+    default_text = num_classes_default if num_classes_default is not None else "the checkpoint's, else 2"
+    parser.add_argument("--num-classes", type=positive_int, default=num_classes_default,
+                        help=f"output classes (default {default_text})")
+    _add_constructor_arguments(parser)
+
+
+def add_checkpoint_model_arguments(parser: argparse.ArgumentParser, num_classes: bool = True) -> None:
+    """``--model --in-chans [--num-classes] --N --channels`` for checkpoints without cmrf metadata.
+
+    A ``.safetensors`` written by ``cmrf train`` names its model; a state dict saved by the
+    reference code does not, and needs ``--model``. ``--in-chans`` and ``--num-classes`` are read
+    from its layer shapes when possible. ``num_classes=False`` when the command already has a
+    ``--num-classes`` (``evaluate``'s data flag, which then serves both).
+    """
+    group = parser.add_argument_group(
+        "model of a bare state dict (e.g. a reference-code .pth; a cmrf train checkpoint names its own)"
+    )
+    group.add_argument("--model", default=None, metavar="NAME",
+                       help="registry name of the checkpoint's model, e.g. tinyunet")
+    group.add_argument("--in-chans", type=positive_int, default=None,
+                       help="input channels (default: read from the first layer's shape)")
+    if num_classes:
+        group.add_argument("--num-classes", type=positive_int, default=None,
+                           help="classes incl. background (default: read from the last layer's shape)")
+    _add_constructor_arguments(group)
+
+
+def constructor_kwargs(args: argparse.Namespace) -> dict:
+    """Constructor keyword arguments (``N``, ``channels``) from the flags that were given."""
+    return {k: v for k, v in (("N", args.N), ("channels", args.channels)) if v is not None}
+
+
+def checkpoint_model_options(args: argparse.Namespace) -> dict:
+    """Keyword arguments of ``cmrf.train.setup.model_from_checkpoint`` held by the flags."""
+    return {
+        "model": args.model,
+        "num_classes": getattr(args, "num_classes", None),
+        "in_chans": args.in_chans,
+        "model_kwargs": constructor_kwargs(args),
+    }

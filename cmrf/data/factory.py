@@ -1,0 +1,120 @@
+"""``build_datasets``: the train/val/test datasets of ``cmrf train`` from keyword options."""
+
+from __future__ import annotations
+
+import numbers
+
+from cmrf.data.base import DataBundle, DataError
+from cmrf.data.masks import MaskRule
+from cmrf.data.store import CACHE_CHOICES
+
+__all__ = ["DATA_CHOICES", "DATA_OPTIONS", "DEFAULT_IMG_SIZE", "build_datasets"]
+
+DATA_CHOICES = ("synthetic", "isic2018", "folder")
+
+# The paper's 256 x 256 for images; volumes default to what a CPU can train.
+DEFAULT_IMG_SIZE = {2: 256, 3: 64}
+
+# The options of ``build_datasets`` and their defaults (the command line's ``cmrf.cli.data_args``).
+DATA_OPTIONS = {
+    "data": "synthetic",
+    "root": None,
+    "img_size": None,
+    "num_classes": None,
+    "mask_values": None,
+    "mask_threshold": None,
+    "val_fraction": 0.2,
+    "test_fraction": 0.2,
+    "split_dir": None,
+    "synthetic_samples": 400,
+    "spatial_dims": 2,
+    "cache": "memory",
+    "cache_dir": None,
+}
+
+_MASK_OPTIONS = ("num_classes", "mask_values", "mask_threshold")
+
+
+def _check_options(options: dict) -> None:
+    unknown = sorted(set(options) - set(DATA_OPTIONS))
+    if unknown:
+        raise DataError(f"unknown data option(s) {', '.join(unknown)}; expected {', '.join(DATA_OPTIONS)}")
+    if options["data"] not in DATA_CHOICES:
+        raise DataError(f"--data {options['data']!r}: expected one of {', '.join(DATA_CHOICES)}")
+    if options["spatial_dims"] not in (2, 3):
+        raise DataError(f"--spatial-dims {options['spatial_dims']!r}: expected 2 or 3")
+    if options["cache"] not in CACHE_CHOICES:
+        raise DataError(f"--cache {options['cache']!r}: expected one of {', '.join(CACHE_CHOICES)}")
+    img_size = options["img_size"]
+    if isinstance(img_size, bool) or not isinstance(img_size, numbers.Integral) or img_size < 1:
+        raise DataError(f"--img-size {img_size!r}: expected an integer >= 1")
+
+
+def build_datasets(seed: int = 0, **options) -> DataBundle:
+    """Build the train/val/test datasets, checking every split's data first.
+
+    Every mask of every split (test included) is read once, here, and checked against the mask
+    conventions (docs/data.md); every bad file is reported at once. Nothing is trained on data
+    that has not been checked.
+
+    Args:
+        seed: non-negative seed of the synthetic samples, the fraction split and augmentation.
+        **options: (defaults in ``DATA_OPTIONS``)
+            data: "synthetic", "isic2018" or "folder".
+            root: the dataset folder (isic2018, folder).
+            img_size: side every sample is resized to; default ``DEFAULT_IMG_SIZE[spatial_dims]``.
+            num_classes: synthetic: 2 or 4; files: the masks hold class indices ``0..K-1``.
+            mask_values: files: pixels equal to the i-th value are class i.
+            mask_threshold: files: two classes, class 1 where the value is at least this.
+            val_fraction, test_fraction: held-out shares where no split is given.
+            split_dir: folder with ``train.txt``, ``val.txt``, ``test.txt`` (stems).
+            synthetic_samples: synthetic training samples (val and test: a quarter, at least 8).
+            spatial_dims: 2 (images) or 3 (volumes: synthetic, or NIfTI with data="folder").
+            cache: "memory", "disk" or "none": where decoded samples are kept (docs/data.md).
+            cache_dir: folder of disk caches (default ``~/.cache/cmrf/data``).
+
+    Raises:
+        DataError: an unknown or bad option, a missing root, missing/unpaired/unreadable files, size
+            mismatches, masks that do not fit the conventions, empty splits.
+    """
+    options = {**DATA_OPTIONS, **options}
+    if options["img_size"] is None:
+        # 256^3 volumes would not fit a CPU's memory, so volumes get a smaller default.
+        options["img_size"] = DEFAULT_IMG_SIZE.get(options["spatial_dims"], 256)
+    _check_options(options)
+    data, spatial_dims = options["data"], options["spatial_dims"]
+    caching = {"cache": options["cache"], "cache_dir": options["cache_dir"]}
+    if data == "synthetic":
+        from cmrf.data.synthetic import synthetic_bundle
+
+        given = [f"--{name.replace('_', '-')}" for name in _MASK_OPTIONS[1:] if options[name] is not None]
+        if given:
+            raise DataError(f"{', '.join(given)}: only for masks read from files, not for --data synthetic")
+        return synthetic_bundle(img_size=options["img_size"], num_classes=options["num_classes"],
+                                spatial_dims=spatial_dims, synthetic_samples=options["synthetic_samples"],
+                                seed=seed, **caching)
+    if options["root"] is None:
+        raise DataError(f"--data {data} needs --root DIR, the dataset folder")
+    mask_values = options["mask_values"]
+    rule = MaskRule(options["num_classes"], None if mask_values is None else tuple(mask_values),
+                    options["mask_threshold"])
+    files = {
+        "root": options["root"], "img_size": options["img_size"], "seed": seed, "rule": rule,
+        "val_fraction": options["val_fraction"], "test_fraction": options["test_fraction"],
+        "split_dir": options["split_dir"], **caching,
+    }
+    if spatial_dims == 3:
+        if data != "folder":
+            raise DataError(
+                f"--data {data} holds 2D images; --spatial-dims 3 needs --data folder or synthetic"
+            )
+        from cmrf.data.nifti import nifti_bundle
+
+        return nifti_bundle(**files)
+    if data == "isic2018":
+        from cmrf.data.isic import isic_bundle
+
+        return isic_bundle(**files)
+    from cmrf.data.folder import folder_bundle
+
+    return folder_bundle(**files)

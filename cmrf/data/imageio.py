@@ -1,0 +1,346 @@
+"""Reading, resizing and writing 2D images and masks (Pillow), and the uint8/uint16 form in which
+decoded samples are cached. Imports only :mod:`cmrf.data.base` of the package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cmrf.data.base import DataError, normalize
+
+__all__ = [
+    "HIGH_BIT_MODES",
+    "IMAGE_SUFFIXES",
+    "ImageHeader",
+    "MaskFile",
+    "decode_image",
+    "decode_mask",
+    "dequantize",
+    "image_header",
+    "image_size",
+    "load_image",
+    "read_image_file",
+    "read_mask_file",
+    "resize_image",
+    "resize_nearest",
+    "save_mask_png",
+]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+# Pillow modes of images with more than 8 bits per sample (16-bit PNG/TIFF CT slices, float TIFF).
+HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+# Formats whose compression changes pixel values (Pillow opens some JPEGs as MPO).
+LOSSY_FORMATS = ("JPEG", "MPO")
+
+
+class ImageHeader(NamedTuple):
+    """What an image file's header says: ``height``, ``width``, Pillow ``mode`` and ``format``."""
+
+    height: int
+    width: int
+    mode: str
+    format: str | None
+
+
+def _missing(path: Path, kind: str) -> DataError:
+    return DataError(f"{kind} file {path} does not exist")
+
+
+def image_header(path: str | Path, kind: str = "image") -> ImageHeader:
+    """Read an image file's header only (cheap: no pixel is decoded).
+
+    Args:
+        path: the file.
+        kind: what the file is, for error messages ("image", "mask").
+
+    Raises:
+        DataError: the file is missing or not an image Pillow can read.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise _missing(path, kind)
+    try:
+        with Image.open(path) as image:
+            return ImageHeader(image.height, image.width, image.mode, image.format)
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise DataError(f"cannot read {kind} file {path}: {err}") from None
+
+
+def image_size(path: str | Path, kind: str = "image") -> tuple[int, int]:
+    """``(height, width)`` of an image file, from its header; :class:`DataError` if unreadable."""
+    header = image_header(path, kind)
+    return header.height, header.width
+
+
+def _open_image(path: Path, kind: str, draft: tuple[str, int] | None = None):
+    """Open and decode ``path`` with Pillow, or raise :class:`DataError` naming it.
+
+    ``draft=(mode, side)`` lets JPEG decoding skip detail finer than ``side`` per side needs (much
+    faster for large photographs that are resized down anyway).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise _missing(path, kind)
+    try:
+        image = Image.open(path)
+        if draft is not None and image.format == "JPEG":
+            image.draft(draft[0], (draft[1], draft[1]))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise DataError(f"cannot read {kind} file {path}: {err}") from None
+    return image
+
+
+# --- images --------------------------------------------------------------------------------------
+
+
+def _read_image(path: Path, in_channels: int, min_side: int | None) -> tuple[np.ndarray, bool]:
+    """``(pixels (H, W, in_channels) float32 in [0, 1], high_bit)``: see :func:`read_image_file`."""
+    if in_channels not in (1, 3):
+        raise ValueError(f"in_channels must be 1 or 3, got {in_channels!r}")
+    draft = None if min_side is None else ("RGB" if in_channels == 3 else "L", min_side)
+    image = _open_image(path, "image", draft)
+    if image.mode in HIGH_BIT_MODES:
+        values = np.asarray(image, dtype=np.float32)
+        low, high = float(values.min()), float(values.max())
+        values = (values - low) / (high - low) if high > low else np.zeros_like(values)
+        values = values[..., None]
+        return (np.repeat(values, in_channels, axis=-1) if in_channels == 3 else values), True
+    values = np.asarray(image.convert("RGB" if in_channels == 3 else "L"), dtype=np.float32) / 255.0
+    return (values if in_channels == 3 else values[..., None]), False
+
+
+def read_image_file(path: str | Path, in_channels: int = 3, min_side: int | None = None) -> np.ndarray:
+    """Read an image file as a float32 array ``(H, W, in_channels)`` with values in ``[0, 1]``.
+
+    8-bit images are divided by 255; 16-bit and float images (e.g. CT slices saved as 16-bit PNG)
+    are min-max scaled per image. ``in_channels`` 3 gives RGB, 1 gives grey levels. With
+    ``min_side``, a JPEG may be decoded at a reduced scale (1/2 to 1/8) whose sides stay at least
+    ``min_side``: for images that will be resized to ``min_side`` anyway.
+
+    Raises:
+        DataError: the file is missing or not an image Pillow can read.
+    """
+    return _read_image(Path(path), in_channels, min_side)[0]
+
+
+def resize_image(image: torch.Tensor, img_size: int) -> torch.Tensor:
+    """Resize ``image (C, *S)`` with values in ``[0, 1]`` to ``img_size`` per side.
+
+    Bilinear with antialiasing for 2D images, trilinear for volumes (PyTorch has no antialiased
+    trilinear); an image already at that size is returned as is.
+    """
+    spatial_dims = image.dim() - 1
+    size = (img_size,) * spatial_dims
+    if tuple(image.shape[1:]) != size:
+        linear = {2: "bilinear", 3: "trilinear"}[spatial_dims]
+        image = F.interpolate(image[None], size=size, mode=linear, align_corners=False,
+                              antialias=spatial_dims == 2)[0].clamp(0.0, 1.0)
+    return image.contiguous()
+
+
+def quantize(image: torch.Tensor | np.ndarray, dtype=np.uint8) -> np.ndarray:
+    """Values in ``[0, 1]`` as ``uint8`` (256 levels) or ``uint16`` (65536 levels), rounded."""
+    dtype = np.dtype(dtype)
+    values = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    top = np.iinfo(dtype).max
+    return np.rint(np.clip(values, 0.0, 1.0) * top).astype(dtype)
+
+
+def dequantize(values: np.ndarray) -> torch.Tensor:
+    """Inverse of :func:`quantize`: a float32 tensor with values in ``[0, 1]``."""
+    return torch.from_numpy(values.astype(np.float32) / float(np.iinfo(values.dtype).max))
+
+
+def as_storage(values: np.ndarray, dtype) -> np.ndarray:
+    """A quantized image in a (possibly wider) storage type: 8-bit level ``k`` is ``257 k`` in uint16."""
+    dtype = np.dtype(dtype)
+    if values.dtype == dtype:
+        return values
+    if values.dtype == np.uint8 and dtype == np.uint16:
+        return values.astype(np.uint16) * 257  # exact: k / 255 == 257 k / 65535
+    raise ValueError(f"cannot store {values.dtype} image values as {dtype}")
+
+
+def decode_image(path: str | Path, img_size: int, in_channels: int = 3) -> np.ndarray:
+    """An image file read, resized to ``img_size`` and quantized: ``(in_channels, S, S)``.
+
+    8-bit files give ``uint8``, 16-bit and float files ``uint16`` (their own precision), so a
+    cached sample holds what a fresh decode gives, exactly.
+
+    Raises:
+        DataError: the file is missing or not an image Pillow can read.
+    """
+    pixels, high_bit = _read_image(Path(path), in_channels, img_size)
+    image = resize_image(torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1), img_size)
+    return quantize(image, np.uint16 if high_bit else np.uint8)
+
+
+def load_image(path: str | Path, img_size: int, in_channels: int = 3) -> torch.Tensor:
+    """An image file as the network sees it: float32 tensor ``(in_channels, img_size, img_size)``.
+
+    Read, resized, quantized and normalised exactly as the training data of
+    :class:`cmrf.data.FolderSegmentation`.
+
+    Raises:
+        DataError: the file is missing or not an image Pillow can read.
+    """
+    return normalize(dequantize(decode_image(path, img_size, in_channels)))
+
+
+# --- masks ---------------------------------------------------------------------------------------
+
+
+class MaskFile(NamedTuple):
+    """A decoded mask: raw ``values`` ``(H, W)`` (the file's integer type), their sorted distinct
+    values ``present`` and whether the file's format is ``lossy`` (JPEG)."""
+
+    values: np.ndarray
+    present: np.ndarray
+    lossy: bool
+
+
+def present_values(mask: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of an integer array (a counting pass, not a sort, when they are small)."""
+    flat = np.asarray(mask).ravel()
+    if flat.size and flat.dtype.kind in "iu" and flat.min() >= 0 and flat.max() < 65536:
+        return np.flatnonzero(np.bincount(flat))
+    return np.unique(flat)
+
+
+def decode_mask(path: str | Path) -> MaskFile:
+    """Decode a mask file, keeping its raw values (no class mapping; see :mod:`cmrf.data.masks`).
+
+    Accepted: grey-level and palette PNGs (palette indices are the values), 16-bit PNGs, 1-bit
+    images, RGB files whose three channels are equal; JPEG files are decoded but flagged ``lossy``.
+
+    Raises:
+        DataError: the file is missing, unreadable, in colour, or holds non-integer values.
+    """
+    path = Path(path)
+    image = _open_image(path, "mask")
+    lossy = image.format in LOSSY_FORMATS or path.suffix.lower() in (".jpg", ".jpeg")
+    if image.mode in ("LA", "PA"):
+        image = image.getchannel(0)
+    values = np.asarray(image)
+    if values.ndim == 3:
+        if not (values[..., :3] == values[..., :1]).all():
+            raise DataError(
+                f"mask file {path} is a colour image; expected class values (grey levels or a palette PNG)"
+            )
+        values = values[..., 0]
+    if values.dtype.kind == "b":
+        values = values.view(np.uint8)
+    if values.dtype.kind == "f":
+        if not np.isfinite(values).all() or (values != np.round(values)).any():
+            raise DataError(f"mask file {path} holds non-integer values; expected class values")
+        values = values.astype(np.int64)
+    # Pillow's histogram counts 8-bit values in C, far faster than numpy on a large mask.
+    eight_bit = image.mode in ("L", "P")
+    present = np.flatnonzero(image.histogram()[:256]) if eight_bit else present_values(values)
+    return MaskFile(values, present.astype(np.int64), lossy)
+
+
+def read_mask_file(path: str | Path) -> np.ndarray:
+    """Read a mask file as an int64 array ``(H, W)`` of class indices, file by file.
+
+    A mask holding only 0 and 255 is binary (255 becomes 1, as in ISIC); other masks keep their
+    values (grey levels, palette indices). Datasets decide classes over all masks instead (see
+    :mod:`cmrf.data.masks`); this is for single files such as the masks ``cmrf predict`` writes.
+
+    Raises:
+        DataError: the file is missing, unreadable, in colour, or holds non-integer values.
+    """
+    mask = decode_mask(path)
+    if mask.present.size and set(mask.present.tolist()) <= {0, 255} and mask.present[-1] == 255:
+        return (mask.values == 255).astype(np.int64)
+    return mask.values.astype(np.int64)
+
+
+def resize_nearest(mask: np.ndarray, size: int) -> np.ndarray:
+    """Resize a mask ``(*S)`` of any integer type to ``size`` per side by nearest neighbour.
+
+    Samples at pixel centres (as ``nearest-exact`` and Pillow's ``NEAREST``), by indexing, so the
+    values are copied exactly whatever their type.
+    """
+    if mask.shape == (size,) * mask.ndim:
+        return np.ascontiguousarray(mask)
+    index = [
+        np.minimum(((np.arange(size) + 0.5) * (side / size)).astype(np.int64), side - 1)
+        for side in mask.shape
+    ]
+    return np.ascontiguousarray(mask[np.ix_(*index)])
+
+
+def check_mask_values(mask: np.ndarray, num_classes: int, path) -> None:
+    """Raise :class:`DataError` naming ``path`` if ``mask`` has values outside ``[0, num_classes)``."""
+    present = present_values(np.asarray(mask))
+    bad = present[(present < 0) | (present >= num_classes)]
+    if bad.size:
+        shown = ", ".join(str(v) for v in bad[:8].tolist()) + (", ..." if bad.size > 8 else "")
+        raise DataError(
+            f"mask file {path} has values {shown} outside the class range 0..{num_classes - 1} "
+            f"(num_classes={num_classes})"
+        )
+
+
+def _palette(num_colours: int) -> list[int]:
+    """A flat RGB palette: black background, then well-separated colours, then grey levels."""
+    base = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+            (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60)]
+    colours = base + [(i, i, i) for i in range(len(base), 256)]
+    return [channel for colour in colours[:max(num_colours, 1)] for channel in colour]
+
+
+def save_mask_png(
+    mask: torch.Tensor | np.ndarray, path: str | Path, num_classes: int | None = None,
+    size: tuple[int, int] | None = None,
+) -> Path:
+    """Write a mask ``(H, W)`` of class indices as a PNG that :func:`read_mask_file` reads back.
+
+    Two classes are written as a grey-level 0/255 PNG (the ISIC convention); more as a palette
+    PNG whose pixel values are the class indices and whose colours tell classes apart.
+
+    Args:
+        mask: integer tensor or array ``(H, W)`` with values in ``[0, num_classes)``.
+        path: output file (parent folders are created).
+        num_classes: class count; default ``max(2, mask.max() + 1)``.
+        size: optional ``(height, width)`` to resize to (nearest), e.g. the original image's
+            (see :func:`image_size`).
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    from PIL import Image
+
+    values = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
+    if values.ndim != 2:
+        raise ValueError(f"mask must have shape (H, W), got {tuple(values.shape)}")
+    num_classes = max(2, int(values.max()) + 1) if num_classes is None else num_classes
+    if not 2 <= num_classes <= 256:
+        raise ValueError(f"num_classes must be in 2..256 to save a PNG mask, got {num_classes}")
+    check_mask_values(values, num_classes, path)
+    if num_classes == 2:
+        image = Image.fromarray((values * 255).astype(np.uint8), mode="L")
+    else:
+        image = Image.fromarray(values.astype(np.uint8), mode="P")
+        image.putpalette(_palette(num_classes))
+    if size is not None:
+        image = image.resize((int(size[1]), int(size[0])), Image.NEAREST)
+    from cmrf.files import atomic_path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return path

@@ -1,0 +1,226 @@
+"""NIfTI volumes for 3D training: ``root/images/<stem>.nii.gz`` with ``root/masks/<stem>.nii.gz``.
+
+Needs nibabel (``pip install 'cmrf[nifti]'``). Volumes are used as stored (voxel axes, no
+reorientation or resampling to a spacing): an image and its mask must have the same shape, and
+are resized to ``img_size`` per side (trilinear for images, nearest for masks). Intensities are
+clipped to the 0.5 and 99.5 percentiles of each volume and channel, then scaled to ``[0, 1]``,
+which suits CT (Hounsfield units) and MRI (arbitrary units) alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cmrf.data.base import DataBundle, DataError
+from cmrf.data.cache import CachedSource, SourceDataset, run_checks
+from cmrf.data.imageio import present_values, quantize, resize_image, resize_nearest
+from cmrf.data.masks import MAX_LISTED, MaskRule, MaskValues, class_names_for, resolve_classes
+from cmrf.data.pairs import Pair, find_pairs, pairs_bundle, require_dir, source_key, used_pairs
+from cmrf.data.splits import split_pairs
+from cmrf.data.store import Layout, StoreSpec, mask_dtype_for, open_store, reuse_disk_store
+
+__all__ = ["NiftiSegmentation", "VolumePairSource", "find_nifti_pairs", "nifti_bundle", "read_volume",
+           "read_volume_mask"]
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def _nibabel():
+    try:
+        import nibabel
+    except ImportError:
+        raise DataError("reading NIfTI volumes needs nibabel: pip install 'cmrf[nifti]'") from None
+    return nibabel
+
+
+def find_nifti_pairs(root: str | Path) -> list[Pair]:
+    """Pairs ``root/images/<stem>.nii[.gz]`` with ``root/masks/<stem>.nii[.gz]``.
+
+    Raises:
+        DataError: a missing folder, no volumes, two files with one stem, or volumes without masks.
+    """
+    root = require_dir(Path(root), "data root")
+    return find_pairs(root / "images", root / "masks", NIFTI_SUFFIXES, kind="volume")
+
+
+def _load(path: Path, kind: str):
+    """A nibabel image (header read, data not yet), or :class:`DataError` naming ``path``."""
+    nibabel = _nibabel()
+    if not path.is_file():
+        raise DataError(f"{kind} file {path} does not exist")
+    try:
+        return nibabel.load(str(path))
+    except Exception as err:  # nibabel raises several types (ImageFileError, OSError, EOFError, ...)
+        raise DataError(f"cannot read {kind} file {path}: {err}") from None
+
+
+def _voxels(path: Path, kind: str) -> np.ndarray:
+    image = _load(path, kind)
+    try:
+        return np.asarray(image.dataobj)
+    except Exception as err:  # truncated or corrupt data blocks
+        raise DataError(f"cannot read {kind} file {path}: {err}") from None
+
+
+def _spatial_shape(path: Path, kind: str) -> tuple[int, ...]:
+    shape = tuple(int(n) for n in _load(path, kind).shape)
+    if len(shape) == 4 and kind == "image":
+        shape = shape[:3]  # trailing channel axis
+    if len(shape) != 3:
+        expected = "(X, Y, Z) or (X, Y, Z, C)" if kind == "image" else "(X, Y, Z)"
+        raise DataError(f"{kind} file {path} has shape {shape}; expected {expected}")
+    return shape
+
+
+def read_volume(path: str | Path) -> np.ndarray:
+    """A NIfTI image as float32 ``(C, X, Y, Z)`` scaled to ``[0, 1]`` (see the module docstring)."""
+    path = Path(path)
+    _spatial_shape(path, "image")
+    voxels = _voxels(path, "image").astype(np.float32)
+    voxels = voxels[None] if voxels.ndim == 3 else np.moveaxis(voxels, -1, 0)
+    if not np.isfinite(voxels).all():
+        raise DataError(f"image file {path} holds NaN or infinite values")
+    low = np.percentile(voxels, 0.5, axis=(1, 2, 3), keepdims=True)
+    high = np.percentile(voxels, 99.5, axis=(1, 2, 3), keepdims=True)
+    return np.clip((voxels - low) / np.maximum(high - low, 1e-6), 0.0, 1.0).astype(np.float32)
+
+
+def read_volume_mask(path: str | Path) -> np.ndarray:
+    """A NIfTI mask as int64 ``(X, Y, Z)`` of class indices; non-integer values raise :class:`DataError`."""
+    path = Path(path)
+    _spatial_shape(path, "mask")
+    voxels = _voxels(path, "mask")
+    if voxels.dtype.kind == "f" and (not np.isfinite(voxels).all() or (voxels != np.round(voxels)).any()):
+        raise DataError(f"mask file {path} holds non-integer values; expected class indices")
+    return voxels.astype(np.int64)
+
+
+def _channels(path: Path) -> int:
+    """Channels of a volume from its header: 1 for ``(X, Y, Z)``, C for ``(X, Y, Z, C)``."""
+    shape = _load(path, "image").shape
+    return 1 if len(shape) == 3 else int(shape[3])
+
+
+class VolumePairSource(CachedSource):
+    """NIfTI volume/mask pairs, checked at once and decoded once (see :mod:`cmrf.data.folder`).
+
+    Args:
+        pairs: the samples (see :func:`find_nifti_pairs`).
+        img_size: side of the cube the volumes are resized to (trilinear; masks nearest).
+        cache, cache_dir, name: see :class:`cmrf.data.folder.ImagePairSource`.
+
+    Raises:
+        DataError: listing every pair whose files are missing or unreadable, whose shapes differ,
+            whose channel count differs from the first volume's, or whose mask is not integer.
+    """
+
+    spatial_dims = 3
+
+    def __init__(self, pairs: Sequence[Pair], img_size: int, cache: str = "memory", cache_dir=None,
+                 name: str = "nifti"):
+        self.pairs = list(pairs)
+        if not self.pairs:
+            raise DataError("a dataset has no samples")
+        self.img_size = img_size
+        spec = StoreSpec(cache, f"{name}-{img_size}", source_key(self.pairs, img_size), cache_dir)
+        self.store = reuse_disk_store(spec) or self._check_and_store(spec)
+        self.in_channels = self.store.layout.image_shape[0]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _check(self, index: int) -> tuple[dict, np.ndarray]:
+        pair = self.pairs[index]
+        image_shape = _spatial_shape(pair.image, "image")
+        mask = read_volume_mask(pair.mask)
+        if image_shape != mask.shape:
+            raise DataError(
+                f"volume {pair.image} has shape {image_shape} but its mask {pair.mask} has {mask.shape}; "
+                "they must match"
+            )
+        facts = {"channels": _channels(pair.image), "values": present_values(mask).tolist(), "lossy": False}
+        return facts, resize_nearest(mask, self.img_size)
+
+    def _check_and_store(self, spec: StoreSpec):
+        results = run_checks(self._check, len(self.pairs), "volume/mask pairs")
+        facts = [fact for fact, _ in results]
+        channels = facts[0]["channels"]
+        odd = [f"{pair.image}: {fact['channels']} channels" for pair, fact in zip(self.pairs, facts)
+               if fact["channels"] != channels]
+        if odd:
+            raise DataError(f"volumes must all have {channels} channel(s) like {self.pairs[0].image}; "
+                            + "; ".join(odd[:MAX_LISTED]))
+        size = (self.img_size,) * 3
+        layout = Layout(len(self.pairs), (channels, *size), "uint16", size,
+                        mask_dtype_for(v for fact in facts for v in fact["values"][:1] + fact["values"][-1:]))
+        store = open_store(spec, layout)
+        for index, (_, mask) in enumerate(results):
+            store.put_mask(index, mask.astype(layout.mask_dtype))
+        store.save_facts(facts)
+        return store
+
+    def mask_values(self) -> list[MaskValues]:
+        """What every mask holds (learned by the check; no file is read again)."""
+        facts = self.store.facts
+        return [MaskValues(pair.mask, tuple(fact["values"])) for pair, fact in zip(self.pairs, facts)]
+
+    def decode(self, index: int, image: bool, mask: bool):
+        pair = self.pairs[index]
+        volume = None
+        if image:
+            voxels = read_volume(pair.image)
+            if voxels.shape[0] != self.in_channels:
+                raise DataError(
+                    f"volume {pair.image} has {voxels.shape[0]} channels; expected {self.in_channels}"
+                )
+            volume = quantize(resize_image(torch.from_numpy(voxels), self.img_size), np.uint16)
+        return volume, resize_nearest(read_volume_mask(pair.mask), self.img_size) if mask else None
+
+    def describe(self, index: int) -> str:
+        return str(self.pairs[index].mask)
+
+
+class NiftiSegmentation(SourceDataset):
+    """Volume/mask pairs from NIfTI files, resized to ``img_size`` per side.
+
+    A convenience over :class:`VolumePairSource` for one set of pairs (see
+    :class:`cmrf.data.folder.FolderSegmentation`).
+
+    Args:
+        pairs: the samples (see :func:`find_nifti_pairs`).
+        img_size: side of the cube the volumes are resized to.
+        num_classes: the masks hold class indices ``0..num_classes-1``; default: binary masks only.
+        augment: augment items. Default False.
+        seed: augmentation seed. Default 0.
+        mask_values, mask_threshold: the other mask options (see :class:`cmrf.data.masks.MaskRule`).
+        cache, cache_dir: see :class:`cmrf.data.folder.ImagePairSource`.
+
+    Items: ``(image (C, D, H, W) float32 normalised, mask (D, H, W) int64)`` with
+    ``D = H = W = img_size`` and ``C`` the volumes' channels.
+    """
+
+    def __init__(self, pairs: Sequence[Pair], img_size: int, num_classes: int | None = None,
+                 augment: bool = False, seed: int = 0, *, mask_values: Sequence[int] | None = None,
+                 mask_threshold: int | None = None, cache: str = "memory", cache_dir=None):
+        source = VolumePairSource(pairs, img_size, cache, cache_dir)
+        rule = MaskRule(num_classes, None if mask_values is None else tuple(mask_values), mask_threshold)
+        mapping = resolve_classes(source.mask_values(), rule)
+        super().__init__(source, None, mapping, augment=augment, seed=seed)
+
+
+def nifti_bundle(*, root, img_size: int, seed: int, rule: MaskRule, val_fraction: float,
+                 test_fraction: float, split_dir=None, cache: str = "memory",
+                 cache_dir=None) -> DataBundle:
+    """The splits of a NIfTI folder (``--data folder --spatial-dims 3``); every split checked at once."""
+    root = Path(root)
+    pairs = find_nifti_pairs(root)
+    splits = split_pairs(pairs, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
+                         split_dir=split_dir)
+    source = VolumePairSource(used_pairs(pairs, splits), img_size, cache, cache_dir)
+    named = class_names_for(root)
+    mapping = resolve_classes(source.mask_values(), rule, named_classes=len(named) if named else None)
+    return pairs_bundle(source, splits, mapping, class_names_for(root, mapping.num_classes), seed)

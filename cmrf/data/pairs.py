@@ -1,0 +1,144 @@
+"""The one pair finder: images in one folder matched by stem with masks in another.
+
+Used by every source on disk: generic folders (``images/`` + ``masks/``), ISIC 2018 (``..._Input/``
++ ``..._GroundTruth/`` with a ``_segmentation`` suffix) and NIfTI volumes (``.nii.gz`` files).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cmrf.data.base import SPLITS, DataBundle, DataError
+from cmrf.data.cache import CachedSource, SourceDataset
+from cmrf.data.masks import problem_report
+
+__all__ = ["Pair", "file_stem", "find_pairs", "pairs_bundle", "require_dir", "source_key", "used_pairs"]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One sample on disk: its stem (identifier), image file and mask file."""
+
+    stem: str
+    image: Path
+    mask: Path
+
+
+def require_dir(path: Path, what: str) -> Path:
+    """``path`` if it is a folder, else :class:`DataError` naming it as ``what``."""
+    if not path.is_dir():
+        raise DataError(f"{what} {path} does not exist or is not a folder")
+    return path
+
+
+def file_stem(name: str, suffixes: Sequence[str]) -> str | None:
+    """``name`` without the first of ``suffixes`` it ends with (case-insensitive), else None."""
+    lower = name.lower()
+    for suffix in suffixes:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def _files_by_stem(folder: Path, suffixes: Sequence[str], kind: str, problems: list[str]) -> dict[str, Path]:
+    """Visible files of ``folder`` with one of ``suffixes``, by stem; duplicates go to ``problems``."""
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        stem = file_stem(path.name, suffixes)
+        if stem is None or path.name.startswith(".") or not path.is_file():
+            continue
+        if stem in found:
+            problems.append(
+                f"two {kind} files with stem {stem!r} in {folder}: {found[stem].name}, {path.name}; keep one"
+            )
+            continue
+        found[stem] = path
+    return found
+
+
+def find_pairs(
+    image_dir: Path, mask_dir: Path, suffixes: Sequence[str], *, mask_suffixes: Sequence[str] | None = None,
+    mask_stem: Callable[[str], str] = str, kind: str = "image", empty_hint: str = "",
+) -> list[Pair]:
+    """Match every file of ``image_dir`` with the mask of the same stem in ``mask_dir``.
+
+    Hidden files and files with other suffixes (``LICENSE.txt``) are ignored.
+
+    Args:
+        image_dir, mask_dir: the two folders (both must exist).
+        suffixes: image file suffixes, lower case (e.g. ``(".png", ".jpg")`` or ``(".nii.gz", ".nii")``).
+        mask_suffixes: mask file suffixes (default ``suffixes``); the first is the one suggested.
+        mask_stem: the mask's stem for an image stem (ISIC: ``stem + "_segmentation"``).
+        kind: "image" or "volume", for messages.
+        empty_hint: appended to the error for an image folder without images.
+
+    Returns:
+        The pairs, sorted by image file name.
+
+    Raises:
+        DataError: a missing folder, no images, or (all listed at once, up to a cap) images without
+            a mask and stems that two files share.
+    """
+    require_dir(image_dir, f"{kind} folder")
+    require_dir(mask_dir, "mask folder")
+    mask_suffixes = suffixes if mask_suffixes is None else mask_suffixes
+    problems: list[str] = []
+    images = _files_by_stem(image_dir, suffixes, kind, problems)
+    masks = _files_by_stem(mask_dir, mask_suffixes, "mask", problems)
+    if not images and not problems:
+        raise DataError(f"no {kind}s ({', '.join(suffixes)}) in {image_dir}{empty_hint}")
+    others = " (or another image suffix)" if len(mask_suffixes) > 1 and mask_suffixes == suffixes else ""
+    pairs = []
+    for stem, image in images.items():
+        mask = masks.get(mask_stem(stem))
+        if mask is None:
+            expected = mask_dir / f"{mask_stem(stem)}{mask_suffixes[0]}"
+            problems.append(f"mask for {kind} {image} is missing: expected {expected}{others}")
+        else:
+            pairs.append(Pair(stem, image, mask))
+    if problems:
+        if len(problems) == 1:
+            raise DataError(problems[0])
+        header = f"{len(problems)} problems pairing {image_dir} with {mask_dir}:"
+        raise DataError(problem_report(header, problems))
+    return pairs
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (stat.st_size, stat.st_mtime_ns)
+
+
+def source_key(pairs: Sequence[Pair], *options) -> tuple:
+    """What decoded samples depend on: every file's absolute path, size and modification time."""
+    files = tuple(
+        (os.path.abspath(path), *_stat(path)) for pair in pairs for path in (pair.image, pair.mask)
+    )
+    return (*options, files)
+
+
+def pairs_bundle(source: CachedSource, splits: dict[str, list[Pair]], mapping, class_names: list[str],
+                 seed: int) -> DataBundle:
+    """Split datasets over one source of pairs (``source.pairs`` holds every pair of ``splits``)."""
+    position = {pair: index for index, pair in enumerate(source.pairs)}
+    datasets = {
+        split: SourceDataset(source, [position[pair] for pair in splits[split]], mapping,
+                             augment=split == "train", seed=seed)
+        for split in SPLITS
+    }
+    return DataBundle(
+        **datasets, num_classes=mapping.num_classes, class_names=class_names, in_channels=source.in_channels,
+        spatial_dims=source.spatial_dims,
+    )
+
+
+def used_pairs(pairs: Sequence[Pair], splits: dict[str, list[Pair]]) -> list[Pair]:
+    """The pairs of ``splits`` in the order found (so the cache does not depend on the seed)."""
+    used = {pair for items in splits.values() for pair in items}
+    return [pair for pair in pairs if pair in used]

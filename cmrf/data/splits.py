@@ -1,0 +1,115 @@
+"""Train/validation/test splits: listed in files, official, or a seeded shuffle by fractions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cmrf.data.base import SPLITS, DataError
+from cmrf.data.pairs import file_stem, require_dir
+
+__all__ = ["split_by_fractions", "split_from_files", "split_pairs"]
+
+SPLIT_STREAM = 104729
+
+# Suffixes stripped from the names listed in split files (so "case1.png" names stem "case1").
+LISTED_SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def split_by_fractions(pairs: list, val_fraction: float, test_fraction: float, seed: int) -> dict[str, list]:
+    """Shuffle ``pairs`` with ``seed`` and cut off ``val_fraction`` and ``test_fraction`` of them.
+
+    Each fraction above zero gets at least one item; a zero fraction leaves its split empty.
+
+    Raises:
+        DataError: the training split, or a split with a fraction above zero, would be empty.
+    """
+    if val_fraction + test_fraction >= 1.0:
+        raise DataError(
+            f"--val-fraction {val_fraction} and --test-fraction {test_fraction} leave nothing to train on; "
+            "their sum must be below 1"
+        )
+    order = np.random.default_rng([seed, SPLIT_STREAM]).permutation(len(pairs))
+    shuffled = [pairs[i] for i in order]
+    n_val = max(1, round(len(pairs) * val_fraction)) if val_fraction > 0 else 0
+    n_test = max(1, round(len(pairs) * test_fraction)) if test_fraction > 0 else 0
+    splits = {
+        "val": shuffled[:n_val],
+        "test": shuffled[n_val:n_val + n_test],
+        "train": shuffled[n_val + n_test:],
+    }
+    fractions = {"val": val_fraction, "test": test_fraction, "train": 1.0}
+    for name, items in splits.items():
+        if not items and fractions[name] > 0:
+            raise DataError(
+                f"the {name} split is empty: {len(pairs)} samples with --val-fraction {val_fraction} and "
+                f"--test-fraction {test_fraction}; add data or change the fractions"
+            )
+    return splits
+
+
+def split_from_files(pairs: list, split_dir: str | Path) -> dict[str, list]:
+    """Splits listed in ``split_dir/{train,val,test}.txt``: one stem (or file name) per line.
+
+    Blank lines and lines starting with ``#`` are skipped.
+
+    Raises:
+        DataError: a missing or empty split file, an unknown stem, or a stem in two splits.
+    """
+    split_dir = require_dir(Path(split_dir), "split folder")
+    by_stem = {pair.stem: pair for pair in pairs}
+    splits, seen = {}, {}
+    for split in SPLITS:
+        file = split_dir / f"{split}.txt"
+        if not file.is_file():
+            raise DataError(f"split file {file} does not exist; expected train.txt, val.txt and test.txt")
+        items = []
+        for line_number, line in enumerate(file.read_text().splitlines(), start=1):
+            name = line.strip()
+            stem = file_stem(name, LISTED_SUFFIXES) or name
+            if not stem or stem.startswith("#"):
+                continue
+            if stem not in by_stem:
+                raise DataError(f"{file}, line {line_number}: no image/mask pair with stem {stem!r}")
+            if stem in seen:
+                raise DataError(f"{file}, line {line_number}: {stem!r} is already in {seen[stem]}")
+            seen[stem] = file.name
+            items.append(by_stem[stem])
+        if not items:
+            raise DataError(f"split file {file} lists no samples: the {split} split is empty")
+        splits[split] = items
+    return splits
+
+
+def split_pairs(
+    pairs: Sequence, *, seed: int, val_fraction: float, test_fraction: float, split_dir=None,
+    official: dict[str, list] | None = None,
+) -> dict[str, list]:
+    """The three splits: explicit split files win; then the official splits that exist; fractions
+    (a seeded shuffle) for the rest.
+
+    Args:
+        pairs: every sample found.
+        seed: seed of the shuffle.
+        val_fraction, test_fraction: held-out shares where no split is given.
+        split_dir: folder of ``train.txt``, ``val.txt``, ``test.txt``.
+        official: the splits a dataset comes with (ISIC 2018), at least ``"train"``.
+    """
+    pairs = list(pairs)
+    if split_dir is not None:
+        return split_from_files(pairs, split_dir)
+    if not official:
+        return split_by_fractions(pairs, val_fraction, test_fraction, seed)
+    splits = dict(official)
+    missing = [split for split in ("val", "test") if split not in official]
+    if missing:  # e.g. only ISIC's training folder: cut the missing held-out splits off it
+        cut = split_by_fractions(
+            official["train"],
+            val_fraction if "val" in missing else 0.0,
+            test_fraction if "test" in missing else 0.0,
+            seed,
+        )
+        splits.update({split: cut[split] for split in ["train", *missing]})
+    return splits

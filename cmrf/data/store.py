@@ -1,0 +1,351 @@
+"""Where decoded samples are kept: shared memory, memory-mapped files on disk, or nowhere.
+
+See :mod:`cmrf.data.cache` for how sources use a store, and docs/data.md ("Caching").
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import os
+import secrets
+import shutil
+import warnings
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cmrf.data.base import DataError, DataWarning, shared_zeros
+
+__all__ = [
+    "CACHE_CHOICES",
+    "Layout",
+    "SampleStore",
+    "StoreSpec",
+    "default_cache_dir",
+    "mask_dtype_for",
+    "open_store",
+    "reuse_disk_store",
+]
+
+CACHE_CHOICES = ("memory", "disk", "none")
+
+# Bump when what a store holds changes meaning: old disk caches are then rebuilt, not misread.
+CACHE_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    """``$CMRF_CACHE_DIR``, else ``$XDG_CACHE_HOME/cmrf/data``, else ``~/.cache/cmrf/data``."""
+    if os.environ.get("CMRF_CACHE_DIR"):
+        return Path(os.environ["CMRF_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "cmrf" / "data"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Shapes and types of a store: ``count`` images ``image_shape`` and masks ``mask_shape``."""
+
+    count: int
+    image_shape: tuple[int, ...]
+    image_dtype: str
+    mask_shape: tuple[int, ...]
+    mask_dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        image = math.prod(self.image_shape) * np.dtype(self.image_dtype).itemsize
+        mask = math.prod(self.mask_shape) * np.dtype(self.mask_dtype).itemsize
+        return self.count * (image + mask + 2)
+
+    def to_json(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def mask_dtype_for(values: Iterable[int]) -> str:
+    """The smallest store type for raw mask values: uint8 for 0..255, else int32."""
+    values = list(values)
+    low, high = (min(values), max(values)) if values else (0, 0)
+    if low >= 0 and high < 256:
+        return "uint8"
+    if low >= -(2**31) and high < 2**31:
+        return "int32"
+    raise DataError(f"mask values {low}..{high} do not fit 32-bit integers; expected class values")
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """Where a source keeps its samples.
+
+    Attributes:
+        cache: "memory", "disk" or "none".
+        name: a readable prefix of the disk folder (e.g. "folder-256").
+        key: everything the decoded samples depend on (file paths, sizes, times, options): the
+            disk folder is named by its hash, so a change of any of them gives a new folder.
+        cache_dir: parent of the disk folders (default :func:`default_cache_dir`).
+    """
+
+    cache: str = "memory"
+    name: str = "data"
+    key: tuple = ()
+    cache_dir: str | Path | None = None
+
+    def __post_init__(self):
+        if self.cache not in CACHE_CHOICES:
+            raise DataError(f"--cache {self.cache!r}: expected one of {', '.join(CACHE_CHOICES)}")
+
+    @property
+    def folder(self) -> Path:
+        digest = hashlib.sha256(json.dumps([CACHE_FORMAT, self.name, self.key], default=str).encode())
+        root = default_cache_dir() if self.cache_dir is None else Path(self.cache_dir).expanduser()
+        return root / f"{self.name}-{digest.hexdigest()[:20]}"
+
+
+class SampleStore:
+    """Images ``(count, *image_shape)`` and raw masks ``(count, *mask_shape)`` kept once each.
+
+    ``facts`` holds what the data check learned about every sample (JSON-able), or None.
+    This base class keeps nothing (``--cache none``).
+    """
+
+    kind = "none"
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        self.facts: list | None = None
+
+    def get_image(self, index: int) -> np.ndarray | None:
+        return None
+
+    def get_mask(self, index: int) -> np.ndarray | None:
+        return None
+
+    def put_image(self, index: int, values: np.ndarray) -> None:
+        pass
+
+    def put_mask(self, index: int, values: np.ndarray) -> None:
+        pass
+
+    def save_facts(self, facts: list) -> None:
+        self.facts = facts
+
+
+class _ArrayStore(SampleStore):
+    """A store over arrays ``images``, ``masks`` and ``filled (2, count)`` (1: that entry is set)."""
+
+    def _views(self, images: np.ndarray, masks: np.ndarray, filled: np.ndarray) -> None:
+        self._images, self._masks, self._filled = images, masks, filled
+
+    def get_image(self, index: int) -> np.ndarray | None:
+        return np.asarray(self._images[index]) if self._filled[0, index] else None
+
+    def get_mask(self, index: int) -> np.ndarray | None:
+        return np.asarray(self._masks[index]) if self._filled[1, index] else None
+
+    # The flag is set after the values, so a reader never sees a half-written entry as filled.
+    def put_image(self, index: int, values: np.ndarray) -> None:
+        self._images[index] = values
+        self._filled[0, index] = 1
+
+    def put_mask(self, index: int, values: np.ndarray) -> None:
+        self._masks[index] = values
+        self._filled[1, index] = 1
+
+
+class _MemoryStore(_ArrayStore):
+    """Shared-memory tensors: pickled to DataLoader workers as handles to the same memory."""
+
+    kind = "memory"
+
+    def __init__(self, layout: Layout):
+        super().__init__(layout)
+        self._tensors = (
+            shared_zeros((layout.count, *layout.image_shape), _TORCH_TYPES[layout.image_dtype]),
+            shared_zeros((layout.count, *layout.mask_shape), _TORCH_TYPES[layout.mask_dtype]),
+            shared_zeros((2, layout.count), torch.uint8),
+        )
+        self._numpy_views()
+
+    def _numpy_views(self) -> None:
+        images, masks, filled = (tensor.numpy() for tensor in self._tensors)
+        self._views(images.view(self.layout.image_dtype), masks.view(self.layout.mask_dtype), filled)
+
+    def __getstate__(self):
+        return {"layout": self.layout, "facts": self.facts, "tensors": self._tensors}
+
+    def __setstate__(self, state):
+        self.layout, self.facts, self._tensors = state["layout"], state["facts"], state["tensors"]
+        self._numpy_views()
+
+
+# Same-size torch types (torch.uint16 is too new for every torch this package supports).
+_TORCH_TYPES = {"uint8": torch.uint8, "uint16": torch.int16, "int32": torch.int32}
+
+
+class _DiskStore(_ArrayStore):
+    """Memory-mapped ``.npy`` files in ``folder``; workers reopen them by path."""
+
+    kind = "disk"
+    FILES = ("images.npy", "masks.npy", "filled.npy")
+
+    def __init__(self, layout: Layout, folder: Path):
+        super().__init__(layout)
+        self.folder = folder
+        self._open()
+        facts = folder / "facts.json"
+        self.facts = json.loads(facts.read_text()) if facts.is_file() else None
+
+    def _open(self) -> None:
+        try:
+            self._views(*(np.load(self.folder / name, mmap_mode="r+") for name in self.FILES))
+        except (OSError, ValueError) as err:
+            raise DataError(
+                f"cannot open the data cache {self.folder}: {err}; delete that folder, or give another "
+                "--cache-dir, or --cache memory"
+            ) from None
+
+    def save_facts(self, facts: list) -> None:
+        from cmrf.files import atomic_write_json
+
+        atomic_write_json(facts, self.folder / "facts.json")
+        self.facts = facts
+
+    def __getstate__(self):
+        return {"layout": self.layout, "folder": self.folder}
+
+    def __setstate__(self, state):
+        self.layout, self.folder, self.facts = state["layout"], state["folder"], None
+        self._open()
+
+
+def _info(layout: Layout) -> dict:
+    return {"format": CACHE_FORMAT, "layout": layout.to_json()}
+
+
+def _layout_from(info: dict) -> Layout:
+    fields = info["layout"]
+    return Layout(
+        fields["count"], tuple(fields["image_shape"]), fields["image_dtype"], tuple(fields["mask_shape"]),
+        fields["mask_dtype"],
+    )
+
+
+def reuse_disk_store(spec: StoreSpec) -> SampleStore | None:
+    """The existing disk store of ``spec`` if it is complete (its data check saved), else None."""
+    if spec.cache != "disk":
+        return None
+    folder = spec.folder
+    try:
+        info = json.loads((folder / "info.json").read_text())
+        if info.get("format") != CACHE_FORMAT or not (folder / "facts.json").is_file():
+            return None
+        return _DiskStore(_layout_from(info), folder)
+    except (OSError, ValueError, KeyError, TypeError, DataError):
+        return None
+
+
+def _reserve(path: Path) -> None:
+    """Allocate a file's blocks now: writing into a sparse memory-mapped file on a full disk would
+    kill the process (SIGBUS) instead of raising an error."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "rb+") as file:
+        try:
+            os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise
+            # Some file systems cannot reserve blocks (EOPNOTSUPP): the free-space check must do.
+
+
+def _create_disk_store(folder: Path, layout: Layout) -> None:
+    """Create the store's files in a temporary folder renamed into place (a racing process may win)."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder.parent).free
+    except OSError as err:
+        raise DataError(f"cannot create the data cache folder {folder.parent}: {err}; give another "
+                        "--cache-dir, or --cache memory") from None
+    if layout.nbytes > free:
+        raise DataError(
+            f"the disk cache needs {_gib(layout.nbytes)} in {folder.parent} but only {_gib(free)} are free; "
+            "give --cache-dir on a larger disk, or --cache none"
+        )
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        tmp.mkdir()
+        shapes = (
+            ((layout.count, *layout.image_shape), layout.image_dtype),
+            ((layout.count, *layout.mask_shape), layout.mask_dtype),
+            ((2, layout.count), "uint8"),
+        )
+        for name, (shape, dtype) in zip(_DiskStore.FILES, shapes):
+            array = np.lib.format.open_memmap(tmp / name, mode="w+", dtype=dtype, shape=shape)
+            del array
+            # Reserve the blocks now: writing into a sparse file on a full disk would kill the process.
+            _reserve(tmp / name)
+        (tmp / "info.json").write_text(json.dumps(_info(layout)))
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # incomplete or of another format
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not folder.is_dir():
+                raise
+    except OSError as err:
+        raise DataError(f"cannot create the data cache {folder}: {err}; give another --cache-dir") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _memory_room() -> int | None:
+    """Bytes of shared memory that can be taken: free ``/dev/shm``, half the available memory."""
+    room = []
+    if os.path.isdir("/dev/shm"):
+        stats = os.statvfs("/dev/shm")
+        room.append(stats.f_bavail * stats.f_frsize)
+    try:
+        with open("/proc/meminfo") as file:
+            for line in file:
+                if line.startswith("MemAvailable:"):
+                    room.append(int(line.split()[1]) * 1024 // 2)
+    except OSError:
+        pass
+    return min(room) if room else None
+
+
+def open_store(spec: StoreSpec, layout: Layout) -> SampleStore:
+    """A new (or, on disk, existing) store for ``layout``, as ``spec.cache`` asks.
+
+    Raises:
+        DataError: a disk cache that cannot be created (no space, read-only folder).
+    """
+    if spec.cache == "none":
+        return SampleStore(layout)
+    if spec.cache == "memory":
+        room = _memory_room()
+        if room is None or layout.nbytes <= room:
+            return _MemoryStore(layout)
+        warnings.warn(
+            f"the data cache needs {_gib(layout.nbytes)} but only {_gib(room)} of shared memory can be "
+            f"taken; caching on disk in {spec.folder} instead (--cache disk; --cache none to not cache)",
+            DataWarning, stacklevel=3,
+        )
+    folder = spec.folder
+    try:
+        info = json.loads((folder / "info.json").read_text())
+        if info == _info(layout):
+            return _DiskStore(layout, folder)
+    except (OSError, ValueError):
+        pass
+    _create_disk_store(folder, layout)
+    return _DiskStore(layout, folder)

@@ -1,0 +1,200 @@
+"""Weights on disk: damaged files named in the error, atomic saves, and what a bare state dict
+(a reference-code checkpoint) says about its model."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+import cmrf
+from cmrf.checkpoint import infer_io_channels, read_state_dict, safetensors_metadata, save_weights
+from cmrf.train.setup import model_from_checkpoint
+from tests.conftest import golden_state_dict, load_golden
+
+
+def _small_unet(**kwargs) -> cmrf.TinyUNet:
+    return cmrf.TinyUNet(channels=(16, 32), N=4, **kwargs).eval()
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return load_golden("tinyunet_official.safetensors")
+
+
+@pytest.fixture()
+def reference_pth(golden, tmp_path):
+    """A checkpoint as the reference code saves it: ``torch.save(model.state_dict(), path)``."""
+    path = tmp_path / "best_model.pth"
+    torch.save(golden_state_dict(golden), path)
+    return path
+
+
+# --- damaged files ------------------------------------------------------------------------------
+
+
+def _truncate(path, keep: float = 0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.001])
+def test_truncated_safetensors_names_the_file(tmp_path, keep):
+    path = tmp_path / "w.safetensors"
+    save_weights(_small_unet(), path)
+    _truncate(path, keep)
+    expected = rf"cannot read weights from {path}: file is truncated or not a safetensors file \("
+    with pytest.raises(ValueError, match=expected):
+        read_state_dict(path)
+    with pytest.raises(ValueError, match=expected):
+        safetensors_metadata(path)
+    with pytest.raises(ValueError, match=expected):
+        cmrf.load_checkpoint(_small_unet(), path)
+
+
+def test_truncated_pth_names_the_file(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save(_small_unet().state_dict(), path)
+    _truncate(path)
+    expected = rf"cannot read weights from {path}: file is truncated or not a torch checkpoint file"
+    with pytest.raises(ValueError, match=expected):
+        read_state_dict(path)
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"cannot read weights from {path}"):
+        read_state_dict(path)
+
+
+def test_missing_checkpoint_is_an_oserror_naming_it(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        read_state_dict(tmp_path / "nope.safetensors")
+    assert info.value.filename == str(tmp_path / "nope.safetensors")
+    with pytest.raises(IsADirectoryError):
+        read_state_dict(tmp_path)
+
+
+def test_safetensors_content_is_recognised_whatever_the_suffix(tmp_path):
+    path = tmp_path / "weights.bin"
+    save_weights(_small_unet(), path, metadata={"format": "x"})
+    assert safetensors_metadata(path) == {"format": "x"}
+    assert read_state_dict(path).keys() == _small_unet().state_dict().keys()
+
+
+# --- atomic saves -------------------------------------------------------------------------------
+
+
+def _half_written_then_full(real_save):
+    """A ``safetensors.torch.save_file`` that writes half of the file and then finds the disk full."""
+
+    def save_file(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(os.path.getsize(filename) // 2)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    return save_file
+
+
+def test_save_weights_on_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    path = tmp_path / "best.safetensors"
+    save_weights(_small_unet(), path)
+    before = path.read_bytes()
+    monkeypatch.setattr(safetensors.torch, "save_file", _half_written_then_full(safetensors.torch.save_file))
+    with pytest.raises(OSError) as info:
+        save_weights(_small_unet(in_channels=1), path)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["best.safetensors"]
+
+
+def test_safetensors_io_error_becomes_an_oserror(tmp_path, monkeypatch):
+    """safetensors reports a full disk as SafetensorError("... (os error 28)"), not as OSError."""
+    import safetensors.torch
+
+    def save_file(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"{")
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    with pytest.raises(OSError) as info:
+        save_weights(_small_unet(), tmp_path / "w.safetensors")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "w.safetensors")
+    assert os.listdir(tmp_path) == []
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        save_weights(_small_unet(), tmp_path / "w.safetensors")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o644
+
+
+# --- bare state dicts ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("in_chans", "num_classes"), [(1, 2), (3, 5), (4, 1)])
+def test_infer_io_channels_from_own_and_reference_names(in_chans, num_classes):
+    model = cmrf.create_model("tinyunet", in_chans=in_chans, num_classes=num_classes, channels=(16, 32), N=4)
+    assert infer_io_channels("tinyunet", model.state_dict(), {"channels": (16, 32), "N": 4}) == {
+        "in_chans": in_chans,
+        "num_classes": num_classes,
+    }
+    cmunext = cmrf.create_model("cmunext_s", in_chans=in_chans, num_classes=num_classes)
+    expected = {"in_chans": in_chans, "num_classes": num_classes}
+    assert infer_io_channels("cmunext_s", cmunext.state_dict()) == expected
+
+
+def test_infer_io_channels_says_none_for_another_model():
+    state = cmrf.create_model("cmunext_s").state_dict()
+    assert infer_io_channels("tinyunet", state) == {"in_chans": None, "num_classes": None}
+
+
+def test_reference_checkpoint_rebuilds_exactly(golden, reference_pth):
+    model, meta = model_from_checkpoint(reference_pth, model="tinyunet")
+    assert (meta["model"], meta["in_chans"], meta["num_classes"]) == ("tinyunet", 3, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(golden["input"]), golden["output_eval"], atol=1e-4, rtol=0)
+
+
+def test_reference_checkpoint_with_other_class_count(golden, tmp_path):
+    state = golden_state_dict(golden)
+    state["final_conv.weight"] = torch.randn(5, 64, 1, 1)
+    state["final_conv.bias"] = torch.randn(5)
+    path = tmp_path / "five.pth"
+    torch.save({"state_dict": state}, path)  # wrapped, as many training scripts save it
+    model, meta = model_from_checkpoint(path, model="tinyunet")
+    assert meta["num_classes"] == 5 and model.head.out_channels == 5
+    with pytest.raises(ValueError, match=r"num_classes=5, but --num-classes 3 was given"):
+        model_from_checkpoint(path, model="tinyunet", num_classes=3)
+
+
+def test_reference_checkpoint_needs_the_model_name(reference_pth):
+    expected = rf"{reference_pth} carries no cmrf metadata.*--model NAME.*tinyunet"
+    with pytest.raises(ValueError, match=expected):
+        model_from_checkpoint(reference_pth)
+    with pytest.raises(ValueError, match="cannot tell num_classes .*look like a cmunext_s's"):
+        model_from_checkpoint(reference_pth, model="cmunext_s")
+    with pytest.raises(ValueError, match="unknown model 'tinyunett'"):
+        model_from_checkpoint(reference_pth, model="tinyunett")
+
+
+def test_run_checkpoint_refuses_disagreeing_values(tmp_path):
+    from cmrf.train.state import model_metadata
+
+    path = tmp_path / "best.safetensors"
+    kwargs = {"channels": [16, 32], "N": 4}
+    save_weights(_small_unet(), path, metadata=model_metadata("tinyunet", kwargs, 3, 2, ["bg", "fg"]))
+    model, meta = model_from_checkpoint(path, model="tinyunet", num_classes=2)
+    assert meta["model_kwargs"] == kwargs and model.channels == (16, 32)
+    with pytest.raises(ValueError, match=r"other settings: num_classes=3 \(the file has 2\)"):
+        model_from_checkpoint(path, num_classes=3)
+    expected = r"model_kwargs=\{'N': 2\} \(the file has \{'channels': \[16, 32\], 'N': 4\}\)"
+    with pytest.raises(ValueError, match=expected):
+        model_from_checkpoint(path, model_kwargs={"N": 2})

@@ -1,0 +1,145 @@
+"""``cmrf export`` and ``cmrf.export_onnx``: atomic files, SegNet's dynamic export refused, and
+checkpoints from ``cmrf train`` or the reference code."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import cmrf
+from cmrf.cli import main
+from cmrf.train.state import model_metadata
+from tests.conftest import golden_state_dict, load_golden
+
+SMALL = ["tinyunet", "--channels", "16", "32", "--N", "4", "--input-size", "1", "3", "32", "32"]
+
+
+def _one_error_line(err: str, command: str = "export") -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"cmrf {command}: error: ")
+    return lines[0]
+
+
+def test_full_disk_halfway_keeps_the_previous_onnx_file(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "x.onnx"
+    out.write_bytes(b"a previous, good graph" * 100)
+    before = out.read_bytes()
+
+    def export_that_fills_the_disk(model, args, f, **kwargs):
+        with open(f, "wb") as file:  # the exporter got halfway through the file
+            file.write(before[: len(before) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")  # write() errors name no file
+
+    monkeypatch.setattr(torch.onnx, "export", export_that_fills_the_disk)
+    assert main(["export", "onnx", *SMALL, "-o", str(out)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line == f"cmrf export: error: {out}: No space left on device"
+    assert out.read_bytes() == before
+    assert os.listdir(tmp_path) == ["x.onnx"]  # no temporary file left behind
+
+
+def test_exporter_failure_keeps_the_previous_file_and_leaves_no_zero_byte_file(tmp_path, monkeypatch):
+    def failing_export(model, args, f, **kwargs):
+        open(f, "wb").close()
+        raise RuntimeError("exporter failed")
+
+    monkeypatch.setattr(torch.onnx, "export", failing_export)
+    with pytest.raises(RuntimeError):
+        cmrf.export_onnx(cmrf.TinyUNet(channels=(16, 32), N=4), tmp_path / "new.onnx", (1, 3, 32, 32))
+    assert os.listdir(tmp_path) == []
+
+
+def test_output_in_a_read_only_folder_is_one_line(tmp_path, monkeypatch, capsys):
+    """mkstemp fails first in a read-only folder; the line names the requested file, not a temp one."""
+    import tempfile
+
+    def read_only(*args, dir=None, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", os.path.join(dir, ".x.onnx.abcdefgh.tmp.onnx"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    out = tmp_path / "x.onnx"
+    assert main(["export", "onnx", *SMALL, "-o", str(out)]) == 2
+    assert _one_error_line(capsys.readouterr().err) == f"cmrf export: error: {out}: Read-only file system"
+
+
+def test_output_under_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main(["export", "onnx", *SMALL, "-o", str(tmp_path / "file" / "x.onnx")]) == 2
+    assert str(tmp_path / "file") in _one_error_line(capsys.readouterr().err)
+
+
+# --- SegNet: max-unpooling cannot follow a dynamic size ----------------------------------------
+
+
+def test_segnet_dynamic_export_is_refused_with_the_reason(tmp_path):
+    path = tmp_path / "segnet.onnx"
+    with pytest.raises(ValueError, match=r"dynamic=True cannot export SegNet: its max-unpooling \(unpool\)"):
+        cmrf.export_onnx(cmrf.create_model("segnet_cmrf"), path, (1, 3, 64, 64), dynamic=True)
+    assert not path.exists()
+
+
+def test_segnet_dynamic_export_cli_is_one_line(tmp_path, capsys):
+    argv = ["export", "onnx", "segnet", "--dynamic", "--input-size", "1", "3", "64", "64"]
+    argv += ["-o", str(tmp_path / "segnet.onnx")]
+    assert main(argv) == 2
+    assert "dynamic=False once per input size" in _one_error_line(capsys.readouterr().err)
+
+
+# --- which model: flags, cmrf train checkpoints, reference checkpoints -------------------------
+
+
+@pytest.fixture()
+def captured_export(monkeypatch):
+    """Replace the (slow) ONNX export by a recorder: the CLI's model and input size."""
+    import cmrf.export
+
+    seen = {}
+
+    def record(model, path, input_size, **kwargs):
+        seen.update(model=model, input_size=list(input_size), **kwargs)
+        Path(path).write_bytes(b"onnx")
+        return Path(path)
+
+    monkeypatch.setattr(cmrf.export, "export_onnx", record)
+    return seen
+
+
+def test_reference_checkpoint_exports_with_its_weights(tmp_path, captured_export):
+    golden = load_golden("tinyunet_official.safetensors")
+    checkpoint = tmp_path / "best_model.pth"
+    torch.save(golden_state_dict(golden), checkpoint)
+    argv = ["export", "onnx", "tinyunet", "--checkpoint", str(checkpoint), "-o", str(tmp_path / "x.onnx")]
+    assert main(argv) == 0
+    model = captured_export["model"]
+    assert captured_export["input_size"] == [1, 3, 256, 256]
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(golden["input"]), golden["output_eval"], atol=1e-4, rtol=0)
+
+
+def test_run_checkpoint_names_its_model_and_size(tmp_path, captured_export):
+    model = cmrf.TinyUNet(in_channels=1, num_classes=3, channels=(16, 32), N=4)
+    checkpoint = tmp_path / "best.safetensors"
+    kwargs = {"channels": [16, 32], "N": 4}
+    meta = model_metadata("tinyunet", kwargs, 1, 3, ["a", "b", "c"], data={"img_size": 48})
+    cmrf.save_weights(model, checkpoint, metadata=meta)
+    assert main(["export", "onnx", "--checkpoint", str(checkpoint), "-o", str(tmp_path / "x.onnx")]) == 0
+    assert captured_export["input_size"] == [1, 1, 48, 48]
+    assert captured_export["model"].head.out_channels == 3
+
+
+def test_export_without_model_or_checkpoint_is_one_line(tmp_path, capsys):
+    assert main(["export", "onnx", "-o", str(tmp_path / "x.onnx")]) == 2
+    assert "give a model NAME" in _one_error_line(capsys.readouterr().err)
+
+
+def test_input_channels_must_match_the_checkpoint(tmp_path, capsys):
+    checkpoint = tmp_path / "w.safetensors"
+    cmrf.save_weights(cmrf.TinyUNet(in_channels=1, channels=(16, 32), N=4), checkpoint)
+    argv = ["export", "onnx", *SMALL, "--checkpoint", str(checkpoint), "-o", str(tmp_path / "x.onnx")]
+    assert main(argv) == 2
+    assert "has 3 channels, but the model takes 1" in _one_error_line(capsys.readouterr().err)

@@ -1,0 +1,131 @@
+"""``cmrf predict``: it keeps going past bad inputs, names outputs uniquely, writes atomically, and
+takes reference-code checkpoints."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cmrf
+from cmrf.cli import main
+from cmrf.cli.predict import output_stems
+from cmrf.train.state import model_metadata
+from tests.conftest import golden_state_dict, load_golden
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A small TinyU-Net saved as ``cmrf train`` saves it (weights plus metadata)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("run") / "best.safetensors"
+    kwargs = {"channels": [16, 32], "N": 4}
+    meta = model_metadata("tinyunet", kwargs, 3, 2, ["background", "lesion"], data={"img_size": 32})
+    cmrf.save_weights(cmrf.TinyUNet(channels=(16, 32), N=4), path, metadata=meta)
+    return path
+
+
+def _image(path: Path, height: int, width: int, seed: int = 0) -> Path:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture()
+def images(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    _image(folder / "a.png", 40, 24, 1)
+    _image(folder / "a.jpg", 30, 20, 2)  # same stem as a.png
+    (folder / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n but the rest is garbage")  # corrupt
+    _image(folder / "c.png", 33, 17, 3)
+    return folder
+
+
+def test_output_stems_are_unique_whatever_the_inputs():
+    names = ["x/a.png", "x/a.jpg", "y/a.png", "x/b.png", "x/B.tif", "x/c.png"]
+    paths = [Path(name) for name in names]
+    stems = output_stems(paths)
+    assert stems == ["a.png", "a.jpg", "a.png-2", "b.png", "B.tif", "c"]
+    assert len({s.casefold() for s in stems}) == len(paths)
+
+
+def test_bad_inputs_are_reported_and_skipped(checkpoint, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    missing = tmp_path / "missing.png"
+    status = main(["predict", str(checkpoint), str(images), str(missing), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert status == 1
+    errors = captured.err.strip().splitlines()
+    assert len(errors) == 2 and "Traceback" not in captured.err
+    assert errors[0].startswith(f"cmrf predict: error: {missing}: ") and "skipped" in errors[0]
+    assert errors[1].startswith("cmrf predict: error: ") and str(images / "b.png") in errors[1]
+    assert f"wrote 3 mask(s) and overlays to {out}; 2 input(s) failed" in captured.out
+    expected = {"a.png": (40, 24), "a.jpg": (30, 20), "c": (33, 17)}  # stems that collide keep their suffix
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted([f"{s}_mask.png" for s in expected] + [f"{s}_overlay.png" for s in expected])
+    for stem, (height, width) in expected.items():
+        mask = np.asarray(Image.open(out / f"{stem}_mask.png"))
+        assert mask.shape == (height, width) and set(np.unique(mask)) <= {0, 255}
+
+
+def test_all_good_inputs_exit_zero(checkpoint, images, tmp_path, capsys):
+    (images / "b.png").unlink()
+    out = tmp_path / "out"
+    assert main(["predict", str(checkpoint), str(images / "c.png"), "--out", str(out), "--no-overlays"]) == 0
+    assert "wrote 1 mask(s) to" in capsys.readouterr().out
+    assert [p.name for p in out.iterdir()] == ["c_mask.png"]
+
+
+def test_full_disk_halfway_keeps_the_previous_mask(checkpoint, images, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    inputs = [str(images / "a.png"), str(images / "c.png")]
+    assert main(["predict", str(checkpoint), *inputs, "--out", str(out), "--no-overlays"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_save = Image.Image.save
+    calls = []
+
+    def save_until_the_disk_is_full(image, fp, format=None, **params):
+        calls.append(fp)
+        if len(calls) < 2:
+            return real_save(image, fp, format, **params)
+        encoded = io.BytesIO()
+        real_save(image, encoded, "PNG")
+        Path(fp).write_bytes(encoded.getvalue()[: len(encoded.getvalue()) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", save_until_the_disk_is_full)
+    capsys.readouterr()
+    assert main(["predict", str(checkpoint), *inputs, "--out", str(out), "--no-overlays"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"cmrf predict: error: {out / 'c_mask.png'}: No space left on device"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # same files, no temporary one
+
+
+def test_truncated_checkpoint_is_one_line(checkpoint, images, tmp_path, capsys):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(checkpoint.read_bytes()[:100])
+    assert main(["predict", str(broken), str(images), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    expected = f"cmrf predict: error: cannot read weights from {broken}: file is truncated"
+    assert err.strip().startswith(expected)
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_reference_checkpoint(images, tmp_path, capsys):
+    reference = tmp_path / "best_model.pth"
+    torch.save(golden_state_dict(load_golden("tinyunet_official.safetensors")), reference)
+    out = tmp_path / "out"
+    image = str(images / "c.png")
+    assert main(["predict", str(reference), image, "--out", str(out)]) == 2
+    assert "give the model name (--model NAME" in capsys.readouterr().err
+    argv = ["predict", str(reference), image, "--model", "tinyunet", "--img-size", "32", "--out", str(out)]
+    assert main(argv) == 0
+    assert sorted(os.listdir(out)) == ["c_mask.png", "c_overlay.png"]
