@@ -185,6 +185,8 @@ def saved_run_metadata(files: RunFiles) -> dict | None:
 # Metadata entries that define the network and the data, with the flag that sets each.
 _MODEL_FLAGS = {"model": "--model", "in_chans": "input channels"}
 _MODEL_KWARG_FLAGS = {"N": "--N", "channels": "--channels"}
+# Data options that say where decoded samples are kept, not which samples: free to change.
+_DATA_STORAGE_OPTIONS = ("cache", "cache_dir")
 # Recipe fields that may change on resume: where and how fast it runs, not what it computes.
 RESUME_FREE_FIELDS = ("amp", "workers", "device", "overlays", "compile")
 
@@ -210,7 +212,7 @@ def _metadata_settings(meta: dict) -> dict[str, object]:
     settings.update({_MODEL_KWARG_FLAGS.get(key, f"model {key}"): value for key, value in kwargs.items()})
     settings["--num-classes"] = meta.get("num_classes")
     data = meta.get("data") or {}
-    settings.update({_flag(key): value for key, value in data.items()})
+    settings.update({_flag(key): value for key, value in data.items() if key not in _DATA_STORAGE_OPTIONS})
     return settings
 
 
@@ -307,7 +309,8 @@ def resume_differences(state: dict, *, recipe, metadata: dict[str, str]) -> list
     """The settings in which a run about to resume from ``state`` differs from the saved run.
 
     Compares the network and data (``metadata``, when both sides have it) and the recipe fields
-    that change what is computed (all but ``RESUME_FREE_FIELDS``).
+    that change what is computed (all but ``RESUME_FREE_FIELDS``); the data's cache settings
+    may change too.
 
     Returns:
         One ``"--flag SAVED (given GIVEN)"`` entry per difference; empty when they agree.
