@@ -274,3 +274,19 @@ def test_model_metadata_round_trip(tmp_path):
         read_metadata(tmp_path / "plain.safetensors")
     with pytest.raises(FileNotFoundError):
         read_metadata(tmp_path / "missing.safetensors")
+
+
+def test_a_non_finite_training_loss_stops_the_epoch_with_advice():
+    from cmrf.train.loop import train_one_epoch
+    from cmrf.train.processes import Processes
+
+    model = torch.nn.Conv2d(3, 2, 1)
+    batches = [(torch.randn(2, 3, 4, 4), torch.randint(0, 2, (2, 4, 4))) for _ in range(3)]
+    optimizer = torch.optim.Adam(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    args = (CEDiceLoss(), optimizer, scaler, torch.device("cpu"), None, Processes())
+    assert train_one_epoch(model, batches, *args) > 0
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="training loss is nan; lower --lr"):
+        train_one_epoch(model, batches, *args)
