@@ -196,6 +196,8 @@ def test_capture_and_restore_round_trip_with_weights_only(tmp_path):
     save_training_state(tmp_path / "s.pt", state)
 
     fresh = _parts(1)
+    # --amp may change on resume: a scaler saved disabled (empty) leaves an enabled one as it is.
+    fresh.scaler = torch.amp.GradScaler("cpu", enabled=True)
     restored = restore_state(load_training_state(tmp_path / "s.pt"), fresh)  # weights_only=True inside
     assert restored == progress
     assert (random.random(), np.random.rand()) == draws[:2] and torch.equal(torch.rand(2), draws[2])
@@ -232,7 +234,7 @@ def test_resume_differences_name_the_flags_that_matter():
         "--lr 0.0001 (given 0.003)",
         "--seed 0 (given 1)",
         "--model tinyunet (given segnet)",
-        "--replace-blocks N default (given 4)",
+        "--replace-blocks off (given N=4)",
         "--channels 16 32 (given default)",
         "--img-size 32 (given 64)",
     ]
@@ -272,3 +274,19 @@ def test_model_metadata_round_trip(tmp_path):
         read_metadata(tmp_path / "plain.safetensors")
     with pytest.raises(FileNotFoundError):
         read_metadata(tmp_path / "missing.safetensors")
+
+
+def test_a_non_finite_training_loss_stops_the_epoch_with_advice():
+    from cmrf.train.loop import train_one_epoch
+    from cmrf.train.processes import Processes
+
+    model = torch.nn.Conv2d(3, 2, 1)
+    batches = [(torch.randn(2, 3, 4, 4), torch.randint(0, 2, (2, 4, 4))) for _ in range(3)]
+    optimizer = torch.optim.Adam(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    args = (CEDiceLoss(), optimizer, scaler, torch.device("cpu"), None, Processes())
+    assert train_one_epoch(model, batches, *args) > 0
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="training loss is nan; lower --lr"):
+        train_one_epoch(model, batches, *args)

@@ -171,6 +171,7 @@ def _train(args: argparse.Namespace) -> int:
     recipe = recipe_from_args(args)  # checks the recipe before any data is read
     check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)  # before reading data, too
     bundle = build_datasets(seed=args.seed, **data_options(args))
+    data = _data_metadata(args, bundle)
     model_kwargs, replace_n = _model_kwargs(args)
     seed_everything(args.seed)  # the initial weights are part of a seeded run
     model, name = build_model(
@@ -180,7 +181,7 @@ def _train(args: argparse.Namespace) -> int:
         bundle.spatial_dims,
         model_kwargs,
         replace_n,
-        args.img_size,
+        data["img_size"],  # --replace-blocks probes the model with an input of this size
         report=int(os.environ.get("RANK", "0")) == 0,
     )
     metadata = model_metadata(
@@ -190,7 +191,7 @@ def _train(args: argparse.Namespace) -> int:
         bundle.num_classes,
         bundle.class_names,
         replace_n,
-        _data_metadata(args, bundle),
+        data,
         command=args.run_kind,
     )
     started = time.perf_counter()

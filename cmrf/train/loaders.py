@@ -3,9 +3,10 @@ many worker processes load them.
 
 Seeded runs give the same batches with any number of workers: the sampler is seeded by
 ``(seed, epoch)``, and every item's augmentation by ``(seed, epoch, index)`` (the datasets of
-``cmrf.data``). The epoch and the augmentation switch travel with each index
-(``EpochSampler`` / ``EpochView``), so persistent workers, which keep the copy of the dataset they
-started with, see them change.
+``cmrf.data``). The epoch and the augmentation switch also travel with each index
+(``EpochSampler`` / ``EpochView``): persistent workers keep the copy of the dataset they started
+with, and a dataset that stores its epoch as a plain attribute (unlike ``cmrf.data``'s, which keep
+it in shared memory) would otherwise never see it change there.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ Distributed: see ``cmrf.train.processes``.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +88,7 @@ def _progress(loader, description: str, enabled: bool):
 def _check_finite(loss_sum: torch.Tensor, seen: int, description: str) -> float:
     """The mean loss so far; raises when a step's loss was not finite (the sum then is not)."""
     mean = loss_sum.item() / max(seen, 1)
-    if not torch.isfinite(torch.tensor(mean)):
+    if not math.isfinite(mean):
         # A ValueError: the cause is a setting (lr, precision), and the CLI reports it in one line.
         raise ValueError(
             f"{description}: training loss is {mean}; lower --lr or use --amp bf16/none "

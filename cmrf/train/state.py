@@ -183,8 +183,10 @@ def saved_run_metadata(files: RunFiles) -> dict | None:
 # --- what must agree for a resume ---------------------------------------------------------------
 
 # Metadata entries that define the network and the data, with the flag that sets each.
-_MODEL_FLAGS = {"model": "--model", "replace_blocks": "--replace-blocks N", "in_chans": "input channels"}
+_MODEL_FLAGS = {"model": "--model", "in_chans": "input channels"}
 _MODEL_KWARG_FLAGS = {"N": "--N", "channels": "--channels"}
+# Data options that say where decoded samples are kept, not which samples: free to change.
+_DATA_STORAGE_OPTIONS = ("cache", "cache_dir")
 # Recipe fields that may change on resume: where and how fast it runs, not what it computes.
 RESUME_FREE_FIELDS = ("amp", "workers", "device", "overlays", "compile")
 
@@ -204,11 +206,13 @@ def _shown(value) -> str:
 def _metadata_settings(meta: dict) -> dict[str, object]:
     """Flag -> value of the decoded metadata entries that define the model and the data."""
     settings = {flag: meta.get(key) for key, flag in _MODEL_FLAGS.items()}
+    replace_n = meta.get("replace_blocks")
+    settings["--replace-blocks"] = "off" if replace_n is None else f"N={replace_n}"
     kwargs = meta.get("model_kwargs") or {}
     settings.update({_MODEL_KWARG_FLAGS.get(key, f"model {key}"): value for key, value in kwargs.items()})
     settings["--num-classes"] = meta.get("num_classes")
     data = meta.get("data") or {}
-    settings.update({_flag(key): value for key, value in data.items()})
+    settings.update({_flag(key): value for key, value in data.items() if key not in _DATA_STORAGE_OPTIONS})
     return settings
 
 
@@ -305,7 +309,8 @@ def resume_differences(state: dict, *, recipe, metadata: dict[str, str]) -> list
     """The settings in which a run about to resume from ``state`` differs from the saved run.
 
     Compares the network and data (``metadata``, when both sides have it) and the recipe fields
-    that change what is computed (all but ``RESUME_FREE_FIELDS``).
+    that change what is computed (all but ``RESUME_FREE_FIELDS``); the data's cache settings
+    may change too.
 
     Returns:
         One ``"--flag SAVED (given GIVEN)"`` entry per difference; empty when they agree.
@@ -357,7 +362,8 @@ def restore_state(
     parts.model.load_state_dict(state["model"])
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.scheduler.load_state_dict(state["scheduler"])
-    parts.scaler.load_state_dict(state["scaler"])
+    if state["scaler"]:  # empty when saved without fp16 scaling: --amp may change on resume
+        parts.scaler.load_state_dict(state["scaler"])
     rng_states = state["rng"]
     set_rng_state(rng_states[rank] if len(rng_states) == world_size else rng_states[0])
     return Progress(
