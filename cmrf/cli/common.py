@@ -5,6 +5,17 @@ from __future__ import annotations
 import argparse
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``--model --N --channels --replace-blocks``: which network to train."""
     group = parser.add_argument_group("model")
@@ -12,11 +23,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", default="tinyunet", help="registry name (default tinyunet; tinyunet3d for 3D data)"
     )
     group.add_argument(
-        "--N", dest="N", type=int, default=None, help="receptive fields per CMRF (default: the model's)"
+        "--N", dest="N", type=positive_int, default=None,
+        help="receptive fields per CMRF (default: the model's)",
     )
     group.add_argument(
         "--channels",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=None,
         metavar="C",
