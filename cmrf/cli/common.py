@@ -5,15 +5,19 @@ from __future__ import annotations
 import argparse
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
+def _int_at_least(text: str, low: int, expected: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1, "an integer >= 1")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,15 +48,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def workers_value(text: str) -> int | str:
     """``--workers``: ``auto`` or an integer >= 0."""
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto or an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected auto or an integer >= 0, got {value}")
-    return value
+    return text if text == "auto" else _int_at_least(text, 0, "auto or an integer >= 0")
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser, seed_default: int | None = 0) -> None:
