@@ -283,18 +283,21 @@ def run_in_bands(
     halo: int = 0,
     consumers: Sequence[Callable[[torch.Tensor], torch.Tensor] | None] = (None,),
 ) -> list[torch.Tensor]:
-    """``[consumer(fn(*inputs)) for consumer in consumers]``, computed in bands of rows.
+    """``[consumer(fn(*inputs, rows=slice(None))) for consumer in consumers]``, in bands of rows.
 
     ``fn`` is called on bands of ``band_rows`` rows (along dim 2, the first spatial axis) of
     every tensor in ``inputs``, each band widened by ``halo`` rows on both sides where they
-    exist; the halo rows of its output are then cut off. This is exact when each output row of
-    ``fn`` depends only on input rows within ``halo`` of it, and when ``fn`` treats a band's
-    first and last rows as the tensor's borders (zero padding), that spoils only halo rows.
-    Each band's output is handed to every consumer at once, while it is still in cache, so the
-    full output of ``fn`` never exists.
+    exist, with ``rows``, the slice of the widened band that is the band itself: ``fn`` returns
+    its output for those rows only (so work after the part that needs the halo, such as a 1x1
+    convolution, skips the halo rows). This is exact when each output row of ``fn`` depends
+    only on input rows within ``halo`` of it; when ``fn`` treats a band's first and last rows
+    as the tensor's borders (zero padding), that spoils only halo rows. Each band's output is
+    handed to every consumer at once, while it is still in cache, so the full output of ``fn``
+    never exists.
 
     Args:
-        fn: maps bands of ``inputs`` ``(B, C_i, h, *rest)`` to ``(B, C_out, h, *rest)``.
+        fn: ``fn(*bands, rows=slice)`` maps bands ``(B, C_i, h, *rest)`` of ``inputs`` to the
+            rows ``rows`` of its output, ``(B, C_out, len(rows), *rest)``.
         inputs: one tensor or several with the same number of rows.
         band_rows: rows per band (>= 1; even when a consumer halves rows). A last band of one
             row is merged into the band before it.
@@ -315,7 +318,7 @@ def run_in_bands(
         raise ValueError(f"halo must be an int >= 0, got {halo!r}")
     height = tensors[0].shape[2]
     if band_rows >= height:  # one band: the whole tensors, no slicing
-        y = fn(*tensors)
+        y = fn(*tensors, rows=slice(None))
         return [y if consumer is None else consumer(y) for consumer in consumers]
     results: list[torch.Tensor | None] = [None] * len(consumers)
     shrinks = [1] * len(consumers)  # 1: the consumer keeps the rows; 2: it pools them
@@ -325,9 +328,7 @@ def run_in_bands(
         if bottom == height - 1:  # a last band of one row would pool to nothing: merge it
             bottom = height
         first, last = max(top - halo, 0), min(bottom + halo, height)
-        y = fn(*(t[:, :, first:last] for t in tensors))
-        if (first, last) != (top, bottom):
-            y = y[:, :, top - first : bottom - first]
+        y = fn(*(t[:, :, first:last] for t in tensors), rows=slice(top - first, bottom - first))
         for k, consumer in enumerate(consumers):
             part = y if consumer is None else consumer(y)
             if top == 0:
@@ -342,8 +343,34 @@ def run_in_bands(
 # --- optimized blocks ------------------------------------------------------------------------
 
 
-# Target size of one band of CMRF's pw2 output: small enough to stay in a core's L2 cache.
-BAND_BYTES = 4 << 20
+# Target size of one band of CMRF's pw2 output: small enough to stay in a core's cache.
+BAND_BYTES = 2 << 20
+# Channels x pixels from which a 2-D cascade stage runs as shifted multiply-adds, not oneDNN.
+SHIFTED_MIN_ELEMENTS = 1 << 17
+
+
+def _depthwise3x3_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[:] = F.conv2d(x, weight, bias, padding=1, groups=C)`` as nine shifted multiply-adds.
+
+    Each tap adds ``weight[:, 0, i, j] * x`` shifted by ``(i - 1, j - 1)`` to the part of
+    ``out`` it reaches; the parts it misses are where the zero padding would be read. ``out``
+    may be a strided view (a slice of a larger buffer), so no copy is made.
+
+    Shapes: ``x``, ``out``: ``(B, C, H, W)``; ``weight`` ``(C, 1, 3, 3)``; ``bias`` ``(C,)``.
+    """
+    height, width = x.shape[2:]
+    taps = weight.reshape(1, -1, 9, 1, 1)
+    torch.addcmul(bias.view(1, -1, 1, 1), x, taps[:, :, 4], out=out)  # the centre tap and the bias
+    for i in range(3):
+        for j in range(3):
+            if (i, j) == (1, 1):
+                continue
+            di, dj = i - 1, j - 1
+            rows_out = slice(max(0, -di), height - max(0, di))
+            cols_out = slice(max(0, -dj), width - max(0, dj))
+            rows_in = slice(max(0, di), height - max(0, -di))
+            cols_in = slice(max(0, dj), width - max(0, -dj))
+            out[:, :, rows_out, cols_out].addcmul_(x[:, :, rows_in, cols_in], taps[:, :, 3 * i + j])
 
 
 class InferenceCMRF(nn.Module):
@@ -437,12 +464,53 @@ class InferenceCMRF(nn.Module):
     def band_rows(self, hidden: torch.Tensor) -> int:
         """Rows (along the first spatial axis) per band: about ``BAND_BYTES`` of ``pw2`` output.
 
-        Even, so that a 2x pooling of a band is a band of the pooled tensor, and at least the
-        cascade depth, so that the halo never costs more than the band.
+        Even, so that a 2x pooling of a band is a band of the pooled tensor.
         """
         row_bytes = hidden[:, :1, 0].numel() * self.pw2.out_channels * hidden.element_size()
-        rows = max(len(self.cascade), 2, BAND_BYTES // max(row_bytes, 1))
+        rows = max(2, BAND_BYTES // max(row_bytes, 1))
         return rows + rows % 2
+
+    def stacked_cascade(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``cat([odd + even, d_1, ..., d_{N-1}, ones])``, ``(B, N c + 1, *S)``, contiguous (CPU path).
+
+        Each part is written straight into its slice of one buffer (no ``cat``); the channel
+        of ones lets ``pw2``'s matrix product add the bias. Wide 2-D stages are computed as
+        nine shifted multiply-adds into the buffer (memory-bound, no padding copy, no layout
+        change); small ones by oneDNN's depthwise convolution on channels-last tensors, whose
+        fixed cost per call is lower.
+        """
+        odd, even = self._halves(hidden)
+        c = self.branch
+        stacked = hidden.new_empty((hidden.shape[0], (len(self.cascade) + 1) * c + 1, *hidden.shape[2:]))
+        torch.add(odd, even, out=stacked[:, :c])
+        stacked[:, -1].fill_(1)
+        shifted = self.spatial_dims == 2 and even[0].numel() >= SHIFTED_MIN_ELEMENTS
+        if self.spatial_dims == 2 and not shifted:
+            # oneDNN's depthwise convolution is several times faster on channels-last tensors.
+            even = even.contiguous(memory_format=torch.channels_last)
+        for k, stage in enumerate(self.cascade):
+            out = stacked[:, (k + 1) * c : (k + 2) * c]
+            if shifted:
+                _depthwise3x3_into(even, stage.weight, stage.bias, out)
+                even = out
+            else:
+                even = stage(even)
+                out.copy_(even)
+        return stacked
+
+    def _mix_band(
+        self, stacked: torch.Tensor, residual: torch.Tensor | None = None, rows: slice = slice(None)
+    ) -> torch.Tensor:
+        """``gelu(pw2(stacked)) [+ residual]`` for rows ``rows`` of a band of ``stacked_cascade``'s output."""
+        stacked = stacked[:, :, rows]
+        batch, channels = stacked.shape[:2]
+        if batch == 1:  # one matrix product (rows of a contiguous tensor are a strided matrix)
+            y = torch.mm(self.pw2_augmented, stacked.reshape(channels, -1))
+        else:
+            y = torch.matmul(self.pw2_augmented, stacked.reshape(batch, channels, -1))
+        # In place: y is ours, and a fresh output would cost a new allocation per band.
+        y = torch.ops.aten.gelu_(y.view(batch, -1, *stacked.shape[2:]))
+        return y if residual is None else y.add_(residual[:, :, rows])
 
     def _mix_plain(self, hidden: torch.Tensor, path: str) -> torch.Tensor:
         """``gelu(pw2(cat(cascade_outputs)))`` with plain operators (and the fused cascade)."""
@@ -451,20 +519,6 @@ class InferenceCMRF(nn.Module):
         else:
             stacked = torch.cat(self.cascade_outputs(hidden), dim=1)
         return F.gelu(self.pw2(stacked))
-
-    def _mix_band(self, hidden: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``gelu(pw2(cat(cascade_outputs))) [+ residual]`` on CPU fp32, for one band of rows."""
-        parts = self.cascade_outputs(hidden, channels_last=True)
-        parts.append(parts[0].new_ones((parts[0].shape[0], 1, *parts[0].shape[2:])))
-        stacked = torch.cat(parts, dim=1)
-        batch, channels = stacked.shape[:2]
-        if batch == 1:  # one matrix product, not a batched one of size 1
-            y = torch.mm(self.pw2_augmented, stacked.reshape(channels, -1))
-        else:
-            y = torch.matmul(self.pw2_augmented, stacked.reshape(batch, channels, -1))
-        # In place: y is ours, and a fresh output would cost a new allocation per band.
-        y = torch.ops.aten.gelu_(y.view(batch, -1, *stacked.shape[2:]))
-        return y if residual is None else y.add_(residual)
 
     def mix_into(
         self,
@@ -496,8 +550,11 @@ class InferenceCMRF(nn.Module):
             y = self._mix_plain(hidden, path)
             y = y if residual is None else y + residual
             return [y if consumer is None else consumer(y) for consumer in consumers]
-        inputs = (hidden,) if residual is None else (hidden, residual)
-        return run_in_bands(self._mix_band, inputs, self.band_rows(hidden), len(self.cascade), consumers)
+        # The cascade runs on the whole tensor (its 3x3 stages would need halo rows in bands);
+        # pw2, the GELU and the consumers, where the wide output lives, run in bands.
+        stacked = self.stacked_cascade(hidden)
+        inputs = (stacked,) if residual is None else (stacked, residual)
+        return run_in_bands(self._mix_band, inputs, self.band_rows(hidden), 0, consumers)
 
     def mix(self, hidden: torch.Tensor, path: str | None = None) -> torch.Tensor:
         """Cascade, concatenation, ``pw2`` and GELU on the activated ``pw1`` output ``(B, 2c, *S)``."""
