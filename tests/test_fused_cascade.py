@@ -665,7 +665,9 @@ def test_cache_follows_parameter_updates():
     optimizer.step()
     stages.eval()
     check()
-    fused_cascade.clear_cache()
+    from cmrf.ops import clear_fused_cache
+
+    clear_fused_cache()
     assert len(fused_cascade._cache) == 0
     check()
 

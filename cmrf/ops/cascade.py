@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import sys
 import threading
 import warnings
 
@@ -205,6 +206,18 @@ def check_fused_device(y: torch.Tensor) -> None:
             "TRITON_INTERPRET=1 was set after cmrf's Triton kernels were compiled for CUDA; set it before "
             "the first fused call (before cmrf.ops.triton_cascade is imported) to run them on CPU tensors"
         )
+
+
+def clear_fused_cache() -> None:
+    """Drop the fused path's cached stacked weights and folded BatchNorms (no-op if never used).
+
+    The cache follows parameters by identity, storage and ``_version``, so ordinary updates
+    (optimizer steps, ``load_state_dict``, ``.to()``, in-place ops under ``no_grad``) need nothing;
+    call this after writing through ``param.data`` in place, which PyTorch does not version.
+    """
+    module = sys.modules.get("cmrf.ops.fused_cascade")
+    if module is not None:
+        module.clear_cache()
 
 
 def cascade_concat(y: torch.Tensor, stages: nn.ModuleList, fused: bool | None = None) -> torch.Tensor:
