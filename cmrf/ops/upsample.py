@@ -314,7 +314,7 @@ def choose_method(x: torch.Tensor, mode: str = "bicubic", requires_grad: bool | 
       (one ``Conv`` + ``DepthToSpace`` in ONNX, what ``cmrf.export`` ships) and ``"separable"``
       otherwise; no shape enters the choice, so no guard is added on symbolic sizes.
     * CPU (measured, ``docs/upsampling.md``): in float32/float64, ``"matmul"`` for 2-D modes
-      with every side at most 256 and for 3-D modes with every side at most 16; MKL/oneDNN
+      with every side at most 128 and for 3-D modes with every side at most 16; MKL/oneDNN
       matrix products beat ``F.interpolate``'s per-pixel loops there (1.8–6.8x forward,
       3.2–9x forward + backward at the 2-D decoder shapes). ``"interpolate"`` otherwise: for
       1-D, for larger sides (the product's cost grows with the side), and for bf16/fp16, where
@@ -350,7 +350,7 @@ def choose_method(x: torch.Tensor, mode: str = "bicubic", requires_grad: bool | 
         method = "conv"
     elif x.device.type == "cpu":
         sides = x.shape[2:]
-        small = max(sides) <= (256 if len(sides) == 2 else 16)
+        small = max(sides) <= (128 if len(sides) == 2 else 16)
         fast_dtype = x.dtype in (torch.float32, torch.float64)
         method = "matmul" if fast_dtype and len(sides) > 1 and small else "interpolate"
     elif x.device.type == "cuda":
