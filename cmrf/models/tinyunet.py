@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from timm.models import generate_default_cfgs
 from torch import nn
 
@@ -23,6 +23,7 @@ from cmrf.layers import (
 from cmrf.models._base import SegmentationModel, zoo_cfg
 from cmrf.models._builder import build_model, reference_key_hook, rename_keys
 from cmrf.models.registry import register_model
+from cmrf.ops.upsample import upsample_to
 
 __all__ = ["TinyUNet", "checkpoint_filter_fn"]
 
@@ -59,6 +60,20 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module |
         return dict(state_dict)
     patterns = [(r"^(encoder|decoder)(\d+)\.cmrf\.", _stage_index), (r"^final_conv\.", "head.")]
     return rename_keys(state_dict, patterns + _CMRF_KEY_MAP)
+
+
+def _export_size_oblivious():
+    """While ``torch.export`` traces (non-strict), decide memory layouts without guarding on sizes of 1.
+
+    The deepest pooled map is 1x1 for a 16-pixel side. Without this, pooling's contiguity checks
+    add the guard ``size // 16 != 1``, and a dynamic export from the documented minimum of 16
+    fails with "Constraints violated". The checks only pick strides, so the graph stays correct
+    at size 1 (tests/test_upsample.py runs the exported graph at 16).
+    """
+    config = getattr(getattr(torch.fx, "experimental", None), "_config", None)
+    if config is None or not torch.compiler.is_exporting() or torch.compiler.is_dynamo_compiling():
+        return contextlib.nullcontext()
+    return config.patch(backed_size_oblivious=True)
 
 
 class TinyUNet(SegmentationModel):
@@ -148,9 +163,13 @@ class TinyUNet(SegmentationModel):
         for encoder in self.encoders:
             x = encoder(x)
             skips.append(x)
-            x = self.pool(x)
+            with _export_size_oblivious():
+                x = self.pool(x)
         for decoder, skip in zip(reversed(self.decoders), reversed(skips)):
-            x = F.interpolate(x, size=skip.shape[2:], mode=self.upsample_mode, align_corners=False)
+            # = F.interpolate(..., align_corners=False); exact x2 runs a faster op with a
+            # deterministic backward (cmrf.ops.upsample).
+            with _export_size_oblivious():
+                x = upsample_to(x, skip.shape[2:], self.upsample_mode)
             x = decoder(torch.cat([x, skip], dim=1))
         return self.head(x)
 

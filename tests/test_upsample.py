@@ -1,0 +1,258 @@
+"""``cmrf.ops.upsample``: every x2 formulation equals ``F.interpolate`` forward and backward."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import cmrf.ops.upsample as up
+from cmrf import TinyUNet
+from cmrf.ops.upsample import METHODS, choose_method, upsample_to, use_method
+
+FAST = [m for m in METHODS if m != "interpolate"]
+# (mode, input shape): odd sides, 1x1 and 2x2 inputs where every tap is clamped to the border.
+CASES = [
+    ("bicubic", (2, 3, 5, 7)),
+    ("bicubic", (1, 2, 1, 1)),
+    ("bicubic", (1, 2, 2, 2)),
+    ("bicubic", (1, 1, 1, 6)),
+    ("bilinear", (2, 2, 3, 1)),
+    ("trilinear", (1, 2, 3, 1, 4)),
+    ("trilinear", (1, 1, 2, 2, 2)),
+    ("linear", (2, 3, 5)),
+]
+
+
+def _double(shape):
+    return tuple(2 * s for s in shape[2:])
+
+
+def _fwd_bwd(x, size, mode, method):
+    x = x.detach().requires_grad_(True)
+    if method == "oracle":
+        out = F.interpolate(x, size=size, mode=mode, align_corners=False)
+    else:
+        out = upsample_to(x, size, mode, method=method)
+    grad_out = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape).flip(-1)
+    (grad,) = torch.autograd.grad(out, x, grad_out)
+    return out, grad
+
+
+@pytest.mark.parametrize("method", FAST)
+@pytest.mark.parametrize(("mode", "shape"), CASES)
+def test_float64_is_exact(method, mode, shape):
+    x = torch.randn(shape, dtype=torch.float64)
+    out, grad = _fwd_bwd(x, _double(shape), mode, method)
+    ref, ref_grad = _fwd_bwd(x, _double(shape), mode, "oracle")
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-12, rtol=0)
+
+
+@given(
+    h=st.integers(1, 12),
+    w=st.integers(1, 12),
+    c=st.integers(1, 4),
+    method=st.sampled_from(FAST),
+    layout=st.sampled_from(["contiguous", "channels_last", "transposed"]),
+)
+def test_float32_matches_interpolate_any_size_and_layout(h, w, c, method, layout):
+    x = torch.randn(2, c, h, w)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        x = torch.randn(2, c, w, h).transpose(2, 3)  # non-contiguous view with the same shape
+    out, grad = _fwd_bwd(x, (2 * h, 2 * w), "bicubic", method)
+    ref, ref_grad = _fwd_bwd(x, (2 * h, 2 * w), "bicubic", "oracle")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("method", FAST)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_close_to_exact_result(method, dtype):
+    x = torch.randn(2, 4, 6, 5).to(dtype)
+    truth = F.interpolate(x.double(), size=(12, 10), mode="bicubic", align_corners=False)
+    out = upsample_to(x, (12, 10), "bicubic", method=method)
+    oracle = F.interpolate(x, size=(12, 10), mode="bicubic", align_corners=False)
+    assert out.dtype == dtype
+    # A few roundings of the low-precision dtype, as many as the oracle's own error allows.
+    tol = 4 * torch.finfo(dtype).eps * (truth.abs() + 1)
+    assert ((out.double() - truth).abs() <= tol + (oracle.double() - truth).abs()).all()
+
+
+@pytest.mark.parametrize("method", FAST)
+def test_backward_is_deterministic(method):
+    x = torch.randn(2, 8, 9, 7)
+    grads = [_fwd_bwd(x, (18, 14), "bicubic", method)[1] for _ in range(2)]
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_non_2x_sizes_fall_back_to_interpolate(monkeypatch):
+    calls = []
+    monkeypatch.setattr(up, "upsample2x", lambda *a, **k: calls.append(a) or pytest.fail("fast path"))
+    x = torch.randn(1, 2, 4, 5)
+    for size in [(9, 10), (8, 11), (4, 5), (16, 20)]:
+        for method in METHODS:
+            out = upsample_to(x, size, "bicubic", method=method)
+            torch.testing.assert_close(out, F.interpolate(x, size=size, mode="bicubic", align_corners=False))
+    assert calls == []
+
+
+def test_exact_2x_takes_the_chosen_fast_path(monkeypatch):
+    seen = []
+    original = up.upsample2x
+    def record(x, mode, method):
+        seen.append(method)
+        return original(x, mode, method)
+
+    monkeypatch.setattr(up, "upsample2x", record)
+    x = torch.randn(1, 2, 4, 5)
+    with use_method("separable"):
+        upsample_to(x, (8, 10), "bicubic")
+    upsample_to(x, (8, 10), "bicubic", method="conv")
+    assert seen == ["separable", "conv"]
+
+
+def test_bad_arguments_name_the_value(monkeypatch):
+    x = torch.randn(1, 1, 2, 2)
+    with pytest.raises(ValueError, match="'nearest'"):
+        upsample_to(x, (4, 4), "nearest")
+    with pytest.raises(ValueError, match="'fast'"):
+        upsample_to(x, (4, 4), "bicubic", method="fast")
+    with pytest.raises(ValueError, match="'fast'"), use_method("fast"):
+        pass
+    monkeypatch.setenv(up.UPSAMPLE_ENV, "Matmul ")
+    assert up._read_env() == "matmul"
+    monkeypatch.setenv(up.UPSAMPLE_ENV, "cubic")
+    with pytest.raises(ValueError, match="CMRF_UPSAMPLE.*'cubic'"):
+        up._read_env()
+
+
+def _fake(device, shape, dtype=torch.float32, requires_grad=False):
+    device = torch.device(device)
+    return types.SimpleNamespace(device=device, shape=shape, dtype=dtype, requires_grad=requires_grad)
+
+
+def test_choice_rule(monkeypatch):
+    monkeypatch.setattr(up, "_ENV_METHOD", None)
+    assert choose_method(torch.randn(1, 2, 16, 16)) == "matmul"
+    assert choose_method(torch.randn(1, 2, 16, 16, dtype=torch.bfloat16)) == "interpolate"
+    assert choose_method(_fake("cpu", (1, 2, 256, 8))) == "interpolate"
+    assert choose_method(_fake("cpu", (1, 2, 8, 8, 8)), "trilinear") == "matmul"
+    assert choose_method(_fake("cpu", (1, 2, 32, 32, 32)), "trilinear") == "interpolate"
+    assert choose_method(_fake("cuda", (16, 128, 128, 128), requires_grad=True)) == "conv"
+    assert choose_method(_fake("cuda", (16, 128, 128, 128))) == "interpolate"
+    assert choose_method(_fake("cuda", (16, 512, 16, 16))) == "conv"
+    assert choose_method(_fake("cuda", (1, 8, 8, 8, 8), requires_grad=True), "trilinear") == "separable"
+    with use_method("conv"):
+        assert choose_method(torch.randn(1, 2, 4, 4)) == "conv"
+        assert choose_method(torch.randn(1, 2, 4, 4, 4), "trilinear") == "separable"
+    monkeypatch.setattr(up, "_ENV_METHOD", "separable")
+    assert choose_method(torch.randn(1, 2, 4, 4)) == "separable"
+
+
+def test_autocast_keeps_the_input_dtype():
+    x = torch.randn(1, 2, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for method in FAST:
+            out = upsample_to(x, (8, 8), "bicubic", method=method)
+            assert out.dtype == torch.float32
+            torch.testing.assert_close(out, F.interpolate(x, scale_factor=2, mode="bicubic"))
+
+
+def _tiny(spatial_dims=2):
+    return TinyUNet(channels=(8, 16, 16, 32), N=4, spatial_dims=spatial_dims)
+
+
+def _net_fwd_bwd(model, x, method):
+    model.zero_grad()
+    with use_method(method):
+        out = model(x)
+        out.square().mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(("spatial_dims", "size"), [(2, (17, 24)), (3, (16, 16, 16))])
+def test_tinyunet_matches_interpolate_version(spatial_dims, size):
+    model = _tiny(spatial_dims).train()
+    x = torch.randn(2, 3, *size)
+    ref_out, ref_grads = _net_fwd_bwd(model, x, "interpolate")
+    for method in FAST:
+        out, grads = _net_fwd_bwd(model, x, method)
+        torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=0)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("method", FAST)
+def test_compile_fullgraph(method):
+    x = torch.randn(2, 3, 5, 6, requires_grad=True)
+    fn = torch.compile(lambda t: upsample_to(t, (10, 12), "bicubic", method=method), backend="aot_eager",
+                       fullgraph=True)
+    out = fn(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, F.interpolate(x, scale_factor=2, mode="bicubic"), atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_tinyunet_compiles_fullgraph():
+    model = _tiny().eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="eager", fullgraph=True)(x), model(x))
+    torch._dynamo.reset()
+
+
+def test_static_export_uses_the_fast_path():
+    class Up(torch.nn.Module):
+        def forward(self, x):
+            return upsample_to(x, (8, 10), "bicubic")
+
+    ep = torch.export.export(Up(), (torch.randn(1, 2, 4, 5),))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("upsample_bicubic2d" in t for t in targets)
+    x = torch.randn(1, 2, 4, 5)
+    torch.testing.assert_close(ep.module()(x), F.interpolate(x, scale_factor=2, mode="bicubic"))
+
+
+def test_dynamic_export_from_the_documented_minimum():
+    """torch.export with dynamic H and W works from 16 (issue #10), at any side from there."""
+    from torch.export import Dim
+
+    model = _tiny().eval()
+    h, w = Dim("h", min=16, max=1024), Dim("w", min=16, max=1024)
+    ep = torch.export.export(model, (torch.randn(1, 3, 32, 48),), dynamic_shapes=({2: h, 3: w},))
+    with torch.no_grad():
+        for size in [(16, 16), (16, 64), (17, 23), (48, 32)]:
+            x = torch.randn(1, 3, *size)
+            torch.testing.assert_close(ep.module()(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_onnx_export_of_the_plain_model_matches_onnxruntime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from cmrf import export_onnx
+
+    model = _tiny().eval()
+    path = export_onnx(model, tmp_path / "tiny.onnx", (1, 3, 32, 32), optimize=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    (got,) = session.run(None, {"input": x.numpy()})
+    assert abs(got - expected).max() < 1e-4
+
+
+def test_measure_reports_every_method():
+    rows = up.measure([(1, 2, 3, 4)], repeat=1)
+    assert [r["method"] for r in rows] == list(METHODS)
+    assert all(r["max_diff"] < 1e-5 for r in rows)
+    table = up.format_measurements(rows)
+    assert table.count("\n") == 1 + len(METHODS) and "| (1, 2, 3, 4) | float32 | matmul |" in table
+    expected = [(16, 512, 16, 16), (16, 512, 32, 32), (16, 256, 64, 64), (16, 128, 128, 128)]
+    assert up.decoder_shapes(16) == expected
