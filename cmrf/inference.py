@@ -499,13 +499,26 @@ class InferenceCMRF(nn.Module):
         return stacked
 
     def _mix_band(
-        self, stacked: torch.Tensor, residual: torch.Tensor | None = None, rows: slice = slice(None)
+        self,
+        stacked: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        rows: slice = slice(None),
+        scratch: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``gelu(pw2(stacked)) [+ residual]`` for rows ``rows`` of a band of ``stacked_cascade``'s output."""
+        """``gelu(pw2(stacked)) [+ residual]`` for rows ``rows`` of a band of ``stacked_cascade``'s output.
+
+        With batch 1 the result is written into ``scratch`` (1-D, large enough) when given: the
+        band's output is consumed before the next band is computed, and reusing one buffer
+        saves a fresh allocation, and its page faults, per band.
+        """
         stacked = stacked[:, :, rows]
         batch, channels = stacked.shape[:2]
         if batch == 1:  # one matrix product (rows of a contiguous tensor are a strided matrix)
-            y = torch.mm(self.pw2_augmented, stacked.reshape(channels, -1))
+            flat = stacked.reshape(channels, -1)
+            out = None
+            if scratch is not None:
+                out = scratch[: self.pw2_augmented.shape[0] * flat.shape[1]].view(-1, flat.shape[1])
+            y = torch.mm(self.pw2_augmented, flat, out=out)
         else:
             y = torch.matmul(self.pw2_augmented, stacked.reshape(batch, channels, -1))
         # In place: y is ours, and a fresh output would cost a new allocation per band.
@@ -554,7 +567,14 @@ class InferenceCMRF(nn.Module):
         # pw2, the GELU and the consumers, where the wide output lives, run in bands.
         stacked = self.stacked_cascade(hidden)
         inputs = (stacked,) if residual is None else (stacked, residual)
-        return run_in_bands(self._mix_band, inputs, self.band_rows(hidden), 0, consumers)
+        band_rows = self.band_rows(hidden)
+        mix_band = self._mix_band
+        if hidden.shape[2] > band_rows and hidden.shape[0] == 1 and None not in consumers:
+            # bands: one output buffer for all of them (a last band may be band_rows + 1 rows)
+            band_pixels = (band_rows + 1) * hidden[0, 0, 0].numel()
+            scratch = hidden.new_empty(self.pw2_augmented.shape[0] * band_pixels)
+            mix_band = partial(self._mix_band, scratch=scratch)
+        return run_in_bands(mix_band, inputs, band_rows, 0, consumers)
 
     def mix(self, hidden: torch.Tensor, path: str | None = None) -> torch.Tensor:
         """Cascade, concatenation, ``pw2`` and GELU on the activated ``pw1`` output ``(B, 2c, *S)``."""
