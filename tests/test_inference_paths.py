@@ -324,3 +324,12 @@ def test_cpu_graph_with_and_without_shifted_stages(small_unet, monkeypatch, shif
         x = torch.randn(shape)
         with torch.no_grad():
             assert _max_diff(fast(x), model(x)) < TOL
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 1, 1), (1, 3, 1, 6), (2, 4, 5, 3), (1, 8, 16, 16)])
+def test_bicubic2x_as_one_transposed_convolution(shape):
+    x = torch.randn(shape) * 10
+    kernel = inference._bicubic2x_transposed_kernel(torch.float32, "cpu").repeat(shape[1], 1, 1, 1)
+    got = inference._upsample_bicubic2x_channels_last(x, kernel)
+    expected = F.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)
+    assert _max_diff(got, expected) < 1e-4
