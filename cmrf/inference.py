@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -51,6 +52,7 @@ from cmrf.ops.cascade import interpreter_enabled, triton_available
 __all__ = [
     "PATHS",
     "CUDAGraphInference",
+    "FrozenCPUInference",
     "InferenceCMRF",
     "InferenceTinyUNet",
     "choose_path",
@@ -107,7 +109,9 @@ def _call_path(path: str, x: torch.Tensor) -> str:
         return "plain"
     if path == "onednn":
         cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32
-        return "onednn" if cpu_fp32 and not torch.is_autocast_enabled("cpu") else "plain"
+        # The CPU graph writes into preallocated buffers (out=, in place): no autograd through it.
+        needs_grad = torch.is_grad_enabled() and x.requires_grad
+        return "onednn" if cpu_fp32 and not needs_grad and not torch.is_autocast_enabled("cpu") else "plain"
     # fused: the Triton kernel runs CUDA tensors (CPU ones only in Triton's interpreter) and has
     # no backward here, so an input that needs a gradient takes the plain operators.
     runnable = x.is_cuda or (x.device.type == "cpu" and interpreter_enabled())
@@ -844,6 +848,81 @@ class CUDAGraphInference(nn.Module):
         return static_output.clone() if self.clone_output else static_output
 
 
+class FrozenCPUInference(nn.Module):
+    """Runs ``module`` on the CPU through one frozen TorchScript graph per input shape.
+
+    The first fp32 CPU call with a new key (shape, strides) traces ``module`` on that input
+    (tracing takes the plain operators, see ``_tracing``), freezes the trace (weights become
+    constants) and passes it through ``torch.jit.optimize_for_inference``, which moves the
+    convolutions to oneDNN's blocked layout end to end and fuses the activations that follow
+    them; later calls with that key run the frozen graph. A trace is valid only for the shape
+    it was made with (the network's choices that depend on sizes are baked in), so every other
+    shape gets its own graph, and beyond ``max_graphs`` graphs new shapes run ``module`` eagerly.
+
+    ``module`` also runs eagerly for non-CPU or non-fp32 inputs, an empty batch, under CPU
+    autocast, while another trace or compilation is running, and when a gradient is needed.
+    ``.to()`` and ``reset()`` drop the graphs. The graphs hold copies of the weights taken when
+    they were built: after changing ``module``'s parameters, call ``reset()``.
+
+    Args:
+        module: an eval-only module (typically from ``optimize_for_inference``) on the CPU.
+        max_graphs: graphs kept at most (>= 1). Default 4.
+
+    Shapes: those of ``module``.
+    """
+
+    def __init__(self, module: nn.Module, max_graphs: int = 4):
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"FrozenCPUInference wraps an nn.Module, got {type(module).__name__}")
+        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
+            raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
+        self.module = module
+        self.max_graphs = max_graphs
+        self._graphs: collections.OrderedDict = collections.OrderedDict()
+
+    def reset(self) -> None:
+        """Drop every frozen graph (the next call with each shape builds it again)."""
+        self._graphs.clear()
+
+    def _apply(self, fn, *args, **kwargs):
+        self.reset()  # moved or cast: the graphs hold the old weights
+        return super()._apply(fn, *args, **kwargs)
+
+    @property
+    def num_graphs(self) -> int:
+        """How many frozen graphs exist."""
+        return len(self._graphs)
+
+    def _eager(self, x: torch.Tensor) -> bool:
+        if x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() == 0 or _tracing():
+            return True
+        if torch.is_autocast_enabled("cpu"):
+            return True
+        return torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.module.parameters())
+        )
+
+    def _freeze(self, x: torch.Tensor) -> torch.jit.ScriptModule:
+        # Tracing warns at every Python branch on a size (they are exactly what the per-shape
+        # key accounts for) and about TorchScript's maintenance mode; neither concerns the caller.
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(self.module.eval(), x, check_trace=False)
+            return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._eager(x):
+            return self.module(x)
+        key = (tuple(x.shape), x.stride())
+        graph = self._graphs.get(key)
+        if graph is None:
+            if len(self._graphs) >= self.max_graphs:
+                return self.module(x)
+            graph = self._graphs[key] = self._freeze(x)
+        return graph(x)
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 
@@ -897,6 +976,7 @@ def optimize_for_inference(
     *,
     path: str = "auto",
     cuda_graph: bool = False,
+    freeze: bool = False,
     max_graphs: int = 4,
 ) -> nn.Module:
     """An eval-only copy of ``model`` that computes the same outputs faster.
@@ -916,7 +996,11 @@ def optimize_for_inference(
             back to ``"plain"`` for inputs the path does not suit (see the module docstring).
         cuda_graph: wrap the result in ``CUDAGraphInference`` (CUDA models only), which replays
             a CUDA graph per input shape instead of launching every kernel. Default ``False``.
-        max_graphs: with ``cuda_graph``, how many shapes get a graph (>= 1). Default 4.
+        freeze: wrap the result in ``FrozenCPUInference`` (fp32 CPU models only), which runs
+            one frozen TorchScript graph per input shape, built on the first call with that
+            shape (seconds): oneDNN layouts end to end and fused activations. Default ``False``.
+        max_graphs: with ``cuda_graph`` or ``freeze``, how many shapes get a graph (>= 1).
+            Default 4.
 
     Returns:
         The optimized copy in eval mode; its ``inference_path`` attribute names the path.
@@ -925,13 +1009,16 @@ def optimize_for_inference(
 
     Raises:
         ValueError: when ``model`` holds no CMRF block, for an unknown ``path`` or one the model's
-            device cannot run, and for ``cuda_graph=True`` on a model that is not on CUDA.
-        TypeError: when ``cuda_graph`` is not a bool.
+            device cannot run, for ``cuda_graph=True`` on a model that is not on CUDA, and for
+            ``freeze=True`` on a model that is not fp32 on the CPU, or with ``cuda_graph=True``.
+        TypeError: when ``cuda_graph`` or ``freeze`` is not a bool.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"optimize_for_inference expects an nn.Module, got {type(model).__name__}")
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+    if not isinstance(freeze, bool):
+        raise TypeError(f"freeze must be a bool, got {type(freeze).__name__}")
     if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
         raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
     first = next(iter(model.parameters()), None)
@@ -941,6 +1028,11 @@ def optimize_for_inference(
         raise ValueError(
             f"cuda_graph=True needs a model on a CUDA device, got one on {device}: CUDA graphs do not "
             f"exist there (move the model with .cuda() first, or leave cuda_graph=False)"
+        )
+    if freeze and (cuda_graph or device.type != "cpu" or dtype != torch.float32):
+        raise ValueError(
+            f"freeze=True builds frozen TorchScript graphs for fp32 CPU models, got a {dtype} model on "
+            f"{device}" + (" with cuda_graph=True" if cuda_graph else "") + ": use freeze=False"
         )
     path = _resolve_path(path, device, dtype)
     optimized = _optimized(model, path)
@@ -954,5 +1046,7 @@ def optimize_for_inference(
     optimized = optimized.eval().requires_grad_(False)
     if cuda_graph:
         optimized = CUDAGraphInference(optimized, max_graphs).eval()
+    if freeze:
+        optimized = FrozenCPUInference(optimized, max_graphs).eval()
     optimized.inference_path = path
     return optimized

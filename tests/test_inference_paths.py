@@ -23,6 +23,7 @@ import cmrf.inference as inference  # noqa: E402
 from cmrf import CMRF, TinyUNet, export_onnx, optimize_for_inference  # noqa: E402
 from cmrf.inference import (  # noqa: E402
     CUDAGraphInference,
+    FrozenCPUInference,
     InferenceCMRF,
     choose_path,
     run_in_bands,
@@ -333,3 +334,58 @@ def test_bicubic2x_as_one_transposed_convolution(shape):
     got = inference._upsample_bicubic2x_channels_last(x, kernel)
     expected = F.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)
     assert _max_diff(got, expected) < 1e-4
+
+
+# --- freeze=True: frozen TorchScript graphs per shape ----------------------------------------
+
+
+def test_frozen_graphs_equal_original(small_unet):
+    """One graph per (shape, strides), each equal to the original: odd sizes, channels-last,
+    non-contiguous inputs, batch 2; under inference_mode and no_grad."""
+    fast = optimize_for_inference(small_unet, freeze=True)
+    assert isinstance(fast, FrozenCPUInference) and fast.inference_path == "onednn"
+    base = torch.randn(2, 3, 19, 46)
+    inputs = [
+        torch.randn(1, 3, 16, 16),
+        base[:, :, :, ::2],  # non-contiguous, odd width
+        torch.randn(2, 3, 20, 12).contiguous(memory_format=torch.channels_last),
+    ]
+    with torch.inference_mode():
+        for k, x in enumerate(inputs):
+            assert _max_diff(fast(x), small_unet(x)) < TOL
+            assert fast.num_graphs == k + 1
+    with torch.no_grad():
+        assert _max_diff(fast(inputs[0]), small_unet(inputs[0])) < TOL  # the same graph, reused
+    assert fast.num_graphs == len(inputs)
+
+
+def test_frozen_graph_limits_and_fallbacks(small_unet):
+    fast = FrozenCPUInference(optimize_for_inference(small_unet), max_graphs=1)
+    a, b = torch.randn(1, 3, 16, 16), torch.randn(1, 3, 8, 10)
+    with torch.no_grad():
+        fast(a)
+        assert _max_diff(fast(b), small_unet(b)) < TOL  # beyond max_graphs: eager
+        assert fast.num_graphs == 1
+        empty = fast(torch.randn(0, 3, 8, 8))
+        assert empty.shape == (0, 2, 8, 8)
+        assert fast.num_graphs == 1
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)  # a gradient is wanted: eager, differentiable
+    out = fast(x)
+    out.sum().backward()
+    assert x.grad is not None and fast.num_graphs == 1
+    fast.to(torch.float32)
+    assert fast.num_graphs == 0
+    fast(a.double().float())
+    fast.reset()
+    assert fast.num_graphs == 0
+
+
+def test_freeze_arguments(small_unet):
+    with pytest.raises(TypeError, match="freeze must be a bool, got int"):
+        optimize_for_inference(small_unet, freeze=1)
+    with pytest.raises(ValueError, match="freeze=True builds frozen TorchScript graphs for fp32 CPU models"):
+        optimize_for_inference(copy.deepcopy(small_unet).double(), freeze=True)
+    with pytest.raises(ValueError, match="max_graphs must be an int >= 1"):
+        FrozenCPUInference(optimize_for_inference(small_unet), max_graphs=0)
+    with pytest.raises(TypeError, match="FrozenCPUInference wraps an nn.Module"):
+        FrozenCPUInference(small_unet.forward)
