@@ -30,7 +30,9 @@ model's device and dtype; ``optimize_for_inference(path=...)`` forces one):
 The path is a preference: each call falls back to ``"plain"`` when its input does not suit the
 path (another device or dtype, tracing), so the CPU-specialised graph never runs on a GPU.
 ``optimize_for_inference(model, cuda_graph=True)`` further wraps the result in
-``CUDAGraphInference``, which replays one CUDA graph per input shape.
+``CUDAGraphInference``, which replays one CUDA graph per input shape;
+``optimize_for_inference(model, freeze=True)`` wraps it in ``FrozenCPUInference``, which runs one
+frozen TorchScript graph (oneDNN layouts end to end) per input shape on the CPU.
 """
 
 from __future__ import annotations
