@@ -153,6 +153,8 @@ def test_choice_rule(monkeypatch):
     with use_method("conv"):
         assert choose_method(torch.randn(1, 2, 4, 4)) == "conv"
         assert choose_method(torch.randn(1, 2, 4, 4, 4), "trilinear") == "separable"
+    traced = torch.jit.trace(lambda t: torch.tensor(len(choose_method(t))), torch.randn(1, 2, 4, 4))
+    assert traced(torch.randn(1, 2, 4, 4)).item() == len("interpolate")
     monkeypatch.setattr(up, "_ENV_METHOD", "separable")
     assert choose_method(torch.randn(1, 2, 4, 4)) == "separable"
 

@@ -310,9 +310,12 @@ def choose_method(x: torch.Tensor, mode: str = "bicubic", requires_grad: bool | 
     Overrides first: ``use_method(...)``, then ``CMRF_UPSAMPLE``. Otherwise a rule (see
     ``docs/upsampling.md`` for the measurements behind it):
 
-    * tracing for export (``torch.export``, ONNX, TorchScript tracing): ``"conv"`` for bicubic
-      (one ``Conv`` + ``DepthToSpace`` in ONNX, what ``cmrf.export`` ships) and ``"separable"``
-      otherwise; no shape enters the choice, so no guard is added on symbolic sizes.
+    * TorchScript tracing (``torch.jit.trace``, the legacy ONNX exporter, fvcore's counters):
+      ``"interpolate"``; such a trace records one ``upsample_bicubic2d`` node, sized from the
+      traced tensors, and FLOP counters keep counting the paper's operator.
+    * ``torch.export`` (and the ONNX exporter built on it): ``"conv"`` for bicubic (one ``Conv``
+      + ``DepthToSpace`` in ONNX, as ``cmrf.export`` ships) and ``"separable"`` otherwise; no
+      shape enters the choice, so no guard is added on symbolic sizes.
     * CPU (measured, ``docs/upsampling.md``): in float32/float64, ``"matmul"`` for 2-D modes
       with every side at most 128 and for 3-D modes with every side at most 16; MKL/oneDNN
       matrix products beat ``F.interpolate``'s per-pixel loops there (1.8–6.8x forward,
@@ -346,7 +349,9 @@ def choose_method(x: torch.Tensor, mode: str = "bicubic", requires_grad: bool | 
     forced = getattr(_state, "method", None) or _ENV_METHOD
     if forced is not None:
         method = forced
-    elif _exporting() or torch.jit.is_tracing():
+    elif torch.jit.is_tracing():
+        method = "interpolate"
+    elif _exporting():
         method = "conv"
     elif x.device.type == "cpu":
         sides = x.shape[2:]
