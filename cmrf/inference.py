@@ -4,28 +4,40 @@
 arithmetic (outputs agree with the original to float rounding, well within 1e-4 in fp32):
 
 * every BatchNorm is folded into the convolution before it (eval-mode statistics);
-* ``pw1``'s output channels are reordered so that CMRF's parity halves are contiguous slices;
 * in each TinyU-Net decoder stage the part of ``pw1`` that reads the upsampled tensor runs at
   the low resolution *before* upsampling (a 1x1 conv mixes channels, interpolation is linear
   and acts on each channel alike, so they commute; the bias stays on the skip half), so only
   ``C/N`` channels are interpolated and the concatenation becomes a sum of two 1x1 convolutions;
 * bicubic upsampling by exactly 2 (``align_corners=False``) runs as one depthwise convolution
   with a fixed 5x5 kernel per output phase plus ``pixel_shuffle``; other sizes (odd inputs)
-  fall back to ``F.interpolate``;
-* 2x max-pooling is two elementwise maxima of strided views (no indices);
-* the cascade's depthwise convolutions run on channels-last copies of their few channels;
-* ``pw2`` is one matrix product with its bias folded in as an extra column;
-* wide block outputs are produced in bands of rows and handed, band by band, to the layers that
-  read them (pooling, the next 1x1 convolution, the head), so they never exist at full size.
+  fall back to ``F.interpolate``.
 
-While a model is being exported (``torch.export``/ONNX) the plain operators are used instead of
-the eager-only tricks (layouts, bands). Nothing here dispatches to fused kernels.
+On top of these, one of three *paths* runs the blocks (``choose_path`` picks one from the
+model's device and dtype; ``optimize_for_inference(path=...)`` forces one):
+
+* ``"onednn"`` (CPU, fp32): ``pw1``'s output channels reordered so CMRF's parity halves are
+  contiguous slices; 1x1 convolutions as matrix products; the cascade's depthwise convolutions
+  on channels-last copies of their few channels; ``pw2`` as one matrix product with its bias
+  folded in as an extra column; 2x max-pooling as strided maxima; wide block outputs produced in
+  bands of rows (``run_in_bands``) and handed band by band to the layers that read them, so they
+  never exist at full size.
+* ``"fused"`` (CUDA): the plain graph, with each cascade computed by the Triton eval kernel
+  ``torch.ops.cmrf.cascade_inference`` (all stages in one launch, BatchNorm folded).
+* ``"plain"``: the rewrites above with ordinary PyTorch operators only. Used for other devices
+  and dtypes, and always while a model is traced (``torch.export``, ONNX, ``torch.compile``)
+  or run under autocast on the CPU.
+
+The path is a preference: each call falls back to ``"plain"`` when its input does not suit the
+path (another device or dtype, tracing), so the CPU-specialised graph never runs on a GPU.
+``optimize_for_inference(model, cuda_graph=True)`` further wraps the result in
+``CUDAGraphInference``, which replays one CUDA graph per input shape.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -34,22 +46,90 @@ from torch import nn
 
 from cmrf.layers import CMRF, ConvNorm, conv_type
 from cmrf.models.tinyunet import TinyUNet
+from cmrf.ops.cascade import interpreter_enabled, triton_available
 
 __all__ = [
+    "PATHS",
+    "CUDAGraphInference",
     "InferenceCMRF",
     "InferenceTinyUNet",
+    "choose_path",
     "fold_conv_norm",
     "max_pool2x",
     "optimize_for_inference",
     "pointwise",
+    "run_in_bands",
     "upsample_bicubic2x",
 ]
+
+PATHS = ("onednn", "fused", "plain")
+
+
+# --- paths -----------------------------------------------------------------------------------
+
+
+def choose_path(device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
+    """The path ``optimize_for_inference(path="auto")`` builds for a model on ``device`` in ``dtype``.
+
+    * ``"onednn"`` for fp32 on the CPU (the specialised graph, see the module docstring);
+    * ``"fused"`` for fp32/fp16/bf16 on CUDA when Triton is installed;
+    * ``"plain"`` otherwise (other dtypes or devices).
+
+    Args:
+        device: the model's device. dtype: the model's parameter dtype. Default fp32.
+    """
+    device = torch.device(device)
+    if device.type == "cpu" and dtype == torch.float32:
+        return "onednn"
+    kernel_dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    if device.type == "cuda" and dtype in kernel_dtypes and triton_available():
+        return "fused"
+    return "plain"
+
+
+def _tracing() -> bool:
+    """Whether the model is being traced (export, ONNX, ``torch.compile``): plain operators only."""
+    return (
+        torch.compiler.is_exporting()
+        or torch.compiler.is_compiling()
+        or torch.onnx.is_in_onnx_export()
+        or torch.jit.is_tracing()
+    )
+
+
+# Kept under its old name: ``pointwise`` and callers outside this module test for export.
+_exporting = _tracing
+
+
+def _call_path(path: str, x: torch.Tensor) -> str:
+    """The path this call takes: ``path`` if ``x`` suits it, else ``"plain"``."""
+    if path == "plain" or _tracing():
+        return "plain"
+    if path == "onednn":
+        cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32
+        return "onednn" if cpu_fp32 and not torch.is_autocast_enabled("cpu") else "plain"
+    # fused: the Triton kernel runs CUDA tensors (CPU ones only in Triton's interpreter) and has
+    # no backward here, so an input that needs a gradient takes the plain operators.
+    runnable = x.is_cuda or (x.device.type == "cpu" and interpreter_enabled())
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    return "fused" if runnable and x.dim() == 4 and not needs_grad else "plain"
+
+
+def _fused_cascade(y: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
+    """``cat([odd + even, d_1, ..., d_S])`` of ``y`` (``(B, 2c, H, W)``, parity interleaved) in one kernel.
+
+    ``d_k = depthwise3x3(d_{k-1}, weight[k - 1]) * scale[k - 1] + shift[k - 1]``. The one place
+    that calls the fused op, so a change of its interface is adapted here.
+    """
+    import cmrf.ops.triton_cascade  # noqa: F401  (registers torch.ops.cmrf.cascade_inference)
+
+    return torch.ops.cmrf.cascade_inference(y, weight, scale, shift)
 
 
 # --- BatchNorm folding -----------------------------------------------------------------------
 
 
-def fold_conv_norm(block: ConvNorm) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_conv_norm(block: ConvNorm, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of one convolution equal to ``block.conv`` followed by eval-mode ``block.norm``.
 
     ``norm(conv(x)) = scale * (W x + b - mean) + beta`` with ``scale = gamma / sqrt(var + eps)``,
@@ -57,21 +137,26 @@ def fold_conv_norm(block: ConvNorm) -> tuple[torch.Tensor, torch.Tensor]:
     ``scale * (b - mean) + beta``. Folding runs in float64 to keep the rounding of the folded
     weights below that of the convolution itself.
 
+    Args:
+        block: a ``ConvNorm`` (its norm's running statistics are used).
+        dtype: dtype of the result. Default: the convolution's.
+
     Returns:
-        ``(weight, bias)`` in the convolution's dtype; ``weight`` has ``block.conv.weight``'s shape.
+        ``(weight, bias)`` on the convolution's device; ``weight`` has ``block.conv.weight``'s shape.
     """
     conv, norm = block.conv, block.norm
     weight = conv.weight.detach().double()
-    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(weight.shape[0]).double()
-    mean = norm.running_mean.double() if norm.running_mean is not None else torch.zeros_like(bias)
-    var = norm.running_var.double() if norm.running_var is not None else torch.ones_like(bias)
+    zeros = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
+    bias = conv.bias.detach().double() if conv.bias is not None else zeros
+    mean = norm.running_mean.double() if norm.running_mean is not None else zeros
+    var = norm.running_var.double() if norm.running_var is not None else torch.ones_like(zeros)
     scale = torch.rsqrt(var + norm.eps)
     if norm.affine:
         scale = scale * norm.weight.detach().double()
-    shift = norm.bias.detach().double() if norm.affine else torch.zeros_like(bias)
+    shift = norm.bias.detach().double() if norm.affine else zeros
     folded_weight = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
     folded_bias = (bias - mean) * scale + shift
-    dtype = conv.weight.dtype
+    dtype = dtype or conv.weight.dtype
     return folded_weight.to(dtype), folded_bias.to(dtype)
 
 
@@ -125,6 +210,36 @@ def _bicubic2x_kernel(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return kernel.to(device=device, dtype=dtype)
 
 
+def _bicubic2x_transposed_kernel(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(1, 1, 10, 10)``: bicubic x2 as one transposed convolution (stride 2, padding 8).
+
+    A transposed convolution adds ``x_pad[j] * w[o + 8 - 2j]`` into output ``o``. With ``x_pad``
+    the input padded by 2 and ``o = 2i + p``, input ``i + t`` meets tap ``p + 4 - 2t``, so
+    ``w[p + 4 - 2t]`` is the cubic weight of offset ``t`` for phase ``p`` (``_bicubic2x_kernel``).
+    """
+    taps = torch.zeros(2, 5, dtype=torch.float64)
+    taps[0, 0:4] = torch.tensor(_cubic_weights(0.75), dtype=torch.float64)
+    taps[1, 1:5] = torch.tensor(_cubic_weights(0.25), dtype=torch.float64)
+    line = torch.zeros(10, dtype=torch.float64)
+    for phase in range(2):
+        for offset in range(-2, 3):
+            line[phase + 4 - 2 * offset] = taps[phase, offset + 2]
+    return torch.outer(line, line).reshape(1, 1, 10, 10).to(device=device, dtype=dtype)
+
+
+def _upsample_bicubic2x_channels_last(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """``upsample_bicubic2x`` as one depthwise transposed convolution on channels-last tensors.
+
+    On the CPU oneDNN runs it several times faster than the phase convolutions plus
+    ``pixel_shuffle`` (which interleaves memory in NCHW). Returns a channels-last tensor.
+
+    Args:
+        x: ``(B, C, H, W)``. kernel: ``_bicubic2x_transposed_kernel`` repeated ``C`` times.
+    """
+    x = F.pad(x.contiguous(memory_format=torch.channels_last), (2, 2, 2, 2), mode="replicate")
+    return F.conv_transpose2d(x, kernel, stride=2, padding=8, groups=x.shape[1])
+
+
 def upsample_bicubic2x(x: torch.Tensor, kernel: torch.Tensor | None = None) -> torch.Tensor:
     """``F.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)`` for 4-D ``x``, faster.
 
@@ -147,11 +262,6 @@ def upsample_bicubic2x(x: torch.Tensor, kernel: torch.Tensor | None = None) -> t
 
 
 # --- layout and pooling ---------------------------------------------------------------------
-
-
-def _exporting() -> bool:
-    """Whether the model is being traced for export, where memory layouts do not exist."""
-    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
 
 
 def max_pool2x(x: torch.Tensor) -> torch.Tensor:
@@ -191,19 +301,115 @@ def pointwise(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y.view(batch, -1, *x.shape[2:])
 
 
+
+
+# --- bands -----------------------------------------------------------------------------------
+
+
+def run_in_bands(
+    fn: Callable[..., torch.Tensor],
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    band_rows: int,
+    halo: int = 0,
+    consumers: Sequence[Callable[[torch.Tensor], torch.Tensor] | None] = (None,),
+) -> list[torch.Tensor]:
+    """``[consumer(fn(*inputs, rows=slice(None))) for consumer in consumers]``, in bands of rows.
+
+    ``fn`` is called on bands of ``band_rows`` rows (along dim 2, the first spatial axis) of
+    every tensor in ``inputs``, each band widened by ``halo`` rows on both sides where they
+    exist, with ``rows``, the slice of the widened band that is the band itself: ``fn`` returns
+    its output for those rows only (so work after the part that needs the halo, such as a 1x1
+    convolution, skips the halo rows). This is exact when each output row of ``fn`` depends
+    only on input rows within ``halo`` of it; when ``fn`` treats a band's first and last rows
+    as the tensor's borders (zero padding), that spoils only halo rows. Each band's output is
+    handed to every consumer at once, while it is still in cache, so the full output of ``fn``
+    never exists.
+
+    Args:
+        fn: ``fn(*bands, rows=slice)`` maps bands ``(B, C_i, h, *rest)`` of ``inputs`` to the
+            rows ``rows`` of its output, ``(B, C_out, len(rows), *rest)``.
+        inputs: one tensor or several with the same number of rows.
+        band_rows: rows per band (>= 1; even when a consumer halves rows). A last band of one
+            row is merged into the band before it.
+        halo: extra rows on each side of a band (>= 0). Default 0.
+        consumers: functions of ``fn``'s output that keep its rows (a 1x1 convolution) or
+            halve them, floored (a 2x pooling); ``None`` returns ``fn``'s output itself.
+            Default ``(None,)``.
+
+    Returns:
+        One tensor per consumer.
+    """
+    tensors = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    if not tensors:
+        raise ValueError("run_in_bands needs at least one input tensor")
+    if isinstance(band_rows, bool) or not isinstance(band_rows, int) or band_rows < 1:
+        raise ValueError(f"band_rows must be an int >= 1, got {band_rows!r}")
+    if isinstance(halo, bool) or not isinstance(halo, int) or halo < 0:
+        raise ValueError(f"halo must be an int >= 0, got {halo!r}")
+    height = tensors[0].shape[2]
+    if band_rows >= height:  # one band: the whole tensors, no slicing
+        y = fn(*tensors, rows=slice(None))
+        return [y if consumer is None else consumer(y) for consumer in consumers]
+    results: list[torch.Tensor | None] = [None] * len(consumers)
+    shrinks = [1] * len(consumers)  # 1: the consumer keeps the rows; 2: it pools them
+    top = 0
+    while top < height:
+        bottom = min(top + band_rows, height)
+        if bottom == height - 1:  # a last band of one row would pool to nothing: merge it
+            bottom = height
+        first, last = max(top - halo, 0), min(bottom + halo, height)
+        y = fn(*(t[:, :, first:last] for t in tensors), rows=slice(top - first, bottom - first))
+        for k, consumer in enumerate(consumers):
+            part = y if consumer is None else consumer(y)
+            if top == 0:
+                shrinks[k] = 1 if part.shape[2] == bottom - top else 2
+                results[k] = part.new_empty((*part.shape[:2], height // shrinks[k], *part.shape[3:]))
+            start = top // shrinks[k]
+            results[k][:, :, start : start + part.shape[2]] = part
+        top = bottom
+    return results
+
+
 # --- optimized blocks ------------------------------------------------------------------------
 
 
-# Target size of one band of CMRF's pw2 output: small enough to stay in a core's L2 cache.
-BAND_BYTES = 4 << 20
+# Target size of one band of CMRF's pw2 output: small enough to stay in a core's cache.
+BAND_BYTES = 2 << 20
+# Channels x pixels from which a 2-D cascade stage runs as shifted multiply-adds, not oneDNN.
+SHIFTED_MIN_ELEMENTS = 1 << 17
+
+
+def _depthwise3x3_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[:] = F.conv2d(x, weight, bias, padding=1, groups=C)`` as nine shifted multiply-adds.
+
+    Each tap adds ``weight[:, 0, i, j] * x`` shifted by ``(i - 1, j - 1)`` to the part of
+    ``out`` it reaches; the parts it misses are where the zero padding would be read. ``out``
+    may be a strided view (a slice of a larger buffer), so no copy is made.
+
+    Shapes: ``x``, ``out``: ``(B, C, H, W)``; ``weight`` ``(C, 1, 3, 3)``; ``bias`` ``(C,)``.
+    """
+    height, width = x.shape[2:]
+    taps = weight.reshape(1, -1, 9, 1, 1)
+    torch.addcmul(bias.view(1, -1, 1, 1), x, taps[:, :, 4], out=out)  # the centre tap and the bias
+    for i in range(3):
+        for j in range(3):
+            if (i, j) == (1, 1):
+                continue
+            di, dj = i - 1, j - 1
+            rows_out = slice(max(0, -di), height - max(0, di))
+            cols_out = slice(max(0, -dj), width - max(0, dj))
+            rows_in = slice(max(0, di), height - max(0, -di))
+            cols_in = slice(max(0, dj), width - max(0, -dj))
+            out[:, :, rows_out, cols_out].addcmul_(x[:, :, rows_in, cols_in], taps[:, :, 3 * i + j])
 
 
 class InferenceCMRF(nn.Module):
-    """Eval-only CMRF with BatchNorms folded and parity halves made contiguous.
+    """Eval-only CMRF with BatchNorms folded; computes ``cmrf.eval()(x)``.
 
-    Built from a ``CMRF`` with ``InferenceCMRF.from_cmrf``; computes ``cmrf.eval()(x)``.
+    Built from a ``CMRF`` with ``InferenceCMRF.from_cmrf(cmrf, path)``. On the ``"onednn"`` path
     ``pw1``'s output channels are reordered ``[0, 2, 4, ..., 1, 3, 5, ...]`` so that CMRF's
-    ``y[:, 0::2]`` and ``y[:, 1::2]`` are the slices ``y[:, :c]`` and ``y[:, c:]``.
+    ``y[:, 0::2]`` and ``y[:, 1::2]`` are the slices ``y[:, :c]`` and ``y[:, c:]``; the other
+    paths keep CMRF's interleaved order, which the fused kernel reads.
 
     Shapes: ``(B, in_channels, *S) -> (B, out_channels, *S)``.
     """
@@ -216,39 +422,67 @@ class InferenceCMRF(nn.Module):
         branch: int,
         add_residual: bool,
         spatial_dims: int = 2,
+        path: str = "onednn",
+        fused_params: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ):
         super().__init__()
         self.in_channels = pw1.in_channels
+        self.out_channels = pw2.out_channels
         self.spatial_dims = spatial_dims
         self.pw1 = pw1
         self.cascade = cascade
         self.pw2 = pw2
         self.branch = branch
         self.add_residual = add_residual
+        self.path = path
+        self.halves_first = path == "onednn"  # pw1's parity halves reordered into two slices
         # pw2 as one matrix [W | b]: multiplying it with the concatenation plus a channel of ones
         # adds the bias inside the matrix product, instead of first filling the wide output
         # with the bias as the convolution does.
         augmented = torch.cat([pw2.weight.flatten(1), pw2.bias[:, None]], dim=1)
         self.register_buffer("pw2_augmented", augmented.detach().clone(), persistent=False)
+        self.fused = fused_params is not None
+        if fused_params is not None:
+            names = ("fused_weight", "fused_scale", "fused_shift")
+            for name, tensor in zip(names, fused_params, strict=True):
+                self.register_buffer(name, tensor, persistent=False)
 
     @classmethod
-    def from_cmrf(cls, cmrf: CMRF) -> InferenceCMRF:
+    def from_cmrf(cls, cmrf: CMRF, path: str = "onednn") -> InferenceCMRF:
+        """The optimized form of ``cmrf`` (its eval-mode function) for ``path`` (one of ``PATHS``)."""
         dims = cmrf.spatial_dims
         weight, bias = fold_conv_norm(cmrf.pw1)
-        order = torch.cat([torch.arange(0, weight.shape[0], 2), torch.arange(1, weight.shape[0], 2)])
-        pw1 = _conv_from(weight[order], bias[order], dims)
+        if path == "onednn":
+            order = torch.arange(weight.shape[0], device=weight.device)
+            order = torch.cat([order[0::2], order[1::2]])
+            weight, bias = weight[order], bias[order]
+        pw1 = _conv_from(weight, bias, dims)
         branch = weight.shape[0] // 2
         cascade = nn.ModuleList(
             _conv_from(*fold_conv_norm(stage), dims, groups=branch) for stage in cmrf.cascade
         )
         pw2 = _conv_from(*fold_conv_norm(cmrf.pw2), dims)
-        return cls(pw1, cascade, pw2, branch, cmrf.add_residual, dims)
+        fused_params = None
+        if path == "fused" and dims == 2 and len(cmrf.cascade) > 0:
+            # The kernel's parameters: fp32 whatever the model's dtype (it computes in fp32),
+            # BatchNorm folded into the weights, so its scale is one and its shift the bias.
+            folded = [fold_conv_norm(stage, torch.float32) for stage in cmrf.cascade]
+            fused_weight = torch.stack([w.reshape(branch, 9) for w, _ in folded]).contiguous()
+            fused_shift = torch.stack([b for _, b in folded]).contiguous()
+            fused_params = (fused_weight, torch.ones_like(fused_shift), fused_shift)
+        return cls(pw1, cascade, pw2, branch, cmrf.add_residual, dims, path, fused_params)
 
-    def cascade_outputs(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+    def _halves(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CMRF's ``(y[:, 0::2], y[:, 1::2])`` of the activated ``pw1`` output."""
+        if self.halves_first:
+            return hidden[:, : self.branch], hidden[:, self.branch :]
+        return hidden[:, 0::2], hidden[:, 1::2]
+
+    def cascade_outputs(self, hidden: torch.Tensor, channels_last: bool = False) -> list[torch.Tensor]:
         """``[odd + even, d_1, ..., d_{N-1}]`` from the activated ``pw1`` output ``(B, 2c, *S)``."""
-        odd, even = hidden[:, : self.branch], hidden[:, self.branch :]
+        odd, even = self._halves(hidden)
         outputs = [odd + even]
-        if self.spatial_dims == 2 and not _exporting():
+        if channels_last and self.spatial_dims == 2:
             # oneDNN's depthwise convolution is several times faster on channels-last tensors,
             # and the cascade's few channels make the conversion cheap.
             even = even.contiguous(memory_format=torch.channels_last)
@@ -260,90 +494,121 @@ class InferenceCMRF(nn.Module):
     def band_rows(self, hidden: torch.Tensor) -> int:
         """Rows (along the first spatial axis) per band: about ``BAND_BYTES`` of ``pw2`` output.
 
-        Even, so that a 2x pooling of a band is a band of the pooled tensor, and at least the
-        cascade depth, so that the halo never costs more than the band.
+        Even, so that a 2x pooling of a band is a band of the pooled tensor.
         """
         row_bytes = hidden[:, :1, 0].numel() * self.pw2.out_channels * hidden.element_size()
-        rows = max(len(self.cascade), 2, BAND_BYTES // max(row_bytes, 1))
+        rows = max(2, BAND_BYTES // max(row_bytes, 1))
         return rows + rows % 2
 
-    def _band(self, hidden: torch.Tensor, top: int, bottom: int) -> torch.Tensor:
-        """``gelu(pw2(cat(cascade_outputs)))`` for rows ``top:bottom`` only.
+    def stacked_cascade(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``cat([odd + even, d_1, ..., d_{N-1}, ones])``, ``(B, N c + 1, *S)``, contiguous (CPU path).
 
-        The cascade runs on the band plus a halo of ``N - 1`` rows on each side: each stage's
-        zero padding at an inner band edge spoils one more halo row, never a kept one, and at
-        the tensor's own borders the padding is the true one.
+        Each part is written straight into its slice of one buffer (no ``cat``); the channel
+        of ones lets ``pw2``'s matrix product add the bias. Wide 2-D stages are computed as
+        nine shifted multiply-adds into the buffer (memory-bound, no padding copy, no layout
+        change); small ones by oneDNN's depthwise convolution on channels-last tensors, whose
+        fixed cost per call is lower.
         """
-        if (top, bottom) == (0, hidden.shape[2]):
-            parts = self.cascade_outputs(hidden)  # the whole tensor: no slicing in exported graphs
-        else:
-            halo = len(self.cascade)
-            first, last = max(top - halo, 0), min(bottom + halo, hidden.shape[2])
-            parts = self.cascade_outputs(hidden[:, :, first:last])
-            parts = [part[:, :, top - first : bottom - first] for part in parts]
-        if _exporting():
-            return F.gelu(self.pw2(torch.cat(parts, dim=1)))
-        parts.append(parts[0].new_ones((parts[0].shape[0], 1, *parts[0].shape[2:])))
-        stacked = torch.cat(parts, dim=1)
+        odd, even = self._halves(hidden)
+        c = self.branch
+        stacked = hidden.new_empty((hidden.shape[0], (len(self.cascade) + 1) * c + 1, *hidden.shape[2:]))
+        torch.add(odd, even, out=stacked[:, :c])
+        stacked[:, -1].fill_(1)
+        shifted = self.spatial_dims == 2 and even[0].numel() >= SHIFTED_MIN_ELEMENTS
+        if self.spatial_dims == 2 and not shifted:
+            # oneDNN's depthwise convolution is several times faster on channels-last tensors.
+            even = even.contiguous(memory_format=torch.channels_last)
+        for k, stage in enumerate(self.cascade):
+            out = stacked[:, (k + 1) * c : (k + 2) * c]
+            if shifted:
+                _depthwise3x3_into(even, stage.weight, stage.bias, out)
+                even = out
+            else:
+                even = stage(even)
+                out.copy_(even)
+        return stacked
+
+    def _mix_band(
+        self,
+        stacked: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        rows: slice = slice(None),
+        scratch: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``gelu(pw2(stacked)) [+ residual]`` for rows ``rows`` of a band of ``stacked_cascade``'s output.
+
+        With batch 1 the result is written into ``scratch`` (1-D, large enough) when given: the
+        band's output is consumed before the next band is computed, and reusing one buffer
+        saves a fresh allocation, and its page faults, per band.
+        """
+        stacked = stacked[:, :, rows]
         batch, channels = stacked.shape[:2]
-        if batch == 1:  # one matrix product, not a batched one of size 1
-            y = torch.mm(self.pw2_augmented, stacked.reshape(channels, -1))
+        if batch == 1:  # one matrix product (rows of a contiguous tensor are a strided matrix)
+            flat = stacked.reshape(channels, -1)
+            out = None
+            if scratch is not None:
+                out = scratch[: self.pw2_augmented.shape[0] * flat.shape[1]].view(-1, flat.shape[1])
+            y = torch.mm(self.pw2_augmented, flat, out=out)
         else:
             y = torch.matmul(self.pw2_augmented, stacked.reshape(batch, channels, -1))
         # In place: y is ours, and a fresh output would cost a new allocation per band.
-        return torch.ops.aten.gelu_(y.view(batch, -1, *stacked.shape[2:]))
+        y = torch.ops.aten.gelu_(y.view(batch, -1, *stacked.shape[2:]))
+        return y if residual is None else y.add_(residual[:, :, rows])
+
+    def _mix_plain(self, hidden: torch.Tensor, path: str) -> torch.Tensor:
+        """``gelu(pw2(cat(cascade_outputs)))`` with plain operators (and the fused cascade)."""
+        if path == "fused" and self.fused:
+            stacked = _fused_cascade(hidden, self.fused_weight, self.fused_scale, self.fused_shift)
+        else:
+            stacked = torch.cat(self.cascade_outputs(hidden), dim=1)
+        return F.gelu(self.pw2(stacked))
 
     def mix_into(
         self,
         hidden: torch.Tensor,
-        consumers: list[Callable[[torch.Tensor], torch.Tensor] | None],
+        consumers: Sequence[Callable[[torch.Tensor], torch.Tensor] | None],
         residual: torch.Tensor | None = None,
+        path: str | None = None,
     ) -> list[torch.Tensor]:
-        """Everything after ``pw1``, then each of ``consumers``, band by band.
+        """Everything after ``pw1``, then each of ``consumers``.
 
-        Large inputs run in bands of rows (``band_rows``): each band's wide ``pw2`` output is
-        handed to every consumer (a 1x1 convolution or a 2x pooling of the next layer) while
-        it is still in cache, so the block's full-size output is never written to memory.
+        On the ``"onednn"`` path large inputs run in bands of rows (``band_rows``,
+        ``run_in_bands``): each band's wide ``pw2`` output is handed to every consumer (a 1x1
+        convolution or a 2x pooling of the next layer) while it is still in cache, so the
+        block's full-size output is never written to memory.
 
         Args:
-            hidden: the activated ``pw1`` output ``(B, 2c, *S)``, parity halves first/second.
+            hidden: the activated ``pw1`` output ``(B, 2c, *S)``.
             consumers: functions applied to the block output, each keeping the rows (a 1x1
                 convolution) or halving them (2x pooling, floored); ``None`` returns the block
                 output itself.
             residual: added to the block output before the consumers (the residual CMRF).
+            path: this call's path. Default: the one ``hidden`` suits (``_call_path``).
 
         Returns:
             One tensor per consumer, each equal to ``consumer(full block output)``.
         """
-        height = hidden.shape[2]
-        rows = self.band_rows(hidden) if not _exporting() else None
-        if rows is None or rows >= height:
-            y = self._band(hidden, 0, height)
+        path = path or _call_path(self.path, hidden)
+        if path != "onednn":
+            y = self._mix_plain(hidden, path)
             y = y if residual is None else y + residual
             return [y if consumer is None else consumer(y) for consumer in consumers]
-        results: list[torch.Tensor | None] = [None] * len(consumers)
-        shrinks = [1] * len(consumers)  # 1: the consumer keeps the rows; 2: it pools them
-        top = 0
-        while top < height:
-            bottom = min(top + rows, height)
-            if bottom == height - 1:  # a last band of one row would pool to nothing: merge it
-                bottom = height
-            y = self._band(hidden, top, bottom)
-            if residual is not None:
-                y = y + residual[:, :, top:bottom]
-            for k, consumer in enumerate(consumers):
-                part = y if consumer is None else consumer(y)
-                if top == 0:
-                    shrinks[k] = 1 if part.shape[2] == bottom - top else 2
-                    results[k] = part.new_empty((*part.shape[:2], height // shrinks[k], *part.shape[3:]))
-                start = top // shrinks[k]
-                results[k][:, :, start : start + part.shape[2]] = part
-            top = bottom
-        return results
+        # The cascade runs on the whole tensor (its 3x3 stages would need halo rows in bands);
+        # pw2, the GELU and the consumers, where the wide output lives, run in bands.
+        stacked = self.stacked_cascade(hidden)
+        inputs = (stacked,) if residual is None else (stacked, residual)
+        band_rows = self.band_rows(hidden)
+        mix_band = self._mix_band
+        if hidden.shape[2] > band_rows and hidden.shape[0] == 1 and None not in consumers:
+            # bands: one output buffer for all of them (a last band may be band_rows + 1 rows)
+            band_pixels = (band_rows + 1) * hidden[0, 0, 0].numel()
+            scratch = hidden.new_empty(self.pw2_augmented.shape[0] * band_pixels)
+            mix_band = partial(self._mix_band, scratch=scratch)
+        return run_in_bands(mix_band, inputs, band_rows, 0, consumers)
 
-    def mix(self, hidden: torch.Tensor) -> torch.Tensor:
+    def mix(self, hidden: torch.Tensor, path: str | None = None) -> torch.Tensor:
         """Cascade, concatenation, ``pw2`` and GELU on the activated ``pw1`` output ``(B, 2c, *S)``."""
-        return self.mix_into(hidden, [None])[0]
+        return self.mix_into(hidden, [None], path=path)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
@@ -351,8 +616,12 @@ class InferenceCMRF(nn.Module):
                 f"CMRF expected input of shape (B, {self.in_channels}, "
                 f"{', '.join('*' * self.spatial_dims)}), got {tuple(x.shape)}"
             )
+        if x.shape[0] == 0 and not _tracing():  # an empty batch: nothing to compute
+            return x.new_empty((0, self.out_channels, *x.shape[2:]))
+        path = _call_path(self.path, x)
         residual = x if self.add_residual else None
-        return self.mix_into(F.gelu(pointwise(self.pw1, x)), [None], residual)[0]
+        hidden = F.gelu(pointwise(self.pw1, x) if path == "onednn" else self.pw1(x))
+        return self.mix_into(hidden, [None], residual, path)[0]
 
 
 class InferenceDecoderCMRF(nn.Module):
@@ -376,10 +645,20 @@ class InferenceDecoderCMRF(nn.Module):
         if mode == "bicubic":
             kernel = _bicubic2x_kernel(weight.dtype, weight.device).repeat(weight.shape[0], 1, 1, 1)
             self.register_buffer("bicubic2x", kernel, persistent=False)
+            if block.path == "onednn":
+                kernel = _bicubic2x_transposed_kernel(weight.dtype, weight.device)
+                kernel = kernel.repeat(weight.shape[0], 1, 1, 1)
+                self.register_buffer("bicubic2x_transposed", kernel, persistent=False)
 
-    def upsample(self, low: torch.Tensor, size) -> torch.Tensor:
+    def upsample(self, low: torch.Tensor, size, channels_last: bool = False) -> torch.Tensor:
+        """``F.interpolate(low, size, mode, align_corners=False)``; exact x2 bicubic as convolutions.
+
+        ``channels_last`` (CPU graph) returns a channels-last tensor from one transposed convolution.
+        """
         if self.mode == "bicubic" and size[0] == 2 * low.shape[2] and size[1] == 2 * low.shape[3]:
-            return upsample_bicubic2x(low, self.bicubic2x)
+            if channels_last and hasattr(self, "bicubic2x_transposed"):
+                return _upsample_bicubic2x_channels_last(low, self.bicubic2x_transposed)
+            return upsample_bicubic2x(low, self.bicubic2x.to(low.dtype))
         return F.interpolate(low, size=size, mode=self.mode, align_corners=False)
 
     def forward(self, low: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -388,76 +667,238 @@ class InferenceDecoderCMRF(nn.Module):
 
 
 class InferenceTinyUNet(nn.Module):
-    """Eval-only TinyU-Net built by ``optimize_for_inference``; same input checks and output."""
+    """Eval-only TinyU-Net built by ``optimize_for_inference``; same input checks and output.
 
-    def __init__(self, model: nn.Module):
+    Args:
+        model: the ``TinyUNet`` to rewrite (left untouched).
+        path: one of ``PATHS``. Default ``"onednn"``.
+    """
+
+    def __init__(self, model: nn.Module, path: str = "onednn"):
         super().__init__()
         self.in_channels = model.in_channels
         self.channels = model.channels
         self.spatial_dims = model.spatial_dims
-        self.encoders = nn.ModuleList(InferenceCMRF.from_cmrf(block) for block in model.encoders)
+        self.num_classes = model.num_classes
+        self.path = path
+        self.encoders = nn.ModuleList(InferenceCMRF.from_cmrf(block, path) for block in model.encoders)
         self.pool = copy.deepcopy(model.pool)
         below = model.channels[1:] + model.channels[-1:]
         self.decoders = nn.ModuleList(
-            InferenceDecoderCMRF(InferenceCMRF.from_cmrf(block), low, model.upsample_mode, model.spatial_dims)
+            InferenceDecoderCMRF(
+                InferenceCMRF.from_cmrf(block, path), low, model.upsample_mode, model.spatial_dims
+            )
             for block, low in zip(model.decoders, below, strict=True)
         )
         self.head = copy.deepcopy(model.head).requires_grad_(False)
 
     min_size = TinyUNet.min_size
 
-    def downsample(self, x: torch.Tensor) -> torch.Tensor:
-        if self.spatial_dims == 2 and not _exporting():
-            return max_pool2x(x)
-        return self.pool(x)
+    def _forward_plain(self, x: torch.Tensor, path: str) -> torch.Tensor:
+        """The graph with plain operators (the fused cascade on ``"fused"``)."""
+        skips = []
+        for encoder in self.encoders:
+            y = encoder.mix(F.gelu(encoder.pw1(x)), path)
+            x = y + x if encoder.add_residual else y
+            skips.append(x)
+            x = self.pool(x)
+        low = self.decoders[-1].pw1_low(x)
+        for i in reversed(range(len(self.decoders))):
+            decoder = self.decoders[i]
+            skip = decoder.pw1_skip(skips[i])
+            hidden = F.gelu(skip + decoder.upsample(low, skip.shape[2:]))
+            y = decoder.block.mix(hidden, path)
+            low = self.decoders[i - 1].pw1_low(y) if i > 0 else self.head(y)
+        return low
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         TinyUNet._check_input(self, x)  # the original's validation: same messages
+        if x.shape[0] == 0 and not _tracing():  # an empty batch: nothing to compute
+            return x.new_empty((0, self.num_classes, *x.shape[2:]))
+        path = _call_path(self.path, x)
+        if path != "onednn":
+            return self._forward_plain(x, path)
         # Each wide block output is consumed band by band (see InferenceCMRF.mix_into) by the
         # layers that read it: an encoder's by the pooling and by its decoder's pw1 (the skip
         # half), a decoder's by the next decoder's pw1 (the upsampled half) or by the head.
+        downsample = max_pool2x if self.spatial_dims == 2 else self.pool
         skip_projections = []
         for encoder, decoder in zip(self.encoders, self.decoders, strict=True):
             residual = x if encoder.add_residual else None
-            consumers = [self.downsample, partial(pointwise, decoder.pw1_skip)]
-            x, projection = encoder.mix_into(F.gelu(pointwise(encoder.pw1, x)), consumers, residual)
+            consumers = [downsample, partial(pointwise, decoder.pw1_skip)]
+            hidden = torch.ops.aten.gelu_(pointwise(encoder.pw1, x))  # in place: a fresh tensor
+            x, projection = encoder.mix_into(hidden, consumers, residual, path)
             skip_projections.append(projection)
         low = pointwise(self.decoders[-1].pw1_low, x)
         for i in reversed(range(len(self.decoders))):
             decoder, projection = self.decoders[i], skip_projections[i]
-            hidden = F.gelu(projection + decoder.upsample(low, projection.shape[2:]))
+            # In place into the projection (ours): a fresh full-size tensor costs more than the sum.
+            upsampled = decoder.upsample(low, projection.shape[2:], channels_last=self.spatial_dims == 2)
+            hidden = torch.ops.aten.gelu_(projection.add_(upsampled))
             consumer = self.decoders[i - 1].pw1_low if i > 0 else self.head
-            (low,) = decoder.block.mix_into(hidden, [partial(pointwise, consumer)])
+            (low,) = decoder.block.mix_into(hidden, [partial(pointwise, consumer)], path=path)
         return low
+
+
+# --- CUDA graphs -----------------------------------------------------------------------------
+
+
+class CUDAGraphInference(nn.Module):
+    """Runs ``module`` on CUDA by replaying one captured CUDA graph per input shape.
+
+    A whole-network forward at small batches is dominated by kernel-launch overhead on a GPU;
+    a graph replays all its kernels with one launch. The first call with a new key (shape,
+    strides, dtype, device, autocast state, inference mode) copies the input into a static
+    buffer, warms ``module`` up on a side stream, captures one forward and keeps it; every
+    later call with that key copies the input in and replays. Autocast is captured without its
+    weight cache (a cached cast would be a stale tensor in the graph).
+
+    The module runs eagerly (no graph) for CPU inputs, an empty batch, while tracing or an
+    outer capture is running, when a gradient is needed, and for new keys once ``max_graphs``
+    graphs exist. ``.to()``/``.cuda()`` drop the graphs (they point at the old memory); so does
+    ``reset()``. Parameters changed in place are seen by the graphs (same memory).
+
+    Args:
+        module: an eval-only module (typically from ``optimize_for_inference``) on a CUDA device.
+        max_graphs: graphs kept at most (>= 1). Default 4. Each holds its own memory pool.
+        clone_output: return a copy of the graph's static output (default ``True``); with
+            ``False`` the returned tensor is overwritten by the next replay of the same graph.
+
+    Shapes: those of ``module``.
+    """
+
+    def __init__(self, module: nn.Module, max_graphs: int = 4, clone_output: bool = True):
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"CUDAGraphInference wraps an nn.Module, got {type(module).__name__}")
+        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
+            raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
+        if not isinstance(clone_output, bool):
+            raise TypeError(f"clone_output must be a bool, got {type(clone_output).__name__}")
+        self.module = module
+        self.max_graphs = max_graphs
+        self.clone_output = clone_output
+        self._graphs: collections.OrderedDict = collections.OrderedDict()
+
+    def reset(self) -> None:
+        """Drop every captured graph (the next call with each shape captures again)."""
+        self._graphs.clear()
+
+    def _apply(self, fn, *args, **kwargs):
+        self.reset()  # moved or cast: the graphs read the old tensors
+        return super()._apply(fn, *args, **kwargs)
+
+    @property
+    def num_graphs(self) -> int:
+        """How many graphs are captured."""
+        return len(self._graphs)
+
+    def _eager(self, x: torch.Tensor) -> bool:
+        if not x.is_cuda or x.numel() == 0 or _tracing():
+            return True
+        if torch.cuda.is_current_stream_capturing():
+            return True
+        return torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.module.parameters())
+        )
+
+    @staticmethod
+    def _key(x: torch.Tensor) -> tuple:
+        autocast = torch.is_autocast_enabled("cuda")
+        autocast_dtype = torch.get_autocast_dtype("cuda") if autocast else None
+        return (tuple(x.shape), x.stride(), x.dtype, x.device, autocast, autocast_dtype,
+                torch.is_inference_mode_enabled())
+
+    def _capture(self, x: torch.Tensor):
+        autocast = torch.is_autocast_enabled("cuda")
+        autocast_dtype = torch.get_autocast_dtype("cuda")
+
+        def context():
+            return torch.autocast("cuda", dtype=autocast_dtype, enabled=autocast, cache_enabled=False)
+
+        with torch.cuda.device(x.device):
+            static_input = x.detach().clone()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.no_grad(), context():
+                for _ in range(2):  # lazy initialisation (Triton compiles, cuBLAS handles) off the graph
+                    self.module(static_input)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.no_grad(), context(), torch.cuda.graph(graph):
+                static_output = self.module(static_input)
+        return graph, static_input, static_output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._eager(x):
+            return self.module(x)
+        key = self._key(x)
+        entry = self._graphs.get(key)
+        if entry is None:
+            if len(self._graphs) >= self.max_graphs:
+                return self.module(x)
+            entry = self._graphs[key] = self._capture(x)
+        graph, static_input, static_output = entry
+        static_input.copy_(x)
+        graph.replay()
+        return static_output.clone() if self.clone_output else static_output
 
 
 # --- entry point -----------------------------------------------------------------------------
 
 
-def _optimized(module: nn.Module) -> nn.Module | None:
+def _optimized(module: nn.Module, path: str) -> nn.Module | None:
     """The optimized replacement of ``module``, or ``None`` when it is not a CMRF model part."""
     if isinstance(module, TinyUNet):
-        return InferenceTinyUNet(module)
+        return InferenceTinyUNet(module, path)
     if isinstance(module, CMRF):
-        return InferenceCMRF.from_cmrf(module)
+        return InferenceCMRF.from_cmrf(module, path)
     return None
 
 
-def _replace_blocks(module: nn.Module) -> int:
+def _replace_blocks(module: nn.Module, path: str) -> int:
     """Swap, in place, every TinyUNet / CMRF below ``module`` for its optimized form; return the count."""
     count = 0
     for name, child in module.named_children():
-        replacement = _optimized(child)
+        replacement = _optimized(child, path)
         if replacement is None:
-            count += _replace_blocks(child)
+            count += _replace_blocks(child, path)
         else:
             setattr(module, name, replacement)
             count += 1
     return count
 
 
+def _resolve_path(path: str, device: torch.device, dtype: torch.dtype) -> str:
+    """``path`` checked against the model's device and dtype (``"auto"``: ``choose_path``)."""
+    if not isinstance(path, str) or path not in ("auto", *PATHS):
+        raise ValueError(f"path must be 'auto' or one of {list(PATHS)}, got {path!r}")
+    if path == "auto":
+        return choose_path(device, dtype)
+    if path == "onednn" and device.type != "cpu":
+        raise ValueError(
+            f"path='onednn' is the CPU-specialised graph; the model is on {device}: "
+            f"use 'auto', 'fused' or 'plain'"
+        )
+    if path == "fused":
+        if not triton_available():
+            raise ValueError("path='fused' needs Triton, which is not installed: use 'auto' or 'plain'")
+        if device.type != "cuda" and not (device.type == "cpu" and interpreter_enabled()):
+            raise ValueError(
+                f"path='fused' runs Triton kernels on CUDA (on the CPU only with TRITON_INTERPRET=1); "
+                f"the model is on {device}"
+            )
+    return path
+
+
 @torch.no_grad()
-def optimize_for_inference(model: nn.Module) -> nn.Module:
+def optimize_for_inference(
+    model: nn.Module,
+    *,
+    path: str = "auto",
+    cuda_graph: bool = False,
+    max_graphs: int = 4,
+) -> nn.Module:
     """An eval-only copy of ``model`` that computes the same outputs faster.
 
     Works on a ``TinyUNet``, a ``CMRF``, and any model holding them (for example the output of
@@ -465,27 +906,53 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
     everything else is copied as it is. ``model`` itself is left untouched. BatchNorm running
     statistics are baked in, so the copy is for inference only: its parameters do not require
     grad, and its CMRF parts compute eval-mode outputs even after ``.train()`` (other layers of
-    a generic model are plain copies and follow ``.train()``/``.eval()`` as usual).
+    a generic model are plain copies and follow ``.train()``/``.eval()`` as usual). Constants
+    are built on the model's device and in its dtype.
 
     Args:
         model: the model to optimize, on the CPU or a CUDA device, in any floating dtype.
+        path: ``"auto"`` (default: ``choose_path`` of the model's device and dtype), ``"onednn"``
+            (CPU only), ``"fused"`` (CUDA, needs Triton) or ``"plain"``. Each call still falls
+            back to ``"plain"`` for inputs the path does not suit (see the module docstring).
+        cuda_graph: wrap the result in ``CUDAGraphInference`` (CUDA models only), which replays
+            a CUDA graph per input shape instead of launching every kernel. Default ``False``.
+        max_graphs: with ``cuda_graph``, how many shapes get a graph (>= 1). Default 4.
 
     Returns:
-        The optimized copy in eval mode. Its outputs equal ``model.eval()``'s within float
-        rounding (below 1e-6 for TinyU-Net in fp32).
+        The optimized copy in eval mode; its ``inference_path`` attribute names the path.
+        Its outputs equal ``model.eval()``'s within float rounding (below 1e-5 for TinyU-Net
+        in fp32).
 
     Raises:
-        ValueError: when ``model`` holds no CMRF block.
+        ValueError: when ``model`` holds no CMRF block, for an unknown ``path`` or one the model's
+            device cannot run, and for ``cuda_graph=True`` on a model that is not on CUDA.
+        TypeError: when ``cuda_graph`` is not a bool.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"optimize_for_inference expects an nn.Module, got {type(model).__name__}")
-    replacement = _optimized(model)
-    if replacement is not None:
-        return replacement.eval()
-    optimized = copy.deepcopy(model).eval()
-    if _replace_blocks(optimized) == 0:
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+    if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
+        raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
+    first = next(iter(model.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    dtype = first.dtype if first is not None else torch.float32
+    if cuda_graph and device.type != "cuda":
         raise ValueError(
-            f"optimize_for_inference found no CMRF block in {type(model).__name__}; it optimizes "
-            f"TinyUNet, CMRF and models that contain them"
+            f"cuda_graph=True needs a model on a CUDA device, got one on {device}: CUDA graphs do not "
+            f"exist there (move the model with .cuda() first, or leave cuda_graph=False)"
         )
-    return optimized.requires_grad_(False)
+    path = _resolve_path(path, device, dtype)
+    optimized = _optimized(model, path)
+    if optimized is None:
+        optimized = copy.deepcopy(model)
+        if _replace_blocks(optimized, path) == 0:
+            raise ValueError(
+                f"optimize_for_inference found no CMRF block in {type(model).__name__}; it optimizes "
+                f"TinyUNet, CMRF and models that contain them"
+            )
+    optimized = optimized.eval().requires_grad_(False)
+    if cuda_graph:
+        optimized = CUDAGraphInference(optimized, max_graphs).eval()
+    optimized.inference_path = path
+    return optimized

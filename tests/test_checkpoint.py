@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import cmrf
-from cmrf.checkpoint import infer_io_channels, read_state_dict, safetensors_metadata, save_weights
+from cmrf.checkpoint import read_state_dict, safetensors_metadata, save_weights
+from cmrf.models.io_channels import infer_io_channels
 from cmrf.train.setup import model_from_checkpoint
 from tests.conftest import golden_state_dict, load_golden
 

@@ -25,6 +25,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cmrf.layers import CMRF
 from cmrf.ops import cascade as cascade_module
@@ -37,7 +39,7 @@ from cmrf.ops.cascade import (
 )
 
 pytest.importorskip("triton")
-from cmrf.ops import triton_cascade  # noqa: E402
+from cmrf.ops import fused_cascade, triton_cascade  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -366,13 +368,15 @@ def test_forced_path_launches_triton_kernels(monkeypatch):
     y = torch.randn(1, 2, 5, 5, device=DEVICE, requires_grad=True)
     cascade_concat(y, stages, fused=True).sum().backward()
     counts = dict(triton_cascade.launch_counts)
-    assert counts == {"_stage_forward_kernel": 3, "_affine_kernel": 1, "_stage_backward_kernel": 4}
+    # Per stage a conv and its on-device statistics; backward a launch per stage plus its reductions.
+    assert counts == {"_stage_forward_kernel": 3, "_stats_kernel": 3, "_affine_kernel": 1,
+                      "_stage_backward_kernel": 4, "_backward_reduce_kernel": 4}
     assert y.grad is not None and y.grad.abs().sum() > 0
 
 
 def test_dispatch_rules(monkeypatch):
     calls = []
-    monkeypatch.setattr(triton_cascade, "cascade_concat_fused", lambda y, s: calls.append("fused") or y)
+    monkeypatch.setattr(fused_cascade, "cascade_concat_fused", lambda y, s: calls.append("fused") or y)
     stages = make_stages(1, 2)
     y = torch.randn(1, 2, 3, 3, device=DEVICE)
     expected_shape = (1, 2, 3, 3)  # the fake fused returns y itself, the reference (1, 2c, ...)
@@ -447,6 +451,7 @@ from cmrf.ops import triton_cascade as tc
 # Pointers to feature maps take the storage dtype; weights, statistics and partials are fp32.
 IO = {"src_ptr", "dst_ptr", "prev_ptr", "odd_ptr", "gslot_ptr", "next_g_ptr", "next_z_ptr", "cur_ptr",
       "godd_ptr", "even_ptr", "out_ptr"}
+FLOATS = {"eps", "unbiased_factor", "inv_n"}
 
 def compile_kernel(kernel, dtype, constexprs, ones):
     signature, constants = {}, {}
@@ -457,7 +462,7 @@ def compile_kernel(kernel, dtype, constexprs, ones):
         elif name.endswith("_ptr"):
             signature[name] = "*" + (dtype if name in IO else "fp32")
         else:
-            signature[name] = "i32"
+            signature[name] = "fp32" if name in FLOATS else "i32"
     triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32))
 
 blocks = dict(BLOCK_H=16, BLOCK_W=64)
@@ -470,6 +475,12 @@ for flags in (dict(HAS_NEXT=False, CUR_IS_Z=True, WRITE_G=False, WRITE_ODD=False
     compile_kernel(tc._stage_backward_kernel, "bf16", {**flags, **blocks}, ("C", "num_partials", "cur_sw"))
 compile_kernel(tc._eval_cascade_kernel, "bf16", dict(NUM_STAGES=3, BLOCK_H=32, BLOCK_W=64), ("C", "even_sw"))
 compile_kernel(tc._eval_cascade_kernel, "fp16", dict(NUM_STAGES=7, BLOCK_H=32, BLOCK_W=32), ())
+for from_partials in (True, False):
+    compile_kernel(tc._stats_kernel, "fp32", dict(FROM_PARTIALS=from_partials, BLOCK=tc.REDUCE_BLOCK), ())
+for flags in (dict(HAS_NEXT=True, HAS_CUR=True, USE_BATCH_STATS=True),
+              dict(HAS_NEXT=False, HAS_CUR=True, USE_BATCH_STATS=False),
+              dict(HAS_NEXT=True, HAS_CUR=False, USE_BATCH_STATS=True)):
+    compile_kernel(tc._backward_reduce_kernel, "fp32", {**flags, "BLOCK": tc.REDUCE_BLOCK}, ("C",))
 print("compiled")
 """
 
@@ -485,3 +496,293 @@ def test_kernels_compile_for_a_real_gpu():
 def test_importing_cmrf_does_not_import_the_kernels():
     code = "import sys, cmrf; cmrf.CMRF(4, 8, N=2); assert 'cmrf.ops.triton_cascade' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# --- GPU readiness, checked on the CPU: no host data, no syncs, launch budget, cache, compile ---------
+
+
+class HostTraffic(TorchFunctionMode):
+    """Records every host<->device copy or scalar read-back made through torch while active.
+
+    Flags device tensors built from host data (``torch.tensor``, ``as_tensor``), scalar reads
+    (``item``, ``float(t)``, ``int(t)``, ``bool(t)``, ``tolist``), ``cpu``/``numpy`` and a ``to``/
+    ``cuda`` that changes device. Triton's interpreter copies tensors itself when it launches a
+    kernel (a real GPU launch does not), so launches are run with the recorder paused.
+    """
+
+    FLAGGED = {"tensor", "as_tensor", "item", "__float__", "__int__", "__bool__", "__index__", "tolist",
+               "cpu", "numpy", "cuda"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.paused = [], False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        if not self.paused:
+            moves = name == "to" and args and isinstance(args[0], torch.Tensor) and any(
+                isinstance(a, (str, torch.device)) and torch.device(a) != args[0].device
+                for a in (*args[1:], kwargs.get("device"))
+                if a is not None
+            )
+            if name in self.FLAGGED or moves:
+                self.calls.append(name)
+        return func(*args, **kwargs)
+
+
+@pytest.fixture
+def host_traffic(monkeypatch):
+    recorder = HostTraffic()
+    launch = triton_cascade._launch
+
+    def paused_launch(*args, **kwargs):
+        recorder.paused = True
+        try:
+            launch(*args, **kwargs)
+        finally:
+            recorder.paused = False
+
+    monkeypatch.setattr(triton_cascade, "_launch", paused_launch)
+    return recorder
+
+
+def test_recorder_catches_host_data_and_syncs(host_traffic):
+    """The recorder itself can fail: each of these is a copy or a sync on a GPU."""
+    t = torch.ones(2, device=DEVICE)
+    with host_traffic:
+        torch.tensor([1e-5, 1e-5], device=DEVICE)
+        float(t[0])
+        t[1].item()
+        t.tolist()
+    assert host_traffic.calls == ["tensor", "__float__", "item", "tolist"]
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_fused_calls_copy_nothing_from_the_host_and_never_sync(host_traffic, momentum):
+    """Eval (first call and cached), training forward + backward with running-stat updates."""
+    fused_cascade.clear_cache()
+    stages = make_stages(1, 3)
+    stages[1].norm.eps = 1e-3  # per-stage eps stay Python floats
+    for stage in stages:
+        stage.norm.momentum = momentum
+    y = torch.randn(2, 2, 4, 5, device=DEVICE, requires_grad=True)
+    with host_traffic:
+        out = cascade_concat(y, stages, fused=True)
+        out.backward(torch.ones_like(out))
+        with torch.no_grad():
+            cascade_concat(y, stages.eval(), fused=True)
+            cascade_concat(y, stages, fused=True)
+    assert host_traffic.calls == []
+
+
+def _device_work(func_name: str) -> bool:
+    """Ops that launch device work (not views, not allocations)."""
+    views = {"view", "select", "unbind", "slice", "alias", "as_strided", "unsqueeze", "detach", "t",
+             "reshape", "expand", "_unsafe_view", "split", "chunk"}
+    return func_name not in views and not func_name.startswith(("empty", "new_empty"))
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def count_host_work(call):
+    """``(torch ops that do device work, Triton launches)`` of ``call()``, kernels not executed."""
+    launches = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(triton_cascade, "_launch", lambda kernel, grid, *a, **k: launches.append(kernel))
+        with OpCounter() as counter:
+            call()
+    return [op for op in counter.ops if _device_work(op)], len(launches)
+
+
+def test_launch_and_op_budget():
+    """Host work per call (before this change: eval 12 device ops, N=4 train 44 ops + 8 launches).
+
+    Eval with a warm cache: one launch and no other device op. Training forward + backward:
+    ``2 S + 1`` launches forward, ``2 S + 2`` backward, and only the running-stat updates (foreach,
+    one per buffer kind), the counter increment and the gradients' layout ops around them.
+    """
+    fused_cascade.clear_cache()
+    stages = make_stages(2, 4).eval()
+    y = torch.randn(1, 4, 5, 6, device=DEVICE)
+    with torch.no_grad():
+        cascade_concat(y, stages, fused=True)  # builds the cache
+        ops, launches = count_host_work(lambda: cascade_concat(y, stages, fused=True))
+    assert (ops, launches) == ([], 1)
+    stages.train()
+    y.requires_grad_()
+
+    def step():
+        out = cascade_concat(y, stages, fused=True)
+        out.backward(torch.ones_like(out))
+
+    step()
+    ops, launches = count_host_work(step)
+    S = 3
+    assert launches == (2 * S + 1) + (2 * S + 2)
+    running_stats = ("_foreach_add_", "_foreach_mul_", "add_", "mul_")
+    cascade_ops = [op for op in ops if op not in running_stats and op != "ones_like"]
+    # stack x3 (weights and affine change every step: rebuilt), autograd's accumulation of y.grad
+    assert len(cascade_ops) <= 8, cascade_ops
+    assert len(ops) <= 8 + 2 * 3 + 3 * S + 4, ops  # foreach on CUDA; CPU's foreach loops per tensor
+
+
+def test_cache_follows_parameter_updates():
+    fused_cascade.clear_cache()
+    stages = make_stages(2, 3).eval()
+    y = torch.randn(1, 4, 6, 5, device=DEVICE)
+
+    def check():
+        with torch.no_grad():
+            out = cascade_concat(y, stages, fused=True)
+            torch.testing.assert_close(out, cascade_concat_reference(y, stages), rtol=1e-5, atol=1e-5)
+
+    check()
+    assert stages in fused_cascade._cache
+    with torch.no_grad():
+        stages[0].conv.weight.mul_(2)  # in place: _version moves
+        stages[1].norm.running_var.add_(1)
+    check()
+    stages[1].norm.weight = nn.Parameter(torch.full_like(stages[1].norm.weight, 3.0))  # a new tensor
+    check()
+    stages[1].norm.bias.data = torch.randn_like(stages[1].norm.bias)  # new storage under the same Parameter
+    check()
+    stages[0].norm.eps = 0.5
+    check()
+    # An optimizer step in training mode, then eval again: running stats and weights both moved.
+    stages.train()
+    optimizer = torch.optim.SGD(stages.parameters(), lr=0.5)
+    yt = torch.randn(2, 4, 6, 5, device=DEVICE)
+    cascade_concat(yt, stages, fused=True).square().sum().backward()
+    optimizer.step()
+    stages.eval()
+    check()
+    from cmrf.ops import clear_fused_cache
+
+    clear_fused_cache()
+    assert len(fused_cascade._cache) == 0
+    check()
+
+
+def test_expanded_gradient_and_tolerance_1e3():
+    """A gradient expanded over the batch (stride 0) reaches the backward kernels as it is."""
+    stages = make_stages(2, 3, seed=5)
+    ref_stages = copy.deepcopy(stages)
+    y = torch.randn(3, 4, 7, 5, device=DEVICE)
+    grad = torch.randn(1, 6, 7, 5, device=DEVICE).expand(3, 6, 7, 5)
+    y_fused, y_ref = y.clone().requires_grad_(), y.clone().requires_grad_()
+    cascade_concat(y_fused, stages, fused=True).backward(grad)
+    cascade_concat_reference(y_ref, ref_stages).backward(grad)
+    assert_grad_close(y_fused.grad, y_ref.grad, rtol=1e-3)
+    assert_stages_match(stages, ref_stages, rtol=1e-3)
+
+
+def test_torch_compile_training_step_in_one_graph():
+    """fwd + bwd + running-stat updates traced with fullgraph=True, equal to eager."""
+    torch._dynamo.reset()
+    model = CMRF(4, 16, N=4, fused=True).to(DEVICE)
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 4, 5, 6, device=DEVICE)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    triton_cascade.launch_counts.clear()
+    out = compiled(x)
+    out.square().sum().backward()
+    assert triton_cascade.launch_counts["_stage_forward_kernel"] == 3
+    assert triton_cascade.launch_counts["_stage_backward_kernel"] == 4
+    expected = reference(x)
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    scale = max(r.grad.abs().max().item() for r in reference.parameters())
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert_grad_close(p.grad, q.grad, rtol=1e-3, scale=scale)
+    for a, b in zip(model.buffers(), reference.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_tile_configs_for_sweeps(monkeypatch):
+    """Every candidate of eval_configs / train_configs runs (forced) and matches the reference."""
+    H, W, N = 11, 9, 3
+    eval_candidates = fused_cascade.eval_configs(H, W, N - 1)
+    train_candidates = fused_cascade.train_configs(H, W)
+    assert eval_candidates[0] == fused_cascade.default_eval_config(H, W, N - 1)
+    assert train_candidates[0] == fused_cascade.default_train_config(H, W)
+    assert any(c.single_launch for c in eval_candidates) and any(not c.single_launch for c in eval_candidates)
+    assert len({c.name for c in eval_candidates}) == len(eval_candidates)
+    stages = make_stages(1, N, seed=7)
+    y = torch.randn(1, 2, H, W, device=DEVICE)
+    with torch.no_grad():
+        expected = cascade_concat_reference(y, stages.eval())
+    # The interpreter ignores num_warps: one config per block shape is enough here.
+    for config in {(c.block_h, c.block_w, c.single_launch): c for c in eval_candidates}.values():
+        triton_cascade.launch_counts.clear()
+        with fused_cascade.force_config(config), torch.no_grad():
+            out = cascade_concat(y, stages, fused=True)
+        kernel = "_eval_cascade_kernel" if config.single_launch else "_stage_forward_kernel"
+        assert set(triton_cascade.launch_counts) == {kernel}, config
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    stages.train()
+    for config in list({(c.block_h, c.block_w): c for c in train_candidates}.values())[:3]:
+        with fused_cascade.force_config(config):
+            (out, y_fused), (expected_train, y_ref), ref_stages = run_both(y, copy.deepcopy(stages))
+        torch.testing.assert_close(out, expected_train, rtol=1e-5, atol=1e-5)
+        assert_grad_close(y_fused.grad, y_ref.grad, rtol=1e-3)
+    narrow = fused_cascade.TileConfig("eval", 4, 4, single_launch=True)
+    with pytest.raises(ValueError, match="halo"), fused_cascade.force_config(narrow), torch.no_grad():
+        cascade_concat(y, make_stages(1, 4).eval(), fused=True)
+    with pytest.raises(ValueError, match="power of two"):
+        fused_cascade.TileConfig("train", 12, 64)
+    with pytest.raises(TypeError, match="TileConfig"), fused_cascade.force_config((16, 64)):
+        pass
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graph capture needs a GPU")
+def test_cuda_graph_capture_eval_and_training():
+    stages = make_stages(4, 8)
+    ref_stages = copy.deepcopy(stages)
+    y = torch.randn(2, 8, 32, 32, device=DEVICE, requires_grad=True)
+    grad = torch.randn(2, 32, 32, 32, device=DEVICE)
+
+    def step():
+        out = cascade_concat(y, stages, fused=True)
+        out.backward(grad)
+        return out
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up (compiles kernels) outside capture, as CUDA graphs require
+            y.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    # Reset the buffers so that graph replay and the reference see the same history.
+    stages.load_state_dict(ref_stages.state_dict())
+    graph = torch.cuda.CUDAGraph()
+    y.grad = None
+    for p in stages.parameters():
+        p.grad = None  # allocated (then rewritten at each replay) inside the graph
+    with torch.cuda.graph(graph):
+        out = step()
+    stages.load_state_dict(ref_stages.state_dict())
+    graph.replay()
+    y_ref = y.detach().clone().requires_grad_()
+    expected = cascade_concat_reference(y_ref, ref_stages)
+    expected.backward(grad)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    assert_grad_close(y.grad, y_ref.grad, rtol=1e-3)
+    assert_stages_match(stages, ref_stages, rtol=1e-3)
+    stages.eval()
+    with torch.no_grad():
+        cascade_concat(y, stages, fused=True)
+        eval_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(eval_graph):
+            eval_out = cascade_concat(y, stages, fused=True)
+        eval_graph.replay()
+        torch.testing.assert_close(eval_out, cascade_concat_reference(y, stages), rtol=1e-4, atol=1e-4)

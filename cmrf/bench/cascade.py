@@ -6,6 +6,11 @@ at side 256, 128, 64, 32 (each shape twice: encoder and decoder). The reference 
 ``cascade_concat(..., fused=True)``, so it runs whatever fused path the library ships. Off CUDA the
 kernels only run in Triton's CPU interpreter: those rows compare outputs and are not timed, at an
 eighth of the widths and sides 16, 8, 4, 2.
+
+``--sweep`` (``BenchSettings.cascade_sweep``) adds one fused row per candidate tiling of the
+kernels, ``...fused.<config>`` (e.g. ``fused.single.32x64.w8``), from
+``cmrf.ops.fused_cascade.eval_configs`` or ``train_configs``, each run under ``force_config``; the
+plain ``fused`` row is the default tiling. On a GPU this picks tilings by measurement.
 """
 
 from __future__ import annotations
@@ -20,12 +25,7 @@ from torch import nn
 from cmrf.bench.network import Runner
 from cmrf.bench.settings import CASCADE_WIDTHS, PRECISIONS, BenchSettings
 
-__all__ = ["CascadeCase", "cascade_bytes", "cascade_case_runners", "cascade_cases_of"]
-
-# TODO(lead): a `--sweep` that times every eval-kernel configuration on these shapes, once
-# `cmrf.ops.triton_cascade` in main offers a way to force one (the cascade branch has
-# `eval_configs(H, W, S)`, `train_configs(H, W)` and the context manager `force_config(config)`):
-# one extra fused row per configuration, named `...fused.<config>`, timed in the case's group.
+__all__ = ["CascadeCase", "cascade_bytes", "cascade_case_runners", "cascade_cases_of", "cascade_sweep_sides"]
 
 
 @dataclass(frozen=True)
@@ -101,8 +101,27 @@ def _fused(y: torch.Tensor, stages: nn.ModuleList) -> torch.Tensor:
     return out
 
 
-def cascade_case_runners(case: CascadeCase, device: torch.device) -> dict[str, Runner]:
-    """``{"reference": Runner, "fused": Runner}`` for one case; each has its own copy of the stages."""
+def _sweep_configs(case: CascadeCase) -> list:
+    """The non-default tilings of this case's kernels (imports Triton)."""
+    from cmrf.ops.fused_cascade import eval_configs, train_configs
+
+    if case.mode == "eval":
+        configs = eval_configs(case.side, case.side, case.N - 1)
+    else:
+        configs = train_configs(case.side, case.side)
+    return configs[1:]  # the first is the default: the plain "fused" row
+
+
+def cascade_sweep_sides(case: CascadeCase) -> list[str]:
+    """Row suffixes ``fused.<config>`` that ``--sweep`` adds to this case."""
+    return [f"fused.{config.name}" for config in _sweep_configs(case)]
+
+
+def cascade_case_runners(case: CascadeCase, device: torch.device, sweep: bool = False) -> dict[str, Runner]:
+    """``{"reference": Runner, "fused": Runner}`` for one case; each has its own copy of the stages.
+
+    With ``sweep``, also ``"fused.<config>": Runner`` for each non-default tiling (forced).
+    """
     from cmrf.ops.cascade import cascade_concat_reference
 
     dtype = PRECISIONS[case.dtype]
@@ -110,8 +129,18 @@ def cascade_case_runners(case: CascadeCase, device: torch.device) -> dict[str, R
     y0 = torch.randn(case.shape, generator=gen).to(device=device, dtype=dtype)
     grad = torch.randn((case.batch, case.N * case.c, case.side, case.side), generator=gen).to(device, dtype)
     base = _stages(case, device)
+    sides = [("reference", cascade_concat_reference), ("fused", _fused)]
+    if sweep:
+        from cmrf.ops.fused_cascade import force_config
+
+        for config in _sweep_configs(case):
+            def forced(y, stages, config=config):
+                with force_config(config):
+                    return _fused(y, stages)
+
+            sides.append((f"fused.{config.name}", forced))
     runners = {}
-    for side, op in (("reference", cascade_concat_reference), ("fused", _fused)):
+    for side, op in sides:
         stages = copy.deepcopy(base)
         y = y0.clone().requires_grad_(case.mode == "train")
 

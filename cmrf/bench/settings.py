@@ -73,6 +73,8 @@ class BenchSettings:
         cascade_eval_batch, cascade_train_batches: batches of the cascade rows (CUDA 128 and
             (16, 128); CPU 1 and (1,)).
         cascade_dtypes: dtypes of the cascade rows. Default ``("fp32",)``.
+        cascade_sweep: also time every candidate tiling of the fused kernels (one extra row per
+            ``cmrf.ops.fused_cascade.eval_configs``/``train_configs`` entry). Default off.
         tiny_cascade: an eighth of TinyU-Net's widths at sides 16, 8, 4, 2, for the Triton
             interpreter (always on CPU, where cascade rows check correctness only).
         N: receptive fields per CMRF. Default 8.
@@ -97,6 +99,7 @@ class BenchSettings:
     cascade_eval_batch: int = 1
     cascade_train_batches: tuple[int, ...] = (1,)
     cascade_dtypes: tuple[str, ...] = ("fp32",)
+    cascade_sweep: bool = False
     tiny_cascade: bool = True
     N: int = 8
     memory: bool = False

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 
 from cmrf.bench import harness
-from cmrf.bench.cascade import cascade_bytes, cascade_case_runners, cascade_cases_of
+from cmrf.bench.cascade import cascade_bytes, cascade_case_runners, cascade_cases_of, cascade_sweep_sides
 from cmrf.bench.network import NetworkContext, Runner, build_network_runner
 from cmrf.bench.report import Report, Row, machine_info, peak_bandwidth_gbs
 from cmrf.bench.settings import (
@@ -57,6 +57,8 @@ def _compiled(name: str) -> bool:
 
 
 def _reference_of(name: str) -> str:
+    if name.startswith("cascade.") and ".fused." in name:  # --sweep rows: <case>.fused.<config>
+        return name.partition(".fused.")[0] + ".reference"
     return name.rpartition(".")[0] + ".reference"
 
 
@@ -228,9 +230,11 @@ class _Run:
         for case in cascade_cases_of(s):
             names = [f"{case.prefix}.{side}" for side in ("reference", "fused")]
             names = [n for n in names if n in self.names]
+            if s.cascade_sweep and f"{case.prefix}.fused" in names:
+                names += [f"{case.prefix}.{side}" for side in cascade_sweep_sides(case)]
             if not names:
                 continue
-            rows = [Row(n, f"{n.rpartition('.')[2]} {case.mode} {case.dtype} {case.shape}", "cascade",
+            rows = [Row(n, f"{n[len(case.prefix) + 1:]} {case.mode} {case.dtype} {case.shape}", "cascade",
                         case.batch, str(case.shape)) for n in names]
             if not s.on_cuda:
                 for row in rows:
@@ -239,8 +243,8 @@ class _Run:
 
             def build(name: str, case=case, built=built) -> Runner:
                 if not built:
-                    built.update(cascade_case_runners(case, self.device))
-                return built[name.rpartition(".")[2]]
+                    built.update(cascade_case_runners(case, self.device, sweep=s.cascade_sweep))
+                return built[name[len(case.prefix) + 1:]]
 
             self.run_group(rows, build, s.repeats, s.warmup, timed=s.on_cuda)
             built.clear()

@@ -46,6 +46,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                          default=None, help="training batches (CUDA 16 128, CPU 1)")
     cascade.add_argument("--cascade-dtypes", nargs="+", choices=sorted(PRECISIONS), default=None,
                          help="dtypes of the cascade rows (default fp32)")
+    cascade.add_argument("--sweep", dest="cascade_sweep", action="store_true", default=None,
+                         help="also time every candidate tiling of the fused kernels (rows fused.<config>)")
     cascade.add_argument("--peak-gbs", type=float, default=None,
                          help="HBM bandwidth in GB/s for the %% of bound (default: from the CUDA device)")
     memory = parser.add_argument_group("CPU memory")
@@ -60,7 +62,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 _SETTINGS = ("rows", "batch", "size", "precision", "N", "threads", "repeats", "warmup", "train_repeats",
              "train_warmup", "compile", "deadline_s", "compile_estimate_s", "cascade_eval_batch",
-             "cascade_train_batches", "cascade_dtypes", "peak_gbs", "memory", "leak_calls")
+             "cascade_train_batches", "cascade_dtypes", "cascade_sweep", "peak_gbs", "memory", "leak_calls")
 
 
 def build(parser: argparse.ArgumentParser):

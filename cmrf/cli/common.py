@@ -5,6 +5,21 @@ from __future__ import annotations
 import argparse
 
 
+def _int_at_least(text: str, low: int, expected: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1, "an integer >= 1")
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``--model --N --channels --replace-blocks``: which network to train."""
     group = parser.add_argument_group("model")
@@ -12,11 +27,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", default="tinyunet", help="registry name (default tinyunet; tinyunet3d for 3D data)"
     )
     group.add_argument(
-        "--N", dest="N", type=int, default=None, help="receptive fields per CMRF (default: the model's)"
+        "--N", dest="N", type=positive_int, default=None,
+        help="receptive fields per CMRF (default: the model's)",
     )
     group.add_argument(
         "--channels",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=None,
         metavar="C",
@@ -32,15 +48,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def workers_value(text: str) -> int | str:
     """``--workers``: ``auto`` or an integer >= 0."""
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto or an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected auto or an integer >= 0, got {value}")
-    return value
+    return text if text == "auto" else _int_at_least(text, 0, "auto or an integer >= 0")
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser, seed_default: int | None = 0) -> None:

@@ -7,22 +7,13 @@ import argparse
 import os
 from pathlib import Path
 
+from cmrf.cli.common import positive_int
 from cmrf.data import CACHE_CHOICES, DATA_CHOICES, DATA_OPTIONS
 
 __all__ = ["add_data_arguments", "data_options"]
 
 # Options holding folders: stored absolute, so a run's metadata works from any working folder.
 PATH_OPTIONS = ("root", "split_dir", "cache_dir")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def _integer(text: str) -> int:
@@ -56,17 +47,17 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> list[str]:
                             "Task 1 tree, or a folder with images/ and masks/")
     group.add_argument("--root", type=absolute_path, default=None,
                        help="dataset folder (isic2018, folder); stored absolute in the run")
-    group.add_argument("--img-size", type=_positive_int, default=None,
+    group.add_argument("--img-size", type=positive_int, default=None,
                        help="side in pixels (voxels in 3D) that every sample is resized to (default 256 "
                             "for images as in the paper, 64 for volumes)")
-    group.add_argument("--num-classes", type=_positive_int, default=None,
+    group.add_argument("--num-classes", type=positive_int, default=None,
                        help="classes incl. background. Synthetic: 2 (default) or 4. Files: the masks hold "
                             "class indices 0..K-1 (K=2 also accepts 0/255); without it, masks must be "
                             "binary (0/255 or 0/1) or root/classes.txt must name the classes")
     group.add_argument("--mask-values", type=_integer, nargs="+", default=None, metavar="V",
                        help="mask files: pixels equal to the i-th value are class i (e.g. 0 128 255: three "
                             "classes); any other value is an error")
-    group.add_argument("--mask-threshold", type=_positive_int, default=None, metavar="T",
+    group.add_argument("--mask-threshold", type=positive_int, default=None, metavar="T",
                        help="mask files: two classes, class 1 where the value is >= T (for JPEG or "
                             "anti-aliased masks, e.g. 128)")
     group.add_argument("--val-fraction", type=_fraction, default=0.2,
@@ -77,7 +68,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> list[str]:
     group.add_argument("--split-dir", type=absolute_path, default=None,
                        help="folder with train.txt, val.txt, test.txt listing sample stems (overrides "
                             "fractions and ISIC's official split)")
-    group.add_argument("--synthetic-samples", type=_positive_int, default=400,
+    group.add_argument("--synthetic-samples", type=positive_int, default=400,
                        help="synthetic training samples (validation and test get a quarter each, at least 8; "
                             "default 400)")
     group.add_argument("--spatial-dims", type=int, choices=(2, 3), default=2,

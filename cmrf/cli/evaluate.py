@@ -72,7 +72,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if dataset is None or len(dataset) == 0:
         raise ValueError(f"the {args.split} split is empty; choose another with --split")
     device = resolve_device(args.device)
-    loader = eval_loader(dataset, args.batch_size, args.workers, Processes())
+    loader = eval_loader(dataset, args.batch_size, args.workers, Processes(), device=device)
     scores = evaluate_model(model.to(device), loader, bundle.num_classes, list(bundle.class_names), device)
     scores = {**scores, "split": args.split, "images": len(dataset), "checkpoint": str(args.checkpoint)}
     print(format_table(scores, f"{args.split} split ({len(dataset)} images), {args.checkpoint}"))

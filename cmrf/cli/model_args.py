@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from cmrf.cli.common import positive_int
+
 __all__ = [
     "add_checkpoint_model_arguments",
     "add_registry_model_arguments",
@@ -13,17 +15,6 @@ __all__ = [
     "constructor_kwargs",
     "positive_int",
 ]
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
 
 
 def _add_constructor_arguments(group) -> None:

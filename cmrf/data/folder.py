@@ -24,9 +24,9 @@ from cmrf.data.imageio import (
     image_header,
     resize_nearest,
 )
-from cmrf.data.masks import MaskRule, MaskValues, class_names_for, resolve_classes
-from cmrf.data.pairs import Pair, find_pairs, pairs_bundle, require_dir, source_key, used_pairs
-from cmrf.data.splits import split_pairs
+from cmrf.data.masks import MaskRule, MaskValues, resolve_classes
+from cmrf.data.pairs import Pair, find_pairs, require_dir, source_key
+from cmrf.data.splits import folder_split_bundle
 from cmrf.data.store import Layout, StoreSpec, mask_dtype_for, open_store, reuse_disk_store
 
 __all__ = [
@@ -167,10 +167,8 @@ def folder_bundle(*, root, img_size: int, seed: int, rule: MaskRule, val_fractio
                   cache_dir=None) -> DataBundle:
     """The splits of a generic folder (``--data folder``); every split's masks checked in one pass."""
     root = Path(root)
-    pairs = find_folder_pairs(root)
-    splits = split_pairs(pairs, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
-                         split_dir=split_dir)
-    source = ImagePairSource(used_pairs(pairs, splits), img_size, 3, cache, cache_dir, name="folder")
-    named = class_names_for(root)
-    mapping = resolve_classes(source.mask_values(), rule, named_classes=len(named) if named else None)
-    return pairs_bundle(source, splits, mapping, class_names_for(root, mapping.num_classes), seed)
+    return folder_split_bundle(
+        root, find_folder_pairs(root),
+        lambda used: ImagePairSource(used, img_size, 3, cache, cache_dir, name="folder"),
+        seed=seed, rule=rule, val_fraction=val_fraction, test_fraction=test_fraction, split_dir=split_dir,
+    )

@@ -18,9 +18,9 @@ import torch
 from cmrf.data.base import DataBundle, DataError
 from cmrf.data.cache import CachedSource, SourceDataset, run_checks
 from cmrf.data.imageio import present_values, quantize, resize_image, resize_nearest
-from cmrf.data.masks import MAX_LISTED, MaskRule, MaskValues, class_names_for, resolve_classes
-from cmrf.data.pairs import Pair, find_pairs, pairs_bundle, require_dir, source_key, used_pairs
-from cmrf.data.splits import split_pairs
+from cmrf.data.masks import MAX_LISTED, MaskRule, MaskValues, resolve_classes
+from cmrf.data.pairs import Pair, find_pairs, require_dir, source_key
+from cmrf.data.splits import folder_split_bundle
 from cmrf.data.store import Layout, StoreSpec, mask_dtype_for, open_store, reuse_disk_store
 
 __all__ = ["NiftiSegmentation", "VolumePairSource", "find_nifti_pairs", "nifti_bundle", "read_volume",
@@ -217,10 +217,7 @@ def nifti_bundle(*, root, img_size: int, seed: int, rule: MaskRule, val_fraction
                  cache_dir=None) -> DataBundle:
     """The splits of a NIfTI folder (``--data folder --spatial-dims 3``); every split checked at once."""
     root = Path(root)
-    pairs = find_nifti_pairs(root)
-    splits = split_pairs(pairs, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
-                         split_dir=split_dir)
-    source = VolumePairSource(used_pairs(pairs, splits), img_size, cache, cache_dir)
-    named = class_names_for(root)
-    mapping = resolve_classes(source.mask_values(), rule, named_classes=len(named) if named else None)
-    return pairs_bundle(source, splits, mapping, class_names_for(root, mapping.num_classes), seed)
+    return folder_split_bundle(
+        root, find_nifti_pairs(root), lambda used: VolumePairSource(used, img_size, cache, cache_dir),
+        seed=seed, rule=rule, val_fraction=val_fraction, test_fraction=test_fraction, split_dir=split_dir,
+    )

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cmrf.data.base import SPLITS, DataError
-from cmrf.data.pairs import file_stem, require_dir
+from cmrf.data.base import SPLITS, DataBundle, DataError
+from cmrf.data.masks import MaskRule, class_names_for, resolve_classes
+from cmrf.data.pairs import Pair, file_stem, pairs_bundle, require_dir, used_pairs
 
-__all__ = ["split_by_fractions", "split_from_files", "split_pairs"]
+__all__ = ["folder_split_bundle", "split_by_fractions", "split_from_files", "split_pairs"]
 
 SPLIT_STREAM = 104729
 
@@ -113,3 +114,18 @@ def split_pairs(
         )
         splits.update({split: cut[split] for split in ["train", *missing]})
     return splits
+
+
+def folder_split_bundle(root: Path, pairs: Sequence[Pair], make_source, *, seed: int, rule: MaskRule,
+                        val_fraction: float, test_fraction: float, split_dir=None) -> DataBundle:
+    """The splits of the pairs found in a folder, class names from its ``classes.txt`` if any.
+
+    ``make_source(pairs)`` reads the pairs that some split uses; every split's masks are then
+    checked in one pass (``resolve_classes``) before any dataset exists.
+    """
+    splits = split_pairs(pairs, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
+                         split_dir=split_dir)
+    source = make_source(used_pairs(pairs, splits))
+    named = class_names_for(root)
+    mapping = resolve_classes(source.mask_values(), rule, named_classes=len(named) if named else None)
+    return pairs_bundle(source, splits, mapping, class_names_for(root, mapping.num_classes), seed)

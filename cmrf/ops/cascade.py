@@ -2,8 +2,10 @@
 
 ``cascade_concat_reference`` is the oracle: it runs the stage modules exactly as the reference
 code does, so autograd and BatchNorm running statistics behave as in plain PyTorch.
-``cascade_concat`` is the dispatch every CMRF calls: it picks the reference or the fused Triton
-kernels of ``cmrf.ops.triton_cascade`` (imported lazily, so importing ``cmrf`` never imports Triton).
+``cascade_concat`` is the dispatch every CMRF calls: it picks the reference or the fused path,
+``cmrf.ops.fused_cascade`` (module glue: caches, BatchNorm folding and running statistics) over the
+Triton kernels and custom ops of ``cmrf.ops.triton_cascade``; both are imported lazily, so importing
+``cmrf`` never imports Triton.
 
 Dispatch rules, in order:
 
@@ -16,6 +18,12 @@ Dispatch rules, in order:
    CPU interpreter, used by the tests) and anything else raises ``FusedUnavailableError``; stages
    that do not qualify (3-D volumes, a conv with bias, ...) run the reference with a warning that
    gives the reason, never silently.
+
+Tracing: whether Triton is installed is computed once at import (``TRITON_AVAILABLE``). The two
+environment variables are read by functions marked ``torch.compiler.assume_constant_result``:
+eager calls read them at every call, while ``torch.compile`` evaluates them once while tracing and
+bakes the result into the graph (no graph break; changing ``CMRF_FUSED`` after compiling needs a
+new ``torch.compile``).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import sys
 import threading
 import warnings
 
@@ -82,6 +91,12 @@ class FusedUnavailableError(RuntimeError):
     """The fused cascade was forced but cannot run here (no CUDA tensor, or no Triton)."""
 
 
+@torch.compiler.assume_constant_result
+def _fused_env() -> str:
+    # A constant for Dynamo: reading os.environ inside traced code would break the graph.
+    return os.environ.get(FUSED_ENV, "auto")
+
+
 def fused_mode(fused: bool | None = None) -> str:
     """``"on"``, ``"off"`` or ``"auto"`` from ``fused`` if given, else from ``CMRF_FUSED`` (read now).
 
@@ -90,18 +105,23 @@ def fused_mode(fused: bool | None = None) -> str:
     """
     if fused is not None:
         return "on" if fused else "off"
-    raw = os.environ.get(FUSED_ENV, "auto")
+    raw = _fused_env()
     mode = _ENV_VALUES.get(raw.strip().lower())
     if mode is None:
         raise ValueError(f"{FUSED_ENV} must be 'auto', '1' or '0', got {raw!r}")
     return mode
 
 
+# Checked once, without importing Triton: find_spec inside traced code breaks Dynamo's graph (torch 2.11).
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """Whether Triton is installed (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether Triton is installed (``TRITON_AVAILABLE``, checked once at import)."""
+    return TRITON_AVAILABLE
 
 
+@torch.compiler.assume_constant_result
 def interpreter_enabled() -> bool:
     """Whether Triton's CPU interpreter is requested (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
@@ -120,8 +140,8 @@ def _is_depthwise_3x3(conv, c: int) -> bool:
     )
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+def _has_hooks(*modules: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def fused_unsupported_reason(y: torch.Tensor, stages: nn.ModuleList) -> str | None:
@@ -146,8 +166,8 @@ def fused_unsupported_reason(y: torch.Tensor, stages: nn.ModuleList) -> str | No
     modes = set()
     for index, stage in enumerate(stages):
         conv, norm = getattr(stage, "conv", None), getattr(stage, "norm", None)
-        children = {name for name, _ in stage.named_children()}
-        if children != {"conv", "norm"} or not _is_depthwise_3x3(conv, c):
+        # Exactly these two children (checked on the dict: this runs at every call).
+        if stage._modules.keys() != {"conv", "norm"} or not _is_depthwise_3x3(conv, c):
             return (
                 f"stage {index} is not a bias-free depthwise 3x3 Conv2d({c}, {c}) followed by "
                 f"BatchNorm2d and nothing else"
@@ -156,7 +176,7 @@ def fused_unsupported_reason(y: torch.Tensor, stages: nn.ModuleList) -> str | No
             return f"stage {index}'s norm is {type(norm).__name__}, not BatchNorm2d({c})"
         if conv.weight.device != y.device:
             return f"stage {index}'s weights are on {conv.weight.device}, the input on {y.device}"
-        if _has_hooks(stage):
+        if _has_hooks(stage, conv, norm):  # Conv2d and BatchNorm2d have no children
             return f"stage {index} has forward hooks, which fused kernels would skip"
         modes.add((norm.training, norm.running_mean is None))
     if len(modes) > 1:
@@ -186,6 +206,18 @@ def check_fused_device(y: torch.Tensor) -> None:
             "TRITON_INTERPRET=1 was set after cmrf's Triton kernels were compiled for CUDA; set it before "
             "the first fused call (before cmrf.ops.triton_cascade is imported) to run them on CPU tensors"
         )
+
+
+def clear_fused_cache() -> None:
+    """Drop the fused path's cached stacked weights and folded BatchNorms (no-op if never used).
+
+    The cache follows parameters by identity, storage and ``_version``, so ordinary updates
+    (optimizer steps, ``load_state_dict``, ``.to()``, in-place ops under ``no_grad``) need nothing;
+    call this after writing through ``param.data`` in place, which PyTorch does not version.
+    """
+    module = sys.modules.get("cmrf.ops.fused_cascade")
+    if module is not None:
+        module.clear_cache()
 
 
 def cascade_concat(y: torch.Tensor, stages: nn.ModuleList, fused: bool | None = None) -> torch.Tensor:
@@ -218,6 +250,6 @@ def cascade_concat(y: torch.Tensor, stages: nn.ModuleList, fused: bool | None = 
             warnings.warn(f"fused CMRF cascade forced but unavailable, using the reference: {reason}",
                           stacklevel=3)
             return cascade_concat_reference(y, stages)
-    from cmrf.ops.triton_cascade import cascade_concat_fused
+    from cmrf.ops.fused_cascade import cascade_concat_fused
 
     return cascade_concat_fused(y, stages)

@@ -94,7 +94,7 @@ def model_from_checkpoint(
     - a bare state dict (a ``.pth`` saved by the reference code with
       ``torch.save(model.state_dict(), ...)``, or any ``.safetensors`` without cmrf metadata):
       ``model`` is then required; ``in_chans`` and ``num_classes`` are read from the first and
-      last layers' shapes (``cmrf.checkpoint.infer_io_channels``) when not given.
+      last layers' shapes (``cmrf.models.io_channels.infer_io_channels``) when not given.
 
     Args:
         path: the checkpoint file.
@@ -152,8 +152,8 @@ def _bare_metadata(
     model_kwargs: dict,
 ) -> dict:
     """Metadata of a state dict without any: the given values, the rest inferred from shapes."""
-    from cmrf.checkpoint import infer_io_channels
     from cmrf.models import is_model, list_models
+    from cmrf.models.io_channels import infer_io_channels
 
     if model is None:
         raise ValueError(

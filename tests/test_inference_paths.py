@@ -1,0 +1,335 @@
+"""optimize_for_inference's paths ("onednn", "fused", "plain"), CUDA graphs and banding.
+
+Every path is compared with the original model in eval mode (the oracle) on random inputs: odd
+sizes, channels-last and non-contiguous inputs, an empty batch, fp32 within 1e-4, and bf16/fp16
+on the CPU within a tolerance stated at each test (rounding of 16-bit arithmetic, not a
+different function). The fused path runs its Triton kernel in Triton's CPU interpreter here
+(``TRITON_INTERPRET=1`` is set before ``cmrf.ops.triton_cascade`` is imported), on small shapes.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import cmrf.inference as inference  # noqa: E402
+from cmrf import CMRF, TinyUNet, export_onnx, optimize_for_inference  # noqa: E402
+from cmrf.inference import (  # noqa: E402
+    CUDAGraphInference,
+    InferenceCMRF,
+    choose_path,
+    run_in_bands,
+)
+from tests.conftest import golden_state_dict, load_golden  # noqa: E402
+from tests.test_inference import _max_diff, _randomise_batchnorm  # noqa: E402
+
+TOL = 1e-4
+# 16-bit storage: each layer rounds to 8 (bf16) or 11 (fp16) significant bits; 16 layers deep
+# the logits (of order 0.4) drift by about 2e-3 (bf16) and 2e-4 (fp16) against the fp32 oracle,
+# as much as the original model run in that dtype; the bounds leave a factor of 10.
+TOL_16BIT = {torch.bfloat16: 0.02, torch.float16: 0.005}
+
+
+def _fused_runs_here() -> bool:
+    if not inference.triton_available():
+        return False
+    from cmrf.ops import triton_cascade
+
+    return triton_cascade.INTERPRETED
+
+
+needs_fused = pytest.mark.skipif(
+    not _fused_runs_here(), reason="Triton missing, or imported without TRITON_INTERPRET=1 in this process"
+)
+PATH_PARAMS = ["onednn", "plain", pytest.param("fused", marks=needs_fused)]
+
+
+@pytest.fixture(scope="module")
+def small_unet():
+    torch.manual_seed(3)
+    return _randomise_batchnorm(TinyUNet(channels=(6, 12), N=3)).eval()
+
+
+def _variants(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``x`` contiguous, channels-last and as a non-contiguous (transposed) view with equal values."""
+    return {
+        "contiguous": x,
+        "channels_last": x.contiguous(memory_format=torch.channels_last),
+        "non_contiguous": x.transpose(2, 3).contiguous().transpose(2, 3),
+    }
+
+
+# --- every path against the original --------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PATH_PARAMS)
+@pytest.mark.parametrize("shape", [(1, 3, 16, 16), (2, 3, 19, 23)])
+def test_every_path_equals_original(small_unet, path, shape):
+    fast = optimize_for_inference(small_unet, path=path)
+    assert fast.inference_path == path
+    with torch.no_grad():
+        expected = small_unet(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        for name, variant in _variants(x).items():
+            assert _max_diff(fast(variant), expected) < TOL, name
+
+
+@pytest.mark.parametrize("path", PATH_PARAMS)
+def test_cmrf_blocks_in_any_model_every_path(path):
+    model = nn.Sequential(CMRF(4, 12, N=3), CMRF(12, 12, N=2))  # the second is residual
+    model = _randomise_batchnorm(model).eval()
+    fast = optimize_for_inference(model, path=path)
+    assert all(isinstance(m, InferenceCMRF) for m in fast)
+    x = torch.randn(2, 4, 13, 10)
+    with torch.no_grad():
+        assert _max_diff(fast(x), model(x)) < TOL
+
+
+@pytest.mark.parametrize("path", PATH_PARAMS)
+def test_empty_batch_gives_empty_output(small_unet, path):
+    fast = optimize_for_inference(small_unet, path=path)
+    with torch.no_grad():
+        assert fast(torch.randn(0, 3, 32, 16)).shape == (0, 2, 32, 16)
+        block = optimize_for_inference(_randomise_batchnorm(CMRF(4, 8, N=2)).eval(), path=path)
+        assert block(torch.randn(0, 4, 5, 7)).shape == (0, 8, 5, 7)
+    with pytest.raises(ValueError, match="expected 3 input channels"):
+        fast(torch.randn(0, 4, 32, 32))  # still checked
+
+
+@pytest.mark.parametrize("path", ["onednn", "plain"])
+def test_volume_tinyunet_every_path(path):
+    model = _randomise_batchnorm(TinyUNet(in_channels=1, channels=(4, 8), N=2, spatial_dims=3)).eval()
+    x = torch.randn(1, 1, 9, 12, 8)
+    with torch.no_grad():
+        assert _max_diff(optimize_for_inference(model, path=path)(x), model(x)) < TOL
+
+
+def test_plain_path_matches_reference_golden_output():
+    golden = load_golden("tinyunet_official.safetensors")
+    model = TinyUNet()
+    model.load_state_dict(golden_state_dict(golden))
+    with torch.no_grad():
+        out = optimize_for_inference(model, path="plain")(golden["input"])
+    assert _max_diff(out, golden["output_eval"]) < TOL
+
+
+# --- dtypes -----------------------------------------------------------------------------------
+
+
+def _cpu_supports(dtype: torch.dtype) -> bool:
+    try:
+        F.conv2d(torch.ones(1, 2, 4, 4, dtype=dtype), torch.ones(2, 1, 3, 3, dtype=dtype), groups=2)
+        F.interpolate(torch.ones(1, 1, 4, 4, dtype=dtype), scale_factor=2, mode="bicubic")
+    except RuntimeError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_models_take_the_plain_path(small_unet, dtype):
+    if not _cpu_supports(dtype):
+        pytest.skip(f"this CPU build has no {dtype} convolution")
+    half = TinyUNet(channels=(6, 12), N=3)
+    half.load_state_dict(small_unet.state_dict())
+    half = half.eval().to(dtype)
+    fast = optimize_for_inference(half)
+    assert fast.inference_path == "plain"
+    assert all(p.dtype == dtype for p in fast.parameters())
+    x = torch.randn(1, 3, 32, 24)
+    with torch.no_grad():
+        expected = small_unet(x)
+        got = fast(x.to(dtype))
+    assert got.dtype == dtype
+    assert _max_diff(got.float(), expected) < TOL_16BIT[dtype]
+
+
+def test_cpu_autocast_bf16_falls_back_to_plain(small_unet, monkeypatch):
+    fast = optimize_for_inference(small_unet)
+    assert fast.inference_path == "onednn"
+    calls = []
+    monkeypatch.setattr(inference, "run_in_bands", lambda *a, **k: calls.append(1) or run_in_bands(*a, **k))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = small_unet(x)
+        got = fast(x)
+    assert not calls  # the CPU fp32 graph did not run under autocast
+    assert _max_diff(got.float(), expected.float()) < TOL_16BIT[torch.bfloat16]
+    with torch.no_grad():
+        fast(x)
+    assert calls  # and does run without it
+
+
+def test_onednn_model_cast_after_building_runs_plain(small_unet):
+    """A model built for the CPU fp32 graph and then cast runs the plain operators, correctly."""
+    fast = optimize_for_inference(small_unet).double()
+    x = torch.randn(1, 3, 24, 40, dtype=torch.float64)
+    with torch.no_grad():
+        assert _max_diff(fast(x), copy.deepcopy(small_unet).double()(x)) < 1e-6  # fp32-rounded folded weights
+
+
+# --- choosing the path ------------------------------------------------------------------------
+
+
+def test_choose_path_rules(monkeypatch):
+    assert choose_path("cpu") == "onednn"
+    assert choose_path(torch.device("cpu"), torch.float32) == "onednn"
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        assert choose_path("cpu", dtype) == "plain"
+    monkeypatch.setattr(inference, "triton_available", lambda: True)
+    assert choose_path("cuda", torch.bfloat16) == "fused"
+    assert choose_path("cuda:1", torch.float32) == "fused"
+    assert choose_path("cuda", torch.float64) == "plain"
+    assert choose_path("meta") == "plain"
+    monkeypatch.setattr(inference, "triton_available", lambda: False)
+    assert choose_path("cuda") == "plain"
+
+
+def test_path_arguments_are_checked(small_unet, monkeypatch):
+    with pytest.raises(ValueError, match=r"path must be 'auto' or one of \['onednn', 'fused', 'plain'\]"):
+        optimize_for_inference(small_unet, path="gpu")
+    meta = TinyUNet(channels=(6, 12), N=3).to("meta")
+    with pytest.raises(ValueError, match="path='onednn' is the CPU-specialised graph; the model is on meta"):
+        optimize_for_inference(meta, path="onednn")
+    assert optimize_for_inference(meta).inference_path == "plain"  # constants built on the model's device
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="path='fused' runs Triton kernels on CUDA"):
+        optimize_for_inference(small_unet, path="fused")
+    monkeypatch.setattr(inference, "triton_available", lambda: False)
+    with pytest.raises(ValueError, match="path='fused' needs Triton"):
+        optimize_for_inference(small_unet, path="fused")
+
+
+def test_tracing_uses_plain_operators(small_unet):
+    fast = optimize_for_inference(small_unet)
+    compiled = torch.compile(fast, backend="eager", fullgraph=True)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert _max_diff(compiled(x), small_unet(x)) < TOL
+
+
+def test_onnx_export_of_optimized_model(small_unet, tmp_path):
+    """The CPU graph (parity reordered, bands) exports as plain operators (the plain path's own)."""
+    ort = pytest.importorskip("onnxruntime")
+    fast = optimize_for_inference(small_unet, path="onednn")
+    onnx_path = export_onnx(fast, tmp_path / "fast.onnx", (1, 3, 32, 24))
+    x = torch.randn(1, 3, 32, 24)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        assert _max_diff(torch.from_numpy(session.run(None, {"input": x.numpy()})[0]), small_unet(x)) < TOL
+
+
+# --- CUDA graphs (argument checks and CPU behaviour; capture needs a GPU) ---------------------
+
+
+def test_cuda_graph_arguments(small_unet):
+    with pytest.raises(TypeError, match="cuda_graph must be a bool, got str"):
+        optimize_for_inference(small_unet, cuda_graph="yes")
+    with pytest.raises(ValueError, match="cuda_graph=True needs a model on a CUDA device, got one on cpu"):
+        optimize_for_inference(small_unet, cuda_graph=True)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="max_graphs must be an int >= 1"):
+            optimize_for_inference(small_unet, max_graphs=bad)
+        with pytest.raises(ValueError, match="max_graphs must be an int >= 1"):
+            CUDAGraphInference(nn.Identity(), max_graphs=bad)
+    with pytest.raises(TypeError, match="wraps an nn.Module"):
+        CUDAGraphInference(lambda x: x)
+    with pytest.raises(TypeError, match="clone_output must be a bool"):
+        CUDAGraphInference(nn.Identity(), clone_output=1)
+
+
+def test_cuda_graph_wrapper_runs_cpu_inputs_eagerly(small_unet):
+    fast = optimize_for_inference(small_unet)
+    wrapped = CUDAGraphInference(fast, max_graphs=2)
+    x = torch.randn(1, 3, 16, 32)
+    with torch.no_grad():
+        assert torch.equal(wrapped(x), fast(x))
+    assert wrapped.num_graphs == 0
+    assert set(wrapped.state_dict()) == {f"module.{k}" for k in fast.state_dict()}
+
+
+# --- run_in_bands -----------------------------------------------------------------------------
+
+
+def test_run_in_bands_equals_whole_tensor():
+    torch.manual_seed(0)
+    weight = torch.randn(3, 1, 3, 3)
+
+    def twice_conv(x, residual, rows=slice(None)):  # each output row reads input rows within 2 of it
+        y = F.conv2d(F.conv2d(x, weight, padding=1, groups=3), weight, padding=1, groups=3)
+        return (y + residual)[:, :, rows]
+
+    x, residual = torch.randn(2, 3, 23, 9), torch.randn(2, 3, 23, 9)
+    consumers = [None, partial_pool, lambda y: y[:, :1] * 2]
+    expected = [f(twice_conv(x, residual)) if f else twice_conv(x, residual) for f in consumers]
+    for band_rows in (2, 4, 6, 22, 40):
+        got = run_in_bands(twice_conv, (x, residual), band_rows, halo=2, consumers=consumers)
+        for g, e in zip(got, expected, strict=True):
+            assert _max_diff(g, e) < 1e-5, band_rows
+    # without the halo the band edges are wrong: the check can fail
+    got = run_in_bands(twice_conv, (x, residual), 4, halo=0)[0]
+    assert _max_diff(got, expected[0]) > 1e-3
+
+
+def partial_pool(y: torch.Tensor) -> torch.Tensor:
+    return F.max_pool2d(y, 2, 2)
+
+
+def _neg(x, rows=slice(None)):
+    return -x[:, :, rows]
+
+
+def test_run_in_bands_checks_arguments():
+    x = torch.randn(1, 1, 4, 4)
+    with pytest.raises(ValueError, match="band_rows must be an int >= 1, got 0"):
+        run_in_bands(_neg, x, 0)
+    with pytest.raises(ValueError, match="halo must be an int >= 0, got -1"):
+        run_in_bands(_neg, x, 2, halo=-1)
+    with pytest.raises(ValueError, match="at least one input tensor"):
+        run_in_bands(_neg, (), 2)
+
+
+# --- the CPU graph's pieces -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (1, 4, 2, 7), (2, 5, 9, 4), (1, 2, 13, 17)])
+def test_shifted_depthwise_into_a_buffer_slice(shape):
+    x = torch.randn(shape)
+    weight, bias = torch.randn(shape[1], 1, 3, 3), torch.randn(shape[1])
+    buffer = torch.full((shape[0], shape[1] + 2, *shape[2:]), float("nan"))
+    inference._depthwise3x3_into(x, weight, bias, buffer[:, 1:-1])
+    expected = F.conv2d(x, weight, bias, padding=1, groups=shape[1])
+    assert _max_diff(buffer[:, 1:-1], expected) < 1e-5
+    assert buffer[:, 0].isnan().all() and buffer[:, -1].isnan().all()  # neighbours untouched
+
+
+@pytest.mark.parametrize("shifted_min", [1, 1 << 40])
+def test_cpu_graph_with_and_without_shifted_stages(small_unet, monkeypatch, shifted_min):
+    """Both ways of computing a cascade stage, and tiny bands (every band edge exercised)."""
+    monkeypatch.setattr(inference, "SHIFTED_MIN_ELEMENTS", shifted_min)
+    monkeypatch.setattr(inference, "BAND_BYTES", 1)
+    unet = optimize_for_inference(small_unet)
+    block = _randomise_batchnorm(CMRF(6, 6, N=3)).eval()  # the residual CMRF
+    for model, fast, shape in [
+        (small_unet, unet, (1, 3, 21, 18)),
+        (small_unet, unet, (2, 3, 16, 33)),
+        (block, optimize_for_inference(block), (2, 6, 11, 7)),
+    ]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert _max_diff(fast(x), model(x)) < TOL
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 1, 1), (1, 3, 1, 6), (2, 4, 5, 3), (1, 8, 16, 16)])
+def test_bicubic2x_as_one_transposed_convolution(shape):
+    x = torch.randn(shape) * 10
+    kernel = inference._bicubic2x_transposed_kernel(torch.float32, "cpu").repeat(shape[1], 1, 1, 1)
+    got = inference._upsample_bicubic2x_channels_last(x, kernel)
+    expected = F.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)
+    assert _max_diff(got, expected) < 1e-4
