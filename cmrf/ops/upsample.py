@@ -447,8 +447,9 @@ def measure(
 ) -> list[dict]:
     """Median wall time of every formulation, forward and forward + backward, per shape.
 
-    The formulations of one shape are timed round-robin in one process (``repeat`` rounds), so
-    their ratios share the machine's state. Times include synchronisation on CUDA.
+    The formulations of one shape are timed one after another in one process (one warm-up, then
+    ``repeat`` calls each), so their ratios share the machine's state. Times include
+    synchronisation on CUDA.
 
     Args:
         shapes: input shapes ``(B, C, *S)``; default ``decoder_shapes(batch)``.
