@@ -52,6 +52,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from cmrf.ops.cascade import reference_forced
+
 __all__ = [
     "METHODS",
     "UPSAMPLE_ENV",
@@ -307,7 +309,8 @@ def upsample2x(x: torch.Tensor, mode: str = "bicubic", method: str = "separable"
 def choose_method(x: torch.Tensor, mode: str = "bicubic", requires_grad: bool | None = None) -> str:
     """The formulation ``upsample_to`` uses for an exact x2 of ``x``.
 
-    Overrides first: ``use_method(...)``, then ``CMRF_UPSAMPLE``. Otherwise a rule (see
+    Overrides first: ``cmrf.ops.reference_only()`` (``"interpolate"``, the reference's operator),
+    then ``use_method(...)``, then ``CMRF_UPSAMPLE``. Otherwise a rule (see
     ``docs/upsampling.md`` for the measurements behind it):
 
     * TorchScript tracing (``torch.jit.trace``, the legacy ONNX exporter, fvcore's counters):
@@ -347,7 +350,9 @@ def choose_method(x: torch.Tensor, mode: str = "bicubic", requires_grad: bool | 
         One of ``METHODS``.
     """
     forced = getattr(_state, "method", None) or _ENV_METHOD
-    if forced is not None:
+    if reference_forced():  # the reference algorithm, e.g. a benchmark's baseline row
+        method = "interpolate"
+    elif forced is not None:
         method = forced
     elif torch.jit.is_tracing():
         method = "interpolate"
