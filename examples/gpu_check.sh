@@ -12,6 +12,8 @@
 #   tests.log       pytest output;  tests.xml  its JUnit report
 #   bench_cuda.md   the benchmark table (stdout of cmrf bench)
 #   bench_cuda.json the same figures as JSON;  bench_cuda.log  its progress lines and errors
+#   upsample_cuda.md  every exact x2 upsampling formulation timed at the decoder shapes (fp32, bf16),
+#                     to tune cmrf.ops.upsample.choose_method by measurement
 #
 # Environment overrides: PYTHON (python3), GPU_CHECK_TESTS (the test files), BENCH_DEVICE (cuda),
 # BENCH_ARGS (extra `cmrf bench` options), TEST_TIMEOUT (200), BENCH_TIMEOUT (330).
@@ -66,7 +68,7 @@ status=0
 if [ "$BENCH_ONLY" = 0 ]; then
     tests=""
     for f in ${GPU_CHECK_TESTS:-tests/test_fused_cascade.py tests/test_upsample.py tests/test_inference.py \
-        tests/test_bench.py}; do
+        tests/test_inference_paths.py tests/test_bench.py}; do
         [ -e "$f" ] && tests="$tests $f"
     done
     echo "== pytest$tests (timeout ${TEST_TIMEOUT} s)"
@@ -87,4 +89,17 @@ tail -n 30 "$OUT/bench_cuda.log"
 cat "$OUT/bench_cuda.md"
 echo "== cmrf bench exit status $rc"
 [ "$rc" = 0 ] || status=1
+
+echo "== upsampling formulations on $BENCH_DEVICE (timeout 60 s)"
+timeout 60 "$PYTHON" - "$BENCH_DEVICE" >"$OUT/upsample_cuda.md" 2>&1 <<'EOF'
+import sys
+
+import torch
+
+from cmrf.ops.upsample import format_measurements, measure
+
+for dtype in (torch.float32, torch.bfloat16):
+    print(format_measurements(measure(device=sys.argv[1], dtype=dtype, batch=16)), end="\n\n")
+EOF
+cat "$OUT/upsample_cuda.md"
 exit "$status"

@@ -119,6 +119,17 @@ def test_exact_2x_takes_the_chosen_fast_path(monkeypatch):
     assert seen == ["separable", "conv"]
 
 
+def test_reference_only_takes_interpolate_over_every_override(monkeypatch):
+    from cmrf.ops import reference_only
+
+    x = torch.randn(1, 2, 4, 5)
+    monkeypatch.setattr(up, "_ENV_METHOD", "matmul")
+    with use_method("conv"):
+        assert choose_method(x) == "conv"
+        with reference_only():
+            assert choose_method(x) == "interpolate"
+
+
 def test_bad_arguments_name_the_value(monkeypatch):
     x = torch.randn(1, 1, 2, 2)
     with pytest.raises(ValueError, match="'nearest'"):
@@ -153,6 +164,8 @@ def test_choice_rule(monkeypatch):
     with use_method("conv"):
         assert choose_method(torch.randn(1, 2, 4, 4)) == "conv"
         assert choose_method(torch.randn(1, 2, 4, 4, 4), "trilinear") == "separable"
+    traced = torch.jit.trace(lambda t: torch.tensor(len(choose_method(t))), torch.randn(1, 2, 4, 4))
+    assert traced(torch.randn(1, 2, 4, 4)).item() == len("interpolate")
     monkeypatch.setattr(up, "_ENV_METHOD", "separable")
     assert choose_method(torch.randn(1, 2, 4, 4)) == "separable"
 

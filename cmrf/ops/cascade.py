@@ -63,10 +63,12 @@ _state = threading.local()
 
 @contextlib.contextmanager
 def reference_only():
-    """Run every CMRF cascade through the plain PyTorch reference inside this block.
+    """Run every CMRF cascade, and TinyU-Net's x2 upsampling, as the reference does inside this block.
 
-    Overrides both ``CMRF_FUSED`` and per-module ``fused=True``. Used where module hooks must
-    see every stage (cost profiling, ``replace_blocks`` probing, ONNX export).
+    Cascades take the plain PyTorch path, overriding both ``CMRF_FUSED`` and per-module
+    ``fused=True``; ``cmrf.ops.upsample_to`` takes ``F.interpolate``, overriding ``CMRF_UPSAMPLE``.
+    Used where module hooks must see every stage (cost profiling, ``replace_blocks`` probing, ONNX
+    export) and for benchmarks' reference rows.
     """
     previous = getattr(_state, "reference_only", False)
     _state.reference_only = True

@@ -52,6 +52,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from cmrf.ops.cascade import reference_forced
+
 __all__ = [
     "METHODS",
     "UPSAMPLE_ENV",
@@ -307,12 +309,16 @@ def upsample2x(x: torch.Tensor, mode: str = "bicubic", method: str = "separable"
 def choose_method(x: torch.Tensor, mode: str = "bicubic", requires_grad: bool | None = None) -> str:
     """The formulation ``upsample_to`` uses for an exact x2 of ``x``.
 
-    Overrides first: ``use_method(...)``, then ``CMRF_UPSAMPLE``. Otherwise a rule (see
+    Overrides first: ``cmrf.ops.reference_only()`` (``"interpolate"``, the reference's operator),
+    then ``use_method(...)``, then ``CMRF_UPSAMPLE``. Otherwise a rule (see
     ``docs/upsampling.md`` for the measurements behind it):
 
-    * tracing for export (``torch.export``, ONNX, TorchScript tracing): ``"conv"`` for bicubic
-      (one ``Conv`` + ``DepthToSpace`` in ONNX, what ``cmrf.export`` ships) and ``"separable"``
-      otherwise; no shape enters the choice, so no guard is added on symbolic sizes.
+    * TorchScript tracing (``torch.jit.trace``, the legacy ONNX exporter, fvcore's counters):
+      ``"interpolate"``; such a trace records one ``upsample_bicubic2d`` node, sized from the
+      traced tensors, and FLOP counters keep counting the paper's operator.
+    * ``torch.export`` (and the ONNX exporter built on it): ``"conv"`` for bicubic (one ``Conv``
+      + ``DepthToSpace`` in ONNX, as ``cmrf.export`` ships) and ``"separable"`` otherwise; no
+      shape enters the choice, so no guard is added on symbolic sizes.
     * CPU (measured, ``docs/upsampling.md``): in float32/float64, ``"matmul"`` for 2-D modes
       with every side at most 128 and for 3-D modes with every side at most 16; MKL/oneDNN
       matrix products beat ``F.interpolate``'s per-pixel loops there (1.8–6.8x forward,
@@ -344,9 +350,13 @@ def choose_method(x: torch.Tensor, mode: str = "bicubic", requires_grad: bool | 
         One of ``METHODS``.
     """
     forced = getattr(_state, "method", None) or _ENV_METHOD
-    if forced is not None:
+    if reference_forced():  # the reference algorithm, e.g. a benchmark's baseline row
+        method = "interpolate"
+    elif forced is not None:
         method = forced
-    elif _exporting() or torch.jit.is_tracing():
+    elif torch.jit.is_tracing():
+        method = "interpolate"
+    elif _exporting():
         method = "conv"
     elif x.device.type == "cpu":
         sides = x.shape[2:]
@@ -442,8 +452,9 @@ def measure(
 ) -> list[dict]:
     """Median wall time of every formulation, forward and forward + backward, per shape.
 
-    The formulations of one shape are timed round-robin in one process (``repeat`` rounds), so
-    their ratios share the machine's state. Times include synchronisation on CUDA.
+    The formulations of one shape are timed one after another in one process (one warm-up, then
+    ``repeat`` calls each), so their ratios share the machine's state. Times include
+    synchronisation on CUDA.
 
     Args:
         shapes: input shapes ``(B, C, *S)``; default ``decoder_shapes(batch)``.
