@@ -50,6 +50,7 @@ from torch import nn
 from cmrf.layers import CMRF, ConvNorm, conv_type
 from cmrf.models.tinyunet import TinyUNet
 from cmrf.ops.cascade import interpreter_enabled, triton_available
+from cmrf.ops.upsample import cubic_weights
 
 __all__ = [
     "PATHS",
@@ -191,18 +192,6 @@ def _conv_from(
 # --- bicubic x2 ------------------------------------------------------------------------------
 
 
-def _cubic_weights(t: float, a: float = -0.75) -> list[float]:
-    """PyTorch's 4 bicubic weights (Keys kernel, ``a = -0.75``) for taps at ``-1, 0, 1, 2`` from floor."""
-
-    def near(d):  # |d| <= 1
-        return ((a + 2) * d - (a + 3)) * d * d + 1
-
-    def far(d):  # 1 < |d| < 2
-        return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
-
-    return [far(t + 1), near(t), near(1 - t), far(2 - t)]
-
-
 def _bicubic2x_kernel(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``(4, 1, 5, 5)``: for output phase ``(p, q)`` the weights over input rows/cols ``i-2..i+2``.
 
@@ -210,8 +199,8 @@ def _bicubic2x_kernel(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     taps ``i-2..i+1`` with fraction 0.75) or ``i + 0.25`` (p=1, taps ``i-1..i+2``, fraction 0.25).
     """
     taps = torch.zeros(2, 5, dtype=torch.float64)
-    taps[0, 0:4] = torch.tensor(_cubic_weights(0.75), dtype=torch.float64)
-    taps[1, 1:5] = torch.tensor(_cubic_weights(0.25), dtype=torch.float64)
+    taps[0, 0:4] = torch.tensor(cubic_weights(0.75), dtype=torch.float64)
+    taps[1, 1:5] = torch.tensor(cubic_weights(0.25), dtype=torch.float64)
     kernel = torch.einsum("pi,qj->pqij", taps, taps).reshape(4, 1, 5, 5)
     return kernel.to(device=device, dtype=dtype)
 
@@ -224,8 +213,8 @@ def _bicubic2x_transposed_kernel(dtype: torch.dtype, device: torch.device) -> to
     ``w[p + 4 - 2t]`` is the cubic weight of offset ``t`` for phase ``p`` (``_bicubic2x_kernel``).
     """
     taps = torch.zeros(2, 5, dtype=torch.float64)
-    taps[0, 0:4] = torch.tensor(_cubic_weights(0.75), dtype=torch.float64)
-    taps[1, 1:5] = torch.tensor(_cubic_weights(0.25), dtype=torch.float64)
+    taps[0, 0:4] = torch.tensor(cubic_weights(0.75), dtype=torch.float64)
+    taps[1, 1:5] = torch.tensor(cubic_weights(0.25), dtype=torch.float64)
     line = torch.zeros(10, dtype=torch.float64)
     for phase in range(2):
         for offset in range(-2, 3):

@@ -340,3 +340,14 @@ def test_cpu_memory_probe_failure_is_reported(monkeypatch):
     monkeypatch.setattr(memory.subprocess, "run", lambda *a, **k: failed)
     with pytest.raises(RuntimeError, match="memory probe failed: ValueError: boom"):
         memory.probe_peak_rss("inference.optimized", resolve_settings("cpu"))
+
+
+def test_gradient_error_ignores_rounding_noise_of_zero_gradients_but_not_real_errors():
+    from cmrf.bench.suite import _grad_max_rel
+
+    ref = {"output": torch.zeros(1), "grad.w": torch.tensor([0.5, -1.0]), "grad.zero": torch.tensor([1e-9])}
+    noisy = {"grad.w": torch.tensor([0.5, -1.0]), "grad.zero": torch.tensor([-2e-9])}
+    assert _grad_max_rel(noisy, ref) < 1e-3
+    wrong = {"grad.w": torch.tensor([0.5, -0.9]), "grad.zero": torch.tensor([1e-9])}
+    assert _grad_max_rel(wrong, ref) == pytest.approx(0.1)
+    assert _grad_max_rel({"output": torch.zeros(1)}, ref) is None

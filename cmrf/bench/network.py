@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import tempfile
 import time
 from collections.abc import Callable
@@ -109,44 +108,12 @@ def _reference_forward(ctx: NetworkContext) -> Callable[[torch.Tensor], torch.Te
     return forward
 
 
-def capture_cuda_graph(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                       settings: BenchSettings) -> Callable:
-    """``forward`` captured in a CUDA graph for ``x``'s shape: ``run(x)`` copies ``x`` in and replays.
-
-    Warms up on a side stream first (as ``torch.cuda.graphs`` asks) and captures under
-    inference mode and the run's autocast without its weight cache (cached casts would be
-    captured as stale tensors).
-    """
-    static_x = x.clone()
-    stream = torch.cuda.Stream(device=x.device)
-    stream.wait_stream(torch.cuda.current_stream(x.device))
-    with torch.cuda.stream(stream), torch.inference_mode(), autocast(settings, cache_enabled=False):
-        for _ in range(3):
-            forward(static_x)
-    torch.cuda.current_stream(x.device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.inference_mode(), autocast(settings, cache_enabled=False), torch.cuda.graph(graph):
-        static_out = forward(static_x)
-
-    def run(inp: torch.Tensor) -> torch.Tensor:
-        static_x.copy_(inp)
-        graph.replay()
-        return static_out
-
-    return run
-
-
 def _optimized_graph_runner(ctx: NetworkContext, settings: BenchSettings) -> Runner:
     from cmrf.inference import optimize_for_inference
 
-    model = copy.deepcopy(ctx.model).eval()
-    if "cuda_graph" in inspect.signature(optimize_for_inference).parameters:
-        # cmrf's own capture: the way users are told to remove launch overhead
-        return _inference_runner(optimize_for_inference(model, cuda_graph=True), ctx.x, settings,
-                                 note="optimize_for_inference(cuda_graph=True)")
-    run = capture_cuda_graph(optimize_for_inference(model), ctx.x, settings)
-    return _inference_runner(run, ctx.x, settings,
-                             note="graph captured here: optimize_for_inference has no cuda_graph=")
+    # cmrf's own capture: the way users are told to remove launch overhead
+    model = optimize_for_inference(copy.deepcopy(ctx.model).eval(), cuda_graph=True)
+    return _inference_runner(model, ctx.x, settings, note="optimize_for_inference(cuda_graph=True)")
 
 
 def _onnxruntime_runner(ctx: NetworkContext, settings: BenchSettings) -> Runner:
@@ -183,6 +150,9 @@ def _inference(variant: str, ctx: NetworkContext, settings: BenchSettings) -> Ru
         return _inference_runner(copy.deepcopy(ctx.model).eval(), ctx.x, settings)
     if variant == "optimized":
         return _inference_runner(optimize_for_inference(copy.deepcopy(ctx.model).eval()), ctx.x, settings)
+    if variant == "optimized-frozen":  # the first call (the trace) is the untimed check
+        model = optimize_for_inference(copy.deepcopy(ctx.model).eval(), freeze=True)
+        return _inference_runner(model, ctx.x, settings)
     if variant == "optimized-graph":
         return _optimized_graph_runner(ctx, settings)
     if variant == "onnxruntime":

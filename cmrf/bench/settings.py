@@ -35,6 +35,7 @@ INFERENCE_VARIANTS = {
     "compile": "torch.compile(reference)",
     "cmrf": "cmrf default",
     "optimized": "optimize_for_inference",
+    "optimized-frozen": "optimize_for_inference(freeze=True)",
     "optimized-graph": "optimize_for_inference + CUDA graph",
     "onnxruntime": "ONNX Runtime (CPU)",
 }
@@ -46,7 +47,7 @@ TRAINING_VARIANTS = {
 }
 COMPILED_VARIANTS = ("compile", "cmrf-compile")
 CUDA_ONLY = ("inference.optimized-graph",)
-CPU_ONLY = ("inference.onnxruntime",)
+CPU_ONLY = ("inference.optimized-frozen", "inference.onnxruntime")
 # TinyU-Net's CMRF widths; its cascade sees (B, width / N, side, side) at side = size / 2**level.
 CASCADE_WIDTHS = (64, 128, 256, 512)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -78,7 +78,7 @@ _MODES = {
 }
 
 
-def _cubic_weights(t: float, a: float = -0.75) -> tuple[float, ...]:
+def cubic_weights(t: float, a: float = -0.75) -> tuple[float, ...]:
     """PyTorch's 4 bicubic weights (Keys kernel) for taps at ``-1, 0, 1, 2`` from ``floor``."""
 
     def near(d):  # |d| <= 1
@@ -94,7 +94,7 @@ def _cubic_weights(t: float, a: float = -0.75) -> tuple[float, ...]:
 # Phase 0 samples i - 0.25: floor i - 1, fraction 0.75; phase 1 samples i + 0.25: floor i, 0.25.
 # The weights are dyadic rationals (multiples of 2**-7), exact in every float dtype.
 _PHASES = {
-    "cubic": (2, ((-2, _cubic_weights(0.75)), (-1, _cubic_weights(0.25)))),
+    "cubic": (2, ((-2, cubic_weights(0.75)), (-1, cubic_weights(0.25)))),
     "linear": (1, ((-1, (0.25, 0.75)), (0, (0.75, 0.25)))),
 }
 
