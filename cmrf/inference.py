@@ -738,7 +738,55 @@ class InferenceTinyUNet(nn.Module):
 # --- CUDA graphs -----------------------------------------------------------------------------
 
 
-class CUDAGraphInference(nn.Module):
+class _GraphPerShape(nn.Module):
+    """Runs ``module`` through one prepared graph per input key, eagerly where no graph fits.
+
+    Subclasses say when to run eagerly (``_eager``), what keys a graph (``_key``), how one is
+    made (``_build``) and run (``_run``). At most ``max_graphs`` graphs are kept; new keys beyond
+    that run eagerly. ``.to()``/``.cuda()`` and ``reset()`` drop the graphs.
+    """
+
+    def __init__(self, module: nn.Module, max_graphs: int = 4):
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"{type(self).__name__} wraps an nn.Module, got {type(module).__name__}")
+        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
+            raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
+        self.module = module
+        self.max_graphs = max_graphs
+        self._graphs: collections.OrderedDict = collections.OrderedDict()
+
+    def reset(self) -> None:
+        """Drop every graph (the next call with each key makes it again)."""
+        self._graphs.clear()
+
+    def _apply(self, fn, *args, **kwargs):
+        self.reset()  # moved or cast: the graphs hold the old tensors
+        return super()._apply(fn, *args, **kwargs)
+
+    @property
+    def num_graphs(self) -> int:
+        """How many graphs exist."""
+        return len(self._graphs)
+
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.module.parameters())
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._eager(x):
+            return self.module(x)
+        key = self._key(x)
+        graph = self._graphs.get(key)
+        if graph is None:
+            if len(self._graphs) >= self.max_graphs:
+                return self.module(x)
+            graph = self._graphs[key] = self._build(x)
+        return self._run(graph, x)
+
+
+class CUDAGraphInference(_GraphPerShape):
     """Runs ``module`` on CUDA by replaying one captured CUDA graph per input shape.
 
     A whole-network forward at small batches is dominated by kernel-launch overhead on a GPU;
@@ -763,39 +811,15 @@ class CUDAGraphInference(nn.Module):
     """
 
     def __init__(self, module: nn.Module, max_graphs: int = 4, clone_output: bool = True):
-        super().__init__()
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"CUDAGraphInference wraps an nn.Module, got {type(module).__name__}")
-        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
-            raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
+        super().__init__(module, max_graphs)
         if not isinstance(clone_output, bool):
             raise TypeError(f"clone_output must be a bool, got {type(clone_output).__name__}")
-        self.module = module
-        self.max_graphs = max_graphs
         self.clone_output = clone_output
-        self._graphs: collections.OrderedDict = collections.OrderedDict()
-
-    def reset(self) -> None:
-        """Drop every captured graph (the next call with each shape captures again)."""
-        self._graphs.clear()
-
-    def _apply(self, fn, *args, **kwargs):
-        self.reset()  # moved or cast: the graphs read the old tensors
-        return super()._apply(fn, *args, **kwargs)
-
-    @property
-    def num_graphs(self) -> int:
-        """How many graphs are captured."""
-        return len(self._graphs)
 
     def _eager(self, x: torch.Tensor) -> bool:
         if not x.is_cuda or x.numel() == 0 or _tracing():
             return True
-        if torch.cuda.is_current_stream_capturing():
-            return True
-        return torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.module.parameters())
-        )
+        return torch.cuda.is_current_stream_capturing() or self._needs_grad(x)
 
     @staticmethod
     def _key(x: torch.Tensor) -> tuple:
@@ -804,7 +828,7 @@ class CUDAGraphInference(nn.Module):
         return (tuple(x.shape), x.stride(), x.dtype, x.device, autocast, autocast_dtype,
                 torch.is_inference_mode_enabled())
 
-    def _capture(self, x: torch.Tensor):
+    def _build(self, x: torch.Tensor):  # capture
         autocast = torch.is_autocast_enabled("cuda")
         autocast_dtype = torch.get_autocast_dtype("cuda")
 
@@ -824,22 +848,14 @@ class CUDAGraphInference(nn.Module):
                 static_output = self.module(static_input)
         return graph, static_input, static_output
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._eager(x):
-            return self.module(x)
-        key = self._key(x)
-        entry = self._graphs.get(key)
-        if entry is None:
-            if len(self._graphs) >= self.max_graphs:
-                return self.module(x)
-            entry = self._graphs[key] = self._capture(x)
+    def _run(self, entry, x: torch.Tensor) -> torch.Tensor:
         graph, static_input, static_output = entry
         static_input.copy_(x)
         graph.replay()
         return static_output.clone() if self.clone_output else static_output
 
 
-class FrozenCPUInference(nn.Module):
+class FrozenCPUInference(_GraphPerShape):
     """Runs ``module`` on the CPU through one frozen TorchScript graph per input shape.
 
     The first fp32 CPU call with a new key (shape, strides) traces ``module`` on that input
@@ -862,39 +878,16 @@ class FrozenCPUInference(nn.Module):
     Shapes: those of ``module``.
     """
 
-    def __init__(self, module: nn.Module, max_graphs: int = 4):
-        super().__init__()
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"FrozenCPUInference wraps an nn.Module, got {type(module).__name__}")
-        if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
-            raise ValueError(f"max_graphs must be an int >= 1, got {max_graphs!r}")
-        self.module = module
-        self.max_graphs = max_graphs
-        self._graphs: collections.OrderedDict = collections.OrderedDict()
-
-    def reset(self) -> None:
-        """Drop every frozen graph (the next call with each shape builds it again)."""
-        self._graphs.clear()
-
-    def _apply(self, fn, *args, **kwargs):
-        self.reset()  # moved or cast: the graphs hold the old weights
-        return super()._apply(fn, *args, **kwargs)
-
-    @property
-    def num_graphs(self) -> int:
-        """How many frozen graphs exist."""
-        return len(self._graphs)
-
     def _eager(self, x: torch.Tensor) -> bool:
         if x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() == 0 or _tracing():
             return True
-        if torch.is_autocast_enabled("cpu"):
-            return True
-        return torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.module.parameters())
-        )
+        return torch.is_autocast_enabled("cpu") or self._needs_grad(x)
 
-    def _freeze(self, x: torch.Tensor) -> torch.jit.ScriptModule:
+    @staticmethod
+    def _key(x: torch.Tensor) -> tuple:
+        return tuple(x.shape), x.stride()
+
+    def _build(self, x: torch.Tensor) -> torch.jit.ScriptModule:  # trace and freeze
         # Tracing warns at every Python branch on a size (they are exactly what the per-shape
         # key accounts for) and about TorchScript's maintenance mode; neither concerns the caller.
         with warnings.catch_warnings(), torch.no_grad():
@@ -902,15 +895,7 @@ class FrozenCPUInference(nn.Module):
             traced = torch.jit.trace(self.module.eval(), x, check_trace=False)
             return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._eager(x):
-            return self.module(x)
-        key = (tuple(x.shape), x.stride())
-        graph = self._graphs.get(key)
-        if graph is None:
-            if len(self._graphs) >= self.max_graphs:
-                return self.module(x)
-            graph = self._graphs[key] = self._freeze(x)
+    def _run(self, graph: torch.jit.ScriptModule, x: torch.Tensor) -> torch.Tensor:
         return graph(x)
 
 
