@@ -50,7 +50,7 @@ from torch import nn
 from cmrf.layers import CMRF, ConvNorm, conv_type
 from cmrf.models.tinyunet import TinyUNet
 from cmrf.ops.cascade import interpreter_enabled, triton_available
-from cmrf.ops.upsample import cubic_weights
+from cmrf.ops.upsample import cubic_weights, is_exporting
 
 __all__ = [
     "PATHS",
@@ -94,12 +94,7 @@ def choose_path(device: torch.device | str, dtype: torch.dtype = torch.float32) 
 
 def _tracing() -> bool:
     """Whether the model is being traced (export, ONNX, ``torch.compile``): plain operators only."""
-    return (
-        torch.compiler.is_exporting()
-        or torch.compiler.is_compiling()
-        or torch.onnx.is_in_onnx_export()
-        or torch.jit.is_tracing()
-    )
+    return is_exporting() or torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 # Kept under its old name: ``pointwise`` and callers outside this module test for export.

@@ -23,7 +23,7 @@ from cmrf.layers import (
 from cmrf.models._base import SegmentationModel, zoo_cfg
 from cmrf.models._builder import build_model, reference_key_hook, rename_keys
 from cmrf.models.registry import register_model
-from cmrf.ops.upsample import upsample_to
+from cmrf.ops.upsample import is_exporting, upsample_to
 
 __all__ = ["TinyUNet", "checkpoint_filter_fn"]
 
@@ -71,7 +71,7 @@ def _export_size_oblivious():
     at size 1 (tests/test_upsample.py runs the exported graph at 16).
     """
     config = getattr(getattr(torch.fx, "experimental", None), "_config", None)
-    if config is None or not torch.compiler.is_exporting() or torch.compiler.is_dynamo_compiling():
+    if config is None or not is_exporting() or torch.compiler.is_dynamo_compiling():
         return contextlib.nullcontext()
     return config.patch(backed_size_oblivious=True)
 

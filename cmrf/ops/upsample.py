@@ -138,12 +138,18 @@ def use_method(method: str):
 # --- tracing helpers --------------------------------------------------------------------------
 
 
-def _exporting() -> bool:
-    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+def is_exporting() -> bool:
+    """Whether ``torch.export`` or an ONNX export is tracing.
+
+    ``torch.compiler.is_exporting`` exists from torch 2.6; on older releases only the ONNX
+    exporter is seen (the exact-2x rule then adds shape guards to a ``torch.export`` graph).
+    """
+    torch_export = getattr(torch.compiler, "is_exporting", None)
+    return (torch_export is not None and torch_export()) or torch.onnx.is_in_onnx_export()
 
 
 def _tracing() -> bool:
-    return torch.compiler.is_compiling() or _exporting() or torch.jit.is_tracing()
+    return torch.compiler.is_compiling() or is_exporting() or torch.jit.is_tracing()
 
 
 def is_exact_2x(in_sizes: Sequence, out_sizes: Sequence) -> bool:
@@ -156,7 +162,7 @@ def is_exact_2x(in_sizes: Sequence, out_sizes: Sequence) -> bool:
     """
     if len(in_sizes) != len(out_sizes):
         return False
-    if _exporting():
+    if is_exporting():
         from torch.fx.experimental.symbolic_shapes import statically_known_true
 
         return all(statically_known_true(o == 2 * i) for i, o in zip(in_sizes, out_sizes))
@@ -356,7 +362,7 @@ def choose_method(x: torch.Tensor, mode: str = "bicubic", requires_grad: bool | 
         method = forced
     elif torch.jit.is_tracing():
         method = "interpolate"
-    elif _exporting():
+    elif is_exporting():
         method = "conv"
     elif x.device.type == "cpu":
         sides = x.shape[2:]
