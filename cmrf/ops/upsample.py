@@ -31,6 +31,7 @@ CUDA backward uses atomics too.
 
 Which formulation runs (``choose_method``), in order:
 
+0. inside ``cmrf.ops.reference_only()``: ``"interpolate"`` (the reference's operator);
 1. inside ``use_method(name)``: ``name``;
 2. the ``CMRF_UPSAMPLE`` environment variable, read once at import (``interpolate``, ``conv``,
    ``separable`` or ``matmul``; empty or ``auto``: no override);
@@ -60,6 +61,7 @@ __all__ = [
     "choose_method",
     "decoder_shapes",
     "format_measurements",
+    "is_exporting",
     "measure",
     "upsample2x",
     "upsample_to",
