@@ -129,3 +129,41 @@ def test_reference_checkpoint(images, tmp_path, capsys):
     argv = ["predict", str(reference), image, "--model", "tinyunet", "--img-size", "32", "--out", str(out)]
     assert main(argv) == 0
     assert sorted(os.listdir(out)) == ["c_mask.png", "c_overlay.png"]
+
+
+def test_cpu_predict_runs_one_frozen_graph_and_same_masks(checkpoint, images, tmp_path, monkeypatch):
+    """By default the CPU run goes through optimize_for_inference(freeze=True), one graph for all
+    images (each is resized to the run's size); --no-optimize runs the loaded model. Same masks."""
+    from cmrf.inference import FrozenCPUInference
+
+    (images / "b.png").unlink()
+    builds = []
+    original_build = FrozenCPUInference._build
+
+    def counting_build(self, x):
+        builds.append(x.shape)
+        return original_build(self, x)
+
+    monkeypatch.setattr(FrozenCPUInference, "_build", counting_build)
+    masks = {}
+    for flags in ([], ["--no-optimize"]):
+        out = tmp_path / f"out{len(flags)}"
+        args = ["predict", str(checkpoint), str(images), "--out", str(out), "--no-overlays"]
+        assert main([*args, "--device", "cpu", *flags]) == 0
+        masks[len(flags)] = {p.name: np.asarray(Image.open(p)) for p in sorted(out.iterdir())}
+        assert builds == [(1, 3, 32, 32)]  # built once by the default run, not again with --no-optimize
+    assert masks[0].keys() == masks[1].keys() and len(masks[0]) == 3
+    for name, mask in masks[0].items():
+        np.testing.assert_array_equal(mask, masks[1][name], err_msg=name)
+
+
+def test_inference_model_keeps_models_it_cannot_speed_up():
+    from cmrf.cli.predict import inference_model
+
+    cpu = torch.device("cpu")
+    plain = torch.nn.Conv2d(3, 2, 1)
+    assert inference_model(plain, cpu) is plain  # no CMRF block
+    tiny = cmrf.TinyUNet(channels=(16, 32), N=4)
+    assert inference_model(tiny, cpu, optimize=False) is tiny
+    assert inference_model(tiny.double(), cpu) is tiny  # not fp32
+    assert type(inference_model(tiny.float(), cpu)).__name__ == "FrozenCPUInference"
