@@ -25,11 +25,56 @@ from cmrf.inference import optimize_for_inference
 from cmrf.layers import CMRF
 from cmrf.ops import reference_only
 
-__all__ = ["export_onnx"]
+__all__ = ["ExportUnsupportedError", "export_onnx"]
 
 DEFAULT_OPSET = 20  # the first opset with a Gelu operator: 1.6x faster in ONNX Runtime than Erf
 # Upper bound torch.export needs for symbolic sizes; generous for any image or batch.
 _MAX_SIDE = 1 << 15
+
+
+# ``torch.onnx.export(..., dynamo=True)`` (the exporter used here) exists from torch 2.5.
+MIN_TORCH_FOR_ONNX = (2, 5)
+# Releases this module's export is tested with (the test suite, ONNX Runtime checks included).
+TESTED_TORCH_FOR_ONNX = "2.11 and 2.14"
+
+
+class ExportUnsupportedError(ValueError):
+    """The installed torch's ONNX exporter cannot export the model as asked (upgrade torch).
+
+    A ``ValueError``, so the command line reports it on one line (exit status 2).
+    """
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def _check_exporter() -> None:
+    if _torch_version() < MIN_TORCH_FOR_ONNX:
+        wanted = ".".join(map(str, MIN_TORCH_FOR_ONNX))
+        raise ExportUnsupportedError(
+            f"ONNX export needs torch >= {wanted} (its dynamo exporter), found torch {torch.__version__}; "
+            f"it is tested with torch {TESTED_TORCH_FOR_ONNX}"
+        )
+
+
+def _check_dynamic_axes(path: Path, rank: int) -> None:
+    """Refuse a "dynamic" file whose input sizes the exporter fixed to the example's.
+
+    Some torch releases (2.6 among them) ignore ``dynamic_shapes`` for this model and write fixed
+    sizes; ONNX Runtime then refuses every other size. Better no file than one that lies.
+    """
+    import onnx
+
+    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    fixed = [i for i in (0, *range(2, rank)) if not dims[i].dim_param]
+    if fixed:
+        raise ExportUnsupportedError(
+            f"torch {torch.__version__}'s ONNX exporter fixed the dynamic input axes {fixed} to the "
+            f"example's sizes; dynamic export is tested with torch {TESTED_TORCH_FOR_ONNX}: upgrade "
+            f"torch, or export with dynamic=False once per input size you need"
+        )
 
 
 def _holds_cmrf(model: nn.Module) -> bool:
@@ -117,6 +162,8 @@ def export_onnx(
         The path written. The graph has one input ``input`` and one output ``output``.
 
     Raises:
+        ExportUnsupportedError: (a ``ValueError``) on torch older than 2.5, and when this torch's
+            exporter fixes the sizes of a dynamic export (torch 2.6 does).
         ValueError: for a malformed ``input_size``, a dynamic export of a TinyU-Net with
             sides that are not multiples of ``model.min_size``, or a dynamic export of a model
             with max-unpooling (SegNet), which ONNX Runtime could run only at the example's size.
@@ -124,6 +171,7 @@ def export_onnx(
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"export_onnx expects an nn.Module, got {type(model).__name__}")
+    _check_exporter()
     if dynamic:
         _check_dynamic_supported(model)
     spatial_multiple = int(getattr(model, "min_size", 1))
@@ -154,4 +202,6 @@ def export_onnx(
             dynamic_shapes=dynamic_shapes,
             external_data=False,
         )
+        if dynamic:
+            _check_dynamic_axes(tmp, len(size))
     return path

@@ -49,7 +49,7 @@ from torch import nn
 
 from cmrf.layers import CMRF, ConvNorm, conv_type
 from cmrf.models.tinyunet import TinyUNet
-from cmrf.ops.cascade import interpreter_enabled, triton_available
+from cmrf.ops.cascade import interpreter_enabled, triton_available, triton_missing_reason
 from cmrf.ops.upsample import cubic_weights, is_exporting
 
 __all__ = [
@@ -932,7 +932,9 @@ def _resolve_path(path: str, device: torch.device, dtype: torch.dtype) -> str:
         )
     if path == "fused":
         if not triton_available():
-            raise ValueError("path='fused' needs Triton, which is not installed: use 'auto' or 'plain'")
+            raise ValueError(
+                f"path='fused' needs Triton, but {triton_missing_reason()}: use 'auto' or 'plain'"
+            )
         if device.type != "cuda" and not (device.type == "cpu" and interpreter_enabled()):
             raise ValueError(
                 f"path='fused' runs Triton kernels on CUDA (on the CPU only with TRITON_INTERPRET=1); "

@@ -143,3 +143,28 @@ def test_input_channels_must_match_the_checkpoint(tmp_path, capsys):
     argv = ["export", "onnx", *SMALL, "--checkpoint", str(checkpoint), "-o", str(tmp_path / "x.onnx")]
     assert main(argv) == 2
     assert "has 3 channels, but the model takes 1" in _one_error_line(capsys.readouterr().err)
+
+
+def test_torch_without_the_dynamo_exporter_is_one_line(tmp_path, monkeypatch, capsys):
+    from cmrf import export
+
+    monkeypatch.setattr(export, "_torch_version", lambda: (2, 4))
+    with pytest.raises(export.ExportUnsupportedError, match=r"ONNX export needs torch >= 2\.5"):
+        cmrf.export_onnx(cmrf.TinyUNet(channels=(16, 32), N=4), tmp_path / "x.onnx", (1, 3, 32, 32))
+    assert main(["export", "onnx", *SMALL, "-o", str(tmp_path / "y.onnx")]) == 2
+    assert "found torch" in _one_error_line(capsys.readouterr().err)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_dynamic_export_with_fixed_sizes_is_refused_and_the_previous_file_kept(tmp_path, monkeypatch):
+    """torch 2.6's exporter ignores dynamic_shapes for TinyU-Net: the file would fail at any other size."""
+    pytest.importorskip("onnx")
+    from cmrf import export
+
+    out = tmp_path / "x.onnx"
+    out.write_bytes(b"a previous, good graph")
+    monkeypatch.setattr(export, "_dynamic_shapes", lambda size, multiple: None)  # what such an exporter does
+    with pytest.raises(export.ExportUnsupportedError, match=r"fixed the dynamic input axes \[0, 2, 3\]"):
+        cmrf.export_onnx(cmrf.TinyUNet(channels=(16, 32), N=4), out, (1, 3, 32, 32), dynamic=True)
+    assert out.read_bytes() == b"a previous, good graph"
+    assert os.listdir(tmp_path) == ["x.onnx"]

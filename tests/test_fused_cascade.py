@@ -36,9 +36,12 @@ from cmrf.ops.cascade import (
     cascade_concat_reference,
     fused_unsupported_reason,
     reference_only,
+    triton_available,
+    triton_missing_reason,
 )
 
-pytest.importorskip("triton")
+if not triton_available():
+    pytest.skip(f"no fused kernels here: {triton_missing_reason()}", allow_module_level=True)
 from cmrf.ops import fused_cascade, triton_cascade  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -200,6 +200,7 @@ def test_path_arguments_are_checked(small_unet, monkeypatch):
         optimize_for_inference(meta, path="onednn")
     assert optimize_for_inference(meta).inference_path == "plain"  # constants built on the model's device
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(inference, "triton_available", lambda: True)
     with pytest.raises(ValueError, match="path='fused' runs Triton kernels on CUDA"):
         optimize_for_inference(small_unet, path="fused")
     monkeypatch.setattr(inference, "triton_available", lambda: False)

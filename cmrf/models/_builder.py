@@ -55,6 +55,19 @@ def reference_key_hook(filter_fn: FilterFn) -> functools.partial:
     return functools.partial(map_reference_keys, filter_fn=filter_fn)
 
 
+def add_reference_key_hook(module: nn.Module, filter_fn: FilterFn) -> None:
+    """Register ``reference_key_hook(filter_fn)`` on ``module`` as a ``load_state_dict`` pre-hook.
+
+    ``Module.register_load_state_dict_pre_hook`` is public from torch 2.5; torch 2.4 has the same
+    hook (module first) under ``_register_load_state_dict_pre_hook(..., with_module=True)``.
+    """
+    hook = reference_key_hook(filter_fn)
+    if hasattr(module, "register_load_state_dict_pre_hook"):
+        module.register_load_state_dict_pre_hook(hook)
+    else:  # torch 2.4
+        module._register_load_state_dict_pre_hook(hook, with_module=True)
+
+
 def _resolve_in_channels(kwargs: dict) -> None:
     """Make timm's ``in_chans`` and our ``in_channels`` one argument (in place)."""
     if "in_chans" not in kwargs:

@@ -26,7 +26,7 @@ from cmrf.layers import (
     maxpool_type,
 )
 from cmrf.models._base import SegmentationModel, zoo_cfg
-from cmrf.models._builder import build_model, reference_key_hook, rename_keys
+from cmrf.models._builder import add_reference_key_hook, build_model, rename_keys
 from cmrf.models.registry import register_model
 
 __all__ = ["CMUNeXt", "checkpoint_filter_fn"]
@@ -252,7 +252,7 @@ class CMUNeXt(SegmentationModel):
         self.fusions = nn.ModuleList(FusionConv(2 * dims[i], dims[i], sd) for i in range(4))
         self.head = conv_type(sd)(dims[0], num_classes, 1)
         # Lets load_state_dict take checkpoints saved by the reference code as they are.
-        self.register_load_state_dict_pre_hook(reference_key_hook(checkpoint_filter_fn))
+        add_reference_key_hook(self, checkpoint_filter_fn)
         self._init_cfg("cmunext")
 
     @property

@@ -21,7 +21,7 @@ from cmrf.layers import (
     maxpool_type,
 )
 from cmrf.models._base import SegmentationModel, zoo_cfg
-from cmrf.models._builder import build_model, reference_key_hook, rename_keys
+from cmrf.models._builder import add_reference_key_hook, build_model, rename_keys
 from cmrf.models.registry import register_model
 from cmrf.ops.upsample import is_exporting, upsample_to
 
@@ -144,7 +144,7 @@ class TinyUNet(SegmentationModel):
         self.decoders = nn.ModuleList(block(b + c, c) for b, c in zip(below, channels))
         self.head = conv_type(spatial_dims)(channels[0], num_classes, 1)
         # Lets load_state_dict take checkpoints saved by the reference code as they are.
-        self.register_load_state_dict_pre_hook(reference_key_hook(checkpoint_filter_fn))
+        add_reference_key_hook(self, checkpoint_filter_fn)
         self._init_cfg({2: "tinyunet", 3: "tinyunet3d"}.get(spatial_dims))
 
     @property

@@ -19,7 +19,8 @@ Dispatch rules, in order:
    that do not qualify (3-D volumes, a conv with bias, ...) run the reference with a warning that
    gives the reason, never silently.
 
-Tracing: whether Triton is installed is computed once at import (``TRITON_AVAILABLE``). The two
+Tracing: whether a Triton the kernels support (``MIN_TRITON`` or newer) is installed is computed
+once at import (``TRITON_AVAILABLE``), from package metadata, without importing Triton. The two
 environment variables are read by functions marked ``torch.compiler.assume_constant_result``:
 eager calls read them at every call, while ``torch.compile`` evaluates them once while tracing and
 bakes the result into the graph (no graph break; changing ``CMRF_FUSED`` after compiling needs a
@@ -29,8 +30,10 @@ new ``torch.compile``).
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import os
+import re
 import sys
 import threading
 import warnings
@@ -114,13 +117,56 @@ def fused_mode(fused: bool | None = None) -> str:
     return mode
 
 
+# The oldest Triton the kernels are built and tested for (the ``fused`` extra asks for it). Older
+# releases, such as the Triton 3.0 that torch 2.4's wheels bring, count as missing: the cascade
+# then runs the PyTorch reference instead of failing in the kernels' module.
+MIN_TRITON = (3, 6)
+# Distributions that install the ``triton`` module (PyPI's, PyTorch's nightly and ROCm builds).
+_TRITON_DISTRIBUTIONS = ("triton", "pytorch-triton", "pytorch-triton-rocm", "triton-rocm")
+
+
+def installed_triton_version() -> tuple[int, int] | None:
+    """``(major, minor)`` of the installed Triton, read from its package metadata without importing it.
+
+    ``None`` when no ``triton`` module is installed; ``MIN_TRITON`` when the module exists but no
+    known distribution's metadata names its version (a source build): it is given the benefit of
+    the doubt.
+    """
+    if importlib.util.find_spec("triton") is None:
+        return None
+    for name in _TRITON_DISTRIBUTIONS:
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        match = re.match(r"(\d+)\.(\d+)", version)
+        if match:
+            return int(match[1]), int(match[2])
+    return MIN_TRITON
+
+
 # Checked once, without importing Triton: find_spec inside traced code breaks Dynamo's graph (torch 2.11).
-TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+TRITON_VERSION = installed_triton_version()
+TRITON_AVAILABLE = TRITON_VERSION is not None and TRITON_VERSION >= MIN_TRITON
 
 
 def triton_available() -> bool:
-    """Whether Triton is installed (``TRITON_AVAILABLE``, checked once at import)."""
+    """Whether a Triton the kernels support (``MIN_TRITON`` or newer) is installed.
+
+    ``TRITON_AVAILABLE``, checked once at import.
+    """
     return TRITON_AVAILABLE
+
+
+def triton_missing_reason() -> str:
+    """Why ``triton_available()`` is false, for error messages ("" when it is true)."""
+    if TRITON_AVAILABLE:
+        return ""
+    wanted = ".".join(map(str, MIN_TRITON))
+    if TRITON_VERSION is None:
+        return f"Triton is not installed (the fused kernels need Triton >= {wanted})"
+    found = ".".join(map(str, TRITON_VERSION))
+    return f"the installed Triton {found} is older than {wanted}, which the fused kernels need"
 
 
 @torch.compiler.assume_constant_result
@@ -190,8 +236,9 @@ def check_fused_device(y: torch.Tensor) -> None:
     """Raise ``FusedUnavailableError`` unless Triton can run on ``y``'s device here."""
     if not triton_available():
         raise FusedUnavailableError(
-            "the fused CMRF cascade was forced (CMRF_FUSED=1 or fused=True) but Triton is not installed; "
-            "install triton for CUDA, or set CMRF_FUSED=0 / fused=False to use the PyTorch reference"
+            f"the fused CMRF cascade was forced (CMRF_FUSED=1 or fused=True) but {triton_missing_reason()}; "
+            f"install triton>={'.'.join(map(str, MIN_TRITON))} for CUDA (pip install 'cmrf[fused]'), "
+            "or set CMRF_FUSED=0 / fused=False to use the PyTorch reference"
         )
     if y.is_cuda:
         return
