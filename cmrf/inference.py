@@ -50,7 +50,7 @@ from torch import nn
 from cmrf.layers import CMRF, ConvNorm, conv_type
 from cmrf.models.tinyunet import TinyUNet
 from cmrf.ops.cascade import interpreter_enabled, triton_available, triton_missing_reason
-from cmrf.ops.upsample import cubic_weights, is_exporting
+from cmrf.ops.upsample import cubic_weights, is_exporting, pad_replicate
 
 __all__ = [
     "PATHS",
@@ -247,7 +247,12 @@ def upsample_bicubic2x(x: torch.Tensor, kernel: torch.Tensor | None = None) -> t
     channels = x.shape[1]
     if kernel is None:
         kernel = _bicubic2x_kernel(x.dtype, x.device).repeat(channels, 1, 1, 1)
-    phases = F.conv2d(F.pad(x, (2, 2, 2, 2), mode="replicate"), kernel, groups=channels)
+    if x.device.type == "cpu" and x.dtype == torch.float16 and not _tracing():
+        # torch 2.4 has no fp16 replicate padding on the CPU; a cat of border slices is the same copy.
+        padded = pad_replicate(pad_replicate(x, 2, 2), 3, 2)
+    else:
+        padded = F.pad(x, (2, 2, 2, 2), mode="replicate")
+    phases = F.conv2d(padded, kernel, groups=channels)
     return F.pixel_shuffle(phases, 2)
 
 

@@ -174,7 +174,7 @@ def is_exact_2x(in_sizes: Sequence, out_sizes: Sequence) -> bool:
 # --- formulations ----------------------------------------------------------------------------
 
 
-def _pad_replicate(x: torch.Tensor, dim: int, pad: int) -> torch.Tensor:
+def pad_replicate(x: torch.Tensor, dim: int, pad: int) -> torch.Tensor:
     """``pad`` copies of the first and last slice along ``dim`` around ``x`` (a ``cat``: its
     backward is slicing plus a sum, unlike ``F.pad(mode="replicate")``'s scatter on CUDA)."""
     n = x.shape[dim]
@@ -186,7 +186,7 @@ def _separable_axis(x: torch.Tensor, dim: int, kind: str) -> torch.Tensor:
     """x2 along ``dim`` (non-negative) as weighted sums of shifted slices, phases interleaved."""
     pad, phases = _PHASES[kind]
     n = x.shape[dim]
-    padded = _pad_replicate(x, dim, pad)
+    padded = pad_replicate(x, dim, pad)
     outs = []
     for start, weights in phases:
         acc = padded.narrow(dim, pad + start, n) * weights[0]
@@ -275,7 +275,7 @@ def _upsample_conv_bicubic(x: torch.Tensor) -> torch.Tensor:
     channels = x.shape[1]
     key = ("conv", channels, x.device, x.dtype)
     kernel = _cached(key, lambda: _bicubic_kernel(channels, x.device, x.dtype))
-    padded = _pad_replicate(_pad_replicate(x, 2, 2), 3, 2)
+    padded = pad_replicate(pad_replicate(x, 2, 2), 3, 2)
     return F.pixel_shuffle(F.conv2d(padded, kernel, groups=channels), 2)
 
 
