@@ -9,6 +9,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+# cmrf.export_onnx refuses torch older than 2.5 (no dynamo exporter); tests that export skip there.
+requires_onnx_exporter = pytest.mark.skipif(
+    tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 5),
+    reason=f"ONNX export needs torch >= 2.5, this is {torch.__version__}",
+)
+
 GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 
 # CI runs on 2 cores: keep property tests small and free of deadlines (timings are noisy).

@@ -13,7 +13,7 @@ import torch
 import cmrf
 from cmrf.cli import main
 from cmrf.train.state import model_metadata
-from tests.conftest import golden_state_dict, load_golden
+from tests.conftest import golden_state_dict, load_golden, requires_onnx_exporter
 
 SMALL = ["tinyunet", "--channels", "16", "32", "--N", "4", "--input-size", "1", "3", "32", "32"]
 
@@ -25,6 +25,7 @@ def _one_error_line(err: str, command: str = "export") -> str:
     return lines[0]
 
 
+@requires_onnx_exporter
 def test_full_disk_halfway_keeps_the_previous_onnx_file(tmp_path, monkeypatch, capsys):
     out = tmp_path / "x.onnx"
     out.write_bytes(b"a previous, good graph" * 100)
@@ -43,6 +44,7 @@ def test_full_disk_halfway_keeps_the_previous_onnx_file(tmp_path, monkeypatch, c
     assert os.listdir(tmp_path) == ["x.onnx"]  # no temporary file left behind
 
 
+@requires_onnx_exporter
 def test_exporter_failure_keeps_the_previous_file_and_leaves_no_zero_byte_file(tmp_path, monkeypatch):
     def failing_export(model, args, f, **kwargs):
         open(f, "wb").close()
@@ -54,6 +56,7 @@ def test_exporter_failure_keeps_the_previous_file_and_leaves_no_zero_byte_file(t
     assert os.listdir(tmp_path) == []
 
 
+@requires_onnx_exporter
 def test_output_in_a_read_only_folder_is_one_line(tmp_path, monkeypatch, capsys):
     """mkstemp fails first in a read-only folder; the line names the requested file, not a temp one."""
     import tempfile
@@ -67,6 +70,7 @@ def test_output_in_a_read_only_folder_is_one_line(tmp_path, monkeypatch, capsys)
     assert _one_error_line(capsys.readouterr().err) == f"cmrf export: error: {out}: Read-only file system"
 
 
+@requires_onnx_exporter
 def test_output_under_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert main(["export", "onnx", *SMALL, "-o", str(tmp_path / "file" / "x.onnx")]) == 2
@@ -76,6 +80,7 @@ def test_output_under_a_file_is_one_line(tmp_path, capsys):
 # --- SegNet: max-unpooling cannot follow a dynamic size ----------------------------------------
 
 
+@requires_onnx_exporter
 def test_segnet_dynamic_export_is_refused_with_the_reason(tmp_path):
     path = tmp_path / "segnet.onnx"
     with pytest.raises(ValueError, match=r"dynamic=True cannot export SegNet: its max-unpooling \(unpool\)"):
@@ -83,6 +88,7 @@ def test_segnet_dynamic_export_is_refused_with_the_reason(tmp_path):
     assert not path.exists()
 
 
+@requires_onnx_exporter
 def test_segnet_dynamic_export_cli_is_one_line(tmp_path, capsys):
     argv = ["export", "onnx", "segnet", "--dynamic", "--input-size", "1", "3", "64", "64"]
     argv += ["-o", str(tmp_path / "segnet.onnx")]
@@ -156,6 +162,7 @@ def test_torch_without_the_dynamo_exporter_is_one_line(tmp_path, monkeypatch, ca
     assert os.listdir(tmp_path) == []
 
 
+@requires_onnx_exporter
 def test_a_dynamic_export_with_fixed_sizes_is_refused_and_the_previous_file_kept(tmp_path, monkeypatch):
     """torch 2.6's exporter ignores dynamic_shapes for TinyU-Net: the file would fail at any other size."""
     pytest.importorskip("onnx")

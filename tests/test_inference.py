@@ -13,7 +13,7 @@ from cmrf import CMRF, TinyUNet, export_onnx, optimize_for_inference, save_weigh
 from cmrf.cli import main as cli_main
 from cmrf.inference import InferenceCMRF, fold_conv_norm, max_pool2x, upsample_bicubic2x
 from cmrf.layers import ConvNorm
-from tests.conftest import golden_state_dict, load_golden
+from tests.conftest import golden_state_dict, load_golden, requires_onnx_exporter
 
 TOL = 1e-4
 
@@ -185,6 +185,7 @@ def small_unet():
     return _randomise_batchnorm(TinyUNet(channels=(16, 32, 64), N=4)).eval()
 
 
+@requires_onnx_exporter
 def test_onnx_dynamic_batch_and_size_matches_pytorch(small_unet, tmp_path):
     path = export_onnx(small_unet, tmp_path / "unet.onnx", (1, 3, 32, 32), dynamic=True)
     for shape in [(1, 3, 32, 32), (2, 3, 24, 40)]:
@@ -194,6 +195,7 @@ def test_onnx_dynamic_batch_and_size_matches_pytorch(small_unet, tmp_path):
         assert _max_diff(_run_onnx(path, x), expected) < TOL
 
 
+@requires_onnx_exporter
 def test_onnx_cli_static_odd_size_with_checkpoint(small_unet, tmp_path, capsys):
     weights = tmp_path / "weights.safetensors"
     save_weights(small_unet, weights)
@@ -208,6 +210,7 @@ def test_onnx_cli_static_odd_size_with_checkpoint(small_unet, tmp_path, capsys):
     assert _max_diff(_run_onnx(out, x), expected) < TOL
 
 
+@requires_onnx_exporter
 def test_onnx_dynamic_needs_multiples_of_min_size(small_unet, tmp_path):
     with pytest.raises(ValueError, match="multiples of 8"):
         export_onnx(small_unet, tmp_path / "x.onnx", (1, 3, 36, 32), dynamic=True)

@@ -28,7 +28,7 @@ from cmrf.inference import (  # noqa: E402
     choose_path,
     run_in_bands,
 )
-from tests.conftest import golden_state_dict, load_golden  # noqa: E402
+from tests.conftest import golden_state_dict, load_golden, requires_onnx_exporter  # noqa: E402
 from tests.test_inference import _max_diff, _randomise_batchnorm  # noqa: E402
 
 TOL = 1e-4
@@ -216,6 +216,7 @@ def test_tracing_uses_plain_operators(small_unet):
         assert _max_diff(compiled(x), small_unet(x)) < TOL
 
 
+@requires_onnx_exporter
 def test_onnx_export_of_optimized_model(small_unet, tmp_path):
     """The CPU graph (parity reordered, bands) exports as plain operators (the plain path's own)."""
     ort = pytest.importorskip("onnxruntime")

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import cmrf.ops.upsample as up
 from cmrf import TinyUNet
 from cmrf.ops.upsample import METHODS, choose_method, upsample_to, use_method
+from tests.conftest import requires_onnx_exporter
 
 FAST = [m for m in METHODS if m != "interpolate"]
 # (mode, input shape): odd sides, 1x1 and 2x2 inputs where every tap is clamped to the border.
@@ -257,6 +258,7 @@ def test_dynamic_export_from_the_documented_minimum(sides):
             torch.testing.assert_close(ep.module()(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+@requires_onnx_exporter
 def test_onnx_export_of_the_plain_model_matches_onnxruntime(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     from cmrf import export_onnx
