@@ -15,6 +15,23 @@ requires_onnx_exporter = pytest.mark.skipif(
     reason=f"ONNX export needs torch >= 2.5, this is {torch.__version__}",
 )
 
+# Triton 3.6's CPU interpreter cannot run the fused kernels' persistent tile loop (docs/fused.md);
+# 3.8 can. Compiled on a GPU, 3.6 runs them.
+MIN_TRITON_INTERPRETER = (3, 8)
+
+
+def fused_interpreter_problem() -> str | None:
+    """Why the fused kernels cannot run in this process's Triton interpreter, or ``None``."""
+    from cmrf.ops.cascade import TRITON_VERSION, interpreter_enabled
+
+    if torch.cuda.is_available() or not interpreter_enabled() or TRITON_VERSION is None:
+        return None
+    if TRITON_VERSION < MIN_TRITON_INTERPRETER:
+        found, wanted = (".".join(map(str, v)) for v in (TRITON_VERSION, MIN_TRITON_INTERPRETER))
+        return f"Triton {found}'s CPU interpreter cannot run the fused kernels (tested: {wanted} can)"
+    return None
+
+
 GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
 
 # CI runs on 2 cores: keep property tests small and free of deadlines (timings are noisy).

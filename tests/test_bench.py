@@ -272,9 +272,10 @@ def test_compile_row_is_compared_and_timed(monkeypatch):
 
 def test_cascade_rows_run_in_the_interpreter_check_only():
     from cmrf.ops.cascade import triton_available
+    from tests.conftest import fused_interpreter_problem
 
-    if not triton_available():
-        pytest.skip("no Triton the fused kernels support")
+    if not triton_available() or fused_interpreter_problem():
+        pytest.skip("no Triton that runs the fused kernels here")
     if torch.cuda.is_available():
         pytest.skip("on CUDA the cascade rows are timed at full size (the GPU check script runs them)")
     settings = resolve_settings("cpu", rows=("cascade.eval", "cascade.train.b1.L3"), N=2, **TINY)

@@ -39,9 +39,12 @@ from cmrf.ops.cascade import (
     triton_available,
     triton_missing_reason,
 )
+from tests.conftest import fused_interpreter_problem
 
 if not triton_available():
     pytest.skip(f"no fused kernels here: {triton_missing_reason()}", allow_module_level=True)
+if fused_interpreter_problem():
+    pytest.skip(fused_interpreter_problem(), allow_module_level=True)
 from cmrf.ops import fused_cascade, triton_cascade  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

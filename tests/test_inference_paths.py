@@ -28,7 +28,12 @@ from cmrf.inference import (  # noqa: E402
     choose_path,
     run_in_bands,
 )
-from tests.conftest import golden_state_dict, load_golden, requires_onnx_exporter  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    fused_interpreter_problem,
+    golden_state_dict,
+    load_golden,
+    requires_onnx_exporter,
+)
 from tests.test_inference import _max_diff, _randomise_batchnorm  # noqa: E402
 
 TOL = 1e-4
@@ -39,7 +44,7 @@ TOL_16BIT = {torch.bfloat16: 0.02, torch.float16: 0.005}
 
 
 def _fused_runs_here() -> bool:
-    if not inference.triton_available():
+    if not inference.triton_available() or fused_interpreter_problem():
         return False
     from cmrf.ops import triton_cascade
 
@@ -47,7 +52,8 @@ def _fused_runs_here() -> bool:
 
 
 needs_fused = pytest.mark.skipif(
-    not _fused_runs_here(), reason="Triton missing, or imported without TRITON_INTERPRET=1 in this process"
+    not _fused_runs_here(),
+    reason="no Triton that runs the kernels here (missing, too old, or imported without TRITON_INTERPRET=1)",
 )
 PATH_PARAMS = ["onednn", "plain", pytest.param("fused", marks=needs_fused)]
 

@@ -68,3 +68,17 @@ def test_available_triton_has_no_reason():
         assert cascade.TRITON_VERSION >= cascade.MIN_TRITON
     else:
         assert cascade.triton_missing_reason()
+
+
+def test_interpreter_tests_need_a_recent_triton(monkeypatch):
+    from tests.conftest import fused_interpreter_problem
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cascade, "TRITON_VERSION", (3, 6))
+    assert "Triton 3.6's CPU interpreter" in fused_interpreter_problem()
+    monkeypatch.setattr(cascade, "TRITON_VERSION", (3, 8))
+    assert fused_interpreter_problem() is None
+    monkeypatch.setattr(cascade, "TRITON_VERSION", (3, 6))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # compiled kernels: 3.6 is fine
+    assert fused_interpreter_problem() is None
