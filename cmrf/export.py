@@ -62,8 +62,8 @@ def _check_exporter() -> None:
 def _check_dynamic_axes(path: Path, rank: int) -> None:
     """Refuse a "dynamic" file whose input sizes the exporter fixed to the example's.
 
-    Some torch releases (2.6 among them) ignore ``dynamic_shapes`` for this model and write fixed
-    sizes; ONNX Runtime then refuses every other size. Better no file than one that lies.
+    Some torch releases ignore part of ``dynamic_shapes`` and write fixed sizes (2.6 fixes the batch
+    of TinyU-Net); ONNX Runtime then refuses every other size. Better no file than one that lies.
     """
     import onnx
 
