@@ -170,6 +170,32 @@ def test_evaluate_json_on_a_full_disk_keeps_the_previous_file(run_checkpoint, tm
     assert sorted(os.listdir(tmp_path)) == ["best.safetensors", "scores.json"]
 
 
+def test_cpu_evaluate_runs_frozen_graphs_and_gives_the_same_scores(run_checkpoint, tmp_path, monkeypatch):
+    """By default evaluate runs optimize_for_inference(freeze=True) on the CPU (a graph per batch
+    shape); --no-optimize runs the loaded model. The scores agree."""
+    from cmrf.inference import FrozenCPUInference
+
+    builds = []
+    original_build = FrozenCPUInference._build
+
+    def counting_build(self, x):
+        builds.append(tuple(x.shape))
+        return original_build(self, x)
+
+    monkeypatch.setattr(FrozenCPUInference, "_build", counting_build)
+    scores = {}
+    for flags in ([], ["--no-optimize"]):
+        out = tmp_path / f"scores{len(flags)}.json"
+        args = ["evaluate", str(run_checkpoint), "--device", "cpu", "--batch-size", "3", "--json", str(out)]
+        assert main([*args, *flags]) == 0
+        scores[len(flags)] = json.loads(out.read_text())
+        assert builds and all(shape[1:] == (3, 32, 32) for shape in builds)
+        assert len(builds) <= 2  # full batches and a last, smaller one; nothing built by --no-optimize
+    assert scores[0].keys() == scores[1].keys()
+    for key, value in scores[0].items():
+        assert value == (pytest.approx(scores[1][key]) if isinstance(value, float) else scores[1][key]), key
+
+
 def test_evaluate_takes_a_reference_checkpoint(tmp_path, capsys):
     from tests.conftest import golden_state_dict, load_golden
 

@@ -158,7 +158,7 @@ def test_cpu_predict_runs_one_frozen_graph_and_same_masks(checkpoint, images, tm
 
 
 def test_inference_model_keeps_models_it_cannot_speed_up():
-    from cmrf.cli.predict import inference_model
+    from cmrf.cli.model_args import inference_model
 
     cpu = torch.device("cpu")
     plain = torch.nn.Conv2d(3, 2, 1)
@@ -167,3 +167,5 @@ def test_inference_model_keeps_models_it_cannot_speed_up():
     assert inference_model(tiny, cpu, optimize=False) is tiny
     assert inference_model(tiny.double(), cpu) is tiny  # not fp32
     assert type(inference_model(tiny.float(), cpu)).__name__ == "FrozenCPUInference"
+    volume = cmrf.TinyUNet(channels=(16, 32), N=4, spatial_dims=3)
+    assert inference_model(volume, cpu) is volume  # 2D only

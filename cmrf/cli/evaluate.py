@@ -7,7 +7,12 @@ from pathlib import Path
 
 from cmrf.cli.common import add_runtime_arguments
 from cmrf.cli.data_args import add_data_arguments, data_options
-from cmrf.cli.model_args import add_checkpoint_model_arguments, checkpoint_model_options
+from cmrf.cli.model_args import (
+    add_checkpoint_model_arguments,
+    add_optimize_argument,
+    checkpoint_model_options,
+    inference_model,
+)
 from cmrf.train.setup import model_from_checkpoint, torch_threads
 
 
@@ -39,6 +44,7 @@ def build(parser: argparse.ArgumentParser):
     add_runtime_arguments(parser, seed_default=None)
     _data_arguments_from_checkpoint(parser)
     add_checkpoint_model_arguments(parser, num_classes=False)  # --num-classes is the data flag's
+    add_optimize_argument(parser, "scores")
     parser.epilog = (
         "Data flags default to the ones the checkpoint was trained with. A bare state dict (e.g. a "
         "reference-code .pth) needs --model and the data flags; --num-classes and --in-chans are read "
@@ -73,7 +79,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"the {args.split} split is empty; choose another with --split")
     device = resolve_device(args.device)
     loader = eval_loader(dataset, args.batch_size, args.workers, Processes(), device=device)
-    scores = evaluate_model(model.to(device), loader, bundle.num_classes, list(bundle.class_names), device)
+    # Two input shapes at most: full batches and a last, smaller one.
+    model = inference_model(model.to(device), device, args.optimize, max_graphs=2)
+    scores = evaluate_model(model, loader, bundle.num_classes, list(bundle.class_names), device)
     scores = {**scores, "split": args.split, "images": len(dataset), "checkpoint": str(args.checkpoint)}
     print(format_table(scores, f"{args.split} split ({len(dataset)} images), {args.checkpoint}"))
     if args.json_out:

@@ -1,10 +1,12 @@
 """Flags that say which registry model to build: by name (``profile``, ``export``) or, for a
 checkpoint that cannot say (a reference ``.pth``), beside the checkpoint (``evaluate``, ``predict``,
-``export``)."""
+``export``); and the module that ``evaluate`` and ``predict`` run (``inference_model``)."""
 
 from __future__ import annotations
 
 import argparse
+
+import torch
 
 from cmrf.cli.common import positive_int
 
@@ -79,3 +81,36 @@ def checkpoint_model_options(args: argparse.Namespace) -> dict:
         "in_chans": args.in_chans,
         "model_kwargs": constructor_kwargs(args),
     }
+
+
+def add_optimize_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--no-optimize`` (``args.optimize``, default ``True``) for commands that only run the model."""
+    parser.add_argument(
+        "--no-optimize", dest="optimize", action="store_false",
+        help=f"run the model as loaded; by default 2D CMRF models on the CPU run through "
+             f"optimize_for_inference(freeze=True), which gives the same {what} faster",
+    )
+
+
+def inference_model(
+    model: torch.nn.Module, device: torch.device, optimize: bool = True, max_graphs: int = 2
+) -> torch.nn.Module:
+    """The module ``cmrf predict`` and ``cmrf evaluate`` run: ``model``, or its optimized form on the CPU.
+
+    These commands feed the network one or two input shapes (one image size; a last, smaller
+    batch), so on the CPU an fp32 2D model holding CMRF blocks runs through
+    ``optimize_for_inference(freeze=True, max_graphs=max_graphs)``: a frozen graph per shape,
+    built on its first batch (about a second), gives the same outputs to float rounding several
+    times faster (docs/inference.md). On CUDA the model runs as loaded: the optimized GPU paths
+    are not yet measured on a GPU. Volumes (3D), models without CMRF blocks, other dtypes and
+    ``optimize=False`` run as loaded too.
+    """
+    from cmrf.inference import optimize_for_inference
+    from cmrf.layers import CMRF
+
+    first = next(iter(model.parameters()), None)
+    fp32_cpu = device.type == "cpu" and first is not None and first.dtype == torch.float32
+    blocks = [m for m in model.modules() if isinstance(m, CMRF)]
+    if not optimize or not fp32_cpu or not blocks or any(b.spatial_dims != 2 for b in blocks):
+        return model.eval()
+    return optimize_for_inference(model, freeze=True, max_graphs=max_graphs)

@@ -23,10 +23,16 @@ from pathlib import Path
 
 import torch
 
-from cmrf.cli.model_args import add_checkpoint_model_arguments, checkpoint_model_options, positive_int
+from cmrf.cli.model_args import (
+    add_checkpoint_model_arguments,
+    add_optimize_argument,
+    checkpoint_model_options,
+    inference_model,
+    positive_int,
+)
 from cmrf.train.setup import model_from_checkpoint
 
-__all__ = ["build", "inference_model", "output_stems", "run_predict"]
+__all__ = ["build", "output_stems", "run_predict"]
 
 
 def _image_files(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -77,9 +83,7 @@ def build(parser: argparse.ArgumentParser):
                         help="network input side (default: the run's, 256 for a bare state dict)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--no-overlays", dest="overlays", action="store_false", help="write only the masks")
-    parser.add_argument("--no-optimize", dest="optimize", action="store_false",
-                        help="run the model as loaded; by default CMRF models on the CPU run through "
-                             "optimize_for_inference(freeze=True), which gives the same masks faster")
+    add_optimize_argument(parser, "masks")
     add_checkpoint_model_arguments(parser)
     parser.epilog = (
         "Unreadable inputs are reported and skipped; exit status 1 if any input failed. Stems that collide "
@@ -107,25 +111,6 @@ def _check_model_fits_images(meta: dict, checkpoint) -> None:
         )
 
 
-def inference_model(model: torch.nn.Module, device: torch.device, optimize: bool = True) -> torch.nn.Module:
-    """The module ``cmrf predict`` runs: ``model`` itself, or its optimized form on the CPU.
-
-    Every image is resized to one input size, so on the CPU an fp32 model holding CMRF blocks
-    runs through ``optimize_for_inference(freeze=True)``: one frozen graph, built on the first
-    image (about a second), gives the same outputs to float rounding several times faster
-    (docs/inference.md). On CUDA the model runs as loaded: the optimized GPU paths are not yet
-    measured on a GPU. Models without CMRF blocks, and ``optimize=False``, run as loaded.
-    """
-    from cmrf.inference import optimize_for_inference
-    from cmrf.layers import CMRF
-
-    first = next(iter(model.parameters()), None)
-    fp32_cpu = device.type == "cpu" and first is not None and first.dtype == torch.float32
-    if not optimize or not fp32_cpu or not any(isinstance(m, CMRF) for m in model.modules()):
-        return model.eval()
-    return optimize_for_inference(model, freeze=True, max_graphs=1)
-
-
 @torch.no_grad()
 def run_predict(args: argparse.Namespace) -> int:
     from cmrf.data import denormalize, image_size, load_image, save_mask_png
@@ -139,7 +124,7 @@ def run_predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
-    model = inference_model(model.to(device), device, args.optimize)
+    model = inference_model(model.to(device), device, args.optimize, max_graphs=1)  # one image size
     for path, reason in problems:
         _report(path, reason)
     failed, written = len(problems), 0
