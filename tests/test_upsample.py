@@ -281,3 +281,31 @@ def test_measure_reports_every_method():
     assert table.count("\n") == 1 + len(METHODS) and "| (1, 2, 3, 4) | float32 | matmul |" in table
     expected = [(16, 512, 16, 16), (16, 512, 32, 32), (16, 256, 64, 64), (16, 128, 128, 128)]
     assert up.decoder_shapes(16) == expected
+
+
+def test_is_exporting_is_true_under_torch_export_only(monkeypatch):
+    """Export and compile get different upsampling choices, so they must be told apart. Dynamo in
+    torch 2.11 folds torch.compiler.is_exporting() to True under torch.compile: is_exporting()
+    reads the flag instead (simulated here by making the function lie)."""
+    from cmrf.ops.upsample import is_exporting
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(is_exporting())
+            return x + 1
+
+    x = torch.randn(2, 3)
+    assert not is_exporting()
+    torch.compile(Probe(), backend="eager", fullgraph=True)(x)
+    if hasattr(torch.compiler, "is_exporting"):
+        monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)  # what 2.11's Dynamo answers
+        torch._dynamo.reset()
+        torch.compile(Probe(), backend="eager", fullgraph=True)(x)
+        monkeypatch.undo()
+    torch.export.export(Probe(), (x,))
+    if hasattr(torch.compiler, "_is_exporting_flag"):
+        assert seen == [False] * (len(seen) - 1) + [True]
+    else:  # torch 2.4/2.6: no flag to read, torch.export is not seen
+        assert not any(seen)

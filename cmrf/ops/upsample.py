@@ -141,13 +141,19 @@ def use_method(method: str):
 
 
 def is_exporting() -> bool:
-    """Whether ``torch.export`` or an ONNX export is tracing.
+    """Whether ``torch.export`` or an ONNX export is tracing (``False`` under ``torch.compile``).
 
-    ``torch.compiler.is_exporting`` exists from torch 2.6; on older releases only the ONNX
-    exporter is seen (the exact-2x rule then adds shape guards to a ``torch.export`` graph).
+    Reads the flag behind ``torch.compiler.is_exporting`` rather than calling it: Dynamo in
+    torch 2.11 folds that call to ``True`` while ``torch.compile`` traces (checked; 2.14 does
+    not), which would give compiled models the export choices. Releases without the flag or
+    ``torch.compiler.is_exporting`` (2.4 and 2.6, checked) see only the ONNX exporter (the
+    exact-2x rule then adds shape guards to a ``torch.export`` graph).
     """
-    torch_export = getattr(torch.compiler, "is_exporting", None)
-    return (torch_export is not None and torch_export()) or torch.onnx.is_in_onnx_export()
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    if flag is None:  # a release without the flag: the public function, where there is one
+        torch_export = getattr(torch.compiler, "is_exporting", None)
+        flag = torch_export is not None and torch_export()
+    return bool(flag) or torch.onnx.is_in_onnx_export()
 
 
 def _tracing() -> bool:
