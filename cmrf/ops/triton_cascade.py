@@ -103,6 +103,19 @@ def _vector_sum(x):
 
 
 @triton.jit
+def _sum_two_planes(base, plane_stride, n, BLOCK: tl.constexpr):
+    """Fixed-order sums of ``base[0:n]`` and ``base[plane_stride:plane_stride + n]`` (deterministic)."""
+    acc0 = tl.full((BLOCK,), 0.0, tl.float32)
+    acc1 = tl.full((BLOCK,), 0.0, tl.float32)
+    for start in range(0, n, BLOCK):
+        index = start + tl.arange(0, BLOCK)
+        valid = index < n
+        acc0 += tl.load(base + index, mask=valid, other=0.0)
+        acc1 += tl.load(base + plane_stride + index, mask=valid, other=0.0)
+    return _vector_sum(acc0), _vector_sum(acc1)
+
+
+@triton.jit
 def _stage_forward_kernel(
     src_ptr, src_off, src_scale_ptr, src_scale_off, src_shift_ptr, src_shift_off, weight_ptr, weight_off,
     dst_ptr, dst_off, dst_scale_ptr, dst_scale_off, dst_shift_ptr, dst_shift_off,
@@ -183,15 +196,8 @@ def _stats_kernel(
     ch64 = ch.to(tl.int64)
     if FROM_PARTIALS:
         base = partial_ptr + ch64 * num_partials
-        count_acc = tl.full((BLOCK,), 0.0, tl.float32)
-        total_acc = tl.full((BLOCK,), 0.0, tl.float32)
-        for start in range(0, num_partials, BLOCK):
-            index = start + tl.arange(0, BLOCK)
-            valid = index < num_partials
-            count_acc += tl.load(base + index, mask=valid, other=0.0)
-            total_acc += tl.load(base + partial_plane + index, mask=valid, other=0.0)
-        n = _vector_sum(count_acc)
-        mean = _vector_sum(total_acc) / n
+        n, total_sum = _sum_two_planes(base, partial_plane, num_partials, BLOCK)
+        mean = total_sum / n
         # Chan: M2 = sum(M2_i + n_i (mean_i - mean)^2), stable for large counts.
         m2_acc = tl.full((BLOCK,), 0.0, tl.float32)
         for start in range(0, num_partials, BLOCK):
@@ -355,15 +361,7 @@ def _backward_reduce_kernel(
             tl.store(grad_weight_ptr + next_w_off + ch * 9 + tap, _vector_sum(acc))
     if HAS_CUR:
         base = stats_partial_ptr + ch64 * num_partials
-        acc_g = tl.full((BLOCK,), 0.0, tl.float32)
-        acc_gx = tl.full((BLOCK,), 0.0, tl.float32)
-        for start in range(0, num_partials, BLOCK):
-            index = start + tl.arange(0, BLOCK)
-            valid = index < num_partials
-            acc_g += tl.load(base + index, mask=valid, other=0.0)
-            acc_gx += tl.load(base + partial_plane + index, mask=valid, other=0.0)
-        sum_g = _vector_sum(acc_g)
-        sum_gx = _vector_sum(acc_gx)
+        sum_g, sum_gx = _sum_two_planes(base, partial_plane, num_partials, BLOCK)
         tl.store(grad_beta_ptr + cur_stage_off + ch, sum_g)
         tl.store(grad_gamma_ptr + cur_stage_off + ch, sum_gx)
         cur_stats = stats_ptr + cur_stage_off + ch
