@@ -88,20 +88,32 @@ def _cached(stages: nn.ModuleList, kind: str, key, build):
     return value
 
 
+def _norms(stages) -> list:
+    """Each stage's BatchNorm, read from ``_modules``.
+
+    The helpers here run at every call; ``nn.Module.__getattr__`` costs about a microsecond per
+    attribute, so the modules' own dicts are read instead (``fused_unsupported_reason`` has checked
+    that the stages are plain ``Conv2d`` + ``BatchNorm2d``, which keep everything there).
+    """
+    return [stage._modules["norm"] for stage in stages]
+
+
+def _conv_weights(stages) -> list:
+    return [stage._modules["conv"]._parameters["weight"] for stage in stages]
+
+
 def _params(stages) -> list:
     """Conv weight, BatchNorm weight and bias of every stage, flat (``None`` where not affine)."""
     tensors = []
-    for stage in stages:
-        norm = stage.norm
-        tensors += (stage.conv.weight, norm.weight, norm.bias)
+    for weight, norm in zip(_conv_weights(stages), _norms(stages)):
+        tensors += (weight, norm._parameters["weight"], norm._parameters["bias"])
     return tensors
 
 
 def _buffers(stages) -> list:
     tensors = []
-    for stage in stages:
-        norm = stage.norm
-        tensors += (norm.running_mean, norm.running_var)
+    for norm in _norms(stages):
+        tensors += (norm._buffers["running_mean"], norm._buffers["running_var"])
     return tensors
 
 
@@ -154,7 +166,7 @@ def _folded(stages, c: int, y: torch.Tensor, use_cache: bool):
 
     key = None
     if use_cache:
-        key = _key(y, _params(stages) + _buffers(stages), tuple(stage.norm.eps for stage in stages))
+        key = _key(y, _params(stages) + _buffers(stages), tuple(norm.eps for norm in _norms(stages)))
     return _cached(stages, "folded", key, build)
 
 
@@ -168,10 +180,11 @@ def _update_running_stats(norms, stats: torch.Tensor) -> None:
     with torch.no_grad():
         means = stats[_tc.MEAN].unbind(0)
         variances = stats[_tc.UNBIASED_VAR].unbind(0)
-        counters = [norm.num_batches_tracked for norm in norms]
+        buffers = [norm._buffers for norm in norms]  # not norm.<name>: see _norms
+        counters = [b["num_batches_tracked"] for b in buffers]
         torch._foreach_add_(counters, 1)
-        running_means = [norm.running_mean for norm in norms]
-        running_vars = [norm.running_var for norm in norms]
+        running_means = [b["running_mean"] for b in buffers]
+        running_vars = [b["running_var"] for b in buffers]
         momenta = {norm.momentum for norm in norms}
         fp32 = all(t.dtype == torch.float32 for t in running_means + running_vars)
         if fp32 and len(momenta) == 1 and None not in momenta:
@@ -182,8 +195,9 @@ def _update_running_stats(norms, stats: torch.Tensor) -> None:
             torch._foreach_mul_(running_vars, 1 - momentum)
             torch._foreach_add_(running_vars, variances, alpha=momentum)
             return
-        for norm, counter, mean, var in zip(norms, counters, means, variances):
-            running_mean, running_var = norm.running_mean, norm.running_var
+        for norm, counter, mean, var, running_mean, running_var in zip(
+            norms, counters, means, variances, running_means, running_vars
+        ):
             if norm.momentum is None:
                 # Cumulative average: factor 1 / num_batches_tracked, kept on the device (PyTorch
                 # itself reads the counter back with float(); we never do).
@@ -215,18 +229,18 @@ def cascade_concat_fused(y: torch.Tensor, stages) -> torch.Tensor:
         ValueError: training-mode BatchNorm with one value per channel (as PyTorch).
     """
     c = y.shape[1] // 2
-    norms = [stage.norm for stage in stages]
+    norms = _norms(stages)
     first = norms[0]
-    use_batch_stats = first.training or first.running_mean is None
+    use_batch_stats = first.training or first._buffers["running_mean"] is None
     if use_batch_stats and y.shape[0] * y.shape[2] * y.shape[3] <= 1:
         raise ValueError(
             f"BatchNorm needs more than 1 value per channel when training, got input size {tuple(y.shape)}"
         )
     use_cache = _caching_allowed(y)
-    params = [stage.conv.weight for stage in stages]
+    params = _conv_weights(stages)
     affine_stages = tuple(index for index, norm in enumerate(norms) if norm.affine)
     for index in affine_stages:
-        params += [norms[index].weight, norms[index].bias]
+        params += [norms[index]._parameters["weight"], norms[index]._parameters["bias"]]
     needs_grad = torch.is_grad_enabled() and (y.requires_grad or any(p.requires_grad for p in params))
     if not (needs_grad or use_batch_stats):
         # Inference: BatchNorm folded into each conv, one launch, no intermediate tensor.

@@ -523,11 +523,25 @@ def force_config(config: TileConfig):
         _forced[config.mode] = previous
 
 
+def _next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``).
+
+    Plain integer arithmetic: ``triton.next_power_of_2`` and ``triton.cdiv`` are ``@triton.jit``
+    functions in Triton 3.x, and calling them from the host costs microseconds per call.
+    """
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints (see ``_next_power_of_2``)."""
+    return -(-a // b)
+
+
 def _tile_shape(H: int, W: int, max_w: int | None = None, max_elements: int | None = None) -> tuple[int, int]:
     max_w = MAX_BLOCK_W if max_w is None else max_w
     max_elements = MAX_BLOCK_ELEMENTS if max_elements is None else max_elements
-    block_w = min(max_w, triton.next_power_of_2(W))
-    block_h = min(triton.next_power_of_2(H), max(1, max_elements // block_w))
+    block_w = min(max_w, _next_power_of_2(W))
+    block_h = min(_next_power_of_2(H), max(1, max_elements // block_w))
     return block_h, block_w
 
 
@@ -546,8 +560,8 @@ def eval_tile_shape(H: int, W: int, num_stages: int, max_w: int | None = None,
     max_w = EVAL_MAX_BLOCK_W if max_w is None else max_w
     max_elements = EVAL_MAX_BLOCK_ELEMENTS if max_elements is None else max_elements
     halo = 2 * num_stages
-    block_w = min(max_w, triton.next_power_of_2(W + halo))
-    block_h = min(triton.next_power_of_2(H + halo), max(1, max_elements // block_w))
+    block_w = min(max_w, _next_power_of_2(W + halo))
+    block_h = min(_next_power_of_2(H + halo), max(1, max_elements // block_w))
     for block, extent in ((block_h, H), (block_w, W)):
         tile = block - halo
         if tile < 1 or (tile < extent and 2 * tile < block):
@@ -619,7 +633,7 @@ def _output_memory_format(y: torch.Tensor) -> torch.memory_format:
 
 
 def _grid(B: int, C: int, H: int, W: int, block_h: int, block_w: int) -> tuple[int, int, int]:
-    return (B * C, triton.cdiv(H, block_h), triton.cdiv(W, block_w))
+    return (B * C, _cdiv(H, block_h), _cdiv(W, block_w))
 
 
 def _parity_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
@@ -675,8 +689,8 @@ def eval_cascade(y: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     if config.single_launch:
         # One launch for all stages; intermediates never leave the program's scratch.
         block_h, block_w = config.block_h, config.block_w
-        n_tiles_h = triton.cdiv(H, block_h - 2 * S)
-        n_tiles_w = triton.cdiv(W, block_w - 2 * S)
+        n_tiles_h = _cdiv(H, block_h - 2 * S)
+        n_tiles_w = _cdiv(W, block_w - 2 * S)
         num_tiles = B * c * n_tiles_h * n_tiles_w
         if num_tiles == 0:
             return out
