@@ -429,6 +429,31 @@ def test_unsupported_stages_fall_back_loudly_when_forced():
         cascade_concat(y, volume_stages)
 
 
+@pytest.mark.parametrize("change", ["hook", "old weight_norm", "parametrize", "deleted weight"])
+def test_modified_stages_are_refused_not_misread(change):
+    """The checks read the modules' dicts (not ``getattr``): reparametrized or hooked stages must
+    still be recognised and run the reference, never raise a KeyError or skip the change."""
+    stages = make_stages(1, 3).eval().to(DEVICE)
+    conv = stages[1].conv
+    if change == "hook":
+        stages[1].norm.register_forward_hook(lambda module, args, out: out * 2)
+    elif change == "old weight_norm":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecated, still used
+            nn.utils.weight_norm(conv)  # moves weight to weight_g / weight_v plus a pre-hook
+    elif change == "parametrize":
+        nn.utils.parametrizations.weight_norm(conv)  # conv becomes a ParametrizedConv2d
+    else:
+        del conv.weight
+        conv.register_buffer("weight", torch.ones(1, 1, 3, 3, device=DEVICE))
+    y = torch.randn(1, 2, 5, 4, device=DEVICE)
+    reason = fused_unsupported_reason(y, stages)
+    assert reason and "stage 1" in reason
+    with torch.no_grad(), pytest.warns(UserWarning, match="stage 1"):
+        out = cascade_concat(y, stages, fused=True)
+        torch.testing.assert_close(out, cascade_concat_reference(y, stages))
+
+
 def test_training_on_one_value_per_channel_is_a_value_error():
     stages = make_stages(1, 2)
     with pytest.raises(ValueError, match="more than 1 value per channel"):

@@ -184,7 +184,7 @@ def _is_depthwise_3x3(conv, c: int) -> bool:
         and tuple(conv.dilation) == (1, 1)
         and conv.padding in ((1, 1), "same")
         and conv.padding_mode == "zeros"
-        and conv._parameters["bias"] is None  # no nn.Module.__getattr__: see fused_unsupported_reason
+        and conv._parameters.get("bias") is None  # not conv.bias: see fused_unsupported_reason
     )
 
 
@@ -225,11 +225,13 @@ def fused_unsupported_reason(y: torch.Tensor, stages: nn.ModuleList) -> str | No
             )
         if type(norm) is not nn.BatchNorm2d or norm.num_features != c:
             return f"stage {index}'s norm is {type(norm).__name__}, not BatchNorm2d({c})"
-        weight = conv._parameters["weight"]
-        if weight.device != y.device:
-            return f"stage {index}'s weights are on {weight.device}, the input on {y.device}"
         if _has_hooks(stage, conv, norm):  # Conv2d and BatchNorm2d have no children
             return f"stage {index} has forward hooks, which fused kernels would skip"
+        weight = conv._parameters.get("weight")
+        if weight is None:  # e.g. moved elsewhere by a reparametrization
+            return f"stage {index}'s conv holds no weight parameter"
+        if weight.device != y.device:
+            return f"stage {index}'s weights are on {weight.device}, the input on {y.device}"
         modes.add((norm.training, norm._buffers["running_mean"] is None))
     if len(modes) > 1:
         return "the stages' BatchNorms mix training/eval mode or running-statistics tracking"
