@@ -32,7 +32,9 @@ path (another device or dtype, tracing), so the CPU-specialised graph never runs
 ``optimize_for_inference(model, cuda_graph=True)`` further wraps the result in
 ``CUDAGraphInference``, which replays one CUDA graph per input shape;
 ``optimize_for_inference(model, freeze=True)`` wraps it in ``FrozenCPUInference``, which runs one
-frozen TorchScript graph (oneDNN layouts end to end) per input shape on the CPU.
+frozen TorchScript graph (oneDNN layouts end to end) per input shape on the CPU;
+``optimize_for_inference(model, backend="onnxruntime")`` wraps it in
+``cmrf.export.OnnxRuntimeInference``, which exports it and runs it in ONNX Runtime per input shape.
 """
 
 from __future__ import annotations
@@ -53,9 +55,12 @@ from cmrf.ops.cascade import interpreter_enabled, triton_available, triton_missi
 from cmrf.ops.upsample import cubic_weights, is_exporting, pad_replicate
 
 __all__ = [
+    "BACKENDS",
     "PATHS",
+    "CPUGraphPerShape",
     "CUDAGraphInference",
     "FrozenCPUInference",
+    "GraphPerShape",
     "InferenceCMRF",
     "InferenceTinyUNet",
     "choose_path",
@@ -735,10 +740,10 @@ class InferenceTinyUNet(nn.Module):
         return low
 
 
-# --- CUDA graphs -----------------------------------------------------------------------------
+# --- one prepared graph per input shape: CUDA graphs, frozen TorchScript graphs --------------
 
 
-class _GraphPerShape(nn.Module):
+class GraphPerShape(nn.Module):
     """Runs ``module`` through one prepared graph per input key, eagerly where no graph fits.
 
     Subclasses say when to run eagerly (``_eager``), what keys a graph (``_key``), how one is
@@ -759,6 +764,13 @@ class _GraphPerShape(nn.Module):
     def reset(self) -> None:
         """Drop every graph (the next call with each key makes it again)."""
         self._graphs.clear()
+
+    def __getstate__(self) -> dict:
+        # The graphs are caches bound to this object (CUDA graphs, TorchScript graphs, ONNX
+        # Runtime sessions, some of which cannot be copied or pickled): copies start without them.
+        state = self.__dict__.copy()
+        state["_graphs"] = collections.OrderedDict()
+        return state
 
     def _apply(self, fn, *args, **kwargs):
         self.reset()  # moved or cast: the graphs hold the old tensors
@@ -786,7 +798,7 @@ class _GraphPerShape(nn.Module):
         return self._run(graph, x)
 
 
-class CUDAGraphInference(_GraphPerShape):
+class CUDAGraphInference(GraphPerShape):
     """Runs ``module`` on CUDA by replaying one captured CUDA graph per input shape.
 
     A whole-network forward at small batches is dominated by kernel-launch overhead on a GPU;
@@ -855,7 +867,17 @@ class CUDAGraphInference(_GraphPerShape):
         return static_output.clone() if self.clone_output else static_output
 
 
-class FrozenCPUInference(_GraphPerShape):
+class CPUGraphPerShape(GraphPerShape):
+    """A ``GraphPerShape`` whose graphs run fp32 on the CPU: the module runs eagerly for other
+    devices and dtypes, an empty batch, CPU autocast, tracing and calls that need a gradient."""
+
+    def _eager(self, x: torch.Tensor) -> bool:
+        if x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() == 0 or _tracing():
+            return True
+        return torch.is_autocast_enabled("cpu") or self._needs_grad(x)
+
+
+class FrozenCPUInference(CPUGraphPerShape):
     """Runs ``module`` on the CPU through one frozen TorchScript graph per input shape.
 
     The first fp32 CPU call with a new key (shape, strides) traces ``module`` on that input
@@ -877,11 +899,6 @@ class FrozenCPUInference(_GraphPerShape):
 
     Shapes: those of ``module``.
     """
-
-    def _eager(self, x: torch.Tensor) -> bool:
-        if x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() == 0 or _tracing():
-            return True
-        return torch.is_autocast_enabled("cpu") or self._needs_grad(x)
 
     @staticmethod
     def _key(x: torch.Tensor) -> tuple:
@@ -948,6 +965,26 @@ def _resolve_path(path: str, device: torch.device, dtype: torch.dtype) -> str:
     return path
 
 
+BACKENDS = ("torch", "onnxruntime")
+
+
+def _check_backend(backend: str, device: torch.device, dtype: torch.dtype, cuda_graph: bool,
+                   freeze: bool) -> None:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "torch":
+        return
+    if cuda_graph or freeze or device.type != "cpu" or dtype != torch.float32:
+        extra = " with cuda_graph=True" if cuda_graph else " with freeze=True" if freeze else ""
+        raise ValueError(
+            f"backend='onnxruntime' runs fp32 models on the CPU, got a {dtype} model on {device}{extra}: "
+            f"use backend='torch'" + (" or drop the other option" if extra else "")
+        )
+    from cmrf.export import check_onnxruntime
+
+    check_onnxruntime()
+
+
 @torch.no_grad()
 def optimize_for_inference(
     model: nn.Module,
@@ -955,6 +992,7 @@ def optimize_for_inference(
     path: str = "auto",
     cuda_graph: bool = False,
     freeze: bool = False,
+    backend: str = "torch",
     max_graphs: int = 4,
 ) -> nn.Module:
     """An eval-only copy of ``model`` that computes the same outputs faster.
@@ -977,8 +1015,13 @@ def optimize_for_inference(
         freeze: wrap the result in ``FrozenCPUInference`` (fp32 CPU models only), which runs
             one frozen TorchScript graph per input shape, built on the first call with that
             shape (seconds): oneDNN layouts end to end and fused activations. Default ``False``.
-        max_graphs: with ``cuda_graph`` or ``freeze``, how many shapes get a graph (>= 1).
-            Default 4.
+        backend: ``"torch"`` (default) runs the copy in PyTorch; ``"onnxruntime"`` (fp32 CPU
+            models, ``pip install 'cmrf[onnx]'``) wraps it in ``cmrf.export.OnnxRuntimeInference``,
+            which exports the copy once per input shape (seconds, on the first call with that
+            shape) and runs it in ONNX Runtime, the fastest CPU option measured
+            (docs/inference.md).
+        max_graphs: with ``cuda_graph``, ``freeze`` or ``backend="onnxruntime"``, how many shapes
+            get a graph or session (>= 1). Default 4.
 
     Returns:
         The optimized copy in eval mode; its ``inference_path`` attribute names the path.
@@ -988,8 +1031,11 @@ def optimize_for_inference(
     Raises:
         ValueError: when ``model`` holds no CMRF block, for an unknown ``path`` or one the model's
             device cannot run, for ``cuda_graph=True`` on a model that is not on CUDA, and for
-            ``freeze=True`` on a model that is not fp32 on the CPU, or with ``cuda_graph=True``.
+            ``freeze=True`` on a model that is not fp32 on the CPU, or with ``cuda_graph=True``,
+            for an unknown ``backend``, and for ``backend="onnxruntime"`` on a model that is not
+            fp32 on the CPU or with ``cuda_graph``/``freeze``.
         TypeError: when ``cuda_graph`` or ``freeze`` is not a bool.
+        ImportError: ``backend="onnxruntime"`` without ONNX Runtime installed.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"optimize_for_inference expects an nn.Module, got {type(model).__name__}")
@@ -1012,6 +1058,7 @@ def optimize_for_inference(
             f"freeze=True builds frozen TorchScript graphs for fp32 CPU models, got a {dtype} model on "
             f"{device}" + (" with cuda_graph=True" if cuda_graph else "") + ": use freeze=False"
         )
+    _check_backend(backend, device, dtype, cuda_graph, freeze)
     path = _resolve_path(path, device, dtype)
     optimized = _optimized(model, path)
     if optimized is None:
@@ -1026,5 +1073,10 @@ def optimize_for_inference(
         optimized = CUDAGraphInference(optimized, max_graphs).eval()
     if freeze:
         optimized = FrozenCPUInference(optimized, max_graphs).eval()
+    if backend == "onnxruntime":
+        # cmrf.export builds on this module, so it is imported when asked for, not at the top.
+        from cmrf.export import OnnxRuntimeInference
+
+        optimized = OnnxRuntimeInference(optimized, max_graphs).eval()
     optimized.inference_path = path
     return optimized

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -24,6 +25,7 @@ from cmrf import CMRF, TinyUNet, export_onnx, optimize_for_inference  # noqa: E4
 from cmrf.inference import (  # noqa: E402
     CUDAGraphInference,
     FrozenCPUInference,
+    GraphPerShape,
     InferenceCMRF,
     choose_path,
     run_in_bands,
@@ -397,3 +399,100 @@ def test_freeze_arguments(small_unet):
         FrozenCPUInference(optimize_for_inference(small_unet), max_graphs=0)
     with pytest.raises(TypeError, match="FrozenCPUInference wraps an nn.Module"):
         FrozenCPUInference(small_unet.forward)
+
+
+def test_graph_wrappers_copy_and_pickle_without_their_graphs(small_unet):
+    """Graphs are caches bound to one object (some cannot be copied): copies start without them
+    and build their own, with equal outputs."""
+    fast = optimize_for_inference(small_unet, freeze=True)
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        expected = fast(x)
+        for twin in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
+            assert isinstance(twin, GraphPerShape) and twin.num_graphs == 0
+            assert _max_diff(twin(x), expected) == 0 and twin.num_graphs == 1
+    assert fast.num_graphs == 1
+
+
+# --- backend="onnxruntime": one ONNX Runtime session per shape --------------------------------
+
+
+@pytest.fixture(scope="module")
+def onnxruntime_available():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 5):
+        pytest.skip(f"ONNX export needs torch >= 2.5, this is {torch.__version__}")
+
+
+def test_onnxruntime_backend_equals_original(small_unet, onnxruntime_available):
+    """One session per shape, each equal to the original: odd sizes, a non-contiguous input, a
+    channels-last batch of 2 (its key is the shape, so the same shape with other strides reuses
+    it); under inference_mode and no_grad."""
+    from cmrf.export import OnnxRuntimeInference
+
+    fast = optimize_for_inference(small_unet, backend="onnxruntime")
+    assert isinstance(fast, OnnxRuntimeInference) and fast.inference_path == "onednn"
+    base = torch.randn(2, 3, 19, 46)
+    inputs = [
+        torch.randn(1, 3, 16, 16),
+        base[:1, :, :, ::2],  # non-contiguous, odd sides
+        torch.randn(2, 3, 20, 12).contiguous(memory_format=torch.channels_last),
+    ]
+    with torch.inference_mode():
+        for k, x in enumerate(inputs):
+            got = fast(x)
+            assert got.dtype == torch.float32 and got.is_contiguous()
+            assert _max_diff(got, small_unet(x)) < TOL
+            assert fast.num_graphs == k + 1
+    same_shape = torch.randn(2, 3, 20, 12)  # contiguous this time: the session takes a copy
+    with torch.no_grad():
+        assert _max_diff(fast(same_shape), small_unet(same_shape)) < TOL
+    assert fast.num_graphs == len(inputs)
+
+
+def test_onnxruntime_backend_limits_and_fallbacks(small_unet, onnxruntime_available):
+    from cmrf.export import OnnxRuntimeInference
+
+    fast = OnnxRuntimeInference(optimize_for_inference(small_unet), max_graphs=1, threads=1)
+    a, b = torch.randn(1, 3, 16, 16), torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        fast(a)
+        assert _max_diff(fast(b), small_unet(b)) < TOL  # beyond max_graphs: PyTorch
+        assert fast(torch.randn(0, 3, 8, 8)).shape == (0, 2, 8, 8)
+        assert fast.num_graphs == 1
+    x = torch.randn(1, 3, 16, 16, requires_grad=True)  # a gradient is wanted: PyTorch, differentiable
+    fast(x).sum().backward()
+    assert x.grad is not None and fast.num_graphs == 1
+    twin = pickle.loads(pickle.dumps(fast))  # sessions cannot be pickled: left behind
+    assert twin.num_graphs == 0
+    with torch.no_grad():
+        assert _max_diff(twin(a), fast(a)) < TOL and twin.num_graphs == 1
+    fast.reset()
+    assert fast.num_graphs == 0
+
+
+def test_backend_arguments(small_unet, monkeypatch, onnxruntime_available):
+    import importlib.util
+
+    from cmrf.export import OnnxRuntimeInference
+
+    with pytest.raises(ValueError, match=r"backend must be one of \['torch', 'onnxruntime'\], got 'ort'"):
+        optimize_for_inference(small_unet, backend="ort")
+    with pytest.raises(ValueError, match="runs fp32 models on the CPU, got a torch.float64 model on cpu"):
+        optimize_for_inference(copy.deepcopy(small_unet).double(), backend="onnxruntime")
+    with pytest.raises(ValueError, match="with freeze=True: use backend='torch' or drop the other option"):
+        optimize_for_inference(small_unet, backend="onnxruntime", freeze=True)
+    with pytest.raises(ValueError, match="threads must be None or an int >= 1, got 0"):
+        OnnxRuntimeInference(small_unet, threads=0)
+    with pytest.raises(TypeError, match="spinning must be a bool, got str"):
+        OnnxRuntimeInference(small_unet, spinning="yes")
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "onnxruntime" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    missing = r"needs onnxruntime, which is not installed: pip install 'cmrf\[onnx\]'"
+    with pytest.raises(ImportError, match=missing):
+        optimize_for_inference(small_unet, backend="onnxruntime")

@@ -169,3 +169,36 @@ def test_inference_model_keeps_models_it_cannot_speed_up():
     assert type(inference_model(tiny.float(), cpu)).__name__ == "FrozenCPUInference"
     volume = cmrf.TinyUNet(channels=(16, 32), N=4, spatial_dims=3)
     assert inference_model(volume, cpu) is volume  # 2D only
+
+
+def test_predict_with_onnxruntime_backend_gives_the_same_masks(checkpoint, images, tmp_path):
+    """--backend onnxruntime (the CPU even with --device auto) writes the masks the torch backend
+    writes; combined with --no-optimize it is refused on one line."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    (images / "b.png").unlink()
+    masks = {}
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / backend
+        args = ["predict", str(checkpoint), str(images), "--out", str(out), "--no-overlays"]
+        assert main([*args, "--backend", backend]) == 0
+        masks[backend] = {p.name: np.asarray(Image.open(p)) for p in sorted(out.iterdir())}
+    assert masks["torch"].keys() == masks["onnxruntime"].keys() and len(masks["torch"]) == 3
+    for name, mask in masks["torch"].items():
+        np.testing.assert_array_equal(mask, masks["onnxruntime"][name], err_msg=name)
+
+
+def test_onnxruntime_backend_refuses_what_it_cannot_run(checkpoint, images, tmp_path, capsys):
+    from cmrf.cli.model_args import inference_model
+
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    args = ["predict", str(checkpoint), str(images), "--out", str(tmp_path / "out")]
+    assert main([*args, "--backend", "onnxruntime", "--no-optimize"]) == 2
+    assert "--backend onnxruntime runs the optimized model; drop --no-optimize" in capsys.readouterr().err
+    tiny = cmrf.TinyUNet(channels=(16, 32), N=4)
+    with pytest.raises(ValueError, match="runs fp32 models on the CPU, got device meta"):
+        inference_model(tiny, torch.device("meta"), backend="onnxruntime")
+    plain = torch.nn.Conv2d(3, 2, 1)  # no CMRF block: exported as it is
+    wrapped = inference_model(plain, torch.device("cpu"), backend="onnxruntime")
+    assert type(wrapped).__name__ == "OnnxRuntimeInference"

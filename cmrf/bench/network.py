@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -117,26 +115,15 @@ def _optimized_graph_runner(ctx: NetworkContext, settings: BenchSettings) -> Run
 
 
 def _onnxruntime_runner(ctx: NetworkContext, settings: BenchSettings) -> Runner:
-    import onnxruntime as ort
+    from cmrf.export import OnnxRuntimeInference
+    from cmrf.inference import optimize_for_inference
 
-    from cmrf.export import export_onnx
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx(copy.deepcopy(ctx.model).eval(), Path(tmp) / "tinyunet.onnx", tuple(ctx.x.shape))
-        options = ort.SessionOptions()
-        if settings.threads:
-            options.intra_op_num_threads = settings.threads
-        options.inter_op_num_threads = 1
-        # ORT's threads spin after each run by default; interleaved with PyTorch's rows they would
-        # steal the cores PyTorch needs and distort every row.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    x = ctx.x.cpu().numpy()
-
-    def run() -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {"input": x})[0])
-
-    return Runner(call=run, check=lambda: {"output": run()})
+    # What optimize_for_inference(model, backend="onnxruntime") returns, with the bench's threads.
+    # Its threads do not spin between calls (the default), so they leave the cores to PyTorch's
+    # rows interleaved with it. The first call (export and session) is the untimed check.
+    optimized = optimize_for_inference(copy.deepcopy(ctx.model).eval())
+    model = OnnxRuntimeInference(optimized, threads=settings.threads).eval()
+    return _inference_runner(model, ctx.x, settings)
 
 
 def _inference(variant: str, ctx: NetworkContext, settings: BenchSettings) -> Runner:

@@ -37,7 +37,7 @@ INFERENCE_VARIANTS = {
     "optimized": "optimize_for_inference",
     "optimized-frozen": "optimize_for_inference(freeze=True)",
     "optimized-graph": "optimize_for_inference + CUDA graph",
-    "onnxruntime": "ONNX Runtime (CPU)",
+    "onnxruntime": "optimize_for_inference(backend='onnxruntime')",
 }
 TRAINING_VARIANTS = {
     "reference": "reference eager",

@@ -39,7 +39,7 @@ class Target:
 _CUDA_NET = {"device": "cuda", "batch": 16, "size": 256, "precision": "bf16"}
 _CUDA_CASCADE = {"device": "cuda", "size": 256, "N": 8}
 TARGETS = (
-    Target(("inference.optimized", "inference.optimized-frozen"),
+    Target(("inference.optimized", "inference.optimized-frozen", "inference.onnxruntime"),
            {"device": "cpu", "batch": 1, "size": 256, "threads": 2},
            ">= 5x reference eager, max diff <= 1e-4 (CPU, batch 1, 256², 2 threads)",
            min_vs_eager=5.0, max_diff=1e-4),

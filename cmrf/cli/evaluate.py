@@ -11,6 +11,7 @@ from cmrf.cli.model_args import (
     add_checkpoint_model_arguments,
     add_optimize_argument,
     checkpoint_model_options,
+    inference_device,
     inference_model,
 )
 from cmrf.train.setup import model_from_checkpoint, torch_threads
@@ -61,7 +62,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from cmrf.data import build_datasets
     from cmrf.files import atomic_write_json
-    from cmrf.train.loop import Processes, eval_loader, evaluate_model, resolve_device
+    from cmrf.train.loop import Processes, eval_loader, evaluate_model
     from cmrf.train.metrics import format_table
 
     model, meta = model_from_checkpoint(args.checkpoint, **checkpoint_model_options(args))
@@ -77,10 +78,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     dataset = getattr(bundle, args.split)
     if dataset is None or len(dataset) == 0:
         raise ValueError(f"the {args.split} split is empty; choose another with --split")
-    device = resolve_device(args.device)
+    device = inference_device(args)
     loader = eval_loader(dataset, args.batch_size, args.workers, Processes(), device=device)
     # Two input shapes at most: full batches and a last, smaller one.
-    model = inference_model(model.to(device), device, args.optimize, max_graphs=2)
+    model = inference_model(model.to(device), device, args.optimize, max_graphs=2, backend=args.backend)
     scores = evaluate_model(model, loader, bundle.num_classes, list(bundle.class_names), device)
     scores = {**scores, "split": args.split, "images": len(dataset), "checkpoint": str(args.checkpoint)}
     print(format_table(scores, f"{args.split} split ({len(dataset)} images), {args.checkpoint}"))

@@ -27,6 +27,7 @@ from cmrf.cli.model_args import (
     add_checkpoint_model_arguments,
     add_optimize_argument,
     checkpoint_model_options,
+    inference_device,
     inference_model,
     positive_int,
 )
@@ -115,7 +116,6 @@ def _check_model_fits_images(meta: dict, checkpoint) -> None:
 def run_predict(args: argparse.Namespace) -> int:
     from cmrf.data import denormalize, image_size, load_image, save_mask_png
     from cmrf.train.plots import plot_overlays
-    from cmrf.train.processes import resolve_device
 
     model, meta = model_from_checkpoint(args.checkpoint, **checkpoint_model_options(args))
     _check_model_fits_images(meta, args.checkpoint)
@@ -123,8 +123,8 @@ def run_predict(args: argparse.Namespace) -> int:
     files, problems = _image_files(args.inputs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(args.device)
-    model = inference_model(model.to(device), device, args.optimize, max_graphs=1)  # one image size
+    device = inference_device(args)
+    model = inference_model(model.to(device), device, args.optimize, max_graphs=1, backend=args.backend)
     for path, reason in problems:
         _report(path, reason)
     failed, written = len(problems), 0
