@@ -17,7 +17,7 @@ import cmrf
 from cmrf.cli import main
 from cmrf.cli.predict import output_stems
 from cmrf.train.state import model_metadata
-from tests.conftest import golden_state_dict, load_golden
+from tests.conftest import golden_state_dict, load_golden, requires_onnx_exporter
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +171,7 @@ def test_inference_model_keeps_models_it_cannot_speed_up():
     assert inference_model(volume, cpu) is volume  # 2D only
 
 
+@requires_onnx_exporter
 def test_predict_with_onnxruntime_backend_gives_the_same_masks(checkpoint, images, tmp_path):
     """--backend onnxruntime (the CPU even with --device auto) writes the masks the torch backend
     writes; combined with --no-optimize it is refused on one line."""
@@ -188,6 +189,7 @@ def test_predict_with_onnxruntime_backend_gives_the_same_masks(checkpoint, image
         np.testing.assert_array_equal(mask, masks["onnxruntime"][name], err_msg=name)
 
 
+@requires_onnx_exporter
 def test_onnxruntime_backend_refuses_what_it_cannot_run(checkpoint, images, tmp_path, capsys):
     from cmrf.cli.model_args import inference_model
 
