@@ -173,8 +173,7 @@ def test_inference_model_keeps_models_it_cannot_speed_up():
 
 @requires_onnx_exporter
 def test_predict_with_onnxruntime_backend_gives_the_same_masks(checkpoint, images, tmp_path):
-    """--backend onnxruntime (the CPU even with --device auto) writes the masks the torch backend
-    writes; combined with --no-optimize it is refused on one line."""
+    """--backend onnxruntime writes the masks the torch backend writes."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     (images / "b.png").unlink()
@@ -190,8 +189,11 @@ def test_predict_with_onnxruntime_backend_gives_the_same_masks(checkpoint, image
 
 
 @requires_onnx_exporter
-def test_onnxruntime_backend_refuses_what_it_cannot_run(checkpoint, images, tmp_path, capsys):
-    from cmrf.cli.model_args import inference_model
+def test_onnxruntime_backend_refuses_what_it_cannot_run(checkpoint, images, tmp_path, capsys, monkeypatch):
+    """--no-optimize and non-CPU devices are refused on one line; --device auto means the CPU."""
+    from argparse import Namespace
+
+    from cmrf.cli.model_args import inference_device, inference_model
 
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
@@ -204,3 +206,6 @@ def test_onnxruntime_backend_refuses_what_it_cannot_run(checkpoint, images, tmp_
     plain = torch.nn.Conv2d(3, 2, 1)  # no CMRF block: exported as it is
     wrapped = inference_model(plain, torch.device("cpu"), backend="onnxruntime")
     assert type(wrapped).__name__ == "OnnxRuntimeInference"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    assert inference_device(Namespace(backend="onnxruntime", device="auto")) == torch.device("cpu")
+    assert inference_device(Namespace(backend="torch", device="auto")).type == "cuda"
