@@ -44,6 +44,21 @@ def _fwd_bwd(x, size, mode, method):
     return out, grad
 
 
+@pytest.mark.parametrize("method", [m for m in FAST if m in ("conv", "matmul")])  # the cached ones
+def test_training_after_validation_under_inference_mode(method):
+    """Validate under torch.inference_mode(), then train: the cached upsampling constants made
+    during validation must not be inference tensors (autograd refuses to save those)."""
+    model = _tiny(2)
+    x = torch.randn(2, 3, 16, 32)
+    up._CACHE.clear()
+    with use_method(method):
+        with torch.inference_mode():
+            model.eval()(x)
+        out = model.train()(x)
+        out.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
 @pytest.mark.parametrize("method", FAST)
 @pytest.mark.parametrize(("mode", "shape"), CASES)
 def test_float64_is_exact(method, mode, shape):

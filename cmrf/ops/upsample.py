@@ -221,7 +221,11 @@ def _cached(key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
     if value is None:
         if len(_CACHE) >= _CACHE_LIMIT:
             _CACHE.clear()
-        value = _CACHE[key] = build()
+        # Built as a normal tensor even under torch.inference_mode(): an inference tensor in the
+        # cache would break every later training step ("Inference tensors cannot be saved for
+        # backward"), e.g. after a validation run under inference_mode.
+        with torch.inference_mode(False), torch.no_grad():
+            value = _CACHE[key] = build()
     return value
 
 
