@@ -986,6 +986,7 @@ def _check_backend(backend: str, device: torch.device, dtype: torch.dtype, cuda_
 
 
 @torch.no_grad()
+@torch.inference_mode(False)  # normal tensors even when called under inference_mode (see the docstring)
 def optimize_for_inference(
     model: nn.Module,
     *,
@@ -1003,7 +1004,9 @@ def optimize_for_inference(
     statistics are baked in, so the copy is for inference only: its parameters do not require
     grad, and its CMRF parts compute eval-mode outputs even after ``.train()`` (other layers of
     a generic model are plain copies and follow ``.train()``/``.eval()`` as usual). Constants
-    are built on the model's device and in its dtype.
+    are built on the model's device and in its dtype, and as normal tensors even when called
+    under ``torch.inference_mode()`` (inference tensors would break the eager fallback for
+    inputs that need a gradient).
 
     Args:
         model: the model to optimize, on the CPU or a CUDA device, in any floating dtype.

@@ -414,6 +414,18 @@ def test_graph_wrappers_copy_and_pickle_without_their_graphs(small_unet):
     assert fast.num_graphs == 1
 
 
+def test_optimizing_under_inference_mode_builds_normal_tensors(small_unet):
+    """Called inside torch.inference_mode(), the copy's constants are still normal tensors, so the
+    eager fallback for an input that needs a gradient works (inference tensors cannot be saved
+    for backward)."""
+    with torch.inference_mode():
+        fast = optimize_for_inference(small_unet, freeze=True)
+    assert not any(t.is_inference() for t in [*fast.parameters(), *fast.buffers()])
+    x = torch.randn(1, 3, 16, 16, requires_grad=True)
+    fast(x).sum().backward()
+    assert x.grad is not None and fast.num_graphs == 0
+
+
 # --- backend="onnxruntime": one ONNX Runtime session per shape --------------------------------
 
 
