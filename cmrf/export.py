@@ -31,7 +31,7 @@ from cmrf.inference import CPUGraphPerShape, optimize_for_inference
 from cmrf.layers import CMRF
 from cmrf.ops import reference_only
 
-__all__ = ["ExportUnsupportedError", "OnnxRuntimeInference", "check_onnxruntime", "export_onnx"]
+__all__ = ["ExportUnsupportedError", "OnnxRuntimeInference", "export_onnx"]
 
 DEFAULT_OPSET = 20  # the first opset with a Gelu operator: 1.6x faster in ONNX Runtime than Erf
 # Upper bound torch.export needs for symbolic sizes; generous for any image or batch.
@@ -56,7 +56,7 @@ def _torch_version() -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def check_onnxruntime() -> None:
+def _check_onnxruntime() -> None:
     """Raise ``ImportError`` (naming the extra to install) when ONNX Runtime or the exporter is missing,
     and ``ExportUnsupportedError`` when this torch cannot export to ONNX."""
     _check_exporter()
@@ -267,7 +267,7 @@ class OnnxRuntimeInference(CPUGraphPerShape):
             raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
         if not isinstance(spinning, bool):
             raise TypeError(f"spinning must be a bool, got {type(spinning).__name__}")
-        check_onnxruntime()
+        _check_onnxruntime()
         self.threads = threads
         self.spinning = spinning
 

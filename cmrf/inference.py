@@ -980,9 +980,6 @@ def _check_backend(backend: str, device: torch.device, dtype: torch.dtype, cuda_
             f"backend='onnxruntime' runs fp32 models on the CPU, got a {dtype} model on {device}{extra}: "
             f"use backend='torch'" + (" or drop the other option" if extra else "")
         )
-    from cmrf.export import check_onnxruntime
-
-    check_onnxruntime()
 
 
 @torch.no_grad()
