@@ -9,17 +9,13 @@ The file is written atomically (``cmrf.files.atomic_path``): a failed export (fu
 read-only folder, an exporter error) leaves a previous file at ``path`` intact and no temporary
 file behind.
 
-``OnnxRuntimeInference`` (what ``optimize_for_inference(model, backend="onnxruntime")`` returns)
-runs that graph in ONNX Runtime from PyTorch: one export and one session per input shape, made
-on the first call with that shape, tensors in and tensors out.
+The exporter call itself and its checks are in ``cmrf.onnx_writer``, which
+``cmrf.inference.OnnxRuntimeInference`` (``optimize_for_inference(model, backend="onnxruntime")``)
+shares.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
-import io
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,55 +23,20 @@ import torch
 from torch import nn
 
 from cmrf.files import atomic_path
-from cmrf.inference import CPUGraphPerShape, optimize_for_inference
+from cmrf.inference import optimize_for_inference
 from cmrf.layers import CMRF
-from cmrf.ops import reference_only
+from cmrf.onnx_writer import (
+    DEFAULT_OPSET,
+    TESTED_TORCH_FOR_ONNX,
+    ExportUnsupportedError,
+    check_exporter,
+    write_onnx,
+)
 
-__all__ = ["ExportUnsupportedError", "OnnxRuntimeInference", "export_onnx"]
+__all__ = ["DEFAULT_OPSET", "ExportUnsupportedError", "export_onnx"]
 
-DEFAULT_OPSET = 20  # the first opset with a Gelu operator: 1.6x faster in ONNX Runtime than Erf
 # Upper bound torch.export needs for symbolic sizes; generous for any image or batch.
 _MAX_SIDE = 1 << 15
-
-
-# ``torch.onnx.export(..., dynamo=True)`` (the exporter used here) exists from torch 2.5.
-MIN_TORCH_FOR_ONNX = (2, 5)
-# Releases this module's export is tested with (the test suite, ONNX Runtime checks included).
-TESTED_TORCH_FOR_ONNX = "2.11 and 2.14"
-
-
-class ExportUnsupportedError(ValueError):
-    """The installed torch's ONNX exporter cannot export the model as asked (upgrade torch).
-
-    A ``ValueError``, so the command line reports it on one line (exit status 2).
-    """
-
-
-def _torch_version() -> tuple[int, int]:
-    major, minor = torch.__version__.split(".")[:2]
-    return int(major), int(minor)
-
-
-def _check_onnxruntime() -> None:
-    """Raise ``ImportError`` (naming the extra to install) when ONNX Runtime or the exporter is missing,
-    and ``ExportUnsupportedError`` when this torch cannot export to ONNX."""
-    _check_exporter()
-    missing = [name for name in ("onnxruntime", "onnxscript") if importlib.util.find_spec(name) is None]
-    if missing:
-        verb = "is" if len(missing) == 1 else "are"
-        raise ImportError(
-            f"running in ONNX Runtime needs {' and '.join(missing)}, which {verb} not installed: "
-            f"pip install 'cmrf[onnx]'"
-        )
-
-
-def _check_exporter() -> None:
-    if _torch_version() < MIN_TORCH_FOR_ONNX:
-        wanted = ".".join(map(str, MIN_TORCH_FOR_ONNX))
-        raise ExportUnsupportedError(
-            f"ONNX export needs torch >= {wanted} (its dynamo exporter), found torch {torch.__version__}; "
-            f"it is tested with torch {TESTED_TORCH_FOR_ONNX}"
-        )
 
 
 def _check_dynamic_axes(path: Path, rank: int) -> None:
@@ -190,7 +151,7 @@ def export_onnx(
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"export_onnx expects an nn.Module, got {type(model).__name__}")
-    _check_exporter()
+    check_exporter()
     if dynamic:
         _check_dynamic_supported(model)
     spatial_multiple = int(getattr(model, "min_size", 1))
@@ -207,86 +168,9 @@ def export_onnx(
     dynamic_shapes = _dynamic_shapes(size, spatial_multiple) if dynamic else None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The exporter reports its progress on stdout; keep the library quiet unless asked.
-    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
-    with torch.no_grad(), reference_only(), quiet, atomic_path(path) as tmp:
-        torch.onnx.export(
-            model,
-            (example,),
-            str(tmp),
-            input_names=["input"],
-            output_names=["output"],
-            opset_version=opset_version,
-            dynamo=True,
-            dynamic_shapes=dynamic_shapes,
-            external_data=False,
-        )
+    with atomic_path(path) as tmp:
+        write_onnx(model, example, tmp, dynamic_shapes=dynamic_shapes, opset_version=opset_version,
+                   verbose=verbose)
         if dynamic:
             _check_dynamic_axes(tmp, len(size))
     return path
-
-
-class OnnxRuntimeInference(CPUGraphPerShape):
-    """Runs ``module`` on the CPU in ONNX Runtime, one exported graph and session per input shape.
-
-    The first fp32 CPU call with a new shape exports ``module`` for exactly that shape
-    (``export_onnx``, which optimizes a model holding CMRF blocks first; a few seconds) and opens
-    an ONNX Runtime session on it (CPU provider); every later call with that shape runs the
-    session. ONNX Runtime's fused CPU kernels run TinyU-Net's optimized graph faster than the
-    PyTorch paths (docs/inference.md has the figures). Inputs may have any strides; outputs are
-    new contiguous fp32 CPU tensors.
-
-    ``module`` runs in PyTorch instead for non-CPU or non-fp32 inputs, an empty batch, under CPU
-    autocast, while a trace or compilation is running, when a gradient is needed, and for new
-    shapes once ``max_graphs`` sessions exist. The sessions hold copies of the weights taken when
-    they were made: after changing ``module``'s parameters call ``reset()``. Copies and pickles
-    leave the sessions behind (each copy makes its own).
-
-    Args:
-        module: an eval-only fp32 CPU module, typically from ``optimize_for_inference``.
-        max_graphs: sessions kept at most (>= 1). Default 4.
-        threads: ONNX Runtime's intra-op threads; ``None`` (default) takes
-            ``torch.get_num_threads()`` when a session is made, so ``torch.set_num_threads`` and
-            ``OMP_NUM_THREADS`` govern both libraries alike.
-        spinning: let ONNX Runtime's threads busy-wait for work after each call (its own default).
-            Default ``False``: between calls the cores stay free for PyTorch and the rest of the
-            program (decoding images, writing masks); ``True`` is slightly faster for back-to-back
-            calls on an otherwise idle machine.
-
-    Shapes: those of ``module``.
-
-    Raises:
-        ImportError: ONNX Runtime or ``onnxscript`` is not installed (``pip install 'cmrf[onnx]'``).
-        ExportUnsupportedError: torch is older than 2.5 (no dynamo ONNX exporter).
-    """
-
-    def __init__(self, module: nn.Module, max_graphs: int = 4, threads: int | None = None,
-                 spinning: bool = False):
-        super().__init__(module, max_graphs)
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
-        if not isinstance(spinning, bool):
-            raise TypeError(f"spinning must be a bool, got {type(spinning).__name__}")
-        _check_onnxruntime()
-        self.threads = threads
-        self.spinning = spinning
-
-    @staticmethod
-    def _key(x: torch.Tensor) -> tuple:
-        return tuple(x.shape)  # the session takes a contiguous copy: strides do not matter
-
-    def _build(self, x: torch.Tensor):  # export for this shape and open a session
-        import onnxruntime as ort
-
-        with tempfile.TemporaryDirectory(prefix="cmrf-onnx-") as tmp:
-            path = export_onnx(self.module, Path(tmp) / "model.onnx", tuple(x.shape))
-            graph = path.read_bytes()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
-        return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-
-    def _run(self, session, x: torch.Tensor) -> torch.Tensor:
-        array = x.detach().contiguous().numpy()
-        return torch.from_numpy(session.run(None, {"input": array})[0])

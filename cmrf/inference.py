@@ -34,16 +34,18 @@ path (another device or dtype, tracing), so the CPU-specialised graph never runs
 ``optimize_for_inference(model, freeze=True)`` wraps it in ``FrozenCPUInference``, which runs one
 frozen TorchScript graph (oneDNN layouts end to end) per input shape on the CPU;
 ``optimize_for_inference(model, backend="onnxruntime")`` wraps it in
-``cmrf.export.OnnxRuntimeInference``, which exports it and runs it in ONNX Runtime per input shape.
+``OnnxRuntimeInference``, which exports it and runs it in ONNX Runtime per input shape.
 """
 
 from __future__ import annotations
 
 import collections
 import copy
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +53,7 @@ from torch import nn
 
 from cmrf.layers import CMRF, ConvNorm, conv_type
 from cmrf.models.tinyunet import TinyUNet
+from cmrf.onnx_writer import check_onnxruntime, write_onnx
 from cmrf.ops.cascade import interpreter_enabled, triton_available, triton_missing_reason
 from cmrf.ops.upsample import cubic_weights, is_exporting, pad_replicate
 
@@ -63,6 +66,7 @@ __all__ = [
     "GraphPerShape",
     "InferenceCMRF",
     "InferenceTinyUNet",
+    "OnnxRuntimeInference",
     "choose_path",
     "fold_conv_norm",
     "max_pool2x",
@@ -916,6 +920,76 @@ class FrozenCPUInference(CPUGraphPerShape):
         return graph(x)
 
 
+class OnnxRuntimeInference(CPUGraphPerShape):
+    """Runs ``module`` on the CPU in ONNX Runtime, one exported graph and session per input shape.
+
+    The first fp32 CPU call with a new shape exports ``module`` for exactly that shape
+    (``cmrf.onnx_writer``; a model holding CMRF blocks is optimized first; a few seconds) and opens
+    an ONNX Runtime session on it (CPU provider); every later call with that shape runs the
+    session. ONNX Runtime's fused CPU kernels run TinyU-Net's optimized graph faster than the
+    PyTorch paths (docs/inference.md has the figures). Inputs may have any strides; outputs are
+    new contiguous fp32 CPU tensors.
+
+    ``module`` runs in PyTorch instead for non-CPU or non-fp32 inputs, an empty batch, under CPU
+    autocast, while a trace or compilation is running, when a gradient is needed, and for new
+    shapes once ``max_graphs`` sessions exist. The sessions hold copies of the weights taken when
+    they were made: after changing ``module``'s parameters call ``reset()``. Copies and pickles
+    leave the sessions behind (each copy makes its own).
+
+    Args:
+        module: an eval-only fp32 CPU module, typically from ``optimize_for_inference``.
+        max_graphs: sessions kept at most (>= 1). Default 4.
+        threads: ONNX Runtime's intra-op threads; ``None`` (default) takes
+            ``torch.get_num_threads()`` when a session is made, so ``torch.set_num_threads`` and
+            ``OMP_NUM_THREADS`` govern both libraries alike.
+        spinning: let ONNX Runtime's threads busy-wait for work after each call (its own default).
+            Default ``False``: between calls the cores stay free for PyTorch and the rest of the
+            program (decoding images, writing masks); ``True`` is slightly faster for back-to-back
+            calls on an otherwise idle machine.
+
+    Shapes: those of ``module``.
+
+    Raises:
+        ImportError: ONNX Runtime or ``onnxscript`` is not installed (``pip install 'cmrf[onnx]'``).
+        ExportUnsupportedError: torch is older than 2.5 (no dynamo ONNX exporter).
+    """
+
+    def __init__(self, module: nn.Module, max_graphs: int = 4, threads: int | None = None,
+                 spinning: bool = False):
+        super().__init__(module, max_graphs)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be None or an int >= 1, got {threads!r}")
+        if not isinstance(spinning, bool):
+            raise TypeError(f"spinning must be a bool, got {type(spinning).__name__}")
+        check_onnxruntime()
+        self.threads = threads
+        self.spinning = spinning
+
+    @staticmethod
+    def _key(x: torch.Tensor) -> tuple:
+        return tuple(x.shape)  # the session takes a contiguous copy: strides do not matter
+
+    def _build(self, x: torch.Tensor):  # export for this shape and open a session
+        import onnxruntime as ort
+
+        module = self.module
+        if any(isinstance(m, CMRF) for m in module.modules()):  # not optimized yet: export the fast graph
+            module = optimize_for_inference(module)
+        with tempfile.TemporaryDirectory(prefix="cmrf-onnx-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            write_onnx(module.eval(), x.detach().contiguous(), path)
+            graph = path.read_bytes()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+        return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+    def _run(self, session, x: torch.Tensor) -> torch.Tensor:
+        array = x.detach().contiguous().numpy()
+        return torch.from_numpy(session.run(None, {"input": array})[0])
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 
@@ -1016,7 +1090,7 @@ def optimize_for_inference(
             one frozen TorchScript graph per input shape, built on the first call with that
             shape (seconds): oneDNN layouts end to end and fused activations. Default ``False``.
         backend: ``"torch"`` (default) runs the copy in PyTorch; ``"onnxruntime"`` (fp32 CPU
-            models, ``pip install 'cmrf[onnx]'``) wraps it in ``cmrf.export.OnnxRuntimeInference``,
+            models, ``pip install 'cmrf[onnx]'``) wraps it in ``OnnxRuntimeInference``,
             which exports the copy once per input shape (seconds, on the first call with that
             shape) and runs it in ONNX Runtime, the fastest CPU option measured
             (docs/inference.md).
@@ -1074,9 +1148,6 @@ def optimize_for_inference(
     if freeze:
         optimized = FrozenCPUInference(optimized, max_graphs).eval()
     if backend == "onnxruntime":
-        # cmrf.export builds on this module, so it is imported when asked for, not at the top.
-        from cmrf.export import OnnxRuntimeInference
-
         optimized = OnnxRuntimeInference(optimized, max_graphs).eval()
     optimized.inference_path = path
     return optimized

@@ -152,9 +152,9 @@ def test_input_channels_must_match_the_checkpoint(tmp_path, capsys):
 
 
 def test_torch_without_the_dynamo_exporter_is_one_line(tmp_path, monkeypatch, capsys):
-    from cmrf import export
+    from cmrf import export, onnx_writer
 
-    monkeypatch.setattr(export, "_torch_version", lambda: (2, 4))
+    monkeypatch.setattr(onnx_writer, "torch_version", lambda: (2, 4))
     with pytest.raises(export.ExportUnsupportedError, match=r"ONNX export needs torch >= 2\.5"):
         cmrf.export_onnx(cmrf.TinyUNet(channels=(16, 32), N=4), tmp_path / "x.onnx", (1, 3, 32, 32))
     assert main(["export", "onnx", *SMALL, "-o", str(tmp_path / "y.onnx")]) == 2

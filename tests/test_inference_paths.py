@@ -441,7 +441,7 @@ def test_onnxruntime_backend_equals_original(small_unet, onnxruntime_available):
     """One session per shape, each equal to the original: odd sizes, a non-contiguous input, a
     channels-last batch of 2 (its key is the shape, so the same shape with other strides reuses
     it); under inference_mode and no_grad."""
-    from cmrf.export import OnnxRuntimeInference
+    from cmrf.inference import OnnxRuntimeInference
 
     fast = optimize_for_inference(small_unet, backend="onnxruntime")
     assert isinstance(fast, OnnxRuntimeInference) and fast.inference_path == "onednn"
@@ -464,7 +464,7 @@ def test_onnxruntime_backend_equals_original(small_unet, onnxruntime_available):
 
 
 def test_onnxruntime_backend_limits_and_fallbacks(small_unet, onnxruntime_available):
-    from cmrf.export import OnnxRuntimeInference
+    from cmrf.inference import OnnxRuntimeInference
 
     fast = OnnxRuntimeInference(optimize_for_inference(small_unet), max_graphs=1, threads=1)
     a, b = torch.randn(1, 3, 16, 16), torch.randn(1, 3, 8, 8)
@@ -484,10 +484,23 @@ def test_onnxruntime_backend_limits_and_fallbacks(small_unet, onnxruntime_availa
     assert fast.num_graphs == 0
 
 
+def test_onnxruntime_wrapper_of_a_plain_model_equals_it(small_unet, onnxruntime_available):
+    """Wrapped directly (not through optimize_for_inference), a model holding CMRF blocks is
+    optimized before each export; the original is left as it was."""
+    from cmrf.inference import OnnxRuntimeInference
+
+    model = copy.deepcopy(small_unet)
+    fast = OnnxRuntimeInference(model, threads=1)
+    x = torch.randn(1, 3, 24, 16)
+    with torch.no_grad():
+        assert _max_diff(fast(x), small_unet(x)) < TOL
+    assert fast.num_graphs == 1 and isinstance(fast.module, type(small_unet))
+
+
 def test_backend_arguments(small_unet, monkeypatch, onnxruntime_available):
     import importlib.util
 
-    from cmrf.export import OnnxRuntimeInference
+    from cmrf.inference import OnnxRuntimeInference
 
     with pytest.raises(ValueError, match=r"backend must be one of \['torch', 'onnxruntime'\], got 'ort'"):
         optimize_for_inference(small_unet, backend="ort")

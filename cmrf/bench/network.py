@@ -115,8 +115,7 @@ def _optimized_graph_runner(ctx: NetworkContext, settings: BenchSettings) -> Run
 
 
 def _onnxruntime_runner(ctx: NetworkContext, settings: BenchSettings) -> Runner:
-    from cmrf.export import OnnxRuntimeInference
-    from cmrf.inference import optimize_for_inference
+    from cmrf.inference import OnnxRuntimeInference, optimize_for_inference
 
     # What optimize_for_inference(model, backend="onnxruntime") returns, with the bench's threads.
     # Its threads do not spin between calls (the default), so they leave the cores to PyTorch's

@@ -141,8 +141,7 @@ def inference_model(
 
 def _onnxruntime_model(model: torch.nn.Module, device: torch.device, optimize: bool, fp32_cpu: bool,
                        has_blocks: bool, max_graphs: int) -> torch.nn.Module:
-    from cmrf.export import OnnxRuntimeInference
-    from cmrf.inference import optimize_for_inference
+    from cmrf.inference import OnnxRuntimeInference, optimize_for_inference
 
     if not optimize:
         raise ValueError(
