@@ -24,7 +24,7 @@ from torch import nn
 
 from cmrf.files import atomic_path
 from cmrf.inference import optimize_for_inference
-from cmrf.layers import CMRF
+from cmrf.layers import cmrf_blocks
 from cmrf.onnx_writer import (
     DEFAULT_OPSET,
     TESTED_TORCH_FOR_ONNX,
@@ -55,10 +55,6 @@ def _check_dynamic_axes(path: Path, rank: int) -> None:
             f"example's sizes; dynamic export is tested with torch {TESTED_TORCH_FOR_ONNX}: upgrade "
             f"torch, or export with dynamic=False once per input size you need"
         )
-
-
-def _holds_cmrf(model: nn.Module) -> bool:
-    return any(isinstance(m, CMRF) for m in model.modules())
 
 
 _MAX_UNPOOLS = (nn.MaxUnpool1d, nn.MaxUnpool2d, nn.MaxUnpool3d)
@@ -156,7 +152,7 @@ def export_onnx(
         _check_dynamic_supported(model)
     spatial_multiple = int(getattr(model, "min_size", 1))
     size = _check_input_size(input_size)
-    if optimize and _holds_cmrf(model):
+    if optimize and cmrf_blocks(model):
         model = optimize_for_inference(model)
     model = model.eval()
     param = next(model.parameters(), None)

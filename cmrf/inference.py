@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmrf.layers import CMRF, ConvNorm, conv_type
+from cmrf.layers import CMRF, ConvNorm, cmrf_blocks, conv_type
 from cmrf.models.tinyunet import TinyUNet
 from cmrf.onnx_writer import check_onnxruntime, write_onnx
 from cmrf.ops.cascade import interpreter_enabled, triton_available, triton_missing_reason
@@ -973,7 +973,7 @@ class OnnxRuntimeInference(CPUGraphPerShape):
         import onnxruntime as ort
 
         module = self.module
-        if any(isinstance(m, CMRF) for m in module.modules()):  # not optimized yet: export the fast graph
+        if cmrf_blocks(module):  # not optimized yet: export the fast graph
             module = optimize_for_inference(module)
         with tempfile.TemporaryDirectory(prefix="cmrf-onnx-") as tmp:
             path = Path(tmp) / "model.onnx"

@@ -317,3 +317,8 @@ class CMRF(nn.Module):
             f"in_channels={self.in_channels}, out_channels={self.out_channels}, N={self.N}, "
             f"residual={self.add_residual}, spatial_dims={self.spatial_dims}"
         )
+
+
+def cmrf_blocks(module: nn.Module) -> list[CMRF]:
+    """Every ``CMRF`` in ``module`` (``module`` itself included), in ``module.modules()`` order."""
+    return [m for m in module.modules() if isinstance(m, CMRF)]

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cmrf import CMRF
-from cmrf.layers import cmrf_num_params
+from cmrf.layers import cmrf_blocks, cmrf_num_params
 
 
 def _randomise_batchnorm(module: torch.nn.Module) -> None:
@@ -174,3 +174,14 @@ def test_volumes(cin, N, size):
 def test_spatial_dims_checked():
     with pytest.raises(ValueError, match="spatial_dims must be 1, 2 or 3, got 4"):
         CMRF(8, 16, spatial_dims=4)
+
+
+def test_cmrf_blocks_finds_every_block_in_order():
+    from cmrf import TinyUNet, optimize_for_inference
+
+    block = CMRF(8, 8, N=2)
+    assert cmrf_blocks(block) == [block]
+    net = TinyUNet(channels=(8, 16), N=2)
+    assert cmrf_blocks(net) == [*net.encoders, *net.decoders]
+    assert cmrf_blocks(optimize_for_inference(net)) == []  # the optimized copy holds none
+    assert cmrf_blocks(torch.nn.Conv2d(1, 1, 1)) == []

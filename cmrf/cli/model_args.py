@@ -127,11 +127,11 @@ def inference_model(
     ``optimize=True``, and says so otherwise.
     """
     from cmrf.inference import optimize_for_inference
-    from cmrf.layers import CMRF
+    from cmrf.layers import cmrf_blocks
 
     first = next(iter(model.parameters()), None)
     fp32_cpu = device.type == "cpu" and first is not None and first.dtype == torch.float32
-    blocks = [m for m in model.modules() if isinstance(m, CMRF)]
+    blocks = cmrf_blocks(model)
     if backend == "onnxruntime":
         return _onnxruntime_model(model, device, optimize, fp32_cpu, bool(blocks), max_graphs)
     if not optimize or not fp32_cpu or not blocks or any(b.spatial_dims != 2 for b in blocks):
