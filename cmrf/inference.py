@@ -744,7 +744,7 @@ class InferenceTinyUNet(nn.Module):
         return low
 
 
-# --- one prepared graph per input shape: CUDA graphs, frozen TorchScript graphs --------------
+# --- one prepared graph per input shape: CUDA graphs, TorchScript graphs, ONNX Runtime ------
 
 
 class GraphPerShape(nn.Module):
