@@ -83,6 +83,42 @@ def test_deadline_and_error_text():
     assert describe_error(KeyError()) == "KeyError"
 
 
+def test_error_text_keeps_the_cause():
+    # torch.compile's and Triton's first lines only introduce the real message.
+    intro = RuntimeError("backend='inductor' raised:\n\nTypeError: bad stride\n")
+    assert describe_error(intro) == "RuntimeError: backend='inductor' raised: ... TypeError: bad stride"
+    try:
+        try:
+            raise IndexError("index 3 is out of bounds")
+        except IndexError as inner:
+            raise RuntimeError("kernel failed") from inner
+    except RuntimeError as err:
+        cause = "(cause: IndexError: index 3 is out of bounds)"
+        assert describe_error(err) == f"RuntimeError: kernel failed {cause}"
+
+
+def test_kernel_time_is_unmeasured_without_device_events():
+    from types import SimpleNamespace
+
+    from cmrf.bench.harness import _device_ms_per_call
+
+    cpu_op = SimpleNamespace(device_type=torch.autograd.DeviceType.CPU, self_device_time_total=50.0)
+    kernel = SimpleNamespace(device_type=torch.autograd.DeviceType.CUDA, self_device_time_total=300.0)
+    assert _device_ms_per_call([cpu_op], calls=2) is None  # e.g. no CUPTI: not a measured 0
+    assert _device_ms_per_call([cpu_op, kernel, kernel], calls=2) == pytest.approx(0.3)
+
+
+def test_releasing_the_cuda_cache_survives_a_sticky_cuda_error(monkeypatch):
+    from cmrf.bench.harness import release_cuda_cache
+
+    def sticky():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", sticky)
+    release_cuda_cache(torch.device("cuda"))  # does not raise: the failing row reports the error
+    release_cuda_cache(CPU)
+
+
 def test_cuda_figures_are_none_off_cuda():
     assert kernel_time_ms(lambda: None, CPU) is None
     assert cuda_peak_mib(lambda: None, CPU) is None
@@ -244,6 +280,22 @@ def test_one_failing_row_does_not_stop_the_others(monkeypatch):
     assert "RuntimeError: compile not supported" in rows["inference.optimized"].note
     assert rows["inference.cmrf"].status == "error" and "OSError: lost" in rows["inference.cmrf"].note
     assert rows["inference.reference"].status == "ok" and rows["inference.reference"].wall_ms > 0
+
+
+def test_a_failing_phase_keeps_the_rows_measured_before_it(monkeypatch, capsys):
+    import cmrf.bench.suite as suite
+
+    def sticky_error(self):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(suite._Run, "cascade", sticky_error)
+    settings = resolve_settings("cpu", rows=("inference.cmrf", "cascade.eval"), **TINY)
+    report = run_benchmark(settings, progress=None)
+    rows = _rows(report)
+    assert rows["inference.cmrf"].status == "ok" and rows["inference.cmrf"].wall_ms > 0
+    assert report.notes[0].startswith("the run stopped in its cascade phase: RuntimeError: CUDA error")
+    assert "illegal memory access" in to_markdown(report)
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_deadline_skips_rows_and_compile_rows_that_would_not_fit():

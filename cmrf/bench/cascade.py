@@ -127,7 +127,10 @@ def cascade_case_runners(case: CascadeCase, device: torch.device, sweep: bool = 
     dtype = PRECISIONS[case.dtype]
     gen = torch.Generator().manual_seed(100 + case.level)
     y0 = torch.randn(case.shape, generator=gen).to(device=device, dtype=dtype)
-    grad = torch.randn((case.batch, case.N * case.c, case.side, case.side), generator=gen).to(device, dtype)
+    grad = None  # the output's gradient, drawn for training cases only (about 1 GiB at eval b128)
+    if case.mode == "train":
+        grad_shape = (case.batch, case.N * case.c, case.side, case.side)
+        grad = torch.randn(grad_shape, generator=gen).to(device, dtype)
     base = _stages(case, device)
     sides = [("reference", cascade_concat_reference), ("fused", _fused)]
     if sweep:

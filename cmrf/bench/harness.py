@@ -12,6 +12,7 @@ call needs (``torch.cuda.max_memory_allocated``).
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ __all__ = [
     "describe_error",
     "kernel_time_ms",
     "median",
+    "release_cuda_cache",
     "synchronize",
     "time_interleaved",
 ]
@@ -35,10 +37,36 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def release_cuda_cache(device: torch.device) -> None:
+    """Return the caching allocator's free blocks to the driver (CUDA only), never raising.
+
+    After a sticky CUDA error (an illegal address in a kernel) every CUDA call fails, this one
+    too; the row that caused it is already marked failed, and the run must still print the rows
+    it measured.
+    """
+    if device.type != "cuda":
+        return
+    with contextlib.suppress(Exception):  # see above: the failing row reports the error
+        torch.cuda.empty_cache()
+
+
+def _summary(err: BaseException) -> str:
+    """``Type: message`` in one line: the first line, and the last too when the first only
+    introduces the rest (``... raised:``, Triton's ``at 12:8:``)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    message = lines[0] if lines else ""
+    if message.endswith(":") and len(lines) > 1:
+        message = f"{message} ... {lines[-1]}"
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
+
+
 def describe_error(err: BaseException, limit: int = 240) -> str:
-    """``Type: first line of the message``, shortened to ``limit`` characters, for a table cell."""
-    message = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    text = f"{type(err).__name__}: {message}" if message else type(err).__name__
+    """One line for a table cell: the error's summary and its cause's (``raise ... from``, or the
+    ``inner_exception`` torch.compile wraps), shortened to ``limit`` characters."""
+    text = _summary(err)
+    cause = getattr(err, "inner_exception", None) or err.__cause__
+    if cause is not None and cause is not err:
+        text = f"{text} (cause: {_summary(cause)})"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -78,8 +106,7 @@ def time_interleaved(
         except Exception as err:  # one failing row must not stop the others
             errors[name] = describe_error(err)
             live.remove(name)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            release_cuda_cache(device)
             return None
 
     for _ in range(warmup):
@@ -110,7 +137,8 @@ def _device_event_us(event) -> float:
 
 
 def kernel_time_ms(fn: Callable[[], object], device: torch.device, calls: int = 2) -> float | None:
-    """Mean GPU time (ms) of the kernels, copies and fills one ``fn()`` launches; ``None`` off CUDA.
+    """Mean GPU time (ms) of the kernels, copies and fills one ``fn()`` launches; ``None`` off CUDA
+    and when the profiler recorded no device event at all (no CUPTI: not measured, rather than 0).
 
     Summed over the device events torch.profiler records, as its table's "Self CUDA time total".
     """
@@ -123,7 +151,13 @@ def kernel_time_ms(fn: Callable[[], object], device: torch.device, calls: int = 
         for _ in range(calls):
             fn()
         synchronize(device)
-    return sum(_device_event_us(e) for e in prof.events()) / 1e3 / calls
+    return _device_ms_per_call(prof.events(), calls)
+
+
+def _device_ms_per_call(events, calls: int) -> float | None:
+    """Milliseconds per call of the device ``events``; ``None`` when there are none."""
+    device_us = [_device_event_us(e) for e in events]
+    return sum(device_us) / 1e3 / calls if any(device_us) else None
 
 
 def cuda_peak_mib(fn: Callable[[], object], device: torch.device) -> float | None:

@@ -22,7 +22,9 @@ import gc
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -101,6 +103,7 @@ class _Run:
         self.estimates = {"inference": settings.compile_estimate_s,
                           "training": settings.compile_estimate_s * _TRAINING_COMPILE_FACTOR}
         self.names = [n for n in row_names(settings) if selected(settings, n)]
+        self.stopped: str | None = None  # why the run ended before its last phase, if it did
 
     def log(self, message: str) -> None:
         self._progress(f"[{self.deadline.elapsed():6.1f} s] {message}")
@@ -205,8 +208,7 @@ class _Run:
 
     def _free(self) -> None:
         gc.collect()
-        if self.settings.on_cuda:
-            torch.cuda.empty_cache()
+        harness.release_cuda_cache(self.device)
 
     # --- the phases ----------------------------------------------------------------------------
 
@@ -320,9 +322,17 @@ class _Run:
         row.hbm_pct = 100 * cascade_bytes(case, itemsize) / (ms * 1e-3) / 1e9 / peak_gbs
         row.extra["hbm_peak_gbs"] = peak_gbs
 
+    def stop(self, phase: str, err: BaseException) -> None:
+        """End the run after ``phase`` raised (a sticky CUDA error fails every later call): the
+        report keeps the rows measured so far and says why the others are missing."""
+        self.stopped = f"the run stopped in its {phase} phase: {harness.describe_error(err)}"
+        self.log(f"STOPPED: {self.stopped}")
+        print(traceback.format_exc(), file=sys.stderr, flush=True)
+
     def _notes(self) -> list[str]:
         s = self.settings
-        notes = ["max diff: largest absolute difference of the output from the group's reference "
+        notes = [] if self.stopped is None else [f"{self.stopped}; the rows after it did not run."]
+        notes += ["max diff: largest absolute difference of the output from the group's reference "
                  f"(same input, same precision: {s.precision}); training rows compare the logits of "
                  "the first step, and their JSON has grad_max_rel for the gradients."]
         if s.on_cuda:
@@ -376,12 +386,19 @@ def run_benchmark(settings: BenchSettings | None = None, progress: Callable[[str
     run = _Run(settings, progress or (lambda _: None))
     if not settings.on_cuda and any(n.startswith("cascade.") for n in run.names):
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    with _cpu_threads(settings.threads):
+    phases = [("whole-network", partial(run.network, compiled=False)), ("cascade", run.cascade),
+              ("torch.compile", partial(run.network, compiled=True))]
+    if not settings.on_cuda:
+        phases.append(("memory", run.memory))
+    # Triton launches on the current GPU, not on the tensors' one: make the bench's device current.
+    on_device = torch.cuda.device(run.device) if settings.on_cuda else contextlib.nullcontext()
+    with _cpu_threads(settings.threads), on_device:
         run.log(f"cmrf bench on {run.report.machine['device']}: {len(run.names)} rows, "
                 f"deadline {settings.deadline_s} s")
-        run.network(compiled=False)
-        run.cascade()
-        run.network(compiled=True)
-        if not settings.on_cuda:
-            run.memory()
+        for phase, work in phases:
+            try:
+                work()
+            except Exception as err:  # keep the figures measured so far (see _Run.stop)
+                run.stop(phase, err)
+                break
         return run.finish()
