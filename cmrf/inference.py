@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 from cmrf.layers import CMRF, ConvNorm, cmrf_blocks, conv_type
 from cmrf.models.tinyunet import TinyUNet
@@ -860,7 +861,9 @@ class CUDAGraphInference(GraphPerShape):
                     self.module(static_input)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.no_grad(), context(), torch.cuda.graph(graph):
+            # Captured on the warm-up stream, which is on x's GPU; torch.cuda.graph's own default
+            # stream is one per process, made on whichever GPU was current at the first capture.
+            with torch.no_grad(), context(), torch.cuda.graph(graph, stream=stream):
                 static_output = self.module(static_input)
         return graph, static_input, static_output
 
@@ -868,7 +871,11 @@ class CUDAGraphInference(GraphPerShape):
         graph, static_input, static_output = entry
         static_input.copy_(x)
         graph.replay()
-        return static_output.clone() if self.clone_output else static_output
+        if not self.clone_output:
+            return static_output
+        # Every tensor of the output (a tensor, or tuples, lists, dicts of them): models with
+        # auxiliary heads return more than one.
+        return tree_map_only(torch.Tensor, torch.Tensor.clone, static_output)
 
 
 class CPUGraphPerShape(GraphPerShape):

@@ -634,6 +634,27 @@ def count_host_work(call):
     return [op for op in counter.ops if _device_work(op)], len(launches)
 
 
+def test_kernels_launch_on_the_inputs_gpu(monkeypatch):
+    """Triton launches on the current device: every entry point makes its input's GPU current."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    made_current = []
+
+    @contextmanager
+    def device(d):
+        made_current.append(d)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    guarded = triton_cascade._on_tensor_device(lambda first, second: (first, second))
+    on_gpu1 = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
+    assert guarded(on_gpu1, 2) == (on_gpu1, 2) and made_current == [torch.device("cuda", 1)]
+    assert guarded(torch.zeros(1), 3)[1] == 3 and len(made_current) == 1  # CPU tensors: no guard
+    for entry in (triton_cascade.eval_cascade, triton_cascade.train_forward, triton_cascade.train_backward):
+        assert entry.__wrapped__.__code__ is not entry.__code__, entry.__name__
+
+
 def test_launch_and_op_budget():
     """Host work per call (before this change: eval 12 device ops, N=4 train 44 ops + 8 launches).
 

@@ -265,6 +265,19 @@ def test_cuda_graph_wrapper_runs_cpu_inputs_eagerly(small_unet):
     assert set(wrapped.state_dict()) == {f"module.{k}" for k in fast.state_dict()}
 
 
+def test_cuda_graph_replay_copies_every_output_tensor():
+    """A model with auxiliary heads returns several tensors: each is copied out of the graph's
+    static memory, which the next replay overwrites (replay simulated: no GPU needed)."""
+    wrapped = CUDAGraphInference(nn.Identity())
+    static = (torch.zeros(2), {"aux": torch.ones(3)})
+    replay = type("Graph", (), {"replay": lambda self: None})()
+    out = wrapped._run((replay, torch.zeros(1), static), torch.ones(1))
+    assert torch.equal(out[0], static[0]) and out[0] is not static[0]
+    assert torch.equal(out[1]["aux"], static[1]["aux"]) and out[1]["aux"] is not static[1]["aux"]
+    assert CUDAGraphInference(nn.Identity(), clone_output=False)._run((replay, torch.zeros(1), static),
+                                                                      torch.ones(1)) is static
+
+
 # --- run_in_bands -----------------------------------------------------------------------------
 
 

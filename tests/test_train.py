@@ -359,6 +359,38 @@ def test_recipe_defaults_are_the_papers_and_threads_choice():
             resolve_device("cuda")
 
 
+def test_amp_auto_takes_bf16_only_where_the_gpu_computes_it_natively(monkeypatch):
+    from contextlib import nullcontext
+
+    from cmrf.train.processes import autocast_dtype
+
+    asked = []
+
+    def is_bf16_supported(including_emulation=True):
+        asked.append(including_emulation)
+        return including_emulation  # an old GPU: bf16 emulated only
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: nullcontext())
+    cuda = torch.device("cuda", 0)
+    assert autocast_dtype("auto", cuda) == torch.float16 and asked == [False]
+    assert autocast_dtype("bf16", cuda) == torch.bfloat16  # asked for explicitly: given
+
+
+def test_resume_restores_the_gpus_this_machine_has(monkeypatch):
+    """A state saved with more GPUs visible (a DDP node) resumes on a machine with fewer."""
+    from cmrf.train.state import get_rng_state, set_rng_state
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    state = get_rng_state()
+    state["cuda"] = [torch.zeros(8, dtype=torch.uint8), torch.ones(8, dtype=torch.uint8)]
+    set_rng_state(state)
+    assert len(restored) == 1 and torch.equal(restored[0], state["cuda"][0])
+
+
 def test_workers_auto_is_zero_on_the_cpu_and_one_per_free_core_on_cuda(monkeypatch):
     from types import SimpleNamespace
 

@@ -59,6 +59,21 @@ def test_training_after_validation_under_inference_mode(method):
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_constants_a_cuda_graph_captured_are_never_evicted(monkeypatch):
+    """A captured graph holds the addresses of the cached kernels it read: evicting one would let
+    later replays read freed memory. Capture is simulated (no GPU needed)."""
+    monkeypatch.setattr(up, "_CACHE", {})
+    monkeypatch.setattr(up, "_CAPTURED", {})
+    monkeypatch.setattr(up, "_capturing", lambda value: True)
+    captured = up._cached(("kernel", "captured"), lambda: torch.ones(3))
+    monkeypatch.setattr(up, "_capturing", lambda value: False)
+    for i in range(2 * up._CACHE_LIMIT):  # enough new entries to clear the cache at least once
+        up._cached(("kernel", i), lambda: torch.zeros(1))
+    assert ("kernel", "captured") not in up._CACHE
+    assert up._cached(("kernel", "captured"), lambda: torch.full((3,), 2.0)) is captured
+    assert up._cached(("kernel", 0), lambda: torch.zeros(1)) is not None  # others are rebuilt
+
+
 @pytest.mark.parametrize("method", FAST)
 @pytest.mark.parametrize(("mode", "shape"), CASES)
 def test_float64_is_exact(method, mode, shape):

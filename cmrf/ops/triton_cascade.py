@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -457,6 +458,25 @@ def _eval_cascade_kernel(
 INTERPRETED = type(_stage_forward_kernel).__name__ == "InterpretedFunction"
 
 
+def _on_tensor_device(fn):
+    """Run ``fn(first, ...)`` with ``first``'s GPU as the current device.
+
+    Triton launches on the current CUDA device, whatever device the tensors are on: a model on
+    ``cuda:1`` in a process whose current device is ``cuda:0`` would otherwise launch on GPU 0
+    with GPU 1's pointers. Autograd's backward already runs on the right device; eager forward
+    calls do not.
+    """
+
+    @functools.wraps(fn)
+    def on_device(first: torch.Tensor, *args, **kwargs):
+        if not first.is_cuda:
+            return fn(first, *args, **kwargs)
+        with torch.cuda.device(first.device):
+            return fn(first, *args, **kwargs)
+
+    return on_device
+
+
 def _launch(kernel, grid, *args, **meta) -> None:
     """Launch ``kernel`` on ``grid``; counts launches (tests, launch budgets)."""
     launch_counts[getattr(kernel, "fn", kernel).__name__] += 1
@@ -663,6 +683,7 @@ def _check_stats_eps(eps: list[float], S: int) -> None:
         raise ValueError(f"fused cascade expects {S} BatchNorm eps values, got {len(eps)}")
 
 
+@_on_tensor_device
 def eval_cascade(y: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                  shift: torch.Tensor) -> torch.Tensor:
     """Inference cascade with BatchNorm folded: ``d_k = dwconv(d_{k-1}, w_k) * scale_k + shift_k``.
@@ -737,6 +758,7 @@ def _(y, weight, scale, shift):
     return _empty_output(y, weight.shape[0])
 
 
+@_on_tensor_device
 def train_forward(
     y: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
     fixed_stats: torch.Tensor | None, eps: list[float], use_batch_stats: bool,
@@ -826,6 +848,7 @@ def _(y, weight, gamma, beta, fixed_stats, eps, use_batch_stats):
     return _empty_output(y, S), z, y.new_empty((STATS_ROWS, S, c), dtype=torch.float32)
 
 
+@_on_tensor_device
 def train_backward(
     grad_out: torch.Tensor, y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor,
     stats: torch.Tensor, use_batch_stats: bool,

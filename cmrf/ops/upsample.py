@@ -210,6 +210,13 @@ def _upsample_separable(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 _CACHE: dict[tuple, torch.Tensor] = {}
 _CACHE_LIMIT = 64
+# Entries read while a CUDA graph was being captured: the graph holds their addresses, so they
+# must outlive it and are never evicted (a handful of small kernels per captured model).
+_CAPTURED: dict[tuple, torch.Tensor] = {}
+
+
+def _capturing(value: torch.Tensor) -> bool:
+    return value.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _cached(key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -219,6 +226,8 @@ def _cached(key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
         return build()
     value = _CACHE.get(key)
     if value is None:
+        value = _CAPTURED.get(key)
+    if value is None:
         if len(_CACHE) >= _CACHE_LIMIT:
             _CACHE.clear()
         # Built as a normal tensor even under torch.inference_mode(): an inference tensor in the
@@ -226,6 +235,8 @@ def _cached(key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
         # backward"), e.g. after a validation run under inference_mode.
         with torch.inference_mode(False), torch.no_grad():
             value = _CACHE[key] = build()
+    if _capturing(value):
+        _CAPTURED[key] = value
     return value
 
 

@@ -233,6 +233,8 @@ def _setup(model: nn.Module, bundle, out: Path, recipe: Recipe, metadata: dict, 
     """Devices, the model on its device, optimizer, schedule, scaler, loss and loaders."""
     processes = init_processes(recipe.device)
     device = resolve_device(recipe.device, processes.local_rank)
+    if device.type == "cuda":  # kernels launched without a device guard (Triton's) use the current GPU
+        torch.cuda.set_device(device)
     amp_dtype = autocast_dtype(recipe.amp, device)
     # Different ranks draw different random numbers (e.g. dropout); initial weights are
     # broadcast from rank 0 by DDP.
