@@ -241,7 +241,8 @@ def _rows(report: Report) -> dict[str, Row]:
 
 def test_cpu_run_checks_and_times_every_row():
     settings = resolve_settings("cpu", rows=("inference.optimized", "training.cmrf"), leak_calls=2, **TINY)
-    report = run_benchmark(settings, progress=None)
+    lines = []
+    report = run_benchmark(settings, progress=lines.append)
     rows = _rows(report)
     assert list(rows) == ["inference.reference", "inference.optimized", "training.reference", "training.cmrf"]
     for row in rows.values():
@@ -251,6 +252,9 @@ def test_cpu_run_checks_and_times_every_row():
     assert rows["inference.optimized"].extra["rss_growth"]["calls"] == 2
     assert rows["training.cmrf"].extra["grad_max_rel"] < 1e-3
     assert report.machine["threads"] == 1
+    # each row's figures are in the progress log as soon as they are measured
+    optimized = rows["inference.optimized"]
+    assert any(f"inference.optimized: wall {optimized.wall_ms:.4g} ms" in line for line in lines)
 
 
 def _fail_after(call, count):

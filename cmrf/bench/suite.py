@@ -77,6 +77,16 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 _GRAD_SCALE_FLOOR = 1e-4
 
 
+def _figures_line(row: Row) -> str:
+    """``name: wall ... ms (min ...)[, kernel ... ms][, peak ... MiB]`` for the progress log."""
+    parts = [f"{row.name}: wall {row.wall_ms:.4g} ms (min {row.wall_min_ms:.4g})"]
+    if row.kernel_ms is not None:
+        parts.append(f"kernel {row.kernel_ms:.4g} ms")
+    if row.peak_mib is not None:
+        parts.append(f"peak {row.peak_mib:.1f} MiB")
+    return ", ".join(parts)
+
+
 def _grad_max_rel(outputs: dict, reference: dict) -> float | None:
     """Largest ``max|g - g_ref| / max(max|g_ref|, floor)`` over the gradients both runs returned.
 
@@ -194,6 +204,7 @@ class _Run:
             row.wall_ms, row.wall_min_ms = harness.median(samples[name]), min(samples[name])
             row.extra["wall_samples_ms"] = [round(s, 4) for s in samples[name]]
             self._device_figures(row, runner)
+            self.log(_figures_line(row))  # kept in the log even if the run dies before its table
         del runners
         self._free()
 
