@@ -756,6 +756,10 @@ class GraphPerShape(nn.Module):
     that run eagerly. ``.to()``/``.cuda()`` and ``reset()`` drop the graphs.
     """
 
+    # Whether a graph that cannot be made is an error (default), or makes its key run eagerly
+    # from then on, with one warning (CUDA graphs: an operator that cannot be captured).
+    eager_when_build_fails = False
+
     def __init__(self, module: nn.Module, max_graphs: int = 4):
         super().__init__()
         if not isinstance(module, nn.Module):
@@ -784,7 +788,7 @@ class GraphPerShape(nn.Module):
     @property
     def num_graphs(self) -> int:
         """How many graphs exist."""
-        return len(self._graphs)
+        return sum(graph is not _NO_GRAPH for graph in self._graphs.values())
 
     def _needs_grad(self, x: torch.Tensor) -> bool:
         return torch.is_grad_enabled() and (
@@ -796,11 +800,26 @@ class GraphPerShape(nn.Module):
             return self.module(x)
         key = self._key(x)
         graph = self._graphs.get(key)
+        if graph is _NO_GRAPH:
+            return self.module(x)
         if graph is None:
             if len(self._graphs) >= self.max_graphs:
                 return self.module(x)
-            graph = self._graphs[key] = self._build(x)
+            try:
+                graph = self._build(x)
+            except Exception as err:
+                if not self.eager_when_build_fails:
+                    raise
+                warnings.warn(f"{type(self).__name__}: no graph for input shape {tuple(x.shape)} "
+                              f"({type(err).__name__}: {err}); it runs eagerly from now on",
+                              RuntimeWarning, stacklevel=2)
+                self._graphs[key] = _NO_GRAPH
+                return self.module(x)
+            self._graphs[key] = graph
         return self._run(graph, x)
+
+
+_NO_GRAPH = object()  # a key whose graph could not be made (GraphPerShape.eager_when_build_fails)
 
 
 class CUDAGraphInference(GraphPerShape):
@@ -814,9 +833,10 @@ class CUDAGraphInference(GraphPerShape):
     weight cache (a cached cast would be a stale tensor in the graph).
 
     The module runs eagerly (no graph) for CPU inputs, an empty batch, while tracing or an
-    outer capture is running, when a gradient is needed, and for new keys once ``max_graphs``
-    graphs exist. ``.to()``/``.cuda()`` drop the graphs (they point at the old memory); so does
-    ``reset()``. Parameters changed in place are seen by the graphs (same memory).
+    outer capture is running, when a gradient is needed, for new keys once ``max_graphs``
+    graphs exist, and for a key whose capture failed (one ``RuntimeWarning`` says why).
+    ``.to()``/``.cuda()`` drop the graphs (they point at the old memory); so does ``reset()``.
+    Parameters changed in place are seen by the graphs (same memory).
 
     Args:
         module: an eval-only module (typically from ``optimize_for_inference``) on a CUDA device.
@@ -826,6 +846,8 @@ class CUDAGraphInference(GraphPerShape):
 
     Shapes: those of ``module``.
     """
+
+    eager_when_build_fails = True  # a graph is an optimisation: an uncapturable forward still runs
 
     def __init__(self, module: nn.Module, max_graphs: int = 4, clone_output: bool = True):
         super().__init__(module, max_graphs)

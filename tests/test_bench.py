@@ -302,6 +302,34 @@ def test_a_failing_phase_keeps_the_rows_measured_before_it(monkeypatch, capsys):
     assert "Traceback" in capsys.readouterr().err
 
 
+def test_graph_row_fails_when_nothing_was_captured(monkeypatch):
+    """If the capture fails, CUDAGraphInference runs eagerly; the graph row must not time that."""
+    from types import SimpleNamespace
+
+    import cmrf.inference as inference
+    from cmrf import create_model
+    from cmrf.bench.network import _optimized_graph_runner
+
+    def capture_fails(x):
+        raise RuntimeError("not capturable")
+
+    optimize = inference.optimize_for_inference
+
+    def uncapturable(model, cuda_graph=False):
+        wrapped = inference.CUDAGraphInference(optimize(model))
+        wrapped._eager = lambda x: False  # as if on a GPU
+        wrapped._build = capture_fails
+        return wrapped
+
+    monkeypatch.setattr(inference, "optimize_for_inference", uncapturable)
+    model = create_model("tinyunet", channels=(16, 32)).eval()
+    ctx = SimpleNamespace(model=model, x=torch.randn(1, 3, 32, 32))
+    runner = _optimized_graph_runner(ctx, resolve_settings("cpu", **TINY))
+    warned = pytest.warns(RuntimeWarning, match="not capturable")
+    with warned, pytest.raises(RuntimeError, match="no CUDA graph was captured"):
+        runner.check()
+
+
 def test_deadline_skips_rows_and_compile_rows_that_would_not_fit():
     selection = ("inference.optimized", "inference.compile")
     settings = resolve_settings("cpu", rows=selection, compile=True, compile_estimate_s=1e6, **TINY)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+import warnings
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -276,6 +277,40 @@ def test_cuda_graph_replay_copies_every_output_tensor():
     assert torch.equal(out[1]["aux"], static[1]["aux"]) and out[1]["aux"] is not static[1]["aux"]
     assert CUDAGraphInference(nn.Identity(), clone_output=False)._run((replay, torch.zeros(1), static),
                                                                       torch.ones(1)) is static
+
+
+def test_a_shape_that_cannot_be_captured_runs_eagerly_with_one_warning(monkeypatch, small_unet):
+    fast = optimize_for_inference(small_unet)
+    wrapped = CUDAGraphInference(fast)
+    builds = []
+
+    def uncapturable(x):
+        builds.append(x.shape)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(wrapped, "_eager", lambda x: False)  # as if x were on a GPU
+    monkeypatch.setattr(wrapped, "_build", uncapturable)
+    x = torch.randn(1, 3, 16, 32)
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match=r"no graph for input shape \(1, 3, 16, 32\).*runs eagerly"):
+            first = wrapped(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once, not on every call
+            second = wrapped(x)
+        expected = fast(x)
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert len(builds) == 1 and wrapped.num_graphs == 0
+
+
+def test_other_graph_wrappers_report_a_failed_build(monkeypatch, small_unet):
+    wrapped = FrozenCPUInference(optimize_for_inference(small_unet))
+
+    def trace_fails(x):
+        raise RuntimeError("trace failed")
+
+    monkeypatch.setattr(wrapped, "_build", trace_fails)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="trace failed"):
+        wrapped(torch.randn(1, 3, 16, 32))
 
 
 # --- run_in_bands -----------------------------------------------------------------------------

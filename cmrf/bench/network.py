@@ -114,7 +114,18 @@ def _optimized_graph_runner(ctx: NetworkContext, settings: BenchSettings) -> Run
     # The graph's memory pool is taken at capture (the untimed first call): a replay allocates
     # only the copy of the output, so this row's peak MiB is not comparable with the others'.
     note = "optimize_for_inference(cuda_graph=True); peak MiB: replay only (the pool is taken at capture)"
-    return _inference_runner(model, ctx.x, settings, note=note)
+    runner = _inference_runner(model, ctx.x, settings, note=note)
+    check = runner.check
+
+    def check_captured() -> dict[str, torch.Tensor]:
+        outputs = check()
+        if model.num_graphs == 0:  # the capture failed and the wrapper fell back to eager
+            raise RuntimeError("no CUDA graph was captured (the warning in the log says why); "
+                               "this row would time the eager forward")
+        return outputs
+
+    runner.check = check_captured
+    return runner
 
 
 def _onnxruntime_runner(ctx: NetworkContext, settings: BenchSettings) -> Runner:
