@@ -67,8 +67,8 @@ cat "$OUT/env.txt"
 status=0
 if [ "$BENCH_ONLY" = 0 ]; then
     tests=""
-    for f in ${GPU_CHECK_TESTS:-tests/test_fused_cascade.py tests/test_upsample.py tests/test_inference.py \
-        tests/test_inference_paths.py tests/test_bench.py}; do
+    for f in ${GPU_CHECK_TESTS:-tests/test_cuda.py tests/test_fused_cascade.py tests/test_upsample.py \
+        tests/test_inference.py tests/test_inference_paths.py tests/test_bench.py}; do
         [ -e "$f" ] && tests="$tests $f"
     done
     echo "== pytest$tests (timeout ${TEST_TIMEOUT} s)"

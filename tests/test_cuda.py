@@ -1,0 +1,131 @@
+"""Whole-network checks on a CUDA GPU: the optimized model, CUDA graphs, a fused training step and
+``cmrf train``. Skipped without a GPU; ``examples/gpu_check.sh`` runs them.
+
+``CMRF_TEST_CUDA_ON_CPU=1`` runs the tests that do not need a GPU feature (capture, autocast on
+CUDA, a second GPU) on the CPU instead, to check the test code itself where no GPU is at hand.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from cmrf import create_model, optimize_for_inference
+from cmrf.cli import main
+from cmrf.ops.cascade import reference_only
+from tests.test_inference import _randomise_batchnorm
+
+ON_CPU = os.environ.get("CMRF_TEST_CUDA_ON_CPU") == "1"
+if not torch.cuda.is_available() and not ON_CPU:
+    pytest.skip("needs a CUDA GPU (CMRF_TEST_CUDA_ON_CPU=1 runs part of it on the CPU)",
+                allow_module_level=True)
+
+DEVICE = torch.device("cpu" if ON_CPU else "cuda")
+needs_gpu = pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    """Compare in true fp32: TF32 off (the issue's rule for GPU comparisons)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = create_model("tinyunet", channels=(16, 32, 64))
+    return _randomise_batchnorm(model).eval().to(DEVICE)
+
+
+def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm())
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(shape, generator=gen).to(DEVICE) for shape in ((2, 3, 64, 64), (1, 3, 48, 80))]
+
+
+def test_optimized_model_equals_the_model_in_fp32():
+    model = _model()
+    fast = optimize_for_inference(copy.deepcopy(model))
+    with torch.inference_mode():
+        for x in _inputs():
+            torch.testing.assert_close(fast(x), model(x), rtol=0, atol=1e-4)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_optimized_model_under_autocast_stays_close(dtype):
+    model = _model()
+    fast = optimize_for_inference(copy.deepcopy(model))
+    with torch.inference_mode():
+        for x in _inputs():
+            expected = model(x)
+            with torch.autocast("cuda", dtype=dtype):
+                out = fast(x)
+            assert torch.isfinite(out).all()
+            assert _rel_l2(out, expected) < 0.05, dtype  # bf16 eager on the CPU: 0.012
+
+
+@needs_gpu
+def test_cuda_graphs_replay_new_inputs_and_keep_earlier_outputs():
+    model = _model()
+    graphs = optimize_for_inference(copy.deepcopy(model), cuda_graph=True)
+    first, second = (torch.randn(2, 3, 64, 64, device=DEVICE) for _ in range(2))
+    with torch.inference_mode():
+        out_first = graphs(first)  # captured here
+        kept = out_first.clone()
+        out_second = graphs(second)  # replayed with the new input
+        assert graphs.num_graphs == 1
+        torch.testing.assert_close(out_first, kept, rtol=0, atol=0)  # a copy, not the graph's buffer
+        torch.testing.assert_close(out_first, model(first), rtol=0, atol=1e-4)
+        torch.testing.assert_close(out_second, model(second), rtol=0, atol=1e-4)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out_bf16 = graphs(first)  # another key: another graph
+        assert graphs.num_graphs == 2 and _rel_l2(out_bf16, kept) < 0.05
+
+
+def test_training_step_equals_the_reference():
+    """One forward + backward of the default training path (the fused cascade and the exact
+    upsampling on a GPU) against the reference: logits, gradients and BatchNorm statistics."""
+    fast = _model().train()
+    reference = copy.deepcopy(fast)
+    x = torch.randn(2, 3, 64, 64, device=DEVICE)
+    target = torch.randint(0, 2, (2, 64, 64), device=DEVICE)
+    out = fast(x)
+    torch.nn.functional.cross_entropy(out, target).backward()
+    with reference_only():
+        expected = reference(x)
+        torch.nn.functional.cross_entropy(expected, target).backward()
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
+    for (name, p), q in zip(fast.named_parameters(), reference.parameters(), strict=True):
+        scale = q.grad.abs().max().clamp_min(1e-6)
+        assert float((p.grad - q.grad).abs().max() / scale) < 1e-3, name
+    for (name, b), c in zip(fast.named_buffers(), reference.buffers(), strict=True):
+        torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_cmrf_train_on_the_device(tmp_path):
+    pytest.importorskip("monai", reason="cmrf train's loss needs monai (carry its wheel: docs/benchmarks.md)")
+    args = ["train", "--img-size", "32", "--synthetic-samples", "16", "--channels", "16", "32",
+            "--device", DEVICE.type, "--epochs", "2", "--out", str(tmp_path), "--no-plots"]
+    assert main(args) == 0
+    assert (tmp_path / "best.safetensors").exists() and (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda" or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_model_on_the_second_gpu_runs_there():
+    """Triton launches on the current GPU: the fused path must make the input's GPU current."""
+    model = _model().to("cuda:1")
+    fast = optimize_for_inference(copy.deepcopy(model))
+    x = torch.randn(2, 3, 64, 64, device="cuda:1")
+    assert torch.cuda.current_device() == 0
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), model(x), rtol=0, atol=1e-4)
