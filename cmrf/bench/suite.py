@@ -338,7 +338,7 @@ class _Run:
         report keeps the rows measured so far and says why the others are missing."""
         self.stopped = f"the run stopped in its {phase} phase: {harness.describe_error(err)}"
         self.log(f"STOPPED: {self.stopped}")
-        print(traceback.format_exc(), file=sys.stderr, flush=True)
+        self._progress(traceback.format_exc().rstrip())  # where it happened, for the next fix
 
     def _notes(self) -> list[str]:
         s = self.settings
