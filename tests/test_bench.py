@@ -97,6 +97,19 @@ def test_error_text_keeps_the_cause():
         assert describe_error(err) == f"RuntimeError: kernel failed {cause}"
 
 
+def test_max_diff_in_chunks_on_the_outputs_device():
+    from cmrf.bench.suite import _max_abs
+
+    a = torch.zeros(20, 3, dtype=torch.bfloat16)
+    b = a.clone()
+    b[19, 2] = -0.5  # in the last chunk of 8 batch items
+    assert _max_abs(a, b) == 0.5 and _max_abs(b, b) == 0.0
+    assert _max_abs(torch.tensor(1.0), torch.tensor(3.0)) == 2.0
+    assert _max_abs(torch.empty(0, 3), torch.empty(0, 3)) == 0.0
+    with pytest.raises(ValueError, match=r"output shape \(2,\) differs from the reference's \(3,\)"):
+        _max_abs(torch.zeros(2), torch.zeros(3))
+
+
 def test_kernel_time_is_unmeasured_without_device_events():
     from types import SimpleNamespace
 
