@@ -276,6 +276,7 @@ class _Run:
 
             self.run_group(rows, build, s.repeats, s.warmup, timed=s.on_cuda)
             built.clear()
+            self.references.pop(f"{case.prefix}.reference", None)  # up to GiBs; no later row needs it
             self._free()
 
     def memory(self) -> None:
