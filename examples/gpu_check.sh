@@ -20,6 +20,8 @@
 # Exit status: 0 when the tests passed and the benchmark finished, else 1 (the logs say which).
 
 set -u
+# Time limits send SIGINT first (then SIGKILL 20 s later): pytest then still prints its summary and
+# writes tests.xml, and cmrf bench prints the table of the rows it measured.
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT"
@@ -72,7 +74,7 @@ if [ "$BENCH_ONLY" = 0 ]; then
         [ -e "$f" ] && tests="$tests $f"
     done
     echo "== pytest$tests (timeout ${TEST_TIMEOUT} s)"
-    timeout "$TEST_TIMEOUT" "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider --junitxml="$OUT/tests.xml" \
+    timeout -s INT -k 20 "$TEST_TIMEOUT" "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider --junitxml="$OUT/tests.xml" \
         $tests >"$OUT/tests.log" 2>&1
     rc=$?
     tail -n 40 "$OUT/tests.log"
@@ -82,7 +84,7 @@ fi
 
 echo "== cmrf bench --device $BENCH_DEVICE ${BENCH_ARGS:-} (timeout ${BENCH_TIMEOUT} s)"
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
-timeout "$BENCH_TIMEOUT" "$PYTHON" -m cmrf bench --device "$BENCH_DEVICE" ${BENCH_ARGS:-} \
+timeout -s INT -k 20 "$BENCH_TIMEOUT" "$PYTHON" -m cmrf bench --device "$BENCH_DEVICE" ${BENCH_ARGS:-} \
     --json "$OUT/bench_cuda.json" >"$OUT/bench_cuda.md" 2>"$OUT/bench_cuda.log"
 rc=$?
 tail -n 30 "$OUT/bench_cuda.log"

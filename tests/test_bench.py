@@ -299,10 +299,13 @@ def test_one_failing_row_does_not_stop_the_others(monkeypatch):
     assert rows["inference.reference"].status == "ok" and rows["inference.reference"].wall_ms > 0
 
 
-def test_a_failing_phase_keeps_the_rows_measured_before_it(monkeypatch):
+@pytest.mark.parametrize("interrupt", [False, True])
+def test_a_failing_phase_keeps_the_rows_measured_before_it(monkeypatch, interrupt):
     import cmrf.bench.suite as suite
 
     def sticky_error(self):
+        if interrupt:  # Ctrl-C, or `timeout -s INT` in examples/gpu_check.sh
+            raise KeyboardInterrupt
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     monkeypatch.setattr(suite._Run, "cascade", sticky_error)
@@ -311,6 +314,9 @@ def test_a_failing_phase_keeps_the_rows_measured_before_it(monkeypatch):
     report = run_benchmark(settings, progress=lines.append)
     rows = _rows(report)
     assert rows["inference.cmrf"].status == "ok" and rows["inference.cmrf"].wall_ms > 0
+    if interrupt:
+        assert report.notes[0].startswith("the run stopped in its cascade phase: KeyboardInterrupt")
+        return
     assert report.notes[0].startswith("the run stopped in its cascade phase: RuntimeError: CUDA error")
     assert "illegal memory access" in to_markdown(report)
     assert any(line.startswith("Traceback") and "sticky_error" in line for line in lines)

@@ -416,7 +416,9 @@ def run_benchmark(settings: BenchSettings | None = None, progress: Callable[[str
         for phase, work in phases:
             try:
                 work()
-            except Exception as err:  # keep the figures measured so far (see _Run.stop)
+            # Keep the figures measured so far (see _Run.stop), also on Ctrl-C or a SIGINT from
+            # `timeout -s INT`: the table of a long run that was cut short is still printed.
+            except (Exception, KeyboardInterrupt) as err:
                 run.stop(phase, err)
                 break
         return run.finish()
