@@ -6,8 +6,8 @@
 #
 # Run from the repository root on a machine with one CUDA GPU and a python3 that has torch, Triton,
 # timm, safetensors and hypothesis (the device image of this project has them; fvcore and monai are
-# not needed by the tests run here, and travel as wheels in .whl/ when they are wanted: see
-# docs/benchmarks.md). Everything is written under $OUT (default ./gpu_check_out), at most 7 files:
+# not, and travel as wheels in .whl/ when they are wanted: without monai the `cmrf train` check of
+# tests/test_cuda.py skips; see docs/benchmarks.md). Everything is written under $OUT (default ./gpu_check_out), at most 7 files:
 #   env.txt         GPU, driver, versions
 #   tests.log       pytest output;  tests.xml  its JUnit report
 #   bench_cuda.md   the benchmark table (stdout of cmrf bench)
