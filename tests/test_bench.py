@@ -322,6 +322,29 @@ def test_a_failing_phase_keeps_the_rows_measured_before_it(monkeypatch, interrup
     assert any(line.startswith("Traceback") and "sticky_error" in line for line in lines)
 
 
+def test_fp16_training_rows_scale_the_loss_as_cmrf_train_does():
+    """fp16 steps use a GradScaler (as `cmrf train`); the checked gradients are unscaled.
+    CPU autocast stands in for CUDA's here (the settings allow fp16 on CUDA only)."""
+    import dataclasses
+
+    from cmrf.bench.network import NetworkContext, build_network_runner
+
+    fp32 = resolve_settings("cpu", **TINY)
+    fp16 = dataclasses.replace(fp32, precision="fp16")
+    ctx = NetworkContext.create(fp32)
+    exact = build_network_runner("training.cmrf", ctx, fp32).check()
+    runner = build_network_runner("training.cmrf", ctx, fp16)
+    scaled = runner.check()
+    names = [name for name in exact if name.startswith("grad.")]
+    exact_all = torch.cat([exact[name].flatten() for name in names])
+    fp16_all = torch.cat([scaled[name].flatten() for name in names])
+    # Unscaled: the same size as the fp32 gradients (scaled ones would be 65536 times larger),
+    # and the same direction up to fp16 rounding.
+    assert 0.8 < float(fp16_all.norm() / exact_all.norm()) < 1.25
+    assert float(torch.nn.functional.cosine_similarity(fp16_all, exact_all, dim=0)) > 0.95
+    runner.call()  # a scaled step: unscale, skip on infinite gradients, update the scale
+
+
 def test_graph_row_fails_when_nothing_was_captured(monkeypatch):
     """If the capture fails, CUDAGraphInference runs eagerly; the graph row must not time that."""
     from types import SimpleNamespace

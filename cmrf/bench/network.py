@@ -186,24 +186,29 @@ def _training(variant: str, ctx: NetworkContext, settings: BenchSettings) -> Run
     net = torch.compile(model) if variant in ("compile", "cmrf-compile") else model
     path = reference_only if variant in ("reference", "compile") else contextlib.nullcontext
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    # As in `cmrf train`: fp16 needs loss scaling so that small gradients do not underflow (its
+    # step reads back whether any was infinite); for fp32 and bf16 the scaler does nothing.
+    scaler = torch.amp.GradScaler(settings.torch_device.type, enabled=settings.precision == "fp16")
 
     def forward_backward() -> torch.Tensor:
         with path():
             with autocast(settings):
                 out = net(ctx.x)
                 loss = F.cross_entropy(out.float(), ctx.target)
-            loss.backward()
+            scaler.scale(loss).backward()
         return out
 
     def step():
         forward_backward()
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         # grads freed after the step, so a call starts with none: its peak memory is its own
         optimizer.zero_grad(set_to_none=True)
 
     def check() -> dict[str, torch.Tensor]:
         out = forward_backward().detach().float()
-        grads = {f"grad.{n}": p.grad.detach().float().clone() for n, p in model.named_parameters()
+        scale = scaler.get_scale() if scaler.is_enabled() else 1.0  # compare unscaled gradients
+        grads = {f"grad.{n}": p.grad.detach().float() / scale for n, p in model.named_parameters()
                  if p.grad is not None}
         optimizer.zero_grad(set_to_none=True)
         return {"output": out, **grads}
