@@ -121,6 +121,19 @@ def test_inference_folded_matches(N):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_inference_on_a_module_made_in_inference_mode():
+    """Parameters made under ``torch.inference_mode`` keep no version counter: the cache of
+    folded weights must key them without one (it raised RuntimeError)."""
+    with torch.inference_mode():
+        stages = make_stages(3, 4).eval()
+        y = torch.randn(1, 6, 9, 8, device=DEVICE)
+        out = cascade_concat(y, stages, fused=True)
+        expected = cascade_concat_reference(y, stages)
+        again = cascade_concat(y, stages, fused=True)  # from the cache
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(again, out)
+
+
 def test_eval_mode_with_gradients():
     """Frozen-BatchNorm fine-tuning: running statistics normalise, nothing is updated."""
     stages = make_stages(2, 4).eval()

@@ -302,6 +302,33 @@ def test_a_shape_that_cannot_be_captured_runs_eagerly_with_one_warning(monkeypat
     assert len(builds) == 1 and wrapped.num_graphs == 0
 
 
+def test_cuda_graphs_are_captured_again_after_a_weight_change(monkeypatch, small_unet):
+    """A change to the weights (here in place, read through ``pw2``'s derived matrix) makes the
+    next call capture again, once: the capture's own warm-up remakes the derived tensors, and
+    that must not count as another change (capture simulated: no GPU needed)."""
+    fast = optimize_for_inference(small_unet)
+    wrapped = CUDAGraphInference(fast)
+    captures = []
+
+    def capture(x):  # a graph that replays what the module computed when it was captured
+        fast(x)  # the warm-up
+        captures.append(x.shape)
+        return fast(x)
+
+    monkeypatch.setattr(wrapped, "_eager", lambda x: False)  # as if x were on a GPU
+    monkeypatch.setattr(wrapped, "_build", capture)
+    monkeypatch.setattr(wrapped, "_run", lambda output, x: output)
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        before = wrapped(x)
+        assert torch.equal(wrapped(x), before) and len(captures) == 1
+        fast.encoders[0].pw2.bias.add_(0.5)
+        after = wrapped(x)
+        assert torch.equal(after, fast(x)) and _max_diff(after, before) > 1e-3
+        wrapped(x)
+    assert len(captures) == 2
+
+
 def test_other_graph_wrappers_report_a_failed_build(monkeypatch, small_unet):
     wrapped = FrozenCPUInference(optimize_for_inference(small_unet))
 
@@ -543,6 +570,81 @@ def test_onnxruntime_wrapper_of_a_plain_model_equals_it(small_unet, onnxruntime_
     with torch.no_grad():
         assert _max_diff(fast(x), small_unet(x)) < TOL
     assert fast.num_graphs == 1 and isinstance(fast.module, type(small_unet))
+
+
+def _graph_wrapper(kind: str, module: torch.nn.Module):
+    from cmrf.inference import OnnxRuntimeInference
+
+    if kind == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnxscript")
+        if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 5):
+            pytest.skip(f"ONNX export needs torch >= 2.5, this is {torch.__version__}")
+        return OnnxRuntimeInference(module, threads=1)
+    return FrozenCPUInference(module)
+
+
+@pytest.mark.parametrize("kind", ["freeze", "onnxruntime"])
+def test_graphs_follow_changed_weights(small_unet, kind, monkeypatch):
+    """The graphs hold copies of the weights: after load_state_dict, an in-place write or a
+    replaced parameter the next call answers with the new weights (made again), while calls with
+    unchanged weights reuse the graph they have."""
+    fast = _graph_wrapper(kind, optimize_for_inference(small_unet))
+    builds = []
+    original_build = type(fast)._build
+    monkeypatch.setattr(type(fast), "_build", lambda self, x: builds.append(1) or original_build(self, x))
+    torch.manual_seed(11)
+    other = optimize_for_inference(_randomise_batchnorm(TinyUNet(channels=(6, 12), N=3)).eval())
+    x = torch.randn(1, 3, 16, 16)
+
+    def eager(x):  # the wrapped module itself, as it now is
+        return fast.module(x)
+
+    with torch.no_grad():
+        assert _max_diff(fast(x), small_unet(x)) < TOL
+        fast(x)
+        assert len(builds) == 1  # unchanged weights: the same graph
+
+        fast.module.load_state_dict(other.state_dict())
+        assert _max_diff(fast(x), other(x)) < TOL and _max_diff(other(x), small_unet(x)) > 1e-3
+        assert len(builds) == 2 and fast.num_graphs == 1
+
+        head = fast.module.head
+        before = eager(x)
+        head.bias.add_(1.0)  # written in place
+        assert _max_diff(fast(x), before + 1.0) < TOL
+        head.weight = torch.nn.Parameter(head.weight * 2)  # replaced
+        assert _max_diff(fast(x), eager(x)) < TOL
+        fast.module.encoders[0].cascade[0].weight.mul_(-1)  # deep inside a CMRF block
+        assert _max_diff(fast(x), eager(x)) < TOL
+        assert len(builds) == 5
+        fast(x)
+        assert len(builds) == 5
+
+
+@pytest.mark.parametrize("path", PATH_PARAMS)
+def test_optimized_module_follows_loaded_and_changed_weights(small_unet, path):
+    """``pw2``'s augmented matrix and the fused kernel's parameters are derived from parameters:
+    after ``load_state_dict`` or an in-place write the module computes with the new weights."""
+    fast = optimize_for_inference(small_unet, path=path)
+    torch.manual_seed(11)
+    other_model = _randomise_batchnorm(TinyUNet(channels=(6, 12), N=3)).eval()
+    other = optimize_for_inference(other_model, path=path)
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert _max_diff(fast(x), small_unet(x)) < TOL
+        fast.load_state_dict(other.state_dict())
+        assert _max_diff(fast(x), other_model(x)) < TOL
+        block = fast.encoders[0]
+        block.pw2.bias.add_(0.25)  # in place, read through the derived matrix on the onednn path
+        block.cascade[1].weight.mul_(-1)  # ... and through the fused kernel's parameters
+        other.encoders[0].pw2.bias.add_(0.25)
+        other.encoders[0].cascade[1].weight.mul_(-1)
+        with warnings.catch_warnings():  # a trace runs the plain operators on the parameters
+            warnings.simplefilter("ignore")
+            expected = torch.jit.trace(fast, x, check_trace=False)(x)
+        assert _max_diff(fast(x), expected) < TOL
+        assert _max_diff(fast(x), other_model(x)) > 1e-3
 
 
 def test_backend_arguments(small_unet, monkeypatch, onnxruntime_available):

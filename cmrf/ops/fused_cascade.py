@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from cmrf.ops import triton_cascade as _tc
+from cmrf.ops.stamps import tensor_version
 from cmrf.ops.triton_cascade import (
     FusedCascade,
     TileConfig,
@@ -69,9 +70,9 @@ def _caching_allowed(y: torch.Tensor) -> bool:
 
 
 def _key(y: torch.Tensor, tensors, extra=()) -> tuple:
-    # id: which tensor; data_ptr: its storage (``.data = ...``, ``.to()``); _version: in-place writes.
+    # id: which tensor; data_ptr: its storage (``.data = ...``, ``.to()``); version: in-place writes.
     return (y.device, torch.is_inference_mode_enabled(), extra,
-            *[None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors])
+            *[None if t is None else (id(t), t.data_ptr(), tensor_version(t)) for t in tensors])
 
 
 def _cached(stages: nn.ModuleList, kind: str, key, build):

@@ -1,0 +1,41 @@
+"""Stamps of tensors, for caches of values derived from parameters.
+
+A stamp records which tensors (holding them, so that their ids cannot be reused meanwhile), their
+storage and their version counter, which every in-place write raises (``copy_`` in
+``load_state_dict``, an optimizer step). A cache built from the tensors is valid while its stamp
+matches them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+__all__ = ["TensorStamp", "tensor_version"]
+
+
+def tensor_version(tensor: torch.Tensor) -> int | None:
+    """``tensor._version``, or ``None`` for an inference tensor, which keeps no version counter
+    (and cannot be written in place outside inference mode)."""
+    return None if tensor.is_inference() else tensor._version
+
+
+def _marks(tensors: Iterable[torch.Tensor]) -> list[tuple[int, int | None]]:
+    return [(t.data_ptr(), tensor_version(t)) for t in tensors]
+
+
+class TensorStamp:
+    """Which ``tensors``, at which storage and version, when the stamp was taken."""
+
+    __slots__ = ("_marks", "_tensors")
+
+    def __init__(self, tensors: Iterable[torch.Tensor] = ()):
+        self._tensors = tuple(tensors)
+        self._marks = _marks(self._tensors)
+
+    def matches(self, tensors: Sequence[torch.Tensor]) -> bool:
+        """Whether ``tensors`` are the stamped ones, none replaced, moved or written in place."""
+        return (len(tensors) == len(self._tensors)
+                and all(a is b for a, b in zip(self._tensors, tensors, strict=True))
+                and _marks(tensors) == self._marks)
