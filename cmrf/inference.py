@@ -467,10 +467,13 @@ class InferenceCMRF(nn.Module):
         return weight.float().contiguous(), torch.ones_like(shift), shift.contiguous()
 
     def _derived_sources(self) -> list[torch.Tensor]:
-        sources = [self.pw2.weight, self.pw2.bias]
+        # Read from the modules' own dicts: this runs at every call, and nn.Module.__getattr__
+        # costs about a microsecond per attribute.
+        pw2 = self._modules["pw2"]._parameters
+        sources = [pw2["weight"], pw2["bias"]]
         if self.fused:
-            for stage in self.cascade:
-                sources += [stage.weight, stage.bias]
+            for stage in self._modules["cascade"]._modules.values():
+                sources += (stage._parameters["weight"], stage._parameters["bias"])
         return sources
 
     def _refresh_derived(self) -> None:

@@ -18,7 +18,12 @@ __all__ = ["TensorStamp", "tensor_version"]
 def tensor_version(tensor: torch.Tensor) -> int | None:
     """``tensor._version``, or ``None`` for an inference tensor, which keeps no version counter
     (and cannot be written in place outside inference mode)."""
-    return None if tensor.is_inference() else tensor._version
+    try:  # cheaper than asking is_inference() first: this runs for every parameter at every call
+        return tensor._version
+    except RuntimeError:
+        if tensor.is_inference():
+            return None
+        raise
 
 
 def _marks(tensors: Iterable[torch.Tensor]) -> list[tuple[int, int | None]]:
