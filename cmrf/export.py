@@ -24,7 +24,7 @@ from torch import nn
 
 from cmrf.files import atomic_path
 from cmrf.inference import optimize_for_inference
-from cmrf.layers import cmrf_blocks
+from cmrf.layers import check_input_size, cmrf_blocks, eval_mode
 from cmrf.onnx_writer import (
     DEFAULT_OPSET,
     TESTED_TORCH_FOR_ONNX,
@@ -76,18 +76,6 @@ def _check_dynamic_supported(model: nn.Module) -> None:
         )
 
 
-def _check_input_size(input_size: Sequence[int]) -> tuple[int, ...]:
-    try:
-        size = tuple(int(s) for s in input_size)
-    except (TypeError, ValueError) as err:
-        raise ValueError(
-            f"input_size must be a sequence of integers (B, C, *spatial), got {input_size!r}"
-        ) from err
-    if len(size) < 3 or any(s < 1 for s in size):
-        raise ValueError(f"input_size must be (B, C, *spatial) with positive sides, got {size}")
-    return size
-
-
 def _dynamic_shapes(size: tuple[int, ...], spatial_multiple: int) -> tuple[dict, ...]:
     """Dynamic batch and spatial sides; sides stay multiples of ``spatial_multiple``.
 
@@ -100,7 +88,7 @@ def _dynamic_shapes(size: tuple[int, ...], spatial_multiple: int) -> tuple[dict,
     if bad:
         raise ValueError(
             f"dynamic export needs spatial sides that are multiples of {spatial_multiple} "
-            f"(the model's 2 ** depth), got input_size {size}; pick such a size or export with "
+            f"(the sides the model accepts), got input_size {size}; pick such a size or export with "
             f"dynamic=False for exactly this shape"
         )
     axes = {0: Dim("batch", min=1, max=_MAX_SIDE)}
@@ -150,11 +138,11 @@ def export_onnx(
     check_exporter()
     if dynamic:
         _check_dynamic_supported(model)
-    spatial_multiple = int(getattr(model, "min_size", 1))
-    size = _check_input_size(input_size)
+    # The multiple every side must keep: TinyU-Net's 2 ** depth, CMUNeXt's 16.
+    spatial_multiple = int(getattr(model, "input_multiple", None) or getattr(model, "min_size", 1))
+    size = check_input_size(input_size)
     if optimize and cmrf_blocks(model):
-        model = optimize_for_inference(model)
-    model = model.eval()
+        model = optimize_for_inference(model)  # a copy
     param = next(model.parameters(), None)
     example = torch.randn(
         size,
@@ -164,7 +152,9 @@ def export_onnx(
     dynamic_shapes = _dynamic_shapes(size, spatial_multiple) if dynamic else None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
+    # Eval mode for the export only: without a copy (optimize=False, no CMRF blocks) this is the
+    # caller's own model, which must come back in the mode it had.
+    with eval_mode(model), atomic_path(path) as tmp:
         write_onnx(model, example, tmp, dynamic_shapes=dynamic_shapes, opset_version=opset_version,
                    verbose=verbose)
         if dynamic:

@@ -6,8 +6,9 @@ Every block takes ``spatial_dims`` (MONAI's convention): 2 for images ``(B, C, H
 
 from __future__ import annotations
 
+import contextlib
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -46,6 +47,20 @@ def maxpool_type(spatial_dims: int) -> type[nn.Module]:
     return _MAXPOOL[check_spatial_dims(spatial_dims)]
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the ``with`` block, then every submodule's own training flag
+    back as it was (``model.train(was_training)`` would also switch on a BatchNorm the caller
+    had frozen with ``.eval()``)."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
 def check_positive_int(name: str, value) -> int:
     """Return ``value`` if it is an integer >= 1, else raise ``ValueError`` naming it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -75,6 +90,15 @@ def check_positive_ints(
     if not values:
         raise ValueError(f"{name} must have at least one entry, e.g. {example}, got ()")
     return tuple(check_positive_int(f"{name}[{i}]", value) for i, value in enumerate(values))
+
+
+def check_input_size(input_size) -> tuple[int, ...]:
+    """``input_size`` as a tuple of ints ``(B, C, *spatial)``, every entry an integer >= 1,
+    at least one spatial side; else ``ValueError`` naming it (floats are refused, not truncated)."""
+    size = check_positive_ints("input_size", input_size, "integers (B, C, *spatial)", "(1, 3, 256, 256)")
+    if len(size) < 3:
+        raise ValueError(f"input_size must be (B, C, *spatial) with at least one spatial side, got {size}")
+    return size
 
 
 def check_optional_bool(name: str, value) -> bool | None:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from cmrf.layers import check_input_size, eval_mode
 from cmrf.ops import reference_only
 
 # thop's per-output-element cost of nn.Upsample by mode.
@@ -103,25 +104,19 @@ def profile(model: nn.Module, input_size: Sequence[int]) -> Profile:
 
     Args:
         model: any ``nn.Module`` taking one tensor. It is profiled in eval mode on its own device
-            and dtype, and its training flag is restored afterwards.
+            and dtype, and every submodule's training flag is restored afterwards.
         input_size: the full input shape, e.g. ``(1, 3, 256, 256)``.
 
     Returns:
         A ``Profile``; ``str()`` gives a one-line summary, ``to_dict()`` the JSON-ready figures.
     """
-    input_size = tuple(int(s) for s in input_size)
-    if len(input_size) < 3 or any(s < 1 for s in input_size):
-        raise ValueError(f"input_size must be (B, C, *spatial) with positive sides, got {input_size}")
+    input_size = check_input_size(input_size)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     example = torch.zeros(input_size, device=device, dtype=dtype)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         flops = count_paper_flops(model, example)
         macs = count_fvcore_macs(model, example)
-    finally:
-        model.train(was_training)
     params = sum(p.numel() for p in model.parameters())
     return Profile(params=params, macs=macs, flops=flops, input_size=input_size)

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from cmrf.layers import CMRF, check_positive_int, cmrf_channels, cmrf_num_params
+from cmrf.layers import CMRF, check_positive_int, cmrf_channels, cmrf_num_params, eval_mode
 from cmrf.ops import reference_only
 
 __all__ = [
@@ -277,14 +277,8 @@ def _shapes(output):
 
 def _run(model: nn.Module, example) -> object:
     """Forward ``example`` in eval mode without grad or side effects; return output shapes."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad(), reference_only():
-            output = model(*example) if isinstance(example, tuple) else model(example)
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
+    with eval_mode(model), torch.no_grad(), reference_only():
+        output = model(*example) if isinstance(example, tuple) else model(example)
     return _shapes(output)
 
 

@@ -77,6 +77,35 @@ def test_output_under_a_file_is_one_line(tmp_path, capsys):
     assert str(tmp_path / "file") in _one_error_line(capsys.readouterr().err)
 
 
+# --- the caller's model and the sizes it accepts ----------------------------------------------
+
+
+@requires_onnx_exporter
+def test_export_leaves_the_callers_model_in_its_modes(tmp_path):
+    """Without optimize (no copy) the caller's own model is exported: it comes back training,
+    with the BatchNorm it had frozen still frozen."""
+    model = cmrf.TinyUNet(channels=(16, 32), N=4).train()
+    frozen = model.encoders[0].pw1.norm.eval()
+    cmrf.export_onnx(model, tmp_path / "x.onnx", (1, 3, 32, 32), optimize=False)
+    assert model.training and not frozen.training
+    assert (tmp_path / "x.onnx").stat().st_size > 0
+
+
+@requires_onnx_exporter
+def test_dynamic_export_keeps_cmunexts_multiple_of_16(tmp_path):
+    """CMUNeXt accepts sides that are multiples of 16 (``input_multiple``; it has no
+    ``min_size``): a dynamic export must keep that rule instead of allowing any side."""
+    with pytest.raises(ValueError, match="multiples of 16"):
+        cmrf.export_onnx(cmrf.create_model("cmunext_s"), tmp_path / "c.onnx", (1, 3, 40, 40), dynamic=True)
+    assert not (tmp_path / "c.onnx").exists()
+
+
+@requires_onnx_exporter
+def test_export_input_size_must_be_integers(tmp_path):
+    with pytest.raises(ValueError, match=r"input_size\[3\] must be an integer >= 1, got 32.5"):
+        cmrf.export_onnx(cmrf.TinyUNet(channels=(16, 32), N=4), tmp_path / "x.onnx", (1, 3, 32, 32.5))
+
+
 # --- SegNet: max-unpooling cannot follow a dynamic size ----------------------------------------
 
 

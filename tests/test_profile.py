@@ -80,11 +80,20 @@ def test_functional_interpolate_is_free():
 
 
 def test_profile_restores_training_mode():
+    """Every submodule's own flag: a BatchNorm frozen with .eval() inside a training model stays
+    frozen (restoring only the top-level flag would switch it back to training)."""
     model = cmrf.TinyUNet(channels=(16, 32)).train()
+    frozen = model.encoders[0].pw1.norm.eval()
     cmrf.profile(model, (1, 3, 32, 32))
-    assert model.training
+    assert model.training and not frozen.training
+    modes = {name: m.training for name, m in model.named_modules()}
+    assert sum(modes.values()) == len(modes) - 1
 
 
 def test_bad_input_size():
     with pytest.raises(ValueError, match="input_size"):
         cmrf.profile(cmrf.TinyUNet(), (3, 256))
+    with pytest.raises(ValueError, match=r"input_size\[2\] must be an integer >= 1, got 32.7"):
+        cmrf.profile(cmrf.TinyUNet(), (1, 3, 32.7, 32))  # refused, not truncated to 32
+    with pytest.raises(ValueError, match=r"input_size\[0\] must be an integer >= 1, got True"):
+        cmrf.profile(cmrf.TinyUNet(), (True, 3, 32, 32))
