@@ -98,10 +98,31 @@ def _dynamic_shapes(size: tuple[int, ...], spatial_multiple: int) -> tuple[dict,
     return (axes,)
 
 
+def _example_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, ...]:
+    """``input_size`` checked against what the model says it takes (channels, spatial rank), or
+    the default 2D size for it; the exporter's own errors about these are long and indirect."""
+    channels = getattr(model, "in_channels", None)
+    spatial_dims = getattr(model, "spatial_dims", None)  # checked only where the model says it
+    if input_size is None:
+        if spatial_dims not in (None, 2):
+            raise ValueError(f"{type(model).__name__} takes {spatial_dims}D inputs: give input_size "
+                             f"(B, C, {', '.join('*' * spatial_dims)}), e.g. (1, {channels or 1}, "
+                             f"{', '.join(['64'] * spatial_dims)})")
+        input_size = (1, channels or 3, 256, 256)
+    size = check_input_size(input_size)
+    if isinstance(channels, int) and size[1] != channels:
+        raise ValueError(f"input_size {size} has {size[1]} channels, but {type(model).__name__} takes "
+                         f"in_channels={channels}: use (B, {channels}, ...)")
+    if isinstance(spatial_dims, int) and len(size) != spatial_dims + 2:
+        raise ValueError(f"input_size {size} has {len(size) - 2} spatial sides, but "
+                         f"{type(model).__name__} takes {spatial_dims}D inputs")
+    return size
+
+
 def export_onnx(
     model: nn.Module,
     path: str | Path,
-    input_size: Sequence[int] = (1, 3, 256, 256),
+    input_size: Sequence[int] | None = None,
     dynamic: bool = False,
     optimize: bool = True,
     opset_version: int = DEFAULT_OPSET,
@@ -113,7 +134,9 @@ def export_onnx(
         model: a TinyUNet, CMRF or any model holding CMRF blocks; it is not modified.
         path: the ``.onnx`` file to write (parent folders are created). Weights are stored
             inside the file.
-        input_size: the example input shape ``(B, C, *spatial)``. Default ``(1, 3, 256, 256)``.
+        input_size: the example input shape ``(B, C, *spatial)``; ``C`` must be the model's
+            ``in_channels`` where it has one. Default ``(1, in_channels, 256, 256)`` for 2D
+            models (``in_channels`` 3 if the model does not say); 3D models need it given.
         dynamic: ``False`` (default) fixes the graph to ``input_size``; ``True`` makes the batch
             and every spatial side dynamic (for TinyU-Net the sides stay multiples of
             ``model.min_size``, so ``input_size``'s sides must be such multiples too).
@@ -128,7 +151,8 @@ def export_onnx(
     Raises:
         ExportUnsupportedError: (a ``ValueError``) on torch older than 2.5, and when this torch's
             exporter fixes the sizes of a dynamic export (torch 2.6 does).
-        ValueError: for a malformed ``input_size``, a dynamic export of a TinyU-Net with
+        ValueError: for a malformed ``input_size`` or one whose channels or spatial rank the
+            model does not take, a dynamic export of a TinyU-Net with
             sides that are not multiples of ``model.min_size``, or a dynamic export of a model
             with max-unpooling (SegNet), which ONNX Runtime could run only at the example's size.
         OSError: the file cannot be written (the previous file, if any, is left as it was).
@@ -140,7 +164,7 @@ def export_onnx(
         _check_dynamic_supported(model)
     # The multiple every side must keep: TinyU-Net's 2 ** depth, CMUNeXt's 16.
     spatial_multiple = int(getattr(model, "input_multiple", None) or getattr(model, "min_size", 1))
-    size = check_input_size(input_size)
+    size = _example_size(model, input_size)
     if optimize and cmrf_blocks(model):
         model = optimize_for_inference(model)  # a copy
     param = next(model.parameters(), None)

@@ -106,6 +106,26 @@ def test_export_input_size_must_be_integers(tmp_path):
         cmrf.export_onnx(cmrf.TinyUNet(channels=(16, 32), N=4), tmp_path / "x.onnx", (1, 3, 32, 32.5))
 
 
+@requires_onnx_exporter
+def test_export_input_size_follows_the_model(tmp_path):
+    """The default example takes the model's channels; a size with other channels or another
+    spatial rank is a clear ValueError before the exporter runs."""
+    model = cmrf.TinyUNet(in_channels=1, channels=(16, 32), N=4)
+    with pytest.raises(ValueError, match=r"has 3 channels, but TinyUNet takes in_channels=1"):
+        cmrf.export_onnx(model, tmp_path / "x.onnx", (1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"has 3 spatial sides, but TinyUNet takes 2D inputs"):
+        cmrf.export_onnx(model, tmp_path / "x.onnx", (1, 1, 32, 32, 32))
+    volume = cmrf.TinyUNet(in_channels=1, channels=(16, 32), N=4, spatial_dims=3)
+    with pytest.raises(ValueError, match=r"takes 3D inputs: give input_size \(B, C, \*, \*, \*\)"):
+        cmrf.export_onnx(volume, tmp_path / "v.onnx")
+    assert not list(tmp_path.iterdir())
+    path = cmrf.export_onnx(model, tmp_path / "x.onnx")  # (1, 1, 256, 256)
+    import onnx
+
+    dims = [d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 1, 256, 256]
+
+
 # --- SegNet: max-unpooling cannot follow a dynamic size ----------------------------------------
 
 
