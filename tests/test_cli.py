@@ -170,6 +170,28 @@ def test_evaluate_json_on_a_full_disk_keeps_the_previous_file(run_checkpoint, tm
     assert sorted(os.listdir(tmp_path)) == ["best.safetensors", "scores.json"]
 
 
+def test_evaluate_scores_the_train_split_without_augmentation(run_checkpoint, monkeypatch):
+    import cmrf.train.loop as loop
+
+    seen = []
+    original = loop.eval_loader
+
+    def recording_loader(dataset, *args, **kwargs):
+        seen.append(dataset.augment)
+        return original(dataset, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "eval_loader", recording_loader)
+    assert main(["evaluate", str(run_checkpoint), "--split", "train", "--no-optimize"]) == 0
+    assert seen == [False]
+
+
+def test_evaluate_refuses_file_flags_for_a_synthetic_run(run_checkpoint, tmp_path, capsys):
+    """The checkpoint's run trained on synthetic data: --root alone (no --data) would have been
+    dropped, scoring synthetic images as if they were the folder's."""
+    assert main(["evaluate", str(run_checkpoint), "--root", str(tmp_path)]) == 2
+    assert "--root: only for data read from files" in _one_line(capsys.readouterr().err)
+
+
 def test_cpu_evaluate_runs_frozen_graphs_and_gives_the_same_scores(run_checkpoint, tmp_path, monkeypatch):
     """By default evaluate runs optimize_for_inference(freeze=True) on the CPU (a graph per batch
     shape); --no-optimize runs the loaded model. The scores agree."""

@@ -5,6 +5,7 @@ NIfTI volumes are tested in test_volumes.py."""
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -240,8 +241,16 @@ def test_option_values_are_checked_by_the_parser(capsys):
         with pytest.raises(SystemExit):
             parse(*bad)
     assert parse("--mask-values", "0", "128", "255").mask_values == [0, 128, 255]
-    with pytest.raises(DataError, match="--mask-threshold: only for masks read from files"):
+    with pytest.raises(DataError, match="--mask-threshold: only for data read from files"):
         build_datasets(**data_options(parse("--mask-threshold", "128")))
+    # a forgotten --data folder: the file options are refused, not dropped for synthetic images
+    forgotten = parse("--root", "/data/ncp", "--split-dir", "/data/ncp/splits", "--val-fraction", "0.3")
+    with pytest.raises(DataError, match=r"--root, --split-dir, --val-fraction: only for data read from "
+                                        r"files .* add --data folder"):
+        build_datasets(**data_options(forgotten))
+    with pytest.raises(DataError, match=r"--synthetic-samples: only for --data synthetic, and the data is "
+                                        r"--data folder"):
+        build_datasets(**data_options(parse("--data", "folder", "--root", "x", "--synthetic-samples", "8")))
     with pytest.raises(DataError, match="unknown data option"):
         build_datasets(masks="png")
 
@@ -636,6 +645,16 @@ def test_many_grey_levels_suggest_a_threshold(tmp_path: Path):
     assert bundle.num_classes == 2 and set(bundle.train[0][1].unique().tolist()) == {0, 1}
 
 
+@pytest.mark.parametrize("masks, side", [((0, 1), "below"), ((200, 255), "at or above")])
+def test_a_threshold_that_leaves_one_class_is_refused(tmp_path: Path, masks, side):
+    """--mask-threshold 128 on 0/1 masks would make every pixel background (and 200/255 masks
+    every pixel foreground): the run would learn nothing, so the data is refused."""
+    folder_of(tmp_path, {f"c{i}": halves(*masks) for i in range(5)})
+    with pytest.raises(DataError, match=rf"--mask-threshold 128: every value in the masks is {side} it "
+                                        rf"\(values seen: {masks[0]}, {masks[1]} in 5 mask\(s\)\)"):
+        build_datasets(**folder_options(tmp_path, "--mask-threshold", "128"))
+
+
 def test_every_bad_file_is_reported_up_to_a_cap(tmp_path: Path):
     masks = {f"c{i:02d}": halves(0, 255) for i in range(30)}
     for i in range(25):
@@ -825,6 +844,17 @@ def test_disk_cache_follows_changed_files(folder_root: Path, tmp_path_factory):
     after = build_datasets(**options).train[0][1]
     assert torch.equal(after, 1 - before)
     assert len(list(cache_dir.iterdir())) == 2
+    # rewritten with the same size (uncompressed PNGs) and its modification time put back, as
+    # rsync -t or cp -p do: still a new file
+    mask = bundle.train.pairs[0].mask
+    values = np.asarray(Image.open(mask))
+    Image.fromarray(values).save(mask, compress_level=0)
+    build_datasets(**options)
+    stat = mask.stat()
+    Image.fromarray(255 - values).save(mask, compress_level=0)
+    os.utime(mask, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert mask.stat().st_size == stat.st_size and mask.stat().st_mtime_ns == stat.st_mtime_ns
+    assert torch.equal(build_datasets(**options).train[0][1], before)
 
 
 def test_sixteen_bit_images_keep_their_precision_and_match_load_image(tmp_path: Path):

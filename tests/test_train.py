@@ -302,6 +302,15 @@ def test_train_a_cmrf_swapped_segnet_and_evaluate_it(tmp_path, capsys):
     assert main(["evaluate", str(out / "best.safetensors"), "--device", "cpu"]) == 0
 
 
+def test_replace_blocks_on_a_cmrf_model_is_refused(tmp_path, capsys):
+    """TinyU-Net is made of CMRF blocks: --replace-blocks would swap nothing and its --N would not
+    reach the model (it trained with N=8 while the metadata said 2)."""
+    argv = ["train", *TINY, "--replace-blocks", "--N", "2", "--epochs", "1", "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    assert "--replace-blocks: model 'tinyunet' is built from CMRF blocks already" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
 def test_seeded_cpu_runs_are_reproducible(tmp_path):
     from safetensors.torch import load_file
 

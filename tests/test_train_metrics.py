@@ -249,15 +249,21 @@ def test_run_folder_rule(tmp_path):
     check_run_folder(tmp_path / "new")  # a missing folder is fine
     (tmp_path / "notes.txt").write_text("mine")
     check_run_folder(tmp_path)  # so is a folder without a run's files
+    check_run_folder(tmp_path, resume=True)  # nothing to resume: a new run, nothing to overwrite
     (tmp_path / "metrics.json").write_text("{}")
-    (tmp_path / ".last_state.pt.abc123.pt.tmp").write_bytes(b"left by a kill")
+    # as cmrf.files.atomic_path names them: ".NAME.<random>.tmp<suffix>"
+    (tmp_path / ".last_state.pt.abc123.tmp.pt").write_bytes(b"left by a kill")
     with pytest.raises(RunFolderError, match=r"already holds a run \(metrics.json\).*--resume.*--overwrite"):
         check_run_folder(tmp_path)
     with pytest.raises(RunFolderError, match="choose one"):
         check_run_folder(tmp_path, resume=True, overwrite=True)
+    # a run's files without its state: --resume cannot continue it and must not overwrite it
+    with pytest.raises(RunFolderError, match=r"--resume: .* files \(metrics.json\) but no last_state.pt"):
+        check_run_folder(tmp_path, resume=True)
+    (tmp_path / "last_state.pt").write_bytes(b"")
     check_run_folder(tmp_path, resume=True)
     check_run_folder(tmp_path, overwrite=True)
-    assert RunFiles(tmp_path).remove() == [tmp_path / "metrics.json"]
+    assert RunFiles(tmp_path).remove() == [tmp_path / "last_state.pt", tmp_path / "metrics.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # only the run's files go
 
 

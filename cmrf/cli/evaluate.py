@@ -78,6 +78,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     dataset = getattr(bundle, args.split)
     if dataset is None or len(dataset) == 0:
         raise ValueError(f"the {args.split} split is empty; choose another with --split")
+    if hasattr(dataset, "augment"):
+        dataset.augment = False  # the train split is built to augment: score the images themselves
     device = inference_device(args)
     loader = eval_loader(dataset, args.batch_size, args.workers, Processes(), device=device)
     # Two input shapes at most: full batches and a last, smaller one.

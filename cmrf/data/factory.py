@@ -32,7 +32,29 @@ DATA_OPTIONS = {
     "cache_dir": None,
 }
 
-_MASK_OPTIONS = ("num_classes", "mask_values", "mask_threshold")
+# Options that only files (isic2018, folder) or only synthetic data read: given for the other kind
+# they would be dropped without a word (a forgotten --data folder trains on synthetic images).
+_FILE_OPTIONS = ("root", "split_dir", "val_fraction", "test_fraction", "mask_values", "mask_threshold")
+_SYNTHETIC_OPTIONS = ("synthetic_samples",)
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _check_options_apply(options: dict) -> None:
+    """Refuse options the chosen data does not read (each differs from its default)."""
+    synthetic = options["data"] == "synthetic"
+    ignored = _FILE_OPTIONS if synthetic else _SYNTHETIC_OPTIONS
+    given = [_flag(name) for name in ignored if options[name] != DATA_OPTIONS[name]]
+    if not given:
+        return
+    if synthetic:
+        raise DataError(f"{', '.join(given)}: only for data read from files (--data isic2018 or "
+                        f"--data folder), and the data is synthetic; add --data folder (or isic2018) "
+                        f"to train on files")
+    raise DataError(f"{', '.join(given)}: only for --data synthetic, and the data is "
+                    f"--data {options['data']}")
 
 
 def _check_options(options: dict) -> None:
@@ -82,14 +104,12 @@ def build_datasets(seed: int = 0, **options) -> DataBundle:
         # 256^3 volumes would not fit a CPU's memory, so volumes get a smaller default.
         options["img_size"] = DEFAULT_IMG_SIZE.get(options["spatial_dims"], 256)
     _check_options(options)
+    _check_options_apply(options)
     data, spatial_dims = options["data"], options["spatial_dims"]
     caching = {"cache": options["cache"], "cache_dir": options["cache_dir"]}
     if data == "synthetic":
         from cmrf.data.synthetic import synthetic_bundle
 
-        given = [f"--{name.replace('_', '-')}" for name in _MASK_OPTIONS[1:] if options[name] is not None]
-        if given:
-            raise DataError(f"{', '.join(given)}: only for masks read from files, not for --data synthetic")
         return synthetic_bundle(img_size=options["img_size"], num_classes=options["num_classes"],
                                 spatial_dims=spatial_dims, synthetic_samples=options["synthetic_samples"],
                                 seed=seed, **caching)

@@ -49,6 +49,25 @@ MASK_OPTION_HINT = (
 )
 
 
+def _check_threshold_splits(masks: Sequence[MaskValues], threshold: int) -> None:
+    """Refuse a ``--mask-threshold`` that puts every pixel of every mask in one class (0/1 masks
+    with the 128 meant for 0/255 ones): the run would train on nothing but background."""
+    union = set().union(*(set(m.values) for m in masks)) if masks else set()
+    if not union:
+        return
+    below = [v for v in union if v < threshold]
+    if below and len(below) < len(union):
+        return
+    side = "below" if below else "at or above"
+    cls = "background (class 0)" if below else "foreground (class 1)"
+    raise DataError(
+        f"--mask-threshold {threshold}: every value in the masks is {side} it (values seen: "
+        f"{values_text(sorted(union))} in {len(masks)} mask(s)), so every pixel would be {cls}; "
+        f"choose a threshold between the background and foreground values (for 0/1 masks, "
+        f"leave it out: they are read as binary)"
+    )
+
+
 def values_text(values: Sequence[int], limit: int = 12) -> str:
     """``"0, 1, 2, 255"``; long lists are cut: ``"0, 1, ..., 254, 255 (256 values)"``."""
     values = [int(v) for v in values]
@@ -246,6 +265,7 @@ def resolve_classes(
         if count is not None and wanted is not None and wanted != count:
             raise DataError(f"{name} has {count} classes, but the mask options give {wanted}")
     if rule.mask_threshold is not None:
+        _check_threshold_splits(masks, rule.mask_threshold)
         return ClassMapping(2, None, rule.mask_threshold, f"value >= {rule.mask_threshold} is class 1")
     _refuse_lossy(masks)
     union = set().union(*(set(m.values) for m in masks)) if masks else set()

@@ -107,16 +107,19 @@ def find_pairs(
     return pairs
 
 
-def _stat(path: Path) -> tuple[int, int]:
+def _stat(path: Path) -> tuple[int, ...]:
     try:
         stat = os.stat(path)
     except OSError:
-        return (-1, -1)
-    return (stat.st_size, stat.st_mtime_ns)
+        return (-1, -1, -1, -1)
+    # ctime and inode too: a tool that rewrites a file and restores its mtime (rsync -t, cp -p,
+    # os.utime) cannot restore those.
+    return (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
 
 
 def source_key(pairs: Sequence[Pair], *options) -> tuple:
-    """What decoded samples depend on: every file's absolute path, size and modification time."""
+    """What decoded samples depend on: every file's absolute path, size, modification and status
+    change times and inode."""
     files = tuple(
         (os.path.abspath(path), *_stat(path)) for pair in pairs for path in (pair.image, pair.mask)
     )

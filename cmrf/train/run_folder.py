@@ -63,8 +63,8 @@ class RunFiles:
         for path in removed:
             path.unlink()
         for path in self.all():
-            # cmrf.files names its temporary files ".NAME.<random>.<suffix>.tmp"
-            for tmp in self.out.glob(f".{path.name}.*.tmp"):
+            # cmrf.files names its temporary files ".NAME.<random>.tmp<suffix>"
+            for tmp in self.out.glob(f".{path.name}.*.tmp*"):
                 tmp.unlink()
         return removed
 
@@ -82,13 +82,25 @@ def check_run_folder(out: str | Path, *, resume: bool = False, overwrite: bool =
         overwrite: the run in ``out`` is to be replaced (its files are deleted first).
 
     Raises:
-        RunFolderError: both flags are set, or ``out`` holds a run's files and neither is.
+        RunFolderError: both flags are set, ``out`` holds a run's files and neither is, or
+            ``resume`` is set and ``out`` holds a run's files but not its training state.
     """
     if resume and overwrite:
         raise RunFolderError("--resume continues the run in --out and --overwrite deletes it: choose one")
-    if resume or overwrite:
+    if overwrite:
         return
-    found = RunFiles(Path(out)).existing()
+    files = RunFiles(Path(out))
+    found = files.existing()
+    if resume:
+        # Nothing at all: a new run (a script may pass --resume every time). A run's files without
+        # its state: continuing is impossible, and starting afresh would overwrite them.
+        if found and not files.state.is_file():
+            names = ", ".join(path.name for path in found)
+            raise RunFolderError(
+                f"--resume: {out} holds a run's files ({names}) but no {files.state.name} to continue "
+                f"from; pass --overwrite to replace that run, or choose another --out"
+            )
+        return
     if found:
         names = ", ".join(path.name for path in found)
         raise RunFolderError(

@@ -68,8 +68,12 @@ def build_model(
         given = ", ".join(f"--{k} {v}" for k, v in model_kwargs.items())
         raise ValueError(f"model {name!r} does not take {given} ({err})") from err
     if replace_blocks_n is not None:
+        from cmrf.layers import cmrf_blocks
         from cmrf.surgery import replace_blocks
 
+        if cmrf_blocks(model):  # nothing to swap, and --N went to replace_blocks, not the model
+            raise ValueError(f"--replace-blocks: model {name!r} is built from CMRF blocks already; "
+                             f"leave --replace-blocks out (--N then sets their N)")
         example = torch.zeros(2, in_chans, *([img_size] * spatial_dims))
         replaced = replace_blocks(model, N=replace_blocks_n, example_input=example)
         if report:
