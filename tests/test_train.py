@@ -202,7 +202,8 @@ def test_a_failed_final_evaluation_says_the_epochs_are_safe_and_resume_finishes(
 
 
 def _temporary_files(folder) -> list[str]:
-    return [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+    """Files named as cmrf.files.atomic_path names its temporary files: ``.NAME.<random>.tmp<suffix>``."""
+    return [p.name for p in folder.iterdir() if p.name.startswith(".") and ".tmp" in p.name]
 
 
 def test_a_full_disk_while_saving_the_state_keeps_the_previous_one(tmp_path, capsys, monkeypatch):
@@ -347,6 +348,38 @@ def test_bad_input_is_one_clean_error_line(argv, message, capsys, tmp_path, monk
 def test_resume_refuses_a_different_length(run_dir, capsys):
     assert main(["train", *TINY, "--epochs", "3", "--lr", "3e-3", "--resume", "--out", str(run_dir)]) == 2
     assert "--epochs 2 (given 3)" in _one_error_line(capsys)
+
+
+def _folder_dataset(root, count: int) -> None:
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(exist_ok=True)
+    for i in range(count):
+        Image.new("RGB", (32, 32), (20 * i % 256, 90, 160)).save(root / "images" / f"s{i:02d}.png")
+        mask = Image.new("L", (32, 32), 0)
+        mask.paste(255, (0, 0, 16, 8 + i))
+        mask.save(root / "masks" / f"s{i:02d}.png")
+
+
+def test_files_added_to_a_fraction_split_stop_resume_and_evaluate(tmp_path, capsys):
+    """The fraction split is recomputed from the files found: added files move samples between
+    splits, so a resume (or an evaluation) would train on (or score) the test images."""
+    root, out = tmp_path / "data", tmp_path / "run"
+    _folder_dataset(root, 10)
+    data = ["--data", "folder", "--root", str(root), "--img-size", "32", "--channels", "16", "32"]
+    argv = ["train", *data, "--device", "cpu", "--epochs", "1", "--no-plots", "--out", str(out)]
+    assert main(argv) == 0
+    assert read_metadata(out / "best.safetensors")["data"]["split_files"].startswith("train 6, val 2, test 2")
+    evaluate = ["evaluate", str(out / "best.safetensors"), "--device", "cpu"]
+    assert main(evaluate) == 0
+    assert main([*evaluate, "--seed", "5"]) == 2
+    assert "(--seed 5, the run's was 0)" in _one_error_line(capsys)
+    _folder_dataset(root, 12)  # two more pairs
+    assert main([*argv, "--epochs", "2", "--resume"]) == 2
+    error = _one_error_line(capsys)
+    assert "the splits' files train 6, val 2, test 2 (sha1" in error
+    assert "(given train 8, val 2, test 2" in error
+    assert main(evaluate) == 2
+    assert "the data's splits differ from those" in _one_error_line(capsys)
 
 
 def test_recipe_defaults_are_the_papers_and_threads_choice():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from cmrf.cli.common import add_runtime_arguments
@@ -30,6 +31,36 @@ def _fill_from_run(args: argparse.Namespace, run_data: dict) -> None:
             setattr(args, dest, run_data.get(dest, default))
     if args.seed is None:
         args.seed = run_data.get("seed", 0)
+
+
+def _check_same_splits(args: argparse.Namespace, run_data: dict, bundle) -> None:
+    """With the run's own data options, the splits must hold the files they held in training:
+    files added to or removed from a fraction split (or another --seed) move training images
+    into the test split, and its scores would flatter the model."""
+    from cmrf.data import DATA_OPTIONS, split_fingerprint
+
+    saved = run_data.get("split_files")
+    if saved is None:
+        return
+    options = data_options(args)
+
+    def plain(value):  # the metadata holds paths as text
+        return str(value) if isinstance(value, os.PathLike) else value
+
+    same_data = all(plain(options[key]) == plain(run_data.get(key, DATA_OPTIONS[key])) for key in
+                    ("data", "root", "split_dir", "val_fraction", "test_fraction"))
+    now = split_fingerprint(bundle)
+    if not same_data or now == saved:  # other data is scored as given
+        return
+    run_seed = run_data.get("seed", 0)
+    if args.seed != run_seed:
+        cause, advice = f"--seed {args.seed}, the run's was {run_seed}", "leave --seed out"
+    else:
+        cause, advice = "files added or removed", "restore the files, or give the splits with --split-dir"
+    raise ValueError(
+        f"the data's splits differ from those {args.checkpoint} was trained with ({cause}): they held "
+        f"{saved}, now {now}, so the {args.split} split may hold training images; {advice}"
+    )
 
 
 def build(parser: argparse.ArgumentParser):
@@ -68,8 +99,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     model, meta = model_from_checkpoint(args.checkpoint, **checkpoint_model_options(args))
     if args.json_out:  # fail now on a folder that cannot exist, not after the evaluation
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-    _fill_from_run(args, meta.get("data", {}))
+    run_data = meta.get("data", {})
+    _fill_from_run(args, run_data)
     bundle = build_datasets(seed=args.seed, **data_options(args))
+    _check_same_splits(args, run_data, bundle)
     if bundle.num_classes != meta["num_classes"] or bundle.in_channels != meta["in_chans"]:
         raise ValueError(
             f"{args.checkpoint} was trained for {meta['in_chans']} channels and {meta['num_classes']} "

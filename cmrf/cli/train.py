@@ -153,11 +153,17 @@ def _model_kwargs(args: argparse.Namespace) -> tuple[dict, int | None]:
 
 
 def _data_metadata(args: argparse.Namespace, bundle) -> dict:
-    """The run's data options (``data_options``), seed and resolved image size, for the metadata."""
+    """The run's data options (``data_options``), seed, resolved image size and (file data) the
+    fingerprint of its splits' files, for the metadata."""
+    from cmrf.data import split_fingerprint
+
     data = {key: _jsonable(value) for key, value in data_options(args).items()}
     if data.get("img_size") is None:  # the data's default: record the size the run used
         data["img_size"] = int(bundle.train[0][0].shape[-1])
     data.update(seed=args.seed, spatial_dims=bundle.spatial_dims)
+    fingerprint = split_fingerprint(bundle)
+    if fingerprint is not None:  # which files each split holds: a resume must see the same
+        data["split_files"] = fingerprint
     return data
 
 

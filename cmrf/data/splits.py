@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,7 +13,8 @@ from cmrf.data.base import SPLITS, DataBundle, DataError
 from cmrf.data.masks import MaskRule, class_names_for, resolve_classes
 from cmrf.data.pairs import Pair, file_stem, pairs_bundle, require_dir, used_pairs
 
-__all__ = ["folder_split_bundle", "split_by_fractions", "split_from_files", "split_pairs"]
+__all__ = ["folder_split_bundle", "split_by_fractions", "split_fingerprint", "split_from_files",
+           "split_pairs"]
 
 SPLIT_STREAM = 104729
 
@@ -129,3 +132,22 @@ def folder_split_bundle(root: Path, pairs: Sequence[Pair], make_source, *, seed:
     named = class_names_for(root)
     mapping = resolve_classes(source.mask_values(), rule, named_classes=len(named) if named else None)
     return pairs_bundle(source, splits, mapping, class_names_for(root, mapping.num_classes), seed)
+
+
+def split_fingerprint(bundle: DataBundle) -> str | None:
+    """Which files each split holds, in a short text: ``"train 6, val 2, test 2 (sha1 3f2a9c01b7de)"``.
+
+    A fraction split is recomputed from the files found at every start, so files added to or
+    removed from the folder (or another ``--seed``) move samples between splits; a run records
+    this text, and a resume or an evaluation with the same data options compares it. ``None`` for
+    generated (synthetic) data, whose splits the options alone fix.
+    """
+    stems = {}
+    for split in SPLITS:
+        dataset = getattr(bundle, split)
+        pairs = [] if dataset is None else getattr(dataset, "pairs", None)
+        if pairs is None:
+            return None
+        stems[split] = sorted(pair.stem for pair in pairs)
+    digest = hashlib.sha1(json.dumps(stems, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{', '.join(f'{split} {len(items)}' for split, items in stems.items())} (sha1 {digest})"

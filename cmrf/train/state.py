@@ -189,6 +189,8 @@ _MODEL_FLAGS = {"model": "--model", "in_chans": "input channels"}
 _MODEL_KWARG_FLAGS = {"N": "--N", "channels": "--channels"}
 # Data options that say where decoded samples are kept, not which samples: free to change.
 _DATA_STORAGE_OPTIONS = ("cache", "cache_dir")
+# Data entries that are not flags: how a difference names them.
+_DATA_LABELS = {"split_files": "the splits' files"}
 # Recipe fields that may change on resume: where and how fast it runs, not what it computes.
 RESUME_FREE_FIELDS = ("amp", "workers", "device", "overlays", "compile")
 
@@ -214,7 +216,8 @@ def _metadata_settings(meta: dict) -> dict[str, object]:
     settings.update({_MODEL_KWARG_FLAGS.get(key, f"model {key}"): value for key, value in kwargs.items()})
     settings["--num-classes"] = meta.get("num_classes")
     data = meta.get("data") or {}
-    settings.update({_flag(key): value for key, value in data.items() if key not in _DATA_STORAGE_OPTIONS})
+    settings.update({_DATA_LABELS.get(key, _flag(key)): value for key, value in data.items()
+                     if key not in _DATA_STORAGE_OPTIONS})
     return settings
 
 
@@ -326,6 +329,9 @@ def resume_differences(state: dict, *, recipe, metadata: dict[str, str]) -> list
     if saved_meta and metadata:
         saved = _metadata_settings(decode_metadata(saved_meta))
         given = _metadata_settings(decode_metadata(metadata))
+        for label in _DATA_LABELS.values():
+            if label not in saved:  # a state saved before this was recorded: nothing to compare
+                given.pop(label, None)
         # --seed is also a recipe field: report it once.
         differences += [d for d in _differences(saved, given) if not d.startswith("--seed ")]
     return differences
