@@ -29,6 +29,7 @@ from cmrf.data import (
     denormalize,
     find_folder_pairs,
     generate_sample,
+    image_size,
     load_image,
     normalize,
     read_image_file,
@@ -393,6 +394,19 @@ def test_folder_with_binary_masks_and_fractions(folder_root: Path):
         {p.stem for p in other_seed.test.pairs} != {p.stem for p in bundle.test.pairs}
     _, mask = bundle.train[0]
     assert mask.shape == (8, 8) and set(mask.unique().tolist()) == {0, 1}
+
+
+def test_masks_drawn_in_transparency_are_refused_and_opaque_alpha_ignored(tmp_path: Path):
+    values = np.zeros((6, 8), dtype=np.uint8)
+    values[:, :4] = 255
+    opaque = Image.fromarray(np.stack([values, np.full_like(values, 255)], -1), mode="LA")
+    opaque.save(tmp_path / "opaque.png")
+    assert np.array_equal(read_mask_file(tmp_path / "opaque.png"), values // 255)
+    white = np.full((6, 8, 3), 255, dtype=np.uint8)  # the mask lives in the alpha channel only
+    Image.fromarray(np.concatenate([white, values[..., None]], -1), mode="RGBA").save(tmp_path / "rgba.png")
+    with pytest.raises(DataError, match=r"rgba.png has a transparency \(alpha\) channel that varies "
+                                        r"\(RGBA, alpha 0..255\)"):
+        read_mask_file(tmp_path / "rgba.png")
 
 
 def test_folder_with_palette_masks_infers_classes_and_reads_names(tmp_path: Path):
@@ -855,6 +869,34 @@ def test_disk_cache_follows_changed_files(folder_root: Path, tmp_path_factory):
     os.utime(mask, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert mask.stat().st_size == stat.st_size and mask.stat().st_mtime_ns == stat.st_mtime_ns
     assert torch.equal(build_datasets(**options).train[0][1], before)
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_images_are_turned_by_their_exif_orientation(tmp_path: Path, suffix):
+    """A photo taken sideways stores its pixels unturned with EXIF orientation 6; viewers and
+    annotation tools show it turned, and its mask is drawn on that view. The image is read as
+    shown, so the two line up (and the header reports the shown sides)."""
+    shown = np.zeros((24, 32, 3), dtype=np.uint8)  # H 24, W 32 as displayed: bright top-left block
+    shown[:8, :12] = 250
+    stored = Image.fromarray(shown).transpose(Image.Transpose.ROTATE_90)  # what the camera wrote
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for i in range(5):
+        (tmp_path / "images").mkdir(exist_ok=True)
+        (tmp_path / "masks").mkdir(exist_ok=True)
+        stored.save(tmp_path / "images" / f"p{i}{suffix}", exif=exif.tobytes())
+        mask = np.zeros((24, 32), dtype=np.uint8)
+        mask[:8, :12] = 255
+        Image.fromarray(mask).save(tmp_path / "masks" / f"p{i}.png")
+    path = tmp_path / "images" / f"p0{suffix}"
+    assert image_size(path) == (24, 32)
+    pixels = read_image_file(path)
+    assert pixels.shape == (24, 32, 3) and pixels[:8, :12].mean() > 0.9 and pixels[8:].mean() < 0.1
+    bundle = build_datasets(**folder_options(tmp_path))  # sizes agree: the pairs are accepted
+    bundle.train.augment = False
+    image, mask = bundle.train[0]
+    bright = denormalize(image).mean(0) > 0.5
+    assert (bright == mask.bool()).float().mean() > 0.9
 
 
 def test_sixteen_bit_images_keep_their_precision_and_match_load_image(tmp_path: Path):

@@ -70,9 +70,29 @@ def image_header(path: str | Path, kind: str = "image") -> ImageHeader:
         raise _missing(path, kind)
     try:
         with Image.open(path) as image:
-            return ImageHeader(image.height, image.width, image.mode, image.format)
+            height, width = image.height, image.width
+            if _orientation(image) in _QUARTER_TURNS:  # shown (and read) a quarter turn round
+                height, width = width, height
+            return ImageHeader(height, width, image.mode, image.format)
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise DataError(f"cannot read {kind} file {path}: {err}") from None
+
+
+# EXIF orientation (tag 274): 1 is as stored; 2-8 are mirrorings and turns, 5-8 swap the sides.
+_ORIENTATION_TAG = 0x0112
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def _orientation(image) -> int:
+    """The EXIF orientation, read without decoding pixels: a PNG's eXIf chunk after its image
+    data would need the whole file decoded (Pillow's ``getexif``), and is not honoured by viewers
+    either, so only an eXIf chunk before the image data counts."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1
+    try:
+        return int(image.getexif().get(_ORIENTATION_TAG, 1))
+    except (TypeError, ValueError, OSError):  # a malformed tag or a cut-off file: as stored
+        return 1
 
 
 def image_size(path: str | Path, kind: str = "image") -> tuple[int, int]:
@@ -87,7 +107,7 @@ def _open_image(path: Path, kind: str, draft: tuple[str, int] | None = None):
     ``draft=(mode, side)`` lets JPEG decoding skip detail finer than ``side`` per side needs (much
     faster for large photographs that are resized down anyway).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not path.is_file():
         raise _missing(path, kind)
@@ -96,6 +116,10 @@ def _open_image(path: Path, kind: str, draft: tuple[str, int] | None = None):
         if draft is not None and image.format == "JPEG":
             image.draft(draft[0], (draft[1], draft[1]))
         image.load()
+        # As viewers, annotation tools and OpenCV's imread show it: a photo taken sideways carries
+        # the turn in EXIF, and its mask was drawn on the turned view.
+        if _orientation(image) != 1:
+            image = ImageOps.exif_transpose(image)
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise DataError(f"cannot read {kind} file {path}: {err}") from None
     return image
@@ -230,8 +254,16 @@ def decode_mask(path: str | Path) -> MaskFile:
     path = Path(path)
     image = _open_image(path, "mask")
     lossy = image.format in LOSSY_FORMATS or path.suffix.lower() in (".jpg", ".jpeg")
-    if image.mode in ("LA", "PA"):
-        image = image.getchannel(0)
+    if "A" in image.getbands():
+        # Some tools draw the mask as transparency over a blank colour: the values would all be one.
+        alpha = image.getchannel("A").getextrema()
+        if alpha[0] != alpha[1]:
+            raise DataError(
+                f"mask file {path} has a transparency (alpha) channel that varies ({image.mode}, alpha "
+                f"{alpha[0]}..{alpha[1]}); class values are read from its grey levels, palette or colour, "
+                f"not from transparency: save the mask without alpha, with the classes as its values"
+            )
+        image = image.getchannel(0) if image.mode in ("LA", "PA") else image.convert("RGB")
     values = np.asarray(image)
     if values.ndim == 3:
         if not (values[..., :3] == values[..., :1]).all():

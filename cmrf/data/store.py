@@ -36,7 +36,7 @@ __all__ = [
 CACHE_CHOICES = ("memory", "disk", "none")
 
 # Bump when what a store holds changes meaning: old disk caches are then rebuilt, not misread.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: images turned by their EXIF orientation
 
 
 def default_cache_dir() -> Path:
