@@ -30,6 +30,7 @@ from cmrf.onnx_writer import (
     TESTED_TORCH_FOR_ONNX,
     ExportUnsupportedError,
     check_exporter,
+    check_opset,
     write_onnx,
 )
 
@@ -160,6 +161,7 @@ def export_onnx(
     if not isinstance(model, nn.Module):
         raise ValueError(f"export_onnx expects an nn.Module, got {type(model).__name__}")
     check_exporter()
+    check_opset(opset_version)
     if dynamic:
         _check_dynamic_supported(model)
     # The multiple every side must keep: TinyU-Net's 2 ** depth, CMUNeXt's 16.

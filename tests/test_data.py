@@ -899,6 +899,35 @@ def test_images_are_turned_by_their_exif_orientation(tmp_path: Path, suffix):
     assert (bright == mask.bool()).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".tif", ".webp"])
+def test_header_sizes_are_those_of_the_pixels_read(tmp_path: Path, suffix):
+    """Whatever the format does with EXIF orientation (Pillow turns TIFF images itself when it
+    opens them), the header's size and the decoded array agree, and both are the shown view."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / f"x{suffix}"
+    Image.fromarray(np.zeros((60, 40, 3), dtype=np.uint8)).save(path, exif=exif.tobytes())
+    assert image_size(path) == read_image_file(path).shape[:2] == (40, 60)
+
+
+def test_undecodable_and_non_finite_images_are_named(tmp_path: Path):
+    """Pillow raises SyntaxError for a broken PNG chunk and DecompressionBombError for a huge
+    image; a float image with a NaN would be scaled to a blank one. Each is a DataError."""
+    broken = tmp_path / "broken.png"
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(broken)
+    data = bytearray(broken.read_bytes())
+    data[36] = 0  # a chunk's type after IHDR: Pillow's "broken PNG file" SyntaxError
+    broken.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"cannot read image file .*broken.png: SyntaxError"):
+        read_image_file(broken)
+    nan = tmp_path / "nan.tif"
+    values = np.ones((5, 6), dtype=np.float32)
+    values[2, 3] = np.nan
+    Image.fromarray(values, mode="F").save(nan)
+    with pytest.raises(DataError, match=r"nan.tif holds 1 non-finite pixel value\(s\)"):
+        read_image_file(nan)
+
+
 def test_sixteen_bit_images_keep_their_precision_and_match_load_image(tmp_path: Path):
     for i in range(5):
         write_pair(tmp_path, f"ct{i}", seed=i)

@@ -126,6 +126,18 @@ def test_export_input_size_follows_the_model(tmp_path):
     assert dims == [1, 1, 256, 256]
 
 
+@requires_onnx_exporter
+def test_an_opset_the_exporter_cannot_write_is_refused(tmp_path, capsys):
+    """Opset 7 made the exporter's converter give up and write its own opset 18 (exit 0)."""
+    model = cmrf.TinyUNet(channels=(16, 32), N=4)
+    for opset in (7, 99, True):
+        with pytest.raises(ValueError, match=rf"opset {opset!r}: expected an integer from 18 to "):
+            cmrf.export_onnx(model, tmp_path / "x.onnx", (1, 3, 32, 32), opset_version=opset)
+    assert main(["export", "onnx", *SMALL, "--opset", "7", "-o", str(tmp_path / "x.onnx")]) == 2
+    assert "opset 7: expected an integer from 18 to" in _one_error_line(capsys.readouterr().err)
+    assert not list(tmp_path.iterdir())
+
+
 # --- SegNet: max-unpooling cannot follow a dynamic size ----------------------------------------
 
 

@@ -83,6 +83,36 @@ def test_all_good_inputs_exit_zero(checkpoint, images, tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["c_mask.png"]
 
 
+def test_out_must_not_be_an_input_folder_nor_overwrite_an_input(checkpoint, images, tmp_path, capsys):
+    """Masks written among the images would overwrite a ground-truth a_mask.png there and be read
+    as images by the next run over that folder."""
+    truth = _image(images / "c_mask.png", 33, 17, 9)
+    before = truth.read_bytes()
+    assert main(["predict", str(checkpoint), str(images), "--out", str(images), "--device", "cpu"]) == 2
+    assert "is also an input folder" in capsys.readouterr().err
+    assert truth.read_bytes() == before and not list(images.glob("*_overlay.png"))
+    # an input named like another input's output, in --out
+    out = tmp_path / "out"
+    out.mkdir()
+    shown = _image(out / "d_mask.png", 20, 20, 4)
+    source = _image(tmp_path / "d.png", 20, 20, 5)
+    before = shown.read_bytes()
+    argv = ["predict", str(checkpoint), str(source), str(shown), "--out", str(out), "--device", "cpu"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"its output {out / 'd_mask.png'} is one of the inputs, which it would overwrite" in err
+    assert shown.read_bytes() == before and (out / "d_mask_mask.png").is_file()
+
+
+def test_img_size_other_than_the_runs_is_noted_and_too_small_refused(checkpoint, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["predict", str(checkpoint), str(images / "c.png"), "--out", str(out), "--device", "cpu"]
+    assert main([*argv, "--img-size", "48"]) == 0
+    assert "note: --img-size 48, the run trained at 32" in capsys.readouterr().err
+    assert main([*argv, "--img-size", "2"]) == 2
+    assert "--img-size 2 is below the smallest side TinyUNet takes (4)" in capsys.readouterr().err
+
+
 def test_full_disk_halfway_keeps_the_previous_mask(checkpoint, images, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     inputs = [str(images / "a.png"), str(images / "c.png")]

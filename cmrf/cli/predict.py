@@ -112,6 +112,31 @@ def _check_model_fits_images(meta: dict, checkpoint) -> None:
         )
 
 
+def _input_side(args: argparse.Namespace, meta: dict, model) -> int:
+    """The network's input side: ``--img-size``, else the run's, else 256; checked against the
+    smallest side the model takes, and noted on stderr when it is not the run's."""
+    trained = meta.get("data", {}).get("img_size")
+    side = args.img_size or trained or 256
+    smallest = int(getattr(model, "smallest_side", None) or getattr(model, "min_size", 1))
+    if side < smallest:
+        raise ValueError(f"--img-size {side} is below the smallest side {type(model).__name__} takes "
+                         f"({smallest})")
+    if args.img_size and trained and args.img_size != trained:
+        print(f"cmrf predict: note: --img-size {args.img_size}, the run trained at {trained}",
+              file=sys.stderr)
+    return side
+
+
+def _check_out_is_not_an_input_folder(out: Path, inputs: Sequence[str]) -> None:
+    """Masks written among the images would overwrite files there (a ground-truth ``a_mask.png``)
+    and be read as images by the next run over that folder."""
+    for item in map(Path, inputs):
+        if item.is_dir() and out.exists() and item.resolve() == out.resolve():
+            raise ValueError(f"--out {out} is also an input folder: its masks would be written among the "
+                             f"images (over any file named like them) and read as images by the next run; "
+                             f"choose another --out")
+
+
 @torch.no_grad()
 def run_predict(args: argparse.Namespace) -> int:
     from cmrf.data import denormalize, image_size, load_image, save_mask_png
@@ -119,9 +144,11 @@ def run_predict(args: argparse.Namespace) -> int:
 
     model, meta = model_from_checkpoint(args.checkpoint, **checkpoint_model_options(args))
     _check_model_fits_images(meta, args.checkpoint)
-    img_size = args.img_size or meta.get("data", {}).get("img_size") or 256
-    files, problems = _image_files(args.inputs)
+    img_size = _input_side(args, meta, model)
     out = Path(args.out)
+    _check_out_is_not_an_input_folder(out, args.inputs)
+    files, problems = _image_files(args.inputs)
+    inputs = {path.resolve() for path in files}
     out.mkdir(parents=True, exist_ok=True)
     device = inference_device(args)
     model = inference_model(model.to(device), device, args.optimize, max_graphs=1, backend=args.backend)
@@ -129,6 +156,12 @@ def run_predict(args: argparse.Namespace) -> int:
         _report(path, reason)
     failed, written = len(problems), 0
     for path, stem in zip(files, output_stems(files), strict=True):
+        outputs = [out / f"{stem}_mask.png", out / f"{stem}_overlay.png"]
+        clash = [output for output in outputs if output.resolve() in inputs]
+        if clash:
+            _report(path, f"{path}: its output {clash[0]} is one of the inputs, which it would overwrite")
+            failed += 1
+            continue
         try:  # the input side: a bad image is reported and skipped
             size = image_size(path)
             image = load_image(path, img_size, meta["in_chans"])

@@ -40,6 +40,16 @@ HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 LOSSY_FORMATS = ("JPEG", "MPO")
 
 
+
+def _unreadable() -> tuple[type[BaseException], ...]:
+    """What Pillow raises for a file it cannot decode: OSError (a truncated file; an unknown
+    format, its UnidentifiedImageError), ValueError, SyntaxError (a broken PNG chunk, a corrupt
+    header) and DecompressionBombError (more pixels than Pillow's safety limit)."""
+    from PIL import Image
+
+    return (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 class ImageHeader(NamedTuple):
     """What an image file's header says: ``height``, ``width``, Pillow ``mode`` and ``format``."""
 
@@ -63,7 +73,7 @@ def image_header(path: str | Path, kind: str = "image") -> ImageHeader:
     Raises:
         DataError: the file is missing or not an image Pillow can read.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     path = Path(path)
     if not path.is_file():
@@ -74,8 +84,8 @@ def image_header(path: str | Path, kind: str = "image") -> ImageHeader:
             if _orientation(image) in _QUARTER_TURNS:  # shown (and read) a quarter turn round
                 height, width = width, height
             return ImageHeader(height, width, image.mode, image.format)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DataError(f"cannot read {kind} file {path}: {err}") from None
+    except _unreadable() as err:
+        raise DataError(f"cannot read {kind} file {path}: {type(err).__name__}: {err}") from None
 
 
 # EXIF orientation (tag 274): 1 is as stored; 2-8 are mirrorings and turns, 5-8 swap the sides.
@@ -84,10 +94,15 @@ _QUARTER_TURNS = (5, 6, 7, 8)
 
 
 def _orientation(image) -> int:
-    """The EXIF orientation, read without decoding pixels: a PNG's eXIf chunk after its image
-    data would need the whole file decoded (Pillow's ``getexif``), and is not honoured by viewers
-    either, so only an eXIf chunk before the image data counts."""
-    if image.format == "PNG" and "exif" not in image.info:
+    """The EXIF orientation of a just-opened (not yet loaded) ``image`` still to be applied, read
+    without decoding pixels. ``image_header`` and ``_open_image`` both ask here, so the sizes a
+    header reports are those of the pixels read.
+
+    TIFF: Pillow turns the image itself when it opens it (its size is already the shown one).
+    PNG: only an eXIf chunk before the image data counts (one after it would need the whole file
+    decoded to be seen).
+    """
+    if image.format == "TIFF" or (image.format == "PNG" and "exif" not in image.info):
         return 1
     try:
         return int(image.getexif().get(_ORIENTATION_TAG, 1))
@@ -107,21 +122,23 @@ def _open_image(path: Path, kind: str, draft: tuple[str, int] | None = None):
     ``draft=(mode, side)`` lets JPEG decoding skip detail finer than ``side`` per side needs (much
     faster for large photographs that are resized down anyway).
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     if not path.is_file():
         raise _missing(path, kind)
     try:
         image = Image.open(path)
+        # As viewers, annotation tools and OpenCV's imread show it: a photo taken sideways carries
+        # the turn in EXIF, and its mask was drawn on the turned view. Read before loading, as
+        # image_header reads it.
+        orientation = _orientation(image)
         if draft is not None and image.format == "JPEG":
             image.draft(draft[0], (draft[1], draft[1]))
         image.load()
-        # As viewers, annotation tools and OpenCV's imread show it: a photo taken sideways carries
-        # the turn in EXIF, and its mask was drawn on the turned view.
-        if _orientation(image) != 1:
+        if orientation != 1:
             image = ImageOps.exif_transpose(image)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DataError(f"cannot read {kind} file {path}: {err}") from None
+    except _unreadable() as err:
+        raise DataError(f"cannot read {kind} file {path}: {type(err).__name__}: {err}") from None
     return image
 
 
@@ -136,6 +153,10 @@ def _read_image(path: Path, in_channels: int, min_side: int | None) -> tuple[np.
     image = _open_image(path, "image", draft)
     if image.mode in HIGH_BIT_MODES:
         values = np.asarray(image, dtype=np.float32)
+        bad = int(values.size - np.isfinite(values).sum())
+        if bad:  # a NaN would make the min-max scaling blank the whole image
+            raise DataError(f"image file {path} holds {bad} non-finite pixel value(s) (NaN or inf); "
+                            f"expected finite intensities")
         low, high = float(values.min()), float(values.max())
         values = (values - low) / (high - low) if high > low else np.zeros_like(values)
         values = values[..., None]
