@@ -192,6 +192,21 @@ def test_evaluate_refuses_file_flags_for_a_synthetic_run(run_checkpoint, tmp_pat
     assert "--root: only for data read from files" in _one_line(capsys.readouterr().err)
 
 
+def test_evaluate_a_synthetic_run_that_recorded_options_it_ignored(tmp_path, capsys):
+    """Before such options were refused, a synthetic run could record --val-fraction or --root
+    (ignored then): its checkpoint still evaluates, and its resume still compares clean."""
+    from cmrf.train.state import _metadata_settings, model_metadata
+
+    path = tmp_path / "old.safetensors"
+    data = {"data": "synthetic", "img_size": 32, "synthetic_samples": 8, "seed": 0, "spatial_dims": 2,
+            "val_fraction": 0.3, "root": "/data/ncp"}
+    kwargs = {"channels": [16, 32], "N": 4}
+    meta = model_metadata("tinyunet", kwargs, 3, 2, ["background", "lesion"], data=data)
+    cmrf.save_weights(cmrf.TinyUNet(channels=(16, 32), N=4), path, metadata=meta)
+    assert main(["evaluate", str(path), "--device", "cpu", "--no-optimize"]) == 0
+    assert "--val-fraction" not in _metadata_settings({"data": data})
+
+
 def test_cpu_evaluate_runs_frozen_graphs_and_gives_the_same_scores(run_checkpoint, tmp_path, monkeypatch):
     """By default evaluate runs optimize_for_inference(freeze=True) on the CPU (a graph per batch
     shape); --no-optimize runs the loaded model. The scores agree."""

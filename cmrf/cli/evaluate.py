@@ -26,9 +26,17 @@ def _data_arguments_from_checkpoint(parser: argparse.ArgumentParser) -> None:
 
 
 def _fill_from_run(args: argparse.Namespace, run_data: dict) -> None:
-    for dest, default in args.data_defaults.items():
-        if getattr(args, dest) is None:
-            setattr(args, dest, run_data.get(dest, default))
+    """Data flags not given take the run's values, except those the data does not read (a run
+    saved before such flags were refused may hold them: they were ignored then too)."""
+    from cmrf.data.factory import unread_options
+
+    missing = [dest for dest in args.data_defaults if getattr(args, dest) is None]
+    for dest in missing:
+        setattr(args, dest, run_data.get(dest, args.data_defaults[dest]))
+    unread = unread_options(args.data)
+    for dest in missing:
+        if dest in unread:
+            setattr(args, dest, args.data_defaults[dest])
     if args.seed is None:
         args.seed = run_data.get("seed", 0)
 

@@ -189,6 +189,7 @@ def _train(args: argparse.Namespace) -> int:
         replace_n,
         data["img_size"],  # --replace-blocks probes the model with an input of this size
         report=int(os.environ.get("RANK", "0")) == 0,
+        new_run=True,
     )
     metadata = model_metadata(
         name,

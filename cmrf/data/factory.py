@@ -8,7 +8,7 @@ from cmrf.data.base import DataBundle, DataError
 from cmrf.data.masks import MaskRule
 from cmrf.data.store import CACHE_CHOICES
 
-__all__ = ["DATA_CHOICES", "DATA_OPTIONS", "DEFAULT_IMG_SIZE", "build_datasets"]
+__all__ = ["DATA_CHOICES", "DATA_OPTIONS", "DEFAULT_IMG_SIZE", "build_datasets", "unread_options"]
 
 DATA_CHOICES = ("synthetic", "isic2018", "folder")
 
@@ -42,10 +42,15 @@ def _flag(name: str) -> str:
     return f"--{name.replace('_', '-')}"
 
 
+def unread_options(data: str) -> tuple[str, ...]:
+    """The options that data ``data`` ("synthetic", "isic2018", "folder") does not read."""
+    return _FILE_OPTIONS if data == "synthetic" else _SYNTHETIC_OPTIONS
+
+
 def _check_options_apply(options: dict) -> None:
     """Refuse options the chosen data does not read (each differs from its default)."""
     synthetic = options["data"] == "synthetic"
-    ignored = _FILE_OPTIONS if synthetic else _SYNTHETIC_OPTIONS
+    ignored = unread_options(options["data"])
     given = [_flag(name) for name in ignored if options[name] != DATA_OPTIONS[name]]
     if not given:
         return

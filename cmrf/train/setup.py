@@ -48,12 +48,15 @@ def build_model(
     replace_blocks_n: int | None = None,
     img_size: int = 64,
     report: bool = False,
+    new_run: bool = False,
 ) -> tuple[nn.Module, str]:
     """Create a registry model for the data, optionally CMRF-swapped; returns ``(model, name)``.
 
     ``tinyunet`` becomes ``tinyunet3d`` for volumes. With ``replace_blocks_n`` the model goes
     through ``cmrf.replace_blocks(model, N=replace_blocks_n)``, probed with a zero input of
-    ``img_size`` per side; ``report=True`` prints what it replaced.
+    ``img_size`` per side; ``report=True`` prints what it replaced. ``new_run=True`` (training)
+    refuses ``replace_blocks_n`` for a model already built from CMRF blocks, where it would swap
+    nothing (checkpoints recorded that way before still load).
     """
     from cmrf.models import create_model
 
@@ -71,7 +74,7 @@ def build_model(
         from cmrf.layers import cmrf_blocks
         from cmrf.surgery import replace_blocks
 
-        if cmrf_blocks(model):  # nothing to swap, and --N went to replace_blocks, not the model
+        if new_run and cmrf_blocks(model):  # nothing to swap, and --N went to replace_blocks, not the model
             raise ValueError(f"--replace-blocks: model {name!r} is built from CMRF blocks already; "
                              f"leave --replace-blocks out (--N then sets their N)")
         example = torch.zeros(2, in_chans, *([img_size] * spatial_dims))

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cmrf.data.factory import unread_options
 from cmrf.files import atomic_write
 from cmrf.train.run_folder import STATE_FILE, RunFiles, naming_errors
 
@@ -216,8 +217,11 @@ def _metadata_settings(meta: dict) -> dict[str, object]:
     settings.update({_MODEL_KWARG_FLAGS.get(key, f"model {key}"): value for key, value in kwargs.items()})
     settings["--num-classes"] = meta.get("num_classes")
     data = meta.get("data") or {}
+    # Options the data does not read never mattered (a run saved before they were refused may
+    # hold them), so they are not compared.
+    unread = unread_options(data.get("data", "synthetic"))
     settings.update({_DATA_LABELS.get(key, _flag(key)): value for key, value in data.items()
-                     if key not in _DATA_STORAGE_OPTIONS})
+                     if key not in _DATA_STORAGE_OPTIONS and key not in unread})
     return settings
 
 
