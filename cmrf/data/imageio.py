@@ -40,7 +40,6 @@ HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 LOSSY_FORMATS = ("JPEG", "MPO")
 
 
-
 def _unreadable() -> tuple[type[BaseException], ...]:
     """What Pillow raises for a file it cannot decode: OSError (a truncated file; an unknown
     format, its UnidentifiedImageError), ValueError, SyntaxError (a broken PNG chunk, a corrupt
@@ -136,7 +135,9 @@ def _open_image(path: Path, kind: str, draft: tuple[str, int] | None = None):
             image.draft(draft[0], (draft[1], draft[1]))
         image.load()
         if orientation != 1:
-            image = ImageOps.exif_transpose(image)
+            turned = ImageOps.exif_transpose(image)
+            turned.format = image.format  # a new image has none: decode_mask asks if it was lossy
+            image = turned
     except _unreadable() as err:
         raise DataError(f"cannot read {kind} file {path}: {type(err).__name__}: {err}") from None
     return image
