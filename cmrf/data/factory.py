@@ -8,7 +8,8 @@ from cmrf.data.base import DataBundle, DataError
 from cmrf.data.masks import MaskRule
 from cmrf.data.store import CACHE_CHOICES
 
-__all__ = ["DATA_CHOICES", "DATA_OPTIONS", "DEFAULT_IMG_SIZE", "build_datasets", "unread_options"]
+__all__ = ["DATA_CHOICES", "DATA_OPTIONS", "DEFAULT_IMG_SIZE", "build_datasets", "option_flag",
+           "unread_options"]
 
 DATA_CHOICES = ("synthetic", "isic2018", "folder")
 
@@ -38,7 +39,8 @@ _FILE_OPTIONS = ("root", "split_dir", "val_fraction", "test_fraction", "mask_val
 _SYNTHETIC_OPTIONS = ("synthetic_samples",)
 
 
-def _flag(name: str) -> str:
+def option_flag(name: str) -> str:
+    """The command-line flag of option ``name``: ``val_fraction`` -> ``--val-fraction``."""
     return f"--{name.replace('_', '-')}"
 
 
@@ -51,7 +53,7 @@ def _check_options_apply(options: dict) -> None:
     """Refuse options the chosen data does not read (each differs from its default)."""
     synthetic = options["data"] == "synthetic"
     ignored = unread_options(options["data"])
-    given = [_flag(name) for name in ignored if options[name] != DATA_OPTIONS[name]]
+    given = [option_flag(name) for name in ignored if options[name] != DATA_OPTIONS[name]]
     if not given:
         return
     if synthetic:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cmrf.data.factory import unread_options
+from cmrf.data.factory import option_flag, unread_options
 from cmrf.files import atomic_write
 from cmrf.train.run_folder import STATE_FILE, RunFiles, naming_errors
 
@@ -196,10 +196,6 @@ _DATA_LABELS = {"split_files": "the splits' files"}
 RESUME_FREE_FIELDS = ("amp", "workers", "device", "overlays", "compile")
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _shown(value) -> str:
     if value is None:
         return "default"
@@ -220,7 +216,7 @@ def _metadata_settings(meta: dict) -> dict[str, object]:
     # Options the data does not read never mattered (a run saved before they were refused may
     # hold them), so they are not compared.
     unread = unread_options(data.get("data", "synthetic"))
-    settings.update({_DATA_LABELS.get(key, _flag(key)): value for key, value in data.items()
+    settings.update({_DATA_LABELS.get(key, option_flag(key)): value for key, value in data.items()
                      if key not in _DATA_STORAGE_OPTIONS and key not in unread})
     return settings
 
@@ -228,7 +224,8 @@ def _metadata_settings(meta: dict) -> dict[str, object]:
 def _recipe_settings(recipe) -> dict[str, object]:
     """Flag -> value of the recipe fields that change the computation (``aug_stop`` as epochs)."""
     settings = {
-        _flag(f.name): getattr(recipe, f.name) for f in fields(recipe) if f.name not in RESUME_FREE_FIELDS
+        option_flag(f.name): getattr(recipe, f.name)
+        for f in fields(recipe) if f.name not in RESUME_FREE_FIELDS
     }
     settings["--aug-stop"] = recipe.augment_epochs
     if "--betas" in settings:
