@@ -196,6 +196,22 @@ def test_run_checkpoint_refuses_disagreeing_values(tmp_path):
     assert meta["model_kwargs"] == kwargs and model.channels == (16, 32)
     with pytest.raises(ValueError, match=r"other settings: num_classes=3 \(the file has 2\)"):
         model_from_checkpoint(path, num_classes=3)
-    expected = r"model_kwargs=\{'N': 2\} \(the file has \{'channels': \[16, 32\], 'N': 4\}\)"
-    with pytest.raises(ValueError, match=expected):
+    with pytest.raises(ValueError, match=r"other settings: --N 2 \(the file has 4\)"):
         model_from_checkpoint(path, model_kwargs={"N": 2})
+    with pytest.raises(ValueError, match=r"--channels 16 64 \(the file has 16 32\)"):
+        model_from_checkpoint(path, model_kwargs={"channels": (16, 64)})
+    # naming some of the run's arguments, as a tuple or a list, is fine
+    model_from_checkpoint(path, model_kwargs={"channels": (16, 32)})
+
+
+def test_run_checkpoint_takes_arguments_equal_to_the_models_defaults(tmp_path):
+    """``--N 8`` names TinyU-Net's default: a run that left it out was built with it."""
+    from cmrf.train.state import model_metadata
+
+    path = tmp_path / "best.safetensors"
+    meta = model_metadata("tinyunet", {"channels": [16, 32]}, 3, 2, ["bg", "fg"])
+    save_weights(cmrf.TinyUNet(channels=(16, 32)), path, metadata=meta)
+    model, _ = model_from_checkpoint(path, model_kwargs={"N": 8, "channels": [16, 32]})
+    assert model.channels == (16, 32)
+    with pytest.raises(ValueError, match=r"--N 4 \(the file has the default\)"):
+        model_from_checkpoint(path, model_kwargs={"N": 4})

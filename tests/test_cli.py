@@ -90,6 +90,26 @@ def test_unexpected_error_is_one_line_with_exit_70(monkeypatch, capsys):
         main(["--debug", "quickstart"])
 
 
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                 "you tried to allocate 120000000000 bytes."),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    MemoryError(),
+])
+def test_out_of_memory_is_a_user_error_naming_the_sizes(monkeypatch, capsys, error):
+    """A failed allocation comes from sizes the user chose (``--img-size 100000``), not from a bug."""
+    import cmrf.quickstart
+
+    def too_big(size):
+        raise error
+
+    monkeypatch.setattr(cmrf.quickstart, "quickstart_report", too_big)
+    assert main(["quickstart"]) == EXIT_USER_ERROR
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("cmrf quickstart: error: out of memory: ") and "internal error" not in line
+    assert line.endswith("use smaller sizes (--img-size, --batch-size) or a machine with more memory")
+
+
 def test_error_wrapped_by_a_library_is_still_a_user_error(monkeypatch, capsys):
     import errno
 

@@ -83,6 +83,19 @@ def test_all_good_inputs_exit_zero(checkpoint, images, tmp_path, capsys):
     assert [p.name for p in out.iterdir()] == ["c_mask.png"]
 
 
+def test_no_overlays_removes_an_earlier_runs_overlay_of_the_same_image(checkpoint, images, tmp_path, capsys):
+    """An overlay left beside a new mask would show another prediction than that mask."""
+    out = tmp_path / "out"
+    argv = ["predict", str(checkpoint), str(images / "c.png"), "--out", str(out), "--device", "cpu"]
+    assert main(argv) == 0
+    other = _image(out / "z_overlay.png", 8, 8)  # not an overlay of this run's images: kept
+    capsys.readouterr()
+    assert main([*argv, "--no-overlays"]) == 0
+    summary = capsys.readouterr().out
+    assert f"wrote 1 mask(s) to {out}; removed 1 overlay(s) of an earlier run; 0 input(s)" in summary
+    assert sorted(p.name for p in out.iterdir()) == ["c_mask.png", "z_overlay.png"] and other.is_file()
+
+
 def test_out_must_not_be_an_input_folder_nor_overwrite_an_input(checkpoint, images, tmp_path, capsys):
     """Masks written among the images would overwrite a ground-truth a_mask.png there and be read
     as images by the next run over that folder."""

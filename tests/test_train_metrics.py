@@ -238,6 +238,11 @@ def test_resume_differences_name_the_flags_that_matter():
         "--channels 16 32 (given default)",
         "--img-size 32 (given 64)",
     ]
+    # --N 8 is TinyU-Net's default: naming it is the same model, and so is leaving it out.
+    with_default = model_metadata("tinyunet", {"channels": [16, 32], "N": 8}, 3, 2, ["bg", "fg"], None, data)
+    assert resume_differences(saved, recipe=same, metadata=with_default) == []
+    with_n4 = model_metadata("tinyunet", {"channels": [16, 32], "N": 4}, 3, 2, ["bg", "fg"], None, data)
+    assert resume_differences(saved, recipe=same, metadata=with_n4) == ["--N default (given 4)"]
     # aug_stop is compared by its effect: 60% of 4 epochs is 2.
     assert resume_differences(saved, recipe=Recipe(epochs=4, aug_stop=2), metadata=meta) == []
     assert resume_differences(saved, recipe=Recipe(epochs=4, aug_stop=3), metadata=meta) == [

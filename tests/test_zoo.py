@@ -198,3 +198,18 @@ def test_cmunext_3d_forward():
     model = CMUNeXt(in_channels=1, num_classes=3, dims=(8, 8, 16, 16, 16), spatial_dims=3).eval()
     with torch.no_grad():
         assert model(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 3, 16, 16, 16)
+
+
+def test_without_defaults_drops_exactly_the_arguments_each_entry_point_defaults_to():
+    """A run's recorded arguments compare equal to a command's when they build the same model."""
+    from cmrf.models.registry import without_defaults
+
+    assert without_defaults("tinyunet", {"N": 8, "channels": [64, 128, 256, 512]}) == {}
+    assert without_defaults("tinyunet", {"N": 4, "channels": (16, 32)}) == {"N": 4, "channels": (16, 32)}
+    assert without_defaults("tinyunet3d", {"spatial_dims": 3}) == {}
+    assert without_defaults("cmunext_cmrf", {"N": 8}) == {}
+    # a variant's own widths are its default, not the class's
+    assert without_defaults("cmunext_l", {"dims": [32, 64, 128, 256, 512]}) == {}
+    assert without_defaults("cmunext_l", {"dims": (16, 32, 128, 160, 256)}) == {"dims": (16, 32, 128, 160, 256)}
+    assert create_model("cmunext_l", dims=(16, 32, 128, 160, 256)).dims != create_model("cmunext_l").dims
+    assert without_defaults("not-a-model", {"N": 8}) == {"N": 8}

@@ -9,7 +9,8 @@ Errors are handled here, once, for every command (docs/cli.md):
 
 - exit 2 and one line ``cmrf COMMAND: error: PATH: CAUSE`` on stderr for what the user can fix: a
   file-system error (``OSError``: missing file, permission, read-only folder, full disk) or a bad
-  argument, data or checkpoint (``ValueError``, which the library raises with the value named);
+  argument, data or checkpoint (``ValueError``, which the library raises with the value named), and
+  a failed memory allocation (sizes too large for the machine);
 - exit 70 (``EX_SOFTWARE``) and one line ending in "rerun with --debug" for any other exception
   (a bug: please report it with the traceback);
 - exit 130 on Ctrl-C.
@@ -93,6 +94,20 @@ def _user_error(err: BaseException) -> BaseException | None:
     return None
 
 
+# What PyTorch's CPU allocator says when an allocation fails (a RuntimeError, not MemoryError).
+_CPU_ALLOCATOR_FAILURES = ("can't allocate memory", "not enough memory")
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is a failed allocation: host (``MemoryError``, the CPU allocator's
+    ``RuntimeError``) or device (``torch.OutOfMemoryError``)."""
+    torch = sys.modules.get("torch")
+    device_oom = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                   getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)) if t)
+    return isinstance(err, (MemoryError, *device_oom)) or (
+        isinstance(err, RuntimeError) and any(text in str(err) for text in _CPU_ALLOCATOR_FAILURES))
+
+
 def describe_error(err: BaseException) -> str:
     """One line for ``err``: ``PATH: CAUSE`` for file-system errors, the message otherwise."""
     if isinstance(err, OSError) and err.filename is not None:
@@ -121,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if _debug_requested(args):
             raise
+        if _out_of_memory(err):  # sizes the user chose: fixable, not a bug
+            print(f"cmrf {args.command}: error: out of memory: {describe_error(err)}; use smaller sizes "
+                  f"(--img-size, --batch-size) or a machine with more memory", file=sys.stderr)
+            return EXIT_USER_ERROR
         user_error = _user_error(err)
         if user_error is not None:
             print(f"cmrf {args.command}: error: {describe_error(user_error)}", file=sys.stderr)

@@ -11,6 +11,8 @@ Output names are unique (compared case-insensitively, as on macOS and Windows di
 collide (``a.png``, ``a.jpg``) use their full file name instead (``a.png_mask.png``,
 ``a.jpg_mask.png``); inputs whose file names collide too (``x/a.png``, ``y/a.png``) get ``-2``,
 ``-3``... in input order after the first (``a.png-2_mask.png``). Every file is written atomically.
+With ``--no-overlays``, an overlay an earlier run left for an image whose mask is written now is
+removed: it would show another prediction than the mask beside it.
 """
 
 from __future__ import annotations
@@ -154,7 +156,7 @@ def run_predict(args: argparse.Namespace) -> int:
     model = inference_model(model.to(device), device, args.optimize, max_graphs=1, backend=args.backend)
     for path, reason in problems:
         _report(path, reason)
-    failed, written = len(problems), 0
+    failed, written, stale = len(problems), 0, 0
     for path, stem in zip(files, output_stems(files), strict=True):
         outputs = [out / f"{stem}_mask.png", out / f"{stem}_overlay.png"]
         clash = [output for output in outputs if output.resolve() in inputs]
@@ -175,10 +177,14 @@ def run_predict(args: argparse.Namespace) -> int:
         # previous file stay intact. The mask matches the input image's size; the overlay shows
         # what the network saw.
         save_mask_png(prediction, out / f"{stem}_mask.png", meta["num_classes"], size)
+        overlay = out / f"{stem}_overlay.png"
         if args.overlays:
-            plot_overlays(denormalize(image)[None], None, prediction[None], out / f"{stem}_overlay.png",
-                          titles=[path.name])
+            plot_overlays(denormalize(image)[None], None, prediction[None], overlay, titles=[path.name])
+        elif overlay.is_file():  # an earlier run's: it would show another prediction beside this mask
+            overlay.unlink()
+            stale += 1
         written += 1
     what = " and overlays" if args.overlays else ""
-    print(f"wrote {written} mask(s){what} to {out}; {failed} input(s) failed")
+    removed = f"; removed {stale} overlay(s) of an earlier run" if stale else ""
+    print(f"wrote {written} mask(s){what} to {out}{removed}; {failed} input(s) failed")
     return 1 if failed else 0

@@ -314,20 +314,26 @@ def cmunext_cmrf(pretrained: bool = False, N: int = 8, **kwargs) -> CMUNeXt:
 
 
 @register_model
-def cmunext_s(pretrained: bool = False, **kwargs) -> CMUNeXt:
+def cmunext_s(
+    pretrained: bool = False,
+    dims: Sequence[int] = (8, 16, 32, 64, 128),
+    depths: Sequence[int] = (1, 1, 1, 1, 1),
+    kernels: Sequence[int] = (3, 3, 7, 7, 9),
+    **kwargs,
+) -> CMUNeXt:
     """CMUNeXt-S (reference configuration): dims (8, 16, 32, 64, 128), depths (1, 1, 1, 1, 1),
     kernels (3, 3, 7, 7, 9); 417,514 params for 3 in / 2 classes."""
-    kwargs.setdefault("dims", (8, 16, 32, 64, 128))
-    kwargs.setdefault("depths", (1, 1, 1, 1, 1))
-    kwargs.setdefault("kernels", (3, 3, 7, 7, 9))
-    return _create("cmunext_s", pretrained, **kwargs)
+    return _create("cmunext_s", pretrained, dims=dims, depths=depths, kernels=kernels, **kwargs)
 
 
 @register_model
-def cmunext_l(pretrained: bool = False, **kwargs) -> CMUNeXt:
+def cmunext_l(
+    pretrained: bool = False,
+    dims: Sequence[int] = (32, 64, 128, 256, 512),
+    depths: Sequence[int] = (1, 1, 1, 6, 3),
+    kernels: Sequence[int] = (3, 3, 7, 7, 7),
+    **kwargs,
+) -> CMUNeXt:
     """CMUNeXt-L (reference configuration): dims (32, 64, 128, 256, 512), depths (1, 1, 1, 6, 3),
     kernels (3, 3, 7, 7, 7); 8,286,754 params for 3 in / 2 classes."""
-    kwargs.setdefault("dims", (32, 64, 128, 256, 512))
-    kwargs.setdefault("depths", (1, 1, 1, 6, 3))
-    kwargs.setdefault("kernels", (3, 3, 7, 7, 7))
-    return _create("cmunext_l", pretrained, **kwargs)
+    return _create("cmunext_l", pretrained, dims=dims, depths=depths, kernels=kernels, **kwargs)

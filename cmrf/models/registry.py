@@ -7,9 +7,12 @@ Every entry point registered here is also registered with timm, so after ``impor
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
+import functools
+import inspect
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import torch
 from timm.models import register_model as timm_register_model
 from torch import nn
 
@@ -30,6 +33,43 @@ def list_models(pattern: str = "*") -> list[str]:
 def is_model(name: str) -> bool:
     """Whether ``name`` is one of this library's models."""
     return name in _ENTRYPOINTS
+
+
+@functools.cache
+def _constructor_defaults(name: str) -> Mapping[str, object]:
+    """Keyword defaults of ``name``'s entry point, over those of the class it builds."""
+    functions = [_ENTRYPOINTS[name]]
+    try:
+        with torch.device("meta"):  # no memory, no initialisation cost: only the class is wanted
+            functions.insert(0, type(_ENTRYPOINTS[name]()).__init__)
+    except Exception:  # an entry point that cannot build on "meta": its own defaults only
+        pass
+    defaults = {}
+    for function in functions:
+        parameters = inspect.signature(function).parameters.values()
+        defaults.update({p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty})
+    return defaults
+
+
+def _same_value(a, b) -> bool:
+    """Equal, where a tuple and a list (a default and its JSON round trip) of equal items are."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b
+
+
+def without_defaults(name: str, kwargs: Mapping[str, object]) -> dict:
+    """``kwargs`` for model ``name`` without the entries equal to the constructor's default.
+
+    ``create_model(name, N=8)`` builds what ``create_model(name)`` builds, so a run trained with an
+    explicit ``--N 8`` and a command that names it, or leaves it out, describe the same model.
+    Unknown names and keys are kept as they are.
+    """
+    if name not in _ENTRYPOINTS:
+        return dict(kwargs)
+    defaults = _constructor_defaults(name)
+    return {key: value for key, value in kwargs.items()
+            if not (key in defaults and _same_value(defaults[key], value))}
 
 
 def create_model(

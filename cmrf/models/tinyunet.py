@@ -193,7 +193,6 @@ def tinyunet(pretrained: bool = False, **kwargs) -> TinyUNet:
 
 
 @register_model
-def tinyunet3d(pretrained: bool = False, **kwargs) -> TinyUNet:
+def tinyunet3d(pretrained: bool = False, spatial_dims: int = 3, **kwargs) -> TinyUNet:
     """TinyU-Net for volumes (``spatial_dims=3``): 3x3x3 cascades, trilinear upsampling."""
-    kwargs.setdefault("spatial_dims", 3)
-    return _create("tinyunet3d", pretrained, **kwargs)
+    return _create("tinyunet3d", pretrained, spatial_dims=spatial_dims, **kwargs)

@@ -6,6 +6,7 @@ Shared by ``cmrf train``, ``cmrf evaluate`` and ``cmrf predict``; no command-lin
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
@@ -147,11 +148,28 @@ def _run_metadata(path: str | Path, **given) -> dict:
 
     meta = read_metadata(path)
     meta.setdefault("data", {})
+    given_kwargs = given.pop("model_kwargs", None) or {}
     clashes = [f"{k}={v!r} (the file has {meta.get(k)!r})" for k, v in given.items() if v and v != meta[k]]
+    clashes += _kwarg_clashes(meta["model"], given_kwargs, meta.get("model_kwargs") or {})
     # cmrf train stores "tinyunet" trained on volumes as "tinyunet3d"; asking for "tinyunet" is fine.
     if clashes and clashes != ["model='tinyunet' (the file has 'tinyunet3d')"]:
         raise ValueError(f"{path} was written by cmrf train with other settings: {', '.join(clashes)}")
     return meta
+
+
+def _kwarg_clashes(model: str, given: dict, saved: dict) -> list[str]:
+    """The constructor arguments in ``given`` that differ from those the run was built with, where an
+    argument left at its default counts as given that default (``--N 8`` names TinyU-Net's default)."""
+    from cmrf.models.registry import without_defaults
+
+    # JSON's view: the file's lists and the caller's tuples compare equal.
+    given, saved = (json.loads(json.dumps(without_defaults(model, kwargs))) for kwargs in (given, saved))
+    return [f"--{k} {_shown(v)} (the file has {_shown(saved[k]) if k in saved else 'the default'})"
+            for k, v in given.items() if saved.get(k) != v]
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def _bare_metadata(

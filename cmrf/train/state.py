@@ -33,6 +33,7 @@ from torch import nn
 
 from cmrf.data.factory import option_flag, unread_options
 from cmrf.files import atomic_write
+from cmrf.models.registry import without_defaults
 from cmrf.train.run_folder import STATE_FILE, RunFiles, naming_errors
 
 __all__ = [
@@ -209,7 +210,8 @@ def _metadata_settings(meta: dict) -> dict[str, object]:
     settings = {flag: meta.get(key) for key, flag in _MODEL_FLAGS.items()}
     replace_n = meta.get("replace_blocks")
     settings["--replace-blocks"] = "off" if replace_n is None else f"N={replace_n}"
-    kwargs = meta.get("model_kwargs") or {}
+    # An argument at its default is the same model as one left out (``--N 8`` for TinyU-Net).
+    kwargs = without_defaults(meta.get("model", ""), meta.get("model_kwargs") or {})
     settings.update({_MODEL_KWARG_FLAGS.get(key, f"model {key}"): value for key, value in kwargs.items()})
     settings["--num-classes"] = meta.get("num_classes")
     data = meta.get("data") or {}
