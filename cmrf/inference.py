@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
 from cmrf.layers import CMRF, ConvNorm, cmrf_blocks, conv_type
 from cmrf.models.tinyunet import TinyUNet
@@ -800,7 +800,8 @@ class InferenceTinyUNet(nn.Module):
 class GraphPerShape(nn.Module):
     """Runs ``module`` through one prepared graph per input key, eagerly where no graph fits.
 
-    Subclasses say when to run eagerly (``_eager``), what keys a graph (``_key``), how one is
+    A module in training mode always runs eagerly (the graphs are of its eval-mode forward).
+    Subclasses say when else to run eagerly (``_eager``), what keys a graph (``_key``), how one is
     made (``_build``) and run (``_run``). At most ``max_graphs`` graphs are kept; new keys beyond
     that run eagerly. ``.to()``/``.cuda()`` and ``reset()`` drop the graphs, and so does a call
     after a change to ``module``'s parameters or buffers (a replaced tensor or an in-place write:
@@ -863,7 +864,9 @@ class GraphPerShape(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._eager(x):
+        # A module in training mode computes something else than the eval-mode graphs (batch
+        # statistics, dropout): it runs as it is.
+        if self.module.training or self._eager(x):
             return self.module(x)
         self._drop_graphs_if_weights_changed()
         key = self._key(x)
@@ -916,8 +919,8 @@ class CUDAGraphInference(GraphPerShape):
     later call with that key copies the input in and replays. Autocast is captured without its
     weight cache (a cached cast would be a stale tensor in the graph).
 
-    The module runs eagerly (no graph) for CPU inputs, an empty batch, while tracing or an
-    outer capture is running, when a gradient is needed, for new keys once ``max_graphs``
+    The module runs eagerly (no graph) in training mode, for CPU inputs, an empty batch, while
+    tracing or an outer capture is running, when a gradient is needed, for new keys once ``max_graphs``
     graphs exist, and for a key whose capture failed (one ``RuntimeWarning`` says why).
     ``.to()``/``.cuda()`` drop the graphs (they point at the old memory); so does ``reset()``,
     and so does a call after a change to ``module``'s parameters or buffers (the next call
@@ -1006,8 +1009,9 @@ class FrozenCPUInference(CPUGraphPerShape):
     it was made with (the network's choices that depend on sizes are baked in), so every other
     shape gets its own graph, and beyond ``max_graphs`` graphs new shapes run ``module`` eagerly.
 
-    ``module`` also runs eagerly for non-CPU or non-fp32 inputs, an empty batch, under CPU
-    autocast, while another trace or compilation is running, and when a gradient is needed.
+    ``module`` also runs eagerly in training mode, for non-CPU or non-fp32 inputs, an empty batch,
+    under CPU autocast, while another trace or compilation is running, and when a gradient is
+    needed.
     ``.to()`` and ``reset()`` drop the graphs. The graphs hold copies of the weights taken when
     they were built, so every call first checks ``module``'s parameters and buffers (identity,
     storage, in-place writes: about 0.1 ms) and drops the graphs when one changed since.
@@ -1028,7 +1032,7 @@ class FrozenCPUInference(CPUGraphPerShape):
         # key accounts for) and about TorchScript's maintenance mode; neither concerns the caller.
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            traced = torch.jit.trace(self.module.eval(), x, check_trace=False)
+            traced = torch.jit.trace(self.module, x, check_trace=False)
             return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
 
     def _run(self, graph: torch.jit.ScriptModule, x: torch.Tensor) -> torch.Tensor:
@@ -1045,12 +1049,12 @@ class OnnxRuntimeInference(CPUGraphPerShape):
     PyTorch paths (docs/inference.md has the figures). Inputs may have any strides; outputs are
     new contiguous fp32 CPU tensors.
 
-    ``module`` runs in PyTorch instead for non-CPU or non-fp32 inputs, an empty batch, under CPU
-    autocast, while a trace or compilation is running, when a gradient is needed, and for new
-    shapes once ``max_graphs`` sessions exist. The sessions hold copies of the weights taken when
-    they were made, so every call first checks ``module``'s parameters and buffers and drops the
-    sessions when one changed since (as ``FrozenCPUInference``). Copies and pickles leave the
-    sessions behind (each copy makes its own).
+    ``module`` runs in PyTorch instead in training mode, for non-CPU or non-fp32 inputs, an empty
+    batch, under CPU autocast, while a trace or compilation is running, when a gradient is
+    needed, and for new shapes once ``max_graphs`` sessions exist. The sessions hold copies of
+    the weights taken when they were made, so every call first checks ``module``'s parameters and
+    buffers and drops the sessions when one changed since (as ``FrozenCPUInference``). Copies and
+    pickles leave the sessions behind (each copy makes its own).
 
     Args:
         module: an eval-only fp32 CPU module, typically from ``optimize_for_inference``.
@@ -1093,17 +1097,27 @@ class OnnxRuntimeInference(CPUGraphPerShape):
             module = optimize_for_inference(module)
         with tempfile.TemporaryDirectory(prefix="cmrf-onnx-") as tmp:
             path = Path(tmp) / "model.onnx"
-            write_onnx(module.eval(), x.detach().contiguous(), path)
+            write_onnx(module, x.detach().contiguous(), path)
             graph = path.read_bytes()
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
-        return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        # The graph's outputs are the module's output tensors, flattened: a module with auxiliary
+        # heads returns a tuple or a dict, which the session's outputs are put back into.
+        with torch.no_grad():
+            leaves, structure = tree_flatten(module(x))
+        outputs = len(session.get_outputs())
+        if len(leaves) != outputs or not all(isinstance(t, torch.Tensor) for t in leaves):
+            raise ValueError(f"{type(self.module).__name__}'s output ({structure}) is not the tensors the "
+                             f"ONNX graph returns ({outputs} outputs), one for one; use backend='torch'")
+        return session, structure
 
-    def _run(self, session, x: torch.Tensor) -> torch.Tensor:
-        array = x.detach().contiguous().numpy()
-        return torch.from_numpy(session.run(None, {"input": array})[0])
+    def _run(self, entry, x: torch.Tensor) -> torch.Tensor:
+        session, structure = entry
+        outputs = session.run(None, {"input": x.detach().contiguous().numpy()})
+        return tree_unflatten([torch.from_numpy(output) for output in outputs], structure)
 
 
 # --- entry point -----------------------------------------------------------------------------

@@ -572,6 +572,34 @@ def test_onnxruntime_wrapper_of_a_plain_model_equals_it(small_unet, onnxruntime_
     assert fast.num_graphs == 1 and isinstance(fast.module, type(small_unet))
 
 
+class _TwoHeads(torch.nn.Module):
+    """A network with an auxiliary output, as deep-supervision models have."""
+
+    def __init__(self, net: torch.nn.Module, as_dict: bool):
+        super().__init__()
+        self.net, self.as_dict = net, as_dict
+
+    def forward(self, x):
+        logits = self.net(x)
+        aux = logits.mean(dim=1, keepdim=True)
+        return {"logits": logits, "aux": aux} if self.as_dict else (logits, aux)
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_onnxruntime_wrapper_returns_every_output_in_the_modules_structure(small_unet, onnxruntime_available,
+                                                                          as_dict):
+    from cmrf.inference import OnnxRuntimeInference
+
+    model = _TwoHeads(optimize_for_inference(small_unet), as_dict).eval()
+    fast = OnnxRuntimeInference(model, threads=1)
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        expected, got = model(x), fast(x)
+    assert fast.num_graphs == 1 and type(got) is type(expected)
+    pairs = [(got[k], expected[k]) for k in expected] if as_dict else list(zip(got, expected, strict=True))
+    assert len(pairs) == 2 and all(_max_diff(a, b) < TOL for a, b in pairs)
+
+
 def _graph_wrapper(kind: str, module: torch.nn.Module):
     from cmrf.inference import OnnxRuntimeInference
 
@@ -620,6 +648,22 @@ def test_graphs_follow_changed_weights(small_unet, kind, monkeypatch):
         assert len(builds) == 5
         fast(x)
         assert len(builds) == 5
+
+
+@pytest.mark.parametrize("kind", ["freeze", "onnxruntime"])
+def test_graph_wrapper_in_training_mode_runs_the_module_as_it_is(small_unet, kind):
+    """The graphs are of the eval-mode forward: a wrapped module put in training mode (batch
+    statistics) runs eagerly, and the wrapper never switches it to eval behind the caller's back."""
+    module = copy.deepcopy(small_unet).train()
+    fast = _graph_wrapper(kind, module)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        in_training = fast(x)
+        assert module.training and fast.num_graphs == 0
+        # batch statistics: another answer than the eval-mode graph would give
+        assert _max_diff(in_training, copy.deepcopy(module).eval()(x)) > 1e-3
+        fast.eval()
+        assert _max_diff(fast(x), module(x)) < TOL and fast.num_graphs == 1 and not module.training
 
 
 @pytest.mark.parametrize("path", PATH_PARAMS)
