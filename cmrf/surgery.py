@@ -207,10 +207,18 @@ def _as_selectors(name: str, value) -> list:
     return selectors
 
 
+def _path_matches(path: str, pattern: str) -> bool:
+    """Shell-style, one dotted part at a time: ``*`` never crosses a dot, as it never crosses a
+    ``/`` in a shell, so ``"encoders.*"`` names the encoder blocks, not every module inside them."""
+    parts, pattern_parts = path.split("."), pattern.split(".")
+    return len(parts) == len(pattern_parts) and all(
+        fnmatch.fnmatchcase(part, want) for part, want in zip(parts, pattern_parts, strict=True))
+
+
 def _matches(selectors: list, path: str, module: nn.Module) -> bool:
     for item in selectors:
         if isinstance(item, str):
-            if type(module).__name__ == item or fnmatch.fnmatchcase(path, item):
+            if type(module).__name__ == item or _path_matches(path, item):
                 return True
         elif isinstance(module, item):
             return True
@@ -223,7 +231,7 @@ def _check_selectors_exist(name: str, selectors: list, modules: dict[str, nn.Mod
     for item in selectors:
         if not isinstance(item, str) or item in class_names:
             continue
-        if not any(fnmatch.fnmatchcase(path, item) for path in modules if path):
+        if not any(_path_matches(path, item) for path in modules if path):
             raise ValueError(
                 f"{name} entry {item!r} matches no module path and no class name in the model "
                 f"(paths look like {', '.join(list(p for p in modules if p)[:5])}; class names "
@@ -246,7 +254,9 @@ class _Call:
 @dataclass
 class _Probe:
     calls: dict[str, list[_Call]]
-    conv_calls: list[tuple[str, tuple[int, ...]]]  # (path, output shape) in execution order
+    # (path, input shape, output shape, spatial dims of the conv) of every convolution call, in
+    # execution order
+    conv_calls: list[tuple[str, tuple[int, ...], tuple[int, ...], int]]
     output_shapes: object
 
 
@@ -284,13 +294,13 @@ def _run(model: nn.Module, example) -> object:
 
 def _probe(model: nn.Module, modules: dict[str, nn.Module], example) -> _Probe:
     calls: dict[str, list[_Call]] = {}
-    conv_calls: list[tuple[str, tuple[int, ...]]] = []
+    conv_calls: list[tuple[str, tuple[int, ...], tuple[int, ...], int]] = []
 
     def make_hook(path: str, module: nn.Module):
         def hook(mod, args, kwargs, output):
             calls.setdefault(path, []).append(_describe_call(args, kwargs, output))
-            if isinstance(mod, _CONVS) and isinstance(output, torch.Tensor):
-                conv_calls.append((path, tuple(output.shape)))
+            if isinstance(mod, _CONVS) and isinstance(output, torch.Tensor) and args:
+                conv_calls.append((path, tuple(args[0].shape), tuple(output.shape), mod.weight.dim() - 2))
 
         return hook
 
@@ -362,11 +372,19 @@ def _block_problem(path: str, module: nn.Module, probe: _Probe) -> tuple[str | N
         return f"changes resolution ({in_shape} -> {out_shape})", False
     prefix = path + "."
     spatial = in_shape[2:]
-    for conv_path, conv_shape in probe.conv_calls:
-        if conv_path.startswith(prefix) and conv_shape[2:] != spatial and any(s != 1 for s in conv_shape[2:]):
-            # Global-context branches (squeeze-excitation on 1x1 maps) are allowed.
-            return f"runs {conv_path} at another resolution {conv_shape[2:]} inside", False
-    last_conv = probe.conv_calls[-1][0] if probe.conv_calls else None
+    convs = [call for call in probe.conv_calls if call[0].startswith(prefix)]
+    wrong_rank = [(conv, dims) for conv, _, _, dims in convs if dims != len(in_shape) - 2]
+    if wrong_rank:  # an unbatched example_input: (C, H, W) would be read as (B, C, L)
+        conv, dims = wrong_rank[0]
+        return (f"takes a {in_shape} input, but its convolution {conv} is {dims}-D and wants (B, C) and "
+                f"{dims} spatial sizes: give example_input a batch dimension"), True
+    for conv, conv_in, conv_out, _ in convs:
+        # A global-context branch (squeeze-excitation) runs on pooled 1x1 maps: allowed. A conv
+        # that only shrinks to 1x1 at the probe's size is not one.
+        global_context = all(s == 1 for s in conv_in[2:] + conv_out[2:])
+        if conv_out[2:] != spatial and not global_context:
+            return f"runs {conv} at another resolution {conv_out[2:]} inside", False
+    last_conv = probe.conv_calls[-1][0] if probe.conv_calls else None  # its path
     if last_conv is not None and (last_conv == path or last_conv.startswith(prefix)):
         return f"holds the network's final convolution {last_conv} (the classifier head)", True
     return None, False
@@ -470,10 +488,12 @@ def replace_blocks(
         N: receptive fields of every CMRF. Default 8 (the paper's).
         targets: restrict the choice to modules matching any of these: an ``nn.Module`` subclass,
             a class name (``"DoubleConv"``), or a path pattern (``"encoder.*"``, shell-style,
-            matched against ``named_modules`` paths). Matching modules are replaced when they
-            pass the shape checks, even with a single convolution; non-matching ones are searched
-            inside. Default ``None``: the model's ``replace_blocks_targets`` attribute if it has
-            one (zoo models use it to give the paper's mapping), else every block qualifies.
+            matched against ``named_modules`` paths one dotted part at a time: ``*`` does not
+            cross a dot, so ``"encoder.*"`` names ``encoder.0`` but not ``encoder.0.conv``).
+            Matching modules are replaced when they pass the shape checks, even with a single
+            convolution; non-matching ones are searched inside. Default ``None``: the model's
+            ``replace_blocks_targets`` attribute if it has one (zoo models use it to give the
+            paper's mapping), else every block qualifies.
         exclude: selectors as in ``targets``; matching modules and everything inside them stay.
         dry_run: only report what would be replaced; the model is not touched.
         example_input: probe input. Default: ``randn(2, C, S, ...)`` with ``C`` and the number of
@@ -576,6 +596,7 @@ def replace_blocks(
         )
     if not dry_run:
         _swap_all(model, plans, new_modules, example_input, probe.output_shapes)
+        _refresh_first_conv(model)
         report.params_after = sum(p.numel() for p in model.parameters())
     else:
         report.params_after = params_before + sum(r.new_params - r.old_params for r in report.replaced)
@@ -598,6 +619,20 @@ def _set(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, name, module)
+
+
+def _refresh_first_conv(model: nn.Module) -> None:
+    """Point a timm ``pretrained_cfg``'s ``first_conv`` at the first convolution the model now has:
+    the one it named may have been inside a replaced block (timm adapts that layer to other input
+    channels when it loads weights)."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if not isinstance(cfg, dict) or not cfg.get("first_conv"):
+        return
+    first = next((name for name, m in model.named_modules() if isinstance(m, _CONVS)), None)
+    if first is not None and first != cfg["first_conv"]:
+        model.pretrained_cfg = {**cfg, "first_conv": first}
+        if isinstance(getattr(model, "default_cfg", None), dict):
+            model.default_cfg = model.pretrained_cfg
 
 
 def _swap_all(model, plans, new_modules, example_input, expected_shapes) -> None:

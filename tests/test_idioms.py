@@ -14,7 +14,7 @@ import torch
 from timm.data import resolve_data_config
 
 import cmrf
-from cmrf import CMRF, TinyUNet, create_model
+from cmrf import CMRF, TinyUNet, create_model, replace_blocks
 from cmrf.constants import NORMALIZE_MEAN, NORMALIZE_STD
 from cmrf.layers import check_input
 from cmrf.models import CMUNeXt, SegNet, UnknownArgumentError
@@ -152,6 +152,18 @@ def test_directly_built_models_have_a_cfg_too():
     assert SegNet(spatial_dims=3).pretrained_cfg["input_size"] == (3, 64, 64, 64)
 
 
+@pytest.mark.parametrize("name, targets", [("segnet", None), ("cmunext", ["stem", "encoders.*"])])
+def test_replace_blocks_keeps_the_cfgs_first_conv_a_real_layer(name, targets):
+    """timm adapts ``first_conv`` to other input channels when it loads weights: after a swap it must
+    still name a convolution of the model."""
+    model = create_model(name, **SMALL.get(name, {}))
+    before = model.pretrained_cfg["first_conv"]
+    replace_blocks(model, 4, targets=targets)
+    first = model.pretrained_cfg["first_conv"]
+    assert first != before and isinstance(model.get_submodule(first), torch.nn.Conv2d)
+    assert model.default_cfg["first_conv"] == first
+
+
 def test_timm_cfg_overlay_and_tags():
     overlay = dict(mean=(0.1, 0.2, 0.3))
     model = timm.create_model("tinyunet", pretrained_cfg_overlay=overlay, **SMALL["tinyunet"])
@@ -262,6 +274,10 @@ def test_in_channels_and_in_chans_are_aliases(factory):
         (lambda: CMRF(8, 16, shortcut="no"), "shortcut must be True or False, got 'no'"),
         (lambda: CMRF(8, 16, fused=1), "fused must be True, False or None, got 1"),
         (lambda: create_model("segnet_cmrf", N="4"), "N must be an integer >= 1, got '4'"),
+        (lambda: create_model("tinyunet3d", spatial_dims=2), "tinyunet3d is TinyU-Net for volumes .*=2"),
+        (lambda: create_model("tinyunet", dtype="float16"), "dtype must be a floating-point .*'float16'"),
+        (lambda: create_model("tinyunet", dtype=torch.int8), "dtype must be a floating-point .*torch.int8"),
+        (lambda: create_model("tinyunet", device="gpu0"), "device must be a torch.device or .*'gpu0'"),
     ],
 )
 def test_bad_constructor_arguments_are_named(build, match):

@@ -517,3 +517,54 @@ def test_default_probe_leaves_the_global_random_stream_alone():
     torch.manual_seed(1)
     replace_blocks(model, dry_run=True)
     assert torch.equal(torch.rand(3), expected)
+
+
+class Hourglass(nn.Module):
+    """Convolves at half resolution inside and upsamples back: never one block to replace."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.down = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.mid = nn.Conv2d(channels, channels, 3, padding=1)
+        self.out = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        y = F.interpolate(self.mid(F.relu(self.down(x))), size=x.shape[2:], mode="nearest")
+        return self.out(x + y)
+
+
+@pytest.mark.parametrize("side", [2, 64])
+def test_a_conv_that_only_shrinks_to_1x1_at_the_probe_size_is_not_global_context(side):
+    """At a 2x2 probe the strided conv gives a 1x1 map, as a squeeze-excitation branch does; the
+    answer must not depend on the probe size."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), Hourglass(16), nn.Conv2d(16, 2, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NothingToReplaceWarning)
+        report = replace_blocks(model, example_input=torch.randn(1, 3, side, side), dry_run=True)
+    assert report.paths == []
+
+
+def test_unbatched_example_input_is_refused_with_the_reason():
+    """(C, H, W) runs through Conv2d but would be read as (B, C, L): a 1-D CMRF of H channels."""
+    def conv_relu():  # no BatchNorm: BatchNorm2d itself refuses a 3-D input
+        return nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+
+    block = nn.Sequential(conv_relu(), conv_relu())
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), block, nn.Conv2d(16, 2, 1))
+    with pytest.warns(NothingToReplaceWarning):
+        report = replace_blocks(model, example_input=torch.randn(3, 32, 32))
+    assert report.paths == [] and model[1] is block
+    reason = {s.path: s.reason for s in report.skipped}["1"]
+    assert "is 2-D" in reason and "give example_input a batch dimension" in reason
+
+
+def test_path_patterns_match_one_dotted_part_per_star():
+    """``"encoders.*"`` names the encoder blocks; inside one that is skipped it does not force the
+    single 1x1 convolutions (CMUNeXt-S's first block is 8 channels: not divisible by 2N = 16)."""
+    from cmrf import create_model
+
+    report = replace_blocks(create_model("cmunext_s"), 8, indivisible="skip", dry_run=True)
+    assert report.paths == ["encoders.1", "encoders.2", "encoders.3", "encoders.4"]
+    assert "encoders.0" in {s.path for s in report.skipped}
+    assert replace_blocks(small_stack(), targets=["0.*"], dry_run=True).paths == ["0.double_conv"]
+    assert replace_blocks(small_stack(), targets=["0.*.1"], dry_run=True).paths == ["0.double_conv.1"]

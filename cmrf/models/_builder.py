@@ -80,6 +80,21 @@ def _resolve_in_channels(kwargs: dict) -> None:
         )
 
 
+def _device_and_dtype(device, dtype) -> tuple[torch.device | None, torch.dtype | None]:
+    """timm's ``device``/``dtype`` arguments, checked: a floating-point ``torch.dtype`` (weights
+    are trained), and a device torch knows."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype such as torch.float32 or "
+                         f"torch.bfloat16, got {dtype!r}")
+    if device is None:
+        return None, dtype
+    try:
+        return torch.device(device), dtype
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be a torch.device or a name such as 'cpu' or 'cuda:0', got {device!r} "
+                         f"({err})") from err
+
+
 def _check_kwargs(model_cls: type[nn.Module], variant: str, kwargs: dict, entry_args: Sequence[str]) -> None:
     """Raise ``UnknownArgumentError`` naming an argument neither the constructor nor entry point takes."""
     accepted = [p for p in inspect.signature(model_cls).parameters if p != "self"]
@@ -151,7 +166,7 @@ def build_model(
     _check_kwargs(model_cls, variant, kwargs, entry_args)
     for key in _NEUTRAL_TIMM_KWARGS:
         kwargs.pop(key, None)
-    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    device, dtype = _device_and_dtype(kwargs.pop("device", None), kwargs.pop("dtype", None))
     model = model_cls(**kwargs).to(device=device, dtype=dtype)
     if finish is not None:
         model = finish(model)
