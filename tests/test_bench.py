@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import math
 
 import pytest
 
@@ -106,6 +107,8 @@ def test_max_diff_in_chunks_on_the_outputs_device():
     assert _max_abs(a, b) == 0.5 and _max_abs(b, b) == 0.0
     assert _max_abs(torch.tensor(1.0), torch.tensor(3.0)) == 2.0
     assert _max_abs(torch.empty(0, 3), torch.empty(0, 3)) == 0.0
+    b[12, 0] = math.nan  # a NaN in any chunk, wherever the largest finite difference is
+    assert math.isnan(_max_abs(a, b))
     with pytest.raises(ValueError, match=r"output shape \(2,\) differs from the reference's \(3,\)"):
         _max_abs(torch.zeros(2), torch.zeros(3))
 
@@ -216,6 +219,8 @@ def test_markdown_has_one_cell_per_column_and_json_is_ready():
     assert "Skipped: training.cmrf (deadline 210 s reached)" in text
     data = json.loads(json.dumps(to_json(report)))
     assert data["skipped"] == ["training.cmrf"] and data["rows"][1]["max_diff"] == 7e-8
+    rows[1].max_diff = math.nan  # strict JSON has no NaN: it is written as text
+    assert json.loads(json.dumps(to_json(report), allow_nan=False))["rows"][1]["max_diff"] == "nan"
 
 
 def test_targets_state_goal_and_verdict_never_a_result():
@@ -232,17 +237,42 @@ def test_targets_state_goal_and_verdict_never_a_result():
     assert other.verdict == "n/a: this run has batch 8, the target 1"
     # a CUDA inference target needs the compile row too: without it the verdict says so
     cuda = BenchSettings(device="cuda", batch=16, size=256, precision="bf16")
-    row = Row("inference.cmrf", "", "inference", 16, wall_ms=4.0, vs_eager=5.5)
+    row = Row("inference.cmrf", "", "inference", 16, wall_ms=4.0, vs_eager=5.5, max_diff=0.02)
     apply_targets(_report(cuda, [row]), cuda)
-    assert row.verdict == "unmeasured: vs compile (5.50x eager)"
+    assert row.verdict == "unmeasured: vs compile (5.50x eager, diff 2.0e-02)"
     row.vs_eager, row.vs_compile = 2.0, 1.1
     apply_targets(_report(cuda, [row]), cuda)
     assert row.verdict == "NOT met: 2.00x eager, 1.10x compile"
     ref = Row("training.reference", "", "training", 16, wall_ms=130.0, peak_mib=900.0)
     fast = Row("training.cmrf", "", "training", 16, wall_ms=30.0, vs_eager=4.3, vs_compile=4.1,
-               peak_mib=800.0)
+               peak_mib=800.0, max_diff=0.01)
     apply_targets(_report(cuda, [ref, fast]), cuda)
-    assert ref.target == "" and fast.verdict == "met: 4.30x eager, 4.10x compile, peak 800 vs 900 MiB"
+    assert ref.target == ""
+    assert fast.verdict == "met: 4.30x eager, 4.10x compile, diff 1.0e-02, peak 800 vs 900 MiB"
+
+
+def test_a_fast_row_with_a_wrong_output_meets_no_target():
+    """Every goal is for the same math: garbage or NaN, however fast, is NOT met."""
+    cuda = BenchSettings(device="cuda", batch=16, size=256, precision="bf16")
+    for diff, shown in ((3.7, "diff 3.7e+00 > 1e-01"), (math.nan, "diff nan > 1e-01")):
+        row = Row("inference.optimized", "", "inference", 16, wall_ms=1.0, vs_eager=6.0, vs_compile=4.0,
+                  max_diff=diff)
+        apply_targets(_report(cuda, [row]), cuda)
+        assert row.verdict == f"NOT met: {shown}"
+    fused = Row("cascade.eval.b128.L0.fp32.fused", "", "cascade", 128, wall_ms=1.0, vs_eager=4.0,
+                max_diff=0.5)
+    cascade = BenchSettings(device="cuda", size=256)
+    apply_targets(_report(cascade, [fused]), cascade)
+    assert fused.verdict == "NOT met: diff 5.0e-01 > 1e-03"  # fp32 cascade: the tighter bound
+    cpu = resolve_settings("cpu")
+    nan_row = Row("inference.onnxruntime", "", "inference", 1, wall_ms=1.0, vs_eager=9.0, max_diff=math.nan)
+    apply_targets(_report(cpu, [nan_row]), cpu)
+    assert nan_row.verdict == "NOT met: diff nan > 1e-04"
+    # another N is another network: the goals are for TinyU-Net's N = 8
+    n4 = resolve_settings("cpu", N=4)
+    other = Row("inference.onnxruntime", "", "inference", 1, wall_ms=1.0, vs_eager=9.0, max_diff=1e-7)
+    apply_targets(_report(n4, [other]), n4)
+    assert other.verdict == "n/a: this run has N 4, the target 8"
 
 
 # --- whole runs ------------------------------------------------------------------------------
@@ -314,12 +344,47 @@ def test_a_failing_phase_keeps_the_rows_measured_before_it(monkeypatch, interrup
     report = run_benchmark(settings, progress=lines.append)
     rows = _rows(report)
     assert rows["inference.cmrf"].status == "ok" and rows["inference.cmrf"].wall_ms > 0
+    # the rows the stop left are in the table, skipped, not missing
+    cascade = [row for row in report.rows if row.group == "cascade"]
+    assert cascade and all(row.status == "skipped" and "the run stopped" in row.note for row in cascade)
     if interrupt:
         assert report.notes[0].startswith("the run stopped in its cascade phase: KeyboardInterrupt")
         return
     assert report.notes[0].startswith("the run stopped in its cascade phase: RuntimeError: CUDA error")
     assert "illegal memory access" in to_markdown(report)
     assert any(line.startswith("Traceback") and "sticky_error" in line for line in lines)
+
+
+def test_an_interrupt_while_timing_leaves_no_row_looking_measured(monkeypatch):
+    import cmrf.bench.harness as harness
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness, "time_interleaved", interrupted)
+    settings = resolve_settings("cpu", rows=("inference.cmrf",), **TINY)
+    rows = _rows(run_benchmark(settings, progress=None))
+    assert [row.status for row in rows.values()] == ["skipped", "skipped"]
+    assert all(row.wall_ms is None and "not timed" in row.note for row in rows.values())
+
+
+def test_a_row_whose_output_cannot_be_compared_is_not_timed(monkeypatch):
+    import cmrf.bench.suite as suite
+
+    real = suite.build_network_runner
+
+    def build(name, ctx, settings):
+        runner = real(name, ctx, settings)
+        if name == "inference.optimized":  # an output one pixel narrower than the reference's
+            check = runner.check
+            runner.check = lambda: {k: v[..., 1:] for k, v in check().items()}
+        return runner
+
+    monkeypatch.setattr(suite, "build_network_runner", build)
+    settings = resolve_settings("cpu", rows=("inference.optimized",), **TINY)
+    row = _rows(run_benchmark(settings, progress=None))["inference.optimized"]
+    assert row.status == "error" and "comparison with the reference failed" in row.note
+    assert row.wall_ms is None and row.vs_eager is None
 
 
 def test_fp16_training_rows_scale_the_loss_as_cmrf_train_does():
@@ -411,7 +476,20 @@ def test_cascade_rows_run_in_the_interpreter_check_only():
     for name, row in rows.items():
         assert row.status == "check-only", (name, row.note)
         assert row.wall_ms is None and row.max_diff < 1e-5
+        assert "Triton interpreter: correctness only, not timed" in row.note
     assert rows["cascade.train.b1.L3.fp32.fused"].extra["grad_max_rel"] < 1e-4
+
+
+def test_settings_take_one_value_or_several_without_repeats_and_refuse_non_bools():
+    settings = resolve_settings("cpu", rows="inference", cascade_dtypes="fp32",
+                                cascade_train_batches=[1, 1, 2])
+    assert settings.rows == ("inference",) and settings.cascade_dtypes == ("fp32",)
+    assert settings.cascade_train_batches == (1, 2)  # a repeated batch would time one row twice
+    for name in ("compile", "memory"):
+        with pytest.raises(ValueError, match=f"{name} must be True or False, got 'no'"):
+            resolve_settings("cpu", **{name: "no"})
+    with pytest.raises(ValueError, match="cascade_train_batches must be an integer >= 1"):
+        resolve_settings("cpu", cascade_train_batches=16.5)
 
 
 # --- the command line ------------------------------------------------------------------------
@@ -437,11 +515,26 @@ def test_bench_cli_writes_table_and_json(tmp_path, capsys):
         (["bench", "--device", "cpu", "--rows", "inference.nope"], "matches no row"),
         (["bench", "--device", "cpu", "--precision", "bf16"], "CUDA"),
         (["bench-cascade", "--device", "cpu", "--rows", "training.cmrf", "--repeats", "0"], "repeats"),
+        (["bench", "--device", "cpu", "--N", "3"], "multiples of 2N"),
     ],
 )
 def test_bench_cli_rejects_bad_arguments(argv, message, capsys):
     assert cli_main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_cli_checks_the_json_path_before_running(tmp_path, monkeypatch, capsys):
+    import cmrf.bench
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the bench ran before its --json path was checked")
+
+    monkeypatch.setattr(cmrf.bench, "run_benchmark", must_not_run)
+    base = ["bench", "--device", "cpu", "--rows", "inference.cmrf", "--json"]
+    assert cli_main([*base, str(tmp_path / "missing" / "x.json")]) == 2
+    assert f"{tmp_path / 'missing'}: no such folder for --json" in capsys.readouterr().err
+    assert cli_main([*base, str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
 
 
 def test_bench_cascade_is_an_alias_for_the_cascade_rows():

@@ -77,8 +77,9 @@ def probe_main() -> None:
 def probe_peak_rss(name: str, settings, timeout_s: float = 600) -> float | None:
     """Peak memory (MiB) the first call of row ``name`` adds, measured in a fresh Python process.
 
-    Everything the row builds (model copy, ONNX session) exists before the measurement starts,
-    so the figure is the call's working set: activations, workspace, one-time kernel set-up.
+    The model copy exists before the measurement starts, so the figure is the call's working set:
+    activations, workspace, one-time kernel set-up, and for the rows that make their graph on the
+    first call (``freeze=True``, ONNX Runtime) the trace or export.
 
     Raises:
         RuntimeError: when the probe process fails (its last stderr line is in the message).

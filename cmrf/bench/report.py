@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import platform
 import time
@@ -213,13 +214,25 @@ def to_markdown(report: Report) -> str:
     return "\n".join(lines)
 
 
+def _strict(value):
+    """``value`` with every non-finite float as text (``"nan"``, ``"inf"``): strict JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def to_json(report: Report) -> dict:
-    """The report as a JSON-ready dict (``json.dumps`` works on it)."""
-    return {
+    """The report as a JSON-ready dict (``json.dumps(..., allow_nan=False)`` works on it; a NaN
+    difference, the sign of a broken kernel, is the text ``"nan"``)."""
+    return _strict({
         "machine": report.machine,
         "settings": report.settings,
         "elapsed_s": report.elapsed_s,
         "rows": [dataclasses.asdict(r) for r in report.rows],
         "skipped": [r.name for r in report.skipped],
         "notes": report.notes,
-    }
+    })

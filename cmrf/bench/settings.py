@@ -217,13 +217,31 @@ def resolve_settings(device: str | None = "cpu", **overrides) -> BenchSettings:
     if unknown:
         raise ValueError(f"unknown bench settings {sorted(unknown)}; known: {sorted(known)}")
     defaults = _CUDA_DEFAULTS if torch.device(device).type == "cuda" else _CPU_DEFAULTS
-    values = {**defaults, **{k: v for k, v in overrides.items() if v is not None}}
+    given = {k: _as_tuple(v) if k in _TUPLE_SETTINGS else v for k, v in overrides.items() if v is not None}
+    values = {**defaults, **given}
     settings = replace(BenchSettings(device=device), **values)
     _validate(settings)
     return settings
 
 
+_TUPLE_SETTINGS = ("rows", "cascade_train_batches", "cascade_dtypes")
+_BOOL_SETTINGS = ("compile", "cascade_sweep", "tiny_cascade", "memory")
+
+
+def _as_tuple(value) -> tuple:
+    """One value or several as a tuple without repeats (a repeated batch would time one row twice)."""
+    if isinstance(value, (str, int)):
+        return (value,)
+    try:
+        return tuple(dict.fromkeys(value))
+    except TypeError:  # not iterable, or unhashable items: _validate names the value
+        return (value,)
+
+
 def _validate(s: BenchSettings) -> None:
+    for name in _BOOL_SETTINGS:
+        if not isinstance(getattr(s, name), bool):
+            raise ValueError(f"{name} must be True or False, got {getattr(s, name)!r}")
     for name in ("batch", "size", "repeats", "train_repeats", "cascade_eval_batch", "N"):
         check_positive_int(name, getattr(s, name))
     for name in ("warmup", "train_warmup", "leak_calls"):
@@ -234,6 +252,10 @@ def _validate(s: BenchSettings) -> None:
         check_positive_int("cascade_train_batches", b)
     if s.threads is not None:
         check_positive_int("threads", s.threads)
+    bad_widths = [w for w in CASCADE_WIDTHS if w % (2 * s.N)]
+    if bad_widths:
+        raise ValueError(f"N must make TinyU-Net's widths {CASCADE_WIDTHS} multiples of 2N (N = 1, 2, 4, "
+                         f"8, 16 or 32), got N={s.N}")
     if s.size % 16:
         raise ValueError(f"size must be a multiple of 16 (as the reference TinyU-Net needs), got {s.size}")
     if s.precision not in PRECISIONS:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import math
 import os
 import sys
 import time
@@ -48,6 +49,7 @@ __all__ = ["run_benchmark"]
 
 # torch.compile(training) compiles a forward and a backward graph: about this many inference compiles.
 _TRAINING_COMPILE_FACTOR = 1.5
+LEAK_ROWS = ("inference.optimized", "inference.onnxruntime")  # the deployable rows --leak-calls checks
 
 
 def _stderr(message: str) -> None:
@@ -73,7 +75,9 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
         return 0.0
     b = b.to(a.device)
     chunks = zip(a.split(8), b.split(8)) if a.dim() else [(a, b)]
-    return max(float((x.float() - y.float()).abs().max()) for x, y in chunks)
+    maxima = [float((x.float() - y.float()).abs().max()) for x, y in chunks]
+    # max() of floats keeps or drops a NaN depending on where it stands: a NaN anywhere is the answer.
+    return math.nan if any(math.isnan(m) for m in maxima) else max(maxima)
 
 
 # Gradients that are zero in exact arithmetic (e.g. the bias of a BatchNorm whose output only
@@ -119,6 +123,7 @@ class _Run:
         self.estimates = {"inference": settings.compile_estimate_s,
                           "training": settings.compile_estimate_s * _TRAINING_COMPILE_FACTOR}
         self.names = [n for n in row_names(settings) if selected(settings, n)]
+        self.extra_notes: list[str] = []
         self.stopped: str | None = None  # why the run ended before its last phase, if it did
 
     def log(self, message: str) -> None:
@@ -154,13 +159,16 @@ class _Run:
             self._free()
             return None
         seconds = time.perf_counter() - start
-        row.note, row.extra = runner.note, dict(runner.extra)
+        row.note, row.extra = "; ".join(filter(None, [row.note, runner.note])), dict(runner.extra)
         if _compiled(row.name):  # the next compilation will take about as long
             if row.name.startswith("inference."):
                 self.estimates.update(inference=seconds, training=seconds * _TRAINING_COMPILE_FACTOR)
             else:
                 self.estimates["training"] = seconds
         self._compare(row, outputs)
+        if row.status == "error":  # its output cannot be compared: its time would mean nothing
+            self.log(f"{row.name}: FAILED: {row.note}")
+            return None
         diff = "" if row.max_diff is None else f", max diff {row.max_diff:.1e}"
         self.log(f"{row.name}: built and checked in {seconds:.1f} s{diff}")
         return runner
@@ -288,6 +296,8 @@ class _Run:
         if s.memory:
             for row in rows:
                 if _compiled(row.name) or not self.deadline.allows():
+                    why = "a torch.compile row" if _compiled(row.name) else "the deadline had passed"
+                    row.note = "; ".join(filter(None, [row.note, f"peak RSS not probed: {why}"]))
                     continue
                 try:
                     row.peak_mib = probe_peak_rss(row.name, s)
@@ -295,8 +305,11 @@ class _Run:
                 except Exception as err:
                     row.note = "; ".join(filter(None, [row.note, harness.describe_error(err)]))
         if s.leak_calls:
+            if not any(row.name in LEAK_ROWS for row in rows):
+                self.extra_notes.append(f"--leak-calls: none of its rows ({', '.join(LEAK_ROWS)}) ran, so "
+                                        "nothing was checked.")
             for row in rows:
-                if row.name not in ("inference.optimized", "inference.onnxruntime"):
+                if row.name not in LEAK_ROWS:
                     continue
                 runner = build_network_runner(row.name, self.context, s)
                 growth = rss_growth(runner.call, s.leak_calls)
@@ -307,9 +320,30 @@ class _Run:
 
     # --- the figures -----------------------------------------------------------------------------
 
+    def _mark_rows_a_stop_left(self) -> None:
+        """After a stop, rows built but not timed say so, and rows never reached are listed."""
+        reason = "not run: the run stopped before it"
+        for row in self.report.rows:
+            if row.status == "ok" and row.wall_ms is None:
+                row.skip("not timed: the run stopped first")
+        present = {row.name for row in self.report.rows}
+        for name in self.names:
+            if name not in present:
+                group = name.partition(".")[0]
+                batch = self.settings.batch if group != "cascade" else 0
+                self.report.rows.append(Row(name, name, group, batch).skip(reason))
+
     def finish(self) -> Report:
+        if self.stopped is not None:
+            self._mark_rows_a_stop_left()
         order = {n: i for i, n in enumerate(row_names(self.settings))}
-        self.report.rows.sort(key=lambda r: order.get(r.name, len(order)))
+
+        def position(row: Row) -> float:  # --sweep rows right after their case's fused row
+            if row.name in order:
+                return order[row.name]
+            return order.get(row.name.partition(".fused.")[0] + ".fused", len(order)) + 0.5
+
+        self.report.rows.sort(key=position)
         peak_gbs = self.settings.peak_gbs or peak_bandwidth_gbs(self.device)
         for row in self.report.rows:
             self._ratios(row)
@@ -350,6 +384,7 @@ class _Run:
     def _notes(self) -> list[str]:
         s = self.settings
         notes = [] if self.stopped is None else [f"{self.stopped}; the rows after it did not run."]
+        notes += self.extra_notes
         notes += ["max diff: largest absolute difference of the output from the group's reference "
                  f"(same input, same precision: {s.precision}); training rows compare the logits of "
                  "the first step, and their JSON has grad_max_rel for the gradients."]
