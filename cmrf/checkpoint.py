@@ -58,6 +58,12 @@ def _truncated(path: Path, kind: str, err: BaseException) -> ValueError:
     return ValueError(f"cannot read weights from {path}: file is truncated or not a {kind} file ({detail})")
 
 
+def _weights_unpickler_reason(err: BaseException) -> str:
+    """The first non-empty line after torch's "WeightsUnpickler error:" (the message's only fact)."""
+    text = str(err).partition("WeightsUnpickler error:")[2]
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+
+
 def safetensors_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata of a safetensors file (``{}`` when it has none or is a torch file).
 
@@ -82,8 +88,12 @@ def _read_torch_file(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        lines = [line.strip() for line in str(err).splitlines() if "WeightsUnpickler error" in line]
-        reason = lines[0].split(". ")[0] if lines else type(err).__name__
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found is None:  # not a pickle at all (an image, an ONNX graph): torch's weights-only reader
+            raise ValueError(  # stops at its first byte ("Unsupported operand 80")
+                f"cannot read weights from {path}: not a torch checkpoint or safetensors file "
+                f"({_weights_unpickler_reason(err)})") from err
+        reason = f"{found.group(1)} is not a tensor type"
         raise ValueError(
             f"cannot read {path}: it holds pickled objects other than tensors ({reason}); cmrf loads "
             f"checkpoints only with torch.load(weights_only=True) or as .safetensors, so no pickled code runs"

@@ -62,7 +62,8 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     # ".tmp" goes before the suffix: "x.png.tmp" would make Pillow refuse an unknown format.
     tmp_suffix = ".tmp" + (path.suffix if suffix is None else suffix)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=tmp_suffix, dir=folder)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{_fitting_stem(path.name, tmp_suffix, folder)}.",
+                                        suffix=tmp_suffix, dir=folder)
     except OSError as err:  # missing or read-only folder, full disk: name the file the user asked for
         raise _naming(err, path) from err
     os.close(fd)
@@ -82,6 +83,23 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
             raise _naming(err, path) from err
         raise
     _fsync_folder(folder)
+
+
+_RANDOM_PART = 8  # the characters tempfile.mkstemp puts between prefix and suffix
+
+
+def _fitting_stem(name: str, tmp_suffix: str, folder: Path) -> str:
+    """``name``, cut short where the temporary name (``.NAME.XXXXXXXX.tmp.SUFFIX``, 18 bytes more)
+    would pass the file system's name limit: any name the target itself may have can be written."""
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no such folder yet (mkstemp says so), Windows
+        limit = 255
+    room = limit - len(tmp_suffix.encode()) - _RANDOM_PART - 2  # the two dots
+    encoded = name.encode()
+    if len(encoded) <= room:
+        return name
+    return encoded[:max(room, 1)].decode(errors="ignore")
 
 
 def _new_file_mode(path: Path) -> int:

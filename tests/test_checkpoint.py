@@ -69,6 +69,23 @@ def test_truncated_pth_names_the_file(tmp_path):
         read_state_dict(path)
 
 
+def test_a_file_that_is_no_checkpoint_is_not_called_unsafe(tmp_path):
+    """An image or ONNX graph passed by mistake is "not a checkpoint"; a pickle holding objects
+    other than tensors is refused as such, naming the type."""
+    import numpy as np
+    from PIL import Image
+
+    image = tmp_path / "photo.png"
+    Image.new("RGB", (4, 4)).save(image)
+    with pytest.raises(ValueError, match=rf"{image}: not a torch checkpoint or safetensors file") as info:
+        read_state_dict(image)
+    assert "pickled objects" not in str(info.value)
+    pickled = tmp_path / "numpy.pth"
+    torch.save({"weight": np.zeros(3)}, pickled)
+    with pytest.raises(ValueError, match=r"pickled objects other than tensors \(numpy\..* is not a tensor"):
+        read_state_dict(pickled)
+
+
 def test_missing_checkpoint_is_an_oserror_naming_it(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         read_state_dict(tmp_path / "nope.safetensors")

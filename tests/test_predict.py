@@ -92,8 +92,22 @@ def test_no_overlays_removes_an_earlier_runs_overlay_of_the_same_image(checkpoin
     capsys.readouterr()
     assert main([*argv, "--no-overlays"]) == 0
     summary = capsys.readouterr().out
-    assert f"wrote 1 mask(s) to {out}; removed 1 overlay(s) of an earlier run; 0 input(s)" in summary
+    assert f"wrote 1 mask(s) to {out}; removed 1 file(s) of an earlier run; 0 input(s)" in summary
     assert sorted(p.name for p in out.iterdir()) == ["c_mask.png", "z_overlay.png"] and other.is_file()
+
+
+def test_an_input_that_fails_now_leaves_no_mask_of_an_earlier_run(checkpoint, tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    good, later_bad = _image(folder / "a.png", 20, 20), _image(folder / "b.png", 20, 20)
+    out = tmp_path / "out"
+    argv = ["predict", str(checkpoint), str(folder), "--out", str(out), "--device", "cpu"]
+    assert main(argv) == 0
+    later_bad.write_bytes(b"no longer an image")
+    capsys.readouterr()
+    assert main(argv) == 1
+    assert "removed 2 file(s) of an earlier run; 1 input(s) failed" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["a_mask.png", "a_overlay.png"] and good.is_file()
 
 
 def test_out_must_not_be_an_input_folder_nor_overwrite_an_input(checkpoint, images, tmp_path, capsys):
@@ -104,17 +118,46 @@ def test_out_must_not_be_an_input_folder_nor_overwrite_an_input(checkpoint, imag
     assert main(["predict", str(checkpoint), str(images), "--out", str(images), "--device", "cpu"]) == 2
     assert "is also an input folder" in capsys.readouterr().err
     assert truth.read_bytes() == before and not list(images.glob("*_overlay.png"))
-    # an input named like another input's output, in --out
+    # the images given as files (the shell's data/*.png): their folder is refused as well
+    files = [str(images / "a.png"), str(images / "c.png")]
+    assert main(["predict", str(checkpoint), *files, "--out", str(images), "--device", "cpu"]) == 2
+    assert f"is also the folder of the input {images / 'a.png'}" in capsys.readouterr().err
+    assert truth.read_bytes() == before and not list(images.glob("*_overlay.png"))
+    # an input in --out, named like another input's output: refused before anything is written
     out = tmp_path / "out"
     out.mkdir()
     shown = _image(out / "d_mask.png", 20, 20, 4)
     source = _image(tmp_path / "d.png", 20, 20, 5)
     before = shown.read_bytes()
     argv = ["predict", str(checkpoint), str(source), str(shown), "--out", str(out), "--device", "cpu"]
-    assert main(argv) == 1
-    err = capsys.readouterr().err
-    assert f"its output {out / 'd_mask.png'} is one of the inputs, which it would overwrite" in err
-    assert shown.read_bytes() == before and (out / "d_mask_mask.png").is_file()
+    assert main(argv) == 2
+    assert f"is also the folder of the input {shown}" in capsys.readouterr().err
+    assert shown.read_bytes() == before and [p.name for p in out.iterdir()] == ["d_mask.png"]
+
+
+def test_file_names_are_titles_not_mathtext(checkpoint, tmp_path, capsys):
+    """matplotlib reads ``$...$`` as a formula: a file name must neither fail nor be typeset."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    for name in ("cost$\\alpha_$.png", "scan_$x^$.png"):
+        _image(folder / name, 20, 20)
+    out = tmp_path / "out"
+    assert main(["predict", str(checkpoint), str(folder), "--out", str(out), "--device", "cpu"]) == 0
+    assert len(list(out.glob("*_overlay.png"))) == 2 and len(list(out.glob("*_mask.png"))) == 2
+
+
+@pytest.mark.parametrize("model, kwargs, message", [
+    ("tinyunet", {"num_classes": 1}, "holds a model with 1 output channel(s)"),
+    ("tinyunet3d", {}, "holds a 3D model; cmrf predict handles 2D image files"),
+])
+def test_models_predict_cannot_write_are_refused_before_any_image(tmp_path, capsys, model, kwargs, message):
+    path = tmp_path / "weights.pth"
+    torch.save(cmrf.create_model(model, channels=(16, 32), N=4, **kwargs).state_dict(), path)
+    image = _image(tmp_path / "a.png", 20, 20)
+    argv = ["predict", str(path), str(image), "--model", model, "--N", "4", "--channels", "16", "32",
+            "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_img_size_other_than_the_runs_is_noted_and_too_small_refused(checkpoint, images, tmp_path, capsys):

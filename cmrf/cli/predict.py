@@ -11,8 +11,9 @@ Output names are unique (compared case-insensitively, as on macOS and Windows di
 collide (``a.png``, ``a.jpg``) use their full file name instead (``a.png_mask.png``,
 ``a.jpg_mask.png``); inputs whose file names collide too (``x/a.png``, ``y/a.png``) get ``-2``,
 ``-3``... in input order after the first (``a.png-2_mask.png``). Every file is written atomically.
-With ``--no-overlays``, an overlay an earlier run left for an image whose mask is written now is
-removed: it would show another prediction than the mask beside it.
+An earlier run's outputs that would pass for this run's are removed (and counted in the summary):
+with ``--no-overlays`` the overlay of an image whose mask is written now, and both files of an
+input that cannot be read now.
 """
 
 from __future__ import annotations
@@ -104,9 +105,15 @@ def _report(path: Path, err: BaseException | str) -> None:
     print(f"cmrf predict: error: {message} (skipped)", file=sys.stderr)
 
 
-def _check_model_fits_images(meta: dict, checkpoint) -> None:
-    if (meta.get("data", {}).get("spatial_dims") or 2) != 2:
-        raise ValueError(f"{checkpoint} holds a volume (3D) model; cmrf predict handles 2D image files")
+def _check_model_fits_images(meta: dict, model, checkpoint) -> None:
+    # The model's own dimensions: a bare state dict's metadata has no data settings.
+    spatial_dims = getattr(model, "spatial_dims", None) or meta.get("data", {}).get("spatial_dims") or 2
+    if spatial_dims != 2:
+        raise ValueError(f"{checkpoint} holds a {spatial_dims}D model; cmrf predict handles 2D image files")
+    if not 2 <= meta["num_classes"] <= 256:
+        raise ValueError(f"{checkpoint} holds a model with {meta['num_classes']} output channel(s); cmrf "
+                         f"predict writes the argmax of 2 to 256 class logits as a PNG mask (a one-channel "
+                         f"sigmoid head is not a class index)")
     if meta["in_chans"] not in (1, 3):
         raise ValueError(
             f"{checkpoint} holds a model with {meta['in_chans']} input channels; cmrf predict reads images "
@@ -131,12 +138,25 @@ def _input_side(args: argparse.Namespace, meta: dict, model) -> int:
 
 def _check_out_is_not_an_input_folder(out: Path, inputs: Sequence[str]) -> None:
     """Masks written among the images would overwrite files there (a ground-truth ``a_mask.png``)
-    and be read as images by the next run over that folder."""
+    and be read as images by the next run over that folder: ``--out`` may be neither a folder given
+    as input nor the folder of an image given as input (``data/*.jpg --out data``)."""
+    if not out.exists():
+        return
     for item in map(Path, inputs):
-        if item.is_dir() and out.exists() and item.resolve() == out.resolve():
-            raise ValueError(f"--out {out} is also an input folder: its masks would be written among the "
-                             f"images (over any file named like them) and read as images by the next run; "
+        folder = item if item.is_dir() else item.parent if item.is_file() else None
+        if folder is not None and folder.resolve() == out.resolve():
+            what = "an input folder" if folder is item else f"the folder of the input {item}"
+            raise ValueError(f"--out {out} is also {what}: its masks would be written among the images "
+                             f"(over any file named like them) and read as images by the next run; "
                              f"choose another --out")
+
+
+def _remove_files(paths: Sequence[Path]) -> int:
+    """Remove those of ``paths`` that are files; how many there were."""
+    removed = [path for path in paths if path.is_file()]
+    for path in removed:
+        path.unlink()
+    return len(removed)
 
 
 @torch.no_grad()
@@ -145,12 +165,11 @@ def run_predict(args: argparse.Namespace) -> int:
     from cmrf.train.plots import plot_overlays
 
     model, meta = model_from_checkpoint(args.checkpoint, **checkpoint_model_options(args))
-    _check_model_fits_images(meta, args.checkpoint)
+    _check_model_fits_images(meta, model, args.checkpoint)
     img_size = _input_side(args, meta, model)
     out = Path(args.out)
     _check_out_is_not_an_input_folder(out, args.inputs)
     files, problems = _image_files(args.inputs)
-    inputs = {path.resolve() for path in files}
     out.mkdir(parents=True, exist_ok=True)
     device = inference_device(args)
     model = inference_model(model.to(device), device, args.optimize, max_graphs=1, backend=args.backend)
@@ -158,18 +177,14 @@ def run_predict(args: argparse.Namespace) -> int:
         _report(path, reason)
     failed, written, stale = len(problems), 0, 0
     for path, stem in zip(files, output_stems(files), strict=True):
-        outputs = [out / f"{stem}_mask.png", out / f"{stem}_overlay.png"]
-        clash = [output for output in outputs if output.resolve() in inputs]
-        if clash:
-            _report(path, f"{path}: its output {clash[0]} is one of the inputs, which it would overwrite")
-            failed += 1
-            continue
         try:  # the input side: a bad image is reported and skipped
             size = image_size(path)
             image = load_image(path, img_size, meta["in_chans"])
         except (OSError, ValueError) as err:
             _report(path, err)
             failed += 1
+            # An earlier run's outputs for this image would pass for this run's.
+            stale += _remove_files([out / f"{stem}_mask.png", out / f"{stem}_overlay.png"])
             continue
         prediction = model(image[None].to(device)).argmax(dim=1)[0].cpu()
         # The output side: an error here (full disk, read-only folder) ends the run with exit 2.
@@ -180,11 +195,10 @@ def run_predict(args: argparse.Namespace) -> int:
         overlay = out / f"{stem}_overlay.png"
         if args.overlays:
             plot_overlays(denormalize(image)[None], None, prediction[None], overlay, titles=[path.name])
-        elif overlay.is_file():  # an earlier run's: it would show another prediction beside this mask
-            overlay.unlink()
-            stale += 1
+        else:  # an earlier run's overlay would show another prediction beside this mask
+            stale += _remove_files([overlay])
         written += 1
     what = " and overlays" if args.overlays else ""
-    removed = f"; removed {stale} overlay(s) of an earlier run" if stale else ""
+    removed = f"; removed {stale} file(s) of an earlier run" if stale else ""
     print(f"wrote {written} mask(s){what} to {out}{removed}; {failed} input(s) failed")
     return 1 if failed else 0

@@ -117,6 +117,7 @@ def plot_overlays(
             if i == 0:
                 ax.set_title(columns[j])
         if titles is not None:
-            axes[i][0].set_ylabel(titles[i], fontsize=8)
+            # File names are text, not mathtext: "scan_$x^$.png" must neither fail nor be typeset.
+            axes[i][0].set_ylabel(titles[i], fontsize=8, parse_math=False)
     figure.tight_layout()
     return _save(figure, path)
