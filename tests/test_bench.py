@@ -575,3 +575,17 @@ def test_gradient_error_ignores_rounding_noise_of_zero_gradients_but_not_real_er
     wrong = {"grad.w": torch.tensor([0.5, -0.9]), "grad.zero": torch.tensor([1e-9])}
     assert _grad_max_rel(wrong, ref) == pytest.approx(0.1)
     assert _grad_max_rel({"output": torch.zeros(1)}, ref) is None
+
+
+def test_hbm_share_uses_kernel_time_and_says_when_it_had_only_wall_time():
+    import cmrf.bench.suite as suite
+
+    settings = resolve_settings("cpu", rows=("cascade.eval",), N=2, **TINY)
+    run = suite._Run(settings, lambda _: None)
+    name = next(n for n in run.names if n.endswith(".fused"))
+    timed = Row(name, "", "cascade", 1, wall_ms=2.0, kernel_ms=1.0)
+    untimed = Row(name, "", "cascade", 1, wall_ms=2.0)
+    run._hbm(timed, 1000.0)
+    run._hbm(untimed, 1000.0)
+    assert timed.hbm_pct == pytest.approx(2 * untimed.hbm_pct) and timed.note == ""
+    assert untimed.note == "% HBM bound from wall time (no kernel time)"
