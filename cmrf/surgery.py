@@ -106,7 +106,7 @@ class ReplaceReport:
         dry_run: whether the model was left untouched on purpose.
         example_shape: shape of the probe input.
         targets_from_model: whether the targets came from the model's own
-            ``replace_blocks_targets`` attribute.
+            ``replace_blocks_targets`` attribute (or, inside a model nested in it, from that one's).
     """
 
     replaced: list[BlockReplacement] = field(default_factory=list)
@@ -390,12 +390,34 @@ def _block_problem(path: str, module: nn.Module, probe: _Probe) -> tuple[str | N
     return None, False
 
 
+def _nested_targets(modules: dict[str, nn.Module]) -> dict[str, list]:
+    """``{path: selectors}`` of the models nested inside (a zoo model in a user's wrapper) that name
+    their own ``replace_blocks_targets``: inside each, its mapping applies, its path patterns
+    prefixed with its path."""
+    scopes = {}
+    for path, module in modules.items():
+        own = getattr(module, DEFAULT_TARGETS_ATTR, None) if path else None
+        if own is not None:
+            selectors = []
+            for item in _as_selectors(f"{path}.{DEFAULT_TARGETS_ATTR}", own):
+                # a string is a class name as it is, and a path pattern below ``path``
+                selectors += [item, f"{path}.{item}"] if isinstance(item, str) else [item]
+            scopes[path] = selectors
+    return scopes
+
+
+def _scope_of(scopes: dict[str, list], path: str) -> list:
+    """The selectors that apply at ``path``: those of the innermost scope holding it."""
+    holders = [scope for scope in scopes if not scope or path.startswith(scope + ".")]
+    return scopes[max(holders, key=len)]
+
+
 def _select(
     model: nn.Module,
     modules: dict[str, nn.Module],
     probe: _Probe,
     N: int,
-    targets: list,
+    scopes: dict[str, list],
     exclude: list,
     indivisible: str,
 ) -> tuple[list[_Plan], list[SkippedBlock]]:
@@ -419,6 +441,7 @@ def _select(
         if exclude and _matches(exclude, path, module):
             skipped.append(SkippedBlock(path, kind, "excluded"))
             return
+        targets = _scope_of(scopes, path)
         if isinstance(module, CMRF):
             if targets and _matches(targets, path, module):
                 skipped.append(SkippedBlock(path, kind, "already a CMRF"))
@@ -493,7 +516,8 @@ def replace_blocks(
             Matching modules are replaced when they pass the shape checks, even with a single
             convolution; non-matching ones are searched inside. Default ``None``: the model's
             ``replace_blocks_targets`` attribute if it has one (zoo models use it to give the
-            paper's mapping), else every block qualifies.
+            paper's mapping), else every block qualifies; inside a module that has its own (a
+            zoo model in your wrapper), that module's mapping applies.
         exclude: selectors as in ``targets``; matching modules and everything inside them stay.
         dry_run: only report what would be replaced; the model is not touched.
         example_input: probe input. Default: ``randn(2, C, S, ...)`` with ``C`` and the number of
@@ -526,6 +550,7 @@ def replace_blocks(
     if indivisible not in ("reduce", "skip"):
         raise ValueError(f"indivisible must be 'reduce' or 'skip', got {indivisible!r}")
     modules = dict(model.named_modules())
+    nested = _nested_targets(modules) if targets is None else {}
     targets_from_model = targets is None and getattr(model, DEFAULT_TARGETS_ATTR, None) is not None
     if targets_from_model:
         targets = getattr(model, DEFAULT_TARGETS_ATTR)
@@ -540,7 +565,7 @@ def replace_blocks(
         params_after=params_before,
         N=N,
         dry_run=bool(dry_run),
-        targets_from_model=targets_from_model,
+        targets_from_model=targets_from_model or bool(nested),
     )
     if example_input is None:
         example_input = _default_example(model)
@@ -564,7 +589,8 @@ def replace_blocks(
         report.example_shape = tuple(example_input.shape)
 
     probe = _probe(model, modules, example_input)
-    plans, report.skipped = _select(model, modules, probe, N, targets, exclude, indivisible)
+    scopes = {"": targets, **nested}
+    plans, report.skipped = _select(model, modules, probe, N, scopes, exclude, indivisible)
     if not plans:
         reasons = "; ".join(f"{s.path}: {s.reason}" for s in report.skipped[:5])
         warnings.warn(

@@ -568,3 +568,27 @@ def test_path_patterns_match_one_dotted_part_per_star():
     assert "encoders.0" in {s.path for s in report.skipped}
     assert replace_blocks(small_stack(), targets=["0.*"], dry_run=True).paths == ["0.double_conv"]
     assert replace_blocks(small_stack(), targets=["0.*.1"], dry_run=True).paths == ["0.double_conv.1"]
+
+
+class _Wrapped(nn.Module):
+    """A user's network around a zoo model: a block of its own before it."""
+
+    def __init__(self):
+        from cmrf import create_model
+
+        super().__init__()
+        self.pre = DoubleConv(3, 16)
+        self.net = create_model("cmunext", in_chans=16)
+
+    def forward(self, x):
+        return self.net(self.pre(x))
+
+
+def test_a_zoo_model_inside_a_wrapper_keeps_its_paper_mapping():
+    """CMUNeXt's own targets (its encoders) apply inside it; the wrapper's blocks qualify as usual."""
+    from cmrf import create_model
+
+    direct = replace_blocks(create_model("cmunext", in_chans=16), dry_run=True).paths
+    report = replace_blocks(_Wrapped(), dry_run=True)
+    assert report.paths == ["pre", *(f"net.{path}" for path in direct)] and report.targets_from_model
+    assert not any(path.startswith("net.fusions") for path in report.paths)
