@@ -110,6 +110,21 @@ def test_an_input_that_fails_now_leaves_no_mask_of_an_earlier_run(checkpoint, tm
     assert sorted(p.name for p in out.iterdir()) == ["a_mask.png", "a_overlay.png"] and good.is_file()
 
 
+def test_outputs_of_a_stem_that_now_collides_are_removed(checkpoint, tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    _image(folder / "a.png", 20, 20)
+    out = tmp_path / "out"
+    argv = ["predict", str(checkpoint), str(folder), "--out", str(out), "--device", "cpu"]
+    assert main(argv) == 0
+    _image(folder / "a.jpg", 20, 20, seed=1)  # a_mask.png would now pass for either image's
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "removed 2 file(s) of an earlier run" in capsys.readouterr().out
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["a.jpg_mask.png", "a.jpg_overlay.png", "a.png_mask.png", "a.png_overlay.png"]
+
+
 def test_out_must_not_be_an_input_folder_nor_overwrite_an_input(checkpoint, images, tmp_path, capsys):
     """Masks written among the images would overwrite a ground-truth a_mask.png there and be read
     as images by the next run over that folder."""

@@ -12,8 +12,9 @@ collide (``a.png``, ``a.jpg``) use their full file name instead (``a.png_mask.pn
 ``a.jpg_mask.png``); inputs whose file names collide too (``x/a.png``, ``y/a.png``) get ``-2``,
 ``-3``... in input order after the first (``a.png-2_mask.png``). Every file is written atomically.
 An earlier run's outputs that would pass for this run's are removed (and counted in the summary):
-with ``--no-overlays`` the overlay of an image whose mask is written now, and both files of an
-input that cannot be read now.
+with ``--no-overlays`` the overlay of an image whose mask is written now, both files of an
+input that cannot be read now, and those an input's plain stem had before another input's came to
+collide with it (``a_mask.png`` once ``a.png`` is written as ``a.png_mask.png``).
 """
 
 from __future__ import annotations
@@ -151,6 +152,15 @@ def _check_out_is_not_an_input_folder(out: Path, inputs: Sequence[str]) -> None:
                              f"choose another --out")
 
 
+def _renamed_outputs(files: Sequence[Path], stems: Sequence[str], out: Path) -> list[Path]:
+    """Outputs an earlier run wrote under an input's plain stem (``a_mask.png`` for ``a.png``) that
+    this run names otherwise (``a.png_mask.png``, since ``a.jpg`` came along): they would pass for
+    the mask of an image of this run."""
+    used = {stem.casefold() for stem in stems}
+    plain = dict.fromkeys(path.stem for path in files if path.stem.casefold() not in used)
+    return [out / f"{stem}_{kind}.png" for stem in plain for kind in ("mask", "overlay")]
+
+
 def _remove_files(paths: Sequence[Path]) -> int:
     """Remove those of ``paths`` that are files; how many there were."""
     removed = [path for path in paths if path.is_file()]
@@ -176,7 +186,9 @@ def run_predict(args: argparse.Namespace) -> int:
     for path, reason in problems:
         _report(path, reason)
     failed, written, stale = len(problems), 0, 0
-    for path, stem in zip(files, output_stems(files), strict=True):
+    stems = output_stems(files)
+    stale += _remove_files(_renamed_outputs(files, stems, out))
+    for path, stem in zip(files, stems, strict=True):
         try:  # the input side: a bad image is reported and skipped
             size = image_size(path)
             image = load_image(path, img_size, meta["in_chans"])
