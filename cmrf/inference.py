@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
-from cmrf.layers import CMRF, ConvNorm, cmrf_blocks, conv_type
+from cmrf.layers import CMRF, ConvNorm, check_input, cmrf_blocks, conv_type
 from cmrf.models.tinyunet import TinyUNet
 from cmrf.onnx_writer import check_onnxruntime, write_onnx
 from cmrf.ops.cascade import interpreter_enabled, triton_available, triton_missing_reason
@@ -112,6 +112,14 @@ def _tracing() -> bool:
 _exporting = _tracing
 
 
+def _result_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the module's convolutions would give ``x``: autocast's where it is on."""
+    device = x.device.type
+    if x.is_floating_point() and device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
 def _call_path(path: str, x: torch.Tensor) -> str:
     """The path this call takes: ``path`` if ``x`` suits it, else ``"plain"``."""
     if path == "plain" or _tracing():
@@ -125,7 +133,9 @@ def _call_path(path: str, x: torch.Tensor) -> str:
     # no backward here, so an input that needs a gradient takes the plain operators.
     runnable = x.is_cuda or (x.device.type == "cpu" and interpreter_enabled())
     needs_grad = torch.is_grad_enabled() and x.requires_grad
-    return "fused" if runnable and x.dim() == 4 and not needs_grad else "plain"
+    # The kernels compute in fp32 at most: a float64 model keeps its precision on the plain path.
+    kernel_dtype = x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return "fused" if runnable and kernel_dtype and x.dim() == 4 and not needs_grad else "plain"
 
 
 def _fused_cascade(y: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor):
@@ -158,11 +168,16 @@ def fold_conv_norm(block: ConvNorm, dtype: torch.dtype | None = None) -> tuple[t
         ``(weight, bias)`` on the convolution's device; ``weight`` has ``block.conv.weight``'s shape.
     """
     conv, norm = block.conv, block.norm
+    if norm.running_mean is None or norm.running_var is None:
+        # Such a BatchNorm normalises with each batch's own statistics, in eval mode too: a function
+        # of the batch, which no folded weight can reproduce.
+        raise ValueError(f"cannot fold {norm} into its convolution: it has no running statistics "
+                         f"(track_running_stats=False), so it normalises every batch with that batch's "
+                         f"statistics; run this model without optimize_for_inference")
     weight = conv.weight.detach().double()
     zeros = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
     bias = conv.bias.detach().double() if conv.bias is not None else zeros
-    mean = norm.running_mean.double() if norm.running_mean is not None else zeros
-    var = norm.running_var.double() if norm.running_var is not None else torch.ones_like(zeros)
+    mean, var = norm.running_mean.double(), norm.running_var.double()
     scale = torch.rsqrt(var + norm.eps)
     if norm.affine:
         scale = scale * norm.weight.detach().double()
@@ -665,13 +680,9 @@ class InferenceCMRF(nn.Module):
         return self.mix_into(hidden, [None], path=path)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"CMRF expected input of shape (B, {self.in_channels}, "
-                f"{', '.join('*' * self.spatial_dims)}), got {tuple(x.shape)}"
-            )
+        check_input(x, self.in_channels, self.spatial_dims, "CMRF")  # the original's checks and messages
         if x.shape[0] == 0 and not _tracing():  # an empty batch: nothing to compute
-            return x.new_empty((0, self.out_channels, *x.shape[2:]))
+            return x.new_empty((0, self.out_channels, *x.shape[2:]), dtype=_result_dtype(x))
         path = _call_path(self.path, x)
         residual = x if self.add_residual else None
         hidden = F.gelu(pointwise(self.pw1, x) if path == "onednn" else self.pw1(x))
@@ -768,7 +779,7 @@ class InferenceTinyUNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         TinyUNet._check_input(self, x)  # the original's validation: same messages
         if x.shape[0] == 0 and not _tracing():  # an empty batch: nothing to compute
-            return x.new_empty((0, self.num_classes, *x.shape[2:]))
+            return x.new_empty((0, self.num_classes, *x.shape[2:]), dtype=_result_dtype(x))
         path = _call_path(self.path, x)
         if path != "onednn":
             return self._forward_plain(x, path)
@@ -926,6 +937,9 @@ class CUDAGraphInference(GraphPerShape):
     and so does a call after a change to ``module``'s parameters or buffers (the next call
     captures again: the optimized module's derived tensors are remade in new memory).
 
+    Not thread-safe: a call with a key writes that graph's one input buffer and reads its one
+    output buffer, so concurrent callers need a wrapper each.
+
     Args:
         module: an eval-only module (typically from ``optimize_for_inference``) on a CUDA device.
         max_graphs: graphs kept at most (>= 1). Default 4. Each holds its own memory pool.
@@ -1032,7 +1046,8 @@ class FrozenCPUInference(CPUGraphPerShape):
         # key accounts for) and about TorchScript's maintenance mode; neither concerns the caller.
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            traced = torch.jit.trace(self.module, x, check_trace=False)
+            # strict=False: a model may return a dict (auxiliary heads), as the other paths allow.
+            traced = torch.jit.trace(self.module, x, check_trace=False, strict=False)
             return torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
 
     def _run(self, graph: torch.jit.ScriptModule, x: torch.Tensor) -> torch.Tensor:
@@ -1237,7 +1252,8 @@ def optimize_for_inference(
             device cannot run, for ``cuda_graph=True`` on a model that is not on CUDA, and for
             ``freeze=True`` on a model that is not fp32 on the CPU, or with ``cuda_graph=True``,
             for an unknown ``backend``, and for ``backend="onnxruntime"`` on a model that is not
-            fp32 on the CPU or with ``cuda_graph``/``freeze``.
+            fp32 on the CPU or with ``cuda_graph``/``freeze``, and for a CMRF whose BatchNorm
+            has no running statistics (``track_running_stats=False``: nothing to fold).
         TypeError: when ``cuda_graph`` or ``freeze`` is not a bool.
         ImportError: ``backend="onnxruntime"`` without ONNX Runtime installed.
     """

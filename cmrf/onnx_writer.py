@@ -8,9 +8,7 @@ shape). This module exports whatever module it is given and knows nothing of mod
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
 from pathlib import Path
 
 import torch
@@ -117,9 +115,9 @@ def write_onnx(
         verbose: let the exporter print its progress (default: kept quiet).
     """
     check_opset(opset_version)
-    # The exporter reports its progress on stdout; keep the library quiet unless asked.
-    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
-    with torch.no_grad(), reference_only(), quiet:
+    # The exporter reports its progress on stdout unless told not to (verbose=False). Not a
+    # redirect of sys.stdout: that would silence every other thread of the program meanwhile.
+    with torch.no_grad(), reference_only():
         torch.onnx.export(
             module,
             (example,),
@@ -130,6 +128,7 @@ def write_onnx(
             dynamo=True,
             dynamic_shapes=dynamic_shapes,
             external_data=False,
+            verbose=verbose,
         )
     written = _default_opset(path)
     if written != opset_version:  # the exporter's version converter gave up and kept its own opset

@@ -236,3 +236,23 @@ def test_a_dynamic_export_with_fixed_sizes_is_refused_and_the_previous_file_kept
         cmrf.export_onnx(cmrf.TinyUNet(channels=(16, 32), N=4), out, (1, 3, 32, 32), dynamic=True)
     assert out.read_bytes() == b"a previous, good graph"
     assert os.listdir(tmp_path) == ["x.onnx"]
+
+
+@requires_onnx_exporter
+def test_export_is_quiet_without_taking_the_programs_stdout(tmp_path, monkeypatch, capsys):
+    """The exporter's progress lines are turned off, not redirected: replacing ``sys.stdout`` would
+    silence every other thread of the program during the export."""
+    import sys
+
+    from cmrf.onnx_writer import write_onnx
+
+    real_export, seen = torch.onnx.export, []
+
+    def export(*args, **kwargs):
+        seen.append(sys.stdout)
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    before = sys.stdout
+    write_onnx(torch.nn.Conv2d(3, 4, 1).eval(), torch.randn(1, 3, 8, 8), tmp_path / "m.onnx")
+    assert seen == [before] and "[torch.onnx]" not in capsys.readouterr().out

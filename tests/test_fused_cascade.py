@@ -16,6 +16,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import collections
 import copy
 import subprocess
 import sys
@@ -442,7 +443,15 @@ def test_unsupported_stages_fall_back_loudly_when_forced():
         cascade_concat(y, volume_stages)
 
 
-@pytest.mark.parametrize("change", ["hook", "old weight_norm", "parametrize", "deleted weight"])
+class _DoublingStage(nn.Sequential):
+    """The same two children as a cascade stage, another forward."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize(
+    "change", ["hook", "old weight_norm", "parametrize", "deleted weight", "own forward", "norm first"])
 def test_modified_stages_are_refused_not_misread(change):
     """The checks read the modules' dicts (not ``getattr``): reparametrized or hooked stages must
     still be recognised and run the reference, never raise a KeyError or skip the change."""
@@ -456,9 +465,13 @@ def test_modified_stages_are_refused_not_misread(change):
             nn.utils.weight_norm(conv)  # moves weight to weight_g / weight_v plus a pre-hook
     elif change == "parametrize":
         nn.utils.parametrizations.weight_norm(conv)  # conv becomes a ParametrizedConv2d
-    else:
+    elif change == "deleted weight":
         del conv.weight
         conv.register_buffer("weight", torch.ones(1, 1, 3, 3, device=DEVICE))
+    elif change == "own forward":
+        stages[1] = _DoublingStage(collections.OrderedDict(conv=conv, norm=stages[1].norm))
+    else:  # an nn.Sequential runs its children in order: this one normalises before convolving
+        stages[1] = nn.Sequential(collections.OrderedDict(norm=stages[1].norm, conv=conv))
     y = torch.randn(1, 2, 5, 4, device=DEVICE)
     reason = fused_unsupported_reason(y, stages)
     assert reason and "stage 1" in reason

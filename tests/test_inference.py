@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -165,8 +167,24 @@ def test_bad_input_gives_clear_errors(tinyunet_pair):
         optimize_for_inference(nn.Sequential(nn.Conv2d(3, 3, 1)))
     with pytest.raises(ValueError, match="expects an nn.Module"):
         optimize_for_inference("tinyunet")
-    with pytest.raises(ValueError, match=r"CMRF expected input of shape \(B, 8"):
-        optimize_for_inference(CMRF(8, 16, N=2))(torch.randn(1, 5, 4, 4))
+    block, fast_block = CMRF(8, 16, N=2).eval(), optimize_for_inference(CMRF(8, 16, N=2))
+    for bad in (torch.randn(1, 5, 4, 4), torch.ones(1, 8, 4, 4, dtype=torch.long), "image"):
+        with pytest.raises(ValueError) as original:  # the optimized block says what the original says
+            block(bad)
+        with pytest.raises(ValueError, match=re.escape(str(original.value))):
+            fast_block(bad)
+
+
+def test_batchnorm_without_running_statistics_is_refused_not_folded():
+    """Such a BatchNorm normalises with each batch's statistics in eval mode too: folding it would
+    compute another function."""
+    block = CMRF(4, 8, N=2)
+    for module in block.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.track_running_stats = False
+            module.running_mean = module.running_var = module.num_batches_tracked = None
+    with pytest.raises(ValueError, match=r"cannot fold BatchNorm2d\(.*no running statistics"):
+        optimize_for_inference(block.eval())
 
 
 # --- ONNX ------------------------------------------------------------------------------------

@@ -109,6 +109,10 @@ def test_empty_batch_gives_empty_output(small_unet, path):
         assert fast(torch.randn(0, 3, 32, 16)).shape == (0, 2, 32, 16)
         block = optimize_for_inference(_randomise_batchnorm(CMRF(4, 8, N=2)).eval(), path=path)
         assert block(torch.randn(0, 4, 5, 7)).shape == (0, 8, 5, 7)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the dtype the original would give
+            for module, original, x in ((fast, small_unet, torch.randn(0, 3, 32, 16)),
+                                        (block, CMRF(4, 8, N=2).eval(), torch.randn(0, 4, 5, 7))):
+                assert module(x).dtype == original(x).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="expected 3 input channels"):
         fast(torch.randn(0, 4, 32, 32))  # still checked
 
@@ -182,6 +186,16 @@ def test_onednn_model_cast_after_building_runs_plain(small_unet):
     x = torch.randn(1, 3, 24, 40, dtype=torch.float64)
     with torch.no_grad():
         assert _max_diff(fast(x), copy.deepcopy(small_unet).double()(x)) < 1e-6  # fp32-rounded folded weights
+
+
+@needs_fused
+def test_fused_model_in_float64_keeps_float64_precision(small_unet):
+    """The kernels compute in fp32 at most: a float64 call takes the plain operators."""
+    model = copy.deepcopy(small_unet).double()
+    fast = optimize_for_inference(model, path="fused")
+    x = torch.randn(1, 3, 16, 20, dtype=torch.float64)
+    with torch.no_grad():
+        assert _max_diff(fast(x), model(x)) < 1e-12  # fp32 kernels would give about 1e-8
 
 
 # --- choosing the path ------------------------------------------------------------------------
@@ -585,13 +599,11 @@ class _TwoHeads(torch.nn.Module):
         return {"logits": logits, "aux": aux} if self.as_dict else (logits, aux)
 
 
+@pytest.mark.parametrize("kind", ["freeze", "onnxruntime"])
 @pytest.mark.parametrize("as_dict", [False, True])
-def test_onnxruntime_wrapper_returns_every_output_in_the_modules_structure(small_unet, onnxruntime_available,
-                                                                          as_dict):
-    from cmrf.inference import OnnxRuntimeInference
-
+def test_graph_wrappers_return_every_output_in_the_modules_structure(small_unet, as_dict, kind):
     model = _TwoHeads(optimize_for_inference(small_unet), as_dict).eval()
-    fast = OnnxRuntimeInference(model, threads=1)
+    fast = _graph_wrapper(kind, model)
     x = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
         expected, got = model(x), fast(x)

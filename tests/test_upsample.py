@@ -169,6 +169,10 @@ def test_bad_arguments_name_the_value(monkeypatch):
         upsample_to(x, (4, 4), "bicubic", method="fast")
     with pytest.raises(ValueError, match="'fast'"), use_method("fast"):
         pass
+    with pytest.raises(ValueError, match=r"'bicubic' takes \(B, C\) and 2 spatial side.*\(1, 1, 2, 2, 2\)"):
+        upsample_to(torch.randn(1, 1, 2, 2, 2), (4, 4, 4), "bicubic")
+    with pytest.raises(ValueError, match="'trilinear' takes"):
+        upsample_to(torch.randn(1, 1, 2, 2, 2), (4, 4), "trilinear")
     monkeypatch.setenv(up.UPSAMPLE_ENV, "Matmul ")
     assert up._read_env() == "matmul"
     monkeypatch.setenv(up.UPSAMPLE_ENV, "cubic")

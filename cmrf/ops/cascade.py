@@ -196,8 +196,9 @@ def fused_unsupported_reason(y: torch.Tensor, stages: nn.ModuleList) -> str | No
     """Why the fused kernels cannot reproduce ``cascade_concat_reference(y, stages)``, or ``None``.
 
     The kernels cover 2-D inputs ``(B, 2c, H, W)`` in fp32/fp16/bf16 and stages that are exactly
-    a bias-free depthwise 3x3 ``nn.Conv2d`` (stride 1, padding 1) followed by ``nn.BatchNorm2d``,
-    all in the same mode (training or eval, tracking running statistics or not), without hooks.
+    a bias-free depthwise 3x3 ``nn.Conv2d`` (stride 1, padding 1) followed by ``nn.BatchNorm2d``
+    in an ``nn.Sequential`` (or a subclass that keeps its ``forward``, as ``ConvNorm``), all in the
+    same mode (training or eval, tracking running statistics or not), without hooks.
     """
     if len(stages) == 0:
         return "N = 1 has no cascade stage to fuse"
@@ -218,7 +219,10 @@ def fused_unsupported_reason(y: torch.Tensor, stages: nn.ModuleList) -> str | No
     for index, stage in enumerate(stages):
         children = stage._modules
         conv, norm = children.get("conv"), children.get("norm")
-        if children.keys() != {"conv", "norm"} or not _is_depthwise_3x3(conv, c):
+        # nn.Sequential's own forward (ConvNorm keeps it) runs conv then norm, in this order; a
+        # stage with a forward of its own may compute anything from the same two children.
+        sequential = type(stage).forward is nn.Sequential.forward and list(children) == ["conv", "norm"]
+        if not sequential or not _is_depthwise_3x3(conv, c):
             return (
                 f"stage {index} is not a bias-free depthwise 3x3 Conv2d({c}, {c}) followed by "
                 f"BatchNorm2d and nothing else"

@@ -420,7 +420,9 @@ def upsample_to(x: torch.Tensor, size: Sequence[int], mode: str, method: str | N
     Returns:
         ``(B, C, *size)``. When every side of ``size`` is exactly twice ``x``'s, the result of
         the chosen exact formulation (equal to ``F.interpolate`` up to float rounding, with a
-        deterministic backward); otherwise ``F.interpolate``'s.
+        deterministic backward, for finite inputs: an ``inf`` in ``x`` makes NaNs over a wider
+        area than ``F.interpolate``'s, since a zero weight times ``inf`` is NaN); otherwise
+        ``F.interpolate``'s.
 
     Raises:
         ValueError: for an unknown ``mode`` or ``method``, or an input whose rank does not fit
@@ -431,7 +433,12 @@ def upsample_to(x: torch.Tensor, size: Sequence[int], mode: str, method: str | N
     size = tuple(size)
     if method is not None:
         _check_method(method)
-    if not is_exact_2x(tuple(x.shape[2:]), size) or (x.dim() != _MODES[mode][0] + 2):
+    spatial = _MODES[mode][0]
+    if x.dim() != spatial + 2 or len(size) != spatial:
+        raise ValueError(f"mode {mode!r} takes (B, C) and {spatial} spatial side(s): an input of "
+                         f"{spatial + 2} dimensions and a size of {spatial}, got shape {tuple(x.shape)} and "
+                         f"size {size}")
+    if not is_exact_2x(tuple(x.shape[2:]), size):
         return F.interpolate(x, size=size, mode=mode, align_corners=False)
     if method is None:
         method = choose_method(x, mode)
