@@ -264,3 +264,27 @@ def test_evaluate_takes_a_reference_checkpoint(tmp_path, capsys):
     assert "mean" in capsys.readouterr().out.lower()
     assert main(["evaluate", str(reference), "--model", "tinyunet", *SYNTHETIC, "--num-classes", "4"]) == 2
     assert "num_classes=2, but --num-classes 4 was given" in _one_line(capsys.readouterr().err)
+
+
+def test_evaluate_on_another_site_does_not_take_the_runs_file_options(tmp_path, capsys):
+    """A run trained on site A with its own split lists and a mask threshold: scoring site B (other
+    file names, 0/1 masks) must not read A's split lists or A's threshold."""
+    from cmrf.train.state import model_metadata
+    from tests.test_data import write_pair
+
+    site_a, site_b, splits = tmp_path / "a", tmp_path / "b", tmp_path / "splits_a"
+    for i in range(4):
+        write_pair(site_a, f"a{i}", seed=i)
+        write_pair(site_b, f"b{i}", mask_values=(0, 1), seed=10 + i)
+    splits.mkdir()
+    for name, stems in (("train", "a0\na1\n"), ("val", "a2\n"), ("test", "a3\n")):
+        (splits / f"{name}.txt").write_text(stems)
+    data = {"data": "folder", "root": str(site_a), "split_dir": str(splits), "mask_threshold": 128,
+            "img_size": 32, "seed": 0, "spatial_dims": 2}
+    kwargs = {"channels": [16, 32], "N": 4}
+    meta = model_metadata("tinyunet", kwargs, 3, 2, ["background", "lesion"], data=data)
+    checkpoint = tmp_path / "best.safetensors"
+    cmrf.save_weights(cmrf.TinyUNet(channels=(16, 32), N=4), checkpoint, metadata=meta)
+    argv = ["evaluate", str(checkpoint), "--device", "cpu", "--no-optimize", "--split", "train"]
+    assert main([*argv, "--data", "folder", "--root", str(site_b)]) == 0, capsys.readouterr().err
+    assert main(argv) == 0  # the run's own site: its split lists and threshold, as trained

@@ -283,6 +283,17 @@ def test_sixteen_bit_and_one_bit_masks_are_read_as_class_indices(tmp_path: Path)
     assert read_mask_file(tmp_path / "full.png").tolist() == [[1, 1]]  # all-lesion binary mask
 
 
+def test_a_lossy_mask_file_is_refused_not_read_as_grey_level_classes(tmp_path: Path):
+    """JPEG blurs a 0/255 mask's edges into dozens of grey levels, none of them a class."""
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[8:24, 5:21] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.jpg", quality=75)
+    with pytest.raises(DataError, match=r"mask\.jpg is lossy \(JPEG\) and holds \d+ values.*threshold"):
+        read_mask_file(tmp_path / "mask.jpg")
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "empty.jpg")
+    assert read_mask_file(tmp_path / "empty.jpg").tolist() == [[0] * 8] * 8  # one value: nothing blurred
+
+
 def test_load_image_matches_the_training_pipeline(tmp_path: Path):
     image_path, _ = write_pair(tmp_path, "a", size=(40, 30))
     loaded = load_image(image_path, 16)

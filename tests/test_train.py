@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cmrf.checkpoint import read_state_dict
 from cmrf.cli import main
 from cmrf.train.state import STATE_FILE, load_training_state, read_metadata
 
@@ -331,6 +332,9 @@ def test_seeded_cpu_runs_are_reproducible(tmp_path):
         (["train", "--data", "folder", "--epochs", "1"], "--root"),
         (["train", "--epochs", "0"], "epochs must be an integer >= 1"),
         (["train", "--aug-stop", "9", "--epochs", "2"], "aug_stop"),
+        (["train", "--dice-weight", "nan"], "dice_weight must be a finite number, got nan"),
+        (["train", "--lr", "inf"], "lr must be a finite number, got inf"),
+        (["train", "--weight-decay", "nan"], "weight_decay must be a finite number, got nan"),
         (["train", "--device", "tpu"], "device"),
         (["train", "--model", "segnet", "--channels", "8", "--img-size", "32"], "does not take --channels"),
         (["train", "--model", "nonet", "--img-size", "32"], "unknown model 'nonet'"),
@@ -348,6 +352,34 @@ def test_bad_input_is_one_clean_error_line(argv, message, capsys, tmp_path, monk
 def test_resume_refuses_a_different_length(run_dir, capsys):
     assert main(["train", *TINY, "--epochs", "3", "--lr", "3e-3", "--resume", "--out", str(run_dir)]) == 2
     assert "--epochs 2 (given 3)" in _one_error_line(capsys)
+
+
+def test_resume_with_another_thread_count_says_it_is_not_bit_for_bit(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", *TINY, "--epochs", "1", "--lr", "3e-3", "--no-plots", "--out", str(out)]
+    assert main([*argv, "--threads", "1"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--threads", "2", "--resume"]) == 0
+    assert ("note: the run trained with 1 CPU thread(s), this process has 2: it continues correctly, but "
+            "its float rounding differs") in capsys.readouterr().out
+    assert main([*argv, "--threads", "1", "--resume"]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_resume_after_a_kill_between_the_first_epochs_weights_and_state_starts_afresh(tmp_path, capsys):
+    """A kill in epoch 1 after best/last but before last_state.pt: nothing to continue, and a new run
+    rewrites those weights, so --resume (which a script may always pass) starts one."""
+    out = tmp_path / "run"
+    argv = ["train", *TINY, "--epochs", "1", "--lr", "3e-3", "--no-plots", "--out", str(out)]
+    assert main(argv) == 0
+    for name in ("last_state.pt", "metrics.json"):  # what the kill left out
+        (out / name).unlink()
+    before = read_state_dict(out / "best.safetensors")
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 0
+    assert "nothing to resume" in capsys.readouterr().out
+    after = read_state_dict(out / "best.safetensors")  # the same epoch again: the same weights
+    assert all(torch.equal(before[k], after[k]) for k in before) and (out / "last_state.pt").is_file()
 
 
 def _folder_dataset(root, count: int) -> None:

@@ -25,14 +25,32 @@ def _data_arguments_from_checkpoint(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(**{dest: None for dest in data_dests}, data_defaults=defaults)
 
 
+# Options that describe one dataset's files: another dataset (another --data or --root) has its own
+# split lists and mask encoding, so the run's do not carry over to it.
+_SITE_OPTIONS = ("split_dir", "mask_values", "mask_threshold")
+
+
+def _other_data(args: argparse.Namespace, run_data: dict) -> bool:
+    """Whether ``--data``/``--root`` name another dataset than the run's."""
+    if args.data is not None and args.data != run_data.get("data", "synthetic"):
+        return True
+    run_root = run_data.get("root")
+    if args.root is None:
+        return False
+    return run_root is None or Path(args.root).resolve() != Path(run_root).resolve()
+
+
 def _fill_from_run(args: argparse.Namespace, run_data: dict) -> None:
     """Data flags not given take the run's values, except those the data does not read (a run
-    saved before such flags were refused may hold them: they were ignored then too)."""
+    saved before such flags were refused may hold them: they were ignored then too), and, for
+    another dataset than the run's, those that describe the run's files (``_SITE_OPTIONS``)."""
     from cmrf.data.factory import unread_options
 
     missing = [dest for dest in args.data_defaults if getattr(args, dest) is None]
+    not_inherited = _SITE_OPTIONS if _other_data(args, run_data) else ()
     for dest in missing:
-        setattr(args, dest, run_data.get(dest, args.data_defaults[dest]))
+        default = args.data_defaults[dest]
+        setattr(args, dest, default if dest in not_inherited else run_data.get(dest, default))
     unread = unread_options(args.data)
     for dest in missing:
         if dest in unread:

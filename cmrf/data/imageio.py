@@ -313,11 +313,17 @@ def read_mask_file(path: str | Path) -> np.ndarray:
     :mod:`cmrf.data.masks`); this is for single files such as the masks ``cmrf predict`` writes.
 
     Raises:
-        DataError: the file is missing, unreadable, in colour, or holds non-integer values.
+        DataError: the file is missing, unreadable, in colour, holds non-integer values, or is
+            lossy (JPEG) with values other than 0 and 255: its compression blurs the edges into
+            grey levels that are no class (a 0/255 JPEG mask holds dozens of values).
     """
     mask = decode_mask(path)
-    if mask.present.size and set(mask.present.tolist()) <= {0, 255} and mask.present[-1] == 255:
+    present = set(mask.present.tolist())
+    if mask.present.size and present <= {0, 255} and mask.present[-1] == 255:
         return (mask.values == 255).astype(np.int64)
+    if mask.lossy and len(present) > 1:
+        raise DataError(f"mask file {path} is lossy (JPEG) and holds {len(present)} values, not class "
+                        f"indices; threshold it (cmrf train --mask-threshold 128) or save masks as PNG")
     return mask.values.astype(np.int64)
 
 

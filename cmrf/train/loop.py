@@ -92,7 +92,7 @@ def _check_finite(loss_sum: torch.Tensor, seen: int, description: str) -> float:
         # A ValueError: the cause is a setting (lr, precision), and the CLI reports it in one line.
         raise ValueError(
             f"{description}: training loss is {mean}; lower --lr or use --amp bf16/none "
-            f"(fp16 may overflow); the last completed epoch is kept in last_state.pt"
+            f"(fp16 may overflow); the epochs completed before this one, if any, are kept in last_state.pt"
         )
     return mean
 
@@ -289,6 +289,11 @@ def _resume(run: _Run) -> None:
     rank, world_size = run.processes.rank, run.processes.world_size
     run.progress = restore_state(state, run.parts, rank=rank, world_size=world_size, source=run.files.state)
     run.log(f"resuming {run.files.out} after epoch {run.progress.epoch}/{run.recipe.epochs}")
+    saved_threads, threads = state.get("cpu_threads"), torch.get_num_threads()
+    if run.device.type == "cpu" and saved_threads is not None and saved_threads != threads:
+        run.log(f"note: the run trained with {saved_threads} CPU thread(s), this process has {threads}: "
+                f"it continues correctly, but its float rounding differs from an uninterrupted run's; "
+                f"--threads {saved_threads} keeps the resume bit for bit")
 
 
 def _train_epoch(run: _Run, epoch: int) -> tuple[dict, bool]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -25,9 +27,9 @@ class CEDiceLoss(nn.Module):
         super().__init__()
         from monai.losses import DiceCELoss
 
-        if ce_weight < 0 or dice_weight < 0 or ce_weight + dice_weight == 0:
+        if not (ce_weight >= 0 and dice_weight >= 0) or ce_weight + dice_weight in (0, math.inf):
             raise ValueError(
-                f"loss weights must be >= 0 and not both 0, got ce_weight={ce_weight}, "
+                f"loss weights must be finite, >= 0 and not both 0, got ce_weight={ce_weight}, "
                 f"dice_weight={dice_weight}"
             )
         self.loss = DiceCELoss(

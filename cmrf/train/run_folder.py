@@ -83,7 +83,8 @@ def check_run_folder(out: str | Path, *, resume: bool = False, overwrite: bool =
 
     Raises:
         RunFolderError: both flags are set, ``out`` holds a run's files and neither is, or
-            ``resume`` is set and ``out`` holds a run's files but not its training state.
+            ``resume`` is set and ``out`` holds a run's files but not its training state (except
+            the weights of a first epoch killed before its state was saved: a new run starts).
     """
     if resume and overwrite:
         raise RunFolderError("--resume continues the run in --out and --overwrite deletes it: choose one")
@@ -93,8 +94,10 @@ def check_run_folder(out: str | Path, *, resume: bool = False, overwrite: bool =
     found = files.existing()
     if resume:
         # Nothing at all: a new run (a script may pass --resume every time). A run's files without
-        # its state: continuing is impossible, and starting afresh would overwrite them.
-        if found and not files.state.is_file():
+        # its state: continuing is impossible, and starting afresh would overwrite them, unless
+        # they are the weights of a first epoch killed before its state was written (a new run
+        # rewrites them).
+        if found and not files.state.is_file() and not _first_epoch_weights_only(files, found):
             names = ", ".join(path.name for path in found)
             raise RunFolderError(
                 f"--resume: {out} holds a run's files ({names}) but no {files.state.name} to continue "
@@ -107,6 +110,19 @@ def check_run_folder(out: str | Path, *, resume: bool = False, overwrite: bool =
             f"{out} already holds a run ({names}); pass --resume to continue it, --overwrite to "
             f"replace it, or choose another --out"
         )
+
+
+def _first_epoch_weights_only(files: RunFiles, found: list[Path]) -> bool:
+    """Whether ``found`` is only ``best``/``last`` weights saved after epoch 1: what a kill between
+    the weights and the state of the first epoch leaves."""
+    from cmrf.checkpoint import safetensors_metadata
+
+    if any(path not in (files.best, files.last) for path in found):
+        return False
+    try:
+        return all(safetensors_metadata(path).get("epoch") == "1" for path in found)
+    except (OSError, ValueError):  # unreadable: not something to write over
+        return False
 
 
 @contextlib.contextmanager

@@ -310,6 +310,8 @@ def capture_state(
         "world_size": len(rng_states),
         "recipe": recipe.to_dict(),
         "metadata": dict(metadata),
+        # CPU sums add up per thread: another count on resume changes the rounding (see _resume).
+        "cpu_threads": torch.get_num_threads(),
     }
 
 
