@@ -373,7 +373,9 @@ def _block_problem(path: str, module: nn.Module, probe: _Probe) -> tuple[str | N
     prefix = path + "."
     spatial = in_shape[2:]
     convs = [call for call in probe.conv_calls if call[0].startswith(prefix)]
-    wrong_rank = [(conv, dims) for conv, _, _, dims in convs if dims != len(in_shape) - 2]
+    # A convolution called on dims + 1 dimensions ran unbatched; another rank of a batched call
+    # is a block's own business (an ECA attention's Conv1d over pooled channels).
+    wrong_rank = [(conv, dims) for conv, conv_in, _, dims in convs if len(conv_in) == dims + 1]
     if wrong_rank:  # an unbatched example_input: (C, H, W) would be read as (B, C, L)
         conv, dims = wrong_rank[0]
         return (f"takes a {in_shape} input, but its convolution {conv} is {dims}-D and wants (B, C) and "
@@ -427,13 +429,15 @@ def _select(
     for name, module in model.named_modules(remove_duplicate=False):
         owners.setdefault(id(module), []).append(name)
 
-    def visit(path: str, module: nn.Module) -> None:
+    def visit(path: str, module: nn.Module, inherited: bool = False) -> None:
         for name, child in module.named_children():
             child_path = f"{path}.{name}" if path else name
             if modules.get(child_path) is child:  # first registration of a shared module only
-                consider(child_path, child)
+                consider(child_path, child, inherited)
 
-    def consider(path: str, module: nn.Module) -> None:
+    def consider(path: str, module: nn.Module, inherited: bool = False) -> None:
+        """``inherited``: a container (ModuleList, ModuleDict) that a target names passes it on to
+        its entries, as ``"encoder*"`` names the blocks of an ``encoder`` list."""
         n_convs = _num_convs(module)
         if n_convs == 0:
             return
@@ -443,13 +447,13 @@ def _select(
             return
         targets = _scope_of(scopes, path)
         if isinstance(module, CMRF):
-            if targets and _matches(targets, path, module):
+            if inherited or (targets and _matches(targets, path, module)):
                 skipped.append(SkippedBlock(path, kind, "already a CMRF"))
             return
         if isinstance(module, _CONTAINERS):
-            visit(path, module)
+            visit(path, module, inherited or (bool(targets) and _matches(targets, path, module)))
             return
-        targeted = bool(targets) and _matches(targets, path, module)
+        targeted = inherited or (bool(targets) and _matches(targets, path, module))
         if targets and not targeted:
             visit(path, module)
             return
@@ -648,14 +652,19 @@ def _set(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def _refresh_first_conv(model: nn.Module) -> None:
-    """Point a timm ``pretrained_cfg``'s ``first_conv`` at the first convolution the model now has:
-    the one it named may have been inside a replaced block (timm adapts that layer to other input
+    """When the layer a timm ``pretrained_cfg``'s ``first_conv`` names went with a replaced block,
+    name the model's first registered convolution instead (timm adapts that layer to other input
     channels when it loads weights)."""
     cfg = getattr(model, "pretrained_cfg", None)
     if not isinstance(cfg, dict) or not cfg.get("first_conv"):
         return
+    try:  # still a convolution of the model: keep it (registration order is not execution order)
+        if isinstance(model.get_submodule(cfg["first_conv"]), _CONVS):
+            return
+    except AttributeError:
+        pass
     first = next((name for name, m in model.named_modules() if isinstance(m, _CONVS)), None)
-    if first is not None and first != cfg["first_conv"]:
+    if first is not None:
         model.pretrained_cfg = {**cfg, "first_conv": first}
         if isinstance(getattr(model, "default_cfg", None), dict):
             model.default_cfg = model.pretrained_cfg

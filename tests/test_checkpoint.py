@@ -230,5 +230,30 @@ def test_run_checkpoint_takes_arguments_equal_to_the_models_defaults(tmp_path):
     save_weights(cmrf.TinyUNet(channels=(16, 32)), path, metadata=meta)
     model, _ = model_from_checkpoint(path, model_kwargs={"N": 8, "channels": [16, 32]})
     assert model.channels == (16, 32)
-    with pytest.raises(ValueError, match=r"--N 4 \(the file has the default\)"):
+    with pytest.raises(ValueError, match=r"--N 4 \(the file has 8\)"):
         model_from_checkpoint(path, model_kwargs={"N": 4})
+
+
+def test_run_checkpoint_refuses_a_default_value_the_run_did_not_use(tmp_path):
+    """``--N 8`` is TinyU-Net's default, but this run was built with N = 4: refused, not ignored."""
+    from cmrf.train.state import model_metadata
+
+    path = tmp_path / "best.safetensors"
+    kwargs = {"channels": [16, 32], "N": 4}
+    save_weights(_small_unet(), path, metadata=model_metadata("tinyunet", kwargs, 3, 2, ["bg", "fg"]))
+    with pytest.raises(ValueError, match=r"--N 8 \(the file has 4\)"):
+        model_from_checkpoint(path, model_kwargs={"N": 8})
+    with pytest.raises(ValueError, match=r"--channels 64 128 256 512 \(the file has 16 32\)"):
+        model_from_checkpoint(path, model_kwargs={"channels": (64, 128, 256, 512)})
+
+
+def test_replace_blocks_run_compares_n_with_the_swapped_blocks(tmp_path):
+    from cmrf.train.setup import build_model
+    from cmrf.train.state import model_metadata
+
+    path = tmp_path / "best.safetensors"
+    model, _ = build_model("segnet", 3, 2, replace_blocks_n=4, img_size=32)
+    save_weights(model, path, metadata=model_metadata("segnet", {}, 3, 2, ["bg", "fg"], 4, {"img_size": 32}))
+    model_from_checkpoint(path, model_kwargs={"N": 4})  # the run's N
+    with pytest.raises(ValueError, match=r"--N 8 \(the file has 4\)"):
+        model_from_checkpoint(path, model_kwargs={"N": 8})

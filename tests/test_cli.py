@@ -107,7 +107,7 @@ def test_out_of_memory_is_a_user_error_naming_the_sizes(monkeypatch, capsys, err
     assert main(["quickstart"]) == EXIT_USER_ERROR
     line = _one_line(capsys.readouterr().err)
     assert line.startswith("cmrf quickstart: error: out of memory: ") and "internal error" not in line
-    assert line.endswith("use smaller sizes (--img-size, --batch-size) or a machine with more memory")
+    assert line.endswith("use a smaller input size or batch, or a machine with more memory")
 
 
 def test_error_wrapped_by_a_library_is_still_a_user_error(monkeypatch, capsys):

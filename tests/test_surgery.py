@@ -592,3 +592,59 @@ def test_a_zoo_model_inside_a_wrapper_keeps_its_paper_mapping():
     report = replace_blocks(_Wrapped(), dry_run=True)
     assert report.paths == ["pre", *(f"net.{path}" for path in direct)] and report.targets_from_model
     assert not any(path.startswith("net.fusions") for path in report.paths)
+
+
+def test_a_target_naming_a_list_of_blocks_names_its_entries():
+    """``"encoder*"`` names an ``encoder`` ModuleList: its blocks are the targets."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.ModuleList([DoubleConv(3, 16), DoubleConv(16, 16)])
+            self.other = DoubleConv(16, 16)
+            self.head = nn.Conv2d(16, 2, 1)
+
+        def forward(self, x):
+            for block in self.encoder:
+                x = block(x)
+            return self.head(self.other(x))
+
+    assert replace_blocks(Net(), targets=["encoder*"], dry_run=True).paths == ["encoder.0", "encoder.1"]
+
+
+class _Eca(nn.Module):
+    """ECA channel attention: a Conv1d over the pooled channels of a 2-D map."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        weights = self.conv(x.mean((2, 3))[:, None, :]).sigmoid()
+        return x * weights[:, 0, :, None, None]
+
+
+def test_a_batched_probe_of_a_block_with_a_1d_attention_is_not_called_unbatched():
+    block = nn.Sequential(DoubleConv(16, 16), _Eca())
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), block, nn.Conv2d(16, 2, 1))
+    report = replace_blocks(model, dry_run=True)
+    # the attention convolves channels, not the map: the block is left (another resolution inside)
+    # and its DoubleConv replaced, as before the rank check; no word of a batch dimension
+    assert report.paths == ["1.0"] and not any("batch dimension" in s.reason for s in report.skipped)
+
+
+def test_first_conv_that_is_still_there_is_kept():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Conv2d(16, 2, 1)  # registered first, runs last
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.block = DoubleConv(16, 16)
+            self.pretrained_cfg = {"first_conv": "stem"}
+
+        def forward(self, x):
+            return self.head(self.block(self.stem(x)))
+
+    model = Net()
+    report = replace_blocks(model, example_input=torch.randn(1, 3, 32, 32))
+    assert report.paths == ["block"] and model.pretrained_cfg["first_conv"] == "stem"

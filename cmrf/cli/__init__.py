@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         if _debug_requested(args):
             raise
         if _out_of_memory(err):  # sizes the user chose: fixable, not a bug
-            print(f"cmrf {args.command}: error: out of memory: {describe_error(err)}; use smaller sizes "
-                  f"(--img-size, --batch-size) or a machine with more memory", file=sys.stderr)
+            print(f"cmrf {args.command}: error: out of memory: {describe_error(err)}; use a smaller input "
+                  f"size or batch, or a machine with more memory", file=sys.stderr)
             return EXIT_USER_ERROR
         user_error = _user_error(err)
         if user_error is not None:

@@ -51,6 +51,12 @@ def _constructor_defaults(name: str) -> Mapping[str, object]:
     return defaults
 
 
+def model_defaults(name: str) -> dict:
+    """The keyword defaults ``create_model(name)`` builds with (the entry point's over its class's);
+    ``{}`` for an unknown name."""
+    return dict(_constructor_defaults(name)) if name in _ENTRYPOINTS else {}
+
+
 def _same_value(a, b) -> bool:
     """Equal, where a tuple and a list (a default and its JSON round trip) of equal items are."""
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):

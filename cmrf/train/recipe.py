@@ -15,6 +15,7 @@ base that TinyU-Net's experiments build on.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
@@ -77,13 +78,13 @@ class Recipe:
         for name in ("lr", "min_lr", "weight_decay", "ce_weight", "dice_weight"):
             value = getattr(self, name)
             # NaN passes every comparison below unnoticed, and inf trains to NaN at the first step.
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+        if len(self.betas) != 2 or not all(isinstance(b, numbers.Real) and 0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         self.betas = tuple(float(b) for b in self.betas)
         if self.aug_stop is not None and not 0 <= self.aug_stop <= self.epochs:

@@ -150,22 +150,35 @@ def _run_metadata(path: str | Path, **given) -> dict:
     meta.setdefault("data", {})
     given_kwargs = given.pop("model_kwargs", None) or {}
     clashes = [f"{k}={v!r} (the file has {meta.get(k)!r})" for k, v in given.items() if v and v != meta[k]]
-    clashes += _kwarg_clashes(meta["model"], given_kwargs, meta.get("model_kwargs") or {})
+    clashes += _kwarg_clashes(meta["model"], given_kwargs, meta.get("model_kwargs") or {},
+                              meta.get("replace_blocks"))
     # cmrf train stores "tinyunet" trained on volumes as "tinyunet3d"; asking for "tinyunet" is fine.
     if clashes and clashes != ["model='tinyunet' (the file has 'tinyunet3d')"]:
         raise ValueError(f"{path} was written by cmrf train with other settings: {', '.join(clashes)}")
     return meta
 
 
-def _kwarg_clashes(model: str, given: dict, saved: dict) -> list[str]:
-    """The constructor arguments in ``given`` that differ from those the run was built with, where an
-    argument left at its default counts as given that default (``--N 8`` names TinyU-Net's default)."""
-    from cmrf.models.registry import without_defaults
+_UNSET = object()
 
+
+def _kwarg_clashes(model: str, given: dict, saved: dict, replace_blocks_n: int | None = None) -> list[str]:
+    """The constructor arguments in ``given`` that differ from those the run was built with. An
+    argument the run left out was built at the constructor's default (``--N 8`` names TinyU-Net's
+    default); in a ``--replace-blocks`` run, ``--N`` is the N of the swapped-in blocks."""
+    from cmrf.models.registry import model_defaults
+
+    run_values = {**model_defaults(model), **saved}
+    if replace_blocks_n is not None:
+        run_values["N"] = replace_blocks_n
+    run_values = {key: run_values[key] for key in given if key in run_values}
     # JSON's view: the file's lists and the caller's tuples compare equal.
-    given, saved = (json.loads(json.dumps(without_defaults(model, kwargs))) for kwargs in (given, saved))
-    return [f"--{k} {_shown(v)} (the file has {_shown(saved[k]) if k in saved else 'the default'})"
-            for k, v in given.items() if saved.get(k) != v]
+    given, run_values = (json.loads(json.dumps(values, default=str)) for values in (given, run_values))
+    clashes = []
+    for key, value in given.items():
+        if run_values.get(key, _UNSET) != value:
+            held = _shown(run_values[key]) if key in run_values else f"no {key}"
+            clashes.append(f"--{key} {_shown(value)} (the file has {held})")
+    return clashes
 
 
 def _shown(value) -> str:
