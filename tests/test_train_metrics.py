@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import io
+import math
 import random
 
 import numpy as np
@@ -301,3 +302,13 @@ def test_a_non_finite_training_loss_stops_the_epoch_with_advice():
         model.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="training loss is nan; lower --lr"):
         train_one_epoch(model, batches, *args)
+
+
+def test_recipe_takes_any_finite_real_number_and_refuses_nan_and_inf():
+    recipe = Recipe(lr=np.float32(1e-3), betas=(np.float32(0.9), np.float32(0.999)),
+                    ce_weight=np.float64(0.5))
+    assert recipe.betas == (pytest.approx(0.9), pytest.approx(0.999))
+    bad = (("lr", math.nan), ("min_lr", math.inf), ("dice_weight", math.nan), ("weight_decay", "0"))
+    for name, value in bad:
+        with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+            Recipe(**{name: value})
