@@ -29,8 +29,8 @@ def quickstart_report(size: int = 256) -> str:
     cost = profile(model, (1, 3, size, size))
     lines = [
         f"{'':12}{'params':>12}{'GFLOPs (paper conv.)':>24}{'fvcore GMACs':>16}",
-        f"{'paper':12}{PAPER_PARAMS_M:>11.2f}M{PAPER_GFLOPS:>24.2f}{'-':>16}",
-        f"{'cmrf':12}{cost.params / 1e6:>11.3f}M{cost.flops / 1e9:>24.4f}{cost.macs / 1e9:>16.4f}",
+        f"{'paper, 256²':12}{PAPER_PARAMS_M:>11.2f}M{PAPER_GFLOPS:>24.2f}{'-':>16}",
+        f"{f'cmrf, {size}²':12}{cost.params / 1e6:>11.3f}M{cost.flops / 1e9:>24.4f}{cost.macs / 1e9:>16.4f}",
     ]
     image = torch.randn(1, 3, size, size)
     with torch.inference_mode():

@@ -34,7 +34,7 @@ def test_every_command_builds_its_parser():
 def test_quickstart_prints_paper_and_ours(capsys):
     assert main(["quickstart", "--size", "64"]) == 0
     out = capsys.readouterr().out
-    assert "paper" in out and "0.481M" in out and "(1, 2, 64, 64)" in out
+    assert "paper, 256²" in out and "cmrf, 64²" in out and "0.481M" in out and "(1, 2, 64, 64)" in out
 
 
 def test_no_command_prints_help(capsys):
@@ -288,3 +288,10 @@ def test_evaluate_on_another_site_does_not_take_the_runs_file_options(tmp_path, 
     argv = ["evaluate", str(checkpoint), "--device", "cpu", "--no-optimize", "--split", "train"]
     assert main([*argv, "--data", "folder", "--root", str(site_b)]) == 0, capsys.readouterr().err
     assert main(argv) == 0  # the run's own site: its split lists and threshold, as trained
+
+
+def test_demo_help_states_the_demos_own_settings(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert all(f"[cmrf demo: {value}]" in text for value in (64, 160, "cpu", -1))

@@ -216,13 +216,17 @@ def _train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         title = f"{result['split']} split, best epoch {result['best_epoch']} (by validation mIoU)"
         print(format_table(result, title))
-        print(f"wrote {args.out}/metrics.json, best/last.safetensors, figures ({minutes:.1f} min)")
+        figures = ", figures" if args.plots else ""
+        print(f"wrote {args.out}/metrics.json, best/last.safetensors{figures} ({minutes:.1f} min)")
     return 0
 
 
 def build_demo(parser: argparse.ArgumentParser):
     run = build_train(parser)
     parser.set_defaults(**DEMO_DEFAULTS, run_kind="demo")
+    for action in parser._actions:  # fixed help texts state train's defaults: add the demo's
+        if action.dest in DEMO_DEFAULTS and action.help and "%(default)" not in action.help:
+            action.help = f"{action.help} [cmrf demo: {DEMO_DEFAULTS[action.dest]}]"
     parser.description = (
         "Train TinyU-Net on synthetic lesion images on the CPU (no download), evaluate it on held-out "
         "images and write metrics.json, checkpoints, training curve and overlays to --out. Any train "
@@ -254,10 +258,9 @@ def _demo(run_train_fn):
         status = run_train_fn(args)
         metrics = json.loads((Path(args.out) / "metrics.json").read_text())
         foreground = [v["iou"] for k, v in metrics["per_class"].items() if k != "background"]
-        print(
-            f"demo done in {time.perf_counter() - started:.0f} s: foreground IoU "
-            f"{min(foreground):.3f}; open {args.out}/overlays.png and {args.out}/training_curve.png"
-        )
+        figures = f"; open {args.out}/overlays.png and {args.out}/training_curve.png" if args.plots else ""
+        seconds = time.perf_counter() - started
+        print(f"demo done in {seconds:.0f} s: foreground IoU {min(foreground):.3f}{figures}")
         return status
 
     return run_demo
