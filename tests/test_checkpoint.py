@@ -247,6 +247,23 @@ def test_run_checkpoint_refuses_a_default_value_the_run_did_not_use(tmp_path):
         model_from_checkpoint(path, model_kwargs={"channels": (64, 128, 256, 512)})
 
 
+def test_an_old_replace_blocks_run_of_a_cmrf_model_compares_n_with_the_models_own(tmp_path):
+    """Such a run (refused for new runs since) swapped nothing: its blocks kept TinyU-Net's N = 8,
+    whatever N its metadata recorded for replace_blocks."""
+    import numpy as np
+
+    from cmrf.train.state import model_metadata
+
+    path = tmp_path / "best.safetensors"
+    meta = model_metadata("tinyunet", {"channels": [16, 32]}, 3, 2, ["bg", "fg"], 4, {"img_size": 32})
+    save_weights(cmrf.TinyUNet(channels=(16, 32)), path, metadata=meta)
+    model, _ = model_from_checkpoint(path, model_kwargs={"N": 8})
+    assert model.encoders[0].N == 8
+    with pytest.raises(ValueError, match=r"--N 4 \(the file has 8\)"):
+        model_from_checkpoint(path, model_kwargs={"N": 4})
+    model_from_checkpoint(path, model_kwargs={"N": np.int64(8)})  # a numpy integer is the same number
+
+
 def test_replace_blocks_run_compares_n_with_the_swapped_blocks(tmp_path):
     from cmrf.train.setup import build_model
     from cmrf.train.state import model_metadata

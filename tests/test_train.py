@@ -354,6 +354,14 @@ def test_resume_refuses_a_different_length(run_dir, capsys):
     assert "--epochs 2 (given 3)" in _one_error_line(capsys)
 
 
+def test_demo_names_only_the_figures_it_wrote(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", *TINY, "--epochs", "1", "--overlays", "0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"open {out}/training_curve.png" in printed and "overlays.png" not in printed
+    assert (out / "training_curve.png").is_file() and not (out / "overlays.png").exists()
+
+
 def test_resume_with_another_thread_count_says_it_is_not_bit_for_bit(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["train", *TINY, "--epochs", "1", "--lr", "3e-3", "--no-plots", "--out", str(out)]

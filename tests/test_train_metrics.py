@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import math
 import random
 
@@ -308,6 +309,13 @@ def test_recipe_takes_any_finite_real_number_and_refuses_nan_and_inf():
     recipe = Recipe(lr=np.float32(1e-3), betas=(np.float32(0.9), np.float32(0.999)),
                     ce_weight=np.float64(0.5))
     assert recipe.betas == (pytest.approx(0.9), pytest.approx(0.999))
+    # plain floats: the recipe goes into metrics.json and into weights-only torch files
+    assert type(recipe.lr) is float and type(recipe.ce_weight) is float
+    json.loads(json.dumps(recipe.to_dict()))
+    buffer = io.BytesIO()
+    torch.save({"recipe": recipe.to_dict()}, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True)["recipe"]["lr"] == pytest.approx(1e-3)
     bad = (("lr", math.nan), ("min_lr", math.inf), ("dice_weight", math.nan), ("weight_decay", "0"))
     for name, value in bad:
         with pytest.raises(ValueError, match=f"{name} must be a finite number"):

@@ -80,6 +80,8 @@ class Recipe:
             # NaN passes every comparison below unnoticed, and inf trains to NaN at the first step.
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+            # A plain float: the recipe is saved as JSON and in weights-only torch files.
+            setattr(self, name, float(value))
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if self.weight_decay < 0:

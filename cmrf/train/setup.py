@@ -168,17 +168,22 @@ def _kwarg_clashes(model: str, given: dict, saved: dict, replace_blocks_n: int |
     from cmrf.models.registry import model_defaults
 
     run_values = {**model_defaults(model), **saved}
-    if replace_blocks_n is not None:
+    if replace_blocks_n is not None and "N" not in run_values:  # a model of its own N swapped nothing
         run_values["N"] = replace_blocks_n
     run_values = {key: run_values[key] for key in given if key in run_values}
     # JSON's view: the file's lists and the caller's tuples compare equal.
-    given, run_values = (json.loads(json.dumps(values, default=str)) for values in (given, run_values))
+    given, run_values = (json.loads(json.dumps(values, default=_plain)) for values in (given, run_values))
     clashes = []
     for key, value in given.items():
         if run_values.get(key, _UNSET) != value:
             held = _shown(run_values[key]) if key in run_values else f"no {key}"
             clashes.append(f"--{key} {_shown(value)} (the file has {held})")
     return clashes
+
+
+def _plain(value):
+    """A value JSON cannot write, as one it can: a numpy or torch scalar's number, else its text."""
+    return value.item() if hasattr(value, "item") else str(value)
 
 
 def _shown(value) -> str:
