@@ -170,8 +170,11 @@ def export_onnx(
     if optimize and cmrf_blocks(model):
         model = optimize_for_inference(model)  # a copy
     param = next(model.parameters(), None)
+    # A dynamic graph takes any batch; an example of batch 1 lets torch.export fix the batch of
+    # 1-D convolutions at 1 (size-1 specialisation), so it traces a batch of 2 instead.
+    example_size = (max(size[0], 2), *size[1:]) if dynamic else size
     example = torch.randn(
-        size,
+        example_size,
         device=param.device if param is not None else "cpu",
         dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32,
     )

@@ -101,6 +101,22 @@ def test_dynamic_export_keeps_cmunexts_multiple_of_16(tmp_path):
 
 
 @requires_onnx_exporter
+@pytest.mark.parametrize("optimize", [True, False])
+def test_dynamic_export_of_a_1d_model_from_a_batch_of_one(tmp_path, optimize):
+    """A batch-1 example let torch.export fix the batch of 1-D convolutions at 1 (then refused as
+    "upgrade torch"); the export traces a batch of 2, and the graph takes any batch."""
+    ort = pytest.importorskip("onnxruntime")
+    model = cmrf.TinyUNet(in_channels=2, channels=(8, 16), N=2, spatial_dims=1).eval()
+    path = cmrf.export_onnx(model, tmp_path / "m.onnx", (1, 2, 64), dynamic=True, optimize=optimize)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for shape in ((1, 2, 64), (3, 2, 96)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        assert abs(session.run(None, {"input": x.numpy()})[0] - expected).max() < 1e-5
+
+
+@requires_onnx_exporter
 def test_export_input_size_must_be_integers(tmp_path):
     with pytest.raises(ValueError, match=r"input_size\[3\] must be an integer >= 1, got 32.5"):
         cmrf.export_onnx(cmrf.TinyUNet(channels=(16, 32), N=4), tmp_path / "x.onnx", (1, 3, 32, 32.5))

@@ -166,6 +166,34 @@ def test_nifti_bad_data_is_reported_with_the_file(nifti_root: Path):
         build("--data", "isic2018", "--root", str(nifti_root), "--spatial-dims", "3")
 
 
+def test_nifti_mask_on_another_voxel_grid_is_refused(nifti_root: Path):
+    """Read in stored voxel order, a mask stored flipped (another orientation in its affine) or at
+    another spacing would lie shifted against its volume: the pair is refused, both grids named."""
+    nibabel = pytest.importorskip("nibabel")
+    volumes = ("--data", "folder", "--root", str(nifti_root), "--spatial-dims", "3", "--img-size", "8")
+    mask_path = nifti_root / "masks" / "vol2.nii.gz"
+    mask = np.asarray(nibabel.load(str(mask_path)).dataobj)
+    flipped = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flipped[0, 3] = 5.0  # the same world positions, stored with x reversed
+    nibabel.save(nibabel.Nifti1Image(mask[::-1].copy(), flipped), str(mask_path))
+    with pytest.raises(DataError, match=r"vol2\.nii\.gz is stored on another voxel grid .*LAS orientation.*"
+                                        r"against RAS orientation"):
+        build(*volumes)
+    nibabel.save(nibabel.Nifti1Image(mask, np.diag([2.0, 2.0, 2.0, 1.0])), str(mask_path))
+    with pytest.raises(DataError, match=r"spacing \(2, 2, 2\).* against .*spacing \(1, 1, 1\)"):
+        build(*volumes)
+
+
+def test_nifti_rgb_voxels_are_a_data_error(nifti_root: Path):
+    nibabel = pytest.importorskip("nibabel")
+    rgb = np.zeros((6, 7, 8), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nibabel.save(nibabel.Nifti1Image(rgb, np.eye(4)), str(nifti_root / "images" / "vol0.nii.gz"))
+    from cmrf.data.nifti import read_volume
+
+    with pytest.raises(DataError, match=r"vol0\.nii\.gz holds .* voxels; expected numbers"):
+        read_volume(nifti_root / "images" / "vol0.nii.gz")
+
+
 def test_nifti_label_values_can_be_mapped_and_are_cached(nifti_root: Path, tmp_path_factory, monkeypatch):
     """Large label values (an atlas's 1000, 2000) map to classes; a disk cache skips every read."""
     for i in range(5):

@@ -61,9 +61,33 @@ def _load(path: Path, kind: str):
 def _voxels(path: Path, kind: str) -> np.ndarray:
     image = _load(path, kind)
     try:
-        return np.asarray(image.dataobj)
+        voxels = np.asarray(image.dataobj)
     except Exception as err:  # truncated or corrupt data blocks
         raise DataError(f"cannot read {kind} file {path}: {err}") from None
+    if voxels.dtype.kind not in "biuf":  # RGB24 and other structured or complex voxels
+        raise DataError(f"{kind} file {path} holds {voxels.dtype} voxels; expected numbers (integer or "
+                        f"float), one value per voxel (channels on a fourth axis for images)")
+    return voxels
+
+
+def _same_grid(image_path: Path, mask_path: Path) -> None:
+    """Refuse a mask stored on another voxel grid than its image (other orientation, spacing or
+    origin): read in stored voxel order, as both are, it would be flipped or shifted against it."""
+    import nibabel as nib
+
+    image_affine, mask_affine = _load(image_path, "image").affine, _load(mask_path, "mask").affine
+    if np.allclose(image_affine, mask_affine, rtol=1e-4, atol=1e-3):
+        return
+
+    def grid(affine) -> str:
+        axes = "".join(nib.aff2axcodes(affine))
+        spacing = ", ".join(f"{v:.3g}" for v in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+        origin = ", ".join(f"{v:.3g}" for v in affine[:3, 3])
+        return f"{axes} orientation, spacing ({spacing}), origin ({origin})"
+
+    raise DataError(f"mask {mask_path} is stored on another voxel grid than its volume {image_path}: "
+                    f"{grid(mask_affine)} against {grid(image_affine)}; volumes are used in stored voxel "
+                    f"order, so resample the mask onto the volume's grid first")
 
 
 def _spatial_shape(path: Path, kind: str) -> tuple[int, ...]:
@@ -142,6 +166,7 @@ class VolumePairSource(CachedSource):
                 f"volume {pair.image} has shape {image_shape} but its mask {pair.mask} has {mask.shape}; "
                 "they must match"
             )
+        _same_grid(pair.image, pair.mask)
         facts = {"channels": _channels(pair.image), "values": present_values(mask).tolist(), "lossy": False}
         return facts, resize_nearest(mask, self.img_size)
 
