@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One unattended GPU check of cmrf: the CUDA tests, then `cmrf bench --device cuda`.
 #
-#   bash examples/gpu_check.sh               # tests (<= 200 s), then the benchmark (<= 330 s)
+#   bash examples/gpu_check.sh               # tests (<= 140 s), then the benchmark (<= 290 s)
 #   bash examples/gpu_check.sh --bench-only  # the benchmark again (e.g. on a machine still warm)
 #
 # Run from the repository root on a machine with one CUDA GPU and a python3 that has torch, Triton,
@@ -16,7 +16,8 @@
 #                     to tune cmrf.ops.upsample.choose_method by measurement
 #
 # Environment overrides: PYTHON (python3), GPU_CHECK_TESTS (the test files), BENCH_DEVICE (cuda),
-# BENCH_ARGS (extra `cmrf bench` options), TEST_TIMEOUT (200), BENCH_TIMEOUT (330).
+# BENCH_ARGS (extra `cmrf bench` options), TEST_TIMEOUT (140), BENCH_TIMEOUT (290). With the
+# 20 s grace of each and the 60 s upsampling step the worst case is about 550 s: it fits a 600 s call.
 # Exit status: 0 when the tests passed and the benchmark finished, else 1 (the logs say which).
 
 set -u
@@ -26,8 +27,8 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT"
 PYTHON="${PYTHON:-python3}"
-TEST_TIMEOUT="${TEST_TIMEOUT:-200}"
-BENCH_TIMEOUT="${BENCH_TIMEOUT:-330}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-140}"
+BENCH_TIMEOUT="${BENCH_TIMEOUT:-290}"
 BENCH_DEVICE="${BENCH_DEVICE:-cuda}"
 BENCH_ONLY=0
 [ "${1:-}" = "--bench-only" ] && BENCH_ONLY=1
@@ -69,8 +70,8 @@ cat "$OUT/env.txt"
 status=0
 if [ "$BENCH_ONLY" = 0 ]; then
     tests=""
-    for f in ${GPU_CHECK_TESTS:-tests/test_cuda.py tests/test_fused_cascade.py tests/test_upsample.py \
-        tests/test_inference.py tests/test_inference_paths.py tests/test_bench.py}; do
+    # The files whose tests run CUDA code; the rest of the suite runs on the CPU anywhere.
+    for f in ${GPU_CHECK_TESTS:-tests/test_cuda.py tests/test_fused_cascade.py}; do
         [ -e "$f" ] && tests="$tests $f"
     done
     echo "== pytest$tests (timeout ${TEST_TIMEOUT} s)"

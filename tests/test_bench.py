@@ -589,3 +589,24 @@ def test_hbm_share_uses_kernel_time_and_says_when_it_had_only_wall_time():
     run._hbm(untimed, 1000.0)
     assert timed.hbm_pct == pytest.approx(2 * untimed.hbm_pct) and timed.note == ""
     assert untimed.note == "% HBM bound from wall time (no kernel time)"
+
+
+def test_peak_bandwidth_from_the_properties_else_from_the_datasheet(monkeypatch):
+    from types import SimpleNamespace
+
+    from cmrf.bench.report import peak_bandwidth_gbs
+
+    cuda = torch.device("cuda")
+    props = {"clocked": SimpleNamespace(name="NVIDIA H100 80GB HBM3", memory_clock_rate=2_619_000,
+                                        memory_bus_width=5120),
+             "no clock": SimpleNamespace(name="NVIDIA H100 80GB HBM3", memory_clock_rate=0,
+                                         memory_bus_width=5120),
+             "h200": SimpleNamespace(name="NVIDIA H200", memory_clock_rate=0, memory_bus_width=0),
+             "unknown": SimpleNamespace(name="Some GPU", memory_clock_rate=0, memory_bus_width=0)}
+    found = {}
+    for key, value in props.items():
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, value=value: value)
+        found[key] = peak_bandwidth_gbs(cuda)
+    assert found["clocked"] == pytest.approx(3352.3, rel=1e-3)
+    assert found["no clock"] == 3350.0 and found["h200"] == 4800.0 and found["unknown"] is None
+    assert peak_bandwidth_gbs(torch.device("cpu")) is None

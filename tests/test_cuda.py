@@ -1,8 +1,10 @@
 """Whole-network checks on a CUDA GPU: the optimized model, CUDA graphs, a fused training step and
-``cmrf train``. Skipped without a GPU; ``examples/gpu_check.sh`` runs them.
+``cmrf train``; ``examples/gpu_check.sh`` runs them.
 
-``CMRF_TEST_CUDA_ON_CPU=1`` runs the tests that do not need a GPU feature (capture, autocast on
-CUDA, a second GPU) on the CPU instead, to check the test code itself where no GPU is at hand.
+Without a GPU, the tests that need no GPU feature (capture, autocast on CUDA, a second GPU) run on
+the CPU instead, so the test code itself is checked everywhere (a comparison that could never pass
+would otherwise wait for a GPU to show it); ``CMRF_TEST_CUDA_ON_CPU=1`` does the same on a GPU
+machine.
 """
 
 from __future__ import annotations
@@ -18,10 +20,7 @@ from cmrf.cli import main
 from cmrf.ops.cascade import reference_only
 from tests.test_inference import _randomise_batchnorm
 
-ON_CPU = os.environ.get("CMRF_TEST_CUDA_ON_CPU") == "1"
-if not torch.cuda.is_available() and not ON_CPU:
-    pytest.skip("needs a CUDA GPU (CMRF_TEST_CUDA_ON_CPU=1 runs part of it on the CPU)",
-                allow_module_level=True)
+ON_CPU = os.environ.get("CMRF_TEST_CUDA_ON_CPU") == "1" or not torch.cuda.is_available()
 
 DEVICE = torch.device("cpu" if ON_CPU else "cuda")
 needs_gpu = pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a CUDA GPU")
@@ -105,11 +104,20 @@ def test_training_step_equals_the_reference():
         expected = reference(x)
         torch.nn.functional.cross_entropy(expected, target).backward()
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-4)
+    # Each gradient relative to its own size, but no smaller than 1e-4 of the largest gradient of
+    # the model: the bias of a cascade BatchNorm that feeds another batch-statistics BatchNorm has a
+    # gradient of exactly zero in exact arithmetic, i.e. rounding noise of ~1e-9 (as the bench's
+    # _GRAD_SCALE_FLOOR). Every failure is collected, so one run shows all of them.
+    floor = 1e-4 * max(float(q.grad.abs().max()) for q in reference.parameters())
+    failed = []
     for (name, p), q in zip(fast.named_parameters(), reference.parameters(), strict=True):
-        scale = q.grad.abs().max().clamp_min(1e-6)
-        assert float((p.grad - q.grad).abs().max() / scale) < 1e-3, name
+        error = float((p.grad - q.grad).abs().max()) / max(float(q.grad.abs().max()), floor)
+        if not error < 1e-3:
+            failed.append(f"{name}: {error:.2e}")
     for (name, b), c in zip(fast.named_buffers(), reference.buffers(), strict=True):
-        torch.testing.assert_close(b, c, rtol=1e-4, atol=1e-6, msg=name)
+        if not torch.allclose(b.float(), c.float(), rtol=1e-4, atol=1e-6):
+            failed.append(f"buffer {name}: {float((b.float() - c.float()).abs().max()):.2e}")
+    assert not failed, failed
 
 
 def test_cmrf_train_on_the_device(tmp_path):

@@ -52,6 +52,16 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
+def _exact_fp32():
+    """Compare in true fp32 on a GPU: TF32 off (cuDNN's 1x1 convolutions of a whole CMRF would
+    otherwise round at about 1e-4, past these tests' tolerances)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture(autouse=True)
 def _kernels_runnable():
     if DEVICE == "cpu" and not triton_cascade.INTERPRETED:
         pytest.fail("cmrf.ops.triton_cascade was imported before TRITON_INTERPRET=1 was set in this process")

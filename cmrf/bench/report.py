@@ -101,16 +101,22 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# Datasheet DRAM bandwidth (GB/s) by device name, most specific first: for CUDA builds whose
+# device properties carry no memory clock (CUDA 13 dropped it from its properties struct).
+DATASHEET_GBS = (("H200", 4800.0), ("H100 NVL", 3900.0), ("H100 PCIe", 2000.0), ("H100", 3350.0))
+
+
 def peak_bandwidth_gbs(device: torch.device) -> float | None:
-    """Theoretical DRAM bandwidth in GB/s from the CUDA device properties (double data rate)."""
+    """Theoretical DRAM bandwidth in GB/s from the CUDA device properties (double data rate), else
+    from ``DATASHEET_GBS`` by name; ``None`` when neither knows (``--peak-gbs`` gives it)."""
     if device.type != "cuda":
         return None
     props = torch.cuda.get_device_properties(device)
     clock_khz = getattr(props, "memory_clock_rate", None)
     bus_bits = getattr(props, "memory_bus_width", None)
-    if not clock_khz or not bus_bits:
-        return None
-    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
+    if clock_khz and bus_bits:
+        return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
+    return next((gbs for name, gbs in DATASHEET_GBS if name in props.name), None)
 
 
 def machine_info(device: torch.device, threads: int | None) -> dict:
