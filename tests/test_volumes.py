@@ -168,20 +168,30 @@ def test_nifti_bad_data_is_reported_with_the_file(nifti_root: Path):
 
 def test_nifti_mask_on_another_voxel_grid_is_refused(nifti_root: Path):
     """Read in stored voxel order, a mask stored flipped (another orientation in its affine) or at
-    another spacing would lie shifted against its volume: the pair is refused, both grids named."""
+    another spacing would lie shifted against its volume: the pair is refused, both grids named.
+    A mask saved with the identity affine (made from the image's array) says nothing: accepted."""
     nibabel = pytest.importorskip("nibabel")
-    volumes = ("--data", "folder", "--root", str(nifti_root), "--spatial-dims", "3", "--img-size", "8")
-    mask_path = nifti_root / "masks" / "vol2.nii.gz"
+    volumes = ("--data", "folder", "--root", str(nifti_root), "--spatial-dims", "3", "--img-size", "8",
+               "--num-classes", "3")
+    image_path, mask_path = nifti_root / "images" / "vol2.nii.gz", nifti_root / "masks" / "vol2.nii.gz"
+    scanner = np.diag([0.8, 0.8, 2.5, 1.0])
+    scanner[:3, 3] = (-100.0, -120.0, 40.0)
+    image = np.asarray(nibabel.load(str(image_path)).dataobj)
+    nibabel.save(nibabel.Nifti1Image(image, scanner), str(image_path))
     mask = np.asarray(nibabel.load(str(mask_path)).dataobj)
-    flipped = np.diag([-1.0, 1.0, 1.0, 1.0])
-    flipped[0, 3] = 5.0  # the same world positions, stored with x reversed
+    nibabel.save(nibabel.Nifti1Image(mask, scanner), str(mask_path))
+    assert len(build(*volumes).train) > 0  # the same grid
+    flipped = scanner @ np.diag([-1.0, 1.0, 1.0, 1.0])
+    flipped[0, 3] = scanner[0, 3] + 0.8 * 5  # the same world positions, stored with x reversed
     nibabel.save(nibabel.Nifti1Image(mask[::-1].copy(), flipped), str(mask_path))
     with pytest.raises(DataError, match=r"vol2\.nii\.gz is stored on another voxel grid .*LAS orientation.*"
                                         r"against RAS orientation"):
         build(*volumes)
     nibabel.save(nibabel.Nifti1Image(mask, np.diag([2.0, 2.0, 2.0, 1.0])), str(mask_path))
-    with pytest.raises(DataError, match=r"spacing \(2, 2, 2\).* against .*spacing \(1, 1, 1\)"):
+    with pytest.raises(DataError, match=r"spacing \(2, 2, 2\).* against .*spacing \(0\.8, 0\.8, 2\.5\)"):
         build(*volumes)
+    nibabel.save(nibabel.Nifti1Image(mask, np.eye(4)), str(mask_path))  # placed nowhere: voxel order
+    assert len(build(*volumes).train) > 0
 
 
 def test_nifti_rgb_voxels_are_a_data_error(nifti_root: Path):

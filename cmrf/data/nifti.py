@@ -70,12 +70,28 @@ def _voxels(path: Path, kind: str) -> np.ndarray:
     return voxels
 
 
+def _placed(image) -> bool:
+    """Whether a NIfTI file says where its voxels are: a coded sform or qform other than the
+    identity (``Nifti1Image(mask, np.eye(4))``, a common way to save a mask made from the image's
+    array, places nothing: its voxel order is the only link to the image, and it is the image's)."""
+    header = image.header
+    try:
+        coded = header.get_sform(coded=True)[1] > 0 or header.get_qform(coded=True)[1] > 0
+    except AttributeError:  # a format without sform/qform codes: its affine is all there is
+        coded = True
+    return coded and image.affine is not None and not np.allclose(image.affine, np.eye(4))
+
+
 def _same_grid(image_path: Path, mask_path: Path) -> None:
-    """Refuse a mask stored on another voxel grid than its image (other orientation, spacing or
-    origin): read in stored voxel order, as both are, it would be flipped or shifted against it."""
+    """Refuse a mask placed on another voxel grid than its image (other orientation, spacing or
+    origin): read in stored voxel order, as both are, it would be flipped or shifted against it.
+    A file that does not say where its voxels are (see ``_placed``) is taken in voxel order."""
     import nibabel as nib
 
-    image_affine, mask_affine = _load(image_path, "image").affine, _load(mask_path, "mask").affine
+    image, mask = _load(image_path, "image"), _load(mask_path, "mask")
+    if not (_placed(image) and _placed(mask)):
+        return
+    image_affine, mask_affine = image.affine, mask.affine
     if np.allclose(image_affine, mask_affine, rtol=1e-4, atol=1e-3):
         return
 
