@@ -602,11 +602,13 @@ def test_peak_bandwidth_from_the_properties_else_from_the_datasheet(monkeypatch)
              "no clock": SimpleNamespace(name="NVIDIA H100 80GB HBM3", memory_clock_rate=0,
                                          memory_bus_width=5120),
              "h200": SimpleNamespace(name="NVIDIA H200", memory_clock_rate=0, memory_bus_width=0),
-             "unknown": SimpleNamespace(name="Some GPU", memory_clock_rate=0, memory_bus_width=0)}
+             "unknown": SimpleNamespace(name="Some GPU", memory_clock_rate=0, memory_bus_width=0),
+             "gh200": SimpleNamespace(name="NVIDIA GH200 480GB", memory_clock_rate=0, memory_bus_width=0)}
     found = {}
     for key, value in props.items():
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, value=value: value)
         found[key] = peak_bandwidth_gbs(cuda)
     assert found["clocked"] == pytest.approx(3352.3, rel=1e-3)
     assert found["no clock"] == 3350.0 and found["h200"] == 4800.0 and found["unknown"] is None
+    assert found["gh200"] is None  # 4.0 or 4.9 TB/s by model: not guessed
     assert peak_bandwidth_gbs(torch.device("cpu")) is None

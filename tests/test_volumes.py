@@ -192,6 +192,33 @@ def test_nifti_mask_on_another_voxel_grid_is_refused(nifti_root: Path):
         build(*volumes)
     nibabel.save(nibabel.Nifti1Image(mask, np.eye(4)), str(mask_path))  # placed nowhere: voxel order
     assert len(build(*volumes).train) > 0
+    nibabel.save(nibabel.Nifti1Image(mask, np.diag([-1.0, -1.0, 1.0, 1.0])), str(mask_path))  # ITK's default
+    assert len(build(*volumes).train) > 0
+
+
+def test_nifti_same_grid_in_sform_and_in_a_float32_qform_is_one_grid(nifti_root: Path):
+    """An image read through its sform and a mask written with only a qform (a float32 quaternion)
+    of the same rotated grid differ by ~1e-3 mm: the same grid, accepted."""
+    nibabel = pytest.importorskip("nibabel")
+    angle = np.deg2rad(179.93)  # LPS-like flip plus a slight in-plane rotation, as dcm2niix writes
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([0.9, 0.9, 5.0])
+    affine[:3, 3] = (110.0, 95.0, -60.0)
+    for folder in ("images", "masks"):
+        for path in sorted((nifti_root / folder).glob("*.nii.gz")):
+            values = np.asarray(nibabel.load(str(path)).dataobj)
+            written = nibabel.Nifti1Image(values, affine)
+            if folder == "masks":  # a qform only
+                written.set_sform(None, code=0)
+                written.set_qform(affine, code=1)
+            nibabel.save(written, str(path))
+    mask = nibabel.load(str(nifti_root / "masks" / "vol0.nii.gz"))
+    image = nibabel.load(str(nifti_root / "images" / "vol0.nii.gz"))
+    assert 0 < np.abs(mask.affine - image.affine).max() < 0.01  # qform rounding, not another grid
+    volumes = ("--data", "folder", "--root", str(nifti_root), "--spatial-dims", "3", "--img-size", "8",
+               "--num-classes", "3")
+    assert len(build(*volumes).train) > 0
 
 
 def test_nifti_rgb_voxels_are_a_data_error(nifti_root: Path):

@@ -103,7 +103,9 @@ def _cpu_name() -> str:
 
 # Datasheet DRAM bandwidth (GB/s) by device name, most specific first: for CUDA builds whose
 # device properties carry no memory clock (CUDA 13 dropped it from its properties struct).
-DATASHEET_GBS = (("H200", 4800.0), ("H100 NVL", 3900.0), ("H100 PCIe", 2000.0), ("H100", 3350.0))
+# (A GH200's memory depends on its model, 4.0 or 4.9 TB/s: not guessed.)
+DATASHEET_GBS = (("GH200", None), ("H200", 4800.0), ("H100 NVL", 3900.0), ("H100 PCIe", 2000.0),
+                 ("H100", 3350.0))
 
 
 def peak_bandwidth_gbs(device: torch.device) -> float | None:

@@ -79,7 +79,11 @@ def _placed(image) -> bool:
         coded = header.get_sform(coded=True)[1] > 0 or header.get_qform(coded=True)[1] > 0
     except AttributeError:  # a format without sform/qform codes: its affine is all there is
         coded = True
-    return coded and image.affine is not None and not np.allclose(image.affine, np.eye(4))
+    # The identity in nibabel's RAS terms, or in ITK's LPS terms (diag(-1, -1, 1, 1)): default
+    # geometry, as a mask written from an array without the image's header gets.
+    placeholders = (np.eye(4), np.diag([-1.0, -1.0, 1.0, 1.0]))
+    affine = image.affine
+    return coded and affine is not None and not any(np.allclose(affine, p) for p in placeholders)
 
 
 def _same_grid(image_path: Path, mask_path: Path) -> None:
@@ -92,7 +96,12 @@ def _same_grid(image_path: Path, mask_path: Path) -> None:
     if not (_placed(image) and _placed(mask)):
         return
     image_affine, mask_affine = image.affine, mask.affine
-    if np.allclose(image_affine, mask_affine, rtol=1e-4, atol=1e-3):
+    # Where the mask's corner voxels fall on the image's grid, in voxels: the same grid within a
+    # hundredth of a voxel (an sform against a float32 qform of the same grid differs by ~1e-3 mm).
+    corners = np.array([[x, y, z, 1.0] for x in (0, mask.shape[0] - 1) for y in (0, mask.shape[1] - 1)
+                        for z in (0, mask.shape[2] - 1)]).T
+    on_image_grid = np.linalg.solve(image_affine, mask_affine @ corners)
+    if np.abs(on_image_grid - corners)[:3].max() < 0.01:
         return
 
     def grid(affine) -> str:

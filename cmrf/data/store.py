@@ -36,7 +36,7 @@ __all__ = [
 CACHE_CHOICES = ("memory", "disk", "none")
 
 # Bump when what a store holds changes meaning: old disk caches are then rebuilt, not misread.
-CACHE_FORMAT = 2  # 2: images turned by their EXIF orientation
+CACHE_FORMAT = 3  # 2: images turned by their EXIF orientation; 3: NIfTI pairs checked for one grid
 
 
 def default_cache_dir() -> Path:
