@@ -59,6 +59,11 @@ class Row:
         self.status, self.note = "skipped", _join(self.note, reason)
         return self
 
+    def add_note(self, text: str) -> Row:
+        """Append ``text`` to the note (``"; "`` between notes), the status unchanged."""
+        self.note = _join(self.note, text)
+        return self
+
 
 def _join(a: str, b: str) -> str:
     return f"{a}; {b}" if a and b else a or b

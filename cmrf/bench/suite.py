@@ -159,7 +159,7 @@ class _Run:
             self._free()
             return None
         seconds = time.perf_counter() - start
-        row.note, row.extra = "; ".join(filter(None, [row.note, runner.note])), dict(runner.extra)
+        row.add_note(runner.note).extra = dict(runner.extra)
         if _compiled(row.name):  # the next compilation will take about as long
             if row.name.startswith("inference."):
                 self.estimates.update(inference=seconds, training=seconds * _TRAINING_COMPILE_FACTOR)
@@ -181,7 +181,7 @@ class _Run:
             return
         reference = self.references.get(reference_name)
         if reference is None:
-            row.note = "; ".join(filter(None, [row.note, "no reference output to compare with"]))
+            row.add_note("no reference output to compare with")
             return
         try:
             row.max_diff = _max_abs(outputs["output"], reference["output"])
@@ -229,7 +229,7 @@ class _Run:
             row.kernel_ms = harness.kernel_time_ms(runner.call, self.device)
             row.peak_mib = harness.cuda_peak_mib(runner.call, self.device)
         except Exception as err:
-            row.note = "; ".join(filter(None, [row.note, f"profiling failed: {harness.describe_error(err)}"]))
+            row.add_note(f"profiling failed: {harness.describe_error(err)}")
 
     def _free(self) -> None:
         gc.collect()
@@ -297,13 +297,13 @@ class _Run:
             for row in rows:
                 if _compiled(row.name) or not self.deadline.allows():
                     why = "a torch.compile row" if _compiled(row.name) else "the deadline had passed"
-                    row.note = "; ".join(filter(None, [row.note, f"peak RSS not probed: {why}"]))
+                    row.add_note(f"peak RSS not probed: {why}")
                     continue
                 try:
                     row.peak_mib = probe_peak_rss(row.name, s)
                     self.log(f"{row.name}: peak RSS of the first call {row.peak_mib} MiB")
                 except Exception as err:
-                    row.note = "; ".join(filter(None, [row.note, harness.describe_error(err)]))
+                    row.add_note(harness.describe_error(err))
         if s.leak_calls:
             if not any(row.name in LEAK_ROWS for row in rows):
                 self.extra_notes.append(f"--leak-calls: none of its rows ({', '.join(LEAK_ROWS)}) ran, so "
@@ -315,8 +315,7 @@ class _Run:
                 growth = rss_growth(runner.call, s.leak_calls)
                 row.extra["rss_growth"] = growth
                 if growth["growth_mib"] is not None:
-                    row.note = "; ".join(filter(None, [
-                        row.note, f"RSS {growth['growth_mib']:+.1f} MiB over {s.leak_calls} calls"]))
+                    row.add_note(f"RSS {growth['growth_mib']:+.1f} MiB over {s.leak_calls} calls")
 
     # --- the figures -----------------------------------------------------------------------------
 
@@ -376,7 +375,7 @@ class _Run:
         row.hbm_pct = 100 * cascade_bytes(case, itemsize) / (ms * 1e-3) / 1e9 / peak_gbs
         row.extra["hbm_peak_gbs"] = peak_gbs
         if row.kernel_ms is None:
-            row.note = "; ".join(filter(None, [row.note, "% HBM bound from wall time (no kernel time)"]))
+            row.add_note("% HBM bound from wall time (no kernel time)")
 
     def stop(self, phase: str, err: BaseException) -> None:
         """End the run after ``phase`` raised (a sticky CUDA error fails every later call): the

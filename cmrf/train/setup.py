@@ -166,6 +166,7 @@ def _kwarg_clashes(model: str, given: dict, saved: dict, replace_blocks_n: int |
     argument the run left out was built at the constructor's default (``--N 8`` names TinyU-Net's
     default); in a ``--replace-blocks`` run, ``--N`` is the N of the swapped-in blocks."""
     from cmrf.models.registry import model_defaults
+    from cmrf.train.state import shown_setting
 
     run_values = {**model_defaults(model), **saved}
     if replace_blocks_n is not None and "N" not in run_values:  # a model of its own N swapped nothing
@@ -176,18 +177,14 @@ def _kwarg_clashes(model: str, given: dict, saved: dict, replace_blocks_n: int |
     clashes = []
     for key, value in given.items():
         if run_values.get(key, _UNSET) != value:
-            held = _shown(run_values[key]) if key in run_values else f"no {key}"
-            clashes.append(f"--{key} {_shown(value)} (the file has {held})")
+            held = shown_setting(run_values[key]) if key in run_values else f"no {key}"
+            clashes.append(f"--{key} {shown_setting(value)} (the file has {held})")
     return clashes
 
 
 def _plain(value):
     """A value JSON cannot write, as one it can: a numpy or torch scalar's number, else its text."""
     return value.item() if hasattr(value, "item") else str(value)
-
-
-def _shown(value) -> str:
-    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def _bare_metadata(

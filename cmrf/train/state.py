@@ -197,7 +197,8 @@ _DATA_LABELS = {"split_files": "the splits' files"}
 RESUME_FREE_FIELDS = ("amp", "workers", "device", "overlays", "compile")
 
 
-def _shown(value) -> str:
+def shown_setting(value) -> str:
+    """A setting as a flag value reads: lists space-separated, ``None`` as "default"."""
     if value is None:
         return "default"
     if isinstance(value, (list, tuple)):
@@ -238,7 +239,7 @@ def _recipe_settings(recipe) -> dict[str, object]:
 def _differences(saved: dict, given: dict) -> list[str]:
     keys = list(dict.fromkeys([*saved, *given]))
     return [
-        f"{key} {_shown(saved.get(key))} (given {_shown(given.get(key))})"
+        f"{key} {shown_setting(saved.get(key))} (given {shown_setting(given.get(key))})"
         for key in keys
         if saved.get(key) != given.get(key)
     ]
