@@ -106,8 +106,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a ``torch.save`` file, on the CPU.
 
     ``torch.save`` files are opened with ``weights_only=True``: no pickled code runs. A dict
-    that wraps the weights under ``state_dict``/``model`` is unwrapped, and the ``module.``
-    prefix of DataParallel/DDP checkpoints is removed.
+    that wraps the weights under ``state_dict``/``model`` is unwrapped, and the prefixes that
+    wrappers put before every key are removed: ``module.`` (DataParallel/DDP) and ``_orig_mod.``
+    (``torch.compile``), in either order.
 
     Raises:
         FileNotFoundError, IsADirectoryError, PermissionError: the file cannot be opened.
@@ -134,8 +135,22 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     tensors_only = isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
     if not tensors_only or not state:
         raise ValueError(f"{path} does not hold a state dict of tensors")
-    if all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+    return _strip_wrapper_prefixes(state)
+
+
+# What wrappers put before every key: DistributedDataParallel/DataParallel ("module.") and
+# torch.compile ("_orig_mod."), nested either way round.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _strip_wrapper_prefixes(state: dict) -> dict:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                stripped = True
     return state
 
 

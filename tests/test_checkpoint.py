@@ -274,3 +274,16 @@ def test_replace_blocks_run_compares_n_with_the_swapped_blocks(tmp_path):
     model_from_checkpoint(path, model_kwargs={"N": 4})  # the run's N
     with pytest.raises(ValueError, match=r"--N 8 \(the file has 4\)"):
         model_from_checkpoint(path, model_kwargs={"N": 8})
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module.", "module._orig_mod.", "_orig_mod.module."])
+def test_weights_of_wrapped_models_load_into_the_plain_model(tmp_path, prefix):
+    """torch.compile's wrapper names every key _orig_mod.*, DDP's module.*: timm strips both."""
+    model = cmrf.create_model("tinyunet", channels=(16, 32))
+    state = {prefix + k: v for k, v in model.state_dict().items()}
+    torch.save(state, tmp_path / "wrapped.pth")
+    assert read_state_dict(tmp_path / "wrapped.pth").keys() == model.state_dict().keys()
+    save_weights(torch.compile(model), tmp_path / "compiled.safetensors")
+    path = tmp_path / "compiled.safetensors"
+    loaded = cmrf.create_model("tinyunet", channels=(16, 32), checkpoint_path=path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))

@@ -295,3 +295,16 @@ def test_demo_help_states_the_demos_own_settings(capsys):
         main(["demo", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert all(f"[cmrf demo: {value}]" in text for value in (64, 160, "cpu", -1))
+
+
+def test_outputs_may_not_overwrite_the_checkpoint_they_read(run_checkpoint, tmp_path, capsys):
+    """`-o best.safetensors` or `--json best.safetensors` replaced the trained weights."""
+    before = run_checkpoint.read_bytes()
+    assert main(["evaluate", str(run_checkpoint), "--json", str(run_checkpoint)]) == 2
+    assert f"--json {run_checkpoint} is the checkpoint this command reads" in capsys.readouterr().err
+    assert main(["export", "onnx", "--checkpoint", str(run_checkpoint), "-o", str(run_checkpoint)]) == 2
+    assert f"-o {run_checkpoint} is the --checkpoint this command reads" in capsys.readouterr().err
+    assert run_checkpoint.read_bytes() == before
+    assert main(["evaluate", str(run_checkpoint), "--json", str(tmp_path)]) == 2  # a folder: refused up front
+    err = capsys.readouterr()
+    assert "is a folder, --json needs a file name" in err.err and "IoU" not in err.out

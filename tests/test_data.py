@@ -1006,3 +1006,47 @@ def test_data_package_has_no_import_cycle_and_a_leaf_base():
     assert all("cmrf.data" not in deps for name, deps in graph.items() if name != "cmrf.data")
     tuple(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError on a cycle
     assert not list(folder.parent.glob("data.py")) and not (folder.parent / "train" / "data.py").exists()
+
+
+def test_one_bit_masks_hold_values_zero_and_one(tmp_path: Path):
+    """Pillow's bool array over a 1-bit image has bytes 0/255: read as 0/255, a 1-bit mask
+    mixed with 0/1 PNGs looked like a three-value (0, 1, 255) mask set."""
+    from cmrf.data.imageio import decode_mask
+
+    Image.fromarray(np.array([[True, False], [False, True]])).save(tmp_path / "bits.png")
+    assert Image.open(tmp_path / "bits.png").mode == "1"
+    assert decode_mask(tmp_path / "bits.png").present.tolist() == [0, 1]
+
+
+def test_a_cmyk_mask_is_refused_not_read_as_background(tmp_path: Path):
+    mask = np.zeros((8, 8), dtype=np.uint8)
+    mask[2:6, 2:6] = 255
+    Image.fromarray(mask).convert("CMYK").save(tmp_path / "mask.tif")
+    with pytest.raises(DataError, match=r"mask\.tif is a CMYK image; expected class values"):
+        read_mask_file(tmp_path / "mask.tif")
+
+
+@pytest.mark.parametrize("cut", [8, 10])
+def test_a_damaged_png_exif_block_reads_the_pixels_as_stored(tmp_path: Path, cut: int):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pixels = np.arange(24 * 32 * 3, dtype=np.uint8).reshape(24, 32, 3)
+    Image.fromarray(pixels).save(tmp_path / "a.png", exif=exif.tobytes()[:cut])
+    assert image_size(tmp_path / "a.png") == (24, 32)
+    assert read_image_file(tmp_path / "a.png").shape == (24, 32, 3)
+
+
+def test_split_and_class_files_from_windows_editors(folder_root: Path, tmp_path_factory):
+    """Notepad's UTF-8 starts with a byte-order mark; PowerShell 5's '>' writes UTF-16."""
+    split_dir = tmp_path_factory.mktemp("splits")
+    for name, text in (("train", "case0\ncase1\ncase2\ncase3\n"), ("val", "case4\n"), ("test", "case5\n")):
+        (split_dir / f"{name}.txt").write_text(text, encoding="utf-8-sig")
+    args = parse("--data", "folder", "--root", str(folder_root), "--split-dir", str(split_dir))
+    assert [p.stem for p in _build(args, 0).train.pairs] == ["case0", "case1", "case2", "case3"]
+    (split_dir / "val.txt").write_text("case4\n", encoding="utf-16")
+    with pytest.raises(DataError, match=r"val\.txt is not UTF-8 text .*save it as UTF-8"):
+        _build(args, 0)
+    from cmrf.data.masks import class_names_for
+
+    (folder_root / "classes.txt").write_text("background\nlesion\n", encoding="utf-8-sig")
+    assert class_names_for(folder_root, 2) == ["background", "lesion"]

@@ -6,12 +6,10 @@
 from __future__ import annotations
 
 import argparse
-import errno
-import os
 import sys
-from pathlib import Path
 
 from cmrf.bench.settings import GROUPS, PRECISIONS
+from cmrf.cli.common import check_output_file
 
 __all__ = ["build", "build_cascade"]
 
@@ -90,25 +88,13 @@ def run(args: argparse.Namespace) -> int:
             options[name] = tuple(options[name])
     settings = resolve_settings(args.device, **options)
     if args.json_path:  # before a run of minutes, not after it
-        _check_writable(Path(args.json_path))
+        check_output_file(args.json_path, "--json")
     report = run_benchmark(settings, progress=None if args.quiet else _progress)
     print(to_markdown(report))
     if args.json_path:
         atomic_write_json(to_json(report), args.json_path)
         print(f"wrote {args.json_path}", file=sys.stderr)
     return 0
-
-
-def _check_writable(path: Path) -> None:
-    """Raise the ``OSError`` writing ``path`` would raise at the end: a missing or read-only folder,
-    or a folder in its place."""
-    folder = path.parent
-    if not folder.is_dir():
-        raise FileNotFoundError(errno.ENOENT, "no such folder for --json", str(folder))
-    if path.is_dir():
-        raise IsADirectoryError(errno.EISDIR, "is a folder, --json needs a file name", str(path))
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, "cannot write into this folder (--json)", str(folder))
 
 
 def _progress(line: str) -> None:

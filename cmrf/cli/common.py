@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+from pathlib import Path
 
 
 def _int_at_least(text: str, low: int, expected: str) -> int:
@@ -13,6 +16,32 @@ def _int_at_least(text: str, low: int, expected: str) -> int:
     if value < low:
         raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
     return value
+
+
+def check_output_file(path: str | Path, flag: str, reads: dict[str, str | Path | None] | None = None) -> None:
+    """Refuse, before any work, an output file that the end of a command could not write or that
+    would overwrite one of its inputs.
+
+    Args:
+        path: the file the command writes.
+        flag: its option, for the messages (``"--json"``, ``"-o"``).
+        reads: ``{option: path}`` of the files the command reads (``None`` entries are skipped).
+
+    Raises:
+        ValueError: ``path`` is one of ``reads``.
+        OSError: its folder is missing or read-only, or ``path`` is a folder.
+    """
+    path = Path(path)
+    for option, source in (reads or {}).items():
+        if source is not None and Path(source).exists() and path.exists() and path.samefile(source):
+            raise ValueError(f"{flag} {path} is the {option} this command reads; write to another file")
+    folder = path.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(errno.ENOENT, f"no such folder for {flag}", str(folder))
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"is a folder, {flag} needs a file name", str(path))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, f"cannot write into this folder ({flag})", str(folder))
 
 
 def positive_int(text: str) -> int:

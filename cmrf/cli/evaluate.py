@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from cmrf.cli.common import add_runtime_arguments
+from cmrf.cli.common import add_runtime_arguments, check_output_file
 from cmrf.cli.data_args import add_data_arguments, data_options
 from cmrf.cli.model_args import (
     add_checkpoint_model_arguments,
@@ -123,8 +123,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from cmrf.train.metrics import format_table
 
     model, meta = model_from_checkpoint(args.checkpoint, **checkpoint_model_options(args))
-    if args.json_out:  # fail now on a folder that cannot exist, not after the evaluation
+    if args.json_out:  # fail now, not after the evaluation
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        check_output_file(args.json_out, "--json", {"checkpoint": args.checkpoint})
     run_data = meta.get("data", {})
     _fill_from_run(args, run_data)
     bundle = build_datasets(seed=args.seed, **data_options(args))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from cmrf.cli.common import check_output_file
 from cmrf.cli.model_args import add_registry_model_arguments, constructor_kwargs, positive_int
 from cmrf.export import DEFAULT_OPSET
 
@@ -63,6 +65,8 @@ def _input_size(args: argparse.Namespace, model, in_chans: int, data: dict) -> l
 def run_export(args: argparse.Namespace) -> int:
     from cmrf.export import export_onnx
 
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)  # export_onnx makes it too
+    check_output_file(args.output, "-o", {"--checkpoint": args.checkpoint})
     model, in_chans, data = _model(args)
     input_size = _input_size(args, model, in_chans, data)
     path = export_onnx(

@@ -50,6 +50,19 @@ class DataError(ValueError):
         super().__init__(message)
 
 
+def read_text_lines(path) -> list[str]:
+    """The lines of a text file the user wrote (split lists, ``classes.txt``): UTF-8, with or
+    without the byte-order mark Windows editors put first; other encodings are a :class:`DataError`.
+    """
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8 "
+            f"(PowerShell 5's '>' writes UTF-16)"
+        ) from None
+
+
 class DataWarning(UserWarning):
     """Data was used in a way the user should know about (e.g. a cache fell back to disk)."""
 

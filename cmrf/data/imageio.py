@@ -105,7 +105,7 @@ def _orientation(image) -> int:
         return 1
     try:
         return int(image.getexif().get(_ORIENTATION_TAG, 1))
-    except (TypeError, ValueError, OSError):  # a malformed tag or a cut-off file: as stored
+    except Exception:  # noqa: BLE001 - a malformed or cut-off EXIF block (struct.error, SyntaxError...): as stored
         return 1
 
 
@@ -264,6 +264,10 @@ def present_values(mask: np.ndarray) -> np.ndarray:
     return np.unique(flat)
 
 
+# Pillow modes whose first band holds the mask's values (with equal colour bands, or alpha).
+MASK_MODES = ("1", "L", "P", "LA", "PA", "RGB", "RGBA", "RGBX", *HIGH_BIT_MODES)
+
+
 def decode_mask(path: str | Path) -> MaskFile:
     """Decode a mask file, keeping its raw values (no class mapping; see :mod:`cmrf.data.masks`).
 
@@ -276,6 +280,11 @@ def decode_mask(path: str | Path) -> MaskFile:
     path = Path(path)
     image = _open_image(path, "mask")
     lossy = image.format in LOSSY_FORMATS or path.suffix.lower() in (".jpg", ".jpeg")
+    if image.mode not in MASK_MODES:  # CMYK keeps the mask in K, YCbCr/LAB/HSV mix it: not values
+        raise DataError(
+            f"mask file {path} is a {image.mode} image; expected class values in a grey-level, palette, "
+            f"1-bit, 16-bit or grey RGB image (modes {', '.join(MASK_MODES)})"
+        )
     if "A" in image.getbands():
         # Some tools draw the mask as transparency over a blank colour: the values would all be one.
         alpha = image.getchannel("A").getextrema()
@@ -293,8 +302,8 @@ def decode_mask(path: str | Path) -> MaskFile:
                 f"mask file {path} is a colour image; expected class values (grey levels or a palette PNG)"
             )
         values = values[..., 0]
-    if values.dtype.kind == "b":
-        values = values.view(np.uint8)
+    if values.dtype.kind == "b":  # 1-bit: cast (the bytes under Pillow's bool array may be 0/255)
+        values = values.astype(np.uint8)
     if values.dtype.kind == "f":
         if not np.isfinite(values).all() or (values != np.round(values)).any():
             raise DataError(f"mask file {path} holds non-integer values; expected class values")

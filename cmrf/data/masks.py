@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from cmrf.data.base import DataError
+from cmrf.data.base import DataError, read_text_lines
 
 __all__ = [
     "MAX_LISTED",
@@ -308,7 +308,7 @@ def class_names_for(root: Path | None, num_classes: int | None = None) -> list[s
     """
     file = None if root is None else root / "classes.txt"
     if file is not None and file.is_file():
-        names = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+        names = [line.strip() for line in read_text_lines(file) if line.strip()]
         if num_classes is not None and len(names) != num_classes:
             raise DataError(f"{file} names {len(names)} classes but the data has {num_classes}")
         return names

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cmrf.data.base import SPLITS, DataBundle, DataError
+from cmrf.data.base import SPLITS, DataBundle, DataError, read_text_lines
 from cmrf.data.masks import MaskRule, class_names_for, resolve_classes
 from cmrf.data.pairs import Pair, file_stem, pairs_bundle, require_dir, used_pairs
 
@@ -70,7 +70,7 @@ def split_from_files(pairs: list, split_dir: str | Path) -> dict[str, list]:
         if not file.is_file():
             raise DataError(f"split file {file} does not exist; expected train.txt, val.txt and test.txt")
         items = []
-        for line_number, line in enumerate(file.read_text().splitlines(), start=1):
+        for line_number, line in enumerate(read_text_lines(file), start=1):
             name = line.strip()
             stem = file_stem(name, LISTED_SUFFIXES) or name
             if not stem or stem.startswith("#"):
