@@ -308,3 +308,11 @@ def test_outputs_may_not_overwrite_the_checkpoint_they_read(run_checkpoint, tmp_
     assert main(["evaluate", str(run_checkpoint), "--json", str(tmp_path)]) == 2  # a folder: refused up front
     err = capsys.readouterr()
     assert "is a folder, --json needs a file name" in err.err and "IoU" not in err.out
+
+
+@pytest.mark.parametrize("flags", [["--threads", "-5"], ["--batch-size", "0"]])
+def test_evaluate_refuses_out_of_range_counts_up_front(run_checkpoint, capsys, flags):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", str(run_checkpoint), *flags])
+    assert exit_info.value.code == 2
+    assert f"argument {flags[0]}: expected an integer >= " in capsys.readouterr().err

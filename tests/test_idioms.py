@@ -331,3 +331,12 @@ def test_float64_and_bfloat16_models_run():
     assert model(torch.randn(1, 3, 16, 16, dtype=torch.float64)).dtype == torch.float64
     model = copy.deepcopy(small("tinyunet")).to(torch.bfloat16)
     assert model(torch.randn(1, 3, 16, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_create_model_takes_timm_train_py_defaults():
+    """timm's train.py passes drop_path_rate=None and checkpoint_path='' when not given."""
+    model = cmrf.create_model("tinyunet", channels=(16, 32), drop_rate=0.0, drop_path_rate=None,
+                              drop_block_rate=None, checkpoint_path="")
+    assert isinstance(model, cmrf.TinyUNet)
+    with pytest.raises(ValueError, match=r"unknown model \['tinyunet'\]; available: .*tinyunet"):
+        cmrf.create_model(["tinyunet"])

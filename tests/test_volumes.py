@@ -194,6 +194,11 @@ def test_nifti_mask_on_another_voxel_grid_is_refused(nifti_root: Path):
     assert len(build(*volumes).train) > 0
     nibabel.save(nibabel.Nifti1Image(mask, np.diag([-1.0, -1.0, 1.0, 1.0])), str(mask_path))  # ITK's default
     assert len(build(*volumes).train) > 0
+    singular = nibabel.Nifti1Image(mask, np.eye(4))  # a coded all-zero sform: places nothing
+    singular.set_sform(np.zeros((4, 4)), code=1)
+    singular.set_qform(np.eye(4), code=0)
+    nibabel.save(singular, str(mask_path))
+    assert len(build(*volumes).train) > 0  # not numpy's LinAlgError
 
 
 def test_nifti_same_grid_in_sform_and_in_a_float32_qform_is_one_grid(nifti_root: Path):

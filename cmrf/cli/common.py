@@ -44,6 +44,11 @@ def check_output_file(path: str | Path, flag: str, reads: dict[str, str | Path |
         raise PermissionError(errno.EACCES, f"cannot write into this folder ({flag})", str(folder))
 
 
+def thread_count(text: str) -> int:
+    """argparse type of ``--threads``: an integer >= -1 (0 and -1 have meanings of their own)."""
+    return _int_at_least(text, -1, "an integer >= 1, 0 (PyTorch's default) or -1 (the idle cores)")
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     return _int_at_least(text, 1, "an integer >= 1")
@@ -84,7 +89,7 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, seed_default: int | N
     """``--device --workers --threads --seed``."""
     parser.add_argument(
         "--threads",
-        type=int,
+        type=thread_count,
         default=0,
         help="CPU threads of PyTorch (default 0: PyTorch's default; -1: only the cores not busy already)",
     )

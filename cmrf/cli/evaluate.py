@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from cmrf.cli.common import add_runtime_arguments, check_output_file
+from cmrf.cli.common import add_runtime_arguments, check_output_file, positive_int
 from cmrf.cli.data_args import add_data_arguments, data_options
 from cmrf.cli.model_args import (
     add_checkpoint_model_arguments,
@@ -95,7 +95,7 @@ def build(parser: argparse.ArgumentParser):
     parser.add_argument(
         "--split", choices=("test", "val", "train"), default="test", help="split (default test)"
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="images per step (default 8)")
     parser.add_argument(
         "--json", dest="json_out", default=None, metavar="FILE", help="also write the scores as JSON"
     )

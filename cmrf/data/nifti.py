@@ -73,7 +73,8 @@ def _voxels(path: Path, kind: str) -> np.ndarray:
 def _placed(image) -> bool:
     """Whether a NIfTI file says where its voxels are: a coded sform or qform other than the
     identity (``Nifti1Image(mask, np.eye(4))``, a common way to save a mask made from the image's
-    array, places nothing: its voxel order is the only link to the image, and it is the image's)."""
+    array, places nothing: its voxel order is the only link to the image, and it is the image's).
+    Neither does a singular affine."""
     header = image.header
     try:
         coded = header.get_sform(coded=True)[1] > 0 or header.get_qform(coded=True)[1] > 0
@@ -83,7 +84,9 @@ def _placed(image) -> bool:
     # geometry, as a mask written from an array without the image's header gets.
     placeholders = (np.eye(4), np.diag([-1.0, -1.0, 1.0, 1.0]))
     affine = image.affine
-    return coded and affine is not None and not any(np.allclose(affine, p) for p in placeholders)
+    if affine is None or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        return False  # a singular matrix (all zeros, a zero spacing) maps every voxel nowhere usable
+    return coded and not any(np.allclose(affine, p) for p in placeholders)
 
 
 def _same_grid(image_path: Path, mask_path: Path) -> None:

@@ -103,16 +103,20 @@ def create_model(
     has ``get_classifier()``/``reset_classifier(n)``, as with ``timm.create_model``.
 
     Raises:
-        ValueError: unknown name (the message lists the known ones), an argument the model does
-            not take (named, with the accepted ones), ``in_chans`` and ``in_channels`` that
-            disagree, or a checkpoint whose keys or shapes do not fit the model.
+        ValueError: unknown name or one that is not a string (the message lists the known
+            ones), an argument the model does not take (named, with the accepted ones),
+            ``in_chans`` and ``in_channels`` that disagree, or a checkpoint whose keys or shapes
+            do not fit the model.
     """
-    if name not in _ENTRYPOINTS:
+    if not isinstance(name, str) or name not in _ENTRYPOINTS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    # As timm.create_model: None means "not given" (timm's train.py passes drop_path_rate=None),
+    # and an empty checkpoint_path (its --initial-checkpoint default) means no checkpoint.
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if in_chans is not None:
         kwargs["in_chans"] = in_chans
     model = _ENTRYPOINTS[name](pretrained=pretrained, num_classes=num_classes, **kwargs)
-    if checkpoint_path is not None:
+    if checkpoint_path not in (None, ""):
         from cmrf.checkpoint import load_checkpoint
 
         load_checkpoint(model, checkpoint_path)
