@@ -21,15 +21,16 @@ import cmrf
 
 
 def load_image(path: str | None, size: int) -> torch.Tensor:
-    """``(1, 3, size, size)`` in [0, 1]: the image at ``path`` resized, or a synthetic blob."""
-    if path is None:
-        yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-        blob = (xx**2 + yy**2 < 0.3).float()
-        return torch.stack([blob * 0.8, blob * 0.4, 0.2 + 0 * blob])[None]
-    from PIL import Image
+    """``(1, 3, size, size)``, normalised as ``cmrf train`` and ``cmrf predict`` normalise: the
+    image at ``path`` read and resized as in training, or a synthetic blob."""
+    from cmrf.data import load_image as load_training_image
+    from cmrf.data import normalize
 
-    image = Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    if path is not None:
+        return load_training_image(path, size)[None]
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    blob = (xx**2 + yy**2 < 0.3).float()
+    return normalize(torch.stack([blob * 0.8, blob * 0.4, 0.2 + 0 * blob]))[None]
 
 
 def median_ms(fn, x, repeats: int = 5) -> float:

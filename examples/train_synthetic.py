@@ -19,6 +19,7 @@ import cmrf
 from cmrf.cli.data_args import add_data_arguments, data_options
 from cmrf.data import build_datasets
 from cmrf.train import Recipe, fit, format_table
+from cmrf.train.processes import seed_everything
 from cmrf.train.state import model_metadata
 
 
@@ -38,6 +39,7 @@ def main() -> None:
 
     options = data_options(args)
     bundle = build_datasets(seed=args.seed, **options)
+    seed_everything(args.seed)  # the initial weights are part of a seeded run, as in `cmrf train`
     model = cmrf.create_model("tinyunet", in_chans=bundle.in_channels, num_classes=bundle.num_classes)
     # With this metadata in the checkpoints, `cmrf evaluate` and `cmrf predict` can rebuild the
     # model, and a resume with other data or another model is refused.
