@@ -413,6 +413,10 @@ def test_files_added_to_a_fraction_split_stop_resume_and_evaluate(tmp_path, caps
     assert main(evaluate) == 0
     assert main([*evaluate, "--seed", "5"]) == 2
     assert "(--seed 5, the run's was 0)" in _one_error_line(capsys)
+    # Other fractions re-split the same files: the test split would hold training images.
+    assert main([*evaluate, "--test-fraction", "0.5", "--val-fraction", "0.1"]) == 2
+    resplit = "(--val-fraction 0.1, the run's was 0.2; --test-fraction 0.5, the run's was 0.2)"
+    assert resplit in _one_error_line(capsys)
     _folder_dataset(root, 12)  # two more pairs
     assert main([*argv, "--epochs", "2", "--resume"]) == 2
     error = _one_error_line(capsys)

@@ -73,14 +73,23 @@ def _check_same_splits(args: argparse.Namespace, run_data: dict, bundle) -> None
     def plain(value):  # the metadata holds paths as text
         return str(value) if isinstance(value, os.PathLike) else value
 
-    same_data = all(plain(options[key]) == plain(run_data.get(key, DATA_OPTIONS[key])) for key in
-                    ("data", "root", "split_dir", "val_fraction", "test_fraction"))
+    def run_value(key):
+        return plain(run_data.get(key, DATA_OPTIONS[key]))
+
+    # Other files, or split lists of the user's own, are other data, scored as given; other
+    # fractions or another seed re-split the run's files, mixing its training images into the test.
+    same_data = all(plain(options[key]) == run_value(key) for key in ("data", "root", "split_dir"))
     now = split_fingerprint(bundle)
-    if not same_data or now == saved:  # other data is scored as given
+    if not same_data or now == saved:
         return
     run_seed = run_data.get("seed", 0)
+    resplit = [f"--{key.replace('_', '-')} {options[key]}, the run's was {run_value(key)}"
+               for key in ("val_fraction", "test_fraction") if options[key] != run_value(key)]
     if args.seed != run_seed:
-        cause, advice = f"--seed {args.seed}, the run's was {run_seed}", "leave --seed out"
+        resplit.append(f"--seed {args.seed}, the run's was {run_seed}")
+    if resplit:
+        flags = " and ".join(part.split()[0] for part in resplit)
+        cause, advice = "; ".join(resplit), f"leave {flags} out"
     else:
         cause, advice = "files added or removed", "restore the files, or give the splits with --split-dir"
     raise ValueError(
