@@ -495,3 +495,15 @@ def test_workers_auto_is_zero_on_the_cpu_and_one_per_free_core_on_cuda(monkeypat
     assert choose_workers("auto", cuda) == 0  # a daemonic process cannot start workers
     with pytest.raises(SystemExit):
         main(["train", "--workers", "-1"])
+
+
+def test_an_unknown_compile_backend_is_a_usage_error_before_the_data(tmp_path, capsys):
+    from cmrf.train.recipe import Recipe
+
+    with pytest.raises(ValueError, match=r"backend 'nosuch' is not one torch.compile knows; .*aot_eager"):
+        Recipe(compile="nosuch")
+    assert Recipe(compile="aot_eager").compile_backend == "aot_eager"
+    argv = ["train", "--data", "folder", "--root", str(tmp_path / "none"), "--compile", "nosuch",
+            "--out", str(tmp_path / "run")]
+    assert main(argv) == 2  # the missing data folder would be the error if the data came first
+    assert "compile backend 'nosuch'" in _one_error_line(capsys)

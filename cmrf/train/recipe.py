@@ -95,6 +95,13 @@ class Recipe:
             raise ValueError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         if not isinstance(self.compile, (bool, str)) or self.compile == "":
             raise ValueError(f"compile must be True, False or a torch.compile backend, got {self.compile!r}")
+        if isinstance(self.compile, str):  # now, not at the first step after the data is built
+            from torch._dynamo import list_backends
+
+            known = list_backends(exclude_tags=())
+            if self.compile not in known:
+                raise ValueError(f"compile backend {self.compile!r} is not one torch.compile knows; "
+                                 f"expected one of {', '.join(known)}")
 
     @property
     def augment_epochs(self) -> int:
