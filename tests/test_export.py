@@ -192,11 +192,13 @@ def captured_export(monkeypatch):
     return seen
 
 
-def test_reference_checkpoint_exports_with_its_weights(tmp_path, captured_export):
+def test_reference_checkpoint_exports_with_its_weights(tmp_path, captured_export, capsys):
     golden = load_golden("tinyunet_official.safetensors")
     checkpoint = tmp_path / "best_model.pth"
     torch.save(golden_state_dict(golden), checkpoint)
     argv = ["export", "onnx", "tinyunet", "--checkpoint", str(checkpoint), "-o", str(tmp_path / "x.onnx")]
+    assert main([arg for arg in argv if arg != "tinyunet"]) == 2  # the advice names export's own form
+    assert "or NAME before --checkpoint for cmrf export" in capsys.readouterr().err
     assert main(argv) == 0
     model = captured_export["model"]
     assert captured_export["input_size"] == [1, 3, 256, 256]

@@ -198,8 +198,8 @@ def _bare_metadata(
     if model is None:
         raise ValueError(
             f"{path} carries no cmrf metadata (a state dict such as the reference code saves), so it "
-            f"cannot say which model it holds: give the model name (--model NAME; one of "
-            f"{', '.join(list_models())})"
+            f"cannot say which model it holds: give the model name (--model NAME, or NAME before "
+            f"--checkpoint for cmrf export; one of {', '.join(list_models())})"
         )
     if not is_model(model):
         raise ValueError(f"unknown model {model!r}; available: {', '.join(list_models())}")
