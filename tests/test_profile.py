@@ -97,3 +97,14 @@ def test_bad_input_size():
         cmrf.profile(cmrf.TinyUNet(), (1, 3, 32.7, 32))  # refused, not truncated to 32
     with pytest.raises(ValueError, match=r"input_size\[0\] must be an integer >= 1, got True"):
         cmrf.profile(cmrf.TinyUNet(), (True, 3, 32, 32))
+
+
+@pytest.mark.parametrize(
+    ("argv", "input_size"),
+    [(["tinyunet3d", "--channels", "16", "32"], [1, 3, 64, 64, 64]),
+     (["tinyunet", "--in-chans", "1", "--channels", "16", "32"], [1, 1, 256, 256])],
+)
+def test_profile_default_input_follows_the_model(capsys, argv, input_size):
+    """The default input was 1x3x256x256 whatever the model: a 3D or 1-channel model failed."""
+    assert main(["profile", *argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["input_size"] == input_size

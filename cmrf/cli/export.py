@@ -6,7 +6,12 @@ import argparse
 from pathlib import Path
 
 from cmrf.cli.common import check_output_file
-from cmrf.cli.model_args import add_registry_model_arguments, constructor_kwargs, positive_int
+from cmrf.cli.model_args import (
+    add_registry_model_arguments,
+    constructor_kwargs,
+    default_input_size,
+    positive_int,
+)
 from cmrf.export import DEFAULT_OPSET
 
 __all__ = ["build", "run_export"]
@@ -51,9 +56,7 @@ def _model(args: argparse.Namespace):
 
 def _input_size(args: argparse.Namespace, model, in_chans: int, data: dict) -> list[int]:
     if args.input_size is None:
-        spatial_dims = int(getattr(model, "spatial_dims", 2))
-        side = data.get("img_size") or (256 if spatial_dims == 2 else 64)
-        return [1, in_chans, *([side] * spatial_dims)]
+        return default_input_size(model, in_chans, data.get("img_size"))
     if len(args.input_size) >= 2 and args.input_size[1] != in_chans:
         raise ValueError(
             f"--input-size {' '.join(map(str, args.input_size))} has {args.input_size[1]} channels, but the "

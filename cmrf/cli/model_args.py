@@ -16,8 +16,17 @@ __all__ = [
     "add_registry_model_arguments",
     "checkpoint_model_options",
     "constructor_kwargs",
+    "default_input_size",
     "positive_int",
 ]
+
+
+def default_input_size(model, in_chans: int, side: int | None = None) -> list[int]:
+    """``[1, in_chans, side, ...]`` for ``model``'s spatial dims: ``side`` or 256 for images, 64 for
+    volumes (and 1D signals)."""
+    spatial_dims = int(getattr(model, "spatial_dims", 2))
+    side = side or (256 if spatial_dims == 2 else 64)
+    return [1, in_chans, *([side] * spatial_dims)]
 
 
 def _add_constructor_arguments(group) -> None:
