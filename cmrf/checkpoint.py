@@ -215,7 +215,14 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | 
 
     from cmrf.files import atomic_path
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state, seen = {}, set()
+    for key, value in model.state_dict().items():
+        value = value.detach().cpu().contiguous()
+        # Tied weights share storage, which safetensors refuses: store each name's own copy
+        # (loading copies both names into the one tied tensor, so the tie survives a round trip).
+        storage = value.untyped_storage().data_ptr() if value.numel() else None
+        state[key] = value.clone() if storage in seen else value
+        seen.add(storage)
     with atomic_path(path) as tmp:
         try:
             save_file(state, str(tmp), metadata=metadata)

@@ -571,6 +571,7 @@ def replace_blocks(
         dry_run=bool(dry_run),
         targets_from_model=targets_from_model or bool(nested),
     )
+    given_type = type(example_input).__name__  # a list is taken as a tuple below
     if example_input is None:
         example_input = _default_example(model)
         if example_input is None:
@@ -586,9 +587,14 @@ def replace_blocks(
     if not isinstance(example_input, torch.Tensor) and not (
         isinstance(example_input, tuple) and all(isinstance(t, torch.Tensor) for t in example_input)
     ):
-        raise ValueError(
-            f"example_input must be a tensor (or a tuple of tensors), got {type(example_input).__name__}"
-        )
+        got = given_type
+        if isinstance(example_input, tuple):
+            got += " of " + ", ".join(sorted({type(t).__name__ for t in example_input}))
+        shape_hint = ""
+        sizes = isinstance(example_input, tuple) and all(isinstance(t, int) for t in example_input)
+        if sizes and example_input:
+            shape_hint = f"; for a shape, pass a tensor of it: torch.randn{tuple(example_input)}"
+        raise ValueError(f"example_input must be a tensor (or a tuple of tensors), got {got}{shape_hint}")
     if isinstance(example_input, torch.Tensor):
         report.example_shape = tuple(example_input.shape)
 

@@ -287,3 +287,16 @@ def test_weights_of_wrapped_models_load_into_the_plain_model(tmp_path, prefix):
     path = tmp_path / "compiled.safetensors"
     loaded = cmrf.create_model("tinyunet", channels=(16, 32), checkpoint_path=path)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_tied_weights_save_and_load_back_tied(tmp_path):
+    """Shared storage is refused by safetensors itself ("Some tensors share memory")."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.Conv2d(3, 3, 1))
+    model[1].weight = model[0].weight
+    save_weights(model, tmp_path / "tied.safetensors")
+    state = read_state_dict(tmp_path / "tied.safetensors")
+    assert torch.equal(state["0.weight"], state["1.weight"]) and torch.equal(state["0.bias"], model[0].bias)
+    fresh = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.Conv2d(3, 3, 1))
+    fresh[1].weight = fresh[0].weight
+    cmrf.load_checkpoint(fresh, tmp_path / "tied.safetensors")
+    assert fresh[1].weight is fresh[0].weight and torch.equal(fresh[0].weight, model[0].weight)

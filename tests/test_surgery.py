@@ -461,6 +461,8 @@ def test_probe_failure_is_a_clear_error():
         (dict(targets=["no_such_block*"]), "matches no module"),
         (dict(indivisible="round"), "indivisible must be"),
         (dict(example_input="image.png"), "example_input must be a tensor"),
+        (dict(example_input=[1, 3, 32, 32]),
+         r"got list of int; for a shape, pass a tensor of it: torch\.randn\(1, 3, 32, 32\)"),
     ],
 )
 def test_bad_arguments(kwargs, match):
