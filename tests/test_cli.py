@@ -316,3 +316,27 @@ def test_evaluate_refuses_out_of_range_counts_up_front(run_checkpoint, capsys, f
         main(["evaluate", str(run_checkpoint), *flags])
     assert exit_info.value.code == 2
     assert f"argument {flags[0]}: expected an integer >= " in capsys.readouterr().err
+
+
+def test_ctrl_c_while_starting_is_one_line(monkeypatch, capsys):
+    """Building the parser imports the command's module (seconds): Ctrl-C then gave a traceback."""
+    import cmrf.cli
+
+    def interrupted(command):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cmrf.cli, "build_parser", interrupted)
+    assert main(["profile", "tinyunet"]) == 130
+    assert capsys.readouterr().err == "cmrf profile: interrupted\n"
+
+
+def test_a_closed_output_pipe_ends_quietly(monkeypatch, capsys):
+    """`cmrf profile ... | head`: the reader going away is no user error."""
+    import cmrf.cli.profile
+
+    def reader_gone(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cmrf.cli.profile, "run_profile", reader_gone)
+    assert main(["profile", "tinyunet"]) == 141
+    assert capsys.readouterr().err == ""

@@ -13,7 +13,8 @@ Errors are handled here, once, for every command (docs/cli.md):
   a failed memory allocation (sizes too large for the machine);
 - exit 70 (``EX_SOFTWARE``) and one line ending in "rerun with --debug" for any other exception
   (a bug: please report it with the traceback);
-- exit 130 on Ctrl-C.
+- exit 130 on Ctrl-C (also while the command is still starting);
+- exit 141, quietly, when the reader of its output goes away (``cmrf profile ... | head``).
 
 ``--debug`` (``cmrf --debug COMMAND ...`` or anywhere after the command) or the environment
 variable ``CMRF_DEBUG=1`` shows the full traceback instead of the one line.
@@ -22,6 +23,7 @@ variable ``CMRF_DEBUG=1`` shows the full traceback instead of the one line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import re
@@ -45,6 +47,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 EXIT_USER_ERROR = 2  # bad argument, data, checkpoint, or a file-system error; argparse uses 2 too
 EXIT_INTERNAL = 70  # sysexits.h EX_SOFTWARE: an unexpected exception, i.e. a bug
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away (`cmrf ... | head`)
 
 _DEBUG_HELP = "show the full traceback of an error instead of one line (also: CMRF_DEBUG=1)"
 
@@ -73,6 +76,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def _debug_requested(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "debug", False)) or os.environ.get("CMRF_DEBUG", "") not in ("", "0")
+
+
+def _debug_flag(argv: list[str]) -> bool:
+    """``_debug_requested`` before the arguments are parsed."""
+    return "--debug" in argv or os.environ.get("CMRF_DEBUG", "") not in ("", "0")
+
+
+def _silence_stdout() -> None:
+    """Point stdout at the null device, so Python's flush at exit does not fail a second time."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+    # A stdout without a file descriptor (a captured one) has nothing to redirect.
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -121,8 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``cmrf`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status (see module doc)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(command if command in COMMANDS else None)
-    args = parser.parse_args(argv)
+    try:  # building the parser imports the command's module: seconds in which Ctrl-C is common
+        parser = build_parser(command if command in COMMANDS else None)
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        if _debug_flag(argv):
+            raise
+        name = f"cmrf {command}" if command in COMMANDS else "cmrf"
+        print(f"{name}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if not getattr(args, "run", None):
         parser.print_help()
         return 0 if args.command is None else EXIT_USER_ERROR
@@ -133,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"cmrf {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        if _debug_requested(args):
+            raise
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except Exception as err:
         if _debug_requested(args):
             raise
