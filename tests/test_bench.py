@@ -347,8 +347,10 @@ def test_a_failing_phase_keeps_the_rows_measured_before_it(monkeypatch, interrup
     # the rows the stop left are in the table, skipped, not missing
     cascade = [row for row in report.rows if row.group == "cascade"]
     assert cascade and all(row.status == "skipped" and "the run stopped" in row.note for row in cascade)
+    assert report.interrupted == interrupt and to_json(report)["interrupted"] == interrupt
     if interrupt:
         assert report.notes[0].startswith("the run stopped in its cascade phase: KeyboardInterrupt")
+        assert not any("Traceback" in line for line in lines)  # Ctrl-C is no bug to trace
         return
     assert report.notes[0].startswith("the run stopped in its cascade phase: RuntimeError: CUDA error")
     assert "illegal memory access" in to_markdown(report)
@@ -612,3 +614,17 @@ def test_peak_bandwidth_from_the_properties_else_from_the_datasheet(monkeypatch)
     assert found["no clock"] == 3350.0 and found["h200"] == 4800.0 and found["unknown"] is None
     assert found["gh200"] is None  # 4.0 or 4.9 TB/s by model: not guessed
     assert peak_bandwidth_gbs(torch.device("cpu")) is None
+
+
+def test_bench_cli_exits_130_after_printing_an_interrupted_run(tmp_path, monkeypatch, capsys):
+    """Ctrl-C keeps the table and the JSON, but a script must tell the run was cut short."""
+    import cmrf.bench
+
+    def interrupted_run(settings, progress=None):
+        return Report(machine={"device": "cpu"}, settings={}, notes=["the run stopped"], interrupted=True)
+
+    monkeypatch.setattr(cmrf.bench, "run_benchmark", interrupted_run)
+    monkeypatch.setattr(cmrf.bench, "to_markdown", lambda report: "| table |")
+    out = tmp_path / "bench.json"
+    assert cli_main(["bench", "--device", "cpu", "--rows", "inference.cmrf", "--json", str(out)]) == 130
+    assert "| table |" in capsys.readouterr().out and json.loads(out.read_text())["interrupted"] is True

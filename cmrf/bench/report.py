@@ -78,6 +78,7 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     elapsed_s: float = 0.0
     notes: list[str] = field(default_factory=list)
+    interrupted: bool = False  # stopped by Ctrl-C / SIGINT: the command exits 130 after the table
 
     def row(self, name: str) -> Row | None:
         return next((r for r in self.rows if r.name == name), None)
@@ -248,4 +249,5 @@ def to_json(report: Report) -> dict:
         "rows": [dataclasses.asdict(r) for r in report.rows],
         "skipped": [r.name for r in report.skipped],
         "notes": report.notes,
+        "interrupted": report.interrupted,
     })

@@ -382,6 +382,9 @@ class _Run:
         report keeps the rows measured so far and says why the others are missing."""
         self.stopped = f"the run stopped in its {phase} phase: {harness.describe_error(err)}"
         self.log(f"STOPPED: {self.stopped}")
+        if isinstance(err, KeyboardInterrupt):  # the user's doing: no traceback to read
+            self.report.interrupted = True
+            return
         self._progress(traceback.format_exc().rstrip())  # where it happened, for the next fix
 
     def _notes(self) -> list[str]:

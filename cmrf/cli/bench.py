@@ -80,6 +80,7 @@ def build_cascade(parser: argparse.ArgumentParser):
 
 def run(args: argparse.Namespace) -> int:
     from cmrf.bench import resolve_settings, run_benchmark, to_json, to_markdown
+    from cmrf.cli import EXIT_INTERRUPTED
     from cmrf.files import atomic_write_json
 
     options = {name: getattr(args, name) for name in _SETTINGS}
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json_path:
         atomic_write_json(to_json(report), args.json_path)
         print(f"wrote {args.json_path}", file=sys.stderr)
-    return 0
+    return EXIT_INTERRUPTED if report.interrupted else 0
 
 
 def _progress(line: str) -> None:
