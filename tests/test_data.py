@@ -1050,3 +1050,13 @@ def test_split_and_class_files_from_windows_editors(folder_root: Path, tmp_path_
 
     (folder_root / "classes.txt").write_text("background\nlesion\n", encoding="utf-8-sig")
     assert class_names_for(folder_root, 2) == ["background", "lesion"]
+
+
+def test_a_full_range_of_grey_levels_is_not_offered_as_256_classes(tmp_path: Path):
+    """Soft edges covering every level 0..255 look like class indices 0..255: only the threshold
+    is a sensible suggestion."""
+    ramp = np.resize(np.arange(256, dtype=np.uint8), (16, 20))  # the folder's images are 20 wide, 16 high
+    folder_of(tmp_path, {f"c{i}": ramp for i in range(5)})
+    with pytest.raises(DataError, match=r"(?s)--mask-threshold 128") as error:
+        build_datasets(**folder_options(tmp_path))
+    assert "--num-classes 256" not in str(error.value)

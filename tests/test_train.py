@@ -507,3 +507,27 @@ def test_an_unknown_compile_backend_is_a_usage_error_before_the_data(tmp_path, c
             "--out", str(tmp_path / "run")]
     assert main(argv) == 2  # the missing data folder would be the error if the data came first
     assert "compile backend 'nosuch'" in _one_error_line(capsys)
+
+
+def test_demo_speaks_once_under_torchrun(tmp_path, capsys, monkeypatch):
+    """Every rank runs the command; only rank 0 prints the demo's own lines."""
+    out = tmp_path / "demo"
+    monkeypatch.setenv("RANK", "1")
+    import argparse
+
+    import cmrf.cli.train as cli_train
+
+    monkeypatch.setattr(cli_train, "_replaces_earlier_demo", lambda out: True)
+    run_demo = cli_train._demo(lambda args: _write_metrics(args.out))
+    args = argparse.Namespace(resume=False, overwrite=False, out=str(out), plots=False, overlays=0)
+    assert run_demo(args) == 0
+    assert capsys.readouterr().out == "" and args.overwrite
+
+
+def _write_metrics(out) -> int:
+    import pathlib
+
+    pathlib.Path(out).mkdir(parents=True, exist_ok=True)
+    per_class = {"background": {"iou": 0.9}, "lesion": {"iou": 0.8}}
+    (pathlib.Path(out) / "metrics.json").write_text(json.dumps({"per_class": per_class}))
+    return 0

@@ -255,11 +255,16 @@ def _replaces_earlier_demo(out: str | Path) -> bool:
     return meta.get("command") == "demo"
 
 
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
 def _demo(run_train_fn):
     def run_demo(args: argparse.Namespace) -> int:
         started = time.perf_counter()
+        say = print if int(os.environ.get("RANK", "0")) == 0 else _quiet  # once under torchrun
         if not (args.resume or args.overwrite) and _replaces_earlier_demo(args.out):
-            print(f"replacing the earlier demo run in {args.out}")
+            say(f"replacing the earlier demo run in {args.out}")
             args.overwrite = True
         status = run_train_fn(args)
         metrics = json.loads((Path(args.out) / "metrics.json").read_text())
@@ -268,7 +273,7 @@ def _demo(run_train_fn):
                                             ("training_curve.png", args.plots)) if written]
         figures = f"; open {' and '.join(f'{args.out}/{name}' for name in shown)}" if shown else ""
         seconds = time.perf_counter() - started
-        print(f"demo done in {seconds:.0f} s: foreground IoU {min(foreground):.3f}{figures}")
+        say(f"demo done in {seconds:.0f} s: foreground IoU {min(foreground):.3f}{figures}")
         return status
 
     return run_demo

@@ -217,7 +217,7 @@ def _ambiguous(masks: Sequence[MaskValues], union: set[int]) -> DataError:
         lines.append(f"values {values_text(values)} in {len(paths)} file(s): {examples}")
     ordered = sorted(union)
     hints = [MASK_OPTION_HINT + "."]
-    if ordered == list(range(len(ordered))):
+    if ordered == list(range(len(ordered))) and len(ordered) <= 16:  # more: blurred levels, not classes
         hints.append(f"If these are class indices: --num-classes {len(ordered)}.")
     elif len(ordered) <= 16:
         hints.append(f"To make each value a class: --mask-values {' '.join(map(str, ordered))}.")
