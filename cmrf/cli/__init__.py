@@ -74,13 +74,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _debug_requested(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "debug", False)) or os.environ.get("CMRF_DEBUG", "") not in ("", "0")
-
-
-def _debug_flag(argv: list[str]) -> bool:
-    """``_debug_requested`` before the arguments are parsed."""
-    return "--debug" in argv or os.environ.get("CMRF_DEBUG", "") not in ("", "0")
+def _debug_requested(args: argparse.Namespace | None, argv: list[str] = ()) -> bool:
+    """``--debug`` (parsed into ``args``, or in ``argv`` before parsing) or ``CMRF_DEBUG=1``."""
+    flag = bool(getattr(args, "debug", False)) or "--debug" in argv
+    return flag or os.environ.get("CMRF_DEBUG", "") not in ("", "0")
 
 
 def _silence_stdout() -> None:
@@ -142,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser(command if command in COMMANDS else None)
         args = parser.parse_args(argv)
     except KeyboardInterrupt:
-        if _debug_flag(argv):
+        if _debug_requested(None, argv):
             raise
         name = f"cmrf {command}" if command in COMMANDS else "cmrf"
         print(f"{name}: interrupted", file=sys.stderr)
