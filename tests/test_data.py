@@ -1060,3 +1060,16 @@ def test_a_full_range_of_grey_levels_is_not_offered_as_256_classes(tmp_path: Pat
     with pytest.raises(DataError, match=r"(?s)--mask-threshold 128") as error:
         build_datasets(**folder_options(tmp_path))
     assert "--num-classes 256" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [(dict(val_fraction=0.0), r"--val-fraction 0\.0: expected a fraction strictly between 0 and 1"),
+     (dict(test_fraction="0.2"), r"--test-fraction '0\.2': expected a fraction"),
+     (dict(seed=-1), r"seed -1: expected an integer >= 0")],
+)
+def test_build_datasets_checks_fractions_and_seed_up_front(options, message):
+    """From Python (no argparse in between) these gave "a dataset split has no samples", a bare
+    TypeError or numpy's own message."""
+    with pytest.raises(DataError, match=message):
+        build_datasets(data="synthetic", img_size=32, synthetic_samples=8, **options)

@@ -77,6 +77,15 @@ def _check_options(options: dict) -> None:
     img_size = options["img_size"]
     if isinstance(img_size, bool) or not isinstance(img_size, numbers.Integral) or img_size < 1:
         raise DataError(f"--img-size {img_size!r}: expected an integer >= 1")
+    for name in ("val_fraction", "test_fraction"):  # the CLI's argparse type checks the same
+        value = options[name]
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
+            raise DataError(f"{option_flag(name)} {value!r}: expected a fraction strictly between 0 and 1")
+
+
+def _check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise DataError(f"seed {seed!r}: expected an integer >= 0")
 
 
 def build_datasets(seed: int = 0, **options) -> DataBundle:
@@ -111,6 +120,7 @@ def build_datasets(seed: int = 0, **options) -> DataBundle:
         # 256^3 volumes would not fit a CPU's memory, so volumes get a smaller default.
         options["img_size"] = DEFAULT_IMG_SIZE.get(options["spatial_dims"], 256)
     _check_options(options)
+    _check_seed(seed)
     _check_options_apply(options)
     data, spatial_dims = options["data"], options["spatial_dims"]
     caching = {"cache": options["cache"], "cache_dir": options["cache_dir"]}
