@@ -77,7 +77,7 @@ def _check_options(options: dict) -> None:
     img_size = options["img_size"]
     if isinstance(img_size, bool) or not isinstance(img_size, numbers.Integral) or img_size < 1:
         raise DataError(f"--img-size {img_size!r}: expected an integer >= 1")
-    for name in ("val_fraction", "test_fraction"):  # the CLI's argparse type checks the same
+    for name in ("val_fraction", "test_fraction"):  # as the command line's flag types check them
         value = options[name]
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
             raise DataError(f"{option_flag(name)} {value!r}: expected a fraction strictly between 0 and 1")
