@@ -174,6 +174,33 @@ def test_timm_cfg_overlay_and_tags():
         timm.create_model("tinyunet.imagenet")
 
 
+def test_timm_cfg_overlay_sets_the_models_defaults_as_timm_does():
+    """timm builds ``num_classes`` and ``in_chans`` from a ``pretrained_cfg_overlay`` when they are not
+    given; the cfg then still describes the model."""
+    overlay = dict(num_classes=5, input_size=(1, 48, 48))
+    for build in (create_model, timm.create_model):
+        model = build("tinyunet", pretrained_cfg_overlay=overlay, **SMALL["tinyunet"])
+        assert model.num_classes == 5 and model.in_channels == 1
+        assert model.get_classifier().out_channels == 5
+        assert model.pretrained_cfg["num_classes"] == 5 and model.pretrained_cfg["input_size"] == (1, 48, 48)
+        assert model.pretrained_cfg["mean"] == (NORMALIZE_MEAN,)
+    overlay = dict(input_size=[2, 24, 24, 24])
+    volume = create_model("tinyunet3d", pretrained_cfg_overlay=overlay, **SMALL["tinyunet3d"])
+    assert volume.in_channels == 2 and volume.pretrained_cfg["input_size"] == (2, 24, 24, 24)
+
+
+@pytest.mark.parametrize("kwargs, overlay, key", [
+    (dict(num_classes=3), dict(num_classes=5), "num_classes"),
+    (dict(in_chans=1), dict(input_size=(3, 64, 64)), "input_size"),
+    ({}, dict(input_size=(3, 16, 16, 16)), "input_size"),
+    ({}, dict(mean=(0.5, 0.5)), "mean"),
+    ({}, dict(first_conv="stem"), "first_conv"),
+])
+def test_timm_cfg_overlay_that_contradicts_the_model_is_refused(kwargs, overlay, key):
+    with pytest.raises(ValueError, match=f"pretrained_cfg_overlay {key}=.*contradicts"):
+        timm.create_model("tinyunet", pretrained_cfg_overlay=overlay, **kwargs, **SMALL["tinyunet"])
+
+
 # --- get_classifier / reset_classifier -------------------------------------------------------
 
 

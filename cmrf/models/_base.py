@@ -25,6 +25,9 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # typical volume crop (64 voxels); 1-D signals get 1024 samples.
 DEFAULT_SIDE = {1: 1024, 2: 256, 3: 64}
 
+# cfg entries that state facts about the built model: an overlay may repeat them, not change them.
+_MODEL_FACTS = ("num_classes", "input_size", "min_input_size", "mean", "std", "classifier", "first_conv")
+
 
 def zoo_cfg(spatial_dims: int = 2, in_chans: int = 3, num_classes: int = 2, **overrides: Any) -> dict:
     """A timm ``pretrained_cfg`` entry for ``default_cfgs`` of a zoo model (no weights, no URL).
@@ -63,13 +66,20 @@ def fit_cfg(
     architecture: str | None = None,
     overlay: dict | None = None,
 ) -> dict:
-    """``cfg`` made true for ``model``: its channels, classes, classifier and first conv.
+    """``cfg`` with ``overlay`` (timm's ``pretrained_cfg_overlay``) on top, made true for ``model``:
+    its channels, classes, classifier and first conv.
 
-    ``mean``/``std`` are kept when they have one entry per input channel, else they become the
-    library's constants repeated ``in_channels`` times. ``overlay`` (timm's
-    ``pretrained_cfg_overlay``) is applied last, so what the user asked for wins.
+    The overlay's spatial ``input_size`` and its ``mean``/``std`` are kept; ``mean``/``std`` that
+    do not have one entry per input channel become the library's constants repeated
+    ``in_channels`` times.
+
+    Raises:
+        ValueError: an overlay entry that states a fact about ``model`` and contradicts it
+            (``num_classes``, ``input_size`` of another channel count or dimensionality,
+            ``mean``/``std`` of another length, ``classifier``, ``first_conv``, ``min_input_size``).
     """
-    cfg = dict(cfg)
+    overlay = dict(overlay or {})
+    cfg = {**cfg, **overlay}
     channels, sd = model.in_channels, model.spatial_dims
     size = tuple(cfg.get("input_size") or ())
     spatial = size[1:] if len(size) == sd + 1 else (DEFAULT_SIDE[sd],) * sd
@@ -85,8 +95,24 @@ def fit_cfg(
             cfg[key] = (value,) * channels
     if architecture is not None:
         cfg["architecture"] = architecture
-    cfg.update(overlay or {})
+    _check_overlay(overlay, cfg, type(model).__name__)
     return cfg
+
+
+def _as_compared(value: Any) -> Any:
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def _check_overlay(overlay: dict, cfg: dict, model_name: str) -> None:
+    """Refuse overlay entries the fitted ``cfg`` had to change: the cfg describes the model, so an
+    overlay that contradicts it would be dropped silently or make the cfg false."""
+    for key in _MODEL_FACTS:
+        if key in overlay and _as_compared(overlay[key]) != _as_compared(cfg[key]):
+            raise ValueError(
+                f"pretrained_cfg_overlay {key}={overlay[key]!r} contradicts the {model_name} built, "
+                f"whose {key} is {cfg[key]!r} (cmrf's pretrained_cfg describes the model itself); "
+                f"give the model's arguments (num_classes, in_chans) instead, or overlay agreeing values"
+            )
 
 
 class SegmentationModel(nn.Module):

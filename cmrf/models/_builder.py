@@ -80,6 +80,22 @@ def _resolve_in_channels(kwargs: dict) -> None:
         )
 
 
+def _defaults_from_cfg(cfg: dict | str | None, kwargs: dict) -> None:
+    """As in timm: a given cfg's ``num_classes`` and ``input_size[0]`` are the model's defaults.
+
+    ``timm.create_model(name, pretrained_cfg_overlay=dict(num_classes=5))`` builds five classes; an
+    argument given explicitly wins (and ``fit_cfg`` then refuses the overlay that contradicts it).
+    Only the keys the user wrote count: a tag (a string) or an empty cfg changes nothing.
+    """
+    if not isinstance(cfg, dict):
+        return
+    if cfg.get("num_classes") is not None:
+        kwargs.setdefault("num_classes", cfg["num_classes"])
+    size = cfg.get("input_size")
+    if isinstance(size, (list, tuple)) and size:
+        kwargs.setdefault("in_channels", size[0])
+
+
 def _device_and_dtype(device, dtype) -> tuple[torch.device | None, torch.dtype | None]:
     """timm's ``device``/``dtype`` arguments, checked: a floating-point ``torch.dtype`` (weights
     are trained), and a device torch knows."""
@@ -163,6 +179,8 @@ def build_model(
     if kwargs.pop("features_only", False):
         raise ValueError(f"{variant!r} does not support timm's features_only")
     _resolve_in_channels(kwargs)
+    _defaults_from_cfg(pretrained_cfg, kwargs)
+    _defaults_from_cfg(overlay, kwargs)
     _check_kwargs(model_cls, variant, kwargs, entry_args)
     for key in _NEUTRAL_TIMM_KWARGS:
         kwargs.pop(key, None)

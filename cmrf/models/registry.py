@@ -82,7 +82,7 @@ def create_model(
     name: str,
     pretrained: bool = False,
     in_chans: int | None = None,
-    num_classes: int = 2,
+    num_classes: int | None = None,
     checkpoint_path: str | Path | None = None,
     **kwargs,
 ) -> nn.Module:
@@ -94,7 +94,8 @@ def create_model(
             ``checkpoint_path``. Nothing is ever downloaded.
         in_chans: input channels (timm's name; ``in_channels`` is the same argument). Default:
             the model's, 3.
-        num_classes: output classes. Default 2.
+        num_classes: output classes. Default: the model's, 2 (or, as in timm, the
+            ``num_classes`` of a ``pretrained_cfg_overlay`` given in ``kwargs``).
         checkpoint_path: a ``.safetensors`` file or a ``torch.save``-d state dict (loaded with
             ``weights_only=True``), in this library's key names or the reference code's.
         **kwargs: passed to the model's constructor (e.g. ``N=4``, ``channels=(32, 64)``).
@@ -115,7 +116,9 @@ def create_model(
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if in_chans is not None:
         kwargs["in_chans"] = in_chans
-    model = _ENTRYPOINTS[name](pretrained=pretrained, num_classes=num_classes, **kwargs)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    model = _ENTRYPOINTS[name](pretrained=pretrained, **kwargs)
     if checkpoint_path not in (None, ""):
         from cmrf.checkpoint import load_checkpoint
 
