@@ -130,6 +130,17 @@ def test_nifti_folder_read_as_images_gets_a_hint(nifti_root: Path):
         build("--data", "folder", "--root", str(nifti_root))
 
 
+def test_nifti_single_slices_are_not_trained_as_volumes(tmp_path: Path):
+    """A 2D slice stored as ``(X, Y, 1)`` would be resized to a cube repeating the slice."""
+    for i in range(3):
+        write_volume(tmp_path / "images" / f"s{i}.nii.gz", np.random.default_rng(i).random((6, 7, 1)))
+        write_volume(tmp_path / "masks" / f"s{i}.nii.gz", np.ones((6, 7, 1), dtype=np.uint8))
+    single_slice = r"s0\.nii\.gz has shape \(6, 7, 1\): a single slice.*--spatial-dims 2"
+    with pytest.raises(DataError, match=single_slice):
+        build("--data", "folder", "--root", str(tmp_path), "--spatial-dims", "3", "--img-size", "4",
+              "--val-fraction", "0.3", "--test-fraction", "0.3")
+
+
 def test_nifti_multichannel_volumes(tmp_path: Path):
     for i in range(3):
         write_volume(tmp_path / "images" / f"v{i}.nii", np.random.default_rng(i).random((4, 4, 4, 2)))

@@ -125,6 +125,13 @@ def _spatial_shape(path: Path, kind: str) -> tuple[int, ...]:
     if len(shape) != 3:
         expected = "(X, Y, Z) or (X, Y, Z, C)" if kind == "image" else "(X, Y, Z)"
         raise DataError(f"{kind} file {path} has shape {shape}; expected {expected}")
+    if 1 in shape:
+        # Resizing to a cube would repeat the one slice along that axis: a 2D image trained as a volume.
+        raise DataError(
+            f"{kind} file {path} has shape {shape}: a single slice, not a volume (3D training "
+            f"needs at least 2 voxels per axis); train 2D images with --spatial-dims 2 from PNG or "
+            f"TIFF files (cmrf reads NIfTI only as volumes)"
+        )
     return shape
 
 
