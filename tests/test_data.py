@@ -345,6 +345,21 @@ def test_unreadable_and_missing_files_are_named(tmp_path: Path):
         read_mask_file(tmp_path / "colour.png")
 
 
+def test_broken_links_are_reported_not_skipped(folder_root: Path):
+    """A dangling symlink (a moved dataset) is named: skipped, the image would silently leave the
+    data, and a mask would be reported missing although its file is there."""
+    (folder_root / "images" / "gone.png").symlink_to(folder_root / "elsewhere" / "gone.png")
+    (folder_root / "masks" / "gone.png").write_bytes((folder_root / "masks" / "case0.png").read_bytes())
+    with pytest.raises(DataError, match=r"image file .*gone\.png is a broken link: its target .*elsewhere"):
+        find_folder_pairs(folder_root)
+    (folder_root / "images" / "gone.png").unlink()
+    (folder_root / "masks" / "case3.png").unlink()
+    (folder_root / "masks" / "case3.png").symlink_to(folder_root / "elsewhere" / "case3.png")
+    with pytest.raises(DataError, match=r"mask file .*case3\.png is a broken link") as raised:
+        find_folder_pairs(folder_root)
+    assert "missing" not in str(raised.value)
+
+
 # --- ISIC 2018 -----------------------------------------------------------------------------------
 
 

@@ -44,11 +44,20 @@ def file_stem(name: str, suffixes: Sequence[str]) -> str | None:
 
 
 def _files_by_stem(folder: Path, suffixes: Sequence[str], kind: str, problems: list[str]) -> dict[str, Path]:
-    """Visible files of ``folder`` with one of ``suffixes``, by stem; duplicates go to ``problems``."""
+    """Visible files of ``folder`` with one of ``suffixes``, by stem; duplicates and broken links go
+    to ``problems``."""
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         stem = file_stem(path.name, suffixes)
-        if stem is None or path.name.startswith(".") or not path.is_file():
+        if stem is None or path.name.startswith("."):
+            continue
+        broken_link = path.is_symlink() and not path.exists()
+        if broken_link:
+            # Reported, and kept as found: skipped, an image would vanish from the data unnoticed
+            # and a mask be reported missing although its file is there.
+            target = os.readlink(path)
+            problems.append(f"{kind} file {path} is a broken link: its target {target} does not exist")
+        elif not path.is_file():
             continue
         if stem in found:
             problems.append(
@@ -80,7 +89,7 @@ def find_pairs(
 
     Raises:
         DataError: a missing folder, no images, or (all listed at once, up to a cap) images without
-            a mask and stems that two files share.
+            a mask, stems that two files share and files that are broken symbolic links.
     """
     require_dir(image_dir, f"{kind} folder")
     require_dir(mask_dir, "mask folder")
