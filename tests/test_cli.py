@@ -297,6 +297,16 @@ def test_demo_help_states_the_demos_own_settings(capsys):
     assert all(f"[cmrf demo: {value}]" in text for value in (64, 160, "cpu", -1))
 
 
+def test_evaluate_help_says_data_flags_default_to_the_runs(capsys):
+    """Each data flag's help names the data module's default; evaluate takes the run's instead."""
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    out = capsys.readouterr().out
+    group = out[out.index("\ndata:\n"):]
+    description = " ".join(group[: group.index("  --data")].split())  # argparse wraps lines
+    assert "takes the value the checkpoint's run was trained with" in description
+
+
 def test_outputs_may_not_overwrite_the_checkpoint_they_read(run_checkpoint, tmp_path, capsys):
     """`-o best.safetensors` or `--json best.safetensors` replaced the trained weights."""
     before = run_checkpoint.read_bytes()

@@ -38,10 +38,11 @@ def absolute_path(path: str | os.PathLike) -> Path:
     return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> list[str]:
-    """Add the data options (``--data``, ``--root``, ``--img-size``, ...); return their destinations."""
+def add_data_arguments(parser: argparse.ArgumentParser, description: str | None = None) -> list[str]:
+    """Add the data options (``--data``, ``--root``, ``--img-size``, ...) in a group "data" with
+    ``description`` (shown by ``--help``); return their destinations."""
     before = {action.dest for action in parser._actions}
-    group = parser.add_argument_group("data")
+    group = parser.add_argument_group("data", description)
     group.add_argument("--data", choices=DATA_CHOICES, default="synthetic",
                        help="dataset: built-in synthetic lesions (default, no download), an ISIC 2018 "
                             "Task 1 tree, or a folder with images/ and masks/")

@@ -17,10 +17,16 @@ from cmrf.cli.model_args import (
 )
 from cmrf.train.setup import model_from_checkpoint, torch_threads
 
+_DATA_HELP = (
+    "Each flag not given takes the value the checkpoint's run was trained with (cmrf train records "
+    "them; for another --data or --root, not the run's --split-dir and mask options); the defaults "
+    "named below apply only to a bare state dict and to values a run did not record."
+)
+
 
 def _data_arguments_from_checkpoint(parser: argparse.ArgumentParser) -> None:
     """Data flags whose defaults come from the checkpoint's run (then from the data module)."""
-    data_dests = add_data_arguments(parser)
+    data_dests = add_data_arguments(parser, _DATA_HELP)
     defaults = {dest: parser.get_default(dest) for dest in data_dests}
     parser.set_defaults(**{dest: None for dest in data_dests}, data_defaults=defaults)
 
