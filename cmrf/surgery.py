@@ -8,7 +8,8 @@ model is run once on an example input with forward hooks on every module, and ea
 actual input and output are recorded.
 
 Never replaced: the model itself, modules with a single convolution (stems, 1x1 projections),
-the block holding the network's last-run convolution (the classifier head), modules whose output
+blocks holding a classifier head (the last-run convolution, and each convolution that feeds a model
+output of its channel count through no other convolution), modules whose output
 resolution differs from their input's or that convolve at another resolution inside (pooling,
 strided convolutions, upsampling), modules called with several inputs or keyword arguments,
 modules returning something other than one tensor, and modules that already are a CMRF. A
@@ -254,10 +255,13 @@ class _Call:
 @dataclass
 class _Probe:
     calls: dict[str, list[_Call]]
-    # (path, input shape, output shape, spatial dims of the conv) of every convolution call, in
+    # (path, input shape, output shape, spatial dims, kernel size) of every convolution call, in
     # execution order
-    conv_calls: list[tuple[str, tuple[int, ...], tuple[int, ...], int]]
+    conv_calls: list[tuple[str, tuple[int, ...], tuple[int, ...], int, tuple[int, ...]]]
     output_shapes: object
+    # paths of the classifier heads: convolutions whose output reaches a model output (B, C, *S)
+    # of their channel count through no other convolution, and the last convolution run
+    heads: set[str] = field(default_factory=set)
 
 
 def _describe_call(args: tuple, kwargs: dict, output) -> _Call:
@@ -285,28 +289,82 @@ def _shapes(output):
     return type(output).__name__
 
 
+def _forward(model: nn.Module, example, grad: bool = False) -> object:
+    """``model(example)`` in eval mode without side effects; with ``grad``, recording the autograd
+    graph from the (copied) floating-point inputs, so it reaches every convolution."""
+    if grad:
+        def traced(t: torch.Tensor) -> torch.Tensor:
+            # A non-leaf copy: the model may write into its input in place.
+            return t.detach().requires_grad_(True).clone() if t.is_floating_point() else t
+
+        example = tuple(map(traced, example)) if isinstance(example, tuple) else traced(example)
+    with eval_mode(model), torch.set_grad_enabled(grad), reference_only():
+        return model(*example) if isinstance(example, tuple) else model(example)
+
+
 def _run(model: nn.Module, example) -> object:
     """Forward ``example`` in eval mode without grad or side effects; return output shapes."""
-    with eval_mode(model), torch.no_grad(), reference_only():
-        output = model(*example) if isinstance(example, tuple) else model(example)
-    return _shapes(output)
+    return _shapes(_forward(model, example))
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    """The tensors of a model output (a tensor, or nested tuple/list/dict of them)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = list(output.values())
+    if not isinstance(output, (list, tuple)):
+        return []
+    return [t for item in output for t in _tensors(item)]
+
+
+def _graph_heads(output, conv_nodes: dict) -> set[str]:
+    """Convolutions whose output reaches an output ``(B, C, *S)`` of the model through no other
+    convolution and with its ``C`` channels: the classifier heads, also those of a model with
+    several (deep supervision, auxiliary or edge heads), which run in any order."""
+    heads = set()
+    for tensor in _tensors(output):
+        if tensor.dim() < 3 or tensor.grad_fn is None:
+            continue
+        stack, seen = [tensor.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if node in conv_nodes:
+                path, channels = conv_nodes[node]
+                if channels == tensor.shape[1]:
+                    heads.add(path)
+                continue  # what lies before another convolution is not a head
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return heads
 
 
 def _probe(model: nn.Module, modules: dict[str, nn.Module], example) -> _Probe:
     calls: dict[str, list[_Call]] = {}
-    conv_calls: list[tuple[str, tuple[int, ...], tuple[int, ...], int]] = []
+    conv_calls: list[tuple[str, tuple[int, ...], tuple[int, ...], int, tuple[int, ...]]] = []
+    conv_nodes: dict = {}  # autograd node of each convolution's output -> (path, out channels)
 
     def make_hook(path: str, module: nn.Module):
         def hook(mod, args, kwargs, output):
             calls.setdefault(path, []).append(_describe_call(args, kwargs, output))
             if isinstance(mod, _CONVS) and isinstance(output, torch.Tensor) and args:
-                conv_calls.append((path, tuple(args[0].shape), tuple(output.shape), mod.weight.dim() - 2))
+                shapes = (tuple(args[0].shape), tuple(output.shape))
+                conv_calls.append((path, *shapes, mod.weight.dim() - 2, tuple(mod.kernel_size)))
+                if output.grad_fn is not None:
+                    conv_nodes[output.grad_fn] = (path, output.shape[1])
 
         return hook
 
     handles = [m.register_forward_hook(make_hook(p, m), with_kwargs=True) for p, m in modules.items()]
     try:
-        output_shapes = _run(model, example)
+        try:
+            output = _forward(model, example, grad=True)
+        except Exception:  # a forward that cannot record gradients: probe without the graph
+            for record in (calls, conv_calls, conv_nodes):
+                record.clear()
+            output = _forward(model, example)
     except Exception as err:  # the model's own forward failed: explain what was tried
         shape = tuple(example.shape) if isinstance(example, torch.Tensor) else "a tuple of inputs"
         raise ValueError(
@@ -316,7 +374,10 @@ def _probe(model: nn.Module, modules: dict[str, nn.Module], example) -> _Probe:
     finally:
         for handle in handles:
             handle.remove()
-    return _Probe(calls, conv_calls, output_shapes)
+    heads = _graph_heads(output, conv_nodes)
+    if conv_calls:
+        heads.add(conv_calls[-1][0])
+    return _Probe(calls, conv_calls, _shapes(output), heads)
 
 
 def _default_example(model: nn.Module) -> torch.Tensor | None:
@@ -375,20 +436,21 @@ def _block_problem(path: str, module: nn.Module, probe: _Probe) -> tuple[str | N
     convs = [call for call in probe.conv_calls if call[0].startswith(prefix)]
     # A convolution called on dims + 1 dimensions ran unbatched; another rank of a batched call
     # is a block's own business (an ECA attention's Conv1d over pooled channels).
-    wrong_rank = [(conv, dims) for conv, conv_in, _, dims in convs if len(conv_in) == dims + 1]
+    wrong_rank = [(conv, dims) for conv, conv_in, _, dims, _ in convs if len(conv_in) == dims + 1]
     if wrong_rank:  # an unbatched example_input: (C, H, W) would be read as (B, C, L)
         conv, dims = wrong_rank[0]
         return (f"takes a {in_shape} input, but its convolution {conv} is {dims}-D and wants (B, C) and "
                 f"{dims} spatial sizes: give example_input a batch dimension"), True
-    for conv, conv_in, conv_out, _ in convs:
-        # A global-context branch (squeeze-excitation) runs on pooled 1x1 maps: allowed. A conv
-        # that only shrinks to 1x1 at the probe's size is not one.
-        global_context = all(s == 1 for s in conv_in[2:] + conv_out[2:])
+    for conv, conv_in, conv_out, _, kernel in convs:
+        # A global-context branch (squeeze-excitation) runs 1x1 convolutions on pooled 1x1 maps:
+        # allowed. A wider kernel on a map that only shrank to 1x1 at the probe's size is a
+        # convolution at another resolution, whatever the probe's size.
+        global_context = all(s == 1 for s in conv_in[2:] + conv_out[2:] + kernel)
         if conv_out[2:] != spatial and not global_context:
             return f"runs {conv} at another resolution {conv_out[2:]} inside", False
-    last_conv = probe.conv_calls[-1][0] if probe.conv_calls else None  # its path
-    if last_conv is not None and (last_conv == path or last_conv.startswith(prefix)):
-        return f"holds the network's final convolution {last_conv} (the classifier head)", True
+    heads = sorted(head for head in probe.heads if head == path or head.startswith(prefix))
+    if heads:
+        return f"holds the network's final convolution {heads[0]} (a classifier head)", True
     return None, False
 
 
@@ -453,6 +515,12 @@ def _select(
         if isinstance(module, _CONTAINERS):
             visit(path, module, inherited or (bool(targets) and _matches(targets, path, module)))
             return
+        inner = _excluded_inside(exclude, path, module)
+        if inner is not None:  # replacing the block would remove what exclude keeps
+            if n_convs >= 2:
+                skipped.append(SkippedBlock(path, kind, f"holds the excluded module {inner}"))
+            visit(path, module)
+            return
         targeted = inherited or (bool(targets) and _matches(targets, path, module))
         if targets and not targeted:
             visit(path, module)
@@ -480,6 +548,14 @@ def _select(
 
     visit("", model)
     return plans, skipped
+
+
+def _excluded_inside(exclude: list, path: str, module: nn.Module) -> str | None:
+    """The path of the first module below ``module`` that ``exclude`` matches, or ``None``."""
+    if not exclude:
+        return None
+    inside = ((p, m) for p, m in module.named_modules(prefix=path) if p != path)
+    return next((p for p, m in inside if _matches(exclude, p, m)), None)
 
 
 def _pick_n(out_channels: int, N: int, indivisible: str) -> int | None:
@@ -631,12 +707,41 @@ def replace_blocks(
             )
         )
     if not dry_run:
+        hooked = _hooked_paths(plans)
         _swap_all(model, plans, new_modules, example_input, probe.output_shapes)
         _refresh_first_conv(model)
         report.params_after = sum(p.numel() for p in model.parameters())
+        if hooked:
+            warnings.warn(
+                f"replace_blocks removed modules that had hooks registered ({', '.join(hooked)}); "
+                f"those hooks no longer run: register them again on the CMRF modules if needed",
+                stacklevel=2,
+            )
     else:
-        report.params_after = params_before + sum(r.new_params - r.old_params for r in report.replaced)
+        report.params_after = _kept_params(model, plans) + sum(r.new_params for r in report.replaced)
     return report
+
+
+def _hooked_paths(plans: list[_Plan]) -> list[str]:
+    """Paths of the modules in the planned blocks that have forward or backward hooks."""
+    hook_dicts = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return [
+        path
+        for plan in plans
+        for path, module in plan.module.named_modules(prefix=plan.path)
+        if any(getattr(module, name, None) for name in hook_dicts)
+    ]
+
+
+def _kept_params(model: nn.Module, plans: list[_Plan]) -> int:
+    """Parameters the model keeps after the planned blocks go, each counted once: one shared by
+    two blocks is not removed twice, one a kept module shares is not removed at all."""
+    replaced = tuple(plan.path for plan in plans)
+    kept = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if not any(path == r or path.startswith(r + ".") for r in replaced):
+            kept.update((id(p), p.numel()) for p in module.parameters(recurse=False))
+    return sum(kept.values())
 
 
 def _build_cmrf(plan: _Plan) -> CMRF:

@@ -301,6 +301,10 @@ def test_in_channels_and_in_chans_are_aliases(factory):
         (lambda: CMRF(8, 16, shortcut="no"), "shortcut must be True or False, got 'no'"),
         (lambda: CMRF(8, 16, fused=1), "fused must be True, False or None, got 1"),
         (lambda: create_model("segnet_cmrf", N="4"), "N must be an integer >= 1, got '4'"),
+        (lambda: create_model("segnet_cmrf", N=7),
+         r"segnet_cmrf with N=7: .*encoders\.0 \(64 channels, N=4 there\).*choose N from \[1, 2, 4, 8, 16"),
+        (lambda: create_model("cmunext_cmrf", N=16), r"encoders\.0 \(16 channels, N=8 there\) do not allow; "
+                                                    r"choose N from \[1, 2, 4, 8\]"),
         (lambda: create_model("tinyunet3d", spatial_dims=2), "tinyunet3d is TinyU-Net for volumes .*=2"),
         (lambda: create_model("tinyunet", dtype="float16"), "dtype must be a floating-point .*'float16'"),
         (lambda: create_model("tinyunet", dtype=torch.int8), "dtype must be a floating-point .*torch.int8"),

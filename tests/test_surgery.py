@@ -303,6 +303,21 @@ def test_exclude_keeps_a_subtree():
     assert isinstance(model[2], DoubleConv)
 
 
+def test_exclude_inside_a_block_keeps_the_block():
+    """Replacing the block would remove the excluded module with it."""
+    model = small_stack()
+    kept = model[2].double_conv[0]
+    report = replace_blocks(model, exclude=["2.double_conv.0"])
+    assert report.paths == ["0", "3"] and any(m is kept for m in model.modules())
+    reasons = {s.path: s.reason for s in report.skipped}
+    assert reasons["2"] == "holds the excluded module 2.double_conv.0"
+    assert reasons["2.double_conv.0"] == "excluded"
+    model = small_stack()
+    with pytest.warns(NothingToReplaceWarning, match="holds the excluded module"):
+        replace_blocks(model, exclude=[nn.BatchNorm2d])  # every block holds one
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 6
+
+
 def test_indivisible_channels_reduce_or_skip():
     model = small_stack()
     report = replace_blocks(model, N=8)
@@ -331,6 +346,66 @@ def test_dry_run_changes_nothing_and_predicts_params():
     assert report.dry_run and not report.changed and "would replace" in str(report)
     predicted = report.params_after
     assert replace_blocks(model).params_after == predicted == sum(p.numel() for p in model.parameters())
+
+
+class TiedBlocks(nn.Module):
+    """Two blocks sharing one convolution, and a head sharing nothing."""
+
+    def __init__(self):
+        super().__init__()
+        shared = nn.Conv2d(16, 16, 3, padding=1)
+        self.inc = DoubleConv(3, 16)
+        self.b1 = nn.Sequential(shared, nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+        self.b2 = nn.Sequential(shared, nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.b2(self.b1(self.inc(x))))
+
+
+def test_dry_run_counts_shared_parameters_once():
+    predicted = replace_blocks(TiedBlocks(), dry_run=True).params_after
+    model = TiedBlocks()
+    assert replace_blocks(model).paths == ["inc", "b1", "b2"]
+    assert predicted == sum(p.numel() for p in model.parameters())
+
+
+def test_hooks_on_a_replaced_block_are_reported():
+    model = small_stack()
+    model[2].register_forward_hook(lambda *args: None)
+    model[3].double_conv[0].register_forward_pre_hook(lambda *args: None)
+    with pytest.warns(UserWarning, match=r"had hooks registered \(2, 3\.double_conv\.0\)"):
+        replace_blocks(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        replace_blocks(small_stack())  # no hooks: no warning
+
+
+class TwoHeads(nn.Module):
+    """A segmentation head, then a deep-supervision head run after it (the last convolution)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = DoubleConv(3, 16)
+        self.deep = DoubleConv(16, 16)
+        self.head = nn.Sequential(conv_bn_relu(16, 16), nn.Conv2d(16, 2, 1))
+        self.aux = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        features = self.enc(x)
+        deep = self.deep(F.max_pool2d(features, 2))
+        logits = self.head(features + F.interpolate(deep, scale_factor=2.0))
+        return logits, F.interpolate(self.aux(deep), scale_factor=2.0)
+
+
+def test_every_classifier_head_is_kept_not_only_the_last_run():
+    model = TwoHeads()
+    report = replace_blocks(model)
+    assert report.paths == ["enc", "deep"]
+    assert {s.path: s.reason for s in report.skipped}["head"] == (
+        "holds the network's final convolution head.1 (a classifier head)"
+    )
+    assert isinstance(model.head[1], nn.Conv2d)
 
 
 def test_probe_leaves_running_stats_and_modes_alone():
@@ -540,6 +615,27 @@ def test_a_conv_that_only_shrinks_to_1x1_at_the_probe_size_is_not_global_context
     """At a 2x2 probe the strided conv gives a 1x1 map, as a squeeze-excitation branch does; the
     answer must not depend on the probe size."""
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), Hourglass(16), nn.Conv2d(16, 2, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NothingToReplaceWarning)
+        report = replace_blocks(model, example_input=torch.randn(1, 3, side, side), dry_run=True)
+    assert report.paths == []
+
+
+class PoolToOnePixel(nn.Module):
+    """Pools by 4 and convolves 3x3 there: at a 4x4 probe its maps are 1x1, like a global branch."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.MaxPool2d(4), nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),
+                                  nn.Conv2d(channels, channels, 3, padding=1), nn.Upsample(scale_factor=4))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("side", [4, 8])
+def test_a_wide_kernel_on_a_1x1_map_is_not_a_global_context_branch(side):
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), PoolToOnePixel(16), nn.Conv2d(16, 2, 1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NothingToReplaceWarning)
         report = replace_blocks(model, example_input=torch.randn(1, 3, side, side), dry_run=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import re
 from collections.abc import Callable, Sequence
 
@@ -126,6 +127,27 @@ def _check_kwargs(model_cls: type[nn.Module], variant: str, kwargs: dict, entry_
         neutral = "/".join(_NEUTRAL_TIMM_KWARGS)
         note = f" ({variant} has no dropout or stochastic depth: only {neutral}=0 is accepted)"
     raise UnknownArgumentError(f"{variant} does not take {given}{note}; it accepts: {names}")
+
+
+def require_requested_n(report, N: int, variant: str, base: str) -> None:
+    """Refuse an ``N`` that a block's channels do not allow: ``replace_blocks`` (``report`` is its
+    report) gave that block a smaller ``N'``, where ``create_model(variant, N=N)`` promises ``N``.
+
+    Raises:
+        ValueError: naming the blocks, their channels, the ``N`` each would get, and the ``N``
+            every block allows.
+    """
+    reduced = [r for r in report.replaced if r.N != N]
+    if not reduced:
+        return
+    common = math.gcd(*(r.out_channels for r in report.replaced))
+    allowed = [n for n in range(1, common // 2 + 1) if common % (2 * n) == 0]
+    blocks = ", ".join(f"{r.path} ({r.out_channels} channels, N={r.N} there)" for r in reduced)
+    raise ValueError(
+        f"{variant} with N={N}: every CMRF needs 2N to divide its output channels, which {blocks} "
+        f"do not allow; choose N from {allowed}, or build replace_blocks(create_model({base!r}), {N}), "
+        f"which lowers N only where the channels need it"
+    )
 
 
 def _has_tag(variant: str, tag: str) -> bool:

@@ -26,7 +26,7 @@ from cmrf.layers import (
     maxpool_type,
 )
 from cmrf.models._base import SegmentationModel, zoo_cfg
-from cmrf.models._builder import add_reference_key_hook, build_model, rename_keys
+from cmrf.models._builder import add_reference_key_hook, build_model, rename_keys, require_requested_n
 from cmrf.models.registry import register_model
 
 __all__ = ["CMUNeXt", "checkpoint_filter_fn"]
@@ -294,7 +294,8 @@ def _with_cmrf(model: CMUNeXt, N: int) -> CMUNeXt:
     probe = torch.zeros(
         (1, model.in_channels) + (32,) * model.spatial_dims, device=param.device, dtype=param.dtype
     )
-    replace_blocks(model, N, example_input=probe)
+    report = replace_blocks(model, N, example_input=probe)
+    require_requested_n(report, N, "cmunext_cmrf", "cmunext")
     return model
 
 

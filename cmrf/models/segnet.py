@@ -15,7 +15,7 @@ from torch import nn
 
 from cmrf.layers import ConvBNReLU, check_input, check_positive_int, check_spatial_dims, conv_type
 from cmrf.models._base import SegmentationModel, zoo_cfg
-from cmrf.models._builder import build_model
+from cmrf.models._builder import build_model, require_requested_n
 from cmrf.models.registry import register_model
 
 __all__ = ["SegNet"]
@@ -125,7 +125,8 @@ def _with_cmrf(model: SegNet, N: int) -> SegNet:
 
     param = next(model.parameters())
     probe = torch.zeros((1, model.in_channels) + (model.min_size,) * model.spatial_dims)
-    replace_blocks(model, N, example_input=probe.to(device=param.device, dtype=param.dtype))
+    report = replace_blocks(model, N, example_input=probe.to(device=param.device, dtype=param.dtype))
+    require_requested_n(report, N, "segnet_cmrf", "segnet")
     return model
 
 
