@@ -384,6 +384,9 @@ def run_in_bands(
             part = y if consumer is None else consumer(y)
             if top == 0:
                 shrinks[k] = 1 if part.shape[2] == bottom - top else 2
+                if shrinks[k] == 2 and band_rows % 2:  # bands would pool across their borders
+                    raise ValueError(f"band_rows must be even when a consumer halves the rows (2x "
+                                     f"pooling), got {band_rows}")
                 results[k] = part.new_empty((*part.shape[:2], height // shrinks[k], *part.shape[3:]))
             start = top // shrinks[k]
             results[k][:, :, start : start + part.shape[2]] = part
@@ -876,8 +879,8 @@ class GraphPerShape(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A module in training mode computes something else than the eval-mode graphs (batch
-        # statistics, dropout): it runs as it is.
-        if self.module.training or self._eager(x):
+        # statistics, dropout): it runs as it is. So does a non-tensor: the module names it.
+        if not isinstance(x, torch.Tensor) or self.module.training or self._eager(x):
             return self.module(x)
         self._drop_graphs_if_weights_changed()
         key = self._key(x)
@@ -1042,6 +1045,10 @@ class FrozenCPUInference(CPUGraphPerShape):
         return tuple(x.shape), x.stride()
 
     def _build(self, x: torch.Tensor) -> torch.jit.ScriptModule:  # trace and freeze
+        with torch.no_grad():
+            # Eagerly first: an input the module refuses gets its one-line error, with sizes as
+            # numbers (inside the trace they are tensors).
+            self.module(x)
         # Tracing warns at every Python branch on a size (they are exactly what the per-shape
         # key accounts for) and about TorchScript's maintenance mode; neither concerns the caller.
         with warnings.catch_warnings(), torch.no_grad():
@@ -1110,6 +1117,12 @@ class OnnxRuntimeInference(CPUGraphPerShape):
         module = self.module
         if cmrf_blocks(module):  # not optimized yet: export the fast graph
             module = optimize_for_inference(module)
+        # The graph's outputs are the module's output tensors, flattened: a module with auxiliary
+        # heads returns a tuple or a dict, which the session's outputs are put back into. Run
+        # before the export, so an input the module refuses gets its one-line error, not the
+        # exporter's report.
+        with torch.no_grad():
+            leaves, structure = tree_flatten(module(x))
         with tempfile.TemporaryDirectory(prefix="cmrf-onnx-") as tmp:
             path = Path(tmp) / "model.onnx"
             write_onnx(module, x.detach().contiguous(), path)
@@ -1119,10 +1132,6 @@ class OnnxRuntimeInference(CPUGraphPerShape):
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
         session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-        # The graph's outputs are the module's output tensors, flattened: a module with auxiliary
-        # heads returns a tuple or a dict, which the session's outputs are put back into.
-        with torch.no_grad():
-            leaves, structure = tree_flatten(module(x))
         outputs = len(session.get_outputs())
         if len(leaves) != outputs or not all(isinstance(t, torch.Tensor) for t in leaves):
             raise ValueError(f"{type(self.module).__name__}'s output ({structure}) is not the tensors the "

@@ -32,12 +32,24 @@ DEFAULT_OPSET = 20  # the first opset with a Gelu operator: 1.6x faster in ONNX 
 MIN_OPSET = 18  # torch's dynamo exporter writes opset 18 and converts it up (converting down fails)
 
 
-def check_opset(opset_version) -> int:
-    """``opset_version`` if the exporter can write it: an int from ``MIN_OPSET`` up to what the
-    installed ``onnx`` package knows; else ``ValueError`` naming the range."""
+def newest_opset() -> int:
+    """The newest opset the exporter can write: what the installed ``onnx`` knows, and, where
+    onnxscript states it, what its version converter converts to (the exporter writes opset 18
+    and converts it up; past that limit it keeps 18)."""
     import onnx
 
     newest = onnx.defs.onnx_opset_version()
+    try:  # a private constant: absent in other onnxscript releases
+        from onnxscript.version_converter._version_converter import SUPPORTED_MAX_ONNX_OPSET
+    except ImportError:
+        return newest
+    return min(newest, int(SUPPORTED_MAX_ONNX_OPSET))
+
+
+def check_opset(opset_version) -> int:
+    """``opset_version`` if the exporter can write it: an int from ``MIN_OPSET`` to
+    ``newest_opset()``; else ``ValueError`` naming the range."""
+    newest = newest_opset()
     if isinstance(opset_version, bool) or not isinstance(opset_version, int) or not (
             MIN_OPSET <= opset_version <= newest):
         raise ValueError(f"opset {opset_version!r}: expected an integer from {MIN_OPSET} to {newest} "

@@ -71,7 +71,9 @@ def main() -> None:
     if args.onnx:
         import onnxruntime as ort
 
-        path = cmrf.export_onnx(model, Path(args.onnx), (1, 3, args.size, args.size), dynamic=True)
+        # A graph for any size takes sides that are multiples of 16; others get one for --size only.
+        dynamic = args.size % 16 == 0
+        path = cmrf.export_onnx(model, Path(args.onnx), (1, 3, args.size, args.size), dynamic=dynamic)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -154,6 +154,24 @@ def test_an_opset_the_exporter_cannot_write_is_refused(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_opsets_past_the_converters_newest_are_refused_up_front(tmp_path, capsys):
+    """onnx 1.23 knows opset 28, but onnxscript's converter stops at 25: the exporter then wrote 18,
+    printing a traceback, and the message asked for an opset that had been given."""
+    from cmrf.onnx_writer import newest_opset
+
+    try:
+        from onnxscript.version_converter._version_converter import SUPPORTED_MAX_ONNX_OPSET
+    except ImportError:
+        pytest.skip("this onnxscript does not state its converter's newest opset")
+    assert newest_opset() <= SUPPORTED_MAX_ONNX_OPSET
+    past = newest_opset() + 1
+    argv = ["export", "onnx", *SMALL, "--opset", str(past), "-o", str(tmp_path / "x.onnx")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"opset {past}: expected an integer from 18 to {newest_opset()}" in _one_error_line(err)
+    assert "Traceback" not in err and not list(tmp_path.iterdir())
+
+
 # --- SegNet: max-unpooling cannot follow a dynamic size ----------------------------------------
 
 

@@ -398,6 +398,10 @@ def test_run_in_bands_checks_arguments():
         run_in_bands(_neg, x, 2, halo=-1)
     with pytest.raises(ValueError, match="at least one input tensor"):
         run_in_bands(_neg, (), 2)
+    pool = lambda y: F.max_pool2d(y, 2)  # noqa: E731
+    with pytest.raises(ValueError, match="band_rows must be even when a consumer halves the rows.*got 3"):
+        run_in_bands(_neg, torch.randn(1, 1, 8, 4), 3, consumers=[pool])
+    assert torch.equal(run_in_bands(_neg, x, 1, consumers=[None])[0], -x)  # odd is fine without pooling
 
 
 # --- the CPU graph's pieces -------------------------------------------------------------------
@@ -627,6 +631,22 @@ def _graph_wrapper(kind: str, module: torch.nn.Module):
             pytest.skip(f"ONNX export needs torch >= 2.5, this is {torch.__version__}")
         return OnnxRuntimeInference(module, threads=1)
     return FrozenCPUInference(module)
+
+
+@pytest.mark.parametrize("kind", ["freeze", "onnxruntime"])
+def test_graph_wrappers_refuse_bad_input_as_the_model_does(small_unet, kind):
+    """The model's one-line ValueError, sizes as numbers: not the exporter's report (a
+    RuntimeError) nor a trace's tensor sizes; a numpy array is named, not an AttributeError."""
+    import numpy as np
+
+    fast = _graph_wrapper(kind, optimize_for_inference(small_unet))
+    for bad in (torch.randn(1, 4, 32, 32), torch.randn(1, 3, 2, 32), np.zeros((1, 3, 32, 32), np.float32)):
+        with pytest.raises(ValueError) as original:
+            small_unet(bad)
+        with pytest.raises(ValueError) as wrapped:
+            fast(bad)
+        assert str(wrapped.value) == str(original.value) and "tensor(" not in str(wrapped.value)
+    assert fast.num_graphs == 0
 
 
 @pytest.mark.parametrize("kind", ["freeze", "onnxruntime"])

@@ -138,6 +138,11 @@ def test_out_must_not_be_an_input_folder_nor_overwrite_an_input(checkpoint, imag
     assert main(["predict", str(checkpoint), *files, "--out", str(images), "--device", "cpu"]) == 2
     assert f"is also the folder of the input {images / 'a.png'}" in capsys.readouterr().err
     assert truth.read_bytes() == before and not list(images.glob("*_overlay.png"))
+    # through a folder that does not exist yet: images/new/.. is images once new is made
+    through = images / "new" / ".."
+    assert main(["predict", str(checkpoint), str(images), "--out", str(through), "--device", "cpu"]) == 2
+    assert "is also an input folder" in capsys.readouterr().err
+    assert truth.read_bytes() == before and not (images / "new").exists()
     # an input in --out, named like another input's output: refused before anything is written
     out = tmp_path / "out"
     out.mkdir()

@@ -12,7 +12,7 @@ from cmrf.cli.model_args import (
     default_input_size,
     positive_int,
 )
-from cmrf.export import DEFAULT_OPSET
+from cmrf.onnx_writer import DEFAULT_OPSET, MIN_OPSET
 
 __all__ = ["build", "run_export"]
 
@@ -28,7 +28,8 @@ def build(parser: argparse.ArgumentParser):
                              "run's image size or 256 per side, 64 for volumes)")
     parser.add_argument("--dynamic", action="store_true", help="dynamic batch and spatial size")
     parser.add_argument("--opset", type=positive_int, default=DEFAULT_OPSET,
-                        help=f"ONNX opset (default {DEFAULT_OPSET})")
+                        help=f"ONNX opset, from {MIN_OPSET} to the newest the installed exporter writes "
+                             f"(default {DEFAULT_OPSET})")
     parser.add_argument("--no-optimize", action="store_true",
                         help="export the plain model (slower in ONNX Runtime)")
     parser.add_argument("-o", "--output", required=True, metavar="FILE",

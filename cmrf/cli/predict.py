@@ -141,8 +141,7 @@ def _check_out_is_not_an_input_folder(out: Path, inputs: Sequence[str]) -> None:
     """Masks written among the images would overwrite files there (a ground-truth ``a_mask.png``)
     and be read as images by the next run over that folder: ``--out`` may be neither a folder given
     as input nor the folder of an image given as input (``data/*.jpg --out data``)."""
-    if not out.exists():
-        return
+    # Resolved even when it does not exist yet: "data/new/.." is "data" once "new" is made.
     for item in map(Path, inputs):
         folder = item if item.is_dir() else item.parent if item.is_file() else None
         if folder is not None and folder.resolve() == out.resolve():
