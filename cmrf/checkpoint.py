@@ -58,6 +58,16 @@ def _truncated(path: Path, kind: str, err: BaseException) -> ValueError:
     return ValueError(f"cannot read weights from {path}: file is truncated or not a {kind} file ({detail})")
 
 
+def load_error_detail(err: BaseException) -> str:
+    """The one fact in a ``torch.load(weights_only=True)`` failure: the unpickler's reason, else the
+    error's first sentence (torch's messages go on with advice, such as dropping ``weights_only``,
+    that must not reach users)."""
+    if "WeightsUnpickler error:" in str(err):
+        return _weights_unpickler_reason(err)
+    text = str(err).strip()
+    return text.splitlines()[0].split(". ")[0] if text else type(err).__name__
+
+
 def _weights_unpickler_reason(err: BaseException) -> str:
     """The first non-empty line after torch's "WeightsUnpickler error:" (the message's only fact)."""
     text = str(err).partition("WeightsUnpickler error:")[2]

@@ -202,6 +202,24 @@ def test_a_failed_final_evaluation_says_the_epochs_are_safe_and_resume_finishes(
     assert [r["epoch"] for r in json.loads((out / "metrics.json").read_text())["history"]] == [1, 2]
 
 
+def test_resume_removes_a_killed_writers_temporaries_and_names_a_damaged_state(tmp_path, capsys):
+    """A kill during the state write leaves its temporary file; a damaged state is one short line,
+    without torch's advice to load with weights_only=False."""
+    out = tmp_path / "run"
+    argv = ["train", *TINY, "--synthetic-samples", "8", "--epochs", "1", "--no-plots", "--out", str(out)]
+    assert main(argv) == 0
+    left = out / ".last_state.pt.k1ll3d.tmp.pt"
+    left.write_bytes(b"half a state")
+    assert main([*argv, "--resume"]) == 0
+    assert not left.exists() and not _temporary_files(out)
+    capsys.readouterr()
+    (out / STATE_FILE).write_bytes(b"garbage\n")
+    assert main([*argv, "--resume"]) == 2
+    err = _one_error_line(capsys)
+    assert f"cannot read training state {out / STATE_FILE}: damaged or not a torch file (" in err
+    assert "weights_only" not in err and len(err) < 250
+
+
 def _temporary_files(folder) -> list[str]:
     """Files named as cmrf.files.atomic_path names its temporary files: ``.NAME.<random>.tmp<suffix>``."""
     return [p.name for p in folder.iterdir() if p.name.startswith(".") and ".tmp" in p.name]
@@ -309,6 +327,9 @@ def test_replace_blocks_on_a_cmrf_model_is_refused(tmp_path, capsys):
     reach the model (it trained with N=8 while the metadata said 2)."""
     argv = ["train", *TINY, "--replace-blocks", "--N", "2", "--epochs", "1", "--out", str(tmp_path / "r")]
     assert main(argv) == 2
+    assert "--replace-blocks: model 'tinyunet' is built from CMRF blocks already" in capsys.readouterr().err
+    # also with widths the model's default N=8 does not allow (that error named an N not given)
+    assert main([*argv, "--channels", "8", "16"]) == 2
     assert "--replace-blocks: model 'tinyunet' is built from CMRF blocks already" in capsys.readouterr().err
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
 

@@ -13,7 +13,7 @@ Errors are handled here, once, for every command (docs/cli.md):
   a failed memory allocation (sizes too large for the machine);
 - exit 70 (``EX_SOFTWARE``) and one line ending in "rerun with --debug" for any other exception
   (a bug: please report it with the traceback);
-- exit 130 on Ctrl-C (also while the command is still starting);
+- exit 130 on Ctrl-C (also while the command is still starting, once torch is imported);
 - exit 141, quietly, when the reader of its output goes away (``cmrf profile ... | head``).
 
 ``--debug`` (``cmrf --debug COMMAND ...`` or anywhere after the command) or the environment

@@ -276,6 +276,8 @@ def _clear(run: _Run) -> None:
 
 def _resume(run: _Run) -> None:
     """Continue from ``last_state.pt``, after checking that it is this run's."""
+    if run.processes.is_main:  # what a kill during a write left: never read, only taking space
+        run.files.remove_temporaries()
     if not run.files.state.is_file():
         run.log(f"nothing to resume in {run.files.out} (no {run.files.state.name}): starting a new run")
         return

@@ -62,11 +62,17 @@ class RunFiles:
         removed = self.existing()
         for path in removed:
             path.unlink()
-        for path in self.all():
-            # cmrf.files names its temporary files ".NAME.<random>.tmp<suffix>"
-            for tmp in self.out.glob(f".{path.name}.*.tmp*"):
-                tmp.unlink()
+        self.remove_temporaries()
         return removed
+
+    def remove_temporaries(self) -> list[Path]:
+        """Delete the temporary files a writer killed mid-write left (a run's files are written to
+        a temporary file renamed into place); return them."""
+        # cmrf.files names its temporary files ".NAME.<random>.tmp<suffix>"
+        found = [tmp for path in self.all() for tmp in self.out.glob(f".{path.name}.*.tmp*")]
+        for tmp in found:
+            tmp.unlink(missing_ok=True)
+        return found
 
 
 class RunFolderError(ValueError):

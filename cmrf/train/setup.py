@@ -64,6 +64,11 @@ def build_model(
     if spatial_dims == 3 and name == "tinyunet":
         name = "tinyunet3d"
     model_kwargs = model_kwargs or {}
+    if replace_blocks_n is not None and new_run and _built_from_cmrf(name):
+        # Before building with the user's arguments: their --channels may not suit the model's
+        # default N, an error about an N the user did not give.
+        raise ValueError(f"--replace-blocks: model {name!r} is built from CMRF blocks already; "
+                         f"leave --replace-blocks out (--N then sets their N)")
     try:
         model = create_model(name, in_chans=in_chans, num_classes=num_classes, **model_kwargs)
     except TypeError as err:  # a constructor argument this model does not have (--N, --channels)
@@ -83,6 +88,19 @@ def build_model(
         if report:
             print(replaced)
     return model, name
+
+
+def _built_from_cmrf(name: str) -> bool:
+    """Whether model ``name``, with its default arguments, holds CMRF blocks (built on the meta
+    device: no memory, no initialisation). ``False`` when it cannot be built there."""
+    from cmrf.layers import cmrf_blocks
+    from cmrf.models import create_model
+
+    try:
+        with torch.device("meta"):
+            return bool(cmrf_blocks(create_model(name)))
+    except Exception:  # an entry point that cannot build on "meta": the check after building decides
+        return False
 
 
 def model_from_checkpoint(

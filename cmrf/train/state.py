@@ -408,7 +408,10 @@ def load_training_state(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
-        raise ValueError(f"cannot read training state {path} ({err})") from err
+        from cmrf.checkpoint import load_error_detail
+
+        raise ValueError(f"cannot read training state {path}: damaged or not a torch file "
+                         f"({load_error_detail(err)})") from err
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ValueError(f"{path} is not a cmrf training state (expected format {STATE_FORMAT!r})")
     return state
