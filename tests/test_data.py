@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import struct
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +38,7 @@ from cmrf.data import (
     read_mask_file,
     save_mask_png,
 )
-from cmrf.data.imageio import dequantize, quantize, resize_image
+from cmrf.data.imageio import decode_image, decode_mask, dequantize, quantize, resize_image
 
 
 def as_stored(image: torch.Tensor) -> torch.Tensor:
@@ -358,6 +360,31 @@ def test_broken_links_are_reported_not_skipped(folder_root: Path):
     with pytest.raises(DataError, match=r"mask file .*case3\.png is a broken link") as raised:
         find_folder_pairs(folder_root)
     assert "missing" not in str(raised.value)
+
+
+def test_a_mask_whose_stem_differs_in_case_is_named(folder_root: Path):
+    (folder_root / "masks" / "case4.png").rename(folder_root / "masks" / "Case4.png")
+    with pytest.raises(DataError, match=r"mask for image .*case4\.png is missing: expected .*case4\.png .*"
+                                        r"\(Case4\.png is there: stems must match in case too\)"):
+        find_folder_pairs(folder_root)
+
+
+def test_classes_txt_comments_are_skipped_and_one_name_is_refused(folder_root: Path):
+    options = folder_options(folder_root)
+    (folder_root / "classes.txt").write_text("# names of the classes\nbackground\n\nlesion\n")
+    assert build_datasets(**options).class_names == ["background", "lesion"]
+    (folder_root / "classes.txt").write_text("background\n")
+    with pytest.raises(DataError, match=r"classes\.txt names 1 class\(es\); segmentation needs at least 2"):
+        build_datasets(**options)
+
+
+def test_an_image_replaced_by_a_16_bit_one_after_the_checks_is_named(folder_root: Path):
+    bundle = build_datasets(**{**folder_options(folder_root), "cache": "memory"})
+    image = bundle.train.pairs[0].image
+    Image.fromarray(np.full((16, 20), 3000, dtype=np.uint16)).save(image)
+    with pytest.raises(DataError, match=r"the image of sample \d+ \(.*\) now decodes to uint16 values, "
+                                        r"the checked data to uint8; was the file changed"):
+        bundle.train[0]
 
 
 # --- ISIC 2018 -----------------------------------------------------------------------------------
@@ -923,6 +950,58 @@ def test_images_are_turned_by_their_exif_orientation(tmp_path: Path, suffix):
     image, mask = bundle.train[0]
     bright = denormalize(image).mean(0) > 0.5
     assert (bright == mask.bool()).float().mean() > 0.9
+
+
+def test_a_mask_drawn_on_the_stored_pixels_of_a_turned_photo_gets_a_hint(tmp_path: Path):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for i in range(5):
+        image_path, mask_path = write_pair(tmp_path, f"p{i}", size=(32, 24), image_suffix=".jpg", seed=i)
+        Image.open(image_path).save(image_path, exif=exif.tobytes())  # stored 32x24, shown 24x32
+    with pytest.raises(DataError, match=r"p0\.jpg is 24x32 but its mask .* is 32x24 .*EXIF orientation "
+                                        r"turns it a quarter \(stored 32x24\)"):
+        build_datasets(**folder_options(tmp_path))
+
+
+def _png_with_16_bit_samples(path: Path, samples: np.ndarray) -> None:
+    """A PNG of ``samples`` (H, W, C) uint16, C = 2 (grey + alpha) or 3 (RGB): what OpenCV writes
+    for a 3-channel uint16 array, and what Pillow cannot save."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width, channels = samples.shape
+    header = struct.pack(">IIBBBBB", width, height, 16, {2: 4, 3: 2}[channels], 0, 0, 0)
+    rows = b"".join(b"\x00" + samples[y].astype(">u2").tobytes() for y in range(height))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+
+
+def test_colour_files_with_16_bit_samples_are_refused(tmp_path: Path):
+    """Pillow reads them to 8 bits (the high byte): classes 1..3 became 0, 12-bit data nearly black."""
+    classes = np.zeros((6, 8, 3), dtype=np.uint16)
+    classes[:, :4] = 3
+    _png_with_16_bit_samples(tmp_path / "m.png", classes)
+    with pytest.raises(DataError, match=r"mask file .*m\.png stores 16 bits per colour sample \(RGB;16B\)"):
+        decode_mask(tmp_path / "m.png")
+    _png_with_16_bit_samples(tmp_path / "la.png", np.ones((6, 8, 2), dtype=np.uint16))
+    with pytest.raises(DataError, match=r"la\.png stores 16 bits per colour sample \(LA;16B\)"):
+        decode_mask(tmp_path / "la.png")
+    _png_with_16_bit_samples(tmp_path / "i.png", np.full((6, 8, 3), 4000, dtype=np.uint16))
+    with pytest.raises(DataError, match=r"image file .*i\.png stores 16 bits per colour sample"):
+        decode_image(tmp_path / "i.png", 8)
+    with pytest.raises(DataError, match=r"image file .*i\.png stores 16 bits"):
+        image_size(tmp_path / "i.png")  # the header check, before any decoding
+    Image.fromarray(np.zeros((6, 8, 3), dtype=np.uint8)).save(tmp_path / "rgb565.bmp", bits=16)
+    assert image_size(tmp_path / "rgb565.bmp") == (6, 8)  # 16 bits per pixel, read in full: fine
+
+
+def test_tiffs_of_several_pages_are_refused(tmp_path: Path):
+    pages = [Image.fromarray(np.full((6, 8), value, dtype=np.uint8)) for value in (0, 255)]
+    pages[0].save(tmp_path / "m.tif", save_all=True, append_images=pages[1:])
+    with pytest.raises(DataError, match=r"mask file .*m\.tif is a TIFF of 2 pages"):
+        decode_mask(tmp_path / "m.tif")
+    pages[0].save(tmp_path / "one.tif")
+    assert decode_mask(tmp_path / "one.tif").present.tolist() == [0]
 
 
 @pytest.mark.parametrize("suffix", [".jpg", ".png", ".tif", ".webp"])

@@ -79,7 +79,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, description: str | None 
                             "(default; falls back to disk if it would not fit), on disk (kept between runs), "
                             "or not at all")
     group.add_argument("--cache-dir", type=absolute_path, default=None,
-                       help="folder of --cache disk (default $CMRF_CACHE_DIR or ~/.cache/cmrf/data)")
+                       help="folder of --cache disk (default $CMRF_CACHE_DIR, else "
+                            "$XDG_CACHE_HOME/cmrf/data, else ~/.cache/cmrf/data)")
     return [action.dest for action in parser._actions if action.dest not in before]
 
 

@@ -94,7 +94,14 @@ class CachedSource:
         if image is None or mask is None:
             new_image, new_mask = self.decode(index, image is None, mask is None)
             if image is None:
-                image = as_storage(new_image, layout.image_dtype)
+                try:
+                    image = as_storage(new_image, layout.image_dtype)
+                except ValueError:  # 16-bit now, 8-bit when checked: the file was replaced meanwhile
+                    raise DataError(
+                        f"the image of sample {index} ({self.describe(index)}) now decodes to "
+                        f"{new_image.dtype} values, the checked data to {np.dtype(layout.image_dtype)}; "
+                        f"was the file changed after the data was checked?"
+                    ) from None
                 store.put_image(index, image)
             if mask is None:
                 mask = new_mask.astype(layout.mask_dtype, copy=False)

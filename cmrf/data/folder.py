@@ -90,9 +90,14 @@ class ImagePairSource(CachedSource):
         mask = decode_mask(pair.mask)
         height, width = mask.values.shape
         if (header.height, header.width) != (height, width):
+            turned = ""
+            if header.quarter_turned and (header.width, header.height) == (height, width):
+                turned = (f"; the image's EXIF orientation turns it a quarter (stored {header.height}x"
+                          f"{header.width}) and cmrf reads it as viewers show it, so a mask drawn on "
+                          f"the stored pixels must be turned alike")
             raise DataError(
                 f"image {pair.image} is {header.width}x{header.height} but its mask {pair.mask} is "
-                f"{width}x{height} (width x height); they must match"
+                f"{width}x{height} (width x height); they must match{turned}"
             )
         facts = {"image_mode": header.mode, "values": mask.present.tolist(), "lossy": bool(mask.lossy)}
         return facts, resize_nearest(mask.values, self.img_size)

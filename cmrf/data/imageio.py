@@ -4,6 +4,7 @@ decoded samples are cached. Imports only :mod:`cmrf.data.base` of the package.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -50,16 +51,54 @@ def _unreadable() -> tuple[type[BaseException], ...]:
 
 
 class ImageHeader(NamedTuple):
-    """What an image file's header says: ``height``, ``width``, Pillow ``mode`` and ``format``."""
+    """What an image file's header says: ``height``, ``width``, Pillow ``mode`` and ``format``;
+    ``quarter_turned``: its EXIF orientation turns it a quarter (the sides are the shown ones)."""
 
     height: int
     width: int
     mode: str
     format: str | None
+    quarter_turned: bool = False
 
 
 def _missing(path: Path, kind: str) -> DataError:
     return DataError(f"{kind} file {path} does not exist")
+
+
+# Raw modes of colour files with 16 bits per sample (48-bit RGB PNG/TIFF, 16-bit grey + alpha):
+# Pillow opens them as 8-bit RGB/RGBA and keeps only each sample's high byte. (A BMP's "BGR;16"
+# is 16 bits per pixel, decoded in full, and does not match.)
+_SIXTEEN_BIT_COLOUR = re.compile(r"^(RGB|RGBA|RGBX|LA);16[BLN]?$")
+
+
+def _raw_modes(image) -> list[str]:
+    """The raw (stored) modes of a just-opened image's tiles."""
+    modes = []
+    for tile in getattr(image, "tile", None) or ():
+        args = tile[3] if len(tile) > 3 else None
+        raw = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else None
+        if isinstance(raw, str):
+            modes.append(raw)
+    return modes
+
+
+def _check_storage(image, path: Path, kind: str) -> None:
+    """Refuse files Pillow would read as something else than stored, without a word: colour with
+    16 bits per sample (read to 8 bits: class values lost, low-range data nearly black) and TIFFs
+    of several pages (only the first is read)."""
+    sixteen_bit = [raw for raw in _raw_modes(image) if _SIXTEEN_BIT_COLOUR.match(raw)]
+    if sixteen_bit:
+        loss = "its class values would be lost" if kind == "mask" else "only the high bytes would be kept"
+        raise DataError(
+            f"{kind} file {path} stores 16 bits per colour sample ({sixteen_bit[0]}), which Pillow reads "
+            f"to 8 bits ({loss}); save it with 8-bit colour samples, or as a 16-bit grey (one channel) image"
+        )
+    pages = int(getattr(image, "n_frames", 1) or 1)
+    if image.format == "TIFF" and pages > 1:
+        raise DataError(
+            f"{kind} file {path} is a TIFF of {pages} pages; cmrf reads single-page images (only the "
+            f"first page would be used): save each page as a file of its own"
+        )
 
 
 def image_header(path: str | Path, kind: str = "image") -> ImageHeader:
@@ -79,10 +118,12 @@ def image_header(path: str | Path, kind: str = "image") -> ImageHeader:
         raise _missing(path, kind)
     try:
         with Image.open(path) as image:
+            _check_storage(image, path, kind)
             height, width = image.height, image.width
-            if _orientation(image) in _QUARTER_TURNS:  # shown (and read) a quarter turn round
+            turned = _orientation(image) in _QUARTER_TURNS
+            if turned:  # shown (and read) a quarter turn round
                 height, width = width, height
-            return ImageHeader(height, width, image.mode, image.format)
+            return ImageHeader(height, width, image.mode, image.format, turned)
     except _unreadable() as err:
         raise DataError(f"cannot read {kind} file {path}: {type(err).__name__}: {err}") from None
 
@@ -127,6 +168,7 @@ def _open_image(path: Path, kind: str, draft: tuple[str, int] | None = None):
         raise _missing(path, kind)
     try:
         image = Image.open(path)
+        _check_storage(image, path, kind)
         # As viewers, annotation tools and OpenCV's imread show it: a photo taken sideways carries
         # the turn in EXIF, and its mask was drawn on the turned view. Read before loading, as
         # image_header reads it.

@@ -299,16 +299,22 @@ def resolve_classes(
 
 
 def class_names_for(root: Path | None, num_classes: int | None = None) -> list[str] | None:
-    """Names from ``root/classes.txt`` (one per line) if present, else generic names.
+    """Names from ``root/classes.txt`` (one per line; blank lines and lines starting with ``#``,
+    comments, are skipped, as in split files) if present, else generic names.
 
     With ``num_classes`` None, returns the file's names or None if there is no file.
 
     Raises:
-        DataError: ``classes.txt`` names a different number of classes than ``num_classes``.
+        DataError: ``classes.txt`` names fewer than 2 classes (segmentation needs background and
+            at least one more), or a different number than ``num_classes``.
     """
     file = None if root is None else root / "classes.txt"
     if file is not None and file.is_file():
-        names = [line.strip() for line in read_text_lines(file) if line.strip()]
+        lines = (line.strip() for line in read_text_lines(file))
+        names = [line for line in lines if line and not line.startswith("#")]
+        if len(names) < 2:
+            raise DataError(f"{file} names {len(names)} class(es); segmentation needs at least 2, "
+                            f"background first, one name per line")
         if num_classes is not None and len(names) != num_classes:
             raise DataError(f"{file} names {len(names)} classes but the data has {num_classes}")
         return names

@@ -105,7 +105,10 @@ def find_pairs(
         mask = masks.get(mask_stem(stem))
         if mask is None:
             expected = mask_dir / f"{mask_stem(stem)}{mask_suffixes[0]}"
-            problems.append(f"mask for {kind} {image} is missing: expected {expected}{others}")
+            wanted = mask_stem(stem).casefold()
+            near = next((m.name for other, m in masks.items() if other.casefold() == wanted), None)
+            case = f" ({near} is there: stems must match in case too)" if near else ""
+            problems.append(f"mask for {kind} {image} is missing: expected {expected}{others}{case}")
         else:
             pairs.append(Pair(stem, image, mask))
     if problems:
