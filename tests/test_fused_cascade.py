@@ -122,6 +122,30 @@ def test_training_forward_backward_and_running_stats(N):
     assert_stages_match(stages, ref_stages)
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_an_empty_batch_gives_what_the_reference_gives(train):
+    """PyTorch's BatchNorm refuses one value per channel in training, not zero (it refused both)."""
+    stages = make_stages(2, 4).train(train)
+    y = torch.randn(0, 4, 6, 5, device=DEVICE)
+    (out, y_fused), (expected, y_ref), ref_stages = run_both(y, stages)
+    assert out.shape == expected.shape == (0, 8, 6, 5)
+    assert y_fused.grad.shape == y.shape
+    assert_stages_match(stages, ref_stages)
+
+
+def test_double_backward_is_refused_not_silently_wrong():
+    """The kernels' gradients carry no graph: with create_graph=True a gradient penalty lost this
+    op's second-order part without an error."""
+    stages = make_stages(2, 3)
+    y = torch.randn(1, 4, 5, 5, device=DEVICE, requires_grad=True)
+    out = cascade_concat(y, stages, fused=True)
+    with pytest.raises(RuntimeError, match="fused CMRF cascade has no double backward.*fused=False"):
+        torch.autograd.grad(out.square().sum(), y, create_graph=True)
+    again = cascade_concat(y, stages, fused=True)  # a plain backward still works
+    (grad,) = torch.autograd.grad(again.sum(), y)
+    assert grad.shape == y.shape and not grad.requires_grad
+
+
 @pytest.mark.parametrize("N", [2, 4, 8])
 def test_inference_folded_matches(N):
     stages = make_stages(3, N).eval()

@@ -44,6 +44,16 @@ def _fwd_bwd(x, size, mode, method):
     return out, grad
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_an_empty_batch_upsamples_forward_and_backward(method):
+    """pixel_shuffle's backward (the "conv" method, CUDA's default with a backward) refused an
+    empty batch."""
+    x = torch.randn(0, 3, 4, 4, requires_grad=True)
+    out = upsample_to(x, (8, 8), "bicubic", method=method)
+    out.sum().backward()
+    assert out.shape == (0, 3, 8, 8) and x.grad.shape == x.shape
+
+
 @pytest.mark.parametrize("method", [m for m in FAST if m in ("conv", "matmul")])  # the cached ones
 def test_training_after_validation_under_inference_mode(method):
     """Validate under torch.inference_mode(), then train: the cached upsampling constants made

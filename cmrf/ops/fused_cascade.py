@@ -229,11 +229,17 @@ def cascade_concat_fused(y: torch.Tensor, stages) -> torch.Tensor:
     Raises:
         ValueError: training-mode BatchNorm with one value per channel (as PyTorch).
     """
+    if y.numel() == 0:
+        # Nothing for the kernels to compute; the reference treats an empty batch as PyTorch does
+        # (an empty output, running statistics kept).
+        from cmrf.ops.cascade import cascade_concat_reference
+
+        return cascade_concat_reference(y, stages)
     c = y.shape[1] // 2
     norms = _norms(stages)
     first = norms[0]
     use_batch_stats = first.training or first._buffers["running_mean"] is None
-    if use_batch_stats and y.shape[0] * y.shape[2] * y.shape[3] <= 1:
+    if use_batch_stats and y.shape[0] * y.shape[2] * y.shape[3] == 1:
         raise ValueError(
             f"BatchNorm needs more than 1 value per channel when training, got input size {tuple(y.shape)}"
         )

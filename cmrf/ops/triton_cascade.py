@@ -958,6 +958,14 @@ class FusedCascade(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_stats):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # create_graph=True: the kernels' gradients have no graph of their own, so a second
+            # derivative would silently miss this op's part (a gradient penalty would be wrong).
+            raise RuntimeError(
+                "the fused CMRF cascade has no double backward (autograd.grad(..., create_graph=True) "
+                "through it); for higher-order gradients run the reference: CMRF(fused=False) or "
+                "CMRF_FUSED=0"
+            )
         y, z, weight, gamma, stats = ctx.saved_tensors
         backward = torch.ops.cmrf.cascade_backward if torch.compiler.is_compiling() else train_backward
         grad_y, grad_weight, grad_gamma, grad_beta = backward(

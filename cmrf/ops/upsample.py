@@ -317,7 +317,8 @@ def upsample2x(x: torch.Tensor, mode: str = "bicubic", method: str = "separable"
     dims, kind = _MODES[mode]
     if x.dim() != dims + 2:
         raise ValueError(f"mode {mode!r} takes a {dims + 2}-D input (B, C, *S), got shape {tuple(x.shape)}")
-    if method == "interpolate":
+    if method == "interpolate" or x.numel() == 0:
+        # Empty: nothing to compute, and pixel_shuffle's backward refuses an empty batch.
         return F.interpolate(x, scale_factor=2, mode=mode, align_corners=False)
     if method == "conv" and mode != "bicubic":
         method = "separable"
