@@ -172,6 +172,8 @@ def test_selection_adds_the_group_reference_and_drops_compile_rows_when_off():
         (dict(size=100), "multiple of 16"),
         (dict(precision="bf16"), "autocast.*CUDA"),
         (dict(rows=("inference.nonsense",)), "matches no row"),
+        (dict(rows=("cascade.eval.b1.L3.fp32.fused.single.8x8.w8",), cascade_sweep=True),
+         r"names one --sweep tiling; --rows selects cases: use --rows cascade\.eval\.b1\.L3\.fp32\.fused "),
         (dict(warmup=-1), "warmup must be an integer >= 0"),
         (dict(batch=0), "batch must be an integer >= 1"),
         (dict(cascade_dtypes=("fp64",)), "cascade_dtypes"),
@@ -480,6 +482,15 @@ def test_cascade_rows_run_in_the_interpreter_check_only():
         assert row.wall_ms is None and row.max_diff < 1e-5
         assert "Triton interpreter: correctness only, not timed" in row.note
     assert rows["cascade.train.b1.L3.fp32.fused"].extra["grad_max_rel"] < 1e-4
+
+
+def test_with_n_1_the_fused_cascade_rows_are_skipped_with_the_reason():
+    """N = 1 builds CMRFs without a cascade stage: the fused rows were errors."""
+    settings = resolve_settings("cpu", rows=("cascade.eval.b1.L3",), N=1, **TINY)
+    rows = _rows(run_benchmark(settings, progress=None))
+    fused = rows["cascade.eval.b1.L3.fp32.fused"]
+    assert fused.status == "skipped" and "N = 1: a CMRF has no cascade stage" in fused.note
+    assert rows["cascade.eval.b1.L3.fp32.reference"].status != "error"
 
 
 def test_settings_take_one_value_or_several_without_repeats_and_refuse_non_bools():

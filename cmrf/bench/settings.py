@@ -193,6 +193,12 @@ def _check_selectors(settings: BenchSettings) -> None:
     names = row_names(settings)
     for selector in settings.rows:
         if not isinstance(selector, str) or not any(_matches(n, selector) for n in names):
+            case = next((n for n in names if n.endswith(".fused") and selector.startswith(n + ".")), None)
+            if case is not None:  # a --sweep tiling's row: --sweep times every tiling of a case
+                raise ValueError(
+                    f"row selector {selector!r} names one --sweep tiling; --rows selects cases: use "
+                    f"--rows {case} --sweep, which times every tiling of that case"
+                )
             groups = ", ".join(GROUPS)
             raise ValueError(
                 f"row selector {selector!r} matches no row on {settings.device}; use a group ({groups}) "

@@ -132,6 +132,8 @@ class _Run:
     # --- one group -----------------------------------------------------------------------------
 
     def _skip_reason(self, name: str) -> str | None:
+        if self.settings.N == 1 and name.startswith("cascade.") and ".fused" in name:
+            return "N = 1: a CMRF has no cascade stage, nothing to fuse"
         d = self.deadline
         if not d.allows():
             return f"deadline {self.settings.deadline_s:.0f} s reached"
@@ -329,7 +331,8 @@ class _Run:
         for name in self.names:
             if name not in present:
                 group = name.partition(".")[0]
-                batch = self.settings.batch if group != "cascade" else 0
+                # a cascade row's batch is the second part of its name (cascade.eval.b16...)
+                batch = self.settings.batch if group != "cascade" else int(name.split(".")[2][1:])
                 self.report.rows.append(Row(name, name, group, batch).skip(reason))
 
     def finish(self) -> Report:
@@ -391,8 +394,10 @@ class _Run:
         s = self.settings
         notes = [] if self.stopped is None else [f"{self.stopped}; the rows after it did not run."]
         notes += self.extra_notes
+        dtypes = ", ".join(s.cascade_dtypes)
+        precision = f"network rows {s.precision}, cascade rows their own dtype ({dtypes})"
         notes += ["max diff: largest absolute difference of the output from the group's reference "
-                 f"(same input, same precision: {s.precision}); training rows compare the logits of "
+                 f"(same input, same precision: {precision}); training rows compare the logits of "
                  "the first step, and their JSON has grad_max_rel for the gradients."]
         if s.on_cuda:
             notes.append("kernel ms: GPU time of one call's kernels (torch.profiler); peak MiB: "
