@@ -309,6 +309,10 @@ def cascade_concat(y: torch.Tensor, stages: nn.ModuleList, fused: bool | None = 
             warnings.warn(f"fused CMRF cascade forced but unavailable, using the reference: {reason}",
                           stacklevel=3)
             return cascade_concat_reference(y, stages)
+    if y.numel() == 0:
+        # Nothing for the kernels to compute; the reference treats an empty batch as PyTorch does
+        # (an empty output, running statistics kept).
+        return cascade_concat_reference(y, stages)
     from cmrf.ops.fused_cascade import cascade_concat_fused
 
     return cascade_concat_fused(y, stages)

@@ -215,7 +215,8 @@ def cascade_concat_fused(y: torch.Tensor, stages) -> torch.Tensor:
     """The fused cascade on ``stages`` (a sequence of 2-D ``ConvNorm``: depthwise 3x3 conv + BatchNorm2d).
 
     The caller (``cmrf.ops.cascade.cascade_concat``) has already checked with
-    ``fused_unsupported_reason`` that the stages qualify and that Triton can run on ``y``'s device.
+    ``fused_unsupported_reason`` that the stages qualify and that Triton can run on ``y``'s device,
+    and sent an empty ``y`` to the reference.
 
     Args:
         y: ``(B, 2c, H, W)`` fp32/fp16/bf16 on a CUDA device (or CPU under ``TRITON_INTERPRET=1``).
@@ -229,12 +230,6 @@ def cascade_concat_fused(y: torch.Tensor, stages) -> torch.Tensor:
     Raises:
         ValueError: training-mode BatchNorm with one value per channel (as PyTorch).
     """
-    if y.numel() == 0:
-        # Nothing for the kernels to compute; the reference treats an empty batch as PyTorch does
-        # (an empty output, running statistics kept).
-        from cmrf.ops.cascade import cascade_concat_reference
-
-        return cascade_concat_reference(y, stages)
     c = y.shape[1] // 2
     norms = _norms(stages)
     first = norms[0]
