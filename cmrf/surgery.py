@@ -9,7 +9,7 @@ actual input and output are recorded.
 
 Never replaced: the model itself, modules with a single convolution (stems, 1x1 projections),
 blocks holding a classifier head (the last-run convolution, and each convolution that feeds a model
-output of its channel count through no other convolution), modules whose output
+output of that convolution's width through no other convolution), modules whose output
 resolution differs from their input's or that convolve at another resolution inside (pooling,
 strided convolutions, upsampling), modules called with several inputs or keyword arguments,
 modules returning something other than one tensor, and modules that already are a CMRF. A
@@ -318,13 +318,15 @@ def _tensors(output) -> list[torch.Tensor]:
     return [t for item in output for t in _tensors(item)]
 
 
-def _graph_heads(output, conv_nodes: dict) -> set[str]:
-    """Convolutions whose output reaches an output ``(B, C, *S)`` of the model through no other
-    convolution and with its ``C`` channels: the classifier heads, also those of a model with
-    several (deep supervision, auxiliary or edge heads), which run in any order."""
+def _graph_heads(output, conv_nodes: dict, classes: int) -> set[str]:
+    """Convolutions whose output reaches an output ``(B, classes, *S)`` of the model through no
+    other convolution: the classifier heads, also those of a model with several (deep
+    supervision, auxiliary or edge heads), which run in any order. ``classes`` is the width of the
+    last convolution run (the main head's); outputs of other widths are returned features, whose
+    blocks stay replaceable."""
     heads = set()
     for tensor in _tensors(output):
-        if tensor.dim() < 3 or tensor.grad_fn is None:
+        if tensor.dim() < 3 or tensor.grad_fn is None or tensor.shape[1] != classes:
             continue
         stack, seen = [tensor.grad_fn], set()
         while stack:
@@ -374,9 +376,10 @@ def _probe(model: nn.Module, modules: dict[str, nn.Module], example) -> _Probe:
     finally:
         for handle in handles:
             handle.remove()
-    heads = _graph_heads(output, conv_nodes)
+    heads = set()
     if conv_calls:
-        heads.add(conv_calls[-1][0])
+        last_path, _, last_out, _, _ = conv_calls[-1]
+        heads = _graph_heads(output, conv_nodes, last_out[1]) | {last_path}
     return _Probe(calls, conv_calls, _shapes(output), heads)
 
 
@@ -722,14 +725,25 @@ def replace_blocks(
     return report
 
 
+def _users_hook(hook) -> bool:
+    """Whether a hook is the user's, not torch's own (``spectral_norm``, ``weight_norm``), which
+    goes with its module and needs no word."""
+    module = getattr(hook, "__module__", None) or type(hook).__module__
+    return not (module == "torch" or module.startswith("torch."))
+
+
 def _hooked_paths(plans: list[_Plan]) -> list[str]:
-    """Paths of the modules in the planned blocks that have forward or backward hooks."""
+    """Paths of the modules in the planned blocks that have forward or backward hooks of the user's."""
     hook_dicts = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+    def hooks(module: nn.Module) -> list:
+        return [hook for name in hook_dicts for hook in (getattr(module, name, None) or {}).values()]
+
     return [
         path
         for plan in plans
         for path, module in plan.module.named_modules(prefix=plan.path)
-        if any(getattr(module, name, None) for name in hook_dicts)
+        if any(_users_hook(hook) for hook in hooks(module))
     ]
 
 

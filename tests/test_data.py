@@ -360,6 +360,10 @@ def test_broken_links_are_reported_not_skipped(folder_root: Path):
     with pytest.raises(DataError, match=r"mask file .*case3\.png is a broken link") as raised:
         find_folder_pairs(folder_root)
     assert "missing" not in str(raised.value)
+    (folder_root / "masks" / "case3.png").unlink()
+    (folder_root / "masks" / "case3.png").symlink_to(folder_root / "masks" / "case3.png")
+    with pytest.raises(DataError, match=r"case3\.png is a symbolic link that leads back to itself"):
+        find_folder_pairs(folder_root)
 
 
 def test_a_mask_whose_stem_differs_in_case_is_named(folder_root: Path):
@@ -981,8 +985,8 @@ def test_colour_files_with_16_bit_samples_are_refused(tmp_path: Path):
     classes = np.zeros((6, 8, 3), dtype=np.uint16)
     classes[:, :4] = 3
     _png_with_16_bit_samples(tmp_path / "m.png", classes)
-    with pytest.raises(DataError, match=r"mask file .*m\.png stores 16 bits per colour sample \(RGB;16B\)"):
-        decode_mask(tmp_path / "m.png")
+    with pytest.raises(DataError, match=r"^mask file .*m\.png stores 16 bits per colour sample \(RGB;16B\)"):
+        decode_mask(tmp_path / "m.png")  # its own message, not wrapped in "cannot read mask file"
     _png_with_16_bit_samples(tmp_path / "la.png", np.ones((6, 8, 2), dtype=np.uint16))
     with pytest.raises(DataError, match=r"la\.png stores 16 bits per colour sample \(LA;16B\)"):
         decode_mask(tmp_path / "la.png")
@@ -1002,6 +1006,10 @@ def test_tiffs_of_several_pages_are_refused(tmp_path: Path):
         decode_mask(tmp_path / "m.tif")
     pages[0].save(tmp_path / "one.tif")
     assert decode_mask(tmp_path / "one.tif").present.tolist() == [0]
+    thumbnail = Image.fromarray(np.zeros((3, 4), dtype=np.uint8))
+    thumbnail.encoderinfo = {"tiffinfo": {254: 1}}  # NewSubfileType: a reduced-resolution copy
+    pages[1].save(tmp_path / "thumb.tif", save_all=True, append_images=[thumbnail])
+    assert decode_mask(tmp_path / "thumb.tif").present.tolist() == [255]  # a scanner's thumbnail: one page
 
 
 @pytest.mark.parametrize("suffix", [".jpg", ".png", ".tif", ".webp"])

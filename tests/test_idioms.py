@@ -187,6 +187,10 @@ def test_timm_cfg_overlay_sets_the_models_defaults_as_timm_does():
     overlay = dict(input_size=[2, 24, 24, 24])
     volume = create_model("tinyunet3d", pretrained_cfg_overlay=overlay, **SMALL["tinyunet3d"])
     assert volume.in_channels == 2 and volume.pretrained_cfg["input_size"] == (2, 24, 24, 24)
+    # the overlay lies over a given cfg, as in timm; one number stands for every channel
+    model = timm.create_model("tinyunet", pretrained_cfg=dict(num_classes=3), pretrained_cfg_overlay=dict(
+        num_classes=5, mean=0.25), in_chans=2, **SMALL["tinyunet"])
+    assert model.num_classes == 5 and model.pretrained_cfg["mean"] == (0.25, 0.25)
 
 
 @pytest.mark.parametrize("kwargs, overlay, key", [

@@ -379,6 +379,9 @@ def test_hooks_on_a_replaced_block_are_reported():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         replace_blocks(small_stack())  # no hooks: no warning
+        model = small_stack()
+        model[2].double_conv[0][0] = nn.utils.spectral_norm(model[2].double_conv[0][0])
+        replace_blocks(model)  # torch's own hook goes with its module: no word either
 
 
 class TwoHeads(nn.Module):
@@ -406,6 +409,24 @@ def test_every_classifier_head_is_kept_not_only_the_last_run():
         "holds the network's final convolution head.1 (a classifier head)"
     )
     assert isinstance(model.head[1], nn.Conv2d)
+
+
+class ReturnsFeatures(nn.Module):
+    """Logits and the bottleneck's features: a returned feature map is no classifier head."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = DoubleConv(3, 16)
+        self.mid = DoubleConv(16, 16)
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        features = self.mid(self.enc(x))
+        return self.head(features), features
+
+
+def test_blocks_whose_features_the_model_returns_are_still_replaced():
+    assert replace_blocks(ReturnsFeatures()).paths == ["enc", "mid"]
 
 
 def test_probe_leaves_running_stats_and_modes_alone():

@@ -82,6 +82,20 @@ def _raw_modes(image) -> list[str]:
     return modes
 
 
+def _full_resolution_pages(image) -> int:
+    """Pages of a just-opened TIFF, not counting reduced-resolution ones (thumbnails, pyramid
+    levels: NewSubfileType bit 0); the image is left at its first page."""
+    frames = int(getattr(image, "n_frames", 1) or 1)
+    if frames == 1:
+        return 1
+    pages = 0
+    for frame in range(frames):
+        image.seek(frame)
+        pages += not int(image.tag_v2.get(254, 0)) & 1
+    image.seek(0)
+    return pages
+
+
 def _check_storage(image, path: Path, kind: str) -> None:
     """Refuse files Pillow would read as something else than stored, without a word: colour with
     16 bits per sample (read to 8 bits: class values lost, low-range data nearly black) and TIFFs
@@ -93,8 +107,8 @@ def _check_storage(image, path: Path, kind: str) -> None:
             f"{kind} file {path} stores 16 bits per colour sample ({sixteen_bit[0]}), which Pillow reads "
             f"to 8 bits ({loss}); save it with 8-bit colour samples, or as a 16-bit grey (one channel) image"
         )
-    pages = int(getattr(image, "n_frames", 1) or 1)
-    if image.format == "TIFF" and pages > 1:
+    pages = _full_resolution_pages(image) if image.format == "TIFF" else 1
+    if pages > 1:
         raise DataError(
             f"{kind} file {path} is a TIFF of {pages} pages; cmrf reads single-page images (only the "
             f"first page would be used): save each page as a file of its own"
@@ -124,6 +138,8 @@ def image_header(path: str | Path, kind: str = "image") -> ImageHeader:
             if turned:  # shown (and read) a quarter turn round
                 height, width = width, height
             return ImageHeader(height, width, image.mode, image.format, turned)
+    except DataError:  # a file read otherwise than stored (_check_storage): its own message
+        raise
     except _unreadable() as err:
         raise DataError(f"cannot read {kind} file {path}: {type(err).__name__}: {err}") from None
 
@@ -180,6 +196,8 @@ def _open_image(path: Path, kind: str, draft: tuple[str, int] | None = None):
             turned = ImageOps.exif_transpose(image)
             turned.format = image.format  # a new image has none: decode_mask asks if it was lossy
             image = turned
+    except DataError:
+        raise
     except _unreadable() as err:
         raise DataError(f"cannot read {kind} file {path}: {type(err).__name__}: {err}") from None
     return image

@@ -6,6 +6,7 @@ Used by every source on disk: generic folders (``images/`` + ``masks/``), ISIC 2
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,16 @@ def file_stem(name: str, suffixes: Sequence[str]) -> str | None:
     return None
 
 
+def _broken_link(path: Path) -> str:
+    """Why the symbolic link ``path`` leads to no file: a missing target, or a loop."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "is a symbolic link that leads back to itself (a loop)"
+    return f"is a broken link: its target {os.readlink(path)} does not exist"
+
+
 def _files_by_stem(folder: Path, suffixes: Sequence[str], kind: str, problems: list[str]) -> dict[str, Path]:
     """Visible files of ``folder`` with one of ``suffixes``, by stem; duplicates and broken links go
     to ``problems``."""
@@ -55,8 +66,7 @@ def _files_by_stem(folder: Path, suffixes: Sequence[str], kind: str, problems: l
         if broken_link:
             # Reported, and kept as found: skipped, an image would vanish from the data unnoticed
             # and a mask be reported missing although its file is there.
-            target = os.readlink(path)
-            problems.append(f"{kind} file {path} is a broken link: its target {target} does not exist")
+            problems.append(f"{kind} file {path} {_broken_link(path)}")
         elif not path.is_file():
             continue
         if stem in found:

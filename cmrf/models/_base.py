@@ -78,9 +78,14 @@ def fit_cfg(
             (``num_classes``, ``input_size`` of another channel count or dimensionality,
             ``mean``/``std`` of another length, ``classifier``, ``first_conv``, ``min_input_size``).
     """
-    overlay = dict(overlay or {})
-    cfg = {**cfg, **overlay}
     channels, sd = model.in_channels, model.spatial_dims
+    overlay = dict(overlay or {})
+    for key in ("mean", "std"):  # one number for every channel (as timm takes it), or a sequence
+        if isinstance(overlay.get(key), (int, float)):
+            overlay[key] = (float(overlay[key]),) * channels
+        elif hasattr(overlay.get(key), "__len__") and not isinstance(overlay[key], str):
+            overlay[key] = tuple(float(v) for v in overlay[key])
+    cfg = {**cfg, **overlay}
     size = tuple(cfg.get("input_size") or ())
     spatial = size[1:] if len(size) == sd + 1 else (DEFAULT_SIDE[sd],) * sd
     cfg.update(

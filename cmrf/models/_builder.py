@@ -201,8 +201,8 @@ def build_model(
     if kwargs.pop("features_only", False):
         raise ValueError(f"{variant!r} does not support timm's features_only")
     _resolve_in_channels(kwargs)
+    _defaults_from_cfg(overlay, kwargs)  # as timm, which lays the overlay over the cfg first
     _defaults_from_cfg(pretrained_cfg, kwargs)
-    _defaults_from_cfg(overlay, kwargs)
     _check_kwargs(model_cls, variant, kwargs, entry_args)
     for key in _NEUTRAL_TIMM_KWARGS:
         kwargs.pop(key, None)
