@@ -259,8 +259,8 @@ class _Probe:
     # execution order
     conv_calls: list[tuple[str, tuple[int, ...], tuple[int, ...], int, tuple[int, ...]]]
     output_shapes: object
-    # paths of the classifier heads: convolutions whose output reaches a model output (B, C, *S)
-    # of their channel count through no other convolution, and the last convolution run
+    # paths of the classifier heads: the last convolution run, and the convolutions whose output
+    # reaches a model output (B, C, *S) as wide as that one's through no other convolution
     heads: set[str] = field(default_factory=set)
 
 
