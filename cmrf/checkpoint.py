@@ -52,10 +52,15 @@ def is_safetensors_file(path: str | Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
+def _first_sentence(err: BaseException) -> str:
+    """The reader's own first sentence: torch's zip errors go on for several more."""
+    text = str(err).strip()
+    return text.splitlines()[0].split(". ")[0] if text else type(err).__name__
+
+
 def _truncated(path: Path, kind: str, err: BaseException) -> ValueError:
-    # The reader's own first sentence: torch's zip errors go on for several more.
-    detail = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
-    return ValueError(f"cannot read weights from {path}: file is truncated or not a {kind} file ({detail})")
+    return ValueError(f"cannot read weights from {path}: file is truncated or not a {kind} file "
+                      f"({_first_sentence(err)})")
 
 
 def load_error_detail(err: BaseException) -> str:
@@ -64,8 +69,7 @@ def load_error_detail(err: BaseException) -> str:
     that must not reach users)."""
     if "WeightsUnpickler error:" in str(err):
         return _weights_unpickler_reason(err)
-    text = str(err).strip()
-    return text.splitlines()[0].split(". ")[0] if text else type(err).__name__
+    return _first_sentence(err)
 
 
 def _weights_unpickler_reason(err: BaseException) -> str:
