@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from cmrf.layers import CMRF, check_positive_int, cmrf_channels, cmrf_num_params, eval_mode
 from cmrf.ops import reference_only
@@ -309,13 +310,7 @@ def _run(model: nn.Module, example) -> object:
 
 def _tensors(output) -> list[torch.Tensor]:
     """The tensors of a model output (a tensor, or nested tuple/list/dict of them)."""
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, dict):
-        output = list(output.values())
-    if not isinstance(output, (list, tuple)):
-        return []
-    return [t for item in output for t in _tensors(item)]
+    return [leaf for leaf in tree_flatten(output)[0] if isinstance(leaf, torch.Tensor)]
 
 
 def _graph_heads(output, conv_nodes: dict, classes: int) -> set[str]:
