@@ -10,6 +10,7 @@ import errno
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -100,9 +101,16 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
 
 def _read_torch_file(path: Path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about a foreign file before failing (a TorchScript archive: "call
+            # torch.jit.load", which would run its code; a plain pickle's protocol): the error
+            # below says what the file is, in one line.
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        # "Unsupported global: GLOBAL builtins.eval", or for modules torch blocks outright
+        # (os, sys, posix) "Trying to load unsupported GLOBAL posix.system whose module ..."
+        found = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(err), re.IGNORECASE)
         if found is None:  # not a pickle at all (an image, an ONNX graph): torch's weights-only reader
             raise ValueError(  # stops at its first byte ("Unsupported operand 80")
                 f"cannot read weights from {path}: not a torch checkpoint or safetensors file "

@@ -58,6 +58,10 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
         The temporary path: a hidden file in ``path``'s folder, ``.NAME.XXXXXXXX.tmp{suffix}``.
     """
     path = Path(path)
+    if path.is_symlink():
+        # Write through the link, as open() would: replacing the link itself would leave the file
+        # it names with the old contents.
+        path = Path(os.path.realpath(path))
     folder = path.parent if str(path.parent) else Path(".")
     # ".tmp" goes before the suffix: "x.png.tmp" would make Pillow refuse an unknown format.
     tmp_suffix = ".tmp" + (path.suffix if suffix is None else suffix)
@@ -107,9 +111,23 @@ def _new_file_mode(path: Path) -> int:
     try:
         return path.stat().st_mode & 0o7777
     except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask, read where the system shows it (Linux): setting it to learn it, the
+    only portable way, changes it for every other thread meanwhile (files they create then would
+    be world-writable)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _naming(err: OSError, path: Path) -> OSError:

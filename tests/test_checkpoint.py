@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import warnings
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,27 @@ def test_a_file_that_is_no_checkpoint_is_not_called_unsafe(tmp_path):
     torch.save({"weight": np.zeros(3)}, pickled)
     with pytest.raises(ValueError, match=r"pickled objects other than tensors \(numpy\..* is not a tensor"):
         read_state_dict(pickled)
+
+
+class _RunsACommand:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_a_pickle_that_would_run_code_is_named_as_such_without_torch_warnings(tmp_path):
+    """torch blocks os/sys outright with another wording ("unsupported GLOBAL posix.system whose
+    module posix is blocked"): it was called "not a torch checkpoint". A TorchScript archive made
+    torch warn "call torch.jit.load" (which runs its code) before the error."""
+    payload = tmp_path / "payload.pth"
+    torch.save({"weight": _RunsACommand()}, payload)
+    with pytest.raises(ValueError, match=r"pickled objects other than tensors \((posix|nt)\.system is not"):
+        read_state_dict(payload)
+    script = tmp_path / "script.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), script)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=rf"cannot read weights from {script}"):
+            read_state_dict(script)
 
 
 def test_missing_checkpoint_is_an_oserror_naming_it(tmp_path):

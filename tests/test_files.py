@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -22,3 +23,26 @@ def test_names_up_to_the_file_systems_limit_are_written_atomically(tmp_path, nam
     atomic_write_text("second", target)  # replacing goes through a temporary file too
     assert target.read_text() == "second"
     assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary file left behind
+
+
+def test_a_symlink_is_written_through_as_open_would(tmp_path):
+    """Replacing the link itself left the file it names with the old contents."""
+    (tmp_path / "store").mkdir()
+    target = tmp_path / "store" / "model.txt"
+    atomic_write_text("old", target)
+    link = tmp_path / "current.txt"
+    link.symlink_to(Path("store") / "model.txt")
+    atomic_write_text("new", link)
+    assert link.is_symlink() and target.read_text() == "new"
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["model.txt"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the umask from /proc")
+def test_a_new_files_mode_is_found_without_touching_the_umask(tmp_path, monkeypatch):
+    """Setting the umask to learn it changes it for every thread meanwhile: a file another thread
+    created then was world-writable."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    monkeypatch.setattr(os, "umask", lambda *_: pytest.fail("os.umask called"))
+    atomic_write_text("x", tmp_path / "new.txt")
+    assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o666 & ~umask
