@@ -62,6 +62,11 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
         # Write through the link, as open() would: replacing the link itself would leave the file
         # it names with the old contents.
         path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file() and not path.is_dir():
+        # A device (/dev/null), FIFO or socket: written in place, as open() would; renaming a file
+        # over it would replace it (and /dev/null with it, for root).
+        yield path
+        return
     folder = path.parent if str(path.parent) else Path(".")
     # ".tmp" goes before the suffix: "x.png.tmp" would make Pillow refuse an unknown format.
     tmp_suffix = ".tmp" + (path.suffix if suffix is None else suffix)

@@ -307,6 +307,25 @@ def test_evaluate_help_says_data_flags_default_to_the_runs(capsys):
     assert "takes the value the checkpoint's run was trained with" in description
 
 
+@pytest.mark.parametrize("variable, value", [("CMRF_UPSAMPLE", "bilinear"), ("CMRF_FUSED", "bogus")])
+def test_a_bad_environment_variable_is_one_line_and_exit_2(variable, value, tmp_path):
+    """CMRF_UPSAMPLE was checked while cmrf was imported (a traceback, exit 1); CMRF_FUSED only by
+    the commands that reached a cascade."""
+    env = {**os.environ, variable: value}
+    done = subprocess.run([sys.executable, "-m", "cmrf", "profile", "tinyunet"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"cmrf profile: error: {variable} must be 'auto'")
+    assert repr(value) in lines[0]
+
+
+def test_a_forced_fused_path_that_cannot_run_is_the_users_error():
+    from cmrf.ops.cascade import FusedUnavailableError
+
+    assert issubclass(FusedUnavailableError, ValueError) and issubclass(FusedUnavailableError, RuntimeError)
+
+
 def test_outputs_may_not_overwrite_the_checkpoint_they_read(run_checkpoint, tmp_path, capsys):
     """`-o best.safetensors` or `--json best.safetensors` replaced the trained weights."""
     before = run_checkpoint.read_bytes()

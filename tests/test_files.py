@@ -46,3 +46,21 @@ def test_a_new_files_mode_is_found_without_touching_the_umask(tmp_path, monkeypa
     monkeypatch.setattr(os, "umask", lambda *_: pytest.fail("os.umask called"))
     atomic_write_text("x", tmp_path / "new.txt")
     assert (tmp_path / "new.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_is_written_in_place_not_replaced(tmp_path):
+    """Renaming a file over a FIFO (or a device such as /dev/null) replaced it: its reader got
+    nothing and the device was gone."""
+    import stat
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received = []
+    # a daemon: if the FIFO were replaced, the reader would wait for a writer forever
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()), daemon=True)
+    reader.start()
+    atomic_write_text("scores", fifo)
+    reader.join(timeout=30)
+    assert received == ["scores"] and stat.S_ISFIFO(os.stat(fifo).st_mode)

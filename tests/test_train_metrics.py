@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import math
+import os
 import random
 
 import numpy as np
@@ -250,6 +251,15 @@ def test_resume_differences_name_the_flags_that_matter():
     assert resume_differences(saved, recipe=Recipe(epochs=4, aug_stop=3), metadata=meta) == [
         "--aug-stop 2 (given 3)"
     ]
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_training(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunFolderError, match=r"--out .*file/run: .*file is a file, not a folder"):
+        check_run_folder(tmp_path / "file" / "run")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only mount, as root sees it
+    with pytest.raises(RunFolderError, match=r"--out .*new: .* is not writable"):
+        check_run_folder(tmp_path / "new")
 
 
 def test_run_folder_rule(tmp_path):

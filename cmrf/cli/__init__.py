@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if args.command is None else EXIT_USER_ERROR
     try:
+        from cmrf.ops import check_environment
+
+        check_environment()  # CMRF_FUSED, CMRF_UPSAMPLE: a bad value is refused before any work
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         if _debug_requested(args):

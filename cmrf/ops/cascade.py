@@ -92,8 +92,11 @@ _ENV_VALUES = {"auto": "auto", "": "auto", "1": "on", "true": "on", "on": "on", 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class FusedUnavailableError(RuntimeError):
-    """The fused cascade was forced but cannot run here (no CUDA tensor, or no Triton)."""
+class FusedUnavailableError(RuntimeError, ValueError):
+    """The fused cascade was forced but cannot run here (no CUDA tensor, or no Triton).
+
+    A ``RuntimeError``, and a ``ValueError`` too: forcing it (``CMRF_FUSED=1``, ``fused=True``) is
+    a setting the user can change, which the command line reports on one line (exit status 2)."""
 
 
 @torch.compiler.assume_constant_result

@@ -101,18 +101,32 @@ _PHASES = {
 }
 
 
-def _read_env() -> str | None:
+def _read_env() -> str | ValueError | None:
+    """``CMRF_UPSAMPLE``'s method, ``None`` for auto, or the error a bad value is (raised when the
+    value is used, ``env_method``: raising while ``cmrf`` is imported would escape every caller's
+    error handling, the command line's included)."""
     raw = os.environ.get(UPSAMPLE_ENV, "").strip().lower()
     if raw in ("", "auto"):
         return None
     if raw not in METHODS:
-        raise ValueError(f"{UPSAMPLE_ENV} must be 'auto' or one of {', '.join(METHODS)}, got {raw!r}")
+        return ValueError(f"{UPSAMPLE_ENV} must be 'auto' or one of {', '.join(METHODS)}, got {raw!r}")
     return raw
 
 
 # Read once: reading the environment inside a traced region would be baked in anyway.
 _ENV_METHOD = _read_env()
 _state = threading.local()
+
+
+def env_method() -> str | None:
+    """The method ``CMRF_UPSAMPLE`` forces (``None``: auto).
+
+    Raises:
+        ValueError: for a value that is no method.
+    """
+    if isinstance(_ENV_METHOD, ValueError):
+        raise ValueError(str(_ENV_METHOD))
+    return _ENV_METHOD
 
 
 def _check_method(method) -> str:
@@ -379,7 +393,7 @@ def choose_method(x: torch.Tensor, mode: str = "bicubic", requires_grad: bool | 
     Returns:
         One of ``METHODS``.
     """
-    forced = getattr(_state, "method", None) or _ENV_METHOD
+    forced = getattr(_state, "method", None) or env_method()
     if reference_forced():  # the reference algorithm, e.g. a benchmark's baseline row
         method = "interpolate"
     elif forced is not None:

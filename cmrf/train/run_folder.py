@@ -9,6 +9,7 @@ those of the first.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,7 @@ def check_run_folder(out: str | Path, *, resume: bool = False, overwrite: bool =
     """
     if resume and overwrite:
         raise RunFolderError("--resume continues the run in --out and --overwrite deletes it: choose one")
+    _check_writable(Path(out))
     if overwrite:
         return
     files = RunFiles(Path(out))
@@ -116,6 +118,18 @@ def check_run_folder(out: str | Path, *, resume: bool = False, overwrite: bool =
             f"{out} already holds a run ({names}); pass --resume to continue it, --overwrite to "
             f"replace it, or choose another --out"
         )
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse an ``out`` (or, while it does not exist, the folder it would be made in) that cannot
+    be written: otherwise a whole epoch trains before the first save fails."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise RunFolderError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunFolderError(f"--out {out}: {existing} is not writable (read-only folder or file system?)")
 
 
 def _first_epoch_weights_only(files: RunFiles, found: list[Path]) -> bool:
