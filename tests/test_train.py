@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -218,6 +219,23 @@ def test_resume_removes_a_killed_writers_temporaries_and_names_a_damaged_state(t
     err = _one_error_line(capsys)
     assert f"cannot read training state {out / STATE_FILE}: damaged or not a torch file (" in err
     assert "weights_only" not in err and len(err) < 250
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock")
+def test_a_second_training_into_a_folder_in_use_is_refused(tmp_path, capsys):
+    """Two trainings started at once into one --out both found it empty and both wrote there."""
+    from cmrf.train.run_folder import RunFolderError, run_folder_lock
+
+    out = tmp_path / "run"
+    with run_folder_lock(out):
+        with pytest.raises(RunFolderError, match="is in use by another training"), run_folder_lock(out):
+            pass
+        argv = ["train", *TINY, "--synthetic-samples", "8", "--epochs", "1", "--no-plots", "--out", str(out)]
+        assert main(argv) == 2
+        assert f"{out} is in use by another training" in _one_error_line(capsys)
+        assert not any(out.iterdir())
+    with run_folder_lock(out):  # released
+        pass
 
 
 def _temporary_files(folder) -> list[str]:

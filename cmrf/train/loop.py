@@ -40,7 +40,7 @@ from cmrf.train.processes import (
     share_buffers,
 )
 from cmrf.train.recipe import AMP_CHOICES, Recipe
-from cmrf.train.run_folder import RunFiles, RunFolderError, check_run_folder, naming_errors
+from cmrf.train.run_folder import RunFiles, RunFolderError, check_run_folder, naming_errors, run_folder_lock
 from cmrf.train.state import (
     Progress,
     TrainingParts,
@@ -462,14 +462,17 @@ def fit(
     recipe = recipe or Recipe()
     if bundle.val is None or len(bundle.val) == 0:
         raise ValueError("training needs a non-empty validation split to choose the best checkpoint")
-    check_run_folder(out_dir, resume=resume, overwrite=overwrite)
-    run = _setup(model, bundle, Path(out_dir), recipe, dict(metadata or {}), plots)
-    if overwrite:
-        _clear(run)
-    if resume:
-        _resume(run)
-    with fast_cuda(run.device):
-        for epoch in range(run.progress.epoch, recipe.epochs):
-            record, improved = _train_epoch(run, epoch)
-            _save(run, record, improved)
-        return _finish(run)
+    # The folder's check under its lock: a second training into it at the same time is refused,
+    # and one that waited behind a finished run finds that run's files.
+    with run_folder_lock(out_dir):
+        check_run_folder(out_dir, resume=resume, overwrite=overwrite)
+        run = _setup(model, bundle, Path(out_dir), recipe, dict(metadata or {}), plots)
+        if overwrite:
+            _clear(run)
+        if resume:
+            _resume(run)
+        with fast_cuda(run.device):
+            for epoch in range(run.progress.epoch, recipe.epochs):
+                record, improved = _train_epoch(run, epoch)
+                _save(run, record, improved)
+            return _finish(run)

@@ -146,6 +146,43 @@ def _first_epoch_weights_only(files: RunFiles, found: list[Path]) -> bool:
 
 
 @contextlib.contextmanager
+def run_folder_lock(out: str | Path) -> Iterator[None]:
+    """Hold the run folder ``out`` for one training (created if missing) while the block runs.
+
+    Two trainings started into one folder at the same time both found it empty and both wrote
+    there, leaving one run's best weights beside the other's history. The lock (``flock`` on the
+    folder itself: no file is added, and the kernel releases it when the process ends, however it
+    ends) refuses the second. Only the main process of a distributed run (``RANK`` 0) takes it;
+    where ``fcntl`` is missing (Windows) nothing is locked.
+
+    Raises:
+        RunFolderError: another process holds the folder.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        yield
+        return
+    out = Path(out)
+    with naming_errors(out):
+        out.mkdir(parents=True, exist_ok=True)
+        folder = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunFolderError(
+                f"{out} is in use by another training; wait for it to end, or choose another --out"
+            ) from None
+        yield
+    finally:
+        os.close(folder)  # releases the lock
+
+
+@contextlib.contextmanager
 def naming_errors(path: str | Path) -> Iterator[None]:
     """Re-raise an ``OSError`` of the block with ``path`` as its file name.
 
