@@ -84,6 +84,26 @@ def test_resume_after_sigkill_is_exact(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_sigterm_stops_a_run_with_one_line_and_leaves_it_resumable(tmp_path):
+    """kill, a scheduler's time limit, docker stop: the process vanished with exit 143 and no word,
+    leaving a half-written temporary file when it was saving."""
+    out = tmp_path / "run"
+    train = ["train", *TINY, "--synthetic-samples", "16", "--batch-size", "4", "--epochs", "200",
+             "--workers", "1", "--out", str(out)]
+    victim = subprocess.Popen(_cmrf(*train), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+    deadline = time.monotonic() + 240
+    while _completed_epochs(out / STATE_FILE) < 1:
+        assert victim.poll() is None, f"the run ended early: {victim.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline, "no checkpoint after 240 s"
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGTERM)
+    assert victim.wait(timeout=60) == 143
+    assert victim.stderr.read().strip().splitlines() == ["cmrf train: terminated"]
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+    assert _completed_epochs(out / STATE_FILE) >= 1  # --resume continues from there
+
+
 def test_torchrun_two_processes_on_cpu(tmp_path, capsys):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

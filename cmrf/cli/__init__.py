@@ -15,6 +15,7 @@ Errors are handled here, once, for every command (docs/cli.md):
   (a bug: please report it with the traceback);
 - exit 130 on Ctrl-C (also while the command is still starting, once torch is imported);
 - exit 141, quietly, when the reader of its output goes away (``cmrf profile ... | head``).
+- exit 143 and one line on SIGTERM, unwound as Ctrl-C is (files being written are removed).
 
 ``--debug`` (``cmrf --debug COMMAND ...`` or anywhere after the command) or the environment
 variable ``CMRF_DEBUG=1`` shows the full traceback instead of the one line.
@@ -24,9 +25,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import os
 import re
+import signal
 import sys
 
 __all__ = ["COMMANDS", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_USER_ERROR", "build_parser", "main"]
@@ -48,6 +51,36 @@ EXIT_USER_ERROR = 2  # bad argument, data, checkpoint, or a file-system error; a
 EXIT_INTERNAL = 70  # sysexits.h EX_SOFTWARE: an unexpected exception, i.e. a bug
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away (`cmrf ... | head`)
+EXIT_TERMINATED = 143  # 128 + SIGTERM: `kill`, a job scheduler's time limit, `docker stop`
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM as an exception: it unwinds as Ctrl-C does, so a file being written is cleaned up
+    and a run stops between its saves, instead of the process vanishing mid-write."""
+
+
+def _on_sigterm(main_pid: int, signum, frame) -> None:
+    if os.getpid() != main_pid:  # a forked worker (DataLoader): end as SIGTERM would end it
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    raise _Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """SIGTERM raises ``_Terminated`` in this (main) process while the block runs; the previous
+    handler comes back after it. Nothing is changed outside the main thread, where Python
+    cannot install handlers."""
+    try:
+        previous = signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, os.getpid()))
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 _DEBUG_HELP = "show the full traceback of an error instead of one line (also: CMRF_DEBUG=1)"
 
@@ -151,10 +184,14 @@ def main(argv: list[str] | None = None) -> int:
         from cmrf.ops import check_environment
 
         check_environment()  # CMRF_FUSED, CMRF_UPSAMPLE: a bad value is refused before any work
-        return int(args.run(args) or 0)
-    except KeyboardInterrupt:
+        with _sigterm_unwinds():
+            return int(args.run(args) or 0)
+    except KeyboardInterrupt as err:
         if _debug_requested(args):
             raise
+        if isinstance(err, _Terminated):
+            print(f"cmrf {args.command}: terminated", file=sys.stderr)
+            return EXIT_TERMINATED
         print(f"cmrf {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
