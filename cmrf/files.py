@@ -104,11 +104,12 @@ def _fitting_stem(name: str, tmp_suffix: str, folder: Path) -> str:
         limit = os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):  # no such folder yet (mkstemp says so), Windows
         limit = 255
-    room = limit - len(tmp_suffix.encode()) - _RANDOM_PART - 2  # the two dots
-    encoded = name.encode()
+    room = limit - len(os.fsencode(tmp_suffix)) - _RANDOM_PART - 2  # the two dots
+    # The file system's bytes: a name that is not valid UTF-8 (its bytes kept as surrogates) too.
+    encoded = os.fsencode(name)
     if len(encoded) <= room:
         return name
-    return encoded[:max(room, 1)].decode(errors="ignore")
+    return encoded[:max(room, 1)].decode(errors="ignore")  # cut on a character boundary
 
 
 def _new_file_mode(path: Path) -> int:

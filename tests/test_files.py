@@ -64,3 +64,11 @@ def test_a_fifo_is_written_in_place_not_replaced(tmp_path):
     atomic_write_text("scores", fifo)
     reader.join(timeout=30)
     assert received == ["scores"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_a_name_that_is_not_utf8_is_written(tmp_path):
+    """Linux names are bytes: one that is not UTF-8 (a file from an old Windows share) stopped
+    `cmrf predict` with "'utf-8' codec can't encode character", naming no file."""
+    target = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/mask\xff.png"))
+    atomic_write_text("x", target)
+    assert target.read_text() == "x" and len(list(tmp_path.iterdir())) == 1
