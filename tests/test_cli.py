@@ -347,6 +347,45 @@ def test_evaluate_refuses_out_of_range_counts_up_front(run_checkpoint, capsys, f
     assert f"argument {flags[0]}: expected an integer >= " in capsys.readouterr().err
 
 
+def test_tilde_after_an_equals_sign_is_the_home_folder(run_checkpoint, tmp_path, monkeypatch):
+    """The shell leaves ``~`` alone in ``--json=~/x``: the file went to a folder literally named ~."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    checkpoint = home / "ck.safetensors"
+    checkpoint.write_bytes(run_checkpoint.read_bytes())
+    assert main(["evaluate", "~/ck.safetensors", "--json=~/scores.json"]) == 0
+    assert (home / "scores.json").is_file() and not (tmp_path / "~").exists()
+    from cmrf.cli import build_parser
+
+    for argv, dest in [(["predict", "~/ck", "~/a.png", "--out=~/masks"], ("checkpoint", "inputs", "out")),
+                       (["export", "onnx", "--checkpoint=~/ck", "-o=~/m.onnx"], ("checkpoint", "output")),
+                       (["train", "--out=~/run"], ("out",)), (["bench", "--json=~/b.json"], ("json_path",))]:
+        args = build_parser(argv[0]).parse_args(argv)
+        values = [v for name in dest for v in ([getattr(args, name)] if name != "inputs" else args.inputs)]
+        assert all(v.startswith(str(home) + os.sep) for v in values), (argv, values)
+
+
+@pytest.mark.parametrize("command", ["train", "demo", "evaluate"])
+def test_thread_counts_beyond_the_machine_are_refused_up_front(monkeypatch, capsys, command):
+    """--threads 100000 segfaulted the process (libgomp cannot start that many threads)."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    extra = ["some.safetensors"] if command == "evaluate" else []
+    with pytest.raises(SystemExit) as exit_info:  # a bad batch size after it: nothing runs if it passed
+        main([command, *extra, "--threads", "9", "--batch-size", "0"])
+    assert exit_info.value.code == 2
+    assert "--threads: expected at most 8 threads (4 per core of the 2 this machine has), got 9" in (
+        capsys.readouterr().err)
+
+
+def test_bench_refuses_thread_counts_beyond_the_machine(monkeypatch, capsys):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert main(["bench", "--device", "cpu", "--threads", "9", "--size", "17"]) == 2  # checked first
+    expected = "threads must be at most 8 (4 per core of the 2 this machine has), got 9"
+    assert expected in capsys.readouterr().err
+
+
 def test_ctrl_c_while_starting_is_one_line(monkeypatch, capsys):
     """Building the parser imports the command's module (seconds): Ctrl-C then gave a traceback."""
     import cmrf.cli

@@ -9,10 +9,12 @@ the selector or starts with it followed by a dot (``inference``, ``training.cmrf
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 
 import torch
 
+from cmrf.constants import THREADS_PER_CORE_LIMIT, thread_limit
 from cmrf.layers import check_positive_int
 
 __all__ = [
@@ -258,6 +260,9 @@ def _validate(s: BenchSettings) -> None:
         check_positive_int("cascade_train_batches", b)
     if s.threads is not None:
         check_positive_int("threads", s.threads)
+        if s.threads > thread_limit():
+            raise ValueError(f"threads must be at most {thread_limit()} ({THREADS_PER_CORE_LIMIT} per core "
+                             f"of the {os.cpu_count()} this machine has), got {s.threads}")
     bad_widths = [w for w in CASCADE_WIDTHS if w % (2 * s.N)]
     if bad_widths:
         raise ValueError(f"N must make TinyU-Net's widths {CASCADE_WIDTHS} multiples of 2N (N = 1, 2, 4, "

@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from cmrf.bench.settings import GROUPS, PRECISIONS
-from cmrf.cli.common import check_output_file
+from cmrf.cli.common import check_output_file, user_path
 
 __all__ = ["build", "build_cascade"]
 
@@ -56,7 +56,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="peak RSS of each row's first call, in a fresh process (slow)")
     memory.add_argument("--leak-calls", type=int, default=None,
                         help="RSS growth over this many calls of the deployable rows (default 0: off)")
-    parser.add_argument("--json", dest="json_path", default=None, metavar="PATH",
+    parser.add_argument("--json", dest="json_path", type=user_path, default=None, metavar="PATH",
                         help="also write the figures as JSON to PATH")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 

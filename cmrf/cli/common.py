@@ -7,6 +7,8 @@ import errno
 import os
 from pathlib import Path
 
+from cmrf.constants import THREADS_PER_CORE_LIMIT, thread_limit
+
 
 def _int_at_least(text: str, low: int, expected: str) -> int:
     try:
@@ -44,9 +46,22 @@ def check_output_file(path: str | Path, flag: str, reads: dict[str, str | Path |
         raise PermissionError(errno.EACCES, f"cannot write into this folder ({flag})", str(folder))
 
 
+def user_path(text: str) -> str:
+    """argparse type of file and folder options: ``~`` and ``~user`` expanded, as the shell does
+    for a word of its own but not after ``=`` (``--json=~/scores.json``)."""
+    return os.path.expanduser(text)
+
+
 def thread_count(text: str) -> int:
-    """argparse type of ``--threads``: an integer >= -1 (0 and -1 have meanings of their own)."""
-    return _int_at_least(text, -1, "an integer >= 1, 0 (PyTorch's default) or -1 (the idle cores)")
+    """argparse type of ``--threads``: an integer from -1 (0 and -1 have meanings of their own) to
+    ``cmrf.constants.thread_limit()``."""
+    expected = "an integer >= 1, 0 (PyTorch's default) or -1 (the idle cores)"
+    value = _int_at_least(text, -1, expected)
+    if value > thread_limit():
+        raise argparse.ArgumentTypeError(
+            f"expected at most {thread_limit()} threads ({THREADS_PER_CORE_LIMIT} per core of the "
+            f"{os.cpu_count()} this machine has), got {value}")
+    return value
 
 
 def positive_int(text: str) -> int:

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from cmrf.cli.common import add_runtime_arguments, check_output_file, positive_int
+from cmrf.cli.common import add_runtime_arguments, check_output_file, positive_int, user_path
 from cmrf.cli.data_args import add_data_arguments, data_options
 from cmrf.cli.model_args import (
     add_checkpoint_model_arguments,
@@ -105,14 +105,16 @@ def _check_same_splits(args: argparse.Namespace, run_data: dict, bundle) -> None
 
 
 def build(parser: argparse.ArgumentParser):
-    parser.add_argument("checkpoint", help="best.safetensors or last.safetensors written by cmrf train, or a "
-                                           "state dict such as the reference code's .pth (with --model)")
+    parser.add_argument("checkpoint", type=user_path,
+                        help="best.safetensors or last.safetensors written by cmrf train, or a state dict "
+                             "such as the reference code's .pth (with --model)")
     parser.add_argument(
         "--split", choices=("test", "val", "train"), default="test", help="split (default test)"
     )
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images per step (default 8)")
     parser.add_argument(
-        "--json", dest="json_out", default=None, metavar="FILE", help="also write the scores as JSON"
+        "--json", dest="json_out", type=user_path, default=None, metavar="FILE",
+        help="also write the scores as JSON"
     )
     add_runtime_arguments(parser, seed_default=None)
     _data_arguments_from_checkpoint(parser)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cmrf.cli.common import check_output_file
+from cmrf.cli.common import check_output_file, user_path
 from cmrf.cli.model_args import (
     add_registry_model_arguments,
     constructor_kwargs,
@@ -20,7 +20,7 @@ __all__ = ["build", "run_export"]
 def build(parser: argparse.ArgumentParser):
     parser.add_argument("format", choices=["onnx"], help="export format (onnx)")
     add_registry_model_arguments(parser, name_required=False, num_classes_default=None)
-    parser.add_argument("--checkpoint", default=None, metavar="FILE",
+    parser.add_argument("--checkpoint", type=user_path, default=None, metavar="FILE",
                         help="weights to load: a .safetensors written by cmrf train (names its model), or "
                              "a state dict (.pth/.safetensors, e.g. the reference code's) with NAME")
     parser.add_argument("--input-size", type=positive_int, nargs="+", default=None, metavar="S",
@@ -32,7 +32,7 @@ def build(parser: argparse.ArgumentParser):
                              f"(default {DEFAULT_OPSET})")
     parser.add_argument("--no-optimize", action="store_true",
                         help="export the plain model (slower in ONNX Runtime)")
-    parser.add_argument("-o", "--output", required=True, metavar="FILE",
+    parser.add_argument("-o", "--output", type=user_path, required=True, metavar="FILE",
                         help="the .onnx file to write (atomically: a failed export keeps an old file intact)")
     parser.epilog = "A checkpoint's model, channels and classes come from the file where it can tell them."
     return run_export

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from cmrf.cli.common import user_path
 from cmrf.cli.model_args import (
     add_checkpoint_model_arguments,
     add_optimize_argument,
@@ -80,10 +81,12 @@ def output_stems(paths: Sequence[Path]) -> list[str]:
 
 
 def build(parser: argparse.ArgumentParser):
-    parser.add_argument("checkpoint", help="best.safetensors or last.safetensors written by cmrf train, or a "
-                                           "state dict such as the reference code's .pth (with --model)")
-    parser.add_argument("inputs", nargs="+", help="image files and/or folders of images")
-    parser.add_argument("--out", required=True, help="folder for STEM_mask.png and STEM_overlay.png")
+    parser.add_argument("checkpoint", type=user_path,
+                        help="best.safetensors or last.safetensors written by cmrf train, or a state dict "
+                             "such as the reference code's .pth (with --model)")
+    parser.add_argument("inputs", nargs="+", type=user_path, help="image files and/or folders of images")
+    parser.add_argument("--out", type=user_path, required=True,
+                        help="folder for STEM_mask.png and STEM_overlay.png")
     parser.add_argument("--img-size", type=positive_int, default=None,
                         help="network input side (default: the run's, 256 for a bare state dict)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")

@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from cmrf.cli.common import add_model_arguments, add_runtime_arguments
+from cmrf.cli.common import add_model_arguments, add_runtime_arguments, user_path
 from cmrf.cli.data_args import add_data_arguments, data_options
 from cmrf.train.recipe import AMP_CHOICES, Recipe
 from cmrf.train.run_folder import RunFiles, check_run_folder
@@ -124,6 +124,7 @@ def build_train(parser: argparse.ArgumentParser):
     add_recipe_arguments(parser)
     parser.add_argument(
         "--out",
+        type=user_path,
         default="runs/cmrf",
         help="run folder (default %(default)s); one that holds another run is refused unless --resume "
         "or --overwrite",
