@@ -2,9 +2,13 @@
 
 The paper's tables come from a module-hook counter (thop) doubled. For each module call it counts
 ``out.numel() * in_channels / groups * prod(kernel)`` for convolutions (bias ignored),
-``4 * out.numel()`` for affine BatchNorm (``2 *`` without affine), ``in_features * out.numel()``
-for Linear, a per-mode constant times ``out.numel()`` for ``nn.Upsample`` modules, and zero for
-everything else, functional calls such as ``F.interpolate`` included. FLOPs = 2 x that total.
+``4 * out.numel()`` for affine BatchNorm, InstanceNorm and LayerNorm (``2 *`` without affine),
+``in_features * out.numel()`` for Linear, a per-mode constant times ``out.numel()`` for
+``nn.Upsample`` modules, as thop does ``out.numel()`` for PReLU and average pooling,
+``(window + 1) * out.numel()`` for adaptive average pooling and ``rows * (3 * n - 1)`` for Softmax
+over ``n`` features, and zero for everything else, functional calls such as ``F.interpolate``
+included. FLOPs = 2 x that total. Both counters run the model in eval mode (BatchNorm's running
+statistics are left as they are).
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from cmrf.ops import reference_only
 # CMUNeXt at 64^3).
 _UPSAMPLE_OPS = {"nearest": 1, "linear": 5, "bilinear": 11, "bicubic": 259, "trilinear": 31}
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm)
+_AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_ADAPTIVE_AVG_POOLS = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 
 
 @dataclass(frozen=True)
@@ -63,16 +69,42 @@ def _paper_ops(module: nn.Module, inputs, output) -> int:
         taps = math.prod(module.kernel_size)
         return output.numel() * (module.in_channels // module.groups) * taps
     if isinstance(module, _NORMS):
-        return (4 if module.affine else 2) * output.numel()
+        affine = getattr(module, "affine", False) or getattr(module, "elementwise_affine", False)
+        return (4 if affine else 2) * output.numel()
     if isinstance(module, nn.Linear):
         return module.in_features * output.numel()
     if isinstance(module, nn.Upsample):
         return _UPSAMPLE_OPS.get(module.mode, 0) * output.numel()
+    if isinstance(module, (nn.PReLU, *_AVG_POOLS)):
+        return output.numel()
+    if isinstance(module, _ADAPTIVE_AVG_POOLS) and inputs and isinstance(inputs[0], torch.Tensor):
+        window = math.prod(i / o for i, o in zip(inputs[0].shape[2:], output.shape[2:]) if o)
+        return int((window + 1) * output.numel())
+    if isinstance(module, nn.Softmax) and module.dim is not None and output.dim():
+        features = output.shape[module.dim]
+        return output.numel() // max(features, 1) * (3 * features - 1)
     return 0
 
 
+def _check_countable(model: nn.Module) -> None:
+    from cmrf.inference import InferenceCMRF  # lazy: inference is far heavier than profiling
+
+    if getattr(model, "inference_path", None) is not None or any(
+            isinstance(m, InferenceCMRF) for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} comes from optimize_for_inference, which runs its convolutions "
+            "without calling their modules, so a module-hook count would miss most of them: profile "
+            "the model it was made from")
+
+
 def count_paper_flops(model: nn.Module, example: torch.Tensor) -> int:
-    """FLOPs of ``model(example)`` in the paper's convention (see the module docstring)."""
+    """FLOPs of ``model(example)`` in the paper's convention (see the module docstring), counted in
+    eval mode (every submodule's training flag is restored afterwards).
+
+    Raises:
+        ValueError: ``model`` comes from ``optimize_for_inference`` (its calls are not modules').
+    """
+    _check_countable(model)
     total = 0
 
     def hook(module, inputs, output):
@@ -81,7 +113,7 @@ def count_paper_flops(model: nn.Module, example: torch.Tensor) -> int:
 
     handles = [m.register_forward_hook(hook) for m in model.modules()]
     try:
-        with torch.no_grad(), reference_only():
+        with torch.no_grad(), reference_only(), eval_mode(model):
             model(example)
     finally:
         for handle in handles:
@@ -90,8 +122,9 @@ def count_paper_flops(model: nn.Module, example: torch.Tensor) -> int:
 
 
 def count_fvcore_macs(model: nn.Module, example: torch.Tensor) -> int:
-    """Total MACs that fvcore's ``FlopCountAnalysis`` counts for ``model(example)``."""
-    with warnings.catch_warnings(), torch.no_grad(), reference_only():
+    """Total MACs that fvcore's ``FlopCountAnalysis`` counts for ``model(example)``, traced in eval
+    mode (every submodule's training flag is restored afterwards)."""
+    with warnings.catch_warnings(), torch.no_grad(), reference_only(), eval_mode(model):
         # fvcore's import uses the deprecated torch.jit.script; tracing warns about the shape
         # checks in forward(). Neither concerns the user.
         warnings.simplefilter("ignore")
@@ -112,8 +145,12 @@ def profile(model: nn.Module, input_size: Sequence[int]) -> Profile:
 
     Returns:
         A ``Profile``; ``str()`` gives a one-line summary, ``to_dict()`` the JSON-ready figures.
+
+    Raises:
+        ValueError: a bad ``input_size``, or ``model`` comes from ``optimize_for_inference``.
     """
     input_size = check_input_size(input_size)
+    _check_countable(model)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32

@@ -11,7 +11,7 @@ from torch import nn
 import cmrf
 from cmrf.cli import main
 from cmrf.layers import cmrf_num_params
-from cmrf.profile import count_paper_flops
+from cmrf.profile import count_fvcore_macs, count_paper_flops
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,42 @@ def test_paper_rule_on_a_hand_counted_model():
     )
     expected = 2 * (128 * 27 + 4 * 128 + 11 * 512 + 512 * 9 + 259 * 2048)
     assert count_paper_flops(model.eval(), torch.zeros(1, 3, 4, 4)) == expected
+
+
+def test_paper_rule_counts_the_other_layers_thop_counts():
+    """MONAI's UNet normalises with InstanceNorm and activates with PReLU: they counted as zero."""
+    layers = {
+        nn.InstanceNorm2d(3, affine=True): 4 * 48,
+        nn.InstanceNorm2d(3): 2 * 48,
+        nn.LayerNorm(4): 4 * 48,
+        nn.GroupNorm(1, 3): 0,  # thop has no rule for it
+        nn.PReLU(): 48,
+        nn.AvgPool2d(2): 12,
+        nn.AdaptiveAvgPool2d(2): (4 + 1) * 12,
+        nn.Softmax(dim=1): 16 * (3 * 3 - 1),
+    }
+    for layer, expected in layers.items():
+        assert count_paper_flops(layer, torch.zeros(1, 3, 4, 4)) == 2 * expected, layer
+
+
+@pytest.mark.parametrize("count", [count_paper_flops, count_fvcore_macs])
+def test_counting_leaves_a_training_model_as_it_was(count):
+    """The counters ran the forward in training mode: BatchNorm's running statistics changed."""
+    model = cmrf.TinyUNet(channels=(16, 32), N=2).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    count(model, torch.randn(2, 3, 32, 32))
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_an_optimized_model_is_refused_not_undercounted():
+    """optimize_for_inference calls its convolutions directly: module hooks saw 1/27 of them."""
+    optimized = cmrf.optimize_for_inference(cmrf.TinyUNet(channels=(16, 32)).eval())
+    expected = "comes from optimize_for_inference.*profile the model it was made from"
+    with pytest.raises(ValueError, match=expected):
+        cmrf.profile(optimized, (1, 3, 32, 32))
+    with pytest.raises(ValueError, match=expected):
+        count_paper_flops(optimized, torch.zeros(1, 3, 32, 32))
 
 
 def test_functional_interpolate_is_free():
