@@ -194,7 +194,9 @@ def load_state_dict_checked(
     """Load ``state`` into ``model`` strictly after checking every key and shape (see ``load_checkpoint``)."""
     mapped = map_to_model_keys(model, state)
     expected = model.state_dict()
-    missing = expected.keys() - mapped.keys()
+    # BatchNorm loads a state without its step counter (older and converted checkpoints lack it),
+    # as torch's strict load_state_dict and timm do.
+    missing = {k for k in expected.keys() - mapped.keys() if k.rpartition(".")[2] != "num_batches_tracked"}
     unexpected = mapped.keys() - expected.keys()
     mismatched = [
         f"{k}: checkpoint {tuple(mapped[k].shape)} vs model {tuple(v.shape)}"

@@ -322,3 +322,29 @@ def test_tied_weights_save_and_load_back_tied(tmp_path):
     fresh[1].weight = fresh[0].weight
     cmrf.load_checkpoint(fresh, tmp_path / "tied.safetensors")
     assert fresh[1].weight is fresh[0].weight and torch.equal(fresh[0].weight, model[0].weight)
+
+
+def test_a_state_without_batchnorm_step_counters_loads(tmp_path):
+    """Older and converted checkpoints lack num_batches_tracked; torch and timm load them."""
+    source = cmrf.create_model("tinyunet", channels=(16, 32), N=2)
+    source(torch.randn(2, 3, 32, 32))  # non-trivial running statistics
+    state = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "no_counters.pth"
+    torch.save(state, path)
+    model = cmrf.create_model("tinyunet", channels=(16, 32), N=2, checkpoint_path=str(path))
+    for key, value in state.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    del state[next(k for k in state if k.endswith("running_var"))]  # anything else is still missing
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="missing keys: .*running_var"):
+        cmrf.create_model("tinyunet", channels=(16, 32), N=2, checkpoint_path=str(path))
+
+
+def test_wrapper_prefixes_are_stripped_only_when_every_key_has_one(tmp_path):
+    """A model whose own submodule is called "module" keeps its key names."""
+    model = torch.nn.ModuleDict({"module": torch.nn.Linear(2, 2), "head": torch.nn.Linear(2, 2)})
+    torch.save(model.state_dict(), tmp_path / "own.pth")
+    assert set(read_state_dict(tmp_path / "own.pth")) == set(model.state_dict())
+    wrapped = {f"module.{k}": v for k, v in model.state_dict().items()}
+    torch.save(wrapped, tmp_path / "ddp.pth")
+    assert set(read_state_dict(tmp_path / "ddp.pth")) == set(model.state_dict())
