@@ -15,6 +15,7 @@ from PIL import Image
 
 from cmrf.checkpoint import read_state_dict
 from cmrf.cli import main
+from cmrf.train.setup import build_model
 from cmrf.train.state import STATE_FILE, load_training_state, read_metadata
 
 # A TinyU-Net with two stages of 16 and 32 channels on 32x32 images: about a second per epoch.
@@ -327,6 +328,18 @@ def test_train_3d_volumes(tmp_path):
     assert read_metadata(out / "best.safetensors")["model"] == "tinyunet3d"
     assert len(json.loads((out / "metrics.json").read_text())["history"]) == 1
     assert (out / "overlays.png").is_file()
+
+
+def test_other_zoo_models_are_built_for_volumes_too(tmp_path, capsys):
+    """--model cmunext on volumes failed after the data were read ("expects a 4-D input")."""
+    out = tmp_path / "cmunext3d"
+    args = ["--model", "cmunext", "--spatial-dims", "3", "--img-size", "16", "--synthetic-samples", "4"]
+    assert main(["train", *args, "--epochs", "1", "--device", "cpu", "--no-plots", "--out", str(out)]) == 0
+    assert main(["evaluate", str(out / "best.safetensors"), "--device", "cpu"]) == 0  # rebuilt in 3D
+    capsys.readouterr()
+    with pytest.raises(ValueError, match=r"'tinyunet3d' is built for spatial_dims=3 and cannot take 2D data "
+                                         r"\(spatial_dims=2\); use --model tinyunet"):
+        build_model("tinyunet3d", 3, 2, spatial_dims=2)
 
 
 def test_train_a_cmrf_swapped_segnet_and_evaluate_it(tmp_path, capsys):

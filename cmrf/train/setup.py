@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cmrf.layers import cmrf_blocks
+
 
 def choose_threads(requested: int) -> int:
     """CPU threads for PyTorch: ``requested`` if > 0; 0 keeps PyTorch's default; -1 ("auto")
@@ -64,20 +66,26 @@ def build_model(
     if spatial_dims == 3 and name == "tinyunet":
         name = "tinyunet3d"
     model_kwargs = model_kwargs or {}
-    if replace_blocks_n is not None and new_run and _built_from_cmrf(name):
+    default = _default_on_meta(name)
+    if replace_blocks_n is not None and new_run and default is not None and cmrf_blocks(default):
         # Before building with the user's arguments: their --channels may not suit the model's
         # default N, an error about an N the user did not give.
         raise ValueError(f"--replace-blocks: model {name!r} is built from CMRF blocks already; "
                          f"leave --replace-blocks out (--N then sets their N)")
+    built_for = getattr(default, "spatial_dims", None)
+    # A zoo model is built for the data's dimensions (cmunext on volumes); not recorded in the run,
+    # whose data options say them.
+    dims = {"spatial_dims": spatial_dims} if built_for not in (None, spatial_dims) else {}
+    if dims:
+        _check_builds_for(name, built_for, spatial_dims)
     try:
-        model = create_model(name, in_chans=in_chans, num_classes=num_classes, **model_kwargs)
+        model = create_model(name, in_chans=in_chans, num_classes=num_classes, **model_kwargs, **dims)
     except TypeError as err:  # a constructor argument this model does not have (--N, --channels)
         if not model_kwargs:
             raise
         given = ", ".join(f"--{k} {v}" for k, v in model_kwargs.items())
         raise ValueError(f"model {name!r} does not take {given} ({err})") from err
     if replace_blocks_n is not None:
-        from cmrf.layers import cmrf_blocks
         from cmrf.surgery import replace_blocks
 
         if new_run and cmrf_blocks(model):  # nothing to swap, and --N went to replace_blocks, not the model
@@ -90,17 +98,31 @@ def build_model(
     return model, name
 
 
-def _built_from_cmrf(name: str) -> bool:
-    """Whether model ``name``, with its default arguments, holds CMRF blocks (built on the meta
-    device: no memory, no initialisation). ``False`` when it cannot be built there."""
-    from cmrf.layers import cmrf_blocks
+def _check_builds_for(name: str, built_for: int, spatial_dims: int) -> None:
+    """Refuse model ``name`` (built for ``built_for`` dimensions) when it cannot be built for the
+    data's ``spatial_dims``, naming both, before anything is allocated."""
     from cmrf.models import create_model
 
     try:
         with torch.device("meta"):
-            return bool(cmrf_blocks(create_model(name)))
-    except Exception:  # an entry point that cannot build on "meta": the check after building decides
-        return False
+            create_model(name, spatial_dims=spatial_dims)
+    except (TypeError, ValueError) as err:
+        data = "volumes" if spatial_dims == 3 else f"{spatial_dims}D data"
+        hint = "; use --model tinyunet" if name == "tinyunet3d" else f" ({err})"
+        raise ValueError(f"model {name!r} is built for spatial_dims={built_for} and cannot take {data} "
+                         f"(spatial_dims={spatial_dims}){hint}") from err
+
+
+def _default_on_meta(name: str) -> nn.Module | None:
+    """Model ``name`` with its default arguments, built on the meta device (no memory, no
+    initialisation), to read what it is; ``None`` when it cannot be built there."""
+    from cmrf.models import create_model
+
+    try:
+        with torch.device("meta"):
+            return create_model(name)
+    except Exception:  # an entry point that cannot build on "meta": the checks after building decide
+        return None
 
 
 def model_from_checkpoint(
