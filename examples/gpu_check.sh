@@ -18,7 +18,8 @@
 # Environment overrides: PYTHON (python3), GPU_CHECK_TESTS (the test files), BENCH_DEVICE (cuda),
 # BENCH_ARGS (extra `cmrf bench` options), TEST_TIMEOUT (140), BENCH_TIMEOUT (290). With the
 # 20 s grace of each and the 60 s upsampling step the worst case is about 550 s: it fits a 600 s call.
-# Exit status: 0 when the tests passed and the benchmark finished, else 1 (the logs say which).
+# Exit status: 0 when the tests passed and the benchmark and the upsampling step finished, else 1
+# (the logs say which).
 
 set -u
 # Time limits send SIGINT first (then SIGKILL 20 s later): pytest then still prints its summary and
@@ -104,5 +105,8 @@ from cmrf.ops.upsample import format_measurements, measure
 for dtype in (torch.float32, torch.bfloat16):
     print(format_measurements(measure(device=sys.argv[1], dtype=dtype, batch=16)), end="\n\n")
 EOF
+rc=$?
 cat "$OUT/upsample_cuda.md"
+echo "== upsampling exit status $rc"
+[ "$rc" = 0 ] || status=1
 exit "$status"

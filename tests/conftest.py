@@ -15,9 +15,17 @@ requires_onnx_exporter = pytest.mark.skipif(
     reason=f"ONNX export needs torch >= 2.5, this is {torch.__version__}",
 )
 
-# Triton 3.6's CPU interpreter cannot run the fused kernels' persistent tile loop (docs/fused.md);
-# 3.8 can. Compiled on a GPU, 3.6 runs them.
+# Under NumPy 2.4 and newer, Triton 3.6's CPU interpreter cannot run the fused kernels' persistent
+# tile loop (docs/fused.md); Triton 3.8 can, and so can 3.6 under NumPy 2.3. Compiled on a GPU,
+# 3.6 runs them whatever NumPy is.
 MIN_TRITON_INTERPRETER = (3, 8)
+NUMPY_BREAKING_OLD_INTERPRETER = (2, 4)
+
+
+def _numpy_version() -> tuple[int, int]:
+    import numpy
+
+    return tuple(int(part) for part in numpy.__version__.split(".")[:2])
 
 
 def fused_interpreter_problem() -> str | None:
@@ -26,10 +34,32 @@ def fused_interpreter_problem() -> str | None:
 
     if torch.cuda.is_available() or not interpreter_enabled() or TRITON_VERSION is None:
         return None
-    if TRITON_VERSION < MIN_TRITON_INTERPRETER:
-        found, wanted = (".".join(map(str, v)) for v in (TRITON_VERSION, MIN_TRITON_INTERPRETER))
-        return f"Triton {found}'s CPU interpreter cannot run the fused kernels (tested: {wanted} can)"
+    numpy_version = _numpy_version()
+    if TRITON_VERSION < MIN_TRITON_INTERPRETER and numpy_version >= NUMPY_BREAKING_OLD_INTERPRETER:
+        found, wanted, numpy_found, numpy_wanted = (".".join(map(str, v)) for v in (
+            TRITON_VERSION, MIN_TRITON_INTERPRETER, numpy_version, NUMPY_BREAKING_OLD_INTERPRETER))
+        return (f"Triton {found}'s CPU interpreter cannot run the fused kernels under NumPy {numpy_found} "
+                f"(Triton {wanted}, or NumPy older than {numpy_wanted}, can)")
     return None
+
+
+def randomise_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial BatchNorm affine parameters and running statistics (from the global RNG), so
+    folding and running statistics are exercised."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return module
+
+
+def temporary_files(folder: Path) -> list[str]:
+    """Names of the files in ``folder`` that look like ``cmrf.files.atomic_path``'s temporary files
+    (``.NAME.XXXXXXXX.tmp<suffix>``, e.g. ``.last_state.pt.k1ll3d0x.tmp.pt``)."""
+    return sorted(p.name for p in Path(folder).iterdir() if p.name.startswith(".") and ".tmp" in p.name)
 
 
 GOLDEN_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "golden"

@@ -639,3 +639,27 @@ def test_bench_cli_exits_130_after_printing_an_interrupted_run(tmp_path, monkeyp
     out = tmp_path / "bench.json"
     assert cli_main(["bench", "--device", "cpu", "--rows", "inference.cmrf", "--json", str(out)]) == 130
     assert "| table |" in capsys.readouterr().out and json.loads(out.read_text())["interrupted"] is True
+
+
+@pytest.mark.parametrize(("upsample_status", "expected"), [(0, 0), (3, 1)])
+def test_gpu_check_script_reports_every_step_in_its_exit_status(tmp_path, upsample_status, expected):
+    """examples/gpu_check.sh ignored the upsampling step's status (a timeout passed unnoticed)."""
+    import subprocess
+    from pathlib import Path
+
+    fake_python = tmp_path / "python"  # stands in for each step: tests, bench, env report, upsampling
+    fake_python.write_text(f"""#!/usr/bin/env bash
+case "$*" in
+  "-m pytest"*) echo "1 passed"; exit 0;;
+  "-m cmrf bench"*) echo "| row | ms |"; exit 0;;
+  "- cpu") cat >/dev/null; exit {upsample_status};;
+  *) cat >/dev/null; exit 0;;
+esac
+""")
+    fake_python.chmod(0o755)
+    script = Path(__file__).resolve().parents[1] / "examples" / "gpu_check.sh"
+    env = {**os.environ, "PYTHON": str(fake_python), "OUT": str(tmp_path / "out"), "BENCH_DEVICE": "cpu"}
+    result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == expected, result.stdout + result.stderr
+    assert f"== upsampling exit status {upsample_status}" in result.stdout
+    assert "== pytest exit status 0" in result.stdout and "== cmrf bench exit status 0" in result.stdout

@@ -10,17 +10,7 @@ from hypothesis import strategies as st
 
 from cmrf import CMRF
 from cmrf.layers import cmrf_blocks, cmrf_num_params
-
-
-def _randomise_batchnorm(module: torch.nn.Module) -> None:
-    """Give every BatchNorm non-trivial affine parameters and running statistics."""
-    for m in module.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
+from tests.conftest import randomise_batchnorm
 
 
 def functional_cmrf(block: CMRF, x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +81,7 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, name):
 @pytest.mark.parametrize("cin, cout, N", [(3, 64, 8), (32, 32, 4), (16, 16, 8), (12, 8, 2), (5, 6, 1)])
 def test_matches_functional_restatement(cin, cout, N):
     block = CMRF(cin, cout, N).eval()
-    _randomise_batchnorm(block)
+    randomise_batchnorm(block)
     x = torch.randn(2, cin, 11, 7)
     with torch.no_grad():
         torch.testing.assert_close(block(x), functional_cmrf(block, x), atol=1e-5, rtol=1e-5)
@@ -100,7 +90,7 @@ def test_matches_functional_restatement(cin, cout, N):
 def test_parity_split_and_concat_order_matter():
     """Swapping the halves or reordering the concat changes the output, so the test above can fail."""
     block = CMRF(8, 32, N=4).eval()
-    _randomise_batchnorm(block)
+    randomise_batchnorm(block)
     x = torch.randn(1, 8, 9, 9)
     with torch.no_grad():
         expected = functional_cmrf(block, x)
@@ -115,7 +105,7 @@ def test_parity_split_and_concat_order_matter():
 def test_stage_outputs_land_in_concat_order():
     """The k-th c-channel slot of the concat holds the k-th cascade stage (slot 0: odd + even)."""
     block = CMRF(4, 24, N=3).eval()
-    _randomise_batchnorm(block)
+    randomise_batchnorm(block)
     captured = {}
     block.pw2.register_forward_pre_hook(lambda m, args: captured.setdefault("concat", args[0]))
     x = torch.randn(1, 4, 6, 6)

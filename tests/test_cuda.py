@@ -18,7 +18,7 @@ import torch
 from cmrf import create_model, optimize_for_inference
 from cmrf.cli import main
 from cmrf.ops.cascade import reference_only
-from tests.test_inference import _randomise_batchnorm
+from tests.conftest import randomise_batchnorm
 
 ON_CPU = os.environ.get("CMRF_TEST_CUDA_ON_CPU") == "1" or not torch.cuda.is_available()
 
@@ -38,7 +38,7 @@ def _exact_fp32():
 def _model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = create_model("tinyunet", channels=(16, 32, 64))
-    return _randomise_batchnorm(model).eval().to(DEVICE)
+    return randomise_batchnorm(model).eval().to(DEVICE)
 
 
 def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -598,8 +598,11 @@ def every_mask(bundle) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("values", [(0, 255), (0, 1), (0, 0), (255, 255), (1, 1)])
-def test_binary_masks_are_two_classes(tmp_path: Path, values):
-    folder_of(tmp_path, {f"c{i}": halves(values[0] if i else 0, values[1]) for i in range(5)})
+@pytest.mark.parametrize("first_has_background", [True, False])
+def test_binary_masks_are_two_classes(tmp_path: Path, values, first_has_background):
+    """Also when no mask holds a 0 (all lesion: every mask all 255 or all 1)."""
+    first = halves(0, values[1]) if first_has_background else halves(*values)
+    folder_of(tmp_path, {f"c{i}": halves(*values) if i else first for i in range(5)})
     bundle = build_datasets(**folder_options(tmp_path))
     assert bundle.num_classes == 2 and bundle.class_names == ["background", "foreground"]
     bundle.train.augment = False

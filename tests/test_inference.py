@@ -15,21 +15,9 @@ from cmrf import CMRF, TinyUNet, export_onnx, optimize_for_inference, save_weigh
 from cmrf.cli import main as cli_main
 from cmrf.inference import InferenceCMRF, fold_conv_norm, max_pool2x, upsample_bicubic2x
 from cmrf.layers import ConvNorm
-from tests.conftest import golden_state_dict, load_golden, requires_onnx_exporter
+from tests.conftest import golden_state_dict, load_golden, randomise_batchnorm, requires_onnx_exporter
 
 TOL = 1e-4
-
-
-def _randomise_batchnorm(module: nn.Module) -> nn.Module:
-    """Non-trivial BatchNorm affine parameters and running statistics, so folding is exercised."""
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return module
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -42,7 +30,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("spatial_dims", [1, 2, 3])
 def test_fold_conv_norm_equals_conv_then_batchnorm(spatial_dims):
-    block = _randomise_batchnorm(ConvNorm(6, 6, kernel_size=3, groups=6, spatial_dims=spatial_dims)).eval()
+    block = randomise_batchnorm(ConvNorm(6, 6, kernel_size=3, groups=6, spatial_dims=spatial_dims)).eval()
     weight, bias = fold_conv_norm(block)
     x = torch.randn(2, 6, *([7] * spatial_dims))
     conv = (F.conv1d, F.conv2d, F.conv3d)[spatial_dims - 1]
@@ -74,7 +62,7 @@ def test_max_pool2x_equals_max_pool2d(height, width):
 @pytest.fixture(scope="module")
 def tinyunet_pair():
     torch.manual_seed(1)
-    model = _randomise_batchnorm(TinyUNet()).eval()
+    model = randomise_batchnorm(TinyUNet()).eval()
     return model, optimize_for_inference(model)
 
 
@@ -100,7 +88,7 @@ def test_optimized_matches_reference_golden_output():
 
 
 def test_original_is_left_untouched():
-    model = _randomise_batchnorm(TinyUNet(channels=(16, 32), N=2)).train()
+    model = randomise_batchnorm(TinyUNet(channels=(16, 32), N=2)).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fast = optimize_for_inference(model)
     assert model.training and not fast.training
@@ -116,7 +104,7 @@ def test_any_model_holding_cmrf_blocks():
         nn.Sequential(CMRF(16, 16, N=4), nn.ReLU()),  # in == out: the residual CMRF
         nn.Conv2d(16, 2, 1),
     )
-    model = _randomise_batchnorm(model).eval()
+    model = randomise_batchnorm(model).eval()
     fast = optimize_for_inference(model)
     assert not any(isinstance(m, CMRF) for m in fast.modules())
     assert sum(isinstance(m, InferenceCMRF) for m in fast.modules()) == 2
@@ -135,9 +123,9 @@ def test_bands_of_rows_are_exact(monkeypatch):
     import cmrf.inference
 
     monkeypatch.setattr(cmrf.inference, "BAND_BYTES", 1)
-    unet = _randomise_batchnorm(TinyUNet(channels=(16, 32), N=4, spatial_dims=2)).eval()
-    volume = _randomise_batchnorm(TinyUNet(in_channels=1, channels=(8, 16), N=2, spatial_dims=3)).eval()
-    residual = _randomise_batchnorm(CMRF(8, 8, N=2)).eval()
+    unet = randomise_batchnorm(TinyUNet(channels=(16, 32), N=4, spatial_dims=2)).eval()
+    volume = randomise_batchnorm(TinyUNet(in_channels=1, channels=(8, 16), N=2, spatial_dims=3)).eval()
+    residual = randomise_batchnorm(CMRF(8, 8, N=2)).eval()
     cases = [(unet, (2, 3, 45, 38)), (volume, (1, 1, 11, 9, 8)), (residual, (1, 8, 13, 5))]
     for model, shape in cases:
         fast = optimize_for_inference(model)
@@ -147,11 +135,11 @@ def test_bands_of_rows_are_exact(monkeypatch):
 
 
 def test_volume_tinyunet_and_single_cmrf():
-    model = _randomise_batchnorm(TinyUNet(in_channels=1, channels=(8, 16), N=2, spatial_dims=3)).eval()
+    model = randomise_batchnorm(TinyUNet(in_channels=1, channels=(8, 16), N=2, spatial_dims=3)).eval()
     x = torch.randn(1, 1, 10, 13, 9)  # odd sides: trilinear to the skip's exact size
     with torch.inference_mode():
         assert _max_diff(optimize_for_inference(model)(x), model(x)) < TOL
-    block = _randomise_batchnorm(CMRF(6, 12, N=3, spatial_dims=1)).eval()
+    block = randomise_batchnorm(CMRF(6, 12, N=3, spatial_dims=1)).eval()
     x = torch.randn(2, 6, 31)
     with torch.inference_mode():
         assert _max_diff(optimize_for_inference(block)(x), block(x)) < TOL
@@ -189,10 +177,9 @@ def test_batchnorm_without_running_statistics_is_refused_not_folded():
 
 # --- ONNX ------------------------------------------------------------------------------------
 
-ort = pytest.importorskip("onnxruntime")
-
-
 def _run_onnx(path, x: torch.Tensor) -> torch.Tensor:
+    # Here, not at import: a module-level skip would also hide the tests above (and test_cuda's).
+    ort = pytest.importorskip("onnxruntime")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
 
@@ -200,7 +187,7 @@ def _run_onnx(path, x: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def small_unet():
     torch.manual_seed(2)
-    return _randomise_batchnorm(TinyUNet(channels=(16, 32, 64), N=4)).eval()
+    return randomise_batchnorm(TinyUNet(channels=(16, 32, 64), N=4)).eval()
 
 
 @requires_onnx_exporter

@@ -17,6 +17,7 @@ from cmrf.checkpoint import read_state_dict
 from cmrf.cli import main
 from cmrf.train.setup import build_model
 from cmrf.train.state import STATE_FILE, load_training_state, read_metadata
+from tests.conftest import temporary_files
 
 # A TinyU-Net with two stages of 16 and 32 channels on 32x32 images: about a second per epoch.
 TINY = ["--img-size", "32", "--synthetic-samples", "16", "--channels", "16", "32", "--device", "cpu"]
@@ -60,7 +61,7 @@ def test_train_writes_metrics_checkpoints_and_figures(run_dir):
     for name in ("training_curve.png", "overlays.png"):
         with Image.open(run_dir / name) as image:
             assert image.format == "PNG" and image.width > 100
-    assert not list(run_dir.glob("*.tmp"))
+    assert temporary_files(run_dir) == []
 
 
 def test_evaluate_reproduces_the_test_scores(run_dir, capsys, tmp_path):
@@ -213,7 +214,7 @@ def test_resume_removes_a_killed_writers_temporaries_and_names_a_damaged_state(t
     left = out / ".last_state.pt.k1ll3d.tmp.pt"
     left.write_bytes(b"half a state")
     assert main([*argv, "--resume"]) == 0
-    assert not left.exists() and not _temporary_files(out)
+    assert not left.exists() and not temporary_files(out)
     capsys.readouterr()
     (out / STATE_FILE).write_bytes(b"garbage\n")
     assert main([*argv, "--resume"]) == 2
@@ -239,11 +240,6 @@ def test_a_second_training_into_a_folder_in_use_is_refused(tmp_path, capsys):
         pass
 
 
-def _temporary_files(folder) -> list[str]:
-    """Files named as cmrf.files.atomic_path names its temporary files: ``.NAME.<random>.tmp<suffix>``."""
-    return [p.name for p in folder.iterdir() if p.name.startswith(".") and ".tmp" in p.name]
-
-
 def test_a_full_disk_while_saving_the_state_keeps_the_previous_one(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     state_file = out / STATE_FILE
@@ -265,7 +261,7 @@ def test_a_full_disk_while_saving_the_state_keeps_the_previous_one(tmp_path, cap
     assert main(argv) == 2
     err = _one_error_line(capsys)
     assert str(state_file) in err and "No space left on device" in err
-    assert state_file.read_bytes() == saved[1] and _temporary_files(out) == []
+    assert state_file.read_bytes() == saved[1] and temporary_files(out) == []
     monkeypatch.undo()
     assert main([*argv, "--resume"]) == 0  # the run goes on from the intact state
     assert f"resuming {out} after epoch 1/2" in capsys.readouterr().out
@@ -287,7 +283,7 @@ def test_a_full_disk_while_writing_metrics_keeps_the_previous_file(run_dir, tmp_
     assert main(argv) == 2
     err = _one_error_line(capsys)
     assert str(out / "metrics.json") in err and "No space left on device" in err
-    assert _hashes(out) == before and _temporary_files(out) == []
+    assert _hashes(out) == before and temporary_files(out) == []
 
 
 def test_results_do_not_depend_on_the_worker_count(tmp_path):

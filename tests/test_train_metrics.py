@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,6 +34,7 @@ from cmrf.train.state import (
     resume_differences,
     save_training_state,
 )
+from tests.conftest import temporary_files
 
 # 3 classes, 6 pixels. Confusion (rows = truth, columns = prediction):
 #   truth 0: pred 0 x2, pred 1 x1      class 0: TP 2 FP 0 FN 1 -> IoU 2/3, Dice 4/5
@@ -126,10 +128,6 @@ def test_loss_is_small_for_confident_correct_logits_and_checks_shapes():
         CEDiceLoss(ce_weight=0, dice_weight=0)
 
 
-def _tmp_files(folder):
-    return [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
-
-
 def _full_disk_halfway(real_save):
     """A ``torch.save`` that writes half of its bytes, then fails as a full disk does."""
 
@@ -152,9 +150,28 @@ def test_state_write_failing_halfway_keeps_the_previous_file_and_no_temporary(tm
     with pytest.raises(OSError) as raised:
         save_training_state(path, {"format": "cmrf-train-state/1", "epoch": 2, "w": torch.zeros(3)})
     assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(path)  # names the file
-    assert path.read_bytes() == before and _tmp_files(tmp_path) == []
+    assert path.read_bytes() == before and temporary_files(tmp_path) == []
     monkeypatch.undo()
     assert load_training_state(path)["epoch"] == 1
+
+
+class _TouchesWhenUnpickled:
+    """An object whose unpickling creates a file: what a malicious state would run instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_state_that_would_run_code_is_refused_without_running_it(tmp_path):
+    """--resume reads last_state.pt from a run folder, which may come from anywhere."""
+    marker, path = tmp_path / "code_ran", tmp_path / STATE_FILE
+    torch.save({"format": "cmrf-train-state/1", "epoch": 1, "x": _TouchesWhenUnpickled(marker)}, path)
+    with pytest.raises(ValueError, match=f"cannot read training state {path}"):
+        load_training_state(path)
+    assert not marker.exists()
 
 
 def test_plot_write_failing_halfway_keeps_the_previous_figure(tmp_path, monkeypatch):
@@ -175,7 +192,7 @@ def test_plot_write_failing_halfway_keeps_the_previous_figure(tmp_path, monkeypa
     with pytest.raises(OSError, match="No space left") as raised:
         plot_history(history * 2, path)
     assert raised.value.filename == str(path)
-    assert path.read_bytes() == before and _tmp_files(tmp_path) == []
+    assert path.read_bytes() == before and temporary_files(tmp_path) == []
 
 
 def _parts(seed: int) -> TrainingParts:

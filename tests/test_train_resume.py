@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from cmrf.cli import main
 from cmrf.train.state import STATE_FILE
+from tests.conftest import temporary_files
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and torchrun gloo are POSIX here")
 
@@ -100,7 +101,7 @@ def test_sigterm_stops_a_run_with_one_line_and_leaves_it_resumable(tmp_path):
     victim.send_signal(signal.SIGTERM)
     assert victim.wait(timeout=60) == 143
     assert victim.stderr.read().strip().splitlines() == ["cmrf train: terminated"]
-    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+    assert temporary_files(out) == []
     assert _completed_epochs(out / STATE_FILE) >= 1  # --resume continues from there
 
 

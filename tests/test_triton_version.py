@@ -70,15 +70,21 @@ def test_available_triton_has_no_reason():
         assert cascade.triton_missing_reason()
 
 
-def test_interpreter_tests_need_a_recent_triton(monkeypatch):
+def test_interpreter_tests_need_a_recent_triton_or_an_older_numpy(monkeypatch):
+    import tests.conftest
     from tests.conftest import fused_interpreter_problem
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(tests.conftest, "_numpy_version", lambda: (2, 4))
     monkeypatch.setattr(cascade, "TRITON_VERSION", (3, 6))
-    assert "Triton 3.6's CPU interpreter" in fused_interpreter_problem()
+    assert "Triton 3.6's CPU interpreter cannot run the fused kernels under NumPy 2.4" in (
+        fused_interpreter_problem())
     monkeypatch.setattr(cascade, "TRITON_VERSION", (3, 8))
     assert fused_interpreter_problem() is None
     monkeypatch.setattr(cascade, "TRITON_VERSION", (3, 6))
+    monkeypatch.setattr(tests.conftest, "_numpy_version", lambda: (2, 3))  # checked: 3.6 runs them
+    assert fused_interpreter_problem() is None
+    monkeypatch.setattr(tests.conftest, "_numpy_version", lambda: (2, 4))
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # compiled kernels: 3.6 is fine
     assert fused_interpreter_problem() is None
