@@ -294,6 +294,10 @@ def test_cpu_run_checks_and_times_every_row():
         assert row.status == "ok", row.note
         assert row.wall_ms > 0 and row.max_diff < TOL and row.kernel_ms is None
     assert rows["inference.reference"].vs_eager == pytest.approx(1.0)
+    for name, reference in (("inference.optimized", "inference.reference"),
+                            ("training.cmrf", "training.reference")):
+        # the speed-up: the reference's time over the row's (> 1 is faster)
+        assert rows[name].vs_eager == pytest.approx(rows[reference].wall_ms / rows[name].wall_ms)
     assert rows["inference.optimized"].extra["rss_growth"]["calls"] == 2
     assert rows["training.cmrf"].extra["grad_max_rel"] < 1e-3
     assert report.machine["threads"] == 1

@@ -1178,3 +1178,16 @@ def test_build_datasets_checks_fractions_and_seed_up_front(options, message):
     TypeError or numpy's own message."""
     with pytest.raises(DataError, match=message):
         build_datasets(data="synthetic", img_size=32, synthetic_samples=8, **options)
+
+
+def test_class_mapping_at_the_threshold_and_with_unknown_16_bit_values():
+    """Pixels exactly at --mask-threshold are class 1, in 8 and 16 bits; a 16-bit value outside
+    --mask-values is an error naming it, as an 8-bit one is."""
+    from cmrf.data.masks import ClassMapping
+
+    assert ClassMapping(2, None, 128).apply(np.array([[127, 128, 129]], np.uint8)).tolist() == [[0, 1, 1]]
+    assert ClassMapping(2, None, 1000).apply(np.array([[999, 1000, 1001]], np.uint16)).tolist() == [[0, 1, 1]]
+    atlas = ClassMapping(3, (0, 1000, 2000), None, "--mask-values 0 1000 2000")
+    assert atlas.apply(np.array([[2000, 0, 1000]], np.uint16)).tolist() == [[2, 0, 1]]
+    with pytest.raises(DataError, match=r"mask file m\.png has values 1500 that"):
+        atlas.apply(np.array([[0, 1500]], np.uint16), path="m.png")

@@ -13,7 +13,7 @@ import torch
 import cmrf
 from cmrf.cli import main
 from cmrf.train.state import model_metadata
-from tests.conftest import golden_state_dict, load_golden, requires_onnx_exporter
+from tests.conftest import golden_state_dict, load_golden, randomise_batchnorm, requires_onnx_exporter
 
 SMALL = ["tinyunet", "--channels", "16", "32", "--N", "4", "--input-size", "1", "3", "32", "32"]
 
@@ -81,14 +81,25 @@ def test_output_under_a_file_is_one_line(tmp_path, capsys):
 
 
 @requires_onnx_exporter
-def test_export_leaves_the_callers_model_in_its_modes(tmp_path):
-    """Without optimize (no copy) the caller's own model is exported: it comes back training,
-    with the BatchNorm it had frozen still frozen."""
-    model = cmrf.TinyUNet(channels=(16, 32), N=4).train()
+def test_export_leaves_the_callers_model_in_its_modes(tmp_path, recwarn):
+    """Without optimize (no copy) the caller's own model is exported (in eval mode, without
+    torch's warning about training mode): it comes back training, with the BatchNorm it had
+    frozen still frozen."""
+    model = randomise_batchnorm(cmrf.TinyUNet(channels=(16, 32), N=4)).train()
     frozen = model.encoders[0].pw1.norm.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     cmrf.export_onnx(model, tmp_path / "x.onnx", (1, 3, 32, 32), optimize=False)
     assert model.training and not frozen.training
-    assert (tmp_path / "x.onnx").stat().st_size > 0
+    assert not [w for w in recwarn if "training mode" in str(w.message)]
+    # The graph is the eval-mode network (running statistics), and exporting did not update them.
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    ort = pytest.importorskip("onnxruntime")
+    x = torch.randn(1, 3, 32, 32)
+    session = ort.InferenceSession(str(tmp_path / "x.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model.eval()(x)
+    torch.testing.assert_close(torch.from_numpy(session.run(None, {"input": x.numpy()})[0]), expected,
+                               rtol=1e-4, atol=1e-4)
 
 
 @requires_onnx_exporter

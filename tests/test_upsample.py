@@ -201,6 +201,14 @@ def test_choice_rule(monkeypatch):
     assert choose_method(torch.randn(1, 2, 16, 16)) == "matmul"
     assert choose_method(torch.randn(1, 2, 16, 16, dtype=torch.bfloat16)) == "interpolate"
     assert choose_method(_fake("cpu", (1, 2, 256, 8))) == "interpolate"
+    # the measured limits (docs/upsampling.md): sides up to 128 in 2D, 16 in 3D
+    assert choose_method(_fake("cpu", (1, 2, 128, 128))) == "matmul"
+    assert choose_method(_fake("cpu", (1, 2, 129, 8))) == "interpolate"
+    assert choose_method(_fake("cpu", (1, 2, 16, 16, 16)), "trilinear") == "matmul"
+    assert choose_method(_fake("cpu", (1, 2, 17, 8, 8)), "trilinear") == "interpolate"
+    # the CUDA forward's limit: conv below 128 x 128 outputs' worth of input, interpolate from it
+    assert choose_method(_fake("cuda", (16, 128, 128, 127))) == "conv"
+    assert choose_method(_fake("cuda", (16, 128, 128, 128))) == "interpolate"
     assert choose_method(_fake("cpu", (1, 2, 8, 8, 8)), "trilinear") == "matmul"
     assert choose_method(_fake("cpu", (1, 2, 32, 32, 32)), "trilinear") == "interpolate"
     assert choose_method(_fake("cuda", (16, 128, 128, 128), requires_grad=True)) == "conv"
