@@ -18,7 +18,7 @@ from pathlib import Path
 import cmrf
 from cmrf.cli.data_args import add_data_arguments, data_options
 from cmrf.data import build_datasets
-from cmrf.train import Recipe, fit, format_table
+from cmrf.train import Recipe, RunFolderError, fit, format_table
 from cmrf.train.processes import seed_everything
 from cmrf.train.state import model_metadata
 
@@ -53,9 +53,12 @@ def main() -> None:
         data={**data, "seed": args.seed},
     )
     recipe = Recipe(epochs=args.epochs, lr=args.lr, seed=args.seed, device="cpu")
-    result = fit(
-        model, bundle, args.out, recipe, resume=args.resume, overwrite=args.overwrite, metadata=metadata
-    )
+    try:
+        result = fit(
+            model, bundle, args.out, recipe, resume=args.resume, overwrite=args.overwrite, metadata=metadata
+        )
+    except RunFolderError as err:  # another run is there: say so, as `cmrf train` does
+        raise SystemExit(f"train_synthetic.py: error: {err}") from None
     print(format_table(result, f"{result['split']} split, best epoch {result['best_epoch']}"))
     print(f"cmrf evaluate {args.out}/best.safetensors   # the same scores from the command line")
 
