@@ -645,6 +645,29 @@ def test_bench_cli_exits_130_after_printing_an_interrupted_run(tmp_path, monkeyp
     assert "| table |" in capsys.readouterr().out and json.loads(out.read_text())["interrupted"] is True
 
 
+@pytest.mark.parametrize(("signal_name", "status", "word"), [("SIGINT", 130, "interrupted"),
+                                                             ("SIGTERM", 143, "terminated")])
+def test_bench_cli_reports_the_signal_that_stopped_the_run(tmp_path, monkeypatch, capsys, signal_name, status,
+                                                           word):
+    """SIGTERM (a scheduler's limit) stopped a run as Ctrl-C does, and was reported as Ctrl-C (130)."""
+    import cmrf.bench.suite as suite
+    import cmrf.cli
+
+    stop = KeyboardInterrupt if signal_name == "SIGINT" else cmrf.cli._Terminated
+
+    def stopped(self):
+        raise stop()
+
+    monkeypatch.setattr(suite._Run, "cascade", stopped)
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--device", "cpu", "--rows", "inference.cmrf", "cascade.eval", "--json", str(out),
+            *[str(a) for k, v in TINY.items() for a in (f"--{k.replace('_', '-')}", v)]]
+    assert cli_main(argv) == status
+    captured = capsys.readouterr()
+    assert "inference.cmrf" in captured.out and json.loads(out.read_text())["interrupted"] is True
+    assert captured.err.rstrip().endswith(f"cmrf bench: {word}")
+
+
 @pytest.mark.parametrize(("upsample_status", "expected"), [(0, 0), (3, 1)])
 def test_gpu_check_script_reports_every_step_in_its_exit_status(tmp_path, upsample_status, expected):
     """examples/gpu_check.sh ignored the upsampling step's status (a timeout passed unnoticed)."""

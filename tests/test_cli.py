@@ -71,8 +71,13 @@ def test_debug_environment_variable(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CMRF_DEBUG", "1")
     with pytest.raises(FileNotFoundError):
         main(argv)
-    monkeypatch.setenv("CMRF_DEBUG", "0")
-    assert main(argv) == 2
+    for off in ("0", "", "false", "No", "OFF"):  # CMRF_DEBUG=false turned debugging on
+        monkeypatch.setenv("CMRF_DEBUG", off)
+        assert main(argv) == 2, off
+    for on in ("true", "yes"):
+        monkeypatch.setenv("CMRF_DEBUG", on)
+        with pytest.raises(FileNotFoundError):
+            main(argv)
 
 
 def test_unexpected_error_is_one_line_with_exit_70(monkeypatch, capsys):

@@ -79,6 +79,9 @@ class Report:
     elapsed_s: float = 0.0
     notes: list[str] = field(default_factory=list)
     interrupted: bool = False  # stopped by Ctrl-C / SIGINT: the command exits 130 after the table
+    # The KeyboardInterrupt (or SIGTERM's subclass of it) that stopped the run, for the command to
+    # report after the table as it reports any other interruption; not part of the figures.
+    interruption: BaseException | None = field(default=None, repr=False, compare=False)
 
     def row(self, name: str) -> Row | None:
         return next((r for r in self.rows if r.name == name), None)

@@ -386,7 +386,7 @@ class _Run:
         self.stopped = f"the run stopped in its {phase} phase: {harness.describe_error(err)}"
         self.log(f"STOPPED: {self.stopped}")
         if isinstance(err, KeyboardInterrupt):  # the user's doing: no traceback to read
-            self.report.interrupted = True
+            self.report.interrupted, self.report.interruption = True, err
             return
         self._progress(traceback.format_exc().rstrip())  # where it happened, for the next fix
 

@@ -108,9 +108,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def _debug_requested(args: argparse.Namespace | None, argv: list[str] = ()) -> bool:
-    """``--debug`` (parsed into ``args``, or in ``argv`` before parsing) or ``CMRF_DEBUG=1``."""
+    """``--debug`` (parsed into ``args``, or in ``argv`` before parsing) or ``CMRF_DEBUG`` set to
+    anything but an "off" spelling (empty, ``0``, ``false``, ``no``, ``off``, any case)."""
     flag = bool(getattr(args, "debug", False)) or "--debug" in argv
-    return flag or os.environ.get("CMRF_DEBUG", "") not in ("", "0")
+    return flag or os.environ.get("CMRF_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def _silence_stdout() -> None:

@@ -95,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json_path:
         atomic_write_json(to_json(report), args.json_path)
         print(f"wrote {args.json_path}", file=sys.stderr)
+    if report.interruption is not None:  # reported as any command's: Ctrl-C 130, SIGTERM 143
+        raise report.interruption
     return EXIT_INTERRUPTED if report.interrupted else 0
 
 
