@@ -6,11 +6,13 @@ that a checkpoint saved by the reference code, which carries no metadata, can be
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import pickle
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -79,6 +81,20 @@ def _weights_unpickler_reason(err: BaseException) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
 
 
+@contextlib.contextmanager
+def _safetensors_name(path: Path) -> Iterator[str]:
+    """A name of ``path`` that the safetensors library can open: it takes UTF-8 text only, and a
+    Linux file name may hold other bytes (then the file is opened here and named by descriptor)."""
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        with open(path, "rb") as f:
+            yield f"/proc/self/fd/{f.fileno()}"
+        return
+    yield name
+
+
 def safetensors_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata of a safetensors file (``{}`` when it has none or is a torch file).
 
@@ -91,7 +107,7 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with _safetensors_name(path) as name, safe_open(name, framework="pt") as f:
             return dict(f.metadata() or {})
     except OSError:
         raise
@@ -142,7 +158,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            state = load_file(str(path), device="cpu")
+            with _safetensors_name(path) as name:
+                state = load_file(name, device="cpu")
         except OSError:
             raise
         except Exception as err:  # SafetensorError, not an OSError

@@ -348,3 +348,19 @@ def test_wrapper_prefixes_are_stripped_only_when_every_key_has_one(tmp_path):
     wrapped = {f"module.{k}": v for k, v in model.state_dict().items()}
     torch.save(wrapped, tmp_path / "ddp.pth")
     assert set(read_state_dict(tmp_path / "ddp.pth")) == set(model.state_dict())
+
+
+def test_a_checkpoint_whose_name_is_not_utf8_is_read(tmp_path):
+    """A Linux file name may hold any bytes; safetensors takes UTF-8 names only and called such a
+    file "truncated or not a safetensors file"."""
+    from cmrf.train.state import model_metadata, read_metadata
+
+    model = cmrf.create_model("tinyunet", channels=(16, 32), N=2)
+    path = Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"weights-\xff.safetensors")))
+    save_weights(model, path, metadata=model_metadata("tinyunet", {"channels": [16, 32], "N": 2}, 3, 2,
+                                                      ["background", "lesion"]))
+    assert read_state_dict(path).keys() == model.state_dict().keys()
+    assert safetensors_metadata(path)["model"] == "tinyunet"
+    assert read_metadata(path)["model_kwargs"] == {"channels": [16, 32], "N": 2}
+    loaded, _ = model_from_checkpoint(path)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())

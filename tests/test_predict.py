@@ -125,6 +125,15 @@ def test_outputs_of_a_stem_that_now_collides_are_removed(checkpoint, tmp_path, c
     assert names == ["a.jpg_mask.png", "a.jpg_overlay.png", "a.png_mask.png", "a.png_overlay.png"]
 
 
+def test_out_that_is_a_file_is_named_as_not_a_folder(checkpoint, images, tmp_path, capsys):
+    """mkdir's "File exists" (for --out /dev/null, or a file) did not say what was wrong."""
+    a_file = tmp_path / "masks.png"
+    a_file.write_bytes(b"x")
+    assert main(["predict", str(checkpoint), str(images), "--out", str(a_file), "--device", "cpu"]) == 2
+    assert f"{a_file}: is not a folder: --out takes the masks' folder" in capsys.readouterr().err
+    assert a_file.read_bytes() == b"x"
+
+
 def test_out_must_not_be_an_input_folder_nor_overwrite_an_input(checkpoint, images, tmp_path, capsys):
     """Masks written among the images would overwrite a ground-truth a_mask.png there and be read
     as images by the next run over that folder."""

@@ -20,6 +20,7 @@ collide with it (``a_mask.png`` once ``a.png`` is written as ``a.png_mask.png``)
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -182,6 +183,8 @@ def run_predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _check_out_is_not_an_input_folder(out, args.inputs)
     files, problems = _image_files(args.inputs)
+    if out.exists() and not out.is_dir():  # mkdir's own word for it, "File exists", says nothing
+        raise NotADirectoryError(errno.ENOTDIR, "is not a folder: --out takes the masks' folder", str(out))
     out.mkdir(parents=True, exist_ok=True)
     device = inference_device(args)
     model = inference_model(model.to(device), device, args.optimize, max_graphs=1, backend=args.backend)

@@ -46,7 +46,7 @@ def build_model(
     name: str,
     in_chans: int,
     num_classes: int,
-    spatial_dims: int = 2,
+    spatial_dims: int | None = 2,
     model_kwargs: dict | None = None,
     replace_blocks_n: int | None = None,
     img_size: int = 64,
@@ -55,9 +55,11 @@ def build_model(
 ) -> tuple[nn.Module, str]:
     """Create a registry model for the data, optionally CMRF-swapped; returns ``(model, name)``.
 
-    ``tinyunet`` becomes ``tinyunet3d`` for volumes. With ``replace_blocks_n`` the model goes
-    through ``cmrf.replace_blocks(model, N=replace_blocks_n)``, probed with a zero input of
-    ``img_size`` per side; ``report=True`` prints what it replaced. ``new_run=True`` (training)
+    The model is built for the data's ``spatial_dims`` (2 for images, 3 for volumes; ``None``, for a
+    bare state dict that says nothing of its data: the model's own): ``tinyunet`` becomes
+    ``tinyunet3d`` for volumes, other zoo models get ``spatial_dims``. With ``replace_blocks_n``
+    the model goes through ``cmrf.replace_blocks(model, N=replace_blocks_n)``, probed with a zero
+    input of ``img_size`` per side; ``report=True`` prints what it replaced. ``new_run=True`` (training)
     refuses ``replace_blocks_n`` for a model already built from CMRF blocks, where it would swap
     nothing (checkpoints recorded that way before still load).
     """
@@ -75,7 +77,7 @@ def build_model(
     built_for = getattr(default, "spatial_dims", None)
     # A zoo model is built for the data's dimensions (cmunext on volumes); not recorded in the run,
     # whose data options say them.
-    dims = {"spatial_dims": spatial_dims} if built_for not in (None, spatial_dims) else {}
+    dims = {} if spatial_dims is None or built_for in (None, spatial_dims) else {"spatial_dims": spatial_dims}
     if dims:
         _check_builds_for(name, built_for, spatial_dims)
     try:
@@ -91,7 +93,8 @@ def build_model(
         if new_run and cmrf_blocks(model):  # nothing to swap, and --N went to replace_blocks, not the model
             raise ValueError(f"--replace-blocks: model {name!r} is built from CMRF blocks already; "
                              f"leave --replace-blocks out (--N then sets their N)")
-        example = torch.zeros(2, in_chans, *([img_size] * spatial_dims))
+        sides = spatial_dims or getattr(model, "spatial_dims", 2)
+        example = torch.zeros(2, in_chans, *([img_size] * sides))
         replaced = replace_blocks(model, N=replace_blocks_n, example_input=example)
         if report:
             print(replaced)
@@ -173,7 +176,7 @@ def model_from_checkpoint(
         meta["model"],
         meta["in_chans"],
         meta["num_classes"],
-        data.get("spatial_dims") or 2,
+        data.get("spatial_dims"),  # None for a bare state dict: the model's own
         meta.get("model_kwargs"),
         meta.get("replace_blocks"),
         data.get("img_size") or 64,

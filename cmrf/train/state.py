@@ -154,16 +154,14 @@ def read_metadata(path: str | Path) -> dict:
         FileNotFoundError: no such file.
         ValueError: the file is not safetensors or carries no cmrf training metadata.
     """
-    from safetensors import safe_open
+    from cmrf.checkpoint import is_safetensors_file, safetensors_metadata
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as err:  # safetensors raises its own error types for foreign files
-        raise ValueError(f"{path} is not a safetensors file written by cmrf train ({err})") from err
+    if not is_safetensors_file(path):
+        raise ValueError(f"{path} is not a safetensors file written by cmrf train")
+    meta = safetensors_metadata(path)  # a damaged file: ValueError naming it
     if meta.get("format") != "cmrf" or "model" not in meta:
         raise ValueError(
             f"{path} carries no cmrf training metadata (model name, classes); pass a best.safetensors "
