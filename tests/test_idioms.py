@@ -260,6 +260,18 @@ def test_unknown_kwargs_are_named_with_the_accepted_ones(factory):
         factory("cmunext_cmrf", channels=(8,))
 
 
+@pytest.mark.parametrize("factory", [create_model, timm.create_model], ids=["cmrf", "timm"])
+def test_timm_layer_flags(factory):
+    """timm's scriptable=True promised a model torch.jit.script takes, and it failed there; exportable
+    and no_jit are accepted (cmrf.create_model refused them as unknown arguments)."""
+    for name in ("tinyunet", "segnet"):
+        with pytest.raises(ValueError, match=rf"'{name}' is not TorchScript-scriptable.*torch\.jit\.trace"):
+            factory(name, scriptable=True)
+    model = factory("tinyunet", exportable=True, no_jit=True, scriptable=False, **SMALL["tinyunet"]).eval()
+    torch.jit.trace(model, torch.randn(1, 3, 16, 16))  # the documented route works
+    assert not timm.layers.is_scriptable()  # the flag does not outlive the call
+
+
 def test_zero_drop_rates_change_nothing_and_are_accepted():
     # timm's train.py always passes drop_rate (0.0 by default).
     model = timm.create_model("tinyunet", drop_rate=0.0, drop_path_rate=0.0, **SMALL["tinyunet"]).eval()

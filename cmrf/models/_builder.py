@@ -9,6 +9,7 @@ import re
 from collections.abc import Callable, Sequence
 
 import torch
+from timm.layers import is_scriptable
 from timm.models import get_pretrained_cfg, resolve_pretrained_cfg
 from torch import nn
 
@@ -182,9 +183,9 @@ def build_model(
         **kwargs: constructor arguments, ``in_chans``, ``device``, ``dtype``.
 
     Raises:
-        ValueError: ``pretrained=True``, ``features_only=True``, ``in_chans`` and ``in_channels``
-            that disagree, or (``UnknownArgumentError``, also a ``TypeError``) an argument the model
-            does not take, named, with the accepted ones.
+        ValueError: ``pretrained=True``, ``features_only=True``, timm's ``scriptable=True``,
+            ``in_chans`` and ``in_channels`` that disagree, or (``UnknownArgumentError``, also a
+            ``TypeError``) an argument the model does not take, named, with the accepted ones.
     """
     if pretrained:
         raise ValueError(
@@ -200,6 +201,9 @@ def build_model(
         raise ValueError(f"{variant!r} has no pretrained tag {pretrained_cfg!r} (cmrf publishes no weights)")
     if kwargs.pop("features_only", False):
         raise ValueError(f"{variant!r} does not support timm's features_only")
+    if is_scriptable():  # timm's scriptable=True: the promise would break at torch.jit.script
+        raise ValueError(f"{variant!r} is not TorchScript-scriptable (scriptable=True): trace it with "
+                         f"torch.jit.trace, or export it with torch.export or cmrf.export_onnx")
     _resolve_in_channels(kwargs)
     _defaults_from_cfg(overlay, kwargs)  # as timm, which lays the overlay over the cfg first
     _defaults_from_cfg(pretrained_cfg, kwargs)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+from timm.layers import set_layer_config
 from timm.models import register_model as timm_register_model
 from torch import nn
 
@@ -98,7 +99,9 @@ def create_model(
             ``num_classes`` of a ``pretrained_cfg_overlay`` given in ``kwargs``).
         checkpoint_path: a ``.safetensors`` file or a ``torch.save``-d state dict (loaded with
             ``weights_only=True``), in this library's key names or the reference code's.
-        **kwargs: passed to the model's constructor (e.g. ``N=4``, ``channels=(32, 64)``).
+        **kwargs: passed to the model's constructor (e.g. ``N=4``, ``channels=(32, 64)``), except
+            timm's layer flags ``exportable`` and ``no_jit`` (accepted: the models export as they
+            are) and ``scriptable`` (``True`` is refused: the models are not TorchScript-scriptable).
 
     The model carries timm's ``pretrained_cfg``/``default_cfg`` (the library's normalisation) and
     has ``get_classifier()``/``reset_classifier(n)``, as with ``timm.create_model``.
@@ -118,7 +121,10 @@ def create_model(
         kwargs["in_chans"] = in_chans
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    model = _ENTRYPOINTS[name](pretrained=pretrained, **kwargs)
+    # timm's layer flags, taken as timm.create_model takes them (the entry point sees them).
+    flags = {key: kwargs.pop(key) for key in ("scriptable", "exportable", "no_jit") if key in kwargs}
+    with set_layer_config(**flags):
+        model = _ENTRYPOINTS[name](pretrained=pretrained, **kwargs)
     if checkpoint_path not in (None, ""):
         from cmrf.checkpoint import load_checkpoint
 
