@@ -72,6 +72,17 @@ def test_3d_profile_counts_3d_convolutions():
     assert cost.macs >= voxels * (2 + 27 + 8)
 
 
+def test_3d_models_profile_from_the_command_line(capsys):
+    """docs/volumes.md's `cmrf profile tinyunet3d --input-size 1 1 96 96 96`, at 32^3."""
+    import json
+
+    from cmrf.cli import main
+
+    assert main(["profile", "tinyunet3d", "--input-size", "1", "1", "32", "32", "32", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["params"] == 496_274 and figures["input_size"] == [1, 1, 32, 32, 32]
+
+
 # --- NIfTI volumes as training data (cmrf.data.nifti) --------------------------------------------
 
 

@@ -46,7 +46,7 @@ def build_model(
     name: str,
     in_chans: int,
     num_classes: int,
-    spatial_dims: int | None = 2,
+    spatial_dims: int | None = None,
     model_kwargs: dict | None = None,
     replace_blocks_n: int | None = None,
     img_size: int = 64,
