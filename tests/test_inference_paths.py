@@ -40,9 +40,10 @@ from tests.conftest import (  # noqa: E402
     fused_interpreter_problem,
     golden_state_dict,
     load_golden,
+    randomise_batchnorm,
     requires_onnx_exporter,
 )
-from tests.test_inference import _max_diff, _randomise_batchnorm  # noqa: E402
+from tests.test_inference import _max_diff  # noqa: E402
 
 TOL = 1e-4
 # 16-bit storage: each layer rounds to 8 (bf16) or 11 (fp16) significant bits; 16 layers deep
@@ -69,7 +70,7 @@ PATH_PARAMS = ["onednn", "plain", pytest.param("fused", marks=needs_fused)]
 @pytest.fixture(scope="module")
 def small_unet():
     torch.manual_seed(3)
-    return _randomise_batchnorm(TinyUNet(channels=(6, 12), N=3)).eval()
+    return randomise_batchnorm(TinyUNet(channels=(6, 12), N=3)).eval()
 
 
 def _variants(x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -99,7 +100,7 @@ def test_every_path_equals_original(small_unet, path, shape):
 @pytest.mark.parametrize("path", PATH_PARAMS)
 def test_cmrf_blocks_in_any_model_every_path(path):
     model = nn.Sequential(CMRF(4, 12, N=3), CMRF(12, 12, N=2))  # the second is residual
-    model = _randomise_batchnorm(model).eval()
+    model = randomise_batchnorm(model).eval()
     fast = optimize_for_inference(model, path=path)
     assert all(isinstance(m, InferenceCMRF) for m in fast)
     x = torch.randn(2, 4, 13, 10)
@@ -112,7 +113,7 @@ def test_empty_batch_gives_empty_output(small_unet, path):
     fast = optimize_for_inference(small_unet, path=path)
     with torch.no_grad():
         assert fast(torch.randn(0, 3, 32, 16)).shape == (0, 2, 32, 16)
-        block = optimize_for_inference(_randomise_batchnorm(CMRF(4, 8, N=2)).eval(), path=path)
+        block = optimize_for_inference(randomise_batchnorm(CMRF(4, 8, N=2)).eval(), path=path)
         assert block(torch.randn(0, 4, 5, 7)).shape == (0, 8, 5, 7)
         with torch.autocast("cpu", dtype=torch.bfloat16):  # the dtype the original would give
             for module, original, x in ((fast, small_unet, torch.randn(0, 3, 32, 16)),
@@ -124,7 +125,7 @@ def test_empty_batch_gives_empty_output(small_unet, path):
 
 @pytest.mark.parametrize("path", ["onednn", "plain"])
 def test_volume_tinyunet_every_path(path):
-    model = _randomise_batchnorm(TinyUNet(in_channels=1, channels=(4, 8), N=2, spatial_dims=3)).eval()
+    model = randomise_batchnorm(TinyUNet(in_channels=1, channels=(4, 8), N=2, spatial_dims=3)).eval()
     x = torch.randn(1, 1, 9, 12, 8)
     with torch.no_grad():
         assert _max_diff(optimize_for_inference(model, path=path)(x), model(x)) < TOL
@@ -424,7 +425,7 @@ def test_cpu_graph_with_and_without_shifted_stages(small_unet, monkeypatch, shif
     monkeypatch.setattr(inference, "SHIFTED_MIN_ELEMENTS", shifted_min)
     monkeypatch.setattr(inference, "BAND_BYTES", 1)
     unet = optimize_for_inference(small_unet)
-    block = _randomise_batchnorm(CMRF(6, 6, N=3)).eval()  # the residual CMRF
+    block = randomise_batchnorm(CMRF(6, 6, N=3)).eval()  # the residual CMRF
     for model, fast, shape in [
         (small_unet, unet, (1, 3, 21, 18)),
         (small_unet, unet, (2, 3, 16, 33)),
@@ -659,7 +660,7 @@ def test_graphs_follow_changed_weights(small_unet, kind, monkeypatch):
     original_build = type(fast)._build
     monkeypatch.setattr(type(fast), "_build", lambda self, x: builds.append(1) or original_build(self, x))
     torch.manual_seed(11)
-    other = optimize_for_inference(_randomise_batchnorm(TinyUNet(channels=(6, 12), N=3)).eval())
+    other = optimize_for_inference(randomise_batchnorm(TinyUNet(channels=(6, 12), N=3)).eval())
     x = torch.randn(1, 3, 16, 16)
 
     def eager(x):  # the wrapped module itself, as it now is
@@ -709,7 +710,7 @@ def test_optimized_module_follows_loaded_and_changed_weights(small_unet, path):
     after ``load_state_dict`` or an in-place write the module computes with the new weights."""
     fast = optimize_for_inference(small_unet, path=path)
     torch.manual_seed(11)
-    other_model = _randomise_batchnorm(TinyUNet(channels=(6, 12), N=3)).eval()
+    other_model = randomise_batchnorm(TinyUNet(channels=(6, 12), N=3)).eval()
     other = optimize_for_inference(other_model, path=path)
     x = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
