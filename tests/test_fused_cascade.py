@@ -457,9 +457,55 @@ def test_dispatch_rules(monkeypatch):
     monkeypatch.setenv("CMRF_FUSED", "auto")
     cascade_concat(y, stages)
     assert len(calls) == (3 if DEVICE == "cuda" else 2)  # auto: Triton for CUDA tensors only
+    for spelling, fused in (("false", False), (" OFF ", False), ("True", True), ("On", True)):
+        monkeypatch.setenv("CMRF_FUSED", spelling)
+        before = len(calls)
+        cascade_concat(y, stages)
+        assert len(calls) == before + fused, spelling
     monkeypatch.setenv("CMRF_FUSED", "maybe")
     with pytest.raises(ValueError, match="CMRF_FUSED.*'maybe'"):
         cascade_concat(y, stages)
+
+
+def test_inputs_and_stages_the_kernels_cannot_reproduce_are_named():
+    stages = make_stages(2, 3)
+    y = torch.randn(1, 4, 5, 5, device=DEVICE)
+    assert fused_unsupported_reason(y, stages) is None
+    assert "float64 is not one of" in fused_unsupported_reason(y.double(), copy.deepcopy(stages).double())
+    mixed = copy.deepcopy(stages)
+    mixed[0].norm.eval()
+    assert "mix training/eval" in fused_unsupported_reason(y, mixed)
+    padded = copy.deepcopy(stages)
+    padded[1].conv = nn.Conv2d(2, 2, 3, padding=0, groups=2, bias=False).to(DEVICE)
+    assert fused_unsupported_reason(y, padded).startswith("stage 1 is not a bias-free depthwise 3x3")
+    # Forced anyway: a warning, and the reference's result.
+    expected = cascade_concat_reference(y, copy.deepcopy(mixed))
+    with pytest.warns(UserWarning, match="mix training/eval"):
+        torch.testing.assert_close(cascade_concat(y, mixed, fused=True), expected)
+
+
+def test_folded_weights_cached_in_inference_mode_serve_autograd_later():
+    """Tensors made under inference_mode cannot be saved for backward: a cache filled there must
+    not be reused when gradients are needed."""
+    stages = make_stages(2, 3).eval()
+    y = torch.randn(1, 4, 6, 5, device=DEVICE)
+    with torch.inference_mode():
+        cascade_concat(y, stages, fused=True)
+    x, x_ref = (y.clone().requires_grad_() for _ in range(2))
+    cascade_concat(x, stages, fused=True).sum().backward()
+    cascade_concat_reference(x_ref, stages).sum().backward()
+    assert_grad_close(x.grad, x_ref.grad)
+
+
+def test_running_statistics_with_per_stage_momentum():
+    """Stages with different momenta take the per-stage update of the running statistics."""
+    stages = make_stages(2, 3)
+    for stage, momentum in zip(stages, (0.1, 0.3, None)):
+        stage.norm.momentum = momentum
+    y = torch.randn(2, 4, 7, 6, device=DEVICE)
+    (out, y_fused), (expected, y_ref), ref_stages = run_both(y, stages)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert_stages_match(stages, ref_stages)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="a CPU tensor is what cannot run without the interpreter")

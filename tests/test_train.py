@@ -8,6 +8,7 @@ import io
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,6 +63,49 @@ def test_train_writes_metrics_checkpoints_and_figures(run_dir):
         with Image.open(run_dir / name) as image:
             assert image.format == "PNG" and image.width > 100
     assert temporary_files(run_dir) == []
+
+
+def test_augmentation_stops_after_aug_stop_epochs(tmp_path, monkeypatch):
+    from cmrf.train.loaders import EpochSampler
+
+    augmented, real = [], EpochSampler.set_epoch
+
+    def set_epoch(self, epoch, augment):
+        augmented.append(augment)
+        real(self, epoch, augment)
+
+    monkeypatch.setattr(EpochSampler, "set_epoch", set_epoch)
+    argv = ["train", *TINY, "--epochs", "3", "--aug-stop", "1", "--no-plots", "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    assert augmented == [True, False, False]
+
+
+def test_final_scores_are_the_best_epochs_not_the_last(tmp_path, monkeypatch):
+    """Epoch 1 validates best: best.safetensors is epoch 1 and the final scores come from it."""
+    import cmrf.checkpoint
+    import cmrf.train.loop as loop
+
+    real_evaluate, validations = loop.evaluate_model, iter([0.9, 0.5])
+
+    def evaluate(*args, **kwargs):
+        scores = real_evaluate(*args, **kwargs)
+        if args[6] == "val" and args[7]:  # an epoch's validation (the final scores pass False)
+            scores = {**scores, "mean_iou": next(validations)}
+        return scores
+
+    loaded, real_load = [], cmrf.checkpoint.load_checkpoint
+
+    def load_checkpoint(model, path):
+        loaded.append(Path(path))
+        return real_load(model, path)
+
+    monkeypatch.setattr(loop, "evaluate_model", evaluate)
+    monkeypatch.setattr(cmrf.checkpoint, "load_checkpoint", load_checkpoint)
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "2", "--no-plots", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["best_epoch"] == 1 and read_metadata(out / "best.safetensors")["epoch"] == 1
+    assert loaded == [out / "best.safetensors"]
 
 
 def test_evaluate_reproduces_the_test_scores(run_dir, capsys, tmp_path):

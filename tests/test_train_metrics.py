@@ -117,6 +117,19 @@ def test_loss_is_cross_entropy_plus_batch_dice(shape):
     assert logits.grad.abs().sum() > 0
 
 
+def test_per_image_dice_averages_each_images_dice():
+    """batch_dice=False: Dice per image and class, then the mean; it differs from the batch Dice
+    when a class is missing from one image."""
+    logits = torch.randn(2, 3, 4, 5)
+    target = torch.randint(0, 3, (2, 4, 5))
+    target[0][target[0] == 2] = 1  # class 2 absent from image 0
+    ce, _ = _soft_dice_ce(logits, target)
+    per_image = torch.stack([_soft_dice_ce(logits[i:i + 1], target[i:i + 1])[1] for i in range(2)]).mean()
+    per_image_loss = float(CEDiceLoss(batch_dice=False)(logits, target))
+    assert per_image_loss == pytest.approx(float(ce + per_image), rel=1e-5)
+    assert per_image_loss != pytest.approx(float(CEDiceLoss()(logits, target)))
+
+
 def test_loss_is_small_for_confident_correct_logits_and_checks_shapes():
     target = torch.randint(0, 2, (2, 8, 8))
     good = F.one_hot(target, 2).movedim(-1, 1).float() * 20
