@@ -268,10 +268,15 @@ def test_resume_removes_a_killed_writers_temporaries_and_names_a_damaged_state(t
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="no flock")
-def test_a_second_training_into_a_folder_in_use_is_refused(tmp_path, capsys):
-    """Two trainings started at once into one --out both found it empty and both wrote there."""
+@pytest.mark.parametrize("stray_rank", [None, "1"])
+def test_a_second_training_into_a_folder_in_use_is_refused(tmp_path, capsys, monkeypatch, stray_rank):
+    """Two trainings started at once into one --out both found it empty and both wrote there.
+    A RANK left in the environment without torchrun (no WORLD_SIZE) took no lock at all."""
     from cmrf.train.run_folder import RunFolderError, run_folder_lock
 
+    if stray_rank is not None:
+        monkeypatch.setenv("RANK", stray_rank)
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
     out = tmp_path / "run"
     with run_folder_lock(out):
         with pytest.raises(RunFolderError, match="is in use by another training"), run_folder_lock(out):
@@ -605,6 +610,7 @@ def test_demo_speaks_once_under_torchrun(tmp_path, capsys, monkeypatch):
     """Every rank runs the command; only rank 0 prints the demo's own lines."""
     out = tmp_path / "demo"
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
     import argparse
 
     import cmrf.cli.train as cli_train

@@ -105,6 +105,22 @@ def test_sigterm_stops_a_run_with_one_line_and_leaves_it_resumable(tmp_path):
     assert _completed_epochs(out / STATE_FILE) >= 1  # --resume continues from there
 
 
+def test_torchrun_into_a_folder_in_use_fails_at_once_on_every_rank(tmp_path):
+    """Only rank 0 took the lock: rank 1 waited at the next collective and, unable to act on the
+    launcher's SIGTERM there, was killed 30 s later."""
+    from cmrf.train.run_folder import run_folder_lock
+
+    out = tmp_path / "held"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "cmrf", "train", *TINY, "--synthetic-samples", "8", "--epochs", "1", "--out", str(out)]
+    with run_folder_lock(out):
+        run = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    # Each rank says it itself (rank 1 no longer waits to be killed, which took torchrun 30 s).
+    refusal = f"cmrf train: error: {out} is in use by another training"
+    assert run.stderr.count(refusal) == 2 and "forcefully exiting" not in run.stderr, run.stderr[-3000:]
+
+
 def test_torchrun_two_processes_on_cpu(tmp_path, capsys):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -121,6 +137,10 @@ def test_torchrun_two_processes_on_cpu(tmp_path, capsys):
         "metrics.json",
     ]
     assert torch.load(out / STATE_FILE, weights_only=True)["world_size"] == 2
+    # Another number of processes is another batch per step: refused, as another --batch-size is.
+    again = ["train", *TINY, "--synthetic-samples", "16", "--epochs", "1", "--out", str(out), "--resume"]
+    assert main(again) == 2
+    assert "processes 2 (given 1; torchrun --nproc_per_node sets them" in capsys.readouterr().err
 
     # Each rank scored half of the test images; the reported scores are those of the whole split,
     # as a single process finds them.

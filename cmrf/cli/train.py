@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 from cmrf.cli.common import add_model_arguments, add_runtime_arguments, user_path
 from cmrf.cli.data_args import add_data_arguments, data_options
+from cmrf.train.processes import is_main_process
 from cmrf.train.recipe import AMP_CHOICES, Recipe
 from cmrf.train.run_folder import RunFiles, check_run_folder
 from cmrf.train.setup import build_model, torch_threads
@@ -192,7 +192,7 @@ def _train(args: argparse.Namespace) -> int:
         model_kwargs,
         replace_n,
         data["img_size"],  # --replace-blocks probes the model with an input of this size
-        report=int(os.environ.get("RANK", "0")) == 0,
+        report=is_main_process(),
         new_run=True,
     )
     metadata = model_metadata(
@@ -217,7 +217,7 @@ def _train(args: argparse.Namespace) -> int:
         plots=args.plots,
     )
     minutes = (time.perf_counter() - started) / 60
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         title = f"{result['split']} split, best epoch {result['best_epoch']} (by validation mIoU)"
         print(format_table(result, title))
         figures = ", figures" if args.plots else ""  # the curve at least; overlays unless --overlays 0
@@ -263,7 +263,7 @@ def _quiet(*args, **kwargs) -> None:
 def _demo(run_train_fn):
     def run_demo(args: argparse.Namespace) -> int:
         started = time.perf_counter()
-        say = print if int(os.environ.get("RANK", "0")) == 0 else _quiet  # once under torchrun
+        say = print if is_main_process() else _quiet  # once under torchrun
         if not (args.resume or args.overwrite) and _replaces_earlier_demo(args.out):
             say(f"replacing the earlier demo run in {args.out}")
             args.overwrite = True

@@ -16,8 +16,10 @@ Distributed: see ``cmrf.train.processes``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -274,6 +276,24 @@ def _clear(run: _Run) -> None:
     run.processes.barrier()
 
 
+@contextlib.contextmanager
+def _run_folder_held(out_dir: str | Path, processes: Processes) -> Iterator[None]:
+    """``run_folder_lock`` taken by the main process, whose outcome every process learns: all
+    refuse a folder in use alike (a process left waiting at the next collective could not even be
+    stopped until a timeout)."""
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if processes.is_main:
+            try:
+                held.enter_context(run_folder_lock(out_dir))
+            except RunFolderError as err:
+                refusal = str(err)
+        refusal = processes.from_main(refusal)
+        if refusal is not None:
+            raise RunFolderError(refusal)
+        yield
+
+
 def _resume(run: _Run) -> None:
     """Continue from ``last_state.pt``, after checking that it is this run's."""
     if run.processes.is_main:  # what a kill during a write left: never read, only taking space
@@ -282,7 +302,8 @@ def _resume(run: _Run) -> None:
         run.log(f"nothing to resume in {run.files.out} (no {run.files.state.name}): starting a new run")
         return
     state = load_training_state(run.files.state)
-    differences = resume_differences(state, recipe=run.recipe, metadata=run.metadata)
+    differences = resume_differences(state, recipe=run.recipe, metadata=run.metadata,
+                                     world_size=run.processes.world_size)
     if differences:
         raise RunFolderError(
             f"cannot resume {run.files.out}, its run has other settings: {'; '.join(differences)}; "
@@ -464,7 +485,7 @@ def fit(
         raise ValueError("training needs a non-empty validation split to choose the best checkpoint")
     # The folder's check under its lock: a second training into it at the same time is refused,
     # and one that waited behind a finished run finds that run's files.
-    with run_folder_lock(out_dir):
+    with _run_folder_held(out_dir, init_processes(recipe.device)):
         check_run_folder(out_dir, resume=resume, overwrite=overwrite)
         run = _setup(model, bundle, Path(out_dir), recipe, dict(metadata or {}), plots)
         if overwrite:

@@ -97,6 +97,22 @@ class Processes:
         if self.distributed:
             dist.barrier()
 
+    def from_main(self, value):
+        """The main process's ``value`` (a picklable object), in every process."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def is_main_process() -> bool:
+    """Whether this process prints and writes for its run: any but ranks 1.. of a multi-process
+    run (``torchrun`` sets ``WORLD_SIZE`` > 1; a stray ``RANK`` alone makes no second process)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return True
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
 
 def init_processes(device_name: str) -> Processes:
     """Join the process group that ``torchrun`` describes in the environment, if any.

@@ -152,7 +152,7 @@ def run_folder_lock(out: str | Path) -> Iterator[None]:
     Two trainings started into one folder at the same time both found it empty and both wrote
     there, leaving one run's best weights beside the other's history. The lock (``flock`` on the
     folder itself: no file is added, and the kernel releases it when the process ends, however it
-    ends) refuses the second. Only the main process of a distributed run (``RANK`` 0) takes it;
+    ends) refuses the second. A distributed run has its main process take it (``cmrf.train.fit``);
     where ``fcntl`` is missing (Windows) nothing is locked.
 
     Raises:
@@ -161,9 +161,6 @@ def run_folder_lock(out: str | Path) -> Iterator[None]:
     try:
         import fcntl
     except ImportError:
-        yield
-        return
-    if int(os.environ.get("RANK", "0") or 0) != 0:
         yield
         return
     out = Path(out)

@@ -314,12 +314,15 @@ def capture_state(
     }
 
 
-def resume_differences(state: dict, *, recipe, metadata: dict[str, str]) -> list[str]:
+def resume_differences(
+    state: dict, *, recipe, metadata: dict[str, str], world_size: int | None = None
+) -> list[str]:
     """The settings in which a run about to resume from ``state`` differs from the saved run.
 
-    Compares the network and data (``metadata``, when both sides have it) and the recipe fields
-    that change what is computed (all but ``RESUME_FREE_FIELDS``); the data's cache settings
-    may change too.
+    Compares the network and data (``metadata``, when both sides have it), the recipe fields
+    that change what is computed (all but ``RESUME_FREE_FIELDS``) and, when ``world_size`` is
+    given, the number of processes (the batch of a step is that many times ``--batch-size``); the
+    data's cache settings may change too.
 
     Returns:
         One ``"--flag SAVED (given GIVEN)"`` entry per difference; empty when they agree.
@@ -338,6 +341,10 @@ def resume_differences(state: dict, *, recipe, metadata: dict[str, str]) -> list
                 given.pop(label, None)
         # --seed is also a recipe field: report it once.
         differences += [d for d in _differences(saved, given) if not d.startswith("--seed ")]
+    saved_world = state.get("world_size")
+    if world_size is not None and saved_world is not None and saved_world != world_size:
+        differences.append(f"processes {saved_world} (given {world_size}; torchrun --nproc_per_node sets "
+                           f"them, and each step's batch is processes x --batch-size)")
     return differences
 
 
