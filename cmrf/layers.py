@@ -95,6 +95,9 @@ def check_positive_ints(
 def check_input_size(input_size) -> tuple[int, ...]:
     """``input_size`` as a tuple of ints ``(B, C, *spatial)``, every entry an integer >= 1,
     at least one spatial side; else ``ValueError`` naming it (floats are refused, not truncated)."""
+    if isinstance(input_size, torch.Tensor):  # its repr would fill the message
+        raise ValueError(f"input_size must be a shape (B, C, *spatial), e.g. (1, 3, 256, 256), got a tensor; "
+                         f"pass its .shape, {tuple(input_size.shape)}")
     size = check_positive_ints("input_size", input_size, "integers (B, C, *spatial)", "(1, 3, 256, 256)")
     if len(size) < 3:
         raise ValueError(f"input_size must be (B, C, *spatial) with at least one spatial side, got {size}")

@@ -391,6 +391,23 @@ def test_bench_refuses_thread_counts_beyond_the_machine(monkeypatch, capsys):
     assert expected in capsys.readouterr().err
 
 
+def test_sigterm_unwinds_except_in_torchrun_workers(monkeypatch):
+    """A torchrun worker blocked in a collective cannot run a Python handler: torchrun's SIGTERM
+    must kill it (it waited 30 s, then SIGKILL)."""
+    import signal
+
+    import cmrf.cli
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with cmrf.cli._sigterm_unwinds():
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with cmrf.cli._sigterm_unwinds():
+        assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_ctrl_c_while_starting_is_one_line(monkeypatch, capsys):
     """Building the parser imports the command's module (seconds): Ctrl-C then gave a traceback."""
     import cmrf.cli

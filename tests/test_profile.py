@@ -133,6 +133,8 @@ def test_bad_input_size():
         cmrf.profile(cmrf.TinyUNet(), (1, 3, 32.7, 32))  # refused, not truncated to 32
     with pytest.raises(ValueError, match=r"input_size\[0\] must be an integer >= 1, got True"):
         cmrf.profile(cmrf.TinyUNet(), (True, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"got a tensor; pass its \.shape, \(1, 3, 32, 32\)$"):
+        cmrf.profile(cmrf.TinyUNet(), torch.randn(1, 3, 32, 32))  # its repr filled the message
 
 
 @pytest.mark.parametrize(

@@ -71,7 +71,12 @@ def _on_sigterm(main_pid: int, signum, frame) -> None:
 def _sigterm_unwinds():
     """SIGTERM raises ``_Terminated`` in this (main) process while the block runs; the previous
     handler comes back after it. Nothing is changed outside the main thread, where Python
-    cannot install handlers."""
+    cannot install handlers, nor in a torchrun worker (``WORLD_SIZE`` > 1): torchrun ends its
+    workers with SIGTERM when one fails, and a worker waiting inside a collective (C++ code) would
+    run a Python handler only once the wait ends, i.e. never; it must die at once."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        yield
+        return
     try:
         previous = signal.signal(signal.SIGTERM, functools.partial(_on_sigterm, os.getpid()))
     except ValueError:  # not the main thread
