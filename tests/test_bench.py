@@ -666,6 +666,10 @@ def test_bench_cli_reports_the_signal_that_stopped_the_run(tmp_path, monkeypatch
     captured = capsys.readouterr()
     assert "inference.cmrf" in captured.out and json.loads(out.read_text())["interrupted"] is True
     assert captured.err.rstrip().endswith(f"cmrf bench: {word}")
+    # --debug adds the traceback and keeps the status (it exited 1: scripts lost the signal)
+    assert cli_main([*argv, "--debug"]) == status
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().endswith(f"cmrf bench: {word}")
 
 
 @pytest.mark.parametrize(("upsample_status", "expected"), [(0, 0), (3, 1)])

@@ -31,6 +31,7 @@ import os
 import re
 import signal
 import sys
+import traceback
 
 __all__ = ["COMMANDS", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_USER_ERROR", "build_parser", "main"]
 
@@ -193,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         with _sigterm_unwinds():
             return int(args.run(args) or 0)
     except KeyboardInterrupt as err:
-        if _debug_requested(args):
-            raise
+        if _debug_requested(args):  # where it stopped, then the status scripts rely on (not 1)
+            traceback.print_exc()
         if isinstance(err, _Terminated):
             print(f"cmrf {args.command}: terminated", file=sys.stderr)
             return EXIT_TERMINATED
