@@ -385,6 +385,10 @@ def test_other_zoo_models_are_built_for_volumes_too(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"'tinyunet3d' is built for spatial_dims=3 and cannot take 2D data "
                                          r"\(spatial_dims=2\); use --model tinyunet"):
         build_model("tinyunet3d", 3, 2, spatial_dims=2)
+    # the command refuses it before reading any data (here: a missing data folder)
+    argv = ["train", "--model", "tinyunet3d", "--data", "isic2018", "--root", str(tmp_path / "none")]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    assert "'tinyunet3d' is built for spatial_dims=3" in _one_error_line(capsys)
 
 
 def test_train_a_cmrf_swapped_segnet_and_evaluate_it(tmp_path, capsys):

@@ -12,7 +12,7 @@ from cmrf.cli.data_args import add_data_arguments, data_options
 from cmrf.train.processes import is_main_process
 from cmrf.train.recipe import AMP_CHOICES, Recipe
 from cmrf.train.run_folder import RunFiles, check_run_folder
-from cmrf.train.setup import build_model, torch_threads
+from cmrf.train.setup import build_model, resolve_model_choice, torch_threads
 
 # The demo: TinyU-Net at full width on small synthetic lesion images, on the CPU, in about two
 # to three minutes on two cores. It departs from the paper's recipe to fit that budget: 64x64
@@ -180,6 +180,7 @@ def _train(args: argparse.Namespace) -> int:
 
     recipe = recipe_from_args(args)  # checks the recipe before any data is read
     check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)  # before reading data, too
+    resolve_model_choice(args.model, args.spatial_dims, replace_blocks=args.replace_blocks)  # and this
     bundle = build_datasets(seed=args.seed, **data_options(args))
     data = _data_metadata(args, bundle)
     model_kwargs, replace_n = _model_kwargs(args)

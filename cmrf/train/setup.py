@@ -65,21 +65,9 @@ def build_model(
     """
     from cmrf.models import create_model
 
-    if spatial_dims == 3 and name == "tinyunet":
-        name = "tinyunet3d"
+    swapping = replace_blocks_n is not None and new_run
+    name, dims = resolve_model_choice(name, spatial_dims, replace_blocks=swapping)
     model_kwargs = model_kwargs or {}
-    default = _default_on_meta(name)
-    if replace_blocks_n is not None and new_run and default is not None and cmrf_blocks(default):
-        # Before building with the user's arguments: their --channels may not suit the model's
-        # default N, an error about an N the user did not give.
-        raise ValueError(f"--replace-blocks: model {name!r} is built from CMRF blocks already; "
-                         f"leave --replace-blocks out (--N then sets their N)")
-    built_for = getattr(default, "spatial_dims", None)
-    # A zoo model is built for the data's dimensions (cmunext on volumes); not recorded in the run,
-    # whose data options say them.
-    dims = {} if spatial_dims is None or built_for in (None, spatial_dims) else {"spatial_dims": spatial_dims}
-    if dims:
-        _check_builds_for(name, built_for, spatial_dims)
     try:
         model = create_model(name, in_chans=in_chans, num_classes=num_classes, **model_kwargs, **dims)
     except TypeError as err:  # a constructor argument this model does not have (--N, --channels)
@@ -99,6 +87,37 @@ def build_model(
         if report:
             print(replaced)
     return model, name
+
+
+def resolve_model_choice(name: str, spatial_dims: int | None = None, replace_blocks: bool = False
+                         ) -> tuple[str, dict]:
+    """The registry name and the extra constructor arguments that build model ``name`` for data of
+    ``spatial_dims``, after the checks that need no data (``cmrf train`` runs them before reading
+    any): ``tinyunet`` becomes ``tinyunet3d`` for volumes, another zoo model gets ``spatial_dims``
+    (not recorded in the run, whose data options say it).
+
+    Args:
+        name: registry name.
+        spatial_dims: the data's (2 images, 3 volumes); ``None``: the model's own.
+        replace_blocks: the model is to go through ``replace_blocks`` in a new run.
+
+    Raises:
+        ValueError: the model cannot be built for ``spatial_dims``, or ``replace_blocks`` for a
+            model built from CMRF blocks already (it would swap nothing).
+    """
+    if spatial_dims == 3 and name == "tinyunet":
+        name = "tinyunet3d"
+    default = _default_on_meta(name)
+    if replace_blocks and default is not None and cmrf_blocks(default):
+        # Before building with the user's arguments: their --channels may not suit the model's
+        # default N, an error about an N the user did not give.
+        raise ValueError(f"--replace-blocks: model {name!r} is built from CMRF blocks already; "
+                         f"leave --replace-blocks out (--N then sets their N)")
+    built_for = getattr(default, "spatial_dims", None)
+    if spatial_dims is None or built_for in (None, spatial_dims):
+        return name, {}
+    _check_builds_for(name, built_for, spatial_dims)
+    return name, {"spatial_dims": spatial_dims}
 
 
 def _check_builds_for(name: str, built_for: int, spatial_dims: int) -> None:
