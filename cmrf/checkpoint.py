@@ -88,11 +88,14 @@ def _safetensors_name(path: Path) -> Iterator[str]:
     name = str(path)
     try:
         name.encode("utf-8")
+        utf8 = True
     except UnicodeEncodeError:
-        with open(path, "rb") as f:
-            yield f"/proc/self/fd/{f.fileno()}"
+        utf8 = False
+    if utf8:
+        yield name
         return
-    yield name
+    with open(path, "rb") as f:  # not inside the except: the block's errors would chain to it
+        yield f"/proc/self/fd/{f.fileno()}"
 
 
 def safetensors_metadata(path: str | Path) -> dict[str, str]:

@@ -364,3 +364,12 @@ def test_a_checkpoint_whose_name_is_not_utf8_is_read(tmp_path):
     assert read_metadata(path)["model_kwargs"] == {"channels": [16, 32], "N": 2}
     loaded, _ = model_from_checkpoint(path)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    # a damaged one is named as such, its error not chained to the name's encoding (--debug shows it)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="file is truncated or not a safetensors file") as info:
+        read_state_dict(path)
+    chain, err = [], info.value
+    while err is not None:
+        chain.append(type(err).__name__)
+        err = err.__cause__ or err.__context__
+    assert "UnicodeEncodeError" not in chain, chain

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import io
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -289,6 +290,37 @@ def test_a_second_training_into_a_folder_in_use_is_refused(tmp_path, capsys, mon
         pass
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock")
+def test_every_rank_stops_with_the_main_processs_lock_failure(tmp_path, monkeypatch):
+    """Any failure to take the folder (not only "in use": a file system without locks) reaches
+    the other ranks, which otherwise waited for rank 0 at the next collective."""
+    import errno
+    import fcntl
+
+    import cmrf.train.loop as loop
+    from cmrf.train.processes import Processes
+    from cmrf.train.run_folder import RunFolderError
+
+    sent = []
+
+    class TwoRanks(Processes):
+        def from_main(self, value):  # what broadcast_object_list delivers, without a process group
+            sent.append(value) if self.is_main else None
+            return sent[-1] if sent else value
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out = tmp_path / "run"
+    main_rank, other_rank = TwoRanks(rank=0, world_size=2), TwoRanks(rank=1, world_size=2)
+    with pytest.raises(OSError, match=f"No locks available: '{out}'"), loop._run_folder_held(out, main_rank):
+        pass  # the folder is named
+    with pytest.raises(RunFolderError, match=f"No locks available: '{out}'"), loop._run_folder_held(
+            out, other_rank):
+        pass
+
+
 def test_a_full_disk_while_saving_the_state_keeps_the_previous_one(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     state_file = out / STATE_FILE
@@ -463,7 +495,7 @@ def test_demo_names_only_the_figures_it_wrote(tmp_path, capsys):
     assert (out / "training_curve.png").is_file() and not (out / "overlays.png").exists()
 
 
-def test_resume_with_another_thread_count_says_it_is_not_bit_for_bit(tmp_path, capsys):
+def test_resume_with_another_thread_count_says_it_is_not_bit_for_bit(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     argv = ["train", *TINY, "--epochs", "1", "--lr", "3e-3", "--no-plots", "--out", str(out)]
     assert main([*argv, "--threads", "1"]) == 0
@@ -473,6 +505,12 @@ def test_resume_with_another_thread_count_says_it_is_not_bit_for_bit(tmp_path, c
             "its float rounding differs") in capsys.readouterr().out
     assert main([*argv, "--threads", "1", "--resume"]) == 0
     assert "note:" not in capsys.readouterr().out
+    # a run from a bigger machine: no advice this one's --threads would refuse
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)  # at most 4 threads here
+    state = torch.load(out / STATE_FILE, weights_only=True)
+    torch.save({**state, "cpu_threads": 32}, out / STATE_FILE)
+    assert main([*argv, "--threads", "1", "--resume"]) == 0
+    assert "only a machine that allows --threads 32 would keep it bit for bit" in capsys.readouterr().out
 
 
 def test_resume_after_a_kill_between_the_first_epochs_weights_and_state_starts_afresh(tmp_path, capsys):

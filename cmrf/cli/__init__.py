@@ -75,7 +75,9 @@ def _sigterm_unwinds():
     cannot install handlers, nor in a torchrun worker (``WORLD_SIZE`` > 1): torchrun ends its
     workers with SIGTERM when one fails, and a worker waiting inside a collective (C++ code) would
     run a Python handler only once the wait ends, i.e. never; it must die at once."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    from cmrf.train.processes import world_size_from_env
+
+    if world_size_from_env() > 1:
         yield
         return
     try:

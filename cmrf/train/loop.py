@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from cmrf.constants import thread_limit
 from cmrf.train.loaders import EpochSampler, choose_workers, eval_loader, train_loader
 from cmrf.train.losses import CEDiceLoss
 from cmrf.train.metrics import SegmentationMetrics
@@ -278,19 +279,21 @@ def _clear(run: _Run) -> None:
 
 @contextlib.contextmanager
 def _run_folder_held(out_dir: str | Path, processes: Processes) -> Iterator[None]:
-    """``run_folder_lock`` taken by the main process, whose outcome every process learns: all
-    refuse a folder in use alike (a process left waiting at the next collective could not even be
-    stopped until a timeout)."""
+    """``run_folder_lock`` taken by the main process, whose outcome every process learns: when the
+    folder is in use (or cannot be locked), all stop with the main process's error instead of
+    waiting for it at the next collective."""
     with contextlib.ExitStack() as held:
-        refusal = None
+        failure = None
         if processes.is_main:
             try:
                 held.enter_context(run_folder_lock(out_dir))
-            except RunFolderError as err:
-                refusal = str(err)
-        refusal = processes.from_main(refusal)
-        if refusal is not None:
-            raise RunFolderError(refusal)
+            except Exception as err:
+                failure = err
+        message = processes.from_main(None if failure is None else str(failure))
+        if failure is not None:
+            raise failure
+        if message is not None:
+            raise RunFolderError(message)
         yield
 
 
@@ -314,9 +317,10 @@ def _resume(run: _Run) -> None:
     run.log(f"resuming {run.files.out} after epoch {run.progress.epoch}/{run.recipe.epochs}")
     saved_threads, threads = state.get("cpu_threads"), torch.get_num_threads()
     if run.device.type == "cpu" and saved_threads is not None and saved_threads != threads:
+        same = (f"--threads {saved_threads} keeps the resume bit for bit" if saved_threads <= thread_limit()
+                else f"only a machine that allows --threads {saved_threads} would keep it bit for bit")
         run.log(f"note: the run trained with {saved_threads} CPU thread(s), this process has {threads}: "
-                f"it continues correctly, but its float rounding differs from an uninterrupted run's; "
-                f"--threads {saved_threads} keeps the resume bit for bit")
+                f"it continues correctly, but its float rounding differs from an uninterrupted run's; {same}")
 
 
 def _train_epoch(run: _Run, epoch: int) -> tuple[dict, bool]:

@@ -106,12 +106,15 @@ class Processes:
         return box[0]
 
 
+def world_size_from_env() -> int:
+    """The number of processes ``torchrun`` started (``WORLD_SIZE``; 1 when unset or empty)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def is_main_process() -> bool:
     """Whether this process prints and writes for its run: any but ranks 1.. of a multi-process
     run (``torchrun`` sets ``WORLD_SIZE`` > 1; a stray ``RANK`` alone makes no second process)."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
-        return True
-    return int(os.environ.get("RANK", "0") or 0) == 0
+    return world_size_from_env() <= 1 or int(os.environ.get("RANK", "0") or 0) == 0
 
 
 def init_processes(device_name: str) -> Processes:
@@ -119,7 +122,7 @@ def init_processes(device_name: str) -> Processes:
 
     Uses NCCL when training on CUDA and gloo otherwise. A plain ``python`` run is one process.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = world_size_from_env()
     if world_size <= 1:
         return Processes()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))

@@ -169,7 +169,8 @@ def run_folder_lock(out: str | Path) -> Iterator[None]:
         folder = os.open(out, os.O_RDONLY)
     try:
         try:
-            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with naming_errors(out):  # a file system without locks (ENOLCK) names the folder
+                fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RunFolderError(
                 f"{out} is in use by another training; wait for it to end, or choose another --out"
