@@ -228,6 +228,19 @@ def test_build_synthetic_bundle_from_options():
         _build(parse("--num-classes", "3"), 0)
 
 
+def test_synthetic_disk_caches_of_two_seeds_are_two(tmp_path: Path):
+    """The seed is part of the cache's key: seed 1 must not read seed 0's samples."""
+    args = parse("--img-size", "16", "--synthetic-samples", "4", "--cache", "disk",
+                 "--cache-dir", str(tmp_path))
+    first, second = _build(args, seed=0), _build(args, seed=1)
+    first.train.augment = second.train.augment = False
+    assert not torch.equal(first.train[0][0], second.train[0][0])
+    assert len(list(tmp_path.glob("synthetic-train-*"))) == 2
+    again = _build(args, seed=0)  # and the same seed finds its own
+    again.train.augment = False
+    assert torch.equal(again.train[0][0], first.train[0][0]) and len(list(tmp_path.iterdir())) == 6
+
+
 @pytest.mark.parametrize("spatial_dims, side", [("2", 256), ("3", 64)])
 def test_default_size_depends_on_dimensions(spatial_dims, side):
     args = parse("--synthetic-samples", "1", "--spatial-dims", spatial_dims)

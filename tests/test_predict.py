@@ -125,6 +125,19 @@ def test_outputs_of_a_stem_that_now_collides_are_removed(checkpoint, tmp_path, c
     assert names == ["a.jpg_mask.png", "a.jpg_overlay.png", "a.png_mask.png", "a.png_overlay.png"]
 
 
+def test_an_image_given_twice_is_predicted_once(checkpoint, tmp_path, capsys):
+    """A file and its folder, or the same file twice: one output, not a second stem for it."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    _image(folder / "a.png", 20, 20, 1)
+    _image(folder / "c.png", 20, 20, 2)
+    out = tmp_path / "out"
+    argv = ["predict", str(checkpoint), str(folder / "a.png"), str(folder), str(folder / "a.png")]
+    assert main([*argv, "--out", str(out), "--device", "cpu", "--no-overlays"]) == 0
+    assert "wrote 2 mask(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["a_mask.png", "c_mask.png"]
+
+
 def test_out_that_is_a_file_is_named_as_not_a_folder(checkpoint, images, tmp_path, capsys):
     """mkdir's "File exists" (for --out /dev/null, or a file) did not say what was wrong."""
     a_file = tmp_path / "masks.png"

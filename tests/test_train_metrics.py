@@ -360,3 +360,8 @@ def test_recipe_takes_any_finite_real_number_and_refuses_nan_and_inf():
     for name, value in bad:
         with pytest.raises(ValueError, match=f"{name} must be a finite number"):
             Recipe(**{name: value})
+    with pytest.raises(ValueError, match="weight_decay must be >= 0, got -0.5"):
+        Recipe(weight_decay=-0.5)
+    for betas in ((0.9, 1.0), (-0.1, 0.999), (0.9,)):
+        with pytest.raises(ValueError, match=r"betas must be two numbers in \[0, 1\)"):
+            Recipe(betas=betas)

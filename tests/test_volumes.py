@@ -162,6 +162,31 @@ def test_nifti_multichannel_volumes(tmp_path: Path):
     assert bundle.num_classes == 2  # 0/1 masks are binary
 
 
+def test_nifti_channels_keep_their_content_and_their_own_scale(tmp_path: Path):
+    """(X, Y, Z, C) files: channel c is the c-th volume (not a reshape of the voxels), each scaled
+    on its own (a 0..1000 channel beside a 0..1 one)."""
+    ramp = np.arange(4, dtype=np.float32)[:, None, None].repeat(4, 1).repeat(4, 2)  # rises along x
+    for i in range(3):
+        write_volume(tmp_path / "images" / f"v{i}.nii", np.stack([ramp / 3, ramp[::-1] * 1000], axis=-1))
+        write_volume(tmp_path / "masks" / f"v{i}.nii", np.eye(4, dtype=np.float32)[None].repeat(4, 0))
+    bundle = build("--data", "folder", "--root", str(tmp_path), "--spatial-dims", "3", "--img-size", "4",
+                   "--val-fraction", "0.3", "--test-fraction", "0.3")
+    bundle.train.augment = False
+    image = denormalize(bundle.train[0][0])
+    rising, falling = image[0][:, 0, 0], image[1][:, 0, 0]
+    assert torch.all(rising[1:] > rising[:-1]) and torch.all(falling[1:] < falling[:-1])
+    torch.testing.assert_close(rising, falling.flip(0), atol=0.02, rtol=0)  # same scale after scaling
+
+
+def test_nifti_images_with_different_channel_counts_are_refused(tmp_path: Path):
+    for i, shape in enumerate([(4, 4, 4, 2), (4, 4, 4, 2), (4, 4, 4)]):
+        write_volume(tmp_path / "images" / f"v{i}.nii", np.random.default_rng(i).random(shape))
+        write_volume(tmp_path / "masks" / f"v{i}.nii", np.eye(4, dtype=np.float32)[None].repeat(4, 0))
+    with pytest.raises(DataError, match=r"volumes must all have 2 channel\(s\) like .*v2\.nii: 1 channels"):
+        build("--data", "folder", "--root", str(tmp_path), "--spatial-dims", "3", "--img-size", "4",
+              "--val-fraction", "0.3", "--test-fraction", "0.3")
+
+
 def test_nifti_bad_data_is_reported_with_the_file(nifti_root: Path):
     volumes = ("--data", "folder", "--root", str(nifti_root), "--spatial-dims", "3", "--img-size", "8")
     write_volume(nifti_root / "masks" / "vol1.nii.gz", np.zeros((6, 7, 9), dtype=np.uint8))
