@@ -251,6 +251,15 @@ def test_targets_state_goal_and_verdict_never_a_result():
     apply_targets(_report(cuda, [ref, fast]), cuda)
     assert ref.target == ""
     assert fast.verdict == "met: 4.30x eager, 4.10x compile, diff 1.0e-02, peak 800 vs 900 MiB"
+    fast.peak_mib = 1000.0  # fast, but more memory than the reference: the memory goal fails
+    apply_targets(_report(cuda, [ref, fast]), cuda)
+    assert fast.verdict == "NOT met: peak 1000 vs 900 MiB"
+    # a bf16 cascade row in an fp32 run is judged by bf16's bound, not fp32's
+    fp32_cuda = BenchSettings(device="cuda", batch=16, size=256, precision="fp32")
+    cascade = Row("cascade.eval.b128.L0.bf16.fused", "", "cascade", 128, wall_ms=1.0, vs_eager=3.5,
+                  max_diff=5e-2)
+    apply_targets(_report(fp32_cuda, [cascade]), fp32_cuda)
+    assert cascade.verdict.startswith("met: 3.50x eager, diff 5.0e-02"), cascade.verdict
 
 
 def test_a_fast_row_with_a_wrong_output_meets_no_target():
