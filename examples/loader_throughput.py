@@ -9,7 +9,7 @@ augmented: what every later epoch costs). A GPU run needs at least its target ra
 workers ``--workers auto`` gives it; the figures are in docs/training.md ("GPU training").
 """
 
-import sys
+import argparse
 import time
 
 import torch
@@ -39,4 +39,8 @@ def main(worker_counts: list[int]) -> None:
 
 
 if __name__ == "__main__":
-    main([int(arg) for arg in sys.argv[1:]] or [0, 1, 2])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("workers", type=int, nargs="*", default=[0, 1, 2],
+                        help="DataLoader worker counts to measure (default 0 1 2)")
+    main(parser.parse_args().workers)
