@@ -853,6 +853,20 @@ def test_each_file_is_decoded_once(folder_root: Path, tmp_path_factory, monkeypa
         assert (images.calls, masks.calls) == (20, 20)
 
 
+def test_a_disk_cache_whose_data_check_was_not_saved_is_made_again(folder_root: Path, tmp_path_factory,
+                                                                    monkeypatch):
+    """A run stopped after the store was made but before its data check was saved (no
+    facts.json): the next run checks the masks again instead of trusting an unchecked store."""
+    cache_dir = tmp_path_factory.mktemp("cache")
+    options = folder_options(folder_root, "--cache", "disk", "--cache-dir", str(cache_dir))
+    load_all(build_datasets(**options))
+    (facts,) = cache_dir.glob("*/facts.json")
+    facts.unlink()
+    images, masks = count_decoding(monkeypatch)
+    load_all(build_datasets(**options))
+    assert masks.calls == 10 and (facts.parent / "facts.json").is_file()
+
+
 def test_without_cache_files_are_decoded_on_every_load(folder_root: Path, monkeypatch):
     images, masks = count_decoding(monkeypatch)
     bundle = build_datasets(**folder_options(folder_root, "--cache", "none"))

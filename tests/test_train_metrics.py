@@ -130,6 +130,17 @@ def test_per_image_dice_averages_each_images_dice():
     assert per_image_loss != pytest.approx(float(CEDiceLoss()(logits, target)))
 
 
+def test_overlay_colours_each_class_and_volumes_show_their_middle_slice():
+    from cmrf.train.plots import _display_slice, overlay
+
+    mask = torch.tensor([[0, 1], [2, 1]])
+    blended = overlay(torch.zeros(3, 2, 2), mask)
+    assert (blended[0, 0] == 0).all()  # background: the image itself
+    assert (blended[0, 1] == blended[1, 1]).all() and (blended[0, 1] != blended[1, 0]).any()
+    volume = torch.arange(5.0)[:, None, None].expand(5, 4, 4)  # slice d holds the value d
+    assert (_display_slice(volume[None], 3) == 2).all() and (_display_slice(volume, 3) == 2).all()
+
+
 def test_loss_is_small_for_confident_correct_logits_and_checks_shapes():
     target = torch.randint(0, 2, (2, 8, 8))
     good = F.one_hot(target, 2).movedim(-1, 1).float() * 20

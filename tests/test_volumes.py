@@ -237,6 +237,11 @@ def test_nifti_mask_on_another_voxel_grid_is_refused(nifti_root: Path):
     nibabel.save(nibabel.Nifti1Image(mask, np.diag([2.0, 2.0, 2.0, 1.0])), str(mask_path))
     with pytest.raises(DataError, match=r"spacing \(2, 2, 2\).* against .*spacing \(0\.8, 0\.8, 2\.5\)"):
         build(*volumes)
+    shifted = scanner.copy()
+    shifted[0, 3] += 0.8  # one voxel along x: every label one voxel off
+    nibabel.save(nibabel.Nifti1Image(mask, shifted), str(mask_path))
+    with pytest.raises(DataError, match=r"vol2\.nii\.gz is stored on another voxel grid"):
+        build(*volumes)
     nibabel.save(nibabel.Nifti1Image(mask, np.eye(4)), str(mask_path))  # placed nowhere: voxel order
     assert len(build(*volumes).train) > 0
     nibabel.save(nibabel.Nifti1Image(mask, np.diag([-1.0, -1.0, 1.0, 1.0])), str(mask_path))  # ITK's default
