@@ -295,6 +295,34 @@ def test_evaluate_on_another_site_does_not_take_the_runs_file_options(tmp_path, 
     assert main(argv) == 0  # the run's own site: its split lists and threshold, as trained
 
 
+def test_evaluate_holds_only_the_runs_own_files_to_its_splits(tmp_path, capsys):
+    """The run's split fingerprint keeps its training images out of its own test split; another
+    --root is other data, scored as it is."""
+    from cmrf.data import build_datasets, split_fingerprint
+    from cmrf.train.state import model_metadata
+    from tests.test_data import write_pair
+
+    site_a, site_b = tmp_path / "a", tmp_path / "b"
+    for i in range(6):
+        write_pair(site_a, f"a{i}", seed=i)
+        write_pair(site_b, f"b{i}", seed=10 + i)
+    fingerprint = split_fingerprint(build_datasets(seed=0, data="folder", root=site_a, img_size=32))
+    data = {"data": "folder", "root": str(site_a), "img_size": 32, "seed": 0, "spatial_dims": 2,
+            "split_files": fingerprint}
+    kwargs = {"channels": [16, 32], "N": 4}
+    meta = model_metadata("tinyunet", kwargs, 3, 2, ["background", "lesion"], data=data)
+    checkpoint = tmp_path / "best.safetensors"
+    cmrf.save_weights(cmrf.TinyUNet(channels=(16, 32), N=4), checkpoint, metadata=meta)
+    argv = ["evaluate", str(checkpoint), "--device", "cpu", "--no-optimize"]
+    assert main([*argv, "--root", str(site_b)]) == 0, capsys.readouterr().err
+    assert main(argv) == 0
+    for folder in ("images", "masks"):  # the run's own site, one file fewer: its splits moved
+        (site_a / folder / "a5.png").unlink()
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "files added or removed" in capsys.readouterr().err
+
+
 def test_demo_help_states_the_demos_own_settings(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
