@@ -7,7 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-from cmrf.cli.common import positive_int
+from cmrf.cli.common import positive_int, user_path
 from cmrf.data import CACHE_CHOICES, DATA_CHOICES, DATA_OPTIONS
 
 __all__ = ["add_data_arguments", "data_options"]
@@ -35,7 +35,7 @@ def _fraction(text: str) -> float:
 
 def absolute_path(path: str | os.PathLike) -> Path:
     """``path`` with ``~`` expanded, made absolute against the current folder and normalised."""
-    return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    return Path(os.path.abspath(user_path(os.fspath(path))))
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, description: str | None = None) -> list[str]:
