@@ -249,16 +249,44 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     return load_state_dict_checked(model, read_state_dict(path), path)
 
 
+# torch.save's usual suffixes: a safetensors file under one of them is one torch.load cannot read.
+_PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".tar")
+
+
 def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Save ``model``'s state dict as safetensors, atomically (``cmrf.files.atomic_path``).
 
     A failed write (full disk, read-only folder) leaves a previous ``path`` as it was and no
     temporary file behind.
+
+    Args:
+        model: whose ``state_dict()`` to save (tied weights are stored under each name).
+        path: the file to write; any suffix but a pickle's (``.pt``, ``.pth``, ``.ckpt``,
+            ``.bin``, ``.tar``), which ``torch.load`` could not read. ``.safetensors`` is usual.
+        metadata: string keys and string values stored in the file's header, or ``None``.
+
+    Raises:
+        ValueError: for a pickle suffix, or metadata that is not ``str`` to ``str``.
+        OSError: the file cannot be written.
     """
     from safetensors.torch import save_file
 
     from cmrf.files import atomic_path
 
+    suffix = Path(path).suffix.lower()
+    if suffix in _PICKLE_SUFFIXES:
+        raise ValueError(
+            f"save_weights writes safetensors, which torch.load cannot read, but {str(path)!r} ends in "
+            f"{suffix!r} (a torch.save pickle's suffix): name it *.safetensors, or use "
+            f"torch.save(model.state_dict(), path) for a pickle"
+        )
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ValueError(f"metadata must be a dict of str to str, got {type(metadata).__name__}")
+    wrong = [f"{key!r}: {value!r}" for key, value in (metadata or {}).items()
+             if not isinstance(key, str) or not isinstance(value, str)]
+    if wrong:
+        raise ValueError(f"metadata must map str to str (safetensors stores text only), got "
+                         f"{', '.join(wrong)}: convert them with str()")
     state, seen = {}, set()
     for key, value in model.state_dict().items():
         value = value.detach().cpu().contiguous()

@@ -117,6 +117,10 @@ def _example_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[i
     if isinstance(spatial_dims, int) and len(size) != spatial_dims + 2:
         raise ValueError(f"input_size {size} has {len(size) - 2} spatial sides, but "
                          f"{type(model).__name__} takes {spatial_dims}D inputs")
+    min_size = getattr(model, "min_size", None)  # TinyU-Net: one pixel must survive every pooling
+    if isinstance(min_size, int) and min(size[2:]) < min_size:
+        raise ValueError(f"input_size {size} has a side below {min_size}, the smallest "
+                         f"{type(model).__name__} takes (every spatial side >= {min_size})")
     return size
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
@@ -52,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
-from cmrf.layers import CMRF, ConvNorm, check_input, cmrf_blocks, conv_type
+from cmrf.layers import CMRF, ConvNorm, check_input, cmrf_blocks, conv_type, has_user_hooks
 from cmrf.models.tinyunet import TinyUNet
 from cmrf.onnx_writer import check_onnxruntime, write_onnx
 from cmrf.ops.cascade import interpreter_enabled, triton_available, triton_missing_reason
@@ -1147,22 +1148,121 @@ class OnnxRuntimeInference(CPUGraphPerShape):
 # --- entry point -----------------------------------------------------------------------------
 
 
-def _optimized(module: nn.Module, path: str) -> nn.Module | None:
-    """The optimized replacement of ``module``, or ``None`` when it is not a CMRF model part."""
+# What the rewrite reads of each layer besides its weights; a layer that differs from the one the
+# constructor builds computes something the rewrite would not.
+_LAYER_FIELDS = (
+    (nn.modules.conv._ConvNd, ("in_channels", "out_channels", "kernel_size", "stride", "padding",
+                               "dilation", "groups", "padding_mode")),
+    (nn.modules.pooling._MaxPoolNd, ("kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                                     "return_indices")),
+    (nn.GELU, ("approximate",)),
+)
+
+
+def _layer_fields(module: nn.Module) -> dict:
+    for kind, fields in _LAYER_FIELDS:
+        if isinstance(module, kind):
+            return {field: getattr(module, field) for field in fields}
+    return {}
+
+
+def _twin(module: CMRF | TinyUNet) -> nn.Module:
+    """A freshly built module of ``module``'s class arguments, on the meta device (no memory)."""
+    with torch.device("meta"):
+        if isinstance(module, CMRF):
+            return CMRF(module.in_channels, module.out_channels, module.N, spatial_dims=module.spatial_dims)
+        N = next((block.N for block in cmrf_blocks(module)), 8)
+        return TinyUNet(module.in_channels, module.num_classes, N, module.channels, module.spatial_dims)
+
+
+def _departures(module: CMRF | TinyUNet, name: str) -> list[str]:
+    """Why ``module`` cannot be rewritten as a whole: where it departs from what its class builds
+    (another class or forward, other layer settings, extra layers in a ``Sequential``, hooks).
+
+    A TinyUNet's CMRF blocks are checked on their own (``_rewritable``), not here.
+    """
+    prefix = f"{name}." if name else ""
+    try:
+        expected = dict(_twin(module).named_modules())
+    except (AttributeError, TypeError, ValueError) as err:  # attributes changed after building
+        return [f"its attributes no longer describe a {type(module).__qualname__} ({err})"]
+    if isinstance(module, TinyUNet):
+        blocks = tuple(f"{group}.{i}." for group in ("encoders", "decoders")
+                       for i in range(len(getattr(module, group, ()))))
+    else:
+        blocks = ()
+    reasons = []
+    actual = dict(module.named_modules())
+    for path, twin in expected.items():
+        if path.startswith(blocks):
+            continue
+        label = prefix + path if path else "it"
+        layer = actual.get(path)
+        if layer is None:
+            reasons.append(f"{label} is missing (its class builds a {type(twin).__name__})")
+        elif not isinstance(layer, type(twin)):
+            reasons.append(f"{label} is {type(layer).__name__}, where its class builds {type(twin).__name__}")
+        elif type(layer).forward is not type(twin).forward or "forward" in vars(layer):
+            reasons.append(f"{label} has its own forward")
+        elif _layer_fields(layer) != _layer_fields(twin):
+            reasons.append(f"{label} is {layer}, where its class builds {twin}")
+    for path, layer in actual.items():
+        if path.startswith(blocks):
+            continue
+        parent = path.rpartition(".")[0]
+        # A layer added to a Sequential the class builds runs; one added elsewhere is never called.
+        if path and path not in expected and isinstance(expected.get(parent), nn.Sequential):
+            reasons.append(f"{prefix + path} was added to {prefix + parent}")
+        if has_user_hooks(layer):
+            reasons.append(f"{prefix + path if path else 'it'} has hooks registered")
+    return reasons
+
+
+def _caller_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel for the caller's first frame outside cmrf and torch (whose
+    decorators add frames), so that a warning names the user's line."""
+    inside = (str(Path(__file__).parent), str(Path(torch.__file__).parent))
+    level, frame = 1, sys._getframe(1)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _rewritable(module: nn.Module, name: str, kept: list[str]) -> bool:
+    """Whether ``module`` (a TinyUNet or a CMRF) computes what its class builds, so that its
+    optimized form computes the same; when it does not, say why in ``kept``."""
+    reasons = _departures(module, name)
+    if isinstance(module, TinyUNet):
+        reasons += [
+            f"its block {name + '.' if name else ''}{group}.{i} is customised (see its own entry)"
+            for group in ("encoders", "decoders")
+            for i, block in enumerate(getattr(module, group, ()))
+            if isinstance(block, CMRF) and _departures(block, "")
+        ]
+    if reasons:
+        kept.append(f"{name or 'the model'} ({type(module).__qualname__}): {'; '.join(reasons)}")
+    return not reasons
+
+
+def _optimized(module: nn.Module, path: str, name: str, kept: list[str]) -> nn.Module | None:
+    """The optimized replacement of ``module``, or ``None`` when it is not a CMRF model part it
+    can rewrite (a customised one is noted in ``kept``; its parts may still be rewritten)."""
+    if not isinstance(module, (TinyUNet, CMRF)) or not _rewritable(module, name, kept):
+        return None
     if isinstance(module, TinyUNet):
         return InferenceTinyUNet(module, path)
-    if isinstance(module, CMRF):
-        return InferenceCMRF.from_cmrf(module, path)
-    return None
+    return InferenceCMRF.from_cmrf(module, path)
 
 
-def _replace_blocks(module: nn.Module, path: str) -> int:
-    """Swap, in place, every TinyUNet / CMRF below ``module`` for its optimized form; return the count."""
+def _replace_blocks(module: nn.Module, path: str, prefix: str, kept: list[str]) -> int:
+    """Swap, in place, every rewritable TinyUNet / CMRF below ``module`` for its optimized form;
+    return the count."""
     count = 0
     for name, child in module.named_children():
-        replacement = _optimized(child, path)
+        child_name = f"{prefix}{name}"
+        replacement = _optimized(child, path, child_name, kept)
         if replacement is None:
-            count += _replace_blocks(child, path)
+            count += _replace_blocks(child, path, f"{child_name}.", kept)
         else:
             setattr(module, name, replacement)
             count += 1
@@ -1289,14 +1389,27 @@ def optimize_for_inference(
         )
     _check_backend(backend, device, dtype, cuda_graph, freeze)
     path = _resolve_path(path, device, dtype)
-    optimized = _optimized(model, path)
+    kept: list[str] = []  # customised CMRF parts left as they are, and why
+    optimized = _optimized(model, path, "", kept)
     if optimized is None:
         optimized = copy.deepcopy(model)
-        if _replace_blocks(optimized, path) == 0:
+        count = _replace_blocks(optimized, path, "", kept)
+        if count == 0 and kept:
+            raise ValueError(
+                f"optimize_for_inference found no CMRF block it can rewrite in {type(model).__name__}: "
+                f"{' | '.join(kept)}; the rewrite computes only what TinyUNet and CMRF build"
+            )
+        if count == 0:
             raise ValueError(
                 f"optimize_for_inference found no CMRF block in {type(model).__name__}; it optimizes "
                 f"TinyUNet, CMRF and models that contain them"
             )
+    if kept:
+        warnings.warn(
+            f"optimize_for_inference kept these parts as they are (plain copies, not optimized), "
+            f"because they compute something other than what their class builds: {' | '.join(kept)}",
+            stacklevel=_caller_stacklevel(),
+        )
     optimized = optimized.eval().requires_grad_(False)
     if cuda_graph:
         optimized = CUDAGraphInference(optimized, max_graphs).eval()

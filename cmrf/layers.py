@@ -61,6 +61,22 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = mode
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def has_user_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` itself has forward or backward hooks of the user's.
+
+    torch's own hooks (``spectral_norm``, ``weight_norm``) go with their module and do not count.
+    """
+
+    def users(hook) -> bool:
+        origin = getattr(hook, "__module__", None) or type(hook).__module__
+        return not (origin == "torch" or origin.startswith("torch."))
+
+    return any(users(hook) for name in _HOOK_DICTS for hook in (getattr(module, name, None) or {}).values())
+
+
 def check_positive_int(name: str, value) -> int:
     """Return ``value`` if it is an integer >= 1, else raise ``ValueError`` naming it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

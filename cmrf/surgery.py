@@ -32,7 +32,14 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from cmrf.layers import CMRF, check_positive_int, cmrf_channels, cmrf_num_params, eval_mode
+from cmrf.layers import (
+    CMRF,
+    check_positive_int,
+    cmrf_channels,
+    cmrf_num_params,
+    eval_mode,
+    has_user_hooks,
+)
 from cmrf.ops import reference_only
 
 __all__ = [
@@ -720,25 +727,13 @@ def replace_blocks(
     return report
 
 
-def _users_hook(hook) -> bool:
-    """Whether a hook is the user's, not torch's own (``spectral_norm``, ``weight_norm``), which
-    goes with its module and needs no word."""
-    module = getattr(hook, "__module__", None) or type(hook).__module__
-    return not (module == "torch" or module.startswith("torch."))
-
-
 def _hooked_paths(plans: list[_Plan]) -> list[str]:
     """Paths of the modules in the planned blocks that have forward or backward hooks of the user's."""
-    hook_dicts = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-
-    def hooks(module: nn.Module) -> list:
-        return [hook for name in hook_dicts for hook in (getattr(module, name, None) or {}).values()]
-
     return [
         path
         for plan in plans
         for path, module in plan.module.named_modules(prefix=plan.path)
-        if any(_users_hook(hook) for hook in hooks(module))
+        if has_user_hooks(module)
     ]
 
 

@@ -74,6 +74,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+# Eager eval outputs agree with the golden ones to about 1e-7 (outputs up to 0.09 for TinyU-Net,
+# 0.34 for CMUNeXt); 1e-6 still catches a wrong BatchNorm eps (1e-5 instead of 1e-3 moves
+# TinyU-Net's eval output by 4.7e-5), which the specs' "ample" 1e-4 lets through.
+GOLDEN_EVAL_ATOL = 1e-6
+
+
 def golden_path(name: str) -> Path:
     """Path of a golden file; fails under CI when it is missing, skips elsewhere."""
     path = GOLDEN_DIR / name

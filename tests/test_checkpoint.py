@@ -16,7 +16,7 @@ import cmrf
 from cmrf.checkpoint import read_state_dict, safetensors_metadata, save_weights
 from cmrf.models.io_channels import infer_io_channels
 from cmrf.train.setup import model_from_checkpoint
-from tests.conftest import golden_state_dict, load_golden
+from tests.conftest import GOLDEN_EVAL_ATOL, golden_state_dict, load_golden
 
 
 def _small_unet(**kwargs) -> cmrf.TinyUNet:
@@ -117,8 +117,9 @@ def test_missing_checkpoint_is_an_oserror_naming_it(tmp_path):
 
 
 def test_safetensors_content_is_recognised_whatever_the_suffix(tmp_path):
-    path = tmp_path / "weights.bin"
-    save_weights(_small_unet(), path, metadata={"format": "x"})
+    path = tmp_path / "weights.bin"  # written under another name (save_weights refuses .bin)
+    save_weights(_small_unet(), tmp_path / "weights.safetensors", metadata={"format": "x"})
+    (tmp_path / "weights.safetensors").rename(path)
     assert safetensors_metadata(path) == {"format": "x"}
     assert read_state_dict(path).keys() == _small_unet().state_dict().keys()
 
@@ -136,6 +137,22 @@ def _half_written_then_full(real_save):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     return save_file
+
+
+@pytest.mark.parametrize("name", ["w.pth", "w.PT", "w.ckpt", "w.bin", "w.pth.tar"])
+def test_save_weights_refuses_a_pickle_suffix_torch_load_could_not_read(tmp_path, name):
+    with pytest.raises(ValueError, match=r"torch.load cannot read.*name it \*\.safetensors"):
+        save_weights(_small_unet(), tmp_path / name)
+    assert not list(tmp_path.iterdir())
+    save_weights(_small_unet(), tmp_path / "w")  # no suffix, or any other: safetensors as asked
+
+
+def test_save_weights_names_metadata_that_is_not_text(tmp_path):
+    with pytest.raises(ValueError, match=r"metadata must map str to str .*'epoch': 3"):
+        save_weights(_small_unet(), tmp_path / "w.safetensors", metadata={"epoch": 3, "ok": "x"})
+    with pytest.raises(ValueError, match="metadata must be a dict of str to str, got list"):
+        save_weights(_small_unet(), tmp_path / "w.safetensors", metadata=[("a", "b")])
+    assert not list(tmp_path.iterdir())
 
 
 def test_save_weights_on_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
@@ -200,7 +217,9 @@ def test_reference_checkpoint_rebuilds_exactly(golden, reference_pth):
     model, meta = model_from_checkpoint(reference_pth, model="tinyunet")
     assert (meta["model"], meta["in_chans"], meta["num_classes"]) == ("tinyunet", 3, 2)
     with torch.no_grad():
-        torch.testing.assert_close(model(golden["input"]), golden["output_eval"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            model(golden["input"]), golden["output_eval"], atol=GOLDEN_EVAL_ATOL, rtol=0
+        )
 
 
 def test_reference_checkpoint_with_other_class_count(golden, tmp_path):

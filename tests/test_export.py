@@ -13,7 +13,13 @@ import torch
 import cmrf
 from cmrf.cli import main
 from cmrf.train.state import model_metadata
-from tests.conftest import golden_state_dict, load_golden, randomise_batchnorm, requires_onnx_exporter
+from tests.conftest import (
+    GOLDEN_EVAL_ATOL,
+    golden_state_dict,
+    load_golden,
+    randomise_batchnorm,
+    requires_onnx_exporter,
+)
 
 SMALL = ["tinyunet", "--channels", "16", "32", "--N", "4", "--input-size", "1", "3", "32", "32"]
 
@@ -142,6 +148,8 @@ def test_export_input_size_follows_the_model(tmp_path):
         cmrf.export_onnx(model, tmp_path / "x.onnx", (1, 3, 32, 32))
     with pytest.raises(ValueError, match=r"has 3 spatial sides, but TinyUNet takes 2D inputs"):
         cmrf.export_onnx(model, tmp_path / "x.onnx", (1, 1, 32, 32, 32))
+    with pytest.raises(ValueError, match=r"input_size \(1, 1, 2, 32\) has a side below 4, the smallest"):
+        cmrf.export_onnx(model, tmp_path / "x.onnx", (1, 1, 2, 32))
     volume = cmrf.TinyUNet(in_channels=1, channels=(16, 32), N=4, spatial_dims=3)
     with pytest.raises(ValueError, match=r"takes 3D inputs: give input_size \(B, C, \*, \*, \*\)"):
         cmrf.export_onnx(volume, tmp_path / "v.onnx")
@@ -232,7 +240,9 @@ def test_reference_checkpoint_exports_with_its_weights(tmp_path, captured_export
     model = captured_export["model"]
     assert captured_export["input_size"] == [1, 3, 256, 256]
     with torch.no_grad():
-        torch.testing.assert_close(model.eval()(golden["input"]), golden["output_eval"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            model.eval()(golden["input"]), golden["output_eval"], atol=GOLDEN_EVAL_ATOL, rtol=0
+        )
 
 
 def test_run_checkpoint_names_its_model_and_size(tmp_path, captured_export):

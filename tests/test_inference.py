@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -173,6 +174,86 @@ def test_batchnorm_without_running_statistics_is_refused_not_folded():
             module.running_mean = module.running_var = module.num_batches_tracked = None
     with pytest.raises(ValueError, match=r"cannot fold BatchNorm2d\(.*no running statistics"):
         optimize_for_inference(block.eval())
+
+
+class _SoftmaxUNet(TinyUNet):
+    def forward(self, x):
+        return super().forward(x).softmax(1)
+
+
+class _DoubledCMRF(CMRF):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def _customise(model: TinyUNet, change: str) -> TinyUNet:
+    if change == "forward hook":
+        model.register_forward_hook(lambda module, args, out: out.sigmoid())
+    elif change == "pre-hook":
+        model.register_forward_pre_hook(lambda module, args: (args[0] * 0.5,))
+    elif change == "hook inside a block":
+        model.encoders[1].pw1.norm.register_forward_hook(lambda module, args, out: out * 2)
+    elif change == "average pooling":
+        model.pool = nn.AvgPool2d(2)
+    elif change == "pooling with a stride of 1":
+        model.pool = nn.MaxPool2d(2, 1)
+    elif change == "sigmoid head":
+        model.head = nn.Sequential(model.head, nn.Sigmoid())
+    elif change == "plain first encoder":
+        model.encoders[0] = nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU())
+    elif change == "layer added to a block":
+        model.decoders[0].cascade[0].add_module("act", nn.ReLU())  # a Sequential runs it
+    elif change == "dilated stage":
+        model.encoders[0].cascade[0].conv.dilation = (2, 2)
+        model.encoders[0].cascade[0].conv.padding = (2, 2)
+    elif change == "tanh GELU":
+        model.decoders[1].pw2.act = nn.GELU(approximate="tanh")
+    elif change == "block with its own forward":
+        doubled = _DoubledCMRF(64, 32, N=2)
+        doubled.load_state_dict(model.decoders[1].state_dict())
+        model.decoders[1] = doubled.eval()
+    return model
+
+
+@pytest.mark.parametrize("change", [
+    "own forward", "forward hook", "pre-hook", "hook inside a block", "average pooling",
+    "pooling with a stride of 1", "sigmoid head", "plain first encoder", "layer added to a block",
+    "dilated stage", "tanh GELU", "block with its own forward",
+])
+def test_customised_parts_are_kept_as_they_are_not_rewritten(change):
+    """The rewrite computes what TinyUNet and CMRF build; a model changed after building (its own
+    forward, hooks, other layers) must keep computing its own function: the changed parts stay
+    plain copies, with a warning that names them, and the other CMRF blocks are still optimized."""
+    torch.manual_seed(4)
+    model = (_SoftmaxUNet if change == "own forward" else TinyUNet)(channels=(16, 32), N=2)
+    model = randomise_batchnorm(_customise(model, change)).eval()
+    x = torch.randn(1, 3, 20, 24)
+    with pytest.warns(UserWarning, match="kept these parts as they are") as caught:
+        fast = optimize_for_inference(model)
+    assert caught[0].filename == __file__  # the warning names the caller's line, not torch's decorators
+    assert sum(isinstance(m, InferenceCMRF) for m in fast.modules()) >= 3
+    with torch.no_grad():
+        assert _max_diff(fast(x), model(x)) < TOL
+
+
+def test_what_is_kept_and_why_is_named():
+    model = _customise(_customise(TinyUNet(channels=(16, 32), N=2), "hook inside a block"), "sigmoid head")
+    with pytest.warns(UserWarning) as caught:
+        optimize_for_inference(model.eval())
+    message = str(caught[0].message)
+    assert "head is Sequential, where its class builds Conv2d" in message
+    assert "encoders.1 (CMRF): encoders.1.pw1.norm has hooks registered" in message
+    with pytest.raises(ValueError, match=r"no CMRF block it can rewrite in _DoubledCMRF: .*its own forward"):
+        optimize_for_inference(_DoubledCMRF(8, 8, N=2).eval())
+
+
+def test_a_model_as_built_is_rewritten_whole_without_a_warning():
+    model = randomise_batchnorm(TinyUNet(channels=(16, 32), N=2)).eval()
+    model.encoders[0].cascade[0].norm.momentum = 0.1  # training settings change nothing in eval
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast = optimize_for_inference(model)
+    assert type(fast).__name__ == "InferenceTinyUNet"
 
 
 # --- ONNX ------------------------------------------------------------------------------------

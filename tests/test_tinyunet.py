@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 import cmrf
 from cmrf import TinyUNet, create_model
 from cmrf.models.tinyunet import checkpoint_filter_fn
-from tests.conftest import golden_state_dict, load_golden
+from tests.conftest import GOLDEN_EVAL_ATOL, golden_state_dict, load_golden
 
 GOLDEN = "tinyunet_official.safetensors"
 
@@ -43,7 +43,7 @@ def test_golden_parity_through_create_model(golden, reference_checkpoint):
     model = create_model("tinyunet", checkpoint_path=reference_checkpoint)
     x = golden["input"]
     with torch.no_grad():
-        torch.testing.assert_close(model.eval()(x), golden["output_eval"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(model.eval()(x), golden["output_eval"], atol=GOLDEN_EVAL_ATOL, rtol=0)
         torch.testing.assert_close(model.train()(x), golden["output_train"], atol=1e-4, rtol=0)
     stats = _after_train_stats(golden)
     assert len(stats) == 8 * 9 * 2  # 8 CMRFs x 9 BatchNorms (pw1, 7 stages, pw2) x mean/var
@@ -56,7 +56,9 @@ def test_reference_state_dict_loads_with_plain_load_state_dict(golden):
     model = TinyUNet().eval()
     model.load_state_dict(golden_state_dict(golden))
     with torch.no_grad():
-        torch.testing.assert_close(model(golden["input"]), golden["output_eval"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            model(golden["input"]), golden["output_eval"], atol=GOLDEN_EVAL_ATOL, rtol=0
+        )
 
 
 def test_golden_metadata_matches_defaults(golden):
@@ -109,8 +111,24 @@ def test_pickled_objects_are_refused(tmp_path):
 
 
 def test_pretrained_raises_and_suggests_checkpoint_path():
-    with pytest.raises(ValueError, match="checkpoint_path"):
+    with pytest.raises(ValueError, match="checkpoint_path.*pretrained_cfg_overlay=dict\\(file="):
         create_model("tinyunet", pretrained=True)
+    with pytest.raises(ValueError, match="never downloads"):  # a URL is not a local file
+        timm.create_model("tinyunet", pretrained=True, pretrained_cfg_overlay=dict(url="https://x/w.pth"))
+
+
+@pytest.mark.parametrize("build", [create_model, timm.create_model])
+def test_pretrained_loads_the_local_file_timm_names(tmp_path, build, golden, reference_checkpoint):
+    """timm's idiom for local weights: pretrained=True with pretrained_cfg_overlay=dict(file=...)."""
+    model = build("tinyunet", pretrained=True, pretrained_cfg_overlay=dict(file=str(reference_checkpoint)))
+    with torch.no_grad():
+        out = model.eval()(golden["input"])
+    torch.testing.assert_close(out, golden["output_eval"], atol=GOLDEN_EVAL_ATOL, rtol=0)
+    assert model.pretrained_cfg["file"] == str(reference_checkpoint)
+    as_cfg = build("tinyunet", pretrained=True, pretrained_cfg=dict(file=str(reference_checkpoint)))
+    assert all(torch.equal(a, b) for a, b in zip(as_cfg.state_dict().values(), model.state_dict().values()))
+    with pytest.raises(ValueError, match="does not fit TinyUNet"):
+        build("tinyunet", pretrained=True, pretrained_cfg_overlay=dict(file=str(reference_checkpoint)), N=4)
 
 
 def test_unknown_model_lists_known_ones():

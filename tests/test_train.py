@@ -255,7 +255,12 @@ def test_resume_removes_a_killed_writers_temporaries_and_names_a_damaged_state(t
     without torch's advice to load with weights_only=False."""
     out = tmp_path / "run"
     argv = ["train", *TINY, "--synthetic-samples", "8", "--epochs", "1", "--no-plots", "--out", str(out)]
+    # A run killed before its first state: a new run into the folder removes what the kill left.
+    out.mkdir()
+    (out / ".best.safetensors.k1ll3d.tmp.safetensors").write_bytes(b"half the weights")
+    (out / "notes.txt").write_text("mine")
     assert main(argv) == 0
+    assert not temporary_files(out) and (out / "notes.txt").exists()
     left = out / ".last_state.pt.k1ll3d.tmp.pt"
     left.write_bytes(b"half a state")
     assert main([*argv, "--resume"]) == 0

@@ -287,6 +287,17 @@ def test_resume_differences_name_the_flags_that_matter():
     assert resume_differences(saved, recipe=same, metadata=with_default) == []
     with_n4 = model_metadata("tinyunet", {"channels": [16, 32], "N": 4}, 3, 2, ["bg", "fg"], None, data)
     assert resume_differences(saved, recipe=same, metadata=with_n4) == ["--N default (given 4)"]
+    # --num-classes left out (the data's classes: 2) names the model's classes, on either side.
+    with_data_default = model_metadata("tinyunet", {"channels": [16, 32]}, 3, 2, ["bg", "fg"], None,
+                                       {**data, "num_classes": None})
+    saved_default = capture_state(_parts(0), Progress(), recipe=Recipe(epochs=4), metadata=with_data_default,
+                                  rng_states=[])
+    four = model_metadata("tinyunet", {"channels": [16, 32]}, 3, 4, ["0", "1", "2", "3"], None,
+                          {**data, "num_classes": 4})
+    assert resume_differences(saved_default, recipe=same, metadata=four) == ["--num-classes 2 (given 4)"]
+    two = model_metadata("tinyunet", {"channels": [16, 32]}, 3, 2, ["bg", "fg"], None,
+                         {**data, "num_classes": 2})
+    assert resume_differences(saved_default, recipe=same, metadata=two) == []
     # aug_stop is compared by its effect: 60% of 4 epochs is 2.
     assert resume_differences(saved, recipe=Recipe(epochs=4, aug_stop=2), metadata=meta) == []
     assert resume_differences(saved, recipe=Recipe(epochs=4, aug_stop=3), metadata=meta) == [

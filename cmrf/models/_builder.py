@@ -13,6 +13,7 @@ from timm.layers import is_scriptable
 from timm.models import get_pretrained_cfg, resolve_pretrained_cfg
 from torch import nn
 
+from cmrf.checkpoint import load_checkpoint
 from cmrf.models._base import fit_cfg
 
 # Bookkeeping arguments timm.create_model passes to every entry point; they do not describe the model.
@@ -176,27 +177,32 @@ def build_model(
     Args:
         model_cls: the network class.
         variant: the entry point's name (``"tinyunet"``), also the cfg's ``architecture``.
-        pretrained: ``True`` raises: no weights are published and nothing is downloaded, ever.
+        pretrained: ``True`` loads the local file that ``pretrained_cfg_overlay`` or
+            ``pretrained_cfg`` names as ``file`` (timm's idiom; strictly, as ``checkpoint_path``),
+            and raises without one: no weights are published and nothing is downloaded, ever.
         entry_args: arguments the entry point itself took (e.g. ``N`` of ``segnet_cmrf``), listed
             in the error for an unknown argument.
         finish: applied to the built model before its cfg is filled in (e.g. ``replace_blocks``).
         **kwargs: constructor arguments, ``in_chans``, ``device``, ``dtype``.
 
     Raises:
-        ValueError: ``pretrained=True``, ``features_only=True``, timm's ``scriptable=True``,
-            ``in_chans`` and ``in_channels`` that disagree, or (``UnknownArgumentError``, also a
-            ``TypeError``) an argument the model does not take, named, with the accepted ones.
+        ValueError: ``pretrained=True`` without a ``file``, ``features_only=True``, timm's
+            ``scriptable=True``, ``in_chans`` and ``in_channels`` that disagree, or
+            (``UnknownArgumentError``, also a ``TypeError``) an argument the model does not take,
+            named, with the accepted ones; a ``file`` that does not fit, as ``checkpoint_path``.
     """
-    if pretrained:
-        raise ValueError(
-            f"no pretrained weights are published for {variant!r} and cmrf never downloads; "
-            f"train one (cmrf train) or load your own with checkpoint_path='best_model.pth' "
-            f"(a .safetensors file or a state dict saved by the reference code)"
-        )
     for key in _TIMM_BOOKKEEPING:
         kwargs.pop(key, None)
     pretrained_cfg = kwargs.pop("pretrained_cfg", None)
     overlay = kwargs.pop("pretrained_cfg_overlay", None)
+    weights_file = _local_weights_file(overlay, pretrained_cfg)
+    if pretrained and weights_file is None:
+        raise ValueError(
+            f"no pretrained weights are published for {variant!r} and cmrf never downloads; "
+            f"train one (cmrf train) or load your own with checkpoint_path='best_model.pth' or "
+            f"pretrained=True, pretrained_cfg_overlay=dict(file='best_model.pth') "
+            f"(a .safetensors file or a state dict saved by the reference code)"
+        )
     if isinstance(pretrained_cfg, str) and not _has_tag(variant, pretrained_cfg):
         raise ValueError(f"{variant!r} has no pretrained tag {pretrained_cfg!r} (cmrf publishes no weights)")
     if kwargs.pop("features_only", False):
@@ -216,4 +222,16 @@ def build_model(
         model = finish(model)
     base = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg).to_dict()
     model.pretrained_cfg = fit_cfg(base, model, architecture=variant, overlay=overlay)
+    if pretrained:  # timm's local weights: strictly, as checkpoint_path loads them
+        load_checkpoint(model, weights_file)
     return model
+
+
+def _local_weights_file(*cfgs) -> str | None:
+    """The ``file`` of timm's ``pretrained_cfg_overlay`` or ``pretrained_cfg`` (dicts or timm's
+    ``PretrainedCfg``), the first one that names one; the only pretrained weights cmrf loads."""
+    for cfg in cfgs:
+        file = cfg.get("file") if isinstance(cfg, dict) else getattr(cfg, "file", None)
+        if file:
+            return file
+    return None

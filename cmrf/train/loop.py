@@ -299,8 +299,6 @@ def _run_folder_held(out_dir: str | Path, processes: Processes) -> Iterator[None
 
 def _resume(run: _Run) -> None:
     """Continue from ``last_state.pt``, after checking that it is this run's."""
-    if run.processes.is_main:  # what a kill during a write left: never read, only taking space
-        run.files.remove_temporaries()
     if not run.files.state.is_file():
         run.log(f"nothing to resume in {run.files.out} (no {run.files.state.name}): starting a new run")
         return
@@ -494,6 +492,8 @@ def fit(
         run = _setup(model, bundle, Path(out_dir), recipe, dict(metadata or {}), plots)
         if overwrite:
             _clear(run)
+        elif run.processes.is_main:  # what a kill during a write left: never read, only taking space
+            run.files.remove_temporaries()
         if resume:
             _resume(run)
         with fast_cuda(run.device):

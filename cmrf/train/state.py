@@ -212,13 +212,14 @@ def _metadata_settings(meta: dict) -> dict[str, object]:
     # An argument at its default is the same model as one left out (``--N 8`` for TinyU-Net).
     kwargs = without_defaults(meta.get("model", ""), meta.get("model_kwargs") or {})
     settings.update({_MODEL_KWARG_FLAGS.get(key, f"model {key}"): value for key, value in kwargs.items()})
-    settings["--num-classes"] = meta.get("num_classes")
     data = meta.get("data") or {}
     # Options the data does not read never mattered (a run saved before they were refused may
     # hold them), so they are not compared.
     unread = unread_options(data.get("data", "synthetic"))
     settings.update({_DATA_LABELS.get(key, option_flag(key)): value for key, value in data.items()
                      if key not in _DATA_STORAGE_OPTIONS and key not in unread})
+    if settings.get("--num-classes") is None:  # left out: the classes the data had, which the model has
+        settings["--num-classes"] = meta.get("num_classes")
     return settings
 
 
