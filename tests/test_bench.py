@@ -31,7 +31,7 @@ from cmrf.bench.settings import BenchSettings, row_names, selected
 from cmrf.bench.targets import apply_targets
 from cmrf.cli import main as cli_main
 from cmrf.reference import reference_tinyunet
-from tests.conftest import golden_state_dict, load_golden
+from tests.conftest import GOLDEN_EVAL_ATOL, golden_state_dict, load_golden
 
 TOL = 1e-4
 CPU = torch.device("cpu")
@@ -44,7 +44,7 @@ def test_bench_baseline_is_the_reference_algorithm():
     model.load_state_dict(golden_state_dict(golden))
     with torch.no_grad():
         out = reference_tinyunet(golden["input"], model.state_dict())
-    assert float((out - golden["output_eval"]).abs().max()) < TOL
+    assert float((out - golden["output_eval"]).abs().max()) < GOLDEN_EVAL_ATOL
 
 
 # --- the harness -----------------------------------------------------------------------------
@@ -82,6 +82,9 @@ def test_deadline_and_error_text():
     assert Deadline(None).allows(1e9)
     assert describe_error(ValueError("x" * 500), limit=50).endswith("...")
     assert describe_error(KeyError()) == "KeyError"
+    wrapped = RuntimeError("outer")
+    wrapped.inner_exception = ValueError("inner")  # as torch.compile's backend errors carry it
+    assert describe_error(wrapped) == "RuntimeError: outer (cause: ValueError: inner)"
 
 
 def test_error_text_keeps_the_cause():

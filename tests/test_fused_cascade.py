@@ -178,9 +178,11 @@ def test_inference_on_a_module_made_in_inference_mode():
     assert torch.equal(again, out)
 
 
-def test_eval_mode_with_gradients():
-    """Frozen-BatchNorm fine-tuning: running statistics normalise, nothing is updated."""
-    stages = make_stages(2, 4).eval()
+@pytest.mark.parametrize("frozen", [False, True])
+def test_eval_mode_with_gradients(frozen):
+    """Frozen-BatchNorm fine-tuning: running statistics normalise, nothing is updated. With frozen
+    parameters only the input needs a gradient (a saliency map): still the autograd kernels."""
+    stages = make_stages(2, 4).eval().requires_grad_(not frozen)
     y = torch.randn(2, 4, 6, 5, device=DEVICE)
     (out, y_fused), (expected, y_ref), ref_stages = run_both(y, stages)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
@@ -452,6 +454,8 @@ def test_dispatch_rules(monkeypatch):
     cascade_concat(y, stages, fused=False)
     assert len(calls) == 2
     with reference_only():
+        with reference_only():  # nested: leaving the inner block keeps the outer one in force
+            pass
         cascade_concat(y, stages, fused=True)
     assert len(calls) == 2
     monkeypatch.setenv("CMRF_FUSED", "auto")
@@ -475,6 +479,12 @@ def test_inputs_and_stages_the_kernels_cannot_reproduce_are_named():
     mixed = copy.deepcopy(stages)
     mixed[0].norm.eval()
     assert "mix training/eval" in fused_unsupported_reason(y, mixed)
+    untracked = copy.deepcopy(stages).eval()  # stage 0 normalises with batch statistics in eval too
+    untracked[0].norm = nn.BatchNorm2d(2, eps=1e-3, track_running_stats=False).to(DEVICE).eval()
+    assert "mix training/eval" in fused_unsupported_reason(y, untracked)
+    with pytest.warns(UserWarning, match="mix training/eval"):
+        out = cascade_concat(y, untracked, fused=True)
+    torch.testing.assert_close(out, cascade_concat_reference(y, copy.deepcopy(untracked)))
     padded = copy.deepcopy(stages)
     padded[1].conv = nn.Conv2d(2, 2, 3, padding=0, groups=2, bias=False).to(DEVICE)
     assert fused_unsupported_reason(y, padded).startswith("stage 1 is not a bias-free depthwise 3x3")
@@ -985,3 +995,16 @@ def test_cuda_graph_capture_eval_and_training():
             eval_out = cascade_concat(y, stages, fused=True)
         eval_graph.replay()
         torch.testing.assert_close(eval_out, cascade_concat_reference(y, stages), rtol=1e-4, atol=1e-4)
+
+
+def test_profiling_counts_a_fused_cmrf_like_the_reference():
+    """The counters hook every stage's convolution: a fused CMRF must still run them for profiling,
+    as the reference, quietly (not as a forced fused call that refuses hooked stages and warns)."""
+    from cmrf.profile import count_paper_flops
+
+    x = torch.randn(1, 8, 8, 8, device=DEVICE)
+    blocks = [CMRF(8, 16, N=4, fused=fused).to(DEVICE).eval() for fused in (False, True)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        counts = [count_paper_flops(block, x) for block in blocks]
+    assert counts[0] == counts[1] > 0

@@ -18,7 +18,7 @@ from cmrf import CMRF, TinyUNet, create_model, replace_blocks
 from cmrf.constants import NORMALIZE_MEAN, NORMALIZE_STD
 from cmrf.layers import check_input
 from cmrf.models import CMUNeXt, SegNet, UnknownArgumentError
-from tests.conftest import golden_state_dict, load_golden
+from tests.conftest import GOLDEN_EVAL_ATOL, golden_state_dict, load_golden
 
 # Small configurations of every registered model (SegNet's widths are fixed), so tests stay fast.
 SMALL = {
@@ -101,7 +101,7 @@ def test_unpickled_model_still_loads_reference_checkpoints(golden_name, build):
     restored.load_state_dict(reference)  # renamed by the (unpickled) pre-hook
     with torch.no_grad():  # eval mode: one item of the golden batch is enough (and half the cost)
         out = restored(golden["input"][:1])
-    torch.testing.assert_close(out, golden["output_eval"][:1], rtol=0, atol=1e-4)
+    torch.testing.assert_close(out, golden["output_eval"][:1], rtol=0, atol=GOLDEN_EVAL_ATOL)
     # Same weights as a never-pickled model (so identical outputs), also when nested in another
     # module: the hook then maps the keys under the model's prefix.
     fresh = build()

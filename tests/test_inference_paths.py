@@ -204,6 +204,20 @@ def test_fused_model_in_float64_keeps_float64_precision(small_unet):
         assert _max_diff(fast(x), model(x)) < 1e-12  # fp32 kernels would give about 1e-8
 
 
+@needs_fused
+def test_fused_model_gives_input_gradients(small_unet):
+    """A saliency map needs the input's gradient; the eval kernel has no backward, so such a call
+    takes the plain operators, and the gradient is the original model's."""
+    fast = optimize_for_inference(small_unet, path="fused")
+    x = torch.randn(1, 3, 16, 20)
+    grads = []
+    for model in (fast, small_unet):
+        leaf = x.clone().requires_grad_()
+        model(leaf)[:, 1].sum().backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
 # --- choosing the path ------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ from cmrf import CMRF, create_model, save_weights
 from cmrf.models.cmunext import CMUNeXt, checkpoint_filter_fn
 from cmrf.models.segnet import SegNet
 from cmrf.profile import profile
-from tests.conftest import golden_state_dict, load_golden
+from tests.conftest import GOLDEN_EVAL_ATOL, golden_state_dict, load_golden
 
 # Golden CMUNeXt configuration (see ../shared/golden/README.md).
 GOLDEN_CMUNEXT = dict(dims=(8, 16, 32, 64, 128), depths=(1, 1, 1, 2, 1), kernels=(3, 3, 7, 7, 9))
@@ -114,7 +114,7 @@ def test_cmunext_golden_parity(golden, reference_checkpoint):
     model = create_model("cmunext", checkpoint_path=reference_checkpoint, **GOLDEN_CMUNEXT)
     x = golden["input"]
     with torch.no_grad():
-        torch.testing.assert_close(model.eval()(x), golden["output_eval"], rtol=0, atol=1e-4)
+        torch.testing.assert_close(model.eval()(x), golden["output_eval"], rtol=0, atol=GOLDEN_EVAL_ATOL)
         out_train = model.train()(x)
     # Training-mode BatchNorm divides by batch statistics; some channels of this small model have
     # gains up to ~43x, which amplify fp32 rounding: the golden output itself is 1.6e-4 away from
@@ -135,7 +135,9 @@ def test_cmunext_reference_state_dict_loads_with_load_state_dict(golden):
     model = CMUNeXt(**GOLDEN_CMUNEXT)
     model.load_state_dict(golden_state_dict(golden))  # the reference's names, mapped by the hook
     with torch.no_grad():
-        torch.testing.assert_close(model.eval()(golden["input"]), golden["output_eval"], rtol=0, atol=1e-4)
+        torch.testing.assert_close(
+            model.eval()(golden["input"]), golden["output_eval"], rtol=0, atol=GOLDEN_EVAL_ATOL
+        )
 
 
 def test_checkpoint_filter_fn_keeps_own_names():
