@@ -185,15 +185,22 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
+def _wrapper_prefix(keys) -> str:
+    """The wrapper prefixes every one of ``keys`` starts with, joined (``"_orig_mod.module."``)."""
+    keys, prefix = list(keys), ""
+    found = bool(keys)
+    while found:
+        found = False
+        for wrapper in _WRAPPER_PREFIXES:
+            if all(k.startswith(wrapper) for k in keys):
+                keys = [k[len(wrapper):] for k in keys]
+                prefix, found = prefix + wrapper, True
+    return prefix
+
+
 def _strip_wrapper_prefixes(state: dict) -> dict:
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _WRAPPER_PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
-                stripped = True
-    return state
+    prefix = _wrapper_prefix(state)
+    return {k[len(prefix):]: v for k, v in state.items()} if prefix else state
 
 
 def _name_list(names, limit: int = 20) -> str:
@@ -212,8 +219,11 @@ def load_state_dict_checked(
     model: nn.Module, state: dict[str, torch.Tensor], source: str | Path
 ) -> nn.Module:
     """Load ``state`` into ``model`` strictly after checking every key and shape (see ``load_checkpoint``)."""
-    mapped = map_to_model_keys(model, state)
     expected = model.state_dict()
+    # The file's wrapper prefixes are gone (read_state_dict); the model's own go back on: a compiled
+    # model, a DDP-wrapped one, or one whose only child is named "module", loads its own weights.
+    prefix = _wrapper_prefix(expected)
+    mapped = {prefix + k: v for k, v in map_to_model_keys(model, state).items()}
     # BatchNorm loads a state without its step counter (older and converted checkpoints lack it),
     # as torch's strict load_state_dict and timm do.
     missing = {k for k in expected.keys() - mapped.keys() if k.rpartition(".")[2] != "num_batches_tracked"}

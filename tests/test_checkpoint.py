@@ -330,6 +330,43 @@ def test_weights_of_wrapped_models_load_into_the_plain_model(tmp_path, prefix):
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
 
 
+class _OnlyChildNamedModule(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.module = torch.nn.Conv2d(3, 4, 1)
+
+
+@pytest.mark.parametrize("wrap", ["compiled", "DataParallel", "only child named module"])
+def test_a_wrapped_model_loads_its_own_and_plain_weights(tmp_path, wrap):
+    """The file's wrapper prefixes are stripped; the model's own must not make its keys "missing"."""
+
+    def build() -> torch.nn.Module:
+        if wrap == "only child named module":
+            return _OnlyChildNamedModule()
+        inner = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1))
+        return torch.compile(inner) if wrap == "compiled" else torch.nn.DataParallel(inner)
+
+    source = build()
+    save_weights(source, tmp_path / "own.safetensors")
+    loaded = cmrf.load_checkpoint(build(), tmp_path / "own.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), source.state_dict().values()))
+    plain = {k.split(".", 1)[1]: v for k, v in source.state_dict().items()}  # as the unwrapped model saves
+    torch.save(plain, tmp_path / "plain.pth")
+    loaded = cmrf.load_checkpoint(build(), tmp_path / "plain.pth")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), source.state_dict().values()))
+
+
+def test_training_script_wrappers_are_unwrapped_and_an_empty_state_is_refused(tmp_path):
+    model = _small_unet()
+    for key in ("state_dict", "model", "model_state_dict"):
+        torch.save({key: model.state_dict(), "epoch": 3}, tmp_path / f"{key}.pth")
+        assert read_state_dict(tmp_path / f"{key}.pth").keys() == model.state_dict().keys(), key
+    for empty in ({}, {"state_dict": {}}):
+        torch.save(empty, tmp_path / "empty.pth")
+        with pytest.raises(ValueError, match="empty.pth does not hold a state dict of tensors"):
+            read_state_dict(tmp_path / "empty.pth")
+
+
 def test_tied_weights_save_and_load_back_tied(tmp_path):
     """Shared storage is refused by safetensors itself ("Some tensors share memory")."""
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.Conv2d(3, 3, 1))
