@@ -479,6 +479,34 @@ def test_masks_drawn_in_transparency_are_refused_and_opaque_alpha_ignored(tmp_pa
         read_mask_file(tmp_path / "rgba.png")
 
 
+def test_grey_palette_masks_read_as_viewers_show_them(tmp_path: Path):
+    """PNG optimisers and Pillow's quantize store a 0/255 mask as a two-entry palette, often white
+    (the lesion) at index 0: read by index, it was inverted, silently. A grey palette is a grey
+    image; coloured palettes, and indices whose colours coincide, are still read by index."""
+    for i in range(4):
+        _, mask_path = write_pair(tmp_path, f"case{i}", seed=i)  # left half 255: the lesion
+        grey = Image.open(mask_path).convert("RGB")
+        grey.quantize(2).save(mask_path)  # palette [white, black]: the lesion is index 0
+    assert Image.open(mask_path).getpalette()[:3] == [255, 255, 255]
+    bundle = _build(parse("--data", "folder", "--root", str(tmp_path), "--img-size", "16"), 0)
+    image, mask = bundle.train[0]
+    assert bundle.num_classes == 2 and mask[:, :8].eq(1).all() and mask[:, 8:].eq(0).all()
+    # Indices 0 and 5 both black (a palette padded with zeros): the indices are what tells them apart.
+    padded = Image.fromarray(np.array([[0, 5], [5, 0]], dtype=np.uint8), mode="P")
+    padded.putpalette([0, 0, 0, 255, 0, 0] + [0] * (254 * 3))
+    padded.save(tmp_path / "padded.png")
+    assert decode_mask(tmp_path / "padded.png").present.tolist() == [0, 5]
+    coloured = Image.fromarray(np.array([[0, 1], [2, 0]], dtype=np.uint8), mode="P")
+    coloured.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * (253 * 3))
+    coloured.save(tmp_path / "coloured.png")
+    assert decode_mask(tmp_path / "coloured.png").present.tolist() == [0, 1, 2]
+    # save_mask_png's own palette: grey entries only for classes >= 10, each grey level its index
+    own = np.zeros((4, 4), dtype=np.int64)
+    own[0, 0], own[1, 1] = 12, 15
+    save_mask_png(own, tmp_path / "own.png", num_classes=20)
+    assert np.array_equal(read_mask_file(tmp_path / "own.png"), own)
+
+
 def test_folder_with_palette_masks_infers_classes_and_reads_names(tmp_path: Path):
     for i in range(5):
         write_pair(tmp_path, f"slice{i}", seed=i)

@@ -36,7 +36,8 @@ __all__ = [
 CACHE_CHOICES = ("memory", "disk", "none")
 
 # Bump when what a store holds changes meaning: old disk caches are then rebuilt, not misread.
-CACHE_FORMAT = 3  # 2: images turned by their EXIF orientation; 3: NIfTI pairs checked for one grid
+CACHE_FORMAT = 4  # 2: images turned by their EXIF orientation; 3: NIfTI pairs checked for one grid;
+# 4: palette masks of distinct grey levels read by those levels (not by index)
 
 
 def default_cache_dir() -> Path:
