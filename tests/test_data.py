@@ -386,6 +386,31 @@ def test_a_mask_whose_stem_differs_in_case_is_named(folder_root: Path):
         find_folder_pairs(folder_root)
 
 
+def test_masks_named_with_an_ending_or_in_another_unicode_form_are_named(folder_root: Path):
+    for i in range(10):  # a common naming: case0_mask.png beside images/case0.png
+        (folder_root / "masks" / f"case{i}.png").rename(folder_root / "masks" / f"case{i}_mask.png")
+    with pytest.raises(DataError, match=r"case0_mask\.png is there: a mask's stem must be its image's stem; "
+                                        r"rename the masks without the '_mask' ending"):
+        find_folder_pairs(folder_root)
+    for i in range(10):
+        (folder_root / "masks" / f"case{i}_mask.png").rename(folder_root / "masks" / f"case{i}.png")
+    # macOS writes "é" as "e" plus a combining accent (NFD); the image's name has one character (NFC)
+    (folder_root / "images" / "case0.png").rename(folder_root / "images" / "caf\u00e9.png")
+    (folder_root / "masks" / "case0.png").rename(folder_root / "masks" / "cafe\u0301.png")
+    with pytest.raises(DataError, match=r"is there, its name in another Unicode form"):
+        find_folder_pairs(folder_root)
+
+
+def test_a_mask_of_another_image_is_not_offered_as_a_near_miss(folder_root: Path):
+    """case1_b.png belongs to images/case1_b.png: no hint that it is case1's mask."""
+    write_pair(folder_root, "case1_b", seed=11)
+    (folder_root / "masks" / "case1.png").unlink()
+    with pytest.raises(DataError) as raised:
+        find_folder_pairs(folder_root)
+    message = str(raised.value)
+    assert message.endswith("case1.png (or another image suffix)") and "is there" not in message
+
+
 def test_classes_txt_comments_are_skipped_and_one_name_is_refused(folder_root: Path):
     options = folder_options(folder_root)
     (folder_root / "classes.txt").write_text("# names of the classes\nbackground\n\nlesion\n")

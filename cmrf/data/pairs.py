@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,14 +112,14 @@ def find_pairs(
         raise DataError(f"no {kind}s ({', '.join(suffixes)}) in {image_dir}{empty_hint}")
     others = " (or another image suffix)" if len(mask_suffixes) > 1 and mask_suffixes == suffixes else ""
     pairs = []
+    claimed = {mask_stem(stem) for stem in images}
+    near_miss = _near_misses({stem: path for stem, path in masks.items() if stem not in claimed})
     for stem, image in images.items():
         mask = masks.get(mask_stem(stem))
         if mask is None:
             expected = mask_dir / f"{mask_stem(stem)}{mask_suffixes[0]}"
-            wanted = mask_stem(stem).casefold()
-            near = next((m.name for other, m in masks.items() if other.casefold() == wanted), None)
-            case = f" ({near} is there: stems must match in case too)" if near else ""
-            problems.append(f"mask for {kind} {image} is missing: expected {expected}{others}{case}")
+            problems.append(f"mask for {kind} {image} is missing: expected {expected}{others}"
+                            f"{near_miss(mask_stem(stem))}")
         else:
             pairs.append(Pair(stem, image, mask))
     if problems:
@@ -127,6 +128,40 @@ def find_pairs(
         header = f"{len(problems)} problems pairing {image_dir} with {mask_dir}:"
         raise DataError(problem_report(header, problems))
     return pairs
+
+
+def _near_misses(masks: dict[str, Path]) -> Callable[[str], str]:
+    """A function giving, for a mask stem that is not there, a hint naming one of ``masks`` (those
+    no image claims) that looks meant for it: the stem in other case, in another Unicode form
+    (macOS writes names decomposed, NFD), or with an ending such as ``_mask`` (a common naming);
+    "" when there is none."""
+
+    def folded(name: str) -> str:
+        return unicodedata.normalize("NFC", name).casefold()
+
+    by_case = {stem.casefold(): path.name for stem, path in masks.items()}
+    by_form = {folded(stem): path.name for stem, path in masks.items()}
+    by_head: dict[str, tuple[str, str]] = {}
+    for stem, path in masks.items():
+        for separator in "_-":
+            head, found, ending = stem.rpartition(separator)
+            if found and head:
+                by_head.setdefault(folded(head), (path.name, separator + ending))
+
+    def hint(wanted: str) -> str:
+        if wanted.casefold() in by_case:
+            return f" ({by_case[wanted.casefold()]} is there: stems must match in case too)"
+        if folded(wanted) in by_form:
+            return (f" ({by_form[folded(wanted)]} is there, its name in another Unicode form: macOS writes "
+                    f"accents as separate characters (NFD); rename it, or copy the files with a tool that "
+                    f"normalises names)")
+        if folded(wanted) in by_head:
+            name, ending = by_head[folded(wanted)]
+            return (f" ({name} is there: a mask's stem must be its image's stem; rename the masks "
+                    f"without the '{ending}' ending)")
+        return ""
+
+    return hint
 
 
 def _stat(path: Path) -> tuple[int, ...]:
