@@ -39,6 +39,7 @@ from cmrf.data import (
     save_mask_png,
 )
 from cmrf.data.imageio import decode_image, decode_mask, dequantize, quantize, resize_image
+from cmrf.data.masks import ClassMapping, MaskRule, MaskValues, resolve_classes
 
 
 def as_stored(image: torch.Tensor) -> torch.Tensor:
@@ -678,6 +679,26 @@ def test_binary_masks_are_two_classes(tmp_path: Path, values, first_has_backgrou
     assert (mask[:, 4:] == int(foreground)).all()  # 255 (or 1) is class 1
 
 
+def test_hints_for_two_binary_conventions_and_blurred_edges():
+    """Following a hint must not turn binary masks into more classes."""
+    mixed = [MaskValues(Path(name), values) for name, values in (("a.png", (0, 1)), ("b.png", (0, 255)),
+                                                                  ("c.png", (0,)))]
+    with pytest.raises(DataError) as caught:
+        resolve_classes(mixed)
+    assert "some as 0/1 and some as 0/255: --mask-threshold 1" in str(caught.value)
+    assert "--mask-values 0 1 255" not in str(caught.value)
+    mapping = resolve_classes(mixed, MaskRule(mask_threshold=1))  # what the hint says works
+    assert mapping.num_classes == 2
+    blurred = [MaskValues(Path("d.png"), (0, 4, 28, 32, 195, 223, 255))]
+    with pytest.raises(DataError) as caught:
+        resolve_classes(blurred)
+    assert "--mask-values 0 4 28 32 195 223 255" in str(caught.value)
+    assert "binary masks with blurred (anti-aliased) edges: --mask-threshold 128" in str(caught.value)
+    with pytest.raises(DataError) as caught:  # grey levels without both extremes: no such guess
+        resolve_classes([MaskValues(Path("e.png"), (0, 100, 200))])
+    assert "--mask-threshold 128" not in str(caught.value)
+
+
 def test_masks_with_0_1_2_255_stop_before_training_naming_files_and_values(tmp_path: Path):
     masks = {f"ok{i}": halves(0, 255) for i in range(4)}
     masks.update(odd0=halves(1, 2), odd1=halves(0, 255))
@@ -1263,7 +1284,6 @@ def test_build_datasets_checks_fractions_and_seed_up_front(options, message):
 def test_class_mapping_at_the_threshold_and_with_unknown_16_bit_values():
     """Pixels exactly at --mask-threshold are class 1, in 8 and 16 bits; a 16-bit value outside
     --mask-values is an error naming it, as an 8-bit one is."""
-    from cmrf.data.masks import ClassMapping
 
     assert ClassMapping(2, None, 128).apply(np.array([[127, 128, 129]], np.uint8)).tolist() == [[0, 1, 1]]
     assert ClassMapping(2, None, 1000).apply(np.array([[999, 1000, 1001]], np.uint16)).tolist() == [[0, 1, 1]]

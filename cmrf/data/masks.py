@@ -217,10 +217,16 @@ def _ambiguous(masks: Sequence[MaskValues], union: set[int]) -> DataError:
         lines.append(f"values {values_text(values)} in {len(paths)} file(s): {examples}")
     ordered = sorted(union)
     hints = [MASK_OPTION_HINT + "."]
-    if ordered == list(range(len(ordered))) and len(ordered) <= 16:  # more: blurred levels, not classes
+    mixed_binary = {1, 255} <= union and all(set(v) <= {0, 1} or set(v) <= {0, 255} for v in groups)
+    if mixed_binary:  # each file binary, in one of two conventions: not three classes
+        hints.append("Each file is binary, some as 0/1 and some as 0/255: --mask-threshold 1 reads both "
+                     "(any value >= 1 is class 1).")
+    elif ordered == list(range(len(ordered))) and len(ordered) <= 16:  # more: blurred levels, not classes
         hints.append(f"If these are class indices: --num-classes {len(ordered)}.")
     elif len(ordered) <= 16:
         hints.append(f"To make each value a class: --mask-values {' '.join(map(str, ordered))}.")
+        if {0, 255} <= union:
+            hints.append("If they are binary masks with blurred (anti-aliased) edges: --mask-threshold 128.")
     if len(ordered) > 16:
         hints.append("Many grey levels suggest anti-aliased or resampled binary masks: --mask-threshold 128.")
     return DataError(problem_report(
