@@ -109,6 +109,24 @@ def test_export_leaves_the_callers_model_in_its_modes(tmp_path, recwarn):
 
 
 @requires_onnx_exporter
+def test_optimize_chooses_the_graph_and_the_models_dtype_is_kept(tmp_path):
+    """optimize=True exports the rewritten graph (bicubic x2 as convolutions and DepthToSpace),
+    optimize=False the module as it is (Resize); a float64 model gives a float64 graph."""
+    import onnx
+
+    model = cmrf.TinyUNet(channels=(16, 32), N=4).eval()
+    ops = {}
+    for optimize in (True, False):
+        path = cmrf.export_onnx(model, tmp_path / f"{optimize}.onnx", (1, 3, 32, 32), optimize=optimize)
+        ops[optimize] = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert "DepthToSpace" in ops[True] and "Resize" not in ops[True]
+    assert "Resize" in ops[False] and "DepthToSpace" not in ops[False]
+    path = cmrf.export_onnx(cmrf.CMRF(8, 16, N=4).double(), tmp_path / "double.onnx", (1, 8, 16, 16))
+    graph = onnx.load(str(path)).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.DOUBLE
+
+
+@requires_onnx_exporter
 def test_dynamic_export_keeps_cmunexts_multiple_of_16(tmp_path):
     """CMUNeXt accepts sides that are multiples of 16 (``input_multiple``; it has no
     ``min_size``): a dynamic export must keep that rule instead of allowing any side."""

@@ -312,6 +312,7 @@ def test_in_channels_and_in_chans_are_aliases(factory):
         (lambda: CMUNeXt(kernels=7), r"kernels must be a sequence of odd kernel sides.*got 7"),
         (lambda: CMUNeXt(dims=(8, 16, 32, 64)), "dims must have 5 entries"),
         (lambda: CMUNeXt(spatial_dims=False), "spatial_dims must be 1, 2 or 3, got False"),
+        (lambda: CMRF(16, 16, 4, spatial_dims=True), "spatial_dims must be 1, 2 or 3, got True"),  # True == 1
         (lambda: SegNet(in_channels="3"), "in_channels must be an integer >= 1, got '3'"),
         (lambda: SegNet(num_classes=0), "num_classes must be an integer >= 1, got 0"),
         (lambda: CMRF(8, 16, shortcut="no"), "shortcut must be True or False, got 'no'"),

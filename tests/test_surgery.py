@@ -157,6 +157,44 @@ def test_foreign_networks_are_replaced_and_still_train(name):
     assert losses[-1] < losses[0], losses
 
 
+def test_a_block_as_wide_as_the_classes_before_the_head_is_still_replaced():
+    """Only the convolution that makes the output is the head: an earlier one with as many
+    channels as there are classes (8 here) is a feature convolution, and its block is replaced."""
+    report = replace_blocks(UserUNet(num_classes=8), dry_run=True)
+    assert report.paths == ["inc", "downs.0.1", "downs.1.1", "ups.0.conv", "ups.1.conv"]
+
+
+class _ShapeFollowsBlockType(nn.Module):
+    """A forward that depends on the replaced module's class: runs, but with another output."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = DoubleConv(8, 8)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.head(self.block(x))
+        return y[..., :4, :] if isinstance(self.block, CMRF) else y
+
+
+def test_a_swap_that_changes_the_output_shape_is_undone():
+    model = _ShapeFollowsBlockType()
+    with pytest.raises(RuntimeError, match=r"undid every swap .*output shapes changed"):
+        replace_blocks(model, example_input=torch.randn(1, 8, 16, 16))
+    assert isinstance(model.block, DoubleConv)
+
+
+def test_dry_run_counts_only_the_targeted_block_not_others_sharing_its_prefix():
+    """blocks.1 is replaced; blocks.10, whose path starts with the same characters, is kept."""
+    model = nn.Sequential()
+    model.add_module("stem", nn.Conv2d(3, 16, 1))
+    model.add_module("blocks", nn.Sequential(*(DoubleConv(16, 16) for _ in range(11))))
+    planned = replace_blocks(model, targets=["blocks.1"], dry_run=True)
+    done = replace_blocks(model, targets=["blocks.1"])
+    assert planned.paths == done.paths == ["blocks.1"]
+    assert planned.params_after == done.params_after == sum(p.numel() for p in model.parameters())
+
+
 def test_user_unet_mapping_and_reasons():
     model = UserUNet()
     report = replace_blocks(model)
