@@ -138,6 +138,21 @@ def test_an_image_given_twice_is_predicted_once(checkpoint, tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["a_mask.png", "c_mask.png"]
 
 
+def test_hidden_files_are_skipped_and_a_link_is_named_as_its_file(checkpoint, tmp_path, capsys):
+    """macOS writes "._a.png" (not an image) beside "a.png": training skips it, so does predict.
+    A link to an image in the same folder is one file: named as the file, not the link."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    _image(folder / "rgb.png", 20, 20, 1)
+    (folder / "._rgb.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (folder / "link.png").symlink_to(folder / "rgb.png")
+    out = tmp_path / "out"
+    argv = ["predict", str(checkpoint), str(folder), "--out", str(out), "--device", "cpu", "--no-overlays"]
+    assert main(argv) == 0
+    assert "wrote 1 mask(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["rgb_mask.png"]
+
+
 def test_out_that_is_a_file_is_named_as_not_a_folder(checkpoint, images, tmp_path, capsys):
     """mkdir's "File exists" (for --out /dev/null, or a file) did not say what was wrong."""
     a_file = tmp_path / "masks.png"

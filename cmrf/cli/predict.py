@@ -47,10 +47,12 @@ def _image_files(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[Path, st
     name nothing usable, as ``(path, reason)``."""
     from cmrf.data import IMAGE_SUFFIXES
 
-    files, problems, seen = [], [], set()
+    files, problems, seen = [], [], {}
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            # Hidden files are skipped, as training skips them (macOS leaves "._a.png" beside "a.png").
+            found = sorted(p for p in item.iterdir() if p.is_file() and not p.name.startswith(".")
+                           and p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
                 problems.append((item, f"folder holds no images ({', '.join(IMAGE_SUFFIXES)})"))
         elif item.is_file():
@@ -59,9 +61,12 @@ def _image_files(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[Path, st
             found = []
             problems.append((item, "no such file or folder"))
         for path in found:
-            if path.resolve() not in seen:
-                seen.add(path.resolve())
+            target = path.resolve()
+            if target not in seen:
+                seen[target] = len(files)
                 files.append(path)
+            elif files[seen[target]].is_symlink() and not path.is_symlink():
+                files[seen[target]] = path  # one file under two names: named as the file itself
     return files, problems
 
 
