@@ -505,32 +505,56 @@ def test_masks_drawn_in_transparency_are_refused_and_opaque_alpha_ignored(tmp_pa
         read_mask_file(tmp_path / "rgba.png")
 
 
-def test_grey_palette_masks_read_as_viewers_show_them(tmp_path: Path):
-    """PNG optimisers and Pillow's quantize store a 0/255 mask as a two-entry palette, often white
-    (the lesion) at index 0: read by index, it was inverted, silently. A grey palette is a grey
-    image; coloured palettes, and indices whose colours coincide, are still read by index."""
+def _palette_png(path: Path, indices: np.ndarray, palette: list[int]) -> None:
+    image = Image.fromarray(indices.astype(np.uint8), mode="P")
+    image.putpalette(palette)
+    image.save(path)
+
+
+def test_black_and_white_palette_masks_read_as_viewers_show_them(tmp_path: Path):
+    """PNG optimisers and Pillow's quantize store a 0/255 mask as a black-and-white palette, often
+    white (the lesion) at index 0: read by index, it was inverted, silently. The palette decides,
+    so a mask that uses one entry only (no lesion) is read like the others."""
     for i in range(4):
         _, mask_path = write_pair(tmp_path, f"case{i}", seed=i)  # left half 255: the lesion
-        grey = Image.open(mask_path).convert("RGB")
-        grey.quantize(2).save(mask_path)  # palette [white, black]: the lesion is index 0
-    assert Image.open(mask_path).getpalette()[:3] == [255, 255, 255]
+        if i == 3:  # a healthy case: background only
+            Image.new("L", (20, 16), 0).save(mask_path)
+        Image.open(mask_path).convert("RGB").quantize(2).save(mask_path)
+    assert Image.open(tmp_path / "masks" / "case0.png").getpalette()[:3] == [255, 255, 255]
+    assert decode_mask(tmp_path / "masks" / "case3.png").present.tolist() == [0]
     bundle = _build(parse("--data", "folder", "--root", str(tmp_path), "--img-size", "16"), 0)
-    image, mask = bundle.train[0]
-    assert bundle.num_classes == 2 and mask[:, :8].eq(1).all() and mask[:, 8:].eq(0).all()
-    # Indices 0 and 5 both black (a palette padded with zeros): the indices are what tells them apart.
-    padded = Image.fromarray(np.array([[0, 5], [5, 0]], dtype=np.uint8), mode="P")
-    padded.putpalette([0, 0, 0, 255, 0, 0] + [0] * (254 * 3))
-    padded.save(tmp_path / "padded.png")
-    assert decode_mask(tmp_path / "padded.png").present.tolist() == [0, 5]
-    coloured = Image.fromarray(np.array([[0, 1], [2, 0]], dtype=np.uint8), mode="P")
-    coloured.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * (253 * 3))
-    coloured.save(tmp_path / "coloured.png")
-    assert decode_mask(tmp_path / "coloured.png").present.tolist() == [0, 1, 2]
-    # save_mask_png's own palette: grey entries only for classes >= 10, each grey level its index
-    own = np.zeros((4, 4), dtype=np.int64)
-    own[0, 0], own[1, 1] = 12, 15
-    save_mask_png(own, tmp_path / "own.png", num_classes=20)
-    assert np.array_equal(read_mask_file(tmp_path / "own.png"), own)
+    splits = (bundle.train, bundle.val, bundle.test)
+    masks = [dataset[i][1] for dataset in splits for i in range(len(dataset))]
+    assert bundle.num_classes == 2
+    healthy = [mask for mask in masks if not mask.any()]
+    assert len(healthy) == 1 and all(mask[:, :8].eq(1).all() and mask[:, 8:].eq(0).all()
+                                     for mask in masks if mask.any())  # the lesion: the left half
+
+
+@pytest.mark.parametrize("palette, indices, expected", [
+    # class colours, a background-only file among them: by index, like the files with lesions
+    ([255, 255, 255, 255, 0, 0], [[0, 0], [0, 0]], [0]),
+    ([255, 255, 255, 255, 0, 0], [[0, 1], [1, 0]], [0, 1]),
+    # grey class levels (three classes): by index, as --num-classes 3 expects
+    ([0, 0, 0, 128, 128, 128, 255, 255, 255], [[0, 1], [2, 0]], [0, 1, 2]),
+    # black padding: indices 0 and 5 are both black, only the index tells them apart
+    ([0, 0, 0, 255, 255, 255] + [0] * (254 * 3), [[0, 5], [5, 0]], [0, 5]),
+    # an index past a one-entry palette
+    ([0, 0, 0], [[0, 1], [1, 0]], [0, 1]),
+    # black and white: the levels (white at index 0 is 255)
+    ([255, 255, 255, 0, 0, 0], [[0, 1], [1, 1]], [0, 255]),
+])
+def test_other_palettes_are_read_by_index(tmp_path: Path, palette, indices, expected):
+    _palette_png(tmp_path / "m.png", np.array(indices), palette)
+    assert decode_mask(tmp_path / "m.png").present.tolist() == expected
+
+
+def test_save_mask_png_palettes_read_back_exactly(tmp_path: Path):
+    for num_classes in (3, 12, 256):
+        own = np.zeros((4, 4), dtype=np.int64)
+        own[0, 0], own[1, 1] = num_classes - 1, min(num_classes - 1, 11)
+        save_mask_png(own, tmp_path / "own.png", num_classes=num_classes)
+        assert np.array_equal(read_mask_file(tmp_path / "own.png"), own), num_classes
 
 
 def test_folder_with_palette_masks_infers_classes_and_reads_names(tmp_path: Path):

@@ -328,27 +328,31 @@ def present_values(mask: np.ndarray) -> np.ndarray:
 MASK_MODES = ("1", "L", "P", "LA", "PA", "RGB", "RGBA", "RGBX", *HIGH_BIT_MODES)
 
 
-def _grey_palette_levels(image) -> bool:
-    """Whether a palette image is a grey image stored compactly: every palette entry it uses is a
-    grey level, and no two of them the same one.
+def _black_and_white_palette(image) -> bool:
+    """Whether a palette image is a black-and-white image stored compactly: every entry of its
+    palette (used or not) is black or white.
 
-    PNG optimisers and Pillow's ``quantize`` store binary masks so, often with white (the lesion)
-    at index 0: read by index, such a mask would be inverted. Coloured palettes (class colours, as
-    in VOC) are read by index, and so are indices whose colours do not tell them apart.
+    PNG optimisers and Pillow's ``quantize`` store 0/255 masks so, often with white (the lesion)
+    at index 0: read by index, such a mask would be inverted. The test reads the palette, so the
+    masks of a dataset (which share their palette) are read alike, also those that use one entry
+    only; any other palette (class colours, grey class levels) is read by index, and so are used
+    indices that the palette does not tell apart (padding entries are black too).
     """
     palette = image.getpalette() or []
-    used = np.flatnonzero(image.histogram()[:256])  # the index band comes first, also for "PA"
-    entries = [tuple(palette[3 * i:3 * i + 3]) for i in used]
-    if any(len(entry) < 3 or len(set(entry)) != 1 for entry in entries):
+    entries = [tuple(palette[i:i + 3]) for i in range(0, len(palette) - 2, 3)]
+    if not entries or not set(entries) <= {(0, 0, 0), (255, 255, 255)}:
         return False
-    return len({entry[0] for entry in entries}) == len(entries)
+    # Class indices under a palette padded with black: two used indices of one colour (or one past
+    # the palette) are told apart by index only.
+    used = np.flatnonzero(image.histogram()[:256])  # the index band comes first, also for "PA"
+    return used[-1] < len(entries) and len({entries[i] for i in used}) == len(used)
 
 
 def decode_mask(path: str | Path) -> MaskFile:
     """Decode a mask file, keeping its raw values (no class mapping; see :mod:`cmrf.data.masks`).
 
-    Accepted: grey-level and palette PNGs (palette indices are the values, but a palette whose used
-    entries are distinct grey levels is read by those levels, as viewers show it), 16-bit PNGs, 1-bit
+    Accepted: grey-level and palette PNGs (palette indices are the values, except that a palette of
+    black and white only is read as the 0/255 levels viewers show), 16-bit PNGs, 1-bit
     images, RGB files whose three channels are equal; JPEG files are decoded but flagged ``lossy``.
 
     Raises:
@@ -362,7 +366,7 @@ def decode_mask(path: str | Path) -> MaskFile:
             f"mask file {path} is a {image.mode} image; expected class values in a grey-level, palette, "
             f"1-bit, 16-bit or grey RGB image (modes {', '.join(MASK_MODES)})"
         )
-    if image.mode in ("P", "PA") and _grey_palette_levels(image):
+    if image.mode in ("P", "PA") and _black_and_white_palette(image):
         image = image.convert("LA" if image.mode == "PA" else "L")
     if "A" in image.getbands():
         # Some tools draw the mask as transparency over a blank colour: the values would all be one.

@@ -37,7 +37,7 @@ CACHE_CHOICES = ("memory", "disk", "none")
 
 # Bump when what a store holds changes meaning: old disk caches are then rebuilt, not misread.
 CACHE_FORMAT = 4  # 2: images turned by their EXIF orientation; 3: NIfTI pairs checked for one grid;
-# 4: palette masks of distinct grey levels read by those levels (not by index)
+# 4: palette masks whose palette is black and white only read as 0/255 (not by index)
 
 
 def default_cache_dir() -> Path:
