@@ -210,9 +210,14 @@ def _name_list(names, limit: int = 20) -> str:
 
 
 def map_to_model_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` in ``model``'s key names (the reference code's names are mapped)."""
-    filter_fn = getattr(model, "checkpoint_filter_fn", None)
-    return filter_fn(state, model) if filter_fn is not None else state
+    """``state`` in ``model``'s key names (the reference code's names are mapped), also for a model
+    inside wrappers (``DataParallel``/DDP's ``module``, ``torch.compile``'s ``_orig_mod``)."""
+    while getattr(model, "checkpoint_filter_fn", None) is None:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return state
+        model = inner
+    return model.checkpoint_filter_fn(state, model)
 
 
 def load_state_dict_checked(

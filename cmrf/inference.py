@@ -1160,10 +1160,26 @@ _LAYER_FIELDS = (
 
 
 def _layer_fields(module: nn.Module) -> dict:
+    def same_form(value):  # kernel_size=2, (2, 2) and [2, 2] are one setting
+        if isinstance(value, (list, tuple)):
+            value = tuple(value)
+            return value[0] if value and len(set(value)) == 1 else value
+        return value
+
     for kind, fields in _LAYER_FIELDS:
         if isinstance(module, kind):
-            return {field: getattr(module, field) for field in fields}
+            return {field: same_form(getattr(module, field)) for field in fields}
     return {}
+
+
+def _same_kind(layer: nn.Module, built: nn.Module) -> bool:
+    """Whether ``layer`` computes what ``built`` (the class's own layer) computes in eval mode: a
+    subclass that keeps its forward, or torch's SyncBatchNorm for a BatchNorm (in eval it normalises
+    with the running statistics, as BatchNorm does; folding reads only those)."""
+    norms = nn.modules.batchnorm._BatchNorm
+    if isinstance(built, norms) and type(layer).forward in (norms.forward, nn.SyncBatchNorm.forward):
+        return True
+    return isinstance(layer, type(built)) and type(layer).forward is type(built).forward
 
 
 def _twin(module: CMRF | TinyUNet) -> nn.Module:
@@ -1200,9 +1216,9 @@ def _departures(module: CMRF | TinyUNet, name: str) -> list[str]:
         layer = actual.get(path)
         if layer is None:
             reasons.append(f"{label} is missing (its class builds a {type(twin).__name__})")
-        elif not isinstance(layer, type(twin)):
+        elif not isinstance(layer, type(twin)) and not _same_kind(layer, twin):
             reasons.append(f"{label} is {type(layer).__name__}, where its class builds {type(twin).__name__}")
-        elif type(layer).forward is not type(twin).forward or "forward" in vars(layer):
+        elif not _same_kind(layer, twin) or "forward" in vars(layer):
             reasons.append(f"{label} has its own forward")
         elif _layer_fields(layer) != _layer_fields(twin):
             reasons.append(f"{label} is {layer}, where its class builds {twin}")

@@ -356,6 +356,17 @@ def test_a_wrapped_model_loads_its_own_and_plain_weights(tmp_path, wrap):
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), source.state_dict().values()))
 
 
+@pytest.mark.parametrize("wrap", ["DataParallel", "compiled"])
+def test_a_reference_checkpoint_loads_into_a_wrapped_tinyunet(golden, reference_pth, wrap):
+    """The reference code's key names are mapped by TinyUNet's filter, found inside the wrapper."""
+    inner = cmrf.TinyUNet()
+    model = torch.nn.DataParallel(inner) if wrap == "DataParallel" else torch.compile(inner)
+    cmrf.load_checkpoint(model, reference_pth)
+    with torch.no_grad():
+        out = inner.eval()(golden["input"])
+    torch.testing.assert_close(out, golden["output_eval"], atol=GOLDEN_EVAL_ATOL, rtol=0)
+
+
 def test_training_script_wrappers_are_unwrapped_and_an_empty_state_is_refused(tmp_path):
     model = _small_unet()
     for key in ("state_dict", "model", "model_state_dict"):

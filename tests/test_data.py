@@ -393,6 +393,10 @@ def test_masks_named_with_an_ending_or_in_another_unicode_form_are_named(folder_
     with pytest.raises(DataError, match=r"case0_mask\.png is there: a mask's stem must be its image's stem; "
                                         r"rename the masks without the '_mask' ending"):
         find_folder_pairs(folder_root)
+    (folder_root / "masks" / "case0_mask.png").rename(folder_root / "masks" / "Case0_mask.png")
+    with pytest.raises(DataError, match=r"without the '_mask' ending, and match the image's case\)"):
+        find_folder_pairs(folder_root)
+    (folder_root / "masks" / "Case0_mask.png").rename(folder_root / "masks" / "case0_mask.png")
     for i in range(10):
         (folder_root / "masks" / f"case{i}_mask.png").rename(folder_root / "masks" / f"case{i}.png")
     # macOS writes "é" as "e" plus a combining accent (NFD); the image's name has one character (NFC)
@@ -403,9 +407,10 @@ def test_masks_named_with_an_ending_or_in_another_unicode_form_are_named(folder_
 
 
 def test_a_mask_of_another_image_is_not_offered_as_a_near_miss(folder_root: Path):
-    """case1_b.png belongs to images/case1_b.png: no hint that it is case1's mask."""
+    """case1_b.png belongs to images/case1_b.png: no hint that it is case1's mask; nor is a
+    leftover case1_11.png (an ending that is no word: another scan, not a naming)."""
     write_pair(folder_root, "case1_b", seed=11)
-    (folder_root / "masks" / "case1.png").unlink()
+    (folder_root / "masks" / "case1.png").rename(folder_root / "masks" / "case1_11.png")
     with pytest.raises(DataError) as raised:
         find_folder_pairs(folder_root)
     message = str(raised.value)

@@ -247,13 +247,40 @@ def test_what_is_kept_and_why_is_named():
         optimize_for_inference(_DoubledCMRF(8, 8, N=2).eval())
 
 
-def test_a_model_as_built_is_rewritten_whole_without_a_warning():
+@pytest.mark.parametrize("change", ["none", "momentum", "SyncBatchNorm", "same settings spelt otherwise"])
+def test_a_model_as_built_is_rewritten_whole_without_a_warning(change):
     model = randomise_batchnorm(TinyUNet(channels=(16, 32), N=2)).eval()
-    model.encoders[0].cascade[0].norm.momentum = 0.1  # training settings change nothing in eval
+    if change == "momentum":  # training settings change nothing in eval
+        model.encoders[0].cascade[0].norm.momentum = 0.1
+    elif change == "SyncBatchNorm":  # what DDP users convert to; in eval it is BatchNorm
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model).eval()
+    elif change == "same settings spelt otherwise":
+        model.pool.kernel_size, model.pool.stride = (2, 2), [2, 2]
+        model.encoders[0].cascade[0].conv.padding = [1, 1]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fast = optimize_for_inference(model)
     assert type(fast).__name__ == "InferenceTinyUNet"
+    x = torch.randn(1, 3, 20, 24)
+    with torch.no_grad():
+        assert _max_diff(fast(x), model(x)) < TOL
+
+
+class _ScaledNorm(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_a_batchnorm_subclass_with_its_own_forward_is_kept():
+    model = randomise_batchnorm(TinyUNet(channels=(16, 32), N=2)).eval()
+    scaled = _ScaledNorm(model.encoders[0].pw2.norm.num_features, eps=1e-3).eval()
+    scaled.load_state_dict(model.encoders[0].pw2.norm.state_dict())
+    model.encoders[0].pw2.norm = scaled
+    with pytest.warns(UserWarning, match=r"encoders\.0\.pw2\.norm has its own forward"):
+        fast = optimize_for_inference(model)
+    x = torch.randn(1, 3, 20, 24)
+    with torch.no_grad():
+        assert _max_diff(fast(x), model(x)) < TOL
 
 
 # --- ONNX ------------------------------------------------------------------------------------

@@ -141,12 +141,13 @@ def _near_misses(masks: dict[str, Path]) -> Callable[[str], str]:
 
     by_case = {stem.casefold(): path.name for stem, path in masks.items()}
     by_form = {folded(stem): path.name for stem, path in masks.items()}
-    by_head: dict[str, tuple[str, str]] = {}
+    by_head: dict[str, tuple[str, str, str]] = {}
     for stem, path in masks.items():
         for separator in "_-":
             head, found, ending = stem.rpartition(separator)
-            if found and head:
-                by_head.setdefault(folded(head), (path.name, separator + ending))
+            # A word ("_mask", "-label", "_gt"): "scan_11" is another scan, not scan's mask.
+            if found and head and ending.isalpha():
+                by_head.setdefault(folded(head), (path.name, separator + ending, head))
 
     def hint(wanted: str) -> str:
         if wanted.casefold() in by_case:
@@ -156,9 +157,10 @@ def _near_misses(masks: dict[str, Path]) -> Callable[[str], str]:
                     f"accents as separate characters (NFD); rename it, or copy the files with a tool that "
                     f"normalises names)")
         if folded(wanted) in by_head:
-            name, ending = by_head[folded(wanted)]
+            name, ending, head = by_head[folded(wanted)]
+            case = "" if head == wanted else ", and match the image's case"
             return (f" ({name} is there: a mask's stem must be its image's stem; rename the masks "
-                    f"without the '{ending}' ending)")
+                    f"without the '{ending}' ending{case})")
         return ""
 
     return hint
