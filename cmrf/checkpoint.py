@@ -213,7 +213,9 @@ def map_to_model_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[
     """``state`` in ``model``'s key names (the reference code's names are mapped), also for a model
     inside wrappers (``DataParallel``/DDP's ``module``, ``torch.compile``'s ``_orig_mod``)."""
     while getattr(model, "checkpoint_filter_fn", None) is None:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):  # (a Sequential may be empty, hence no "or")
+            inner = getattr(model, "module", None)
         if not isinstance(inner, nn.Module):
             return state
         model = inner
