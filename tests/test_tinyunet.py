@@ -129,6 +129,14 @@ def test_pretrained_loads_the_local_file_timm_names(tmp_path, build, golden, ref
     assert all(torch.equal(a, b) for a, b in zip(as_cfg.state_dict().values(), model.state_dict().values()))
     with pytest.raises(ValueError, match="does not fit TinyUNet"):
         build("tinyunet", pretrained=True, pretrained_cfg_overlay=dict(file=str(reference_checkpoint)), N=4)
+    # Fine-tuning on other classes, as in timm: the body loads, the classifier starts afresh.
+    local = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(reference_checkpoint)))
+    five = build("tinyunet", num_classes=5, **local)
+    assert five.head.weight.shape[0] == 5
+    body = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    assert all(torch.equal(five.state_dict()[k], v) for k, v in body.items())
+    with pytest.raises(ValueError, match="does not fit TinyUNet: shape mismatches: encoders.0.pw1"):
+        build("tinyunet", in_chans=1, **local)
 
 
 def test_unknown_model_lists_known_ones():

@@ -13,7 +13,7 @@ from timm.layers import is_scriptable
 from timm.models import get_pretrained_cfg, resolve_pretrained_cfg
 from torch import nn
 
-from cmrf.checkpoint import load_checkpoint
+from cmrf.checkpoint import load_state_dict_checked, map_to_model_keys, read_state_dict
 from cmrf.models._base import fit_cfg
 
 # Bookkeeping arguments timm.create_model passes to every entry point; they do not describe the model.
@@ -178,8 +178,9 @@ def build_model(
         model_cls: the network class.
         variant: the entry point's name (``"tinyunet"``), also the cfg's ``architecture``.
         pretrained: ``True`` loads the local file that ``pretrained_cfg_overlay`` or
-            ``pretrained_cfg`` names as ``file`` (timm's idiom; strictly, as ``checkpoint_path``),
-            and raises without one: no weights are published and nothing is downloaded, ever.
+            ``pretrained_cfg`` names as ``file`` (timm's idiom; as ``checkpoint_path`` does, but a
+            classifier of another ``num_classes`` keeps its fresh initialisation, as in timm), and
+            raises without one: no weights are published and nothing is downloaded, ever.
         entry_args: arguments the entry point itself took (e.g. ``N`` of ``segnet_cmrf``), listed
             in the error for an unknown argument.
         finish: applied to the built model before its cfg is filled in (e.g. ``replace_blocks``).
@@ -222,9 +223,23 @@ def build_model(
         model = finish(model)
     base = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg).to_dict()
     model.pretrained_cfg = fit_cfg(base, model, architecture=variant, overlay=overlay)
-    if pretrained:  # timm's local weights: strictly, as checkpoint_path loads them
-        load_checkpoint(model, weights_file)
+    if pretrained:
+        _load_local_pretrained(model, weights_file)
     return model
+
+
+def _load_local_pretrained(model: nn.Module, path: str) -> None:
+    """timm's local pretrained weights: loaded as ``checkpoint_path`` loads them (strictly), except a
+    classifier of another class count, which keeps its fresh initialisation, as timm does when
+    ``num_classes`` differs from the weights' (fine-tuning on other classes)."""
+    state = map_to_model_keys(model, read_state_dict(path))
+    own = model.state_dict()
+    head = f"{getattr(model, 'classifier_name', 'head')}."
+    head_keys = [key for key in own if key.startswith(head)]
+    if any(key in state and state[key].shape != own[key].shape for key in head_keys):
+        state = {k: v for k, v in state.items() if not k.startswith(head)}
+        state.update({key: own[key] for key in head_keys})
+    load_state_dict_checked(model, state, path)
 
 
 def _local_weights_file(*cfgs) -> str | None:
