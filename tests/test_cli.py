@@ -58,26 +58,33 @@ def test_missing_file_is_one_line_naming_it(tmp_path, capsys):
     assert _one_line(capsys.readouterr().err) == f"cmrf predict: error: {missing}: no such checkpoint file"
 
 
+def _traceback_then_line(err: str, line: str) -> bool:
+    return err.startswith("Traceback (most recent call last):") and err.rstrip().splitlines()[-1] == line
+
+
 @pytest.mark.parametrize("where", ["before", "after"])
-def test_debug_flag_shows_the_traceback(tmp_path, where):
-    command = ["evaluate", str(tmp_path / "missing.safetensors")]
+def test_debug_flag_shows_the_traceback_and_keeps_the_status(tmp_path, where, capsys):
+    """A script run with CMRF_DEBUG=1 in its environment must read the same status (2, not 1)."""
+    missing = tmp_path / "missing.safetensors"
+    command = ["evaluate", str(missing)]
     argv = ["--debug", *command] if where == "before" else [*command, "--debug"]
-    with pytest.raises(FileNotFoundError):
-        main(argv)
+    assert main(argv) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert _traceback_then_line(err, f"cmrf evaluate: error: {missing}: no such checkpoint file")
+    assert "FileNotFoundError" in err
 
 
 def test_debug_environment_variable(tmp_path, monkeypatch, capsys):
     argv = ["evaluate", str(tmp_path / "missing.safetensors")]
     monkeypatch.setenv("CMRF_DEBUG", "1")
-    with pytest.raises(FileNotFoundError):
-        main(argv)
+    assert main(argv) == 2 and "Traceback" in capsys.readouterr().err
     for off in ("0", "", "false", "No", "OFF"):  # CMRF_DEBUG=false turned debugging on
         monkeypatch.setenv("CMRF_DEBUG", off)
         assert main(argv) == 2, off
+        assert "Traceback" not in capsys.readouterr().err, off
     for on in ("true", "yes"):
         monkeypatch.setenv("CMRF_DEBUG", on)
-        with pytest.raises(FileNotFoundError):
-            main(argv)
+        assert main(argv) == 2 and "Traceback" in capsys.readouterr().err, on
 
 
 def test_unexpected_error_is_one_line_with_exit_70(monkeypatch, capsys):
@@ -91,8 +98,9 @@ def test_unexpected_error_is_one_line_with_exit_70(monkeypatch, capsys):
     line = _one_line(capsys.readouterr().err)
     assert line.startswith("cmrf quickstart: internal error: RuntimeError: something unexpected")
     assert line.endswith("(rerun with --debug for the traceback, and please report it)")
-    with pytest.raises(RuntimeError):
-        main(["--debug", "quickstart"])
+    assert main(["--debug", "quickstart"]) == EXIT_INTERNAL
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and 'raise RuntimeError("something\\nunexpected")' in err
 
 
 @pytest.mark.parametrize("error", [

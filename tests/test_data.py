@@ -741,6 +741,7 @@ def test_masks_with_0_1_2_255_stop_before_training_naming_files_and_values(tmp_p
     assert f"values 1, 2 in 1 file(s): {tmp_path / 'masks' / 'odd0.png'}" in message
     assert "values 0, 1, 255 in 1 file(s)" in message and "odd1.png" in message
     assert "--mask-values 0 1 2 255" in message and "--num-classes K" in message
+    assert "--mask-threshold 128" not in message  # 1 and 2 look like classes, not blurred edges
     # The same folder from the command line: exit status 2, one error, and no run was started.
     from cmrf.cli import main
 

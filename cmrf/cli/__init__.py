@@ -18,7 +18,7 @@ Errors are handled here, once, for every command (docs/cli.md):
 - exit 143 and one line on SIGTERM, unwound as Ctrl-C is (files being written are removed).
 
 ``--debug`` (``cmrf --debug COMMAND ...`` or anywhere after the command) or the environment
-variable ``CMRF_DEBUG=1`` shows the full traceback instead of the one line.
+variable ``CMRF_DEBUG=1`` prints the full traceback before that line; the exit status stays the same.
 """
 
 from __future__ import annotations
@@ -205,12 +205,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         if _debug_requested(args):
-            raise
+            traceback.print_exc()
         _silence_stdout()
         return EXIT_BROKEN_PIPE
     except Exception as err:
-        if _debug_requested(args):
-            raise
+        if _debug_requested(args):  # the traceback, then the usual line and status (2 or 70)
+            traceback.print_exc()
         if _out_of_memory(err):  # sizes the user chose: fixable, not a bug
             print(f"cmrf {args.command}: error: out of memory: {describe_error(err)}; use a smaller input "
                   f"size or batch, or a machine with more memory", file=sys.stderr)

@@ -225,7 +225,7 @@ def _ambiguous(masks: Sequence[MaskValues], union: set[int]) -> DataError:
         hints.append(f"If these are class indices: --num-classes {len(ordered)}.")
     elif len(ordered) <= 16:
         hints.append(f"To make each value a class: --mask-values {' '.join(map(str, ordered))}.")
-        if {0, 255} <= union:
+        if {0, 255} <= union and 1 not in union:  # 0, 1, 2, 255: class indices beside 255, not edges
             hints.append("If they are binary masks with blurred (anti-aliased) edges: --mask-threshold 128.")
     if len(ordered) > 16:
         hints.append("Many grey levels suggest anti-aliased or resampled binary masks: --mask-threshold 128.")
