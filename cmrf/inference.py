@@ -1159,16 +1159,18 @@ _LAYER_FIELDS = (
 )
 
 
-def _layer_fields(module: nn.Module) -> dict:
-    def same_form(value):  # kernel_size=2, (2, 2) and [2, 2] are one setting
-        if isinstance(value, (list, tuple)):
-            value = tuple(value)
-            return value[0] if value and len(set(value)) == 1 else value
-        return value
+def _same_form(value):
+    """One spelling of a layer setting: ``kernel_size=2``, ``(2, 2)`` and ``[2, 2]`` are one setting."""
+    if isinstance(value, (list, tuple)):
+        value = tuple(value)
+        return value[0] if value and len(set(value)) == 1 else value
+    return value
 
+
+def _layer_fields(module: nn.Module) -> dict:
     for kind, fields in _LAYER_FIELDS:
         if isinstance(module, kind):
-            return {field: same_form(getattr(module, field)) for field in fields}
+            return {field: _same_form(getattr(module, field)) for field in fields}
     return {}
 
 

@@ -73,9 +73,13 @@ def write_pair(root: Path, stem: str, size=(20, 16), mask_values=(0, 255), image
     return image_path, mask_path
 
 
-def write_palette_mask(path: Path, values: np.ndarray) -> None:
-    image = Image.fromarray(values.astype(np.uint8), mode="P")
-    image.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * (256 * 3 - 12))
+# Black background, then red, green and blue classes; the rest black padding.
+CLASS_PALETTE = [0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * (256 * 3 - 12)
+
+
+def write_palette_mask(path: Path, values: np.ndarray, palette: list[int] = CLASS_PALETTE) -> None:
+    image = Image.fromarray(np.asarray(values).astype(np.uint8), mode="P")
+    image.putpalette(palette)
     image.save(path)
 
 
@@ -510,12 +514,6 @@ def test_masks_drawn_in_transparency_are_refused_and_opaque_alpha_ignored(tmp_pa
         read_mask_file(tmp_path / "rgba.png")
 
 
-def _palette_png(path: Path, indices: np.ndarray, palette: list[int]) -> None:
-    image = Image.fromarray(indices.astype(np.uint8), mode="P")
-    image.putpalette(palette)
-    image.save(path)
-
-
 def test_black_and_white_palette_masks_read_as_viewers_show_them(tmp_path: Path):
     """PNG optimisers and Pillow's quantize store a 0/255 mask as a black-and-white palette, often
     white (the lesion) at index 0: read by index, it was inverted, silently. The palette decides,
@@ -550,7 +548,7 @@ def test_black_and_white_palette_masks_read_as_viewers_show_them(tmp_path: Path)
     ([255, 255, 255, 0, 0, 0], [[0, 1], [1, 1]], [0, 255]),
 ])
 def test_other_palettes_are_read_by_index(tmp_path: Path, palette, indices, expected):
-    _palette_png(tmp_path / "m.png", np.array(indices), palette)
+    write_palette_mask(tmp_path / "m.png", np.array(indices), palette)
     assert decode_mask(tmp_path / "m.png").present.tolist() == expected
 
 
