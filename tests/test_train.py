@@ -570,6 +570,29 @@ def test_files_added_to_a_fraction_split_stop_resume_and_evaluate(tmp_path, caps
     assert "the data's splits differ from those" in _one_error_line(capsys)
 
 
+def test_a_damaged_test_image_stops_the_run_before_training(tmp_path, capsys):
+    """The check at start reads image headers only; a truncated test-split JPEG used to be found at
+    the final evaluation, after all the training time. Now it stops the run before epoch 1."""
+    from cmrf.data import build_datasets
+
+    root, out = tmp_path / "data", tmp_path / "run"
+    _folder_dataset(root, 10)
+    test_split = build_datasets(seed=0, data="folder", root=root, img_size=32, cache="none").test
+    test_image = test_split.pairs[0].image
+    test_image.unlink()
+    damaged = test_image.with_suffix(".jpg")
+    noise = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    Image.fromarray(noise.numpy()).save(damaged, quality=95)
+    damaged.write_bytes(damaged.read_bytes()[:-400])  # the header stays readable, the pixels end early
+    data = ["--data", "folder", "--root", str(root), "--img-size", "32", "--channels", "16", "32"]
+    argv = ["train", *data, "--device", "cpu", "--epochs", "1", "--no-plots", "--out", str(out)]
+    for cache in ("memory", "none"):
+        assert main([*argv, "--cache", cache]) == 2
+        out_text, err = capsys.readouterr()
+        assert f"cannot read image file {damaged}" in err and "truncated" in err.lower(), err
+        assert "epoch 1/1" not in out_text and not (out / STATE_FILE).exists()
+
+
 def test_recipe_defaults_are_the_papers_and_threads_choice():
     from cmrf.train.processes import autocast_dtype, resolve_device
     from cmrf.train.recipe import Recipe

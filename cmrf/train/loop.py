@@ -443,6 +443,19 @@ def _finish(run: _Run) -> dict:
     return result
 
 
+def _read_evaluation_splits(bundle) -> None:
+    """Decode every validation and test sample now, into the data cache where there is one.
+
+    The data check reads image headers only, so a damaged image file (a JPEG cut short) would
+    otherwise be found at the first validation or, in the test split, after all the training
+    time. Training samples are read in the first epoch anyway. Raises ``DataError`` listing every
+    sample that cannot be read. Datasets without ``fill`` (not from ``cmrf.data``) are left alone.
+    """
+    for split in (bundle.val, bundle.test):
+        if split is not None and len(split) and hasattr(split, "fill"):
+            split.fill()
+
+
 def fit(
     model: nn.Module,
     bundle,
@@ -479,6 +492,7 @@ def fit(
     Raises:
         RunFolderError: ``out_dir`` holds another run (without ``resume``/``overwrite``), or the
             run to resume has other settings.
+        DataError: a validation or test sample cannot be read (checked before training starts).
         UnfinishedRunError: training finished but the final evaluation failed (resume to finish).
         OSError: a file could not be written; the previous version of that file is intact.
     """
@@ -489,6 +503,7 @@ def fit(
     # and one that waited behind a finished run finds that run's files.
     with _run_folder_held(out_dir, init_processes(recipe.device)):
         check_run_folder(out_dir, resume=resume, overwrite=overwrite)
+        _read_evaluation_splits(bundle)
         run = _setup(model, bundle, Path(out_dir), recipe, dict(metadata or {}), plots)
         if overwrite:
             _clear(run)
