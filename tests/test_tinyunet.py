@@ -135,8 +135,61 @@ def test_pretrained_loads_the_local_file_timm_names(tmp_path, build, golden, ref
     assert five.head.weight.shape[0] == 5
     body = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
     assert all(torch.equal(five.state_dict()[k], v) for k, v in body.items())
-    with pytest.raises(ValueError, match="does not fit TinyUNet: shape mismatches: encoders.0.pw1"):
-        build("tinyunet", in_chans=1, **local)
+    # Other input channels, as in timm: the first convolution's weights adapted, the rest as saved.
+    grey = build("tinyunet", in_chans=1, **local).eval()
+    body = {k: v for k, v in model.state_dict().items() if k != "encoders.0.pw1.conv.weight"}
+    assert all(torch.equal(grey.state_dict()[k], v) for k, v in body.items())
+    x = torch.rand(2, 1, 40, 48)
+    with torch.no_grad():  # summed weights: a grey image is what the RGB model sees in three equal channels
+        torch.testing.assert_close(grey(x), model(x.expand(-1, 3, -1, -1)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, saved_chans, in_chans, size", [
+    ("tinyunet", 1, 3, (32, 40)), ("tinyunet", 3, 6, (32, 32)), ("tinyunet3d", 1, 2, (16, 16, 24)),
+    ("segnet", 3, 1, (32, 32)), ("cmunext_s", 1, 3, (32, 32)),
+])
+def test_pretrained_local_file_adapts_the_first_convolution_to_in_chans(
+    tmp_path, name, saved_chans, in_chans, size
+):
+    """timm's rule (``adapt_input_conv``): from 3 channels to 1 the weights are summed; otherwise
+    repeated and scaled by saved/wanted, so that the channels repeated give the saved model's output."""
+    saved = cmrf.create_model(name, in_chans=saved_chans, num_classes=2).eval()
+    for module in saved.modules():  # trained-like statistics, so that the check sees them
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            torch.nn.init.uniform_(module.running_mean, -0.2, 0.2)
+            torch.nn.init.uniform_(module.running_var, 0.5, 1.5)
+    path = tmp_path / "saved.safetensors"
+    cmrf.save_weights(saved, path)
+    local = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    adapted = cmrf.create_model(name, in_chans=in_chans, num_classes=2, **local).eval()
+    if in_chans == 1:  # a grey image is what the saved model sees in equal channels
+        given = torch.rand(1, 1, *size)
+        seen = given.expand(-1, saved_chans, *size)
+    else:  # the saved model's channels, repeated
+        seen = torch.rand(1, saved_chans, *size)
+        given = seen.repeat(1, in_chans // saved_chans, *[1] * len(size))
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(given), saved(seen), atol=1e-5, rtol=1e-5)
+
+
+def test_pretrained_first_convolution_timm_cannot_adapt_starts_afresh(tmp_path, monkeypatch):
+    import cmrf.models._builder as builder
+
+    def cannot(*args, **kwargs):
+        raise NotImplementedError("Weight format not supported by conversion.")
+
+    saved = cmrf.create_model("tinyunet", in_chans=2)
+    path = tmp_path / "two.safetensors"
+    cmrf.save_weights(saved, path)
+    monkeypatch.setattr(builder, "adapt_input_conv", cannot)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="saved for 2 input channels, the model takes 3.*starts afresh"):
+        model = create_model("tinyunet", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    torch.manual_seed(0)
+    fresh = create_model("tinyunet")
+    first = "encoders.0.pw1.conv.weight"
+    assert torch.equal(model.state_dict()[first], fresh.state_dict()[first])
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.state_dict().items() if k != first)
 
 
 def test_unknown_model_lists_known_ones():

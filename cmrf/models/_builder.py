@@ -6,11 +6,12 @@ import functools
 import inspect
 import math
 import re
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 from timm.layers import is_scriptable
-from timm.models import get_pretrained_cfg, resolve_pretrained_cfg
+from timm.models import adapt_input_conv, get_pretrained_cfg, resolve_pretrained_cfg
 from torch import nn
 
 from cmrf.checkpoint import load_state_dict_checked, map_to_model_keys, read_state_dict
@@ -234,12 +235,41 @@ def _load_local_pretrained(model: nn.Module, path: str) -> None:
     ``num_classes`` differs from the weights' (fine-tuning on other classes)."""
     state = map_to_model_keys(model, read_state_dict(path))
     own = model.state_dict()
+    _adapt_first_conv(model, state, own, path)
     head = f"{getattr(model, 'classifier_name', 'head')}."
     head_keys = [key for key in own if key.startswith(head)]
     if any(key in state and state[key].shape != own[key].shape for key in head_keys):
         state = {k: v for k, v in state.items() if not k.startswith(head)}
         state.update({key: own[key] for key in head_keys})
     load_state_dict_checked(model, state, path)
+
+
+def _adapt_first_conv(model: nn.Module, state: dict, own: dict, path: str) -> None:
+    """Weights saved for other input channels fitted in ``state`` by timm's rule
+    (``adapt_input_conv``: summed for one channel, else repeated and scaled), on the layer the
+    model's ``pretrained_cfg`` names ``first_conv``. Where timm cannot adapt them, that layer keeps
+    its fresh initialisation, with a warning, as timm does."""
+    first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    key = f"{first}.weight"
+    if not first or key not in state or key not in own or state[key].shape[1:] == own[key].shape[1:]:
+        return
+    saved, wanted = state[key], own[key]
+    if saved.shape[2:] != wanted.shape[2:]:
+        return  # another kernel: not a channel question; the strict load names the mismatch
+    as_2d = saved.reshape(*saved.shape[:3], -1)  # timm adapts OIHW weights; 3D kernels flattened
+    try:
+        if "base_chans" in inspect.signature(adapt_input_conv).parameters:
+            adapted = adapt_input_conv(wanted.shape[1], as_2d, base_chans=saved.shape[1])
+        elif saved.shape[1] == 3 or wanted.shape[1] == 1:  # older timm: adapts from RGB only
+            adapted = adapt_input_conv(wanted.shape[1], as_2d)
+        else:
+            raise NotImplementedError("timm before base_chans adapts from 3 channels only")
+        state[key] = adapted.reshape(wanted.shape)
+    except NotImplementedError as why:
+        warnings.warn(f"{path}: {first} was saved for {saved.shape[1]} input channels, the model takes "
+                      f"{wanted.shape[1]}, and timm cannot adapt it ({why}); that layer starts afresh",
+                      stacklevel=4)
+        state[key] = wanted
 
 
 def _local_weights_file(*cfgs) -> str | None:
