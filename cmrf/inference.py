@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
-from cmrf.layers import CMRF, ConvNorm, check_input, cmrf_blocks, conv_type, has_user_hooks
+from cmrf.layers import CMRF, ConvNorm, check_input, cmrf_blocks, conv_type, first_parameter, has_user_hooks
 from cmrf.models.tinyunet import TinyUNet
 from cmrf.onnx_writer import check_onnxruntime, write_onnx
 from cmrf.ops.cascade import interpreter_enabled, triton_available, triton_missing_reason
@@ -684,7 +684,8 @@ class InferenceCMRF(nn.Module):
         return self.mix_into(hidden, [None], path=path)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.in_channels, self.spatial_dims, "CMRF")  # the original's checks and messages
+        # the original's checks and messages
+        check_input(x, self.in_channels, self.spatial_dims, "CMRF", weight=first_parameter(self))
         if x.shape[0] == 0 and not _tracing():  # an empty batch: nothing to compute
             return x.new_empty((0, self.out_channels, *x.shape[2:]), dtype=_result_dtype(x))
         path = _call_path(self.path, x)

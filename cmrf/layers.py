@@ -130,6 +130,18 @@ def check_optional_bool(name: str, value) -> bool | None:
     return value
 
 
+def first_parameter(module: nn.Module) -> torch.Tensor | None:
+    """The first parameter of ``module`` (None if it has none): its dtype is the model's."""
+    return next(module.parameters(), None)
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return False
+
+
 # Named in the message of ``check_input``; any other dtype (integer, bool, complex) is refused.
 _FLOAT_DTYPES = "float32, float16, bfloat16, float64"
 
@@ -142,6 +154,7 @@ def check_input(
     min_size: int = 1,
     multiple_of: int = 1,
     why: str = "",
+    weight: torch.Tensor | None = None,
 ) -> None:
     """Raise ``ValueError`` unless ``x`` is a floating-point ``(B, in_channels, *S)`` tensor.
 
@@ -155,12 +168,15 @@ def check_input(
         min_size: smallest allowed spatial side. Default 1.
         multiple_of: every spatial side must be a multiple of this. Default 1.
         why: the reason for ``min_size``/``multiple_of``, shown in parentheses (``"4 poolings"``).
+        weight: a weight of the model (:func:`first_parameter`); outside autocast ``x`` must have
+            its dtype. Default None: not checked.
 
     Raises:
         ValueError: naming what was expected and what was received: not a tensor, wrong number of
             dimensions, wrong channel count, a non-floating dtype (an integer image needs
-            ``x.float() / 255`` and the training normalisation), or a side that is too small or
-            not a multiple of ``multiple_of``.
+            ``x.float() / 255`` and the training normalisation), a floating dtype other than the
+            weights' outside autocast, or a side that is too small or not a multiple of
+            ``multiple_of``.
     """
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
@@ -181,6 +197,11 @@ def check_input(
         raise ValueError(
             f"{name} expects a floating-point input ({_FLOAT_DTYPES}), got {x.dtype}; convert with "
             f"{hint} (then normalise as in training)"
+        )
+    if weight is not None and x.dtype != weight.dtype and not _autocast_on(x.device.type):
+        raise ValueError(
+            f"{name}'s weights are {weight.dtype} but the input is {x.dtype}: convert the input "
+            f"(x.to({weight.dtype})), the model (model.to({x.dtype})), or run under torch.autocast"
         )
     reason = f" ({why})" if why else ""
     if any(side < min_size for side in x.shape[2:]):
@@ -350,7 +371,7 @@ class CMRF(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.in_channels, self.spatial_dims, "CMRF")
+        check_input(x, self.in_channels, self.spatial_dims, "CMRF", weight=self.pw1.conv.weight)
         y = cascade_concat(self.pw1(x), self.cascade, fused=self.fused)
         y = self.pw2(y)
         return x + y if self.add_residual else y

@@ -348,6 +348,22 @@ def test_non_float_inputs_are_refused_clearly(name, dtype):
         model(x)
 
 
+@pytest.mark.parametrize("name", sorted(SMALL))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_an_input_of_another_float_dtype_than_the_weights_is_named(name, dtype):
+    """torch said "expected scalar type Double but found Float" (which is which?)."""
+    model = small(name).eval()
+    x = example(name, model).to(dtype)
+    label = type(model).__name__
+    expected = rf"{label}'s weights are torch.float32 but the input is {dtype}: .*x.to\(torch.float32\)"
+    with pytest.raises(ValueError, match=expected):
+        model(x)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts: no refusal
+        assert model(x.bfloat16()).shape[0] == x.shape[0]
+    with pytest.raises(ValueError, match=r"CMRF's weights are torch.float64 but the input is torch.float32"):
+        CMRF(4, 8, N=2).double()(torch.ones(1, 4, 3, 3))
+
+
 def test_cmrf_refuses_integer_input_and_non_tensors():
     with pytest.raises(ValueError, match=r"CMRF expects a floating-point input.*torch\.int32"):
         CMRF(4, 8, N=2)(torch.ones(1, 4, 3, 3, dtype=torch.int32))

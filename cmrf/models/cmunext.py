@@ -23,6 +23,7 @@ from cmrf.layers import (
     check_positive_ints,
     check_spatial_dims,
     conv_type,
+    first_parameter,
     maxpool_type,
 )
 from cmrf.models._base import SegmentationModel, zoo_cfg
@@ -267,6 +268,7 @@ class CMUNeXt(SegmentationModel):
             "CMUNeXt",
             multiple_of=self.input_multiple,
             why="four poolings, then x2 upsampling back",
+            weight=first_parameter(self),
         )
         skips = []
         x = self.stem(x)

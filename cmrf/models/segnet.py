@@ -13,7 +13,14 @@ import torch
 from timm.models import generate_default_cfgs
 from torch import nn
 
-from cmrf.layers import ConvBNReLU, check_input, check_positive_int, check_spatial_dims, conv_type
+from cmrf.layers import (
+    ConvBNReLU,
+    check_input,
+    check_positive_int,
+    check_spatial_dims,
+    conv_type,
+    first_parameter,
+)
 from cmrf.models._base import SegmentationModel, zoo_cfg
 from cmrf.models._builder import build_model, require_requested_n
 from cmrf.models.registry import register_model
@@ -94,7 +101,8 @@ class SegNet(SegmentationModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(
-            x, self.in_channels, self.spatial_dims, "SegNet", min_size=self.min_size, why="five poolings"
+            x, self.in_channels, self.spatial_dims, "SegNet", min_size=self.min_size, why="five poolings",
+            weight=first_parameter(self),
         )
         pooled = []  # (indices, size before pooling), shallow to deep
         for encoder in self.encoders:

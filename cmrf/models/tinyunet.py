@@ -18,6 +18,7 @@ from cmrf.layers import (
     check_positive_ints,
     check_spatial_dims,
     conv_type,
+    first_parameter,
     maxpool_type,
 )
 from cmrf.models._base import SegmentationModel, zoo_cfg
@@ -155,7 +156,8 @@ class TinyUNet(SegmentationModel):
     def _check_input(self, x: torch.Tensor) -> None:
         # Also called unbound by cmrf.inference's InferenceTinyUNet, which has the same attributes.
         why = f"2 ** {len(self.channels)} poolings"
-        check_input(x, self.in_channels, self.spatial_dims, "TinyUNet", min_size=self.min_size, why=why)
+        check_input(x, self.in_channels, self.spatial_dims, "TinyUNet", min_size=self.min_size, why=why,
+                    weight=first_parameter(self))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
