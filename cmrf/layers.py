@@ -136,6 +136,8 @@ def first_parameter(module: nn.Module) -> torch.Tensor | None:
 
 
 def _autocast_on(device_type: str) -> bool:
+    if device_type in ("cpu", "cuda"):  # no try block on the common path (traced by torch.compile)
+        return torch.is_autocast_enabled(device_type)
     try:
         return torch.is_autocast_enabled(device_type)
     except RuntimeError:  # a device type autocast does not know (meta)
