@@ -320,28 +320,43 @@ def _tensors(output) -> list[torch.Tensor]:
     return [leaf for leaf in tree_flatten(output)[0] if isinstance(leaf, torch.Tensor)]
 
 
-def _graph_heads(output, conv_nodes: dict, classes: int) -> set[str]:
-    """Convolutions whose output reaches an output ``(B, classes, *S)`` of the model through no
-    other convolution: the classifier heads, also those of a model with several (deep
-    supervision, auxiliary or edge heads), which run in any order. ``classes`` is the width of the
-    last convolution run (the main head's); outputs of other widths are returned features, whose
-    blocks stay replaceable."""
-    heads = set()
-    for tensor in _tensors(output):
-        if tensor.dim() < 3 or tensor.grad_fn is None or tensor.shape[1] != classes:
+def _convs_first_met(node, conv_nodes: dict) -> set:
+    """The convolution nodes first met walking the autograd graph back from ``node`` (``node``
+    itself if it is one): what lies before another convolution is not reached."""
+    found, stack, seen = set(), [node], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
             continue
-        stack, seen = [tensor.grad_fn], set()
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            if node in conv_nodes:
-                path, channels = conv_nodes[node]
-                if channels == tensor.shape[1]:
-                    heads.add(path)
-                continue  # what lies before another convolution is not a head
-            stack.extend(next_node for next_node, _ in node.next_functions)
+        seen.add(node)
+        if node in conv_nodes:
+            found.add(node)
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+def _graph_heads(output, conv_nodes: dict, classes: int) -> set[str]:
+    """The classifier heads, also those of a model with several (deep supervision, auxiliary or
+    edge heads), which run in any order: the convolutions whose output reaches an output of the
+    model through no other convolution and that either feed no other convolution (a head of any
+    width) or are as wide as that output and as the last convolution run (``classes``, the main
+    head's width; a coarse head that a refinement stage reads). A returned feature map of another
+    width also feeds the network's next convolution, so its block stays replaceable."""
+    reaching: dict = {}  # convolution node -> widths of the outputs it reaches
+    for tensor in _tensors(output):
+        if tensor.dim() >= 3 and tensor.grad_fn is not None:
+            for node in _convs_first_met(tensor.grad_fn, conv_nodes):
+                reaching.setdefault(node, set()).add(tensor.shape[1])
+    feeding = set()
+    for node in conv_nodes:
+        for next_node, _ in node.next_functions:
+            feeding |= _convs_first_met(next_node, conv_nodes)
+    heads = set()
+    for node, widths in reaching.items():
+        path, channels = conv_nodes[node]
+        if node not in feeding or channels == classes in widths:
+            heads.add(path)
     return heads
 
 
@@ -410,6 +425,11 @@ class _Plan:
     out_channels: int
     N: int
     spatial_dims: int
+    aliases: tuple[str, ...] = ()  # the block's other registrations, swapped with it
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return (self.path, *self.aliases)
 
 
 def _num_convs(module: nn.Module) -> int:
@@ -509,7 +529,8 @@ def _select(
         if n_convs == 0:
             return
         kind = type(module).__name__
-        if exclude and _matches(exclude, path, module):
+        aliases = tuple(other for other in owners.get(id(module), ()) if other != path)
+        if exclude and any(_matches(exclude, where, module) for where in (path, *aliases)):
             skipped.append(SkippedBlock(path, kind, "excluded"))
             return
         targets = _scope_of(scopes, path)
@@ -533,10 +554,6 @@ def _select(
         if n_convs < (1 if targeted else 2):
             return
         problem, report = _block_problem(path, module, probe)
-        if problem is None and len(owners.get(id(module), ())) > 1:
-            # Swapping one reference would leave the other parents on the old block.
-            paths = ", ".join(owners[id(module)])
-            problem, report = f"one module registered at several paths ({paths})", True
         if problem is None:
             call = probe.calls[path][0]
             in_channels, out_channels = call.in_shape[1], call.out_shape[1]
@@ -545,14 +562,39 @@ def _select(
                 problem, report = _channel_problem(out_channels, N, indivisible), True
             else:
                 cmrf_channels(in_channels, out_channels, n)  # double-check the arithmetic
-                plans.append(_Plan(path, module, in_channels, out_channels, n, len(call.in_shape) - 2))
+                spatial_dims = len(call.in_shape) - 2
+                plans.append(_Plan(path, module, in_channels, out_channels, n, spatial_dims, aliases))
                 return
         if report or targeted:
             skipped.append(SkippedBlock(path, kind, problem))
         visit(path, module)
 
     visit("", model)
+    # Drop, one at a time, the plans that would leave a part of their block in the model.
+    while partial := [(plan, why) for plan in plans if (why := _shared_outside(plan, plans, owners))]:
+        plan, why = partial[0]
+        plans.remove(plan)
+        skipped.append(SkippedBlock(plan.path, type(plan.module).__name__, why))
     return plans, skipped
+
+
+def _shared_outside(plan: _Plan, plans: list[_Plan], owners: dict[int, list[str]]) -> str | None:
+    """Why replacing ``plan``'s block would leave a part of it in the model: a block inside it
+    that is replaced on its own (registered again outside it, as MONAI's DynUNet runs its blocks
+    through ``skip_layers``), or a module inside it also registered outside every replaced block,
+    which would keep its parameters and maybe its use. A convolution shared by two replaced
+    blocks (tied weights) goes with both."""
+    own = {id(other.module): other.path for other in plans if other is not plan}
+    replaced = tuple(path + "." for other in plans for path in other.paths)
+    for inner_path, inner in plan.module.named_modules(prefix=plan.path):
+        if inner is plan.module:
+            continue
+        if id(inner) in own:
+            return f"holds {inner_path}, which is replaced on its own (as {own[id(inner)]})"
+        outside = [other for other in owners.get(id(inner), ()) if not other.startswith(replaced)]
+        if outside:
+            return f"holds {inner_path}, which is also registered at {outside[0]} outside it"
+    return None
 
 
 def _excluded_inside(exclude: list, path: str, module: nn.Module) -> str | None:
@@ -631,6 +673,7 @@ def replace_blocks(
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"replace_blocks needs an nn.Module, got {type(model).__name__}")
+    _check_not_wrapped(model)
     N = check_positive_int("N", N)
     if indivisible not in ("reduce", "skip"):
         raise ValueError(f"indivisible must be 'reduce' or 'skip', got {indivisible!r}")
@@ -727,6 +770,20 @@ def replace_blocks(
     return report
 
 
+# Wrappers that hold their own references to the parameters (gradient buckets, shards): a swap
+# inside them would train the old parameters, or none.
+_DISTRIBUTED_WRAPPERS = ("DistributedDataParallel", "FullyShardedDataParallel")
+
+
+def _check_not_wrapped(model: nn.Module) -> None:
+    kind = type(model).__name__
+    if kind in _DISTRIBUTED_WRAPPERS:
+        raise ValueError(
+            f"replace_blocks got a model wrapped in {kind}, whose gradient synchronisation holds the "
+            f"old parameters: replace the blocks before wrapping (replace_blocks(model), then {kind}(model))"
+        )
+
+
 def _hooked_paths(plans: list[_Plan]) -> list[str]:
     """Paths of the modules in the planned blocks that have forward or backward hooks of the user's."""
     return [
@@ -740,7 +797,7 @@ def _hooked_paths(plans: list[_Plan]) -> list[str]:
 def _kept_params(model: nn.Module, plans: list[_Plan]) -> int:
     """Parameters the model keeps after the planned blocks go, each counted once: one shared by
     two blocks is not removed twice, one a kept module shares is not removed at all."""
-    replaced = tuple(plan.path for plan in plans)
+    replaced = tuple(path for plan in plans for path in plan.paths)
     kept = {}
     for path, module in model.named_modules(remove_duplicate=False):
         if not any(path == r or path.startswith(r + ".") for r in replaced):
@@ -790,14 +847,16 @@ def _swap_all(model, plans, new_modules, example_input, expected_shapes) -> None
     done = []
     try:
         for plan, new in zip(plans, new_modules):
-            _set(model, plan.path, new)
+            for path in plan.paths:  # a block registered twice is one module: one CMRF for both
+                _set(model, path, new)
             done.append(plan)
         shapes = _run(model, example_input)
         if shapes != expected_shapes:
             raise RuntimeError(f"output shapes changed from {expected_shapes} to {shapes}")
     except Exception as err:
         for plan in reversed(done):
-            _set(model, plan.path, plan.module)
+            for path in plan.paths:
+                _set(model, path, plan.module)
         raise RuntimeError(
             f"replace_blocks undid every swap because {type(model).__name__} no longer runs "
             f"alike after replacing {', '.join(p.path for p in plans)}: {type(err).__name__}: {err}. "

@@ -331,6 +331,66 @@ def test_evaluate_holds_only_the_runs_own_files_to_its_splits(tmp_path, capsys):
     assert "files added or removed" in capsys.readouterr().err
 
 
+def _split_list_run(tmp_path, site, splits):
+    """A checkpoint of a run on ``site`` with the split lists in ``splits`` (its fingerprint kept)."""
+    from cmrf.data import build_datasets, split_fingerprint
+    from cmrf.train.state import model_metadata
+
+    options = {"data": "folder", "root": site, "split_dir": splits, "img_size": 32}
+    data = {**{key: str(value) for key, value in options.items()}, "img_size": 32, "seed": 0,
+            "spatial_dims": 2, "split_files": split_fingerprint(build_datasets(seed=0, **options))}
+    meta = model_metadata("tinyunet", {"channels": [16, 32], "N": 4}, 3, 2, ["background", "lesion"],
+                          data=data)
+    checkpoint = tmp_path / "best.safetensors"
+    cmrf.save_weights(cmrf.TinyUNet(channels=(16, 32), N=4), checkpoint, metadata=meta)
+    return checkpoint
+
+
+def test_evaluate_a_moved_copy_of_the_runs_data_keeps_its_split_lists(tmp_path, capsys):
+    """The run's dataset copied elsewhere (split lists inside it, moved along) is the run's data:
+    a fresh fraction split of it would put training images into the scored split."""
+    import shutil
+
+    from tests.test_data import write_pair
+
+    site = tmp_path / "site"
+    for i in range(6):
+        write_pair(site, f"s{i}", seed=i)
+    (site / "splits").mkdir()
+    for name, stems in (("train", "s0\ns1\n"), ("val", "s2\n"), ("test", "s3\ns4\ns5\n")):
+        (site / "splits" / f"{name}.txt").write_text(stems)
+    checkpoint = _split_list_run(tmp_path, site, site / "splits")
+    shutil.move(site, tmp_path / "moved")
+    out = tmp_path / "scores.json"
+    argv = ["evaluate", str(checkpoint), "--device", "cpu", "--no-optimize", "--json", str(out)]
+    assert main([*argv, "--root", str(tmp_path / "moved")]) == 0, capsys.readouterr().err
+    assert json.loads(out.read_text())["images"] == 3  # the run's test list, not a fraction of six
+    assert "the run's split lists" in _one_line(capsys.readouterr().err)
+
+
+def test_evaluate_says_when_the_runs_split_lists_are_gone(tmp_path, capsys):
+    """Split lists kept outside the data and since deleted: another --root may be the run's data
+    moved, and a fresh split of it may hold training images; the user is told, not left to guess."""
+    import shutil
+
+    from tests.test_data import write_pair
+
+    site, splits = tmp_path / "site", tmp_path / "splits"
+    for i in range(6):
+        write_pair(site, f"s{i}", seed=i)
+    splits.mkdir()
+    for name, stems in (("train", "s0\ns1\ns2\ns3\n"), ("val", "s4\n"), ("test", "s5\n")):
+        (splits / f"{name}.txt").write_text(stems)
+    checkpoint = _split_list_run(tmp_path, site, splits)
+    shutil.move(site, tmp_path / "moved")
+    shutil.rmtree(splits)
+    moved = tmp_path / "moved"
+    argv = ["evaluate", str(checkpoint), "--device", "cpu", "--no-optimize", "--root", str(moved)]
+    assert main(argv) == 0, capsys.readouterr().err
+    err = _one_line(capsys.readouterr().err)
+    assert f"{splits}, are gone" in err and "--split-dir" in err
+
+
 def test_demo_help_states_the_demos_own_settings(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])

@@ -103,6 +103,11 @@ def monai_basic_unet(spatial_dims=2):
     return BasicUNet(spatial_dims=spatial_dims, in_channels=3, out_channels=2, features=(8, 8, 16, 16, 32, 8))
 
 
+def monai_dynunet():
+    DynUNet = pytest.importorskip("monai.networks.nets").DynUNet
+    return DynUNet(2, 3, 2, kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2])
+
+
 def smp_unet():
     smp = pytest.importorskip("segmentation_models_pytorch")
     return smp.Unet("resnet18", encoder_weights=None, in_channels=3, classes=2)
@@ -114,6 +119,8 @@ FOREIGN = {
     "user_unet": (UserUNet, (2, 3, 32, 32), {"inc", "downs.0.1", "downs.1.1", "ups.0.conv", "ups.1.conv"}),
     "monai_basicunet": (monai_basic_unet, (2, 3, 32, 32), {"conv_0", "down_1.convs", "upcat_1.convs"}),
     "monai_basicunet_3d": (lambda: monai_basic_unet(3), (1, 3, 32, 32, 32), {"conv_0", "down_4.convs"}),
+    # Its blocks are registered twice (also under skip_layers, which runs them).
+    "monai_dynunet": (monai_dynunet, (2, 3, 32, 32), {"input_block", "upsamples.0.conv_block"}),
     "smp_unet_resnet18": (smp_unet, (2, 3, 64, 64), {"encoder.layer1", "encoder.layer4.1"}),
 }
 
@@ -449,6 +456,86 @@ def test_every_classifier_head_is_kept_not_only_the_last_run():
     assert isinstance(model.head[1], nn.Conv2d)
 
 
+class SegThenEdge(nn.Module):
+    """A two-class segmentation head block, then a one-channel edge head run after it: the last
+    convolution is not as wide as the main head, which is still a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = DoubleConv(3, 16)
+        self.head = nn.Sequential(conv_bn_relu(16, 16), nn.Conv2d(16, 2, 1))
+        self.edge = nn.Conv2d(16, 1, 1)
+
+    def forward(self, x):
+        features = self.enc(x)
+        return self.head(features), self.edge(features)
+
+
+def test_a_head_is_kept_when_a_head_of_another_width_runs_after_it():
+    model = SegThenEdge()
+    report = replace_blocks(model)
+    assert report.paths == ["enc"]
+    assert {s.path: s.reason for s in report.skipped}["head"] == (
+        "holds the network's final convolution head.1 (a classifier head)"
+    )
+
+
+class BlocksRunThroughAnotherPath(nn.Module):
+    """Blocks listed in ``blocks`` and run through ``path``, which registers them again (as MONAI's
+    DynUNet does with its ``skip_layers``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.blocks = nn.ModuleList([DoubleConv(16, 16), DoubleConv(16, 16)])
+        self.path = nn.Sequential(*self.blocks)
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.path(self.stem(x)))
+
+
+def test_blocks_registered_at_two_paths_are_replaced_at_both_not_through_their_holder():
+    """Each block becomes one CMRF at both of its paths, so the forward (through ``path``) runs it;
+    ``path`` itself is not replaced whole, which would leave the listed blocks behind."""
+    model = BlocksRunThroughAnotherPath()
+    x = torch.randn(2, 3, 16, 16)
+    report = replace_blocks(model)
+    assert report.paths == ["blocks.0", "blocks.1"]
+    assert {s.path: s.reason for s in report.skipped}["path"] == (
+        "holds path.0, which is replaced on its own (as blocks.0)"
+    )
+    assert isinstance(model.blocks[0], CMRF) and model.path[0] is model.blocks[0]
+    assert report.params_after == sum(p.numel() for p in model.parameters())
+    seen = []
+    model.blocks[1].register_forward_hook(lambda *_: seen.append(1))
+    model(x)
+    assert seen  # the forward runs the new blocks
+
+
+def test_a_module_registered_elsewhere_inside_a_block_keeps_the_block():
+    """A convolution of a block also registered outside any replaced block would stay in the
+    model with its parameters: the block is not replaced."""
+    model = nn.Module()
+    model.net = small_stack()
+    model.spare = model.net[2].double_conv[0][0]  # another reference to a convolution of block 2
+    model.forward = model.net.forward
+    report = replace_blocks(model)
+    reason = {s.path: s.reason for s in report.skipped}["net.2"]
+    assert reason == "holds net.2.double_conv.0.0, which is also registered at spare outside it"
+    assert report.paths == ["net.0", "net.3"] and not isinstance(model.net[2], CMRF)
+
+
+def test_a_model_wrapped_for_distributed_training_is_refused():
+    from torch.nn.parallel import DistributedDataParallel
+
+    wrapped = DistributedDataParallel.__new__(DistributedDataParallel)  # no process group needed
+    nn.Module.__init__(wrapped)
+    wrapped.module = small_stack()
+    with pytest.raises(ValueError, match=r"in DistributedDataParallel.*replace the blocks before wrapping"):
+        replace_blocks(wrapped)
+
+
 class ReturnsFeatures(nn.Module):
     """Logits and the bottleneck's features: a returned feature map is no classifier head."""
 
@@ -612,13 +699,12 @@ def test_not_a_module():
         replace_blocks("segnet")
 
 
-def test_shared_module_is_skipped_with_reason():
+def test_a_block_used_twice_becomes_one_cmrf_used_twice():
+    """Weight sharing is kept: the block at 1 and 2 is one module, and so is its replacement."""
     block = DoubleConv(8, 8)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), block, block, nn.Conv2d(8, 2, 1))
-    with pytest.warns(NothingToReplaceWarning):
-        report = replace_blocks(model)
-    assert "several paths (1, 2)" in report.skipped[0].reason
-    assert model[1] is model[2] is block
+    assert replace_blocks(model).paths == ["1"]
+    assert isinstance(model[1], CMRF) and model[1] is model[2]
 
 
 class SqueezeExcite(nn.Module):

@@ -570,6 +570,26 @@ def test_files_added_to_a_fraction_split_stop_resume_and_evaluate(tmp_path, caps
     assert "the data's splits differ from those" in _one_error_line(capsys)
 
 
+def test_a_run_resumes_on_its_data_moved_to_another_root(tmp_path, capsys):
+    """The dataset moved (another disk, another machine): the same files in the same splits are
+    the same data, so --resume takes the new --root; other files there are still refused."""
+    import shutil
+
+    root, out = tmp_path / "data", tmp_path / "run"
+    _folder_dataset(root, 10)
+    common = ["--data", "folder", "--img-size", "32", "--channels", "16", "32", "--device", "cpu",
+              "--no-plots", "--out", str(out)]
+    assert main(["train", *common, "--root", str(root), "--epochs", "1"]) == 0
+    moved = tmp_path / "moved"
+    shutil.move(root, moved)
+    capsys.readouterr()
+    assert main(["train", *common, "--root", str(moved), "--epochs", "1", "--resume"]) == 0
+    assert f"the data moved to {moved}" in capsys.readouterr().out
+    _folder_dataset(moved, 12)  # two more pairs: other splits, refused wherever the data is
+    assert main(["train", *common, "--root", str(moved), "--epochs", "1", "--resume"]) == 2
+    assert "the splits' files train 6, val 2, test 2 (sha1" in _one_error_line(capsys)
+
+
 def test_a_damaged_test_image_stops_the_run_before_training(tmp_path, capsys):
     """The check at start reads image headers only; a truncated test-split JPEG used to be found at
     the final evaluation, after all the training time. Now it stops the run before epoch 1."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import sys
 from pathlib import Path
 
 from cmrf.cli.common import add_runtime_arguments, check_output_file, positive_int, user_path
@@ -19,7 +21,8 @@ from cmrf.train.setup import model_from_checkpoint, torch_threads
 
 _DATA_HELP = (
     "Each flag not given takes the value the checkpoint's run was trained with (cmrf train records "
-    "them; for another --data or --root, not the run's --split-dir and mask options); the defaults "
+    "them; for another --data or --root, not the run's --split-dir and mask options, unless that "
+    "root holds the run's files, moved); the defaults "
     "named below apply only to a bare state dict and to values a run did not record."
 )
 
@@ -44,6 +47,47 @@ def _other_data(args: argparse.Namespace, run_data: dict) -> bool:
     if args.root is None:
         return False
     return run_root is None or Path(args.root).resolve() != Path(run_root).resolve()
+
+
+def _run_split_dir_at(run_data: dict, root: str | os.PathLike) -> Path | None:
+    """The run's split lists as they stand now, for its data copied to ``root``: the same place
+    inside ``root`` if the lists were inside the run's root (moved along), else where the run read
+    them; ``None`` if neither exists."""
+    lists = Path(run_data["split_dir"])
+    run_root = run_data.get("root")
+    if run_root is not None:
+        with contextlib.suppress(ValueError):
+            moved = Path(root) / lists.resolve().relative_to(Path(run_root).resolve())
+            if moved.is_dir():
+                return moved
+    return lists if lists.is_dir() else None
+
+
+def _build_evaluation_data(args: argparse.Namespace, run_data: dict, given: set[str]):
+    """The datasets to score. Another ``--root`` may be a copy of the run's data (moved, or on
+    another machine): when the run's file options read it into the splits the run recorded, it is
+    the run's data, and keeps them; a fresh split of it would score training images."""
+    from cmrf.data import DataError, build_datasets, split_fingerprint
+
+    saved = run_data.get("split_files")
+    site = {key: run_data[key] for key in _SITE_OPTIONS if key not in given and run_data.get(key) is not None}
+    if saved is not None and site and args.data == run_data.get("data") and _other_data(args, run_data):
+        if "split_dir" in site:
+            lists = _run_split_dir_at(run_data, args.root)
+            if lists is None:
+                print(f"warning: the run's split lists, {site['split_dir']}, are gone, so {args.root} is "
+                      f"split afresh; if it is a copy of the run's data, its {args.split} split may hold "
+                      f"training images: give the lists with --split-dir", file=sys.stderr)
+                return build_datasets(seed=args.seed, **data_options(args))
+            site["split_dir"] = lists
+        with contextlib.suppress(DataError):  # not the run's files: other data, below
+            bundle = build_datasets(seed=args.seed, **{**data_options(args), **site})
+            if split_fingerprint(bundle) == saved:
+                lists = f", with the run's split lists {site['split_dir']}" if "split_dir" in site else ""
+                print(f"note: {args.root} holds the files of the run's splits, so it is scored as the run's "
+                      f"data{lists}", file=sys.stderr)
+                return bundle
+    return build_datasets(seed=args.seed, **data_options(args))
 
 
 def _fill_from_run(args: argparse.Namespace, run_data: dict) -> None:
@@ -134,7 +178,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from cmrf.data import build_datasets
     from cmrf.files import atomic_write_json
     from cmrf.train.loop import Processes, eval_loader, evaluate_model
     from cmrf.train.metrics import format_table
@@ -144,8 +187,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         check_output_file(args.json_out, "--json", {"checkpoint": args.checkpoint})
     run_data = meta.get("data", {})
+    given = {dest for dest in args.data_defaults if getattr(args, dest) is not None}
     _fill_from_run(args, run_data)
-    bundle = build_datasets(seed=args.seed, **data_options(args))
+    bundle = _build_evaluation_data(args, run_data, given)
     _check_same_splits(args, run_data, bundle)
     if bundle.num_classes != meta["num_classes"] or bundle.in_channels != meta["in_chans"]:
         raise ValueError(

@@ -49,6 +49,7 @@ from cmrf.train.state import (
     TrainingParts,
     capture_state,
     load_training_state,
+    moved_data_root,
     restore_state,
     resume_differences,
     save_training_state,
@@ -313,6 +314,10 @@ def _resume(run: _Run) -> None:
     rank, world_size = run.processes.rank, run.processes.world_size
     run.progress = restore_state(state, run.parts, rank=rank, world_size=world_size, source=run.files.state)
     run.log(f"resuming {run.files.out} after epoch {run.progress.epoch}/{run.recipe.epochs}")
+    moved = moved_data_root(state, run.metadata)
+    if moved is not None:
+        saved_root, root = moved
+        run.log(f"note: the data moved to {root} (the run read {saved_root}); its splits hold the same files")
     saved_threads, threads = state.get("cpu_threads"), torch.get_num_threads()
     if run.device.type == "cpu" and saved_threads is not None and saved_threads != threads:
         same = (f"--threads {saved_threads} keeps the resume bit for bit" if saved_threads <= thread_limit()

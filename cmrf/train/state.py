@@ -47,6 +47,7 @@ __all__ = [
     "model_metadata",
     "read_metadata",
     "restore_state",
+    "moved_data_root",
     "resume_differences",
     "save_training_state",
     "saved_run_metadata",
@@ -191,6 +192,8 @@ _MODEL_KWARG_FLAGS = {"N": "--N", "channels": "--channels"}
 _DATA_STORAGE_OPTIONS = ("cache", "cache_dir")
 # Data entries that are not flags: how a difference names them.
 _DATA_LABELS = {"split_files": "the splits' files"}
+# Where the data lies: free to change when the splits hold the same files (the data moved).
+_DATA_LOCATION_FLAGS = ("--root", "--split-dir")
 # Recipe fields that may change on resume: where and how fast it runs, not what it computes.
 RESUME_FREE_FIELDS = ("amp", "workers", "device", "overlays", "compile")
 
@@ -340,6 +343,10 @@ def resume_differences(
         for label in _DATA_LABELS.values():
             if label not in saved:  # a state saved before this was recorded: nothing to compare
                 given.pop(label, None)
+        splits = _DATA_LABELS["split_files"]
+        if saved.get(splits) is not None and saved.get(splits) == given.get(splits):
+            for flag in _DATA_LOCATION_FLAGS:
+                saved.pop(flag, None), given.pop(flag, None)
         # --seed is also a recipe field: report it once.
         differences += [d for d in _differences(saved, given) if not d.startswith("--seed ")]
     saved_world = state.get("world_size")
@@ -347,6 +354,18 @@ def resume_differences(
         differences.append(f"processes {saved_world} (given {world_size}; torchrun --nproc_per_node sets "
                            f"them, and each step's batch is processes x --batch-size)")
     return differences
+
+
+def moved_data_root(state: dict, metadata: dict[str, str]) -> tuple[str, str] | None:
+    """``(saved_root, root)`` when a resume reads the run's data from another ``--root``."""
+    saved_meta = state.get("metadata") or {}
+    if not saved_meta or not metadata:
+        return None
+    saved = (decode_metadata(saved_meta).get("data") or {}).get("root")
+    given = (decode_metadata(metadata).get("data") or {}).get("root")
+    if saved is None or given is None or Path(saved).resolve() == Path(given).resolve():
+        return None
+    return saved, given
 
 
 def _check_weights_fit(model: nn.Module, weights: dict[str, torch.Tensor], source: str | Path) -> None:
