@@ -13,6 +13,7 @@ statistics are left as they are).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Sequence
@@ -121,10 +122,28 @@ def count_paper_flops(model: nn.Module, example: torch.Tensor) -> int:
     return 2 * total
 
 
+@contextlib.contextmanager
+def _removing_new_hooks(model: nn.Module):
+    """Remove, on the way out, the forward hooks added to ``model``'s modules meanwhile: fvcore
+    registers one per module to name the trace's scopes and leaves them behind when the trace
+    fails, where they would run on every later call of the user's model."""
+    before = {id(m): (set(m._forward_hooks), set(m._forward_pre_hooks)) for m in model.modules()}
+    try:
+        yield
+    finally:
+        for module in model.modules():
+            hooks, pre_hooks = before.get(id(module), (set(), set()))
+            for key in set(module._forward_hooks) - hooks:
+                del module._forward_hooks[key]
+            for key in set(module._forward_pre_hooks) - pre_hooks:
+                del module._forward_pre_hooks[key]
+
+
 def count_fvcore_macs(model: nn.Module, example: torch.Tensor) -> int:
     """Total MACs that fvcore's ``FlopCountAnalysis`` counts for ``model(example)``, traced in eval
-    mode (every submodule's training flag is restored afterwards)."""
-    with warnings.catch_warnings(), torch.no_grad(), reference_only(), eval_mode(model):
+    mode (every submodule's training flag is restored afterwards, and no hook is left on it)."""
+    with (warnings.catch_warnings(), torch.no_grad(), reference_only(), eval_mode(model),
+          _removing_new_hooks(model)):
         # fvcore's import uses the deprecated torch.jit.script; tracing warns about the shape
         # checks in forward(). Neither concerns the user.
         warnings.simplefilter("ignore")

@@ -664,9 +664,13 @@ def replace_blocks(
     models keep going; turn it into one with ``warnings.simplefilter("error",
     NothingToReplaceWarning)``).
 
+    A block registered at several paths (MONAI's DynUNet runs its blocks through ``skip_layers``)
+    becomes one CMRF at every path.
+
     Raises:
         ValueError: bad ``N``, ``targets``, ``exclude``, ``indivisible`` or ``example_input``, a
-            string selector that matches nothing, or a model that fails on the probe input.
+            string selector that matches nothing, a model that fails on the probe input, or one
+            wrapped in ``DistributedDataParallel``/FSDP (replace before wrapping).
         RuntimeError: the model no longer runs, or its output shapes change, after the swap
             (for example when its ``forward`` reads attributes of the replaced modules); every
             swap is undone first.

@@ -146,3 +146,25 @@ def test_profile_default_input_follows_the_model(capsys, argv, input_size):
     """The default input was 1x3x256x256 whatever the model: a 3D or 1-channel model failed."""
     assert main(["profile", *argv, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["input_size"] == input_size
+
+
+class _Untraceable(nn.Module):
+    """Counts fine with hooks, but the tracer refuses its output (a Python int made from a tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.head(self.conv(x))
+        return {"out": y, "n": len(y)}
+
+
+def test_a_model_fvcore_cannot_trace_keeps_no_hooks():
+    """fvcore registers a hook on every module for the trace and leaves them when it fails: they
+    would then run on every call of the user's model."""
+    model = _Untraceable()
+    with pytest.raises(RuntimeError):
+        cmrf.profile(model, (1, 3, 16, 16))
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

@@ -719,3 +719,33 @@ def _write_metrics(out) -> int:
     per_class = {"background": {"iou": 0.9}, "lesion": {"iou": 0.8}}
     (pathlib.Path(out) / "metrics.json").write_text(json.dumps({"per_class": per_class}))
     return 0
+
+
+def test_a_figure_that_fails_to_draw_does_not_stop_the_run(tmp_path, monkeypatch, capsys):
+    """The curve and overlays are extras: a broken matplotlib must not cost the trained run."""
+    import cmrf.train.plots
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Failed to find font DejaVu Sans")
+
+    monkeypatch.setattr(cmrf.train.plots, "plot_history", broken)
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    curve = out / "training_curve.png"
+    assert f"warning: could not draw {curve} (RuntimeError: Failed to find font" in printed
+    assert (out / "metrics.json").is_file() and (out / "overlays.png").is_file()
+
+
+def test_a_run_without_matplotlib_trains_and_says_so(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    def without_matplotlib(name, *args):
+        return None if name == "matplotlib" else find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_matplotlib)
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    assert "warning: matplotlib is not installed, so this run draws no plots" in capsys.readouterr().out
+    assert (out / "metrics.json").is_file() and not (out / "training_curve.png").exists()

@@ -17,6 +17,7 @@ Distributed: see ``cmrf.train.processes``.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import time
 from collections.abc import Iterator
@@ -266,6 +267,10 @@ def _setup(model: nn.Module, bundle, out: Path, recipe: Recipe, metadata: dict, 
     )  # fmt: skip
     if recipe.compile_backend:
         run.log(f"torch.compile ({recipe.compile_backend}): the first training and validation steps compile")
+    if plots and importlib.util.find_spec("matplotlib") is None:
+        run.plots = False
+        run.log("warning: matplotlib is not installed, so this run draws no plots (pip install 'cmrf[train]' "
+                "draws them; --no-plots, or plots=False, says so without this warning)")
     return run
 
 
@@ -387,7 +392,16 @@ def _save(run: _Run, record: dict, improved: bool) -> None:
 def _plot_curve(run: _Run) -> None:
     from cmrf.train.plots import plot_history
 
-    plot_history(run.progress.history, run.files.curve)
+    _draw(run, run.files.curve, lambda: plot_history(run.progress.history, run.files.curve))
+
+
+def _draw(run: _Run, path: Path, draw) -> None:
+    """Draw one figure of the run. A figure is not worth the run: a failure (a broken matplotlib,
+    a font it cannot read) is a warning, and the weights, scores and state are written as ever."""
+    try:
+        draw()
+    except Exception as err:  # matplotlib's errors come in many types
+        run.log(f"warning: could not draw {path} ({type(err).__name__}: {_one_line(err)}); the run goes on")
 
 
 def _one_line(err: BaseException) -> str:
@@ -443,7 +457,7 @@ def _finish(run: _Run) -> dict:
         if run.plots and run.recipe.overlays:
             shown = run.bundle.test if result["split"] == "test" else run.bundle.val
             args = (shown, run.files.overlays, run.recipe.overlays, run.device, run.bundle.spatial_dims)
-            write_overlays(run.parts.model, *args)
+            _draw(run, run.files.overlays, lambda: write_overlays(run.parts.model, *args))
     run.processes.barrier()
     return result
 
