@@ -526,3 +526,17 @@ def test_a_closed_output_pipe_ends_quietly(monkeypatch, capsys):
     monkeypatch.setattr(cmrf.cli.profile, "run_profile", reader_gone)
     assert main(["profile", "tinyunet"]) == 141
     assert capsys.readouterr().err == ""
+
+
+def test_training_stopped_by_a_closed_output_says_so(monkeypatch, capsys):
+    """`cmrf train ... | head` kills hours of training when head exits: unlike a listing cut short,
+    that stop is told on stderr, with how to continue."""
+    import cmrf.cli.train
+
+    def reader_gone(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cmrf.cli.train, "run_train", reader_gone)
+    assert main(["train", "--data", "synthetic", "--out", "never"]) == 141
+    err = _one_line(capsys.readouterr().err)
+    assert err.startswith("cmrf train: stopped: its output was closed") and "--resume" in err

@@ -749,3 +749,17 @@ def test_a_run_without_matplotlib_trains_and_says_so(tmp_path, monkeypatch, caps
     assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 0
     assert "warning: matplotlib is not installed, so this run draws no plots" in capsys.readouterr().out
     assert (out / "metrics.json").is_file() and not (out / "training_curve.png").exists()
+
+
+def test_the_training_state_file_serves_as_a_checkpoint(tmp_path, capsys):
+    """last_state.pt holds the run's metadata and the last epoch's weights: evaluate reads it as
+    it reads last.safetensors, rather than calling it a bare state dict without metadata."""
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--no-plots", "--out", str(out)]) == 0
+    scores = {}
+    for name in ("last_state.pt", "last.safetensors"):
+        json_out = tmp_path / f"{name}.json"
+        argv = ["evaluate", str(out / name), "--device", "cpu", "--no-optimize", "--json", str(json_out)]
+        assert main(argv) == 0, capsys.readouterr().err
+        scores[name] = {k: v for k, v in json.loads(json_out.read_text()).items() if k != "checkpoint"}
+    assert scores["last_state.pt"] == scores["last.safetensors"]

@@ -52,6 +52,8 @@ EXIT_USER_ERROR = 2  # bad argument, data, checkpoint, or a file-system error; a
 EXIT_INTERNAL = 70  # sysexits.h EX_SOFTWARE: an unexpected exception, i.e. a bug
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away (`cmrf ... | head`)
+# Commands whose closed output stops work worth saying so (with how to continue).
+_LONG_RUNNING = ("train", "demo")
 EXIT_TERMINATED = 143  # 128 + SIGTERM: `kill`, a job scheduler's time limit, `docker stop`
 
 
@@ -207,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         if _debug_requested(args):
             traceback.print_exc()
         _silence_stdout()
+        if args.command in _LONG_RUNNING:  # quiet for a listing cut short, not for hours of training
+            with contextlib.suppress(OSError):  # stderr may go to the same closed pipe (2>&1 | head)
+                print(f"cmrf {args.command}: stopped: its output was closed (the reader of a pipe, such as "
+                      f"'| head' or a tee, ended); completed epochs are kept: run the same command with "
+                      f"--resume, its output not cut short, to continue", file=sys.stderr)
         return EXIT_BROKEN_PIPE
     except Exception as err:
         if _debug_requested(args):  # the traceback, then the usual line and status (2 or 70)

@@ -158,9 +158,9 @@ def model_from_checkpoint(
 
     Two kinds of file are accepted:
 
-    - a ``.safetensors`` written by ``cmrf train``: its metadata names the model, its classes and
-      the run's data options. Arguments that are given must agree with it (an empty
-      ``model_kwargs`` counts as not given).
+    - a ``.safetensors`` written by ``cmrf train`` (or its ``last_state.pt``): its metadata names
+      the model, its classes and the run's data options. Arguments that are given must agree
+      with it (an empty ``model_kwargs`` counts as not given).
     - a bare state dict (a ``.pth`` saved by the reference code with
       ``torch.save(model.state_dict(), ...)``, or any ``.safetensors`` without cmrf metadata):
       ``model`` is then required; ``in_chans`` and ``num_classes`` are read from the first and
@@ -182,9 +182,10 @@ def model_from_checkpoint(
             disagree with the file, or weights that do not fit the model; each names the file.
     """
     from cmrf.checkpoint import load_state_dict_checked, read_state_dict, safetensors_metadata
+    from cmrf.train.state import training_state_metadata
 
-    state = read_state_dict(path)
-    if safetensors_metadata(path).get("format") == "cmrf":
+    state = read_state_dict(path)  # a last_state.pt: the weights it holds under "model"
+    if safetensors_metadata(path).get("format") == "cmrf" or training_state_metadata(path) is not None:
         meta = _run_metadata(
             path, model=model, num_classes=num_classes, in_chans=in_chans, model_kwargs=model_kwargs
         )

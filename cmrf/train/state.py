@@ -50,6 +50,7 @@ __all__ = [
     "moved_data_root",
     "resume_differences",
     "save_training_state",
+    "training_state_metadata",
     "saved_run_metadata",
     "set_rng_state",
 ]
@@ -148,8 +149,19 @@ def decode_metadata(meta: dict[str, str]) -> dict:
     return {key: value if key in ("format", "model") else json.loads(value) for key, value in meta.items()}
 
 
+def training_state_metadata(path: str | Path) -> dict[str, str] | None:
+    """The (encoded) model metadata a ``last_state.pt`` carries, or ``None`` for any other file."""
+    try:
+        state = load_training_state(path)
+    except (ValueError, OSError):
+        return None
+    meta = state.get("metadata")
+    return meta if isinstance(meta, dict) and meta else None
+
+
 def read_metadata(path: str | Path) -> dict:
-    """The decoded ``model_metadata`` of a ``.safetensors`` checkpoint written by ``cmrf train``.
+    """The decoded ``model_metadata`` of a ``.safetensors`` checkpoint written by ``cmrf train``,
+    or of its ``last_state.pt`` (which holds the same metadata and the last epoch's weights).
 
     Raises:
         FileNotFoundError: no such file.
@@ -160,9 +172,12 @@ def read_metadata(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if not is_safetensors_file(path):
-        raise ValueError(f"{path} is not a safetensors file written by cmrf train")
-    meta = safetensors_metadata(path)  # a damaged file: ValueError naming it
+    if is_safetensors_file(path):
+        meta = safetensors_metadata(path)  # a damaged file: ValueError naming it
+    else:
+        meta = training_state_metadata(path)
+        if meta is None:
+            raise ValueError(f"{path} is neither a safetensors file nor a last_state.pt of cmrf train")
     if meta.get("format") != "cmrf" or "model" not in meta:
         raise ValueError(
             f"{path} carries no cmrf training metadata (model name, classes); pass a best.safetensors "
