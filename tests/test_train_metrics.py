@@ -322,7 +322,8 @@ def test_run_folder_rule(tmp_path):
     (tmp_path / "metrics.json").write_text("{}")
     # as cmrf.files.atomic_path names them: ".NAME.<random>.tmp<suffix>"
     (tmp_path / ".last_state.pt.abc123.tmp.pt").write_bytes(b"left by a kill")
-    with pytest.raises(RunFolderError, match=r"already holds a run \(metrics.json\).*--resume.*--overwrite"):
+    names = r"already holds a run \(metrics.json\).*--resume.*--overwrite.*resume=True, overwrite=True in fit"
+    with pytest.raises(RunFolderError, match=names):
         check_run_folder(tmp_path)
     with pytest.raises(RunFolderError, match="choose one"):
         check_run_folder(tmp_path, resume=True, overwrite=True)
@@ -363,7 +364,8 @@ def test_a_non_finite_training_loss_stops_the_epoch_with_advice():
     assert train_one_epoch(model, batches, *args) > 0
     with torch.no_grad():
         model.weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match="training loss is nan; lower --lr"):
+    advice = "training loss is nan; .* --resume with --amp bf16 or none .* lower --lr and train afresh"
+    with pytest.raises(ValueError, match=advice):
         train_one_epoch(model, batches, *args)
 
 

@@ -96,8 +96,10 @@ def _check_finite(loss_sum: torch.Tensor, seen: int, description: str) -> float:
     if not math.isfinite(mean):
         # A ValueError: the cause is a setting (lr, precision), and the CLI reports it in one line.
         raise ValueError(
-            f"{description}: training loss is {mean}; lower --lr or use --amp bf16/none "
-            f"(fp16 may overflow); the epochs completed before this one, if any, are kept in last_state.pt"
+            f"{description}: training loss is {mean}; the epochs completed before this one, if any, are "
+            f"kept in last_state.pt. --amp fp16 may overflow: --resume with --amp bf16 or none continues "
+            f"from them; else lower --lr and train afresh (another --out, or --overwrite): a resume keeps "
+            f"the run's --lr"
         )
     return mean
 

@@ -94,7 +94,8 @@ def check_run_folder(out: str | Path, *, resume: bool = False, overwrite: bool =
             the weights of a first epoch killed before its state was saved: a new run starts).
     """
     if resume and overwrite:
-        raise RunFolderError("--resume continues the run in --out and --overwrite deletes it: choose one")
+        raise RunFolderError("--resume (resume=True) continues the run in --out and --overwrite "
+                             "(overwrite=True) deletes it: choose one")
     _check_writable(Path(out))
     if overwrite:
         return
@@ -109,14 +110,14 @@ def check_run_folder(out: str | Path, *, resume: bool = False, overwrite: bool =
             names = ", ".join(path.name for path in found)
             raise RunFolderError(
                 f"--resume: {out} holds a run's files ({names}) but no {files.state.name} to continue "
-                f"from; pass --overwrite to replace that run, or choose another --out"
+                f"from; pass --overwrite (overwrite=True) to replace that run, or choose another --out"
             )
         return
     if found:
         names = ", ".join(path.name for path in found)
         raise RunFolderError(
             f"{out} already holds a run ({names}); pass --resume to continue it, --overwrite to "
-            f"replace it, or choose another --out"
+            f"replace it (resume=True, overwrite=True in fit), or choose another --out"
         )
 
 
