@@ -150,6 +150,9 @@ def test_directly_built_models_have_a_cfg_too():
     assert resolve_data_config({}, model=model)["mean"] == (NORMALIZE_MEAN,)
     assert model.pretrained_cfg["num_classes"] == 4 and model.pretrained_cfg["architecture"] == "tinyunet"
     assert SegNet(spatial_dims=3).pretrained_cfg["input_size"] == (3, 64, 64, 64)
+    # Volumes are resized trilinearly; timm's image transforms never read a 3D model's cfg.
+    assert SegNet(spatial_dims=3).pretrained_cfg["interpolation"] == "trilinear"
+    assert cmrf.create_model("tinyunet3d").pretrained_cfg["interpolation"] == "trilinear"
 
 
 @pytest.mark.parametrize("name, targets", [("segnet", None), ("cmunext", ["stem", "encoders.*"])])

@@ -116,7 +116,8 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, seed_default: int | N
         type=workers_value,
         default="auto",
         help="DataLoader worker processes (default auto: 0 on the CPU, where the model's threads use "
-        "every core; on CUDA one per free core, at most 8). Results do not depend on it",
+        "every core; on CUDA the cores this process may use, less one, at most 8). Results do not "
+        "depend on it",
     )
     parser.add_argument(
         "--seed",

@@ -29,6 +29,10 @@ DEFAULT_SIDE = {1: 1024, 2: 256, 3: 64}
 _MODEL_FACTS = ("num_classes", "input_size", "min_input_size", "mean", "std", "classifier", "first_conv")
 
 
+# How samples of each dimensionality are resized: torch's interpolate mode names.
+_INTERPOLATION = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
 def zoo_cfg(spatial_dims: int = 2, in_chans: int = 3, num_classes: int = 2, **overrides: Any) -> dict:
     """A timm ``pretrained_cfg`` entry for ``default_cfgs`` of a zoo model (no weights, no URL).
 
@@ -42,8 +46,8 @@ def zoo_cfg(spatial_dims: int = 2, in_chans: int = 3, num_classes: int = 2, **ov
     cfg = {
         "input_size": (in_chans, *side),
         "fixed_input_size": False,
-        # The data pipeline resizes images bilinearly (trilinearly for volumes) and never crops.
-        "interpolation": "bilinear",
+        # The data pipeline resizes images bilinearly, volumes trilinearly, and never crops.
+        "interpolation": _INTERPOLATION[spatial_dims],
         "crop_pct": 1.0,
         "crop_mode": "center",
         "mean": (NORMALIZE_MEAN,) * in_chans,

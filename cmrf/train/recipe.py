@@ -42,8 +42,9 @@ class Recipe:
         ce_weight, dice_weight: weights of the two loss terms. Default 1 and 1.
         amp: mixed precision on GPU: ``"auto"`` (bf16 where supported, else fp16), ``"bf16"``,
             ``"fp16"`` or ``"none"``. The CPU always trains in float32.
-        workers: DataLoader worker processes, or ``"auto"`` (default): 0 on the CPU, on CUDA one
-            per free core up to 8 (``cmrf.train.setup.choose_workers``). Results do not depend on it.
+        workers: DataLoader worker processes, or ``"auto"`` (default): 0 on the CPU, on CUDA the
+            cores this process may use (shared among the machine's processes) less one, at most 8
+            (``cmrf.train.loaders.choose_workers``). Results do not depend on it.
         seed: seed of initialisation, shuffling and augmentation. Default 0.
         device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:1"``.
         overlays: number of test images drawn in ``overlays.png``. Default 4.
