@@ -314,6 +314,15 @@ def test_an_out_that_cannot_be_written_is_refused_before_training(tmp_path, monk
         check_run_folder(tmp_path / "new")
 
 
+def test_a_run_file_name_taken_by_a_folder_is_refused_before_training(tmp_path):
+    (tmp_path / "best.safetensors").mkdir()
+    os.mkfifo(tmp_path / "overlays.png")
+    taken = r"--out .*: best.safetensors, overlays.png are not a file, but the run writes a file by that name"
+    for flags in ({}, {"overwrite": True}, {"resume": True}):
+        with pytest.raises(RunFolderError, match=taken):
+            check_run_folder(tmp_path, **flags)
+
+
 def test_run_folder_rule(tmp_path):
     check_run_folder(tmp_path / "new")  # a missing folder is fine
     (tmp_path / "notes.txt").write_text("mine")

@@ -97,6 +97,7 @@ def check_run_folder(out: str | Path, *, resume: bool = False, overwrite: bool =
         raise RunFolderError("--resume (resume=True) continues the run in --out and --overwrite "
                              "(overwrite=True) deletes it: choose one")
     _check_writable(Path(out))
+    _check_names_free(RunFiles(Path(out)))
     if overwrite:
         return
     files = RunFiles(Path(out))
@@ -118,6 +119,18 @@ def check_run_folder(out: str | Path, *, resume: bool = False, overwrite: bool =
         raise RunFolderError(
             f"{out} already holds a run ({names}); pass --resume to continue it, --overwrite to "
             f"replace it (resume=True, overwrite=True in fit), or choose another --out"
+        )
+
+
+def _check_names_free(files: RunFiles) -> None:
+    """Refuse a folder where a name the run writes is taken by something that is not a file (a
+    folder named ``best.safetensors``): the first save would fail after an epoch of training, and
+    ``--overwrite`` does not delete it."""
+    taken = [path.name for path in files.all() if path.exists() and not path.is_file()]
+    if taken:
+        raise RunFolderError(
+            f"--out {files.out}: {', '.join(taken)} {'is' if len(taken) == 1 else 'are'} not a file, but the "
+            f"run writes a file by that name: move it away, or choose another --out"
         )
 
 
