@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import pickle
 import re
@@ -249,10 +250,34 @@ def load_state_dict_checked(
         if mismatched:
             problems.append(f"shape mismatches: {'; '.join(mismatched[:20])}")
         raise ValueError(
-            f"checkpoint {source} does not fit {type(model).__name__}: " + " | ".join(problems)
+            f"checkpoint {source} does not fit {type(model).__name__}{_how_it_was_built(source)}: "
+            + " | ".join(problems)
         )
     model.load_state_dict(mapped)
     return model
+
+
+def _how_it_was_built(source: str | Path) -> str:
+    """For a file ``cmrf train`` wrote, the call that builds its model (its metadata says), as a
+    clause of the mismatch message: a model built with default arguments is the usual cause."""
+    try:
+        meta = safetensors_metadata(source)
+        if meta.get("format") != "cmrf":
+            return ""
+        name, values = meta["model"], json.loads(meta.get("model_kwargs") or "{}")
+        in_chans, num_classes = json.loads(meta["in_chans"]), json.loads(meta["num_classes"])
+        dims = json.loads(meta.get("data") or "{}").get("spatial_dims")
+        replace_n = json.loads(meta.get("replace_blocks") or "null")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return ""
+    arguments = [repr(name), f"in_chans={in_chans}", f"num_classes={num_classes}"]
+    arguments += [f"{key}={value!r}" for key, value in values.items()]
+    if dims not in (None, 2) and not name.endswith(f"{dims}d"):
+        arguments.append(f"spatial_dims={dims}")
+    call = f"cmrf.create_model({', '.join(arguments)})"
+    if replace_n is not None:
+        call += f", then cmrf.replace_blocks(model, N={replace_n})"
+    return f" (cmrf train wrote it for {call}: build the model that way)"
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:

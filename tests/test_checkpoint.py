@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import warnings
 from pathlib import Path
@@ -440,3 +441,20 @@ def test_a_checkpoint_whose_name_is_not_utf8_is_read(tmp_path):
         chain.append(type(err).__name__)
         err = err.__cause__ or err.__context__
     assert "UnicodeEncodeError" not in chain, chain
+
+
+def test_a_run_checkpoint_that_does_not_fit_names_the_call_that_builds_its_model(tmp_path):
+    """A cmrf train file of a narrower model loaded into a default one: the message starts with
+    the create_model call its metadata describes, not only with hundreds of key names."""
+    from cmrf.train.state import model_metadata
+
+    path = tmp_path / "best.safetensors"
+    meta = model_metadata("tinyunet", {"channels": [16, 32], "N": 4}, 1, 3, ["a", "b", "c"],
+                          data={"spatial_dims": 2})
+    cmrf.save_weights(cmrf.TinyUNet(1, 3, channels=(16, 32), N=4), path, metadata=meta)
+    call = "cmrf.create_model('tinyunet', in_chans=1, num_classes=3, channels=[16, 32], N=4)"
+    expected = re.escape(f"does not fit TinyUNet (cmrf train wrote it for {call}: ")
+    with pytest.raises(ValueError, match=expected):
+        cmrf.create_model("tinyunet", checkpoint_path=path)
+    model = eval(call)  # the call in the message builds a model the file fits
+    cmrf.load_checkpoint(model, path)
