@@ -759,10 +759,18 @@ def replace_blocks(
             )
         )
     if not dry_run:
+        frozen = [plan.path for plan in plans if _frozen(plan.module)]
         hooked = _hooked_paths(plans)
         _swap_all(model, plans, new_modules, example_input, probe.output_shapes)
         _refresh_first_conv(model)
         report.params_after = sum(p.numel() for p in model.parameters())
+        if frozen:
+            warnings.warn(
+                f"replace_blocks replaced frozen blocks ({', '.join(frozen)}) by CMRFs with fresh random "
+                f"weights, frozen as the blocks were, so they will never learn: unfreeze them "
+                f"(model.get_submodule(path).requires_grad_(True)), or keep the blocks (exclude=[...])",
+                stacklevel=2,
+            )
         if hooked:
             warnings.warn(
                 f"replace_blocks removed modules that had hooks registered ({', '.join(hooked)}); "
@@ -781,6 +789,11 @@ _DISTRIBUTED_WRAPPERS = ("DistributedDataParallel", "FullyShardedDataParallel")
 
 def _check_not_wrapped(model: nn.Module) -> None:
     kind = type(model).__name__
+    if isinstance(model, torch.jit.ScriptModule):  # scripted or traced: its forward is a fixed graph
+        raise ValueError(
+            f"replace_blocks got a TorchScript module ({kind}), whose compiled forward would not run "
+            f"new modules: replace the blocks in the Python model, then script or trace it again"
+        )
     if kind in _DISTRIBUTED_WRAPPERS:
         raise ValueError(
             f"replace_blocks got a model wrapped in {kind}, whose gradient synchronisation holds the "
@@ -809,13 +822,19 @@ def _kept_params(model: nn.Module, plans: list[_Plan]) -> int:
     return sum(kept.values())
 
 
+def _frozen(module: nn.Module) -> bool:
+    """Whether ``module`` has parameters and none of them trains."""
+    params = list(module.parameters())
+    return bool(params) and not any(p.requires_grad for p in params)
+
+
 def _build_cmrf(plan: _Plan) -> CMRF:
     old = plan.module
     param = next(old.parameters(), None)
     new = CMRF(plan.in_channels, plan.out_channels, plan.N, spatial_dims=plan.spatial_dims)
     if param is not None:
         new = new.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
-        if not any(p.requires_grad for p in old.parameters()):
+        if _frozen(old):
             new.requires_grad_(False)
     new.train(old.training)
     return new

@@ -526,6 +526,13 @@ def test_a_module_registered_elsewhere_inside_a_block_keeps_the_block():
     assert report.paths == ["net.0", "net.3"] and not isinstance(model.net[2], CMRF)
 
 
+def test_a_torchscript_model_is_refused():
+    model = small_stack().eval()
+    for compiled in (torch.jit.trace(model, torch.randn(1, 3, 16, 16)), torch.jit.script(model)):
+        with pytest.raises(ValueError, match=r"got a TorchScript module .* then script or trace it again"):
+            replace_blocks(compiled)
+
+
 def test_a_model_wrapped_for_distributed_training_is_refused():
     from torch.nn.parallel import DistributedDataParallel
 
@@ -566,7 +573,9 @@ def test_probe_leaves_running_stats_and_modes_alone():
 def test_dtype_and_trainability_are_kept():
     model = small_stack().double()
     model[0].requires_grad_(False)
-    replace_blocks(model)
+    # Frozen and fresh: a frozen pretrained block becomes random features that never learn.
+    with pytest.warns(UserWarning, match=r"replaced frozen blocks \(0\) by CMRFs with fresh random weights"):
+        replace_blocks(model)
     assert all(p.dtype == torch.float64 for p in model.parameters())
     assert not any(p.requires_grad for p in model[0].parameters())
     assert all(p.requires_grad for p in model[2].parameters())
