@@ -526,6 +526,7 @@ def test_a_module_registered_elsewhere_inside_a_block_keeps_the_block():
     assert report.paths == ["net.0", "net.3"] and not isinstance(model.net[2], CMRF)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated, and still used
 def test_a_torchscript_model_is_refused():
     model = small_stack().eval()
     for compiled in (torch.jit.trace(model, torch.randn(1, 3, 16, 16)), torch.jit.script(model)):
