@@ -369,6 +369,7 @@ def test_a_full_disk_while_writing_metrics_keeps_the_previous_file(run_dir, tmp_
     assert main(argv) == 2
     err = _one_error_line(capsys)
     assert str(out / "metrics.json") in err and "No space left on device" in err
+    assert f"the 2 trained epoch(s) are safe in {out / 'last_state.pt'}" in err and "--resume" in err
     assert _hashes(out) == before and temporary_files(out) == []
 
 

@@ -452,8 +452,15 @@ def _finish(run: _Run) -> dict:
             f"in {run.files.state}: fix the cause and run the same command with --resume to finish the run"
         ) from err
     if run.processes.is_main:
-        with naming_errors(run.files.metrics):
-            atomic_write_json(result, run.files.metrics)
+        try:
+            with naming_errors(run.files.metrics):
+                atomic_write_json(result, run.files.metrics)
+        except OSError as err:  # a full disk after all the training: say what is safe
+            raise UnfinishedRunError(
+                f"could not write {run.files.metrics} ({err.strerror or err}); the {run.progress.epoch} "
+                f"trained epoch(s) are safe in {run.files.state}: fix the cause and run the same command "
+                f"with --resume to finish the run"
+            ) from err
         if run.plots:
             _plot_curve(run)
         if run.plots and run.recipe.overlays:
