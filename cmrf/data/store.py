@@ -80,7 +80,11 @@ def mask_dtype_for(values: Iterable[int]) -> str:
 
 
 def _gib(nbytes: float) -> str:
-    return f"{nbytes / 2**30:.2f} GiB"
+    """A size in the unit that shows it (a small cache in MiB or KiB, not "0.00 GiB")."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale / 10:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{int(nbytes)} bytes"
 
 
 @dataclass(frozen=True)
