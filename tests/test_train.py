@@ -505,7 +505,8 @@ def test_resume_with_another_thread_count_says_it_is_not_bit_for_bit(tmp_path, c
     out = tmp_path / "run"
     argv = ["train", *TINY, "--epochs", "1", "--lr", "3e-3", "--no-plots", "--out", str(out)]
     assert main([*argv, "--threads", "1"]) == 0
-    assert "best/last.safetensors (" in capsys.readouterr().out  # --no-plots: no figures claimed
+    held = f"{out} holds best.safetensors, last.safetensors, last_state.pt, metrics.json ("
+    assert held in capsys.readouterr().out  # --no-plots: no figures claimed
     assert main([*argv, "--threads", "2", "--resume"]) == 0
     assert ("note: the run trained with 1 CPU thread(s), this process has 2: it continues correctly, but "
             "its float rounding differs") in capsys.readouterr().out

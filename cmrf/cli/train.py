@@ -221,8 +221,10 @@ def _train(args: argparse.Namespace) -> int:
     if is_main_process():
         title = f"{result['split']} split, best epoch {result['best_epoch']} (by validation mIoU)"
         print(format_table(result, title))
-        figures = ", figures" if args.plots else ""  # the curve at least; overlays unless --overlays 0
-        print(f"wrote {args.out}/metrics.json, best/last.safetensors{figures} ({minutes:.1f} min)")
+        # What the folder holds, not what this call wrote: a resumed finished run rewrites only the
+        # scores, and a figure may be off (--no-plots, --overlays 0) or have failed to draw.
+        names = ", ".join(path.name for path in RunFiles(Path(args.out)).existing())
+        print(f"{args.out} holds {names} ({minutes:.1f} min)")
     return 0
 
 
