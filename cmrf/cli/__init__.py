@@ -52,9 +52,10 @@ EXIT_USER_ERROR = 2  # bad argument, data, checkpoint, or a file-system error; a
 EXIT_INTERNAL = 70  # sysexits.h EX_SOFTWARE: an unexpected exception, i.e. a bug
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away (`cmrf ... | head`)
+EXIT_TERMINATED = 143  # 128 + SIGTERM: `kill`, a job scheduler's time limit, `docker stop`
+
 # Commands whose closed output stops work worth saying so (with how to continue).
 _LONG_RUNNING = ("train", "demo")
-EXIT_TERMINATED = 143  # 128 + SIGTERM: `kill`, a job scheduler's time limit, `docker stop`
 
 
 class _Terminated(KeyboardInterrupt):
