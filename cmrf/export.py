@@ -105,15 +105,11 @@ def _example_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[i
     channels = getattr(model, "in_channels", None)
     spatial_dims = getattr(model, "spatial_dims", None)  # checked only where the model says it
     if input_size is None:
-        # A model that does not say: its first registered convolution's, a guess for the default only.
-        first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))), None)
-        default_channels = channels or (first.in_channels if first is not None else 3)
-        default_dims = spatial_dims or (len(first.kernel_size) if first is not None else 2)
-        if default_dims != 2:
-            raise ValueError(f"{type(model).__name__} takes {default_dims}D inputs: give input_size "
-                             f"(B, C, {', '.join('*' * default_dims)}), e.g. (1, {default_channels}, "
-                             f"{', '.join(['64'] * default_dims)})")
-        input_size = (1, default_channels, 256, 256)
+        if spatial_dims not in (None, 2):
+            raise ValueError(f"{type(model).__name__} takes {spatial_dims}D inputs: give input_size "
+                             f"(B, C, {', '.join('*' * spatial_dims)}), e.g. (1, {channels or 1}, "
+                             f"{', '.join(['64'] * spatial_dims)})")
+        input_size = (1, channels or 3, 256, 256)
     size = check_input_size(input_size)
     if isinstance(channels, int) and size[1] != channels:
         raise ValueError(f"input_size {size} has {size[1]} channels, but {type(model).__name__} takes "
@@ -145,8 +141,7 @@ def export_onnx(
             inside the file.
         input_size: the example input shape ``(B, C, *spatial)``; ``C`` must be the model's
             ``in_channels`` where it has one. Default ``(1, in_channels, 256, 256)`` for 2D
-            models (for a model without ``in_channels``, those of its first convolution); 3D
-            models need it given.
+            models (``in_channels`` 3 if the model does not say); 3D models need it given.
         dynamic: ``False`` (default) fixes the graph to ``input_size``; ``True`` makes the batch
             and every spatial side dynamic (for TinyU-Net the sides stay multiples of
             ``model.min_size``, so ``input_size``'s sides must be such multiples too).

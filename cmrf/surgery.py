@@ -784,7 +784,8 @@ def replace_blocks(
 
 # Wrappers that hold their own references to the parameters (gradient buckets, shards): a swap
 # inside them would train the old parameters, or none.
-_DISTRIBUTED_WRAPPERS = ("DistributedDataParallel", "FullyShardedDataParallel")
+# By class name, so that torch.distributed is not imported; FSDPModule is what fully_shard makes.
+_DISTRIBUTED_WRAPPERS = ("DistributedDataParallel", "FullyShardedDataParallel", "FSDPModule")
 
 
 def _check_not_wrapped(model: nn.Module) -> None:
@@ -794,7 +795,7 @@ def _check_not_wrapped(model: nn.Module) -> None:
             f"replace_blocks got a TorchScript module ({kind}), whose compiled forward would not run "
             f"new modules: replace the blocks in the Python model, then script or trace it again"
         )
-    if kind in _DISTRIBUTED_WRAPPERS:
+    if any(cls.__name__ in _DISTRIBUTED_WRAPPERS for cls in type(model).__mro__):
         raise ValueError(
             f"replace_blocks got a model wrapped in {kind}, whose gradient synchronisation holds the "
             f"old parameters: replace the blocks before wrapping (replace_blocks(model), then {kind}(model))"

@@ -158,23 +158,6 @@ def test_export_input_size_must_be_integers(tmp_path):
 
 
 @requires_onnx_exporter
-def test_the_default_input_of_a_model_that_names_no_channels_follows_its_first_convolution(tmp_path):
-    """A plain nn.Sequential has no in_channels: the default example takes its first convolution's
-    channels (a grey-scale model), and a 3D one asks for input_size rather than failing to trace."""
-    from torch import nn
-
-    grey = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 1))
-    path = cmrf.export_onnx(grey, tmp_path / "grey.onnx")
-    import onnx
-
-    dims = [d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
-    assert dims == [1, 1, 256, 256]
-    volume = nn.Sequential(nn.Conv3d(2, 8, 3, padding=1), nn.Conv3d(8, 2, 1))
-    with pytest.raises(ValueError, match=r"Sequential takes 3D inputs: give input_size .* e.g. \(1, 2, 64"):
-        cmrf.export_onnx(volume, tmp_path / "v.onnx")
-
-
-@requires_onnx_exporter
 def test_export_input_size_follows_the_model(tmp_path):
     """The default example takes the model's channels; a size with other channels or another
     spatial rank is a clear ValueError before the exporter runs."""

@@ -542,6 +542,11 @@ def test_a_model_wrapped_for_distributed_training_is_refused():
     wrapped.module = small_stack()
     with pytest.raises(ValueError, match=r"in DistributedDataParallel.*replace the blocks before wrapping"):
         replace_blocks(wrapped)
+    # fully_shard (FSDP2) makes a class FSDP<Model> deriving from FSDPModule: refused by its bases.
+    FSDPModule = type("FSDPModule", (nn.Module,), {})
+    sharded = type("FSDPSequential", (FSDPModule, nn.Sequential), {})(*small_stack())
+    with pytest.raises(ValueError, match=r"in FSDPSequential.*replace the blocks before wrapping"):
+        replace_blocks(sharded)
 
 
 class ReturnsFeatures(nn.Module):

@@ -273,8 +273,8 @@ def _demo(run_train_fn):
         status = run_train_fn(args)
         metrics = json.loads((Path(args.out) / "metrics.json").read_text())
         foreground = [v["iou"] for k, v in metrics["per_class"].items() if k != "background"]
-        shown = [name for name, written in (("overlays.png", args.plots and args.overlays > 0),
-                                            ("training_curve.png", args.plots)) if written]
+        # The figures in the folder: off by flags, or not drawn (no matplotlib, a failed drawing).
+        shown = [name for name in ("overlays.png", "training_curve.png") if (Path(args.out) / name).is_file()]
         figures = f"; open {' and '.join(f'{args.out}/{name}' for name in shown)}" if shown else ""
         seconds = time.perf_counter() - started
         say(f"demo done in {seconds:.0f} s: foreground IoU {min(foreground):.3f}{figures}")
