@@ -669,8 +669,9 @@ def replace_blocks(
 
     Raises:
         ValueError: bad ``N``, ``targets``, ``exclude``, ``indivisible`` or ``example_input``, a
-            string selector that matches nothing, a model that fails on the probe input, or one
-            wrapped in ``DistributedDataParallel``/FSDP (replace before wrapping).
+            string selector that matches nothing, a model that fails on the probe input, one
+            wrapped in ``DistributedDataParallel``/FSDP (replace before wrapping), or a
+            TorchScript module (replace in the Python model).
         RuntimeError: the model no longer runs, or its output shapes change, after the swap
             (for example when its ``forward`` reads attributes of the replaced modules); every
             swap is undone first.
@@ -789,6 +790,7 @@ _DISTRIBUTED_WRAPPERS = ("DistributedDataParallel", "FullyShardedDataParallel", 
 
 
 def _check_not_wrapped(model: nn.Module) -> None:
+    """Refuse a model whose forward or gradient synchronisation would not see swapped modules."""
     kind = type(model).__name__
     if isinstance(model, torch.jit.ScriptModule):  # scripted or traced: its forward is a fixed graph
         raise ValueError(

@@ -361,7 +361,8 @@ def resume_differences(
         splits = _DATA_LABELS["split_files"]
         if saved.get(splits) is not None and saved.get(splits) == given.get(splits):
             for flag in _DATA_LOCATION_FLAGS:
-                saved.pop(flag, None), given.pop(flag, None)
+                saved.pop(flag, None)
+                given.pop(flag, None)
         # --seed is also a recipe field: report it once.
         differences += [d for d in _differences(saved, given) if not d.startswith("--seed ")]
     saved_world = state.get("world_size")
