@@ -234,8 +234,10 @@ def _matches(selectors: list, path: str, module: nn.Module) -> bool:
     return False
 
 
-def _check_selectors_exist(name: str, selectors: list, modules: dict[str, nn.Module]) -> None:
+def _check_selectors_exist(name: str, selectors: list, model: nn.Module) -> None:
     """A string that matches no path and no class name is almost surely a typo: say so."""
+    # Every registration counts: a block's second path names it as well as its first.
+    modules = dict(model.named_modules(remove_duplicate=False))
     class_names = {type(m).__name__ for m in modules.values()}
     for item in selectors:
         if not isinstance(item, str) or item in class_names:
@@ -360,6 +362,15 @@ def _graph_heads(output, conv_nodes: dict, classes: int) -> set[str]:
     return heads
 
 
+_SCRIPTED = "a TorchScript module: its compiled forward would not run a new module; script it after replacing"
+
+
+def _hookable(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """``modules`` less TorchScript modules and what lies inside them (they take no hooks)."""
+    scripted = tuple(p + "." for p, m in modules.items() if isinstance(m, torch.jit.ScriptModule))
+    return {p: m for p, m in modules.items() if not (p + ".").startswith(scripted)}
+
+
 def _probe(model: nn.Module, modules: dict[str, nn.Module], example) -> _Probe:
     calls: dict[str, list[_Call]] = {}
     conv_calls: list[tuple[str, tuple[int, ...], tuple[int, ...], int, tuple[int, ...]]] = []
@@ -376,7 +387,8 @@ def _probe(model: nn.Module, modules: dict[str, nn.Module], example) -> _Probe:
 
         return hook
 
-    handles = [m.register_forward_hook(make_hook(p, m), with_kwargs=True) for p, m in modules.items()]
+    hookable = _hookable(modules).items()
+    handles = [m.register_forward_hook(make_hook(p, m), with_kwargs=True) for p, m in hookable]
     try:
         try:
             output = _forward(model, example, grad=True)
@@ -466,6 +478,7 @@ def _block_problem(path: str, module: nn.Module, probe: _Probe) -> tuple[str | N
         conv, dims = wrong_rank[0]
         return (f"takes a {in_shape} input, but its convolution {conv} is {dims}-D and wants (B, C) and "
                 f"{dims} spatial sizes: give example_input a batch dimension"), True
+    on_the_grid = False  # whether a convolution runs on the block's own grid
     for conv, conv_in, conv_out, _, kernel in convs:
         # A global-context branch (squeeze-excitation) runs 1x1 convolutions on pooled 1x1 maps:
         # allowed. A wider kernel on a map that only shrank to 1x1 at the probe's size is a
@@ -473,6 +486,11 @@ def _block_problem(path: str, module: nn.Module, probe: _Probe) -> tuple[str | N
         global_context = all(s == 1 for s in conv_in[2:] + conv_out[2:] + kernel)
         if conv_out[2:] != spatial and not global_context:
             return f"runs {conv} at another resolution {conv_out[2:]} inside", False
+        on_the_grid = on_the_grid or not global_context
+    if convs and not on_the_grid and any(s != 1 for s in spatial):
+        # A gate (squeeze-excitation) only scales its input: a CMRF in its place would turn
+        # the gated block's output into a new feature map.
+        return "convolves only pooled 1x1 maps (a gate such as squeeze-excitation), not its input", False
     heads = sorted(head for head in probe.heads if head == path or head.startswith(prefix))
     if heads:
         return f"holds the network's final convolution {heads[0]} (a classifier head)", True
@@ -525,21 +543,29 @@ def _select(
     def consider(path: str, module: nn.Module, inherited: bool = False) -> None:
         """``inherited``: a container (ModuleList, ModuleDict) that a target names passes it on to
         its entries, as ``"encoder*"`` names the blocks of an ``encoder`` list."""
+        kind = type(module).__name__
+        if isinstance(module, torch.jit.ScriptModule):  # its convolutions are not nn.Conv modules
+            if any(p.dim() >= 3 for p in module.parameters()):  # but it has convolution weights
+                skipped.append(SkippedBlock(path, kind, _SCRIPTED))
+            return
         n_convs = _num_convs(module)
         if n_convs == 0:
             return
-        kind = type(module).__name__
         aliases = tuple(other for other in owners.get(id(module), ()) if other != path)
-        if exclude and any(_matches(exclude, where, module) for where in (path, *aliases)):
+
+        def named(selectors: list) -> bool:  # at any of the module's paths
+            return any(_matches(selectors, where, module) for where in (path, *aliases))
+
+        if exclude and named(exclude):
             skipped.append(SkippedBlock(path, kind, "excluded"))
             return
         targets = _scope_of(scopes, path)
         if isinstance(module, CMRF):
-            if inherited or (targets and _matches(targets, path, module)):
+            if inherited or (targets and named(targets)):
                 skipped.append(SkippedBlock(path, kind, "already a CMRF"))
             return
         if isinstance(module, _CONTAINERS):
-            visit(path, module, inherited or (bool(targets) and _matches(targets, path, module)))
+            visit(path, module, inherited or (bool(targets) and named(targets)))
             return
         inner = _excluded_inside(exclude, path, module)
         if inner is not None:  # replacing the block would remove what exclude keeps
@@ -547,7 +573,7 @@ def _select(
                 skipped.append(SkippedBlock(path, kind, f"holds the excluded module {inner}"))
             visit(path, module)
             return
-        targeted = inherited or (bool(targets) and _matches(targets, path, module))
+        targeted = inherited or (bool(targets) and named(targets))
         if targets and not targeted:
             visit(path, module)
             return
@@ -570,11 +596,13 @@ def _select(
         visit(path, module)
 
     visit("", model)
-    # Drop, one at a time, the plans that would leave a part of their block in the model.
+    # Drop, one at a time, the plans that would leave a part of their block in the model, and
+    # look for blocks inside them instead.
     while partial := [(plan, why) for plan in plans if (why := _shared_outside(plan, plans, owners))]:
         plan, why = partial[0]
         plans.remove(plan)
         skipped.append(SkippedBlock(plan.path, type(plan.module).__name__, why))
+        visit(plan.path, plan.module)
     return plans, skipped
 
 
@@ -689,8 +717,8 @@ def replace_blocks(
         targets = getattr(model, DEFAULT_TARGETS_ATTR)
     targets = _as_selectors("targets", targets)
     exclude = _as_selectors("exclude", exclude)
-    _check_selectors_exist("targets", targets, modules)
-    _check_selectors_exist("exclude", exclude, modules)
+    _check_selectors_exist("targets", targets, model)
+    _check_selectors_exist("exclude", exclude, model)
 
     params_before = sum(p.numel() for p in model.parameters())
     report = ReplaceReport(
@@ -797,11 +825,15 @@ def _check_not_wrapped(model: nn.Module) -> None:
             f"replace_blocks got a TorchScript module ({kind}), whose compiled forward would not run "
             f"new modules: replace the blocks in the Python model, then script or trace it again"
         )
-    if any(cls.__name__ in _DISTRIBUTED_WRAPPERS for cls in type(model).__mro__):
-        raise ValueError(
-            f"replace_blocks got a model wrapped in {kind}, whose gradient synchronisation holds the "
-            f"old parameters: replace the blocks before wrapping (replace_blocks(model), then {kind}(model))"
-        )
+    for path, module in model.named_modules():
+        if any(cls.__name__ in _DISTRIBUTED_WRAPPERS for cls in type(module).__mro__):
+            kind = type(module).__name__
+            where = f" (at {path})" if path else ""
+            raise ValueError(
+                f"replace_blocks got a model wrapped in {kind}{where}, whose gradient synchronisation "
+                f"holds the old parameters: replace the blocks before wrapping (replace_blocks(model), "
+                f"then {kind}(model))"
+            )
 
 
 def _hooked_paths(plans: list[_Plan]) -> list[str]:

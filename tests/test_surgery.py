@@ -513,6 +513,37 @@ def test_blocks_registered_at_two_paths_are_replaced_at_both_not_through_their_h
     assert seen  # the forward runs the new blocks
 
 
+class ProjectThenBlock(nn.Module):
+    """A 1x1 projection, then a two-convolution body."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.proj = nn.Conv2d(channels, channels, 1)
+        self.body = TwoConvs(channels)
+
+    def forward(self, x):
+        return self.body(self.proj(x))
+
+
+def test_a_block_kept_for_a_module_registered_elsewhere_is_searched_inside():
+    """The block stays for its shared projection; the body inside it is still a block."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), ProjectThenBlock(16), nn.Conv2d(16, 2, 1))
+    model.spare = model[1].proj
+    model.forward = lambda x: model[2](model[1](model[0](x)))
+    report = replace_blocks(model)
+    assert report.paths == ["1.body"] and isinstance(model[1].body, CMRF)
+    reason = {s.path: s.reason for s in report.skipped}["1"]
+    assert reason == "holds 1.proj, which is also registered at spare outside it"
+
+
+def test_selectors_may_name_a_block_by_its_second_path():
+    """``path.0`` is the block registered first as ``blocks.0``: it names that block too."""
+    report = replace_blocks(BlocksRunThroughAnotherPath(), exclude=["path.0"], dry_run=True)
+    assert report.paths == ["blocks.1"]
+    report = replace_blocks(BlocksRunThroughAnotherPath(), targets=["path.1"], dry_run=True)
+    assert report.paths == ["blocks.1"]
+
+
 def test_a_module_registered_elsewhere_inside_a_block_keeps_the_block():
     """A convolution of a block also registered outside any replaced block would stay in the
     model with its parameters: the block is not replaced."""
@@ -547,6 +578,61 @@ def test_a_model_wrapped_for_distributed_training_is_refused():
     sharded = type("FSDPSequential", (FSDPModule, nn.Sequential), {})(*small_stack())
     with pytest.raises(ValueError, match=r"in FSDPSequential.*replace the blocks before wrapping"):
         replace_blocks(sharded)
+    # ... also inside the user's own module, which the wrapper's forward runs.
+    outer = nn.Sequential(nn.Identity())
+    outer.append(wrapped)
+    with pytest.raises(ValueError, match=r"in DistributedDataParallel \(at 1\).*before wrapping"):
+        replace_blocks(outer)
+
+
+class TwoConvs(nn.Module):
+    """Two 3x3 convolutions as plain attributes (TorchScript can compile it)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.a = nn.Conv2d(channels, channels, 3, padding=1)
+        self.b = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated, and still used
+def test_a_torchscript_module_inside_the_model_is_kept_and_reported():
+    """Hooks cannot be put on it and its compiled forward would not run a CMRF put inside it."""
+    scripted = torch.jit.script(TwoConvs(16))
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), scripted, TwoConvs(16), nn.Conv2d(16, 2, 1))
+    report = replace_blocks(model)
+    assert report.paths == ["2"] and model[1] is scripted
+    assert "TorchScript module" in {s.path: s.reason for s in report.skipped}["1"]
+
+
+class Gate(nn.Module):
+    """Squeeze-excitation on its own: 1x1 convolutions of the pooled map scale the input."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, channels // 4, 1)
+        self.expand = nn.Conv2d(channels // 4, channels, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.expand(torch.relu(self.reduce(F.adaptive_avg_pool2d(x, 1)))))
+
+
+def test_a_gate_that_convolves_only_pooled_maps_is_not_a_block():
+    """A CMRF in a gate's place would make a new feature map of what only scaled one."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), DoubleConv(16, 16), Gate(16), nn.Conv2d(16, 2, 1))
+    assert replace_blocks(model, dry_run=True).paths == ["1"]
+    report = replace_blocks(model, targets=["1", "2"], dry_run=True)
+    assert report.paths == ["1"]
+    assert "convolves only pooled 1x1 maps" in {s.path: s.reason for s in report.skipped}["2"]
+
+
+def test_no_squeeze_excitation_of_a_torchvision_network_becomes_a_cmrf():
+    models = pytest.importorskip("torchvision.models")
+    features = models.mobilenet_v3_small().features
+    report = replace_blocks(features, example_input=torch.randn(1, 3, 64, 64), dry_run=True)
+    assert report.paths and "SqueezeExcitation" not in {r.old_type for r in report.replaced}
 
 
 class ReturnsFeatures(nn.Module):
