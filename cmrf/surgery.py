@@ -412,18 +412,51 @@ def _probe(model: nn.Module, modules: dict[str, nn.Module], example) -> _Probe:
     return _Probe(calls, conv_calls, _shapes(output), heads)
 
 
-def _default_example(model: nn.Module) -> torch.Tensor | None:
-    """``(2, C, S, ..., S)`` from the first convolution's input channels and type, or ``None``."""
-    conv = next((m for m in model.modules() if isinstance(m, _CONVS)), None)
-    if conv is None:
-        return None
-    spatial_dims = len(conv.kernel_size)
-    param = conv.weight
+_MAX_DEFAULT_PROBES = 4
+
+
+def _default_examples(model: nn.Module) -> list[torch.Tensor]:
+    """Probe inputs ``(2, C, S, ..., S)`` to try in turn, on the device and dtype of the model's
+    first convolution: ``C`` the channels its timm ``pretrained_cfg`` gives, then those of its
+    convolutions in registration order (the first registered is usually, not always, the input's:
+    a head may be declared before the stem). Empty for a model without convolutions."""
+    convs = [m for m in model.modules() if isinstance(m, _CONVS)]
+    if not convs:
+        return []
+    first = convs[0]
+    spatial_dims = len(first.kernel_size)
+    cfg = getattr(model, "pretrained_cfg", None)
+    cfg_size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    fits = isinstance(cfg_size, (tuple, list)) and len(cfg_size) == spatial_dims + 1
+    channels = [cfg_size[0]] if fits else []
+    channels += [conv.in_channels for conv in convs if len(conv.kernel_size) == spatial_dims]
+    channels = list(dict.fromkeys(channels))[:_MAX_DEFAULT_PROBES]
     side = DEFAULT_PROBE_SIDE[spatial_dims]
-    # A private generator: probing must not move the caller's random stream.
-    generator = torch.Generator().manual_seed(0)
-    example = torch.randn((2, conv.in_channels) + (side,) * spatial_dims, generator=generator)
-    return example.to(device=param.device, dtype=param.dtype)
+    examples = []
+    for c in channels:
+        # A private generator: probing must not move the caller's random stream.
+        generator = torch.Generator().manual_seed(0)
+        example = torch.randn((2, c) + (side,) * spatial_dims, generator=generator)
+        examples.append(example.to(device=first.weight.device, dtype=first.weight.dtype))
+    return examples
+
+
+def _default_probe(model: nn.Module, modules: dict[str, nn.Module], examples: list[torch.Tensor]):
+    """``(example, probe)`` for the first of ``examples`` that the model runs."""
+    errors = []
+    for example in examples:
+        try:
+            return example, _probe(model, modules, example)
+        except ValueError as err:
+            errors.append(err)
+    shapes = ", ".join(str(tuple(example.shape)) for example in examples)
+    cause = errors[0].__cause__
+    inputs = "inputs" if len(examples) > 1 else "input"
+    raise ValueError(
+        f"replace_blocks could not run {type(model).__name__} on its default probe {inputs} {shapes} "
+        f"(made from its convolutions' input channels; the first failed with "
+        f"{type(cause).__name__}: {cause}); pass example_input= with an input the model accepts"
+    ) from cause
 
 
 # --- selection -------------------------------------------------------------------------------
@@ -675,9 +708,11 @@ def replace_blocks(
             zoo model in your wrapper), that module's mapping applies.
         exclude: selectors as in ``targets``; matching modules and everything inside them stay.
         dry_run: only report what would be replaced; the model is not touched.
-        example_input: probe input. Default: ``randn(2, C, S, ...)`` with ``C`` and the number of
-            spatial dimensions of the model's first convolution and ``S`` = 256 (1D), 64 (2D) or
-            32 (3D), on that convolution's device and dtype.
+        example_input: probe input. Default: ``randn(2, C, S, ...)`` with the number of spatial
+            dimensions of the model's first registered convolution, ``S`` = 256 (1D), 64 (2D) or
+            32 (3D), on that convolution's device and dtype, and ``C`` the first that the model
+            runs of: the channels of its timm ``pretrained_cfg["input_size"]``, then its
+            convolutions' input channels in registration order (four tries at most).
         indivisible: what to do with a block whose ``out_channels`` is not divisible by ``2N``:
             ``"reduce"`` (default) uses the largest ``N' <= N`` that divides (odd channel counts
             are skipped), ``"skip"`` leaves the block and says why in the report.
@@ -729,9 +764,10 @@ def replace_blocks(
         targets_from_model=targets_from_model or bool(nested),
     )
     given_type = type(example_input).__name__  # a list is taken as a tuple below
+    probe = None
     if example_input is None:
-        example_input = _default_example(model)
-        if example_input is None:
+        examples = _default_examples(model)
+        if not examples:
             warnings.warn(
                 f"replace_blocks: {type(model).__name__} has no convolution, nothing to replace; "
                 f"the model is unchanged",
@@ -739,6 +775,7 @@ def replace_blocks(
                 stacklevel=2,
             )
             return report
+        example_input, probe = _default_probe(model, modules, examples)
     elif isinstance(example_input, list):
         example_input = tuple(example_input)
     if not isinstance(example_input, torch.Tensor) and not (
@@ -755,7 +792,8 @@ def replace_blocks(
     if isinstance(example_input, torch.Tensor):
         report.example_shape = tuple(example_input.shape)
 
-    probe = _probe(model, modules, example_input)
+    if probe is None:
+        probe = _probe(model, modules, example_input)
     scopes = {"": targets, **nested}
     plans, report.skipped = _select(model, modules, probe, N, scopes, exclude, indivisible)
     if not plans:

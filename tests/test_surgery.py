@@ -833,6 +833,48 @@ def test_targeted_block_that_changes_resolution_is_reported():
     assert "changes resolution" in {s.path: s.reason for s in report.skipped}["0"]
 
 
+class HeadDeclaredFirst(nn.Module):
+    """Its first registered convolution is the head, which takes 16 channels, not the input's 3."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(16, 2, 1)
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.body = DoubleConv(16, 16)
+
+    def forward(self, x):
+        return self.head(self.body(self.stem(x)))
+
+
+def test_the_default_probe_finds_the_input_channels_when_the_head_is_declared_first():
+    model = HeadDeclaredFirst()
+    report = replace_blocks(model)
+    assert report.paths == ["body"] and report.example_shape == (2, 3, 64, 64)
+
+
+class NeedsTwoInputs(HeadDeclaredFirst):
+    def forward(self, x, skip):
+        return super().forward(x) + skip
+
+
+def test_a_model_no_default_probe_runs_is_refused_with_the_inputs_tried():
+    with pytest.raises(ValueError) as caught:
+        replace_blocks(NeedsTwoInputs())
+    message = str(caught.value)
+    assert "default probe inputs (2, 16, 64, 64), (2, 3, 64, 64)" in message
+    assert "TypeError" in message and "pass example_input=" in message
+
+
+def test_the_default_probe_tries_the_channels_of_a_timm_pretrained_cfg_first():
+    model = NeedsTwoInputs()
+    model.pretrained_cfg = {"input_size": (5, 224, 224)}
+    with pytest.raises(ValueError, match=r"probe inputs \(2, 5, 64, 64\), \(2, 16, 64, 64\), \(2, 3, 64"):
+        replace_blocks(model)
+    model = HeadDeclaredFirst()
+    model.pretrained_cfg = {"input_size": (3, 224, 224)}
+    assert replace_blocks(model).paths == ["body"]
+
+
 def test_default_probe_leaves_the_global_random_stream_alone():
     model = small_stack()
     torch.manual_seed(1)
