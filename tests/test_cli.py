@@ -333,12 +333,14 @@ def test_evaluate_holds_only_the_runs_own_files_to_its_splits(tmp_path, capsys):
 
 def _split_list_run(tmp_path, site, splits):
     """A checkpoint of a run on ``site`` with the split lists in ``splits`` (its fingerprint kept)."""
-    from cmrf.data import build_datasets, split_fingerprint
+    from cmrf.data import build_datasets, split_file_sizes, split_fingerprint
     from cmrf.train.state import model_metadata
 
     options = {"data": "folder", "root": site, "split_dir": splits, "img_size": 32}
+    bundle = build_datasets(seed=0, **options)
     data = {**{key: str(value) for key, value in options.items()}, "img_size": 32, "seed": 0,
-            "spatial_dims": 2, "split_files": split_fingerprint(build_datasets(seed=0, **options))}
+            "spatial_dims": 2, "split_files": split_fingerprint(bundle),
+            "split_sizes": split_file_sizes(bundle)}
     meta = model_metadata("tinyunet", {"channels": [16, 32], "N": 4}, 3, 2, ["background", "lesion"],
                           data=data)
     checkpoint = tmp_path / "best.safetensors"
@@ -366,6 +368,26 @@ def test_evaluate_a_moved_copy_of_the_runs_data_keeps_its_split_lists(tmp_path, 
     assert main([*argv, "--root", str(tmp_path / "moved")]) == 0, capsys.readouterr().err
     assert json.loads(out.read_text())["images"] == 3  # the run's test list, not a fraction of six
     assert "the run's split lists" in _one_line(capsys.readouterr().err)
+
+
+def test_evaluate_on_other_data_with_the_runs_file_names_is_not_taken_for_a_copy(tmp_path, capsys):
+    """Another site that names its files and split lists as the run's is scored as other data
+    (a fresh split), not with the run's lists and a note that it holds the run's files."""
+    from tests.test_data import write_pair
+
+    site, other = tmp_path / "site", tmp_path / "other"
+    for root, size in ((site, (20, 16)), (other, (24, 16))):  # other sizes: other files
+        for i in range(6):
+            write_pair(root, f"s{i}", size=size, seed=i)
+        (root / "splits").mkdir()
+        for name, stems in (("train", "s0\ns1\n"), ("val", "s2\n"), ("test", "s3\ns4\ns5\n")):
+            (root / "splits" / f"{name}.txt").write_text(stems)
+    checkpoint = _split_list_run(tmp_path, site, site / "splits")
+    out = tmp_path / "scores.json"
+    argv = ["evaluate", str(checkpoint), "--device", "cpu", "--no-optimize", "--json", str(out)]
+    assert main([*argv, "--root", str(other)]) == 0, capsys.readouterr().err
+    assert json.loads(out.read_text())["images"] == 1  # a fresh fraction split of six
+    assert "holds the files of the run's splits" not in capsys.readouterr().err
 
 
 def test_evaluate_says_when_the_runs_split_lists_are_gone(tmp_path, capsys):

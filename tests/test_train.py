@@ -11,6 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -590,6 +591,27 @@ def test_a_run_resumes_on_its_data_moved_to_another_root(tmp_path, capsys):
     _folder_dataset(moved, 12)  # two more pairs: other splits, refused wherever the data is
     assert main(["train", *common, "--root", str(moved), "--epochs", "1", "--resume"]) == 2
     assert "the splits' files train 6, val 2, test 2 (sha1" in _one_error_line(capsys)
+
+
+def test_other_data_with_the_runs_file_names_at_another_root_is_not_taken_for_a_move(tmp_path, capsys):
+    """Another site that names its files as the run's (s00.png ...) is other data: a resume on it
+    is refused, while a mask corrected in place at the run's own root is not a move."""
+    root, other, out = tmp_path / "data", tmp_path / "other", tmp_path / "run"
+    _folder_dataset(root, 10)
+    _folder_dataset(other, 10)
+    rng = np.random.default_rng(0)
+    for image in sorted((other / "images").iterdir()):  # other pixels: other file sizes
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(image)
+    common = ["--data", "folder", "--img-size", "32", "--channels", "16", "32", "--device", "cpu",
+              "--no-plots", "--out", str(out)]
+    assert main(["train", *common, "--root", str(root), "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main(["train", *common, "--root", str(other), "--epochs", "1", "--resume"]) == 2
+    assert f"--root {root} (given {other})" in _one_error_line(capsys)
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (0, 0, 30, 30))
+    mask.save(root / "masks" / "s03.png")
+    assert main(["train", *common, "--root", str(root), "--epochs", "1", "--resume"]) == 0
 
 
 def test_a_damaged_test_image_stops_the_run_before_training(tmp_path, capsys):

@@ -67,7 +67,7 @@ def _build_evaluation_data(args: argparse.Namespace, run_data: dict, given: set[
     """The datasets to score. Another ``--root`` may be a copy of the run's data (moved, or on
     another machine): when the run's file options read it into the splits the run recorded, it is
     the run's data, and keeps them; a fresh split of it would score training images."""
-    from cmrf.data import DataError, build_datasets, split_fingerprint
+    from cmrf.data import DataError, build_datasets, split_file_sizes, split_fingerprint
 
     saved = run_data.get("split_files")
     site = {key: run_data[key] for key in _SITE_OPTIONS if key not in given and run_data.get(key) is not None}
@@ -82,7 +82,8 @@ def _build_evaluation_data(args: argparse.Namespace, run_data: dict, given: set[
             site["split_dir"] = lists
         with contextlib.suppress(DataError):  # not the run's files: other data, below
             bundle = build_datasets(seed=args.seed, **{**data_options(args), **site})
-            if split_fingerprint(bundle) == saved:
+            sizes = run_data.get("split_sizes")  # None in runs saved before sizes were recorded
+            if split_fingerprint(bundle) == saved and sizes in (None, split_file_sizes(bundle)):
                 lists = f", with the run's split lists {site['split_dir']}" if "split_dir" in site else ""
                 print(f"note: {args.root} holds the files of the run's splits, so it is scored as the run's "
                       f"data{lists}", file=sys.stderr)

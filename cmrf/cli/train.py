@@ -159,7 +159,7 @@ def _model_kwargs(args: argparse.Namespace) -> tuple[dict, int | None]:
 def _data_metadata(args: argparse.Namespace, bundle) -> dict:
     """The run's data options (``data_options``), seed, resolved image size and (file data) the
     fingerprint of its splits' files, for the metadata."""
-    from cmrf.data import split_fingerprint
+    from cmrf.data import split_file_sizes, split_fingerprint
 
     data = {key: _jsonable(value) for key, value in data_options(args).items()}
     if data.get("img_size") is None:  # the data's default: record the size the run used
@@ -168,6 +168,8 @@ def _data_metadata(args: argparse.Namespace, bundle) -> dict:
     fingerprint = split_fingerprint(bundle)
     if fingerprint is not None:  # which files each split holds: a resume must see the same
         data["split_files"] = fingerprint
+        # and their sizes, which tell a copy of them at another --root from other data so named
+        data["split_sizes"] = split_file_sizes(bundle)
     return data
 
 

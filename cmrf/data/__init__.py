@@ -29,7 +29,7 @@ from cmrf.data.imageio import (
 from cmrf.data.isic import ISIC_FOLDERS, find_isic_pairs
 from cmrf.data.masks import ClassMapping, MaskRule
 from cmrf.data.pairs import Pair, find_pairs
-from cmrf.data.splits import split_fingerprint
+from cmrf.data.splits import split_file_sizes, split_fingerprint
 from cmrf.data.store import CACHE_CHOICES
 from cmrf.data.synthetic import SyntheticSegmentation, generate_sample
 
@@ -63,5 +63,6 @@ __all__ = [
     "read_image_file",
     "read_mask_file",
     "save_mask_png",
+    "split_file_sizes",
     "split_fingerprint",
 ]

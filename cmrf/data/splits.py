@@ -13,8 +13,8 @@ from cmrf.data.base import SPLITS, DataBundle, DataError, read_text_lines
 from cmrf.data.masks import MaskRule, class_names_for, resolve_classes
 from cmrf.data.pairs import Pair, file_stem, pairs_bundle, require_dir, used_pairs
 
-__all__ = ["folder_split_bundle", "split_by_fractions", "split_fingerprint", "split_from_files",
-           "split_pairs"]
+__all__ = ["folder_split_bundle", "split_by_fractions", "split_file_sizes", "split_fingerprint",
+           "split_from_files", "split_pairs"]
 
 SPLIT_STREAM = 104729
 
@@ -142,12 +142,47 @@ def split_fingerprint(bundle: DataBundle) -> str | None:
     this text, and a resume or an evaluation with the same data options compares it. ``None`` for
     generated (synthetic) data, whose splits the options alone fix.
     """
-    stems = {}
+    pairs = _split_pairs(bundle)
+    if pairs is None:
+        return None
+    stems = {split: sorted(pair.stem for pair in items) for split, items in pairs.items()}
+    return f"{', '.join(f'{split} {len(items)}' for split, items in stems.items())} (sha1 {_digest(stems)})"
+
+
+def split_file_sizes(bundle: DataBundle) -> str | None:
+    """A digest of the byte sizes of every split's image and mask files, ``"sha1 3f2a9c01b7de"``.
+
+    ``split_fingerprint`` names which samples each split holds; this tells a copy of those files
+    (moved, or on another machine) from other data that uses the same names (``case_001.png``),
+    for the rules that accept the run's data at another ``--root``. ``None`` where
+    ``split_fingerprint`` is.
+    """
+    pairs = _split_pairs(bundle)
+    if pairs is None:
+        return None
+    sizes = {split: sorted([pair.stem, _size(pair.image), _size(pair.mask)] for pair in items)
+             for split, items in pairs.items()}
+    return f"sha1 {_digest(sizes)}"
+
+
+def _split_pairs(bundle: DataBundle) -> dict[str, list[Pair]] | None:
+    """Each split's pairs, or ``None`` for data without files."""
+    pairs = {}
     for split in SPLITS:
         dataset = getattr(bundle, split)
-        pairs = [] if dataset is None else getattr(dataset, "pairs", None)
-        if pairs is None:
+        items = [] if dataset is None else getattr(dataset, "pairs", None)
+        if items is None:
             return None
-        stems[split] = sorted(pair.stem for pair in pairs)
-    digest = hashlib.sha1(json.dumps(stems, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{', '.join(f'{split} {len(items)}' for split, items in stems.items())} (sha1 {digest})"
+        pairs[split] = list(items)
+    return pairs
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return Path(path).stat().st_size
+    except OSError:  # gone since it was read: no size, which no copy matches
+        return None
+
+
+def _digest(value) -> str:
+    return hashlib.sha1(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]

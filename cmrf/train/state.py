@@ -207,6 +207,9 @@ _MODEL_KWARG_FLAGS = {"N": "--N", "channels": "--channels"}
 _DATA_STORAGE_OPTIONS = ("cache", "cache_dir")
 # Data entries that are not flags: how a difference names them.
 _DATA_LABELS = {"split_files": "the splits' files"}
+# Data entries compared only when the data moved: a file edited in place (a corrected mask) is
+# still the run's data, but other data with the same file names at another --root is not.
+_DATA_COPY_CHECKS = ("split_sizes",)
 # Where the data lies: free to change when the splits hold the same files (the data moved).
 _DATA_LOCATION_FLAGS = ("--root", "--split-dir")
 # Recipe fields that may change on resume: where and how fast it runs, not what it computes.
@@ -235,7 +238,7 @@ def _metadata_settings(meta: dict) -> dict[str, object]:
     # hold them), so they are not compared.
     unread = unread_options(data.get("data", "synthetic"))
     settings.update({_DATA_LABELS.get(key, option_flag(key)): value for key, value in data.items()
-                     if key not in _DATA_STORAGE_OPTIONS and key not in unread})
+                     if key not in _DATA_STORAGE_OPTIONS + _DATA_COPY_CHECKS and key not in unread})
     if settings.get("--num-classes") is None:  # left out: the classes the data had, which the model has
         settings["--num-classes"] = meta.get("num_classes")
     return settings
@@ -359,7 +362,9 @@ def resume_differences(
             if label not in saved:  # a state saved before this was recorded: nothing to compare
                 given.pop(label, None)
         splits = _DATA_LABELS["split_files"]
-        if saved.get(splits) is not None and saved.get(splits) == given.get(splits):
+        if saved.get(splits) is not None and saved.get(splits) == given.get(splits) and _same_copies(
+            saved_meta, metadata
+        ):
             for flag in _DATA_LOCATION_FLAGS:
                 saved.pop(flag, None)
                 given.pop(flag, None)
@@ -370,6 +375,14 @@ def resume_differences(
         differences.append(f"processes {saved_world} (given {world_size}; torchrun --nproc_per_node sets "
                            f"them, and each step's batch is processes x --batch-size)")
     return differences
+
+
+def _same_copies(saved_meta: dict[str, str], metadata: dict[str, str]) -> bool:
+    """Whether the files at the given data location can be copies of the saved run's: their sizes
+    agree, or the run recorded none (saved before they were)."""
+    saved = decode_metadata(saved_meta).get("data") or {}
+    given = decode_metadata(metadata).get("data") or {}
+    return all(saved.get(key) is None or saved.get(key) == given.get(key) for key in _DATA_COPY_CHECKS)
 
 
 def moved_data_root(state: dict, metadata: dict[str, str]) -> tuple[str, str] | None:
