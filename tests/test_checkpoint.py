@@ -458,3 +458,40 @@ def test_a_run_checkpoint_that_does_not_fit_names_the_call_that_builds_its_model
         cmrf.create_model("tinyunet", checkpoint_path=path)
     model = eval(call)  # the call in the message builds a model the file fits
     cmrf.load_checkpoint(model, path)
+
+
+def _swapped(model, n):
+    cmrf.replace_blocks(model, N=n)
+    return model
+
+
+@pytest.mark.parametrize(("name", "build", "meta_args", "call"), [
+    ("cmunext_s", lambda: cmrf.create_model("cmunext_s", in_chans=1, spatial_dims=3), ({}, 1, None, 3),
+     "cmrf.create_model('cmunext_s', in_chans=1, num_classes=2, spatial_dims=3)"),
+    # tinyunet3d is 3D by its name: no spatial_dims argument
+    ("tinyunet3d", lambda: cmrf.create_model("tinyunet3d", channels=(8, 16), N=2),
+     ({"channels": [8, 16], "N": 2}, 3, None, 3),
+     "cmrf.create_model('tinyunet3d', in_chans=3, num_classes=2, channels=[8, 16], N=2)"),
+    ("cmunext_s", lambda: _swapped(cmrf.create_model("cmunext_s", dims=(8, 8, 8, 8, 16)), 2),
+     ({"dims": [8, 8, 8, 8, 16]}, 3, 2, 2),
+     "cmrf.create_model('cmunext_s', in_chans=3, num_classes=2, dims=[8, 8, 8, 8, 16]), "
+     "then cmrf.replace_blocks(model, N=2)"),
+], ids=["3d-run", "3d-model", "replace-blocks"])
+def test_a_mismatched_run_checkpoint_names_its_3d_or_swapped_model(tmp_path, name, build, meta_args, call):
+    """A volume run's model and a CMRF-swapped one are not what create_model(name) builds: the
+    message must name spatial_dims and replace_blocks, or following it fails again."""
+    from cmrf.train.state import model_metadata
+
+    kwargs, in_chans, replace_n, dims = meta_args
+    path = tmp_path / "best.safetensors"
+    meta = model_metadata(name, kwargs, in_chans, 2, ["background", "lesion"], replace_n,
+                          data={"spatial_dims": dims})
+    cmrf.save_weights(build(), path, metadata=meta)
+    clause = f"(cmrf train wrote it for {call}: build the model that way)"
+    with pytest.raises(ValueError, match=re.escape(clause)):
+        cmrf.load_checkpoint(cmrf.create_model(name), path)  # default arguments: the usual mistake
+    create, _, swap = call.partition(", then ")
+    model = eval(create)  # the message's construction builds a model the file fits
+    if swap:
+        eval(swap, {"cmrf": cmrf, "model": model})
+    cmrf.load_checkpoint(model, path)

@@ -370,24 +370,33 @@ def test_evaluate_a_moved_copy_of_the_runs_data_keeps_its_split_lists(tmp_path, 
     assert "the run's split lists" in _one_line(capsys.readouterr().err)
 
 
-def test_evaluate_on_other_data_with_the_runs_file_names_is_not_taken_for_a_copy(tmp_path, capsys):
-    """Another site that names its files and split lists as the run's is scored as other data
-    (a fresh split), not with the run's lists and a note that it holds the run's files."""
+@pytest.mark.parametrize(("stems", "lists", "size"), [
+    ("o", ("o0\no1\n", "o2\n", "o3\no4\no5\n"), (20, 16)),  # other files, split as the run's were
+    ("s", ("s2\ns3\ns4\n", "s5\n", "s0\ns1\n"), (20, 16)),  # the run's names, split another way
+    ("s", ("s0\ns1\n", "s2\n", "s3\ns4\ns5\n"), (24, 16)),  # the run's names and lists, other files
+], ids=["other-files", "other-split", "same-names"])
+def test_evaluate_on_another_root_laid_out_like_the_runs_is_not_taken_for_its_data(
+    tmp_path, capsys, stems, lists, size
+):
+    """Another --root with split lists where the run kept its own: the run's site options read it,
+    but into other splits than the run recorded, or its files are not the run's (other sizes: another
+    site naming its files as the run's), so it is other data, split afresh."""
     from tests.test_data import write_pair
 
     site, other = tmp_path / "site", tmp_path / "other"
-    for root, size in ((site, (20, 16)), (other, (24, 16))):  # other sizes: other files
-        for i in range(6):
-            write_pair(root, f"s{i}", size=size, seed=i)
+    for i in range(6):
+        write_pair(site, f"s{i}", seed=i)
+        write_pair(other, f"{stems}{i}", size=size, seed=20 + i)
+    for root, texts in ((site, ("s0\ns1\n", "s2\n", "s3\ns4\ns5\n")), (other, lists)):
         (root / "splits").mkdir()
-        for name, stems in (("train", "s0\ns1\n"), ("val", "s2\n"), ("test", "s3\ns4\ns5\n")):
-            (root / "splits" / f"{name}.txt").write_text(stems)
+        for name, text in zip(("train", "val", "test"), texts):
+            (root / "splits" / f"{name}.txt").write_text(text)
     checkpoint = _split_list_run(tmp_path, site, site / "splits")
     out = tmp_path / "scores.json"
     argv = ["evaluate", str(checkpoint), "--device", "cpu", "--no-optimize", "--json", str(out)]
     assert main([*argv, "--root", str(other)]) == 0, capsys.readouterr().err
-    assert json.loads(out.read_text())["images"] == 1  # a fresh fraction split of six
     assert "holds the files of the run's splits" not in capsys.readouterr().err
+    assert json.loads(out.read_text())["images"] == 1  # a fresh 0.2 fraction of six, not its test list
 
 
 def test_evaluate_says_when_the_runs_split_lists_are_gone(tmp_path, capsys):
@@ -562,3 +571,22 @@ def test_training_stopped_by_a_closed_output_says_so(monkeypatch, capsys):
     assert main(["train", "--data", "synthetic", "--out", "never"]) == 141
     err = _one_line(capsys.readouterr().err)
     assert err.startswith("cmrf train: stopped: its output was closed") and "--resume" in err
+
+
+def test_a_demo_stopped_by_a_closed_output_says_so_and_a_report_cut_short_does_not(
+    monkeypatch, capsys, tmp_path
+):
+    """The demo trains for minutes, as train does: its stop is told; quickstart's report is not."""
+    import cmrf.cli.train
+    import cmrf.quickstart
+
+    def reader_gone(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cmrf.cli.train, "run_train", reader_gone)  # what the demo wraps
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 141
+    err = _one_line(capsys.readouterr().err)
+    assert err.startswith("cmrf demo: stopped: its output was closed") and "--resume" in err
+    monkeypatch.setattr(cmrf.quickstart, "quickstart_report", reader_gone)
+    assert main(["quickstart", "--size", "64"]) == 141
+    assert capsys.readouterr().err == ""

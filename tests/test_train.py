@@ -590,7 +590,9 @@ def test_a_run_resumes_on_its_data_moved_to_another_root(tmp_path, capsys):
     assert f"the data moved to {moved}" in capsys.readouterr().out
     _folder_dataset(moved, 12)  # two more pairs: other splits, refused wherever the data is
     assert main(["train", *common, "--root", str(moved), "--epochs", "1", "--resume"]) == 2
-    assert "the splits' files train 6, val 2, test 2 (sha1" in _one_error_line(capsys)
+    error = _one_error_line(capsys)
+    assert "the splits' files train 6, val 2, test 2 (sha1" in error
+    assert f"--root {root} (given {moved})" in error  # other files: the new --root is no move either
 
 
 def test_other_data_with_the_runs_file_names_at_another_root_is_not_taken_for_a_move(tmp_path, capsys):
@@ -759,6 +761,22 @@ def test_a_figure_that_fails_to_draw_does_not_stop_the_run(tmp_path, monkeypatch
     curve = out / "training_curve.png"
     assert f"warning: could not draw {curve} (RuntimeError: Failed to find font" in printed
     assert (out / "metrics.json").is_file() and (out / "overlays.png").is_file()
+
+
+def test_overlays_that_fail_to_draw_do_not_stop_the_run(tmp_path, monkeypatch, capsys):
+    import cmrf.train.plots
+
+    def broken(*args, **kwargs):
+        raise ValueError("Image size of 100000x400 pixels is too large")
+
+    monkeypatch.setattr(cmrf.train.plots, "plot_overlays", broken)
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(out)]) == 0
+    overlays = out / "overlays.png"
+    assert f"warning: could not draw {overlays} (ValueError: Image size of" in capsys.readouterr().out
+    assert not overlays.exists()
+    for name in ("metrics.json", "training_curve.png", "best.safetensors", "last.safetensors", STATE_FILE):
+        assert (out / name).is_file(), name
 
 
 def test_a_run_without_matplotlib_trains_and_says_so(tmp_path, monkeypatch, capsys):

@@ -305,6 +305,57 @@ def test_resume_differences_name_the_flags_that_matter():
     ]
 
 
+def test_another_root_or_split_dir_is_free_on_resume_only_when_the_splits_hold_the_same_files(tmp_path):
+    """The splits' files are what shows the data moved: without them (a state saved before they
+    were recorded) or with other files, another --root or --split-dir is other data."""
+    from cmrf.train.state import moved_data_root
+
+    splits = "train 6, val 2, test 2 (sha1 3f2a9c01b7de)"
+    site, moved = tmp_path / "site", tmp_path / "moved"
+
+    def metadata(root, split_dir, split_files=None, split_sizes=None):
+        data = {"data": "folder", "root": str(root), "split_dir": str(split_dir), "img_size": 32, "seed": 0}
+        if split_files is not None:
+            data["split_files"] = split_files
+        if split_sizes is not None:
+            data["split_sizes"] = split_sizes
+        return model_metadata("tinyunet", {"channels": [16, 32]}, 3, 2, ["bg", "fg"], None, data)
+
+    def saved(meta):
+        return capture_state(_parts(0), Progress(), recipe=Recipe(epochs=4), metadata=meta, rng_states=[])
+
+    run = saved(metadata(site, site / "splits", splits))
+    elsewhere = metadata(moved, moved / "splits", splits)
+    assert resume_differences(run, recipe=Recipe(epochs=4), metadata=elsewhere) == []
+    assert moved_data_root(run, elsewhere) == (str(site), str(moved))
+    other_files = "train 8, val 2, test 2 (sha1 0123456789ab)"
+    other = metadata(moved, moved / "splits", other_files)
+    assert resume_differences(run, recipe=Recipe(epochs=4), metadata=other) == [
+        f"--root {site} (given {moved})",
+        f"--split-dir {site / 'splits'} (given {moved / 'splits'})",
+        f"the splits' files {splits} (given {other_files})",
+    ]
+    unrecorded = saved(metadata(site, site / "splits"))  # saved before the splits' files were recorded
+    assert resume_differences(unrecorded, recipe=Recipe(epochs=4), metadata=elsewhere) == [
+        f"--root {site} (given {moved})",
+        f"--split-dir {site / 'splits'} (given {moved / 'splits'})",
+    ]
+    # The same folder spelled another way did not move.
+    same_site = metadata(site / "splits" / "..", site / "splits", splits)
+    assert resume_differences(run, recipe=Recipe(epochs=4), metadata=same_site) == []
+    assert moved_data_root(run, same_site) is None
+    # Files of other sizes with the run's names: another site's data, not the run's moved; at the
+    # run's own root the same change (a corrected mask) is no difference.
+    sized = saved(metadata(site, site / "splits", splits, "sha1 000000000001"))
+    resized = metadata(moved, moved / "splits", splits, "sha1 000000000002")
+    assert resume_differences(sized, recipe=Recipe(epochs=4), metadata=resized) == [
+        f"--root {site} (given {moved})",
+        f"--split-dir {site / 'splits'} (given {moved / 'splits'})",
+    ]
+    edited = metadata(site, site / "splits", splits, "sha1 000000000002")
+    assert resume_differences(sized, recipe=Recipe(epochs=4), metadata=edited) == []
+
+
 def test_an_out_that_cannot_be_written_is_refused_before_training(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     with pytest.raises(RunFolderError, match=r"--out .*file/run: .*file is a file, not a folder"):
