@@ -499,7 +499,9 @@ def _block_problem(path: str, module: nn.Module, probe: _Probe) -> tuple[str | N
     in_shape, out_shape = first.in_shape, first.out_shape
     if len(in_shape) != len(out_shape) or len(in_shape) not in (3, 4, 5):
         return f"maps {in_shape} to {out_shape}, not (B, C, *spatial) to (B, C', *spatial)", True
-    if in_shape[0] != out_shape[0] or in_shape[2:] != out_shape[2:]:
+    if in_shape[0] != out_shape[0]:
+        return f"changes the batch size ({in_shape} -> {out_shape})", True
+    if in_shape[2:] != out_shape[2:]:
         return f"changes resolution ({in_shape} -> {out_shape})", False
     prefix = path + "."
     spatial = in_shape[2:]
@@ -943,9 +945,9 @@ def _swap_all(model, plans, new_modules, example_input, expected_shapes) -> None
     done = []
     try:
         for plan, new in zip(plans, new_modules):
+            done.append(plan)  # before its paths: one set before a failure is undone too
             for path in plan.paths:  # a block registered twice is one module: one CMRF for both
                 _set(model, path, new)
-            done.append(plan)
         shapes = _run(model, example_input)
         if shapes != expected_shapes:
             raise RuntimeError(f"output shapes changed from {expected_shapes} to {shapes}")

@@ -480,6 +480,56 @@ def test_a_head_is_kept_when_a_head_of_another_width_runs_after_it():
     )
 
 
+class CoarseThenRefined(nn.Module):
+    """A coarse head block whose logits the model returns and a refinement stage also reads, then
+    the final head, as wide as the coarse one (cascaded or refinement segmentation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = DoubleConv(3, 16)
+        self.coarse = nn.Sequential(conv_bn_relu(16, 16), nn.Conv2d(16, 2, 1))
+        self.refine = DoubleConv(16 + 2, 16)
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        features = self.enc(x)
+        coarse = self.coarse(features)
+        return self.head(self.refine(torch.cat([features, coarse], 1))), coarse
+
+
+def test_a_coarse_head_that_a_refinement_stage_reads_is_kept():
+    """``coarse.1`` feeds another convolution, but it makes a returned output as wide as the final
+    head's: a head all the same, and its block stays."""
+    model = CoarseThenRefined()
+    report = replace_blocks(model)
+    assert report.paths == ["enc", "refine"]
+    assert {s.path: s.reason for s in report.skipped}["coarse"] == (
+        "holds the network's final convolution coarse.1 (a classifier head)"
+    )
+    assert isinstance(model.coarse[1], nn.Conv2d)
+
+
+class ReturnsConcatenatedFeatures(nn.Module):
+    """Logits of 4 classes and the features of two blocks concatenated; the first block is 4 wide."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = DoubleConv(3, 4)
+        self.mid = DoubleConv(4, 12)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        first = self.enc(x)
+        features = torch.cat([first, self.mid(first)], 1)
+        return self.head(features), features
+
+
+def test_a_block_as_wide_as_the_classes_whose_features_are_returned_is_replaced():
+    """``enc``'s last convolution reaches a returned output through no other convolution and is as
+    wide as the head, but that output is 16 wide: a feature map, not logits, so ``enc`` is a block."""
+    assert replace_blocks(ReturnsConcatenatedFeatures()).paths == ["enc", "mid"]
+
+
 class BlocksRunThroughAnotherPath(nn.Module):
     """Blocks listed in ``blocks`` and run through ``path``, which registers them again (as MONAI's
     DynUNet does with its ``skip_layers``)."""
@@ -542,6 +592,64 @@ def test_selectors_may_name_a_block_by_its_second_path():
     assert report.paths == ["blocks.1"]
     report = replace_blocks(BlocksRunThroughAnotherPath(), targets=["path.1"], dry_run=True)
     assert report.paths == ["blocks.1"]
+
+
+class ReadsInternalsOfABlockRegisteredTwice(BlocksRunThroughAnotherPath):
+    """Its forward reads a BatchNorm weight of ``blocks.0`` (also ``path.0``): no swap can stay."""
+
+    def forward(self, x):
+        scale = self.blocks[0].double_conv[0][1].weight.view(1, -1, 1, 1)
+        return self.head(self.path(self.stem(x)) * scale)
+
+
+def test_a_failed_swap_puts_a_block_registered_twice_back_at_both_paths():
+    model = ReadsInternalsOfABlockRegisteredTwice()
+    registered = dict(model.named_modules(remove_duplicate=False))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        before = model.eval()(x)
+    with pytest.raises(RuntimeError, match=r"undid every swap .*AttributeError"):
+        replace_blocks(model, example_input=x)
+    for i in range(2):
+        assert model.blocks[i] is registered[f"blocks.{i}"] is registered[f"path.{i}"] is model.path[i]
+    assert dict(model.named_modules(remove_duplicate=False)) == registered
+    with torch.no_grad():
+        assert torch.equal(model(x), before)  # the forward runs the old blocks through ``path``
+
+
+def test_dry_run_predicts_the_params_of_blocks_registered_twice():
+    """Each block goes from both of its paths: the dry run must not count it as kept at the second."""
+    predicted = replace_blocks(BlocksRunThroughAnotherPath(), dry_run=True)
+    model = BlocksRunThroughAnotherPath()
+    done = replace_blocks(model)
+    assert predicted.paths == done.paths == ["blocks.0", "blocks.1"]
+    assert predicted.params_after == done.params_after == sum(p.numel() for p in model.parameters())
+    assert predicted.params_after < predicted.params_before
+
+
+class SharesAWeightWithABlock(nn.Module):
+    """A single convolution (kept: no block) tied to the second convolution of a replaced block."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.block = DoubleConv(16, 16)
+        self.refine = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.refine.weight = self.block.double_conv[1][0].weight
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.refine(self.block(self.stem(x))))
+
+
+def test_dry_run_keeps_a_parameter_a_kept_module_shares_with_a_replaced_block():
+    """The tied weight stays in the model with ``refine``: it is not removed with the block."""
+    predicted = replace_blocks(SharesAWeightWithABlock(), dry_run=True)
+    model = SharesAWeightWithABlock()
+    tied = model.refine.weight
+    done = replace_blocks(model)
+    assert predicted.paths == done.paths == ["block"] and model.refine.weight is tied
+    assert predicted.params_after == done.params_after == sum(p.numel() for p in model.parameters())
 
 
 def test_a_module_registered_elsewhere_inside_a_block_keeps_the_block():
@@ -672,6 +780,25 @@ def test_dtype_and_trainability_are_kept():
     assert not any(p.requires_grad for p in model[0].parameters())
     assert all(p.requires_grad for p in model[2].parameters())
     model(torch.randn(2, 3, 16, 16, dtype=torch.float64)).sum().backward()
+
+
+def test_only_a_wholly_frozen_block_gives_a_frozen_cmrf_and_a_warning():
+    """A block with one frozen convolution and one that trains (a partly fine-tuned layer) is no
+    frozen block: its CMRF trains and no word of freezing is said; a wholly frozen one is both."""
+    model = small_stack()
+    model[0].double_conv[0][0].requires_grad_(False)  # the first conv of block 0; its second trains
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        replace_blocks(model)
+    assert isinstance(model[0], CMRF) and all(p.requires_grad for p in model[0].parameters())
+    model = small_stack()
+    model[0].double_conv[0][0].requires_grad_(False)
+    model[2].requires_grad_(False)
+    with pytest.warns(UserWarning, match=r"replaced frozen blocks \(2\) by CMRFs"):
+        replace_blocks(model)
+    assert all(p.requires_grad for p in model[0].parameters())
+    assert isinstance(model[2], CMRF) and not any(p.requires_grad for p in model[2].parameters())
+    assert all(p.requires_grad for p in model[3].parameters())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -1034,3 +1161,71 @@ def test_first_conv_that_is_still_there_is_kept():
     model = Net()
     report = replace_blocks(model, example_input=torch.randn(1, 3, 32, 32))
     assert report.paths == ["block"] and model.pretrained_cfg["first_conv"] == "stem"
+
+
+def test_a_second_call_finds_the_cmrfs_of_the_first_and_replaces_nothing():
+    model = small_stack()
+    assert replace_blocks(model).paths == ["0", "2", "3"]
+    with pytest.warns(NothingToReplaceWarning):
+        again = replace_blocks(model, targets=[CMRF])
+    assert again.paths == [] and {s.reason for s in again.skipped} == {"already a CMRF"}
+
+
+class RunsTwice(nn.Module):
+    """One block run at full and at half resolution: no one CMRF fits both calls' shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.block = DoubleConv(16, 16)
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        y = self.block(self.stem(x))
+        return self.head(y + F.interpolate(self.block(F.max_pool2d(y, 2)), scale_factor=2.0))
+
+
+class Flattens(nn.Module):
+    """Two convolutions, then a flattened output: (B, C, H, W) to (B, C * H * W)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = DoubleConv(3, 4)
+
+    def forward(self, x):
+        return self.body(x).flatten(1)
+
+
+class FoldsTheBatch(nn.Module):
+    """Two convolutions, then pairs of samples summed: the batch halves, the resolution stays."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(16, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        y = self.b(self.a(x))
+        return y[0::2] + y[1::2]
+
+
+@pytest.mark.parametrize(("model", "path", "reason"), [
+    (RunsTwice(), "block", "called 2 times with different shapes"),
+    (nn.Sequential(Flattens(), nn.Linear(4 * 64 * 64, 2)), "0", "maps (2, 3, 64, 64) to (2, 16384), not"),
+    (nn.Sequential(nn.Conv2d(3, 16, 1), FoldsTheBatch(), nn.Conv2d(16, 2, 1)), "1",
+     "changes the batch size ((2, 16, 64, 64) -> (1, 16, 64, 64))"),
+], ids=["called-twice", "flattens", "folds-batch"])
+def test_a_block_whose_calls_no_cmrf_can_make_is_kept_with_the_reason(model, path, reason):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NothingToReplaceWarning)
+        report = replace_blocks(model, targets=[path], dry_run=True)
+    assert report.paths == []
+    assert {s.path: s.reason for s in report.skipped}[path].startswith(reason)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated, and still used
+def test_a_torchscript_module_without_convolutions_is_not_reported():
+    scripted = torch.jit.script(nn.ReLU())
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), scripted, TwoConvs(16), nn.Conv2d(16, 2, 1))
+    report = replace_blocks(model)
+    assert report.paths == ["2"] and report.skipped == []
