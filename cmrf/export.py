@@ -99,6 +99,18 @@ def _dynamic_shapes(size: tuple[int, ...], spatial_multiple: int) -> tuple[dict,
     return (axes,)
 
 
+def _dynamic_example_size(size: tuple[int, ...], spatial_multiple: int) -> tuple[int, ...]:
+    """The shape a dynamic export traces: ``size`` with a batch of at least 2 and sides of at
+    least twice ``spatial_multiple``.
+
+    torch.export fixes every size it sees at 1 (size-1 specialisation): a batch of 1 fixed the
+    batch of 1-D convolutions, and sides of exactly ``min_size`` leave one pixel at TinyU-Net's
+    bottom, which fixed every side. The graph still takes those sizes.
+    """
+    sides = (max(side, 2 * spatial_multiple) for side in size[2:])
+    return (max(size[0], 2), size[1], *sides)
+
+
 def _example_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, ...]:
     """``input_size`` checked against what the model says it takes (channels, spatial rank), or
     the default 2D size for it; the exporter's own errors about these are long and indirect."""
@@ -174,9 +186,7 @@ def export_onnx(
     if optimize and cmrf_blocks(model):
         model = optimize_for_inference(model)  # a copy
     param = next(model.parameters(), None)
-    # A dynamic graph takes any batch; an example of batch 1 lets torch.export fix the batch of
-    # 1-D convolutions at 1 (size-1 specialisation), so it traces a batch of 2 instead.
-    example_size = (max(size[0], 2), *size[1:]) if dynamic else size
+    example_size = _dynamic_example_size(size, spatial_multiple) if dynamic else size
     example = torch.randn(
         example_size,
         device=param.device if param is not None else "cpu",

@@ -331,3 +331,22 @@ def test_export_is_quiet_without_taking_the_programs_stdout(tmp_path, monkeypatc
     before = sys.stdout
     write_onnx(torch.nn.Conv2d(3, 4, 1).eval(), torch.randn(1, 3, 8, 8), tmp_path / "m.onnx")
     assert seen == [before] and "[torch.onnx]" not in capsys.readouterr().out
+
+
+@requires_onnx_exporter
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_dynamic_export_from_an_example_of_the_smallest_size(tmp_path, spatial_dims):
+    """An example whose sides are ``min_size`` leaves one pixel at the bottom, and torch.export fixed
+    every side at that size (a ConstraintViolationError, reported as an internal error); the export
+    traces sides of twice that, and the graph takes the smallest size too."""
+    ort = pytest.importorskip("onnxruntime")
+    model = cmrf.TinyUNet(in_channels=1, num_classes=2, channels=(8, 16), N=2, spatial_dims=spatial_dims)
+    model = randomise_batchnorm(model).eval()
+    smallest = (1, 1, *[model.min_size] * spatial_dims)
+    path = cmrf.export_onnx(model, tmp_path / "m.onnx", smallest, dynamic=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for shape in (smallest, (2, 1, *[3 * model.min_size] * spatial_dims)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        assert abs(session.run(None, {"input": x.numpy()})[0] - expected).max() < 1e-5
