@@ -217,6 +217,19 @@ def test_models_predict_cannot_write_are_refused_before_any_image(tmp_path, caps
     assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "mps"], "unsupported device 'mps'"),
+    (["--device", "gpu"], "unknown device 'gpu'"),
+    (["--backend", "onnxruntime", "--no-optimize"], "drop --no-optimize"),
+])
+def test_refused_flags_leave_no_output_folder(checkpoint, images, tmp_path, capsys, flags, message):
+    """A typo in --device (or a backend the flags rule out) is refused before --out is made: no empty
+    folder is left behind by a command that wrote nothing."""
+    argv = ["predict", str(checkpoint), str(images / "c.png"), "--out", str(tmp_path / "out")]
+    assert main([*argv, *flags]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_img_size_other_than_the_runs_is_noted_and_too_small_refused(checkpoint, images, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["predict", str(checkpoint), str(images / "c.png"), "--out", str(out), "--device", "cpu"]

@@ -187,12 +187,13 @@ def run_predict(args: argparse.Namespace) -> int:
     img_size = _input_side(args, meta, model)
     out = Path(args.out)
     _check_out_is_not_an_input_folder(out, args.inputs)
+    # Flags the device or backend refuses fail here, before --out is made: no empty folder is left.
+    device = inference_device(args)
+    model = inference_model(model.to(device), device, args.optimize, max_graphs=1, backend=args.backend)
     files, problems = _image_files(args.inputs)
     if out.exists() and not out.is_dir():  # mkdir's own word for it, "File exists", says nothing
         raise NotADirectoryError(errno.ENOTDIR, "is not a folder: --out takes the masks' folder", str(out))
     out.mkdir(parents=True, exist_ok=True)
-    device = inference_device(args)
-    model = inference_model(model.to(device), device, args.optimize, max_graphs=1, backend=args.backend)
     for path, reason in problems:
         _report(path, reason)
     failed, written, stale = len(problems), 0, 0
