@@ -192,6 +192,24 @@ def test_out_must_not_be_an_input_folder_nor_overwrite_an_input(checkpoint, imag
     assert shown.read_bytes() == before and [p.name for p in out.iterdir()] == ["d_mask.png"]
 
 
+def test_an_output_that_links_to_an_input_is_refused_before_anything_is_written(checkpoint, tmp_path, capsys):
+    """Files are written through symbolic links, so a c_mask.png in --out that links to the input c.png
+    made predict overwrite its own input with the mask."""
+    source = _image(tmp_path / "c.png", 20, 20, 3)
+    before = source.read_bytes()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "c_overlay.png").symlink_to(source)
+    argv = ["predict", str(checkpoint), str(source), "--out", str(out), "--device", "cpu"]
+    assert main(argv) == 2
+    assert f"{out / 'c_overlay.png'} is a link to the input {source}" in capsys.readouterr().err
+    assert source.read_bytes() == before and [p.name for p in out.iterdir()] == ["c_overlay.png"]
+    # a link loop there names no input: not refused (nor an internal error), the mask is written
+    (out / "c_overlay.png").unlink()
+    (out / "c_mask.png").symlink_to(out / "c_mask.png")
+    assert main(argv) == 0 and source.read_bytes() == before
+
+
 def test_file_names_are_titles_not_mathtext(checkpoint, tmp_path, capsys):
     """matplotlib reads ``$...$`` as a formula: a file name must neither fail nor be typeset."""
     folder = tmp_path / "odd"

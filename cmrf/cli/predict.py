@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -160,6 +161,23 @@ def _check_out_is_not_an_input_folder(out: Path, inputs: Sequence[str]) -> None:
                              f"choose another --out")
 
 
+def _check_no_output_links_to_an_input(files: Sequence[Path], stems: Sequence[str], out: Path,
+                                       overlays: bool) -> None:
+    """Refuse, before anything is written, an output name in ``--out`` that is a symbolic link to an
+    input image: files are written through links (``cmrf.files``, as ``open()`` does), so the mask
+    would replace that image."""
+    inputs = {path.resolve(): path for path in files}
+    kinds = ("mask", "overlay") if overlays else ("mask",)
+    for stem in stems:
+        for kind in kinds:
+            target = out / f"{stem}_{kind}.png"
+            # realpath, not resolve(), which raises for a symbolic link loop (that names no input).
+            source = inputs.get(Path(os.path.realpath(target)))
+            if source is not None:
+                raise ValueError(f"{target} is a link to the input {source}: writing the {kind} would "
+                                 f"replace that image; remove the link or choose another --out")
+
+
 def _renamed_outputs(files: Sequence[Path], stems: Sequence[str], out: Path) -> list[Path]:
     """Outputs an earlier run wrote under an input's plain stem (``a_mask.png`` for ``a.png``) that
     this run names otherwise (``a.png_mask.png``, since ``a.jpg`` came along): they would pass for
@@ -194,10 +212,11 @@ def run_predict(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():  # mkdir's own word for it, "File exists", says nothing
         raise NotADirectoryError(errno.ENOTDIR, "is not a folder: --out takes the masks' folder", str(out))
     out.mkdir(parents=True, exist_ok=True)
+    stems = output_stems(files)
+    _check_no_output_links_to_an_input(files, stems, out, args.overlays)
     for path, reason in problems:
         _report(path, reason)
     failed, written, stale = len(problems), 0, 0
-    stems = output_stems(files)
     stale += _remove_files(_renamed_outputs(files, stems, out))
     for path, stem in zip(files, stems, strict=True):
         try:  # the input side: a bad image is reported and skipped
