@@ -350,3 +350,17 @@ def test_dynamic_export_from_an_example_of_the_smallest_size(tmp_path, spatial_d
         with torch.no_grad():
             expected = model(x).numpy()
         assert abs(session.run(None, {"input": x.numpy()})[0] - expected).max() < 1e-5
+
+
+@requires_onnx_exporter
+@pytest.mark.parametrize("argv, message", [
+    ([*SMALL[:6], "--input-size", "1", "3", "2", "2"], "has a side below 4"),
+    (["no_such_model"], "unknown model 'no_such_model'"),
+])
+def test_a_refused_export_leaves_no_folder_it_made(tmp_path, capsys, argv, message):
+    """-o's missing folders are made for the export; one that is refused (a bad flag, an input size the
+    model does not take) takes them away again instead of leaving empty folders behind."""
+    out = tmp_path / "new" / "sub" / "x.onnx"
+    assert main(["export", "onnx", *argv, "-o", str(out)]) == 2
+    assert message in _one_error_line(capsys.readouterr().err)
+    assert os.listdir(tmp_path) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 from cmrf.cli.common import check_output_file, user_path
@@ -66,17 +67,34 @@ def _input_size(args: argparse.Namespace, model, in_chans: int, data: dict) -> l
     return list(args.input_size)
 
 
+@contextlib.contextmanager
+def _folders_made_for(folder: Path):
+    """Make ``folder`` and its missing parents; if the body fails, remove those made (while empty):
+    a refused export (a bad flag, an input size the model does not take) leaves no empty folders."""
+    missing = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for path in missing:
+            try:
+                path.rmdir()
+            except OSError:  # no longer empty: something else writes there now
+                break
+        raise
+
+
 def run_export(args: argparse.Namespace) -> int:
     from cmrf.export import export_onnx
 
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)  # export_onnx makes it too
-    check_output_file(args.output, "-o", {"--checkpoint": args.checkpoint})
-    model, in_chans, data = _model(args)
-    input_size = _input_size(args, model, in_chans, data)
-    path = export_onnx(
-        model, args.output, input_size, dynamic=args.dynamic, optimize=not args.no_optimize,
-        opset_version=args.opset,
-    )
+    with _folders_made_for(Path(args.output).parent):  # before the check, which needs the folder
+        check_output_file(args.output, "-o", {"--checkpoint": args.checkpoint})
+        model, in_chans, data = _model(args)
+        input_size = _input_size(args, model, in_chans, data)
+        path = export_onnx(
+            model, args.output, input_size, dynamic=args.dynamic, optimize=not args.no_optimize,
+            opset_version=args.opset,
+        )
     size_mb = path.stat().st_size / 2**20
     shape = "x".join(map(str, input_size))
     dynamic = ", dynamic batch and size" if args.dynamic else ""
