@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from cmrf.files import atomic_path
-from cmrf.inference import optimize_for_inference
+from cmrf.inference import GraphPerShape, optimize_for_inference
 from cmrf.layers import check_input_size, cmrf_blocks, eval_mode
 from cmrf.onnx_writer import (
     DEFAULT_OPSET,
@@ -111,6 +111,15 @@ def _dynamic_example_size(size: tuple[int, ...], spatial_multiple: int) -> tuple
     return (max(size[0], 2), size[1], *sides)
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module a per-shape wrapper (``optimize_for_inference`` with ``freeze=True``,
+    ``backend="onnxruntime"`` or ``cuda_graph=True``) runs: what the export traces anyway (a wrapper
+    runs it as it is while traced), and what says which input it takes (channels, rank, sizes)."""
+    while isinstance(model, GraphPerShape):
+        model = model.module
+    return model
+
+
 def _example_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, ...]:
     """``input_size`` checked against what the model says it takes (channels, spatial rank), or
     the default 2D size for it; the exporter's own errors about these are long and indirect."""
@@ -148,7 +157,9 @@ def export_onnx(
     """Export ``model`` (optimized for inference first) to an ONNX file.
 
     Args:
-        model: a TinyUNet, CMRF or any model holding CMRF blocks; it is not modified.
+        model: a TinyUNet, CMRF or any model holding CMRF blocks; it is not modified. A wrapper
+            from ``optimize_for_inference`` (``freeze=True``, ``backend="onnxruntime"``) exports
+            the module it runs.
         path: the ``.onnx`` file to write (parent folders are created). Weights are stored
             inside the file.
         input_size: the example input shape ``(B, C, *spatial)``; ``C`` must be the model's
@@ -176,6 +187,7 @@ def export_onnx(
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"export_onnx expects an nn.Module, got {type(model).__name__}")
+    model = _unwrapped(model)
     check_exporter()
     check_opset(opset_version)
     if dynamic:

@@ -364,3 +364,21 @@ def test_a_refused_export_leaves_no_folder_it_made(tmp_path, capsys, argv, messa
     assert main(["export", "onnx", *argv, "-o", str(out)]) == 2
     assert message in _one_error_line(capsys.readouterr().err)
     assert os.listdir(tmp_path) == []
+
+
+@requires_onnx_exporter
+def test_export_of_a_per_shape_wrapper_takes_its_models_input(tmp_path):
+    """``optimize_for_inference(freeze=True)`` returns a wrapper that does not say its model's channels
+    or rank: the default example had 3 channels, and a 1-channel model failed inside torch.export."""
+    ort = pytest.importorskip("onnxruntime")
+    model = randomise_batchnorm(cmrf.TinyUNet(in_channels=1, channels=(8, 16), N=2)).eval()
+    path = cmrf.export_onnx(cmrf.optimize_for_inference(model, freeze=True), tmp_path / "m.onnx")
+    x = torch.randn(1, 1, 256, 256)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert abs(session.run(None, {"input": x.numpy()})[0] - expected).max() < 1e-5
+    volume = cmrf.optimize_for_inference(cmrf.TinyUNet(in_channels=1, channels=(8, 16), N=2, spatial_dims=3),
+                                         freeze=True)
+    with pytest.raises(ValueError, match=r"takes 3D inputs: give input_size"):
+        cmrf.export_onnx(volume, tmp_path / "v.onnx")
