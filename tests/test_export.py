@@ -382,3 +382,18 @@ def test_export_of_a_per_shape_wrapper_takes_its_models_input(tmp_path):
                                          freeze=True)
     with pytest.raises(ValueError, match=r"takes 3D inputs: give input_size"):
         cmrf.export_onnx(volume, tmp_path / "v.onnx")
+
+
+@pytest.mark.parametrize("package", ["onnx", "onnxscript"])
+def test_export_without_the_onnx_extra_is_a_user_error(tmp_path, capsys, monkeypatch, package):
+    """A missing extra is the user's to install (exit status 2), not a bug (70, "please report it")."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == package else real_find_spec(name, *args))
+    out = tmp_path / "x.onnx"
+    assert main(["export", "onnx", *SMALL, "-o", str(out)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert package in line and "pip install 'cmrf[onnx]'" in line
+    assert os.listdir(tmp_path) == []

@@ -383,3 +383,17 @@ def test_onnxruntime_backend_refuses_what_it_cannot_run(checkpoint, images, tmp_
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
     assert inference_device(Namespace(backend="onnxruntime", device="auto")) == torch.device("cpu")
     assert inference_device(Namespace(backend="torch", device="auto")).type == "cuda"
+
+
+def test_backend_onnxruntime_not_installed_is_a_user_error(checkpoint, images, tmp_path, capsys, monkeypatch):
+    """A missing extra is the user's to install (exit status 2), not a bug (70, "please report it")."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "onnxruntime" else real_find_spec(name, *args))
+    argv = ["predict", str(checkpoint), str(images / "c.png"), "--out", str(tmp_path / "out")]
+    assert main([*argv, "--backend", "onnxruntime"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cmrf predict: error: ") and "pip install 'cmrf[onnx]'" in err
+    assert not (tmp_path / "out").exists()

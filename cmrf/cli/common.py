@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib.util
 import os
 from pathlib import Path
 
@@ -44,6 +45,17 @@ def check_output_file(path: str | Path, flag: str, reads: dict[str, str | Path |
         raise IsADirectoryError(errno.EISDIR, f"is a folder, {flag} needs a file name", str(path))
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(errno.EACCES, f"cannot write into this folder ({flag})", str(folder))
+
+
+def require_extra(packages: tuple[str, ...], what: str, extra: str) -> None:
+    """Refuse a command whose optional packages are not installed with a ``ValueError`` (exit status 2,
+    the user's to fix), naming them and the extra that installs them; an ``ImportError`` would be
+    reported as an internal error (exit status 70, "please report it")."""
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise ValueError(f"{what} needs {' and '.join(missing)}, which {verb} not installed: "
+                         f"pip install 'cmrf[{extra}]'")
 
 
 def user_path(text: str) -> str:

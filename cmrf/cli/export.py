@@ -6,7 +6,7 @@ import argparse
 import contextlib
 from pathlib import Path
 
-from cmrf.cli.common import check_output_file, user_path
+from cmrf.cli.common import check_output_file, require_extra, user_path
 from cmrf.cli.model_args import (
     add_registry_model_arguments,
     constructor_kwargs,
@@ -87,6 +87,7 @@ def _folders_made_for(folder: Path):
 def run_export(args: argparse.Namespace) -> int:
     from cmrf.export import export_onnx
 
+    require_extra(("onnx", "onnxscript"), "cmrf export onnx", "onnx")
     with _folders_made_for(Path(args.output).parent):  # before the check, which needs the folder
         check_output_file(args.output, "-o", {"--checkpoint": args.checkpoint})
         model, in_chans, data = _model(args)

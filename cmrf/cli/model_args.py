@@ -8,7 +8,7 @@ import argparse
 
 import torch
 
-from cmrf.cli.common import positive_int
+from cmrf.cli.common import positive_int, require_extra
 from cmrf.inference import BACKENDS
 
 __all__ = [
@@ -161,6 +161,7 @@ def _onnxruntime_model(model: torch.nn.Module, device: torch.device, optimize: b
             f"--backend onnxruntime runs fp32 models on the CPU, got device {device}: use --device cpu "
             f"or --backend torch"
         )
+    require_extra(("onnxruntime", "onnxscript"), "--backend onnxruntime", "onnx")
     if has_blocks:
         return optimize_for_inference(model, backend="onnxruntime", max_graphs=max_graphs)
     return OnnxRuntimeInference(model.eval(), max_graphs=max_graphs).eval()
