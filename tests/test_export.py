@@ -353,10 +353,13 @@ def test_dynamic_export_from_an_example_of_the_smallest_size(tmp_path, spatial_d
 
 
 @requires_onnx_exporter
-@pytest.mark.parametrize("argv, message", [
-    ([*SMALL[:6], "--input-size", "1", "3", "2", "2"], "has a side below 4"),
-    (["no_such_model"], "unknown model 'no_such_model'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([*SMALL[:6], "--input-size", "1", "3", "2", "2"], "has a side below 4"),
+        (["no_such_model"], "unknown model 'no_such_model'"),
+    ],
+)
 def test_a_refused_export_leaves_no_folder_it_made(tmp_path, capsys, argv, message):
     """-o's missing folders are made for the export; one that is refused (a bad flag, an input size the
     model does not take) takes them away again instead of leaving empty folders behind."""
@@ -378,8 +381,9 @@ def test_export_of_a_per_shape_wrapper_takes_its_models_input(tmp_path):
         expected = model(x).numpy()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert abs(session.run(None, {"input": x.numpy()})[0] - expected).max() < 1e-5
-    volume = cmrf.optimize_for_inference(cmrf.TinyUNet(in_channels=1, channels=(8, 16), N=2, spatial_dims=3),
-                                         freeze=True)
+    volume = cmrf.optimize_for_inference(
+        cmrf.TinyUNet(in_channels=1, channels=(8, 16), N=2, spatial_dims=3), freeze=True
+    )
     with pytest.raises(ValueError, match=r"takes 3D inputs: give input_size"):
         cmrf.export_onnx(volume, tmp_path / "v.onnx")
 
@@ -390,8 +394,11 @@ def test_export_without_the_onnx_extra_is_a_user_error(tmp_path, capsys, monkeyp
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *args: None if name == package else real_find_spec(name, *args))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == package else real_find_spec(name, *args),
+    )
     out = tmp_path / "x.onnx"
     assert main(["export", "onnx", *SMALL, "-o", str(out)]) == 2
     line = _one_error_line(capsys.readouterr().err)

@@ -235,11 +235,14 @@ def test_models_predict_cannot_write_are_refused_before_any_image(tmp_path, caps
     assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--device", "mps"], "unsupported device 'mps'"),
-    (["--device", "gpu"], "unknown device 'gpu'"),
-    (["--backend", "onnxruntime", "--no-optimize"], "drop --no-optimize"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--device", "mps"], "unsupported device 'mps'"),
+        (["--device", "gpu"], "unknown device 'gpu'"),
+        (["--backend", "onnxruntime", "--no-optimize"], "drop --no-optimize"),
+    ],
+)
 def test_refused_flags_leave_no_output_folder(checkpoint, images, tmp_path, capsys, flags, message):
     """A typo in --device (or a backend the flags rule out) is refused before --out is made: no empty
     folder is left behind by a command that wrote nothing."""
@@ -390,8 +393,11 @@ def test_backend_onnxruntime_not_installed_is_a_user_error(checkpoint, images, t
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *args: None if name == "onnxruntime" else real_find_spec(name, *args))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "onnxruntime" else real_find_spec(name, *args),
+    )
     argv = ["predict", str(checkpoint), str(images / "c.png"), "--out", str(tmp_path / "out")]
     assert main([*argv, "--backend", "onnxruntime"]) == 2
     err = capsys.readouterr().err

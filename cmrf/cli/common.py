@@ -54,8 +54,9 @@ def require_extra(packages: tuple[str, ...], what: str, extra: str) -> None:
     missing = [name for name in packages if importlib.util.find_spec(name) is None]
     if missing:
         verb = "is" if len(missing) == 1 else "are"
-        raise ValueError(f"{what} needs {' and '.join(missing)}, which {verb} not installed: "
-                         f"pip install 'cmrf[{extra}]'")
+        raise ValueError(
+            f"{what} needs {' and '.join(missing)}, which {verb} not installed: pip install 'cmrf[{extra}]'"
+        )
 
 
 def user_path(text: str) -> str:

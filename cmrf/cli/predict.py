@@ -161,8 +161,9 @@ def _check_out_is_not_an_input_folder(out: Path, inputs: Sequence[str]) -> None:
                              f"choose another --out")
 
 
-def _check_no_output_links_to_an_input(files: Sequence[Path], stems: Sequence[str], out: Path,
-                                       overlays: bool) -> None:
+def _check_no_output_links_to_an_input(
+    files: Sequence[Path], stems: Sequence[str], out: Path, overlays: bool
+) -> None:
     """Refuse, before anything is written, an output name in ``--out`` that is a symbolic link to an
     input image: files are written through links (``cmrf.files``, as ``open()`` does), so the mask
     would replace that image."""
@@ -174,8 +175,10 @@ def _check_no_output_links_to_an_input(files: Sequence[Path], stems: Sequence[st
             # realpath, not resolve(), which raises for a symbolic link loop (that names no input).
             source = inputs.get(Path(os.path.realpath(target)))
             if source is not None:
-                raise ValueError(f"{target} is a link to the input {source}: writing the {kind} would "
-                                 f"replace that image; remove the link or choose another --out")
+                raise ValueError(
+                    f"{target} is a link to the input {source}: writing the {kind} would "
+                    f"replace that image; remove the link or choose another --out"
+                )
 
 
 def _renamed_outputs(files: Sequence[Path], stems: Sequence[str], out: Path) -> list[Path]:
