@@ -430,6 +430,17 @@ def test_classes_txt_comments_are_skipped_and_one_name_is_refused(folder_root: P
         build_datasets(**options)
 
 
+def test_class_names_must_match_the_class_count(folder_root: Path):
+    from cmrf.data.masks import class_names_for
+
+    assert class_names_for(None) is None and class_names_for(folder_root) is None
+    assert class_names_for(folder_root, 3) == ["background", "class 1", "class 2"]
+    (folder_root / "classes.txt").write_text("background\nlesion\n")
+    assert class_names_for(folder_root) == class_names_for(folder_root, 2) == ["background", "lesion"]
+    with pytest.raises(DataError, match=r"classes\.txt names 2 classes but the data has 3"):
+        class_names_for(folder_root, 3)
+
+
 def test_an_image_replaced_by_a_16_bit_one_after_the_checks_is_named(folder_root: Path):
     bundle = build_datasets(**{**folder_options(folder_root), "cache": "memory"})
     image = bundle.train.pairs[0].image
@@ -842,6 +853,35 @@ def test_a_threshold_that_leaves_one_class_is_refused(tmp_path: Path, masks, sid
     with pytest.raises(DataError, match=rf"--mask-threshold 128: every value in the masks is {side} it "
                                         rf"\(values seen: {masks[0]}, {masks[1]} in 5 mask\(s\)\)"):
         build_datasets(**folder_options(tmp_path, "--mask-threshold", "128"))
+
+
+def test_a_threshold_equal_to_the_foreground_value_splits_the_masks():
+    """Pixels at the threshold are class 1 (docs/data.md), so 0/128 masks with --mask-threshold 128
+    are two classes, not "every value below it"; 128/200 masks are refused as all foreground."""
+    masks = [MaskValues(Path("a.png"), (0, 128)), MaskValues(Path("b.png"), (0,))]
+    mapping = resolve_classes(masks, MaskRule(mask_threshold=128))
+    assert mapping.num_classes == 2
+    assert mapping.apply(np.array([[0, 127, 128]], np.uint8)).tolist() == [[0, 0, 1]]
+    with pytest.raises(DataError, match=r"every value in the masks is at or above it \(values seen: 128, "):
+        resolve_classes([MaskValues(Path("c.png"), (128, 200))], MaskRule(mask_threshold=128))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [(dict(num_classes=1), r"--num-classes 1: segmentation needs at least 2 classes"),
+     (dict(mask_values=(255,)), r"--mask-values 255: give at least two values"),
+     (dict(mask_threshold=0), r"--mask-threshold 0: expected a value >= 1"),
+     (dict(mask_threshold=128, num_classes=3), r"--mask-threshold makes 2 classes, but --num-classes is 3")],
+)
+def test_mask_options_that_cannot_make_a_segmentation_are_refused_from_python(folder_root: Path, options,
+                                                                              message):
+    """build_datasets takes the options without argparse's checks: one class, one value, a threshold
+    of 0 (every pixel foreground) or a class count a threshold cannot make are refused, not trained."""
+    with pytest.raises(DataError, match=message):
+        build_datasets(**{**folder_options(folder_root), **options})
+    # The nearest valid options are accepted.
+    for valid in (dict(num_classes=2), dict(mask_threshold=1, num_classes=2)):
+        assert build_datasets(**{**folder_options(folder_root), **valid}).num_classes == 2
 
 
 def test_every_bad_file_is_reported_up_to_a_cap(tmp_path: Path):
