@@ -291,6 +291,8 @@ def test_mask_png_round_trip_binary_and_multiclass(tmp_path: Path):
     assert resized.shape == (4, 6) and set(np.unique(resized).tolist()) == {0, 1, 2, 3}
     with pytest.raises(DataError, match="outside the class range"):
         save_mask_png(classes, tmp_path / "bad.png", num_classes=2)
+    with pytest.raises(DataError, match=r"has values 4 outside the class range 0\.\.3"):  # 4 is no class of 4
+        save_mask_png(classes + 1, tmp_path / "bad.png", num_classes=4)
 
 
 def test_sixteen_bit_and_one_bit_masks_are_read_as_class_indices(tmp_path: Path):
@@ -301,6 +303,8 @@ def test_sixteen_bit_and_one_bit_masks_are_read_as_class_indices(tmp_path: Path)
     assert read_mask_file(tmp_path / "bits.png").tolist() == [[1, 0]]
     Image.fromarray(np.array([[255, 255]], dtype=np.uint8)).save(tmp_path / "full.png")
     assert read_mask_file(tmp_path / "full.png").tolist() == [[1, 1]]  # all-lesion binary mask
+    Image.fromarray(np.array([[0, 1, 255]], dtype=np.uint8)).save(tmp_path / "three.png")
+    assert read_mask_file(tmp_path / "three.png").tolist() == [[0, 1, 255]]  # not binary: values kept
 
 
 def test_a_lossy_mask_file_is_refused_not_read_as_grey_level_classes(tmp_path: Path):
@@ -310,6 +314,12 @@ def test_a_lossy_mask_file_is_refused_not_read_as_grey_level_classes(tmp_path: P
     Image.fromarray(mask).save(tmp_path / "mask.jpg", quality=75)
     with pytest.raises(DataError, match=r"mask\.jpg is lossy \(JPEG\) and holds \d+ values.*threshold"):
         read_mask_file(tmp_path / "mask.jpg")
+    flat = np.zeros((16, 16), dtype=np.uint8)
+    flat[:, 8:] = 100  # block-aligned flat halves: JPEG keeps exactly two values, still no classes
+    Image.fromarray(flat).save(tmp_path / "two.jpg", quality=75)
+    assert decode_mask(tmp_path / "two.jpg").present.tolist() == [0, 100]  # the premise
+    with pytest.raises(DataError, match=r"two\.jpg is lossy \(JPEG\) and holds 2 values"):
+        read_mask_file(tmp_path / "two.jpg")
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "empty.jpg")
     assert read_mask_file(tmp_path / "empty.jpg").tolist() == [[0] * 8] * 8  # one value: nothing blurred
 
@@ -338,6 +348,10 @@ def test_large_jpegs_are_decoded_at_reduced_scale_without_changing_the_result(tm
     assert torch.equal(image, load_image(tmp_path / "images" / "big.jpg", 32))
     full = read_image_file(tmp_path / "images" / "big.jpg")
     assert read_image_file(tmp_path / "images" / "big.jpg", min_side=32).shape[0] < full.shape[0]
+    Image.fromarray(photo[:96, :128]).save(tmp_path / "small.jpg", quality=95)
+    # Halving 128x96 would give 64x48, below 64 per side: such a JPEG is decoded at full size.
+    assert read_image_file(tmp_path / "small.jpg", min_side=64).shape[:2] == (96, 128)
+    assert read_image_file(tmp_path / "small.jpg", min_side=48).shape[:2] == (48, 64)
     reference = torch.nn.functional.interpolate(torch.from_numpy(full).permute(2, 0, 1)[None], size=(32, 32),
                                                 mode="bilinear", antialias=True)[0]
     assert (denormalize(image) - reference).abs().mean() < 0.02
@@ -350,6 +364,8 @@ def test_sixteen_bit_images_are_scaled_to_unit_range(tmp_path: Path):
     pixels = read_image_file(tmp_path / "ct.png", in_channels=1)
     assert pixels.shape == (2, 2, 1)
     assert np.allclose(pixels[..., 0], values / 4000.0)
+    Image.fromarray(values + 1000).save(tmp_path / "offset.png")  # a CT slice whose darkest value is 1000
+    assert np.allclose(read_image_file(tmp_path / "offset.png", in_channels=1)[..., 0], values / 4000.0)
 
 
 def test_unreadable_and_missing_files_are_named(tmp_path: Path):
@@ -363,6 +379,13 @@ def test_unreadable_and_missing_files_are_named(tmp_path: Path):
     Image.fromarray(colour).save(tmp_path / "colour.png")
     with pytest.raises(DataError, match=r"colour\.png is a colour image"):
         read_mask_file(tmp_path / "colour.png")
+    colour[0, 0] = (7, 7, 200)  # red and green equal, blue not: colour too
+    Image.fromarray(colour).save(tmp_path / "blue.png")
+    with pytest.raises(DataError, match=r"blue\.png is a colour image"):
+        read_mask_file(tmp_path / "blue.png")
+    colour[0, 0] = (7, 7, 7)
+    Image.fromarray(colour).save(tmp_path / "grey.png")
+    assert read_mask_file(tmp_path / "grey.png")[0, :2].tolist() == [7, 0]  # grey RGB: its values
 
 
 def test_broken_links_are_reported_not_skipped(folder_root: Path):
@@ -1130,6 +1153,29 @@ def test_images_are_turned_by_their_exif_orientation(tmp_path: Path, suffix):
     assert (bright == mask.bool()).float().mean() > 0.9
 
 
+# How a camera stores the shown view for each EXIF orientation (the inverse of the turn a viewer applies).
+STORED_FOR_ORIENTATION = {
+    1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270,
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(STORED_FOR_ORIENTATION))
+def test_every_exif_orientation_is_read_as_shown(tmp_path: Path, orientation: int):
+    """Mirrorings (2, 4), the half turn (3) and all four quarter turns and transposes (5-8): the
+    pixels read and the header's sides are those of the view a viewer shows."""
+    shown = (np.arange(24 * 32) % 251).astype(np.uint8).reshape(24, 32)  # no two pixels alike nearby
+    transform = STORED_FOR_ORIENTATION[orientation]
+    stored = Image.fromarray(shown) if transform is None else Image.fromarray(shown).transpose(transform)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(tmp_path / "x.png", exif=exif.tobytes())
+    assert image_size(tmp_path / "x.png") == (24, 32)
+    pixels = read_image_file(tmp_path / "x.png", in_channels=1)[..., 0]
+    assert np.array_equal(pixels, shown.astype(np.float32) / 255)
+
+
 def test_a_mask_drawn_on_the_stored_pixels_of_a_turned_photo_gets_a_hint(tmp_path: Path):
     exif = Image.Exif()
     exif[0x0112] = 6
@@ -1229,6 +1275,54 @@ def test_sixteen_bit_images_keep_their_precision_and_match_load_image(tmp_path: 
     assert torch.equal(image, load_image(path, 8))
     exact = resize_image(torch.from_numpy(read_image_file(path)).permute(2, 0, 1), 8)
     assert (denormalize(image) - exact).abs().max() < 1e-4  # far finer than 8 bits (1/255)
+
+
+def test_eight_bit_images_beside_16_bit_ones_are_kept_exactly(tmp_path: Path):
+    """A folder mixing 8-bit and 16-bit images is stored in 16 bits: an 8-bit image still gives
+    what load_image gives for it, exactly (level k is k/255)."""
+    for i in range(5):
+        write_pair(tmp_path, f"c{i}", seed=i)
+    for i in range(2):
+        values = (np.random.default_rng(i).random((16, 20)) * 4000).astype(np.uint16)
+        Image.fromarray(values).save(tmp_path / "images" / f"c{i}.png")
+    bundle = build_datasets(**folder_options(tmp_path, "--cache", "memory"))
+    assert bundle.train.source.store.layout.image_dtype == "uint16"
+    for dataset in (bundle.train, bundle.val, bundle.test):
+        dataset.augment = False
+        for index, pair in enumerate(dataset.pairs):
+            assert torch.equal(dataset[index][0], load_image(pair.image, 8)), pair.stem
+
+
+def test_images_are_rounded_to_the_nearest_level(tmp_path: Path):
+    """Resized values are kept as the nearest of the 256 levels: never more than half a level off."""
+    image_path, _ = write_pair(tmp_path, "a", size=(20, 16))
+    exact = resize_image(torch.from_numpy(read_image_file(image_path)).permute(2, 0, 1), 8)
+    error = (denormalize(load_image(image_path, 8)) - exact).abs().max().item()
+    assert 0.1 / 255 < error <= 0.5 / 255 + 1e-6  # the premise: resizing made values between levels
+
+
+def test_float_masks_must_hold_whole_numbers(tmp_path: Path):
+    values = np.zeros((4, 6), dtype=np.float32)
+    values[:, 3:] = 2.0
+    Image.fromarray(values, mode="F").save(tmp_path / "whole.tif")
+    assert read_mask_file(tmp_path / "whole.tif").tolist() == [[0, 0, 0, 2, 2, 2]] * 4
+    values[0, 0] = 0.5
+    Image.fromarray(values, mode="F").save(tmp_path / "half.tif")
+    with pytest.raises(DataError, match=r"half\.tif holds non-integer values"):
+        read_mask_file(tmp_path / "half.tif")
+
+
+@pytest.mark.parametrize(("shape", "size"), [((7, 5), 3), ((4, 4), 2), ((5, 9), 12), ((6, 10, 4), 5)])
+def test_masks_are_resized_at_pixel_centres_as_nearest_exact(shape, size):
+    """The mask sample at each output pixel's centre, as torch's nearest-exact and Pillow's NEAREST
+    take it (not the top-left corner), whatever the integer type."""
+    from cmrf.data.imageio import resize_nearest
+
+    mask = np.arange(np.prod(shape), dtype=np.int32).reshape(shape) * 1000
+    reference = torch.nn.functional.interpolate(torch.from_numpy(mask)[None, None].double(),
+                                                size=(size,) * len(shape), mode="nearest-exact")[0, 0]
+    resized = resize_nearest(mask, size)
+    assert resized.dtype == np.int32 and np.array_equal(resized, reference.numpy().astype(np.int32))
 
 
 def test_synthetic_samples_are_generated_once_per_index(monkeypatch):
