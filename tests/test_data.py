@@ -407,6 +407,17 @@ def test_broken_links_are_reported_not_skipped(folder_root: Path):
         find_folder_pairs(folder_root)
 
 
+def test_upper_case_suffixes_are_found_and_hidden_files_ignored(folder_root: Path):
+    """Cameras write IMG_1.JPG; macOS leaves ._case0.png (AppleDouble) files on shared drives."""
+    for folder in ("images", "masks"):
+        (folder_root / folder / "case0.png").rename(folder_root / folder / "case0.PNG")
+    (folder_root / "images" / "._case1.png").write_bytes(b"\x00\x05\x16\x07 not an image")
+    (folder_root / "masks" / ".case2.png").write_bytes(b"not an image either")
+    pairs = find_folder_pairs(folder_root)
+    assert [pair.stem for pair in pairs] == [f"case{i}" for i in range(10)]
+    assert (pairs[0].image.name, pairs[0].mask.name) == ("case0.PNG", "case0.PNG")
+
+
 def test_a_mask_whose_stem_differs_in_case_is_named(folder_root: Path):
     (folder_root / "masks" / "case4.png").rename(folder_root / "masks" / "Case4.png")
     with pytest.raises(DataError, match=r"mask for image .*case4\.png is missing: expected .*case4\.png .*"
@@ -499,6 +510,21 @@ def test_isic_training_folder_only_is_split_by_fractions(isic_root: Path):
     stems = [p.stem for ds in (bundle.train, bundle.val, bundle.test) for p in ds.pairs]
     assert sorted(stems) == [f"ISIC_{i:07d}" for i in range(6)]
     assert [p.stem for p in _build(args, seed=0).val.pairs] == [p.stem for p in bundle.val.pairs]
+
+
+def test_isic_without_a_test_folder_cuts_only_the_test_split_off_training(isic_root: Path):
+    """The official validation set stays the val split, and no training image is lost to a val
+    share that is not cut (nor kept anywhere)."""
+    for folder in ISIC_FOLDERS["test"]:
+        for file in (isic_root / folder).iterdir():
+            file.unlink()
+        (isic_root / folder).rmdir()
+    bundle = _build(parse("--data", "isic2018", "--root", str(isic_root), "--val-fraction", "0.2",
+                          "--test-fraction", "0.3"), seed=0)
+    assert [p.stem for p in bundle.val.pairs] == ["ISIC_0000006", "ISIC_0000007"]
+    assert (len(bundle.train), len(bundle.test)) == (4, 2)
+    stems = [p.stem for ds in (bundle.train, bundle.test) for p in ds.pairs]
+    assert sorted(stems) == [f"ISIC_{i:07d}" for i in range(6)]
 
 
 def test_isic_errors_name_the_missing_thing(isic_root: Path, tmp_path_factory):
@@ -641,6 +667,38 @@ def test_folder_with_split_files(folder_root: Path, tmp_path_factory):
     (split_dir / "test.txt").unlink()
     with pytest.raises(DataError, match=r"split file .*test\.txt does not exist"):
         _build(args, 0)
+
+
+def test_split_fingerprint_names_membership_and_file_sizes_name_both_files(folder_root: Path,
+                                                                           tmp_path_factory):
+    """A resume compares these: the same samples listed in another order are the same split; a
+    mask rewritten to another byte size is other data (as an image would be)."""
+    from cmrf.data.splits import split_file_sizes, split_fingerprint
+
+    def bundle_of(train: str):
+        split_dir = tmp_path_factory.mktemp("splits")
+        for name, text in (("train", train), ("val", "case4\n"), ("test", "case5\n")):
+            (split_dir / f"{name}.txt").write_text(text)
+        return _build(parse("--data", "folder", "--root", str(folder_root), "--img-size", "8",
+                            "--split-dir", str(split_dir)), 0)
+
+    first = bundle_of("case0\ncase1\ncase2\ncase3\n")
+    reordered = bundle_of("case3\ncase1\ncase0\ncase2\n")
+    other = bundle_of("case0\ncase1\ncase2\ncase6\n")
+    assert split_fingerprint(first) == split_fingerprint(reordered) != split_fingerprint(other)
+    assert split_fingerprint(first).startswith("train 4, val 1, test 1 (sha1 ")
+    sizes = split_file_sizes(first)
+    assert split_file_sizes(reordered) == sizes
+    mask = folder_root / "masks" / "case0.png"
+    values = np.asarray(Image.open(mask))
+    Image.fromarray(values).save(mask, compress_level=0)  # same values, other byte size
+    assert split_file_sizes(first) != sizes
+
+
+def test_only_the_training_split_is_augmented(folder_root: Path):
+    """Validation and test scores are of the images as they are."""
+    bundle = _build(parse("--data", "folder", "--root", str(folder_root), "--img-size", "8"), 0)
+    assert (bundle.train.augment, bundle.val.augment, bundle.test.augment) == (True, False, False)
 
 
 def test_folder_bad_data_is_reported_with_the_file(tmp_path: Path):
@@ -1091,6 +1149,45 @@ def test_memory_cache_falls_back_to_disk_if_too_big(folder_root: Path, tmp_path_
         bundle = build_datasets(**folder_options(folder_root, "--cache-dir", str(cache_dir)))
     assert bundle.train.source.store.kind == "disk" and any(cache_dir.iterdir())
     assert bundle.train[0][0].shape == (3, 8, 8)
+
+
+def test_mask_values_beyond_8_bits_or_negative_are_stored_exactly(tmp_path: Path):
+    """A 16-bit mask's 256 is not stored as 8 bits (where it would read back as 0, background)."""
+    from cmrf.data.store import mask_dtype_for
+
+    stored = [mask_dtype_for(values) for values in ([0, 255], [0, 256], [-1, 0], [])]
+    assert stored == ["uint8", "int32", "int32", "uint8"]
+    for i in range(5):
+        write_pair(tmp_path, f"c{i}", seed=i)
+        wide = np.zeros((16, 20), dtype=np.uint16)
+        wide[:, :10] = 256
+        Image.fromarray(wide).save(tmp_path / "masks" / f"c{i}.png")
+    bundle = build_datasets(**folder_options(tmp_path, "--mask-values", "0", "256", "--cache", "memory"))
+    bundle.train.augment = False
+    for _ in range(2):  # decoded, then read from the store
+        mask = bundle.train[0][1]
+        assert (mask[:, :4] == 1).all() and (mask[:, 4:] == 0).all()
+
+
+def test_a_disk_cache_larger_than_the_free_space_is_refused(folder_root: Path, tmp_path_factory, monkeypatch):
+    import types
+
+    import cmrf.data.store as store
+
+    monkeypatch.setattr(store.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=100))
+    cache_dir = tmp_path_factory.mktemp("cache")
+    with pytest.raises(DataError, match=r"the disk cache needs \d+\.\d\d KiB in .* but only 100 bytes are "):
+        build_datasets(**folder_options(folder_root, "--cache", "disk", "--cache-dir", str(cache_dir)))
+    assert not any(cache_dir.iterdir())
+
+
+def test_a_dataset_of_no_samples_is_refused(folder_root: Path):
+    from cmrf.data.cache import SourceDataset
+
+    train = build_datasets(**folder_options(folder_root)).train
+    with pytest.raises(DataError, match="a dataset split has no samples"):
+        SourceDataset(train.source, [], train.mapping)
+    assert len(SourceDataset(train.source, [1], train.mapping)) == 1
 
 
 def test_unusable_cache_folder_is_a_clear_error(folder_root: Path, tmp_path_factory):
