@@ -1503,6 +1503,27 @@ def test_a_damaged_png_exif_block_reads_the_pixels_as_stored(tmp_path: Path, cut
     assert read_image_file(tmp_path / "a.png").shape == (24, 32, 3)
 
 
+def test_a_png_exif_chunk_after_the_pixels_is_not_applied(tmp_path: Path):
+    """Only an eXIf chunk before the image data counts (docs of _orientation): seeing one after it
+    would mean decoding the whole file to read a header. Header and pixels agree: as stored."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pixels = (np.arange(24 * 32) % 251).astype(np.uint8).reshape(24, 32)
+    rows = b"".join(b"\x00" + row.tobytes() for row in pixels)
+    header = struct.pack(">IIBBBBB", 32, 24, 8, 0, 0, 0, 0)
+    chunks = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"eXIf", exif.tobytes())
+    (tmp_path / "late.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunks + chunk(b"IEND", b""))
+    with Image.open(tmp_path / "late.png") as image:  # the premise: Pillow finds it once decoded
+        image.load()
+        assert image.getexif().get(0x0112) == 6
+    assert image_size(tmp_path / "late.png") == (24, 32)
+    read = read_image_file(tmp_path / "late.png", in_channels=1)[..., 0]
+    assert np.array_equal(read, pixels.astype(np.float32) / 255)
+
+
 def test_split_and_class_files_from_windows_editors(folder_root: Path, tmp_path_factory):
     """Notepad's UTF-8 starts with a byte-order mark; PowerShell 5's '>' writes UTF-16."""
     split_dir = tmp_path_factory.mktemp("splits")
