@@ -320,6 +320,9 @@ def test_a_lossy_mask_file_is_refused_not_read_as_grey_level_classes(tmp_path: P
     assert decode_mask(tmp_path / "two.jpg").present.tolist() == [0, 100]  # the premise
     with pytest.raises(DataError, match=r"two\.jpg is lossy \(JPEG\) and holds 2 values"):
         read_mask_file(tmp_path / "two.jpg")
+    Image.fromarray(flat).save(tmp_path / "named.png", format="JPEG")  # JPEG data, whatever the name
+    with pytest.raises(DataError, match=r"named\.png is lossy \(JPEG\)"):
+        read_mask_file(tmp_path / "named.png")
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "empty.jpg")
     assert read_mask_file(tmp_path / "empty.jpg").tolist() == [[0] * 8] * 8  # one value: nothing blurred
 
@@ -413,6 +416,7 @@ def test_upper_case_suffixes_are_found_and_hidden_files_ignored(folder_root: Pat
         (folder_root / folder / "case0.png").rename(folder_root / folder / "case0.PNG")
     (folder_root / "images" / "._case1.png").write_bytes(b"\x00\x05\x16\x07 not an image")
     (folder_root / "masks" / ".case2.png").write_bytes(b"not an image either")
+    (folder_root / "images" / "scans.png").mkdir()  # a folder named like an image is none
     pairs = find_folder_pairs(folder_root)
     assert [pair.stem for pair in pairs] == [f"case{i}" for i in range(10)]
     assert (pairs[0].image.name, pairs[0].mask.name) == ("case0.PNG", "case0.PNG")
@@ -559,6 +563,17 @@ def test_folder_with_binary_masks_and_fractions(folder_root: Path):
         {p.stem for p in other_seed.test.pairs} != {p.stem for p in bundle.test.pairs}
     _, mask = bundle.train[0]
     assert mask.shape == (8, 8) and set(mask.unique().tolist()) == {0, 1}
+
+
+def test_the_fraction_split_of_a_seed_does_not_change_between_versions():
+    """Runs record their split (split_fingerprint) and a resume compares it: a new version must cut
+    the same samples off for the same seed, or every earlier run would be refused on resume."""
+    from cmrf.data.splits import split_by_fractions
+
+    assert split_by_fractions(list(range(10)), 0.2, 0.2, 0) == {
+        "val": [2, 6], "test": [1, 3], "train": [8, 7, 4, 9, 0, 5]}
+    assert split_by_fractions(list(range(10)), 0.2, 0.2, 7) == {
+        "val": [7, 6], "test": [2, 1], "train": [8, 4, 9, 5, 3, 0]}
 
 
 def test_masks_drawn_in_transparency_are_refused_and_opaque_alpha_ignored(tmp_path: Path):
@@ -1088,6 +1103,7 @@ def test_a_disk_cache_whose_data_check_was_not_saved_is_made_again(folder_root: 
     images, masks = count_decoding(monkeypatch)
     load_all(build_datasets(**options))
     assert masks.calls == 10 and (facts.parent / "facts.json").is_file()
+    assert images.calls == 0  # the images the stopped run decoded are still used
 
 
 def test_without_cache_files_are_decoded_on_every_load(folder_root: Path, monkeypatch):
@@ -1188,6 +1204,44 @@ def test_a_dataset_of_no_samples_is_refused(folder_root: Path):
     with pytest.raises(DataError, match="a dataset split has no samples"):
         SourceDataset(train.source, [], train.mapping)
     assert len(SourceDataset(train.source, [1], train.mapping)) == 1
+
+
+def test_the_default_cache_folder_follows_the_environment(tmp_path: Path, monkeypatch):
+    from cmrf.data.store import default_cache_dir
+
+    monkeypatch.delenv("CMRF_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "cmrf" / "data"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "cmrf" / "data"
+    monkeypatch.setenv("CMRF_CACHE_DIR", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"  # wins over XDG_CACHE_HOME
+
+
+def test_a_full_disk_when_reserving_the_cache_is_a_clear_error(folder_root: Path, tmp_path_factory,
+                                                              monkeypatch):
+    """Without its blocks reserved, writing into the memory-mapped cache on a full disk would kill
+    the process (SIGBUS); a file system that cannot reserve (EOPNOTSUPP) is used as it is."""
+    import errno
+
+    import cmrf.data.store as store
+
+    def no_room(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.os, "posix_fallocate", no_room)
+    cache_dir = tmp_path_factory.mktemp("cache")
+    options = folder_options(folder_root, "--cache", "disk", "--cache-dir", str(cache_dir))
+    with pytest.raises(DataError, match=r"cannot create the data cache .*No space left on device"):
+        build_datasets(**options)
+    assert not any(cache_dir.iterdir())  # nothing half-made left behind
+
+    def unsupported(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(store.os, "posix_fallocate", unsupported)
+    assert build_datasets(**options).train.source.store.kind == "disk"
 
 
 def test_unusable_cache_folder_is_a_clear_error(folder_root: Path, tmp_path_factory):
