@@ -662,7 +662,8 @@ def test_folder_with_palette_masks_infers_classes_and_reads_names(tmp_path: Path
 
 def test_folder_with_split_files(folder_root: Path, tmp_path_factory):
     split_dir = tmp_path_factory.mktemp("splits")
-    (split_dir / "train.txt").write_text("# training cases\ncase0\ncase1.png\ncase2\n\ncase3\n")
+    # blanks around names (an editor's trailing spaces, an indented list) are not part of them
+    (split_dir / "train.txt").write_text("# training cases\ncase0 \ncase1.png\n  case2\t\n\ncase3\n")
     (split_dir / "val.txt").write_text("case4\ncase5\n")
     (split_dir / "test.txt").write_text("case6\n")
     args = parse("--data", "folder", "--root", str(folder_root), "--split-dir", str(split_dir))
