@@ -291,6 +291,8 @@ def test_mask_png_round_trip_binary_and_multiclass(tmp_path: Path):
     assert resized.shape == (4, 6) and set(np.unique(resized).tolist()) == {0, 1, 2, 3}
     with pytest.raises(DataError, match="outside the class range"):
         save_mask_png(classes, tmp_path / "bad.png", num_classes=2)
+    with pytest.raises(DataError, match=r"has values 4 outside the class range 0\.\.3"):  # 4 is no class of 4
+        save_mask_png(classes + 1, tmp_path / "bad.png", num_classes=4)
 
 
 def test_sixteen_bit_and_one_bit_masks_are_read_as_class_indices(tmp_path: Path):
@@ -301,6 +303,8 @@ def test_sixteen_bit_and_one_bit_masks_are_read_as_class_indices(tmp_path: Path)
     assert read_mask_file(tmp_path / "bits.png").tolist() == [[1, 0]]
     Image.fromarray(np.array([[255, 255]], dtype=np.uint8)).save(tmp_path / "full.png")
     assert read_mask_file(tmp_path / "full.png").tolist() == [[1, 1]]  # all-lesion binary mask
+    Image.fromarray(np.array([[0, 1, 255]], dtype=np.uint8)).save(tmp_path / "three.png")
+    assert read_mask_file(tmp_path / "three.png").tolist() == [[0, 1, 255]]  # not binary: values kept
 
 
 def test_a_lossy_mask_file_is_refused_not_read_as_grey_level_classes(tmp_path: Path):
@@ -310,6 +314,15 @@ def test_a_lossy_mask_file_is_refused_not_read_as_grey_level_classes(tmp_path: P
     Image.fromarray(mask).save(tmp_path / "mask.jpg", quality=75)
     with pytest.raises(DataError, match=r"mask\.jpg is lossy \(JPEG\) and holds \d+ values.*threshold"):
         read_mask_file(tmp_path / "mask.jpg")
+    flat = np.zeros((16, 16), dtype=np.uint8)
+    flat[:, 8:] = 100  # block-aligned flat halves: JPEG keeps exactly two values, still no classes
+    Image.fromarray(flat).save(tmp_path / "two.jpg", quality=75)
+    assert decode_mask(tmp_path / "two.jpg").present.tolist() == [0, 100]  # the premise
+    with pytest.raises(DataError, match=r"two\.jpg is lossy \(JPEG\) and holds 2 values"):
+        read_mask_file(tmp_path / "two.jpg")
+    Image.fromarray(flat).save(tmp_path / "named.png", format="JPEG")  # JPEG data, whatever the name
+    with pytest.raises(DataError, match=r"named\.png is lossy \(JPEG\)"):
+        read_mask_file(tmp_path / "named.png")
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "empty.jpg")
     assert read_mask_file(tmp_path / "empty.jpg").tolist() == [[0] * 8] * 8  # one value: nothing blurred
 
@@ -338,6 +351,10 @@ def test_large_jpegs_are_decoded_at_reduced_scale_without_changing_the_result(tm
     assert torch.equal(image, load_image(tmp_path / "images" / "big.jpg", 32))
     full = read_image_file(tmp_path / "images" / "big.jpg")
     assert read_image_file(tmp_path / "images" / "big.jpg", min_side=32).shape[0] < full.shape[0]
+    Image.fromarray(photo[:96, :128]).save(tmp_path / "small.jpg", quality=95)
+    # Halving 128x96 would give 64x48, below 64 per side: such a JPEG is decoded at full size.
+    assert read_image_file(tmp_path / "small.jpg", min_side=64).shape[:2] == (96, 128)
+    assert read_image_file(tmp_path / "small.jpg", min_side=48).shape[:2] == (48, 64)
     reference = torch.nn.functional.interpolate(torch.from_numpy(full).permute(2, 0, 1)[None], size=(32, 32),
                                                 mode="bilinear", antialias=True)[0]
     assert (denormalize(image) - reference).abs().mean() < 0.02
@@ -350,6 +367,8 @@ def test_sixteen_bit_images_are_scaled_to_unit_range(tmp_path: Path):
     pixels = read_image_file(tmp_path / "ct.png", in_channels=1)
     assert pixels.shape == (2, 2, 1)
     assert np.allclose(pixels[..., 0], values / 4000.0)
+    Image.fromarray(values + 1000).save(tmp_path / "offset.png")  # a CT slice whose darkest value is 1000
+    assert np.allclose(read_image_file(tmp_path / "offset.png", in_channels=1)[..., 0], values / 4000.0)
 
 
 def test_unreadable_and_missing_files_are_named(tmp_path: Path):
@@ -363,6 +382,13 @@ def test_unreadable_and_missing_files_are_named(tmp_path: Path):
     Image.fromarray(colour).save(tmp_path / "colour.png")
     with pytest.raises(DataError, match=r"colour\.png is a colour image"):
         read_mask_file(tmp_path / "colour.png")
+    colour[0, 0] = (7, 7, 200)  # red and green equal, blue not: colour too
+    Image.fromarray(colour).save(tmp_path / "blue.png")
+    with pytest.raises(DataError, match=r"blue\.png is a colour image"):
+        read_mask_file(tmp_path / "blue.png")
+    colour[0, 0] = (7, 7, 7)
+    Image.fromarray(colour).save(tmp_path / "grey.png")
+    assert read_mask_file(tmp_path / "grey.png")[0, :2].tolist() == [7, 0]  # grey RGB: its values
 
 
 def test_broken_links_are_reported_not_skipped(folder_root: Path):
@@ -382,6 +408,18 @@ def test_broken_links_are_reported_not_skipped(folder_root: Path):
     (folder_root / "masks" / "case3.png").symlink_to(folder_root / "masks" / "case3.png")
     with pytest.raises(DataError, match=r"case3\.png is a symbolic link that leads back to itself"):
         find_folder_pairs(folder_root)
+
+
+def test_upper_case_suffixes_are_found_and_hidden_files_ignored(folder_root: Path):
+    """Cameras write IMG_1.JPG; macOS leaves ._case0.png (AppleDouble) files on shared drives."""
+    for folder in ("images", "masks"):
+        (folder_root / folder / "case0.png").rename(folder_root / folder / "case0.PNG")
+    (folder_root / "images" / "._case1.png").write_bytes(b"\x00\x05\x16\x07 not an image")
+    (folder_root / "masks" / ".case2.png").write_bytes(b"not an image either")
+    (folder_root / "images" / "scans.png").mkdir()  # a folder named like an image is none
+    pairs = find_folder_pairs(folder_root)
+    assert [pair.stem for pair in pairs] == [f"case{i}" for i in range(10)]
+    assert (pairs[0].image.name, pairs[0].mask.name) == ("case0.PNG", "case0.PNG")
 
 
 def test_a_mask_whose_stem_differs_in_case_is_named(folder_root: Path):
@@ -430,6 +468,17 @@ def test_classes_txt_comments_are_skipped_and_one_name_is_refused(folder_root: P
         build_datasets(**options)
 
 
+def test_class_names_must_match_the_class_count(folder_root: Path):
+    from cmrf.data.masks import class_names_for
+
+    assert class_names_for(None) is None and class_names_for(folder_root) is None
+    assert class_names_for(folder_root, 3) == ["background", "class 1", "class 2"]
+    (folder_root / "classes.txt").write_text("background\nlesion\n")
+    assert class_names_for(folder_root) == class_names_for(folder_root, 2) == ["background", "lesion"]
+    with pytest.raises(DataError, match=r"classes\.txt names 2 classes but the data has 3"):
+        class_names_for(folder_root, 3)
+
+
 def test_an_image_replaced_by_a_16_bit_one_after_the_checks_is_named(folder_root: Path):
     bundle = build_datasets(**{**folder_options(folder_root), "cache": "memory"})
     image = bundle.train.pairs[0].image
@@ -467,6 +516,21 @@ def test_isic_training_folder_only_is_split_by_fractions(isic_root: Path):
     assert [p.stem for p in _build(args, seed=0).val.pairs] == [p.stem for p in bundle.val.pairs]
 
 
+def test_isic_without_a_test_folder_cuts_only_the_test_split_off_training(isic_root: Path):
+    """The official validation set stays the val split, and no training image is lost to a val
+    share that is not cut (nor kept anywhere)."""
+    for folder in ISIC_FOLDERS["test"]:
+        for file in (isic_root / folder).iterdir():
+            file.unlink()
+        (isic_root / folder).rmdir()
+    bundle = _build(parse("--data", "isic2018", "--root", str(isic_root), "--val-fraction", "0.2",
+                          "--test-fraction", "0.3"), seed=0)
+    assert [p.stem for p in bundle.val.pairs] == ["ISIC_0000006", "ISIC_0000007"]
+    assert (len(bundle.train), len(bundle.test)) == (4, 2)
+    stems = [p.stem for ds in (bundle.train, bundle.test) for p in ds.pairs]
+    assert sorted(stems) == [f"ISIC_{i:07d}" for i in range(6)]
+
+
 def test_isic_errors_name_the_missing_thing(isic_root: Path, tmp_path_factory):
     (isic_root / ISIC_FOLDERS["train"][1] / "ISIC_0000002_segmentation.png").unlink()
     with pytest.raises(DataError, match=r"mask for image .*ISIC_0000002\.jpg is missing: expected .*"
@@ -499,6 +563,17 @@ def test_folder_with_binary_masks_and_fractions(folder_root: Path):
         {p.stem for p in other_seed.test.pairs} != {p.stem for p in bundle.test.pairs}
     _, mask = bundle.train[0]
     assert mask.shape == (8, 8) and set(mask.unique().tolist()) == {0, 1}
+
+
+def test_the_fraction_split_of_a_seed_does_not_change_between_versions():
+    """Runs record their split (split_fingerprint) and a resume compares it: a new version must cut
+    the same samples off for the same seed, or every earlier run would be refused on resume."""
+    from cmrf.data.splits import split_by_fractions
+
+    assert split_by_fractions(list(range(10)), 0.2, 0.2, 0) == {
+        "val": [2, 6], "test": [1, 3], "train": [8, 7, 4, 9, 0, 5]}
+    assert split_by_fractions(list(range(10)), 0.2, 0.2, 7) == {
+        "val": [7, 6], "test": [2, 1], "train": [8, 4, 9, 5, 3, 0]}
 
 
 def test_masks_drawn_in_transparency_are_refused_and_opaque_alpha_ignored(tmp_path: Path):
@@ -587,7 +662,8 @@ def test_folder_with_palette_masks_infers_classes_and_reads_names(tmp_path: Path
 
 def test_folder_with_split_files(folder_root: Path, tmp_path_factory):
     split_dir = tmp_path_factory.mktemp("splits")
-    (split_dir / "train.txt").write_text("# training cases\ncase0\ncase1.png\ncase2\n\ncase3\n")
+    # blanks around names (an editor's trailing spaces, an indented list) are not part of them
+    (split_dir / "train.txt").write_text("# training cases\ncase0 \ncase1.png\n  case2\t\n\ncase3\n")
     (split_dir / "val.txt").write_text("case4\ncase5\n")
     (split_dir / "test.txt").write_text("case6\n")
     args = parse("--data", "folder", "--root", str(folder_root), "--split-dir", str(split_dir))
@@ -607,6 +683,38 @@ def test_folder_with_split_files(folder_root: Path, tmp_path_factory):
     (split_dir / "test.txt").unlink()
     with pytest.raises(DataError, match=r"split file .*test\.txt does not exist"):
         _build(args, 0)
+
+
+def test_split_fingerprint_names_membership_and_file_sizes_name_both_files(folder_root: Path,
+                                                                           tmp_path_factory):
+    """A resume compares these: the same samples listed in another order are the same split; a
+    mask rewritten to another byte size is other data (as an image would be)."""
+    from cmrf.data.splits import split_file_sizes, split_fingerprint
+
+    def bundle_of(train: str):
+        split_dir = tmp_path_factory.mktemp("splits")
+        for name, text in (("train", train), ("val", "case4\n"), ("test", "case5\n")):
+            (split_dir / f"{name}.txt").write_text(text)
+        return _build(parse("--data", "folder", "--root", str(folder_root), "--img-size", "8",
+                            "--split-dir", str(split_dir)), 0)
+
+    first = bundle_of("case0\ncase1\ncase2\ncase3\n")
+    reordered = bundle_of("case3\ncase1\ncase0\ncase2\n")
+    other = bundle_of("case0\ncase1\ncase2\ncase6\n")
+    assert split_fingerprint(first) == split_fingerprint(reordered) != split_fingerprint(other)
+    assert split_fingerprint(first).startswith("train 4, val 1, test 1 (sha1 ")
+    sizes = split_file_sizes(first)
+    assert split_file_sizes(reordered) == sizes
+    mask = folder_root / "masks" / "case0.png"
+    values = np.asarray(Image.open(mask))
+    Image.fromarray(values).save(mask, compress_level=0)  # same values, other byte size
+    assert split_file_sizes(first) != sizes
+
+
+def test_only_the_training_split_is_augmented(folder_root: Path):
+    """Validation and test scores are of the images as they are."""
+    bundle = _build(parse("--data", "folder", "--root", str(folder_root), "--img-size", "8"), 0)
+    assert (bundle.train.augment, bundle.val.augment, bundle.test.augment) == (True, False, False)
 
 
 def test_folder_bad_data_is_reported_with_the_file(tmp_path: Path):
@@ -844,6 +952,35 @@ def test_a_threshold_that_leaves_one_class_is_refused(tmp_path: Path, masks, sid
         build_datasets(**folder_options(tmp_path, "--mask-threshold", "128"))
 
 
+def test_a_threshold_equal_to_the_foreground_value_splits_the_masks():
+    """Pixels at the threshold are class 1 (docs/data.md), so 0/128 masks with --mask-threshold 128
+    are two classes, not "every value below it"; 128/200 masks are refused as all foreground."""
+    masks = [MaskValues(Path("a.png"), (0, 128)), MaskValues(Path("b.png"), (0,))]
+    mapping = resolve_classes(masks, MaskRule(mask_threshold=128))
+    assert mapping.num_classes == 2
+    assert mapping.apply(np.array([[0, 127, 128]], np.uint8)).tolist() == [[0, 0, 1]]
+    with pytest.raises(DataError, match=r"every value in the masks is at or above it \(values seen: 128, "):
+        resolve_classes([MaskValues(Path("c.png"), (128, 200))], MaskRule(mask_threshold=128))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [(dict(num_classes=1), r"--num-classes 1: segmentation needs at least 2 classes"),
+     (dict(mask_values=(255,)), r"--mask-values 255: give at least two values"),
+     (dict(mask_threshold=0), r"--mask-threshold 0: expected a value >= 1"),
+     (dict(mask_threshold=128, num_classes=3), r"--mask-threshold makes 2 classes, but --num-classes is 3")],
+)
+def test_mask_options_that_cannot_make_a_segmentation_are_refused_from_python(folder_root: Path, options,
+                                                                              message):
+    """build_datasets takes the options without argparse's checks: one class, one value, a threshold
+    of 0 (every pixel foreground) or a class count a threshold cannot make are refused, not trained."""
+    with pytest.raises(DataError, match=message):
+        build_datasets(**{**folder_options(folder_root), **options})
+    # The nearest valid options are accepted.
+    for valid in (dict(num_classes=2), dict(mask_threshold=1, num_classes=2)):
+        assert build_datasets(**{**folder_options(folder_root), **valid}).num_classes == 2
+
+
 def test_every_bad_file_is_reported_up_to_a_cap(tmp_path: Path):
     masks = {f"c{i:02d}": halves(0, 255) for i in range(30)}
     for i in range(25):
@@ -967,6 +1104,7 @@ def test_a_disk_cache_whose_data_check_was_not_saved_is_made_again(folder_root: 
     images, masks = count_decoding(monkeypatch)
     load_all(build_datasets(**options))
     assert masks.calls == 10 and (facts.parent / "facts.json").is_file()
+    assert images.calls == 0  # the images the stopped run decoded are still used
 
 
 def test_without_cache_files_are_decoded_on_every_load(folder_root: Path, monkeypatch):
@@ -1030,6 +1168,83 @@ def test_memory_cache_falls_back_to_disk_if_too_big(folder_root: Path, tmp_path_
     assert bundle.train[0][0].shape == (3, 8, 8)
 
 
+def test_mask_values_beyond_8_bits_or_negative_are_stored_exactly(tmp_path: Path):
+    """A 16-bit mask's 256 is not stored as 8 bits (where it would read back as 0, background)."""
+    from cmrf.data.store import mask_dtype_for
+
+    stored = [mask_dtype_for(values) for values in ([0, 255], [0, 256], [-1, 0], [])]
+    assert stored == ["uint8", "int32", "int32", "uint8"]
+    for i in range(5):
+        write_pair(tmp_path, f"c{i}", seed=i)
+        wide = np.zeros((16, 20), dtype=np.uint16)
+        wide[:, :10] = 256
+        Image.fromarray(wide).save(tmp_path / "masks" / f"c{i}.png")
+    bundle = build_datasets(**folder_options(tmp_path, "--mask-values", "0", "256", "--cache", "memory"))
+    bundle.train.augment = False
+    for _ in range(2):  # decoded, then read from the store
+        mask = bundle.train[0][1]
+        assert (mask[:, :4] == 1).all() and (mask[:, 4:] == 0).all()
+
+
+def test_a_disk_cache_larger_than_the_free_space_is_refused(folder_root: Path, tmp_path_factory, monkeypatch):
+    import types
+
+    import cmrf.data.store as store
+
+    monkeypatch.setattr(store.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=100))
+    cache_dir = tmp_path_factory.mktemp("cache")
+    with pytest.raises(DataError, match=r"the disk cache needs \d+\.\d\d KiB in .* but only 100 bytes are "):
+        build_datasets(**folder_options(folder_root, "--cache", "disk", "--cache-dir", str(cache_dir)))
+    assert not any(cache_dir.iterdir())
+
+
+def test_a_dataset_of_no_samples_is_refused(folder_root: Path):
+    from cmrf.data.cache import SourceDataset
+
+    train = build_datasets(**folder_options(folder_root)).train
+    with pytest.raises(DataError, match="a dataset split has no samples"):
+        SourceDataset(train.source, [], train.mapping)
+    assert len(SourceDataset(train.source, [1], train.mapping)) == 1
+
+
+def test_the_default_cache_folder_follows_the_environment(tmp_path: Path, monkeypatch):
+    from cmrf.data.store import default_cache_dir
+
+    monkeypatch.delenv("CMRF_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "cmrf" / "data"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "cmrf" / "data"
+    monkeypatch.setenv("CMRF_CACHE_DIR", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"  # wins over XDG_CACHE_HOME
+
+
+def test_a_full_disk_when_reserving_the_cache_is_a_clear_error(folder_root: Path, tmp_path_factory,
+                                                              monkeypatch):
+    """Without its blocks reserved, writing into the memory-mapped cache on a full disk would kill
+    the process (SIGBUS); a file system that cannot reserve (EOPNOTSUPP) is used as it is."""
+    import errno
+
+    import cmrf.data.store as store
+
+    def no_room(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.os, "posix_fallocate", no_room)
+    cache_dir = tmp_path_factory.mktemp("cache")
+    options = folder_options(folder_root, "--cache", "disk", "--cache-dir", str(cache_dir))
+    with pytest.raises(DataError, match=r"cannot create the data cache .*No space left on device"):
+        build_datasets(**options)
+    assert not any(cache_dir.iterdir())  # nothing half-made left behind
+
+    def unsupported(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(store.os, "posix_fallocate", unsupported)
+    assert build_datasets(**options).train.source.store.kind == "disk"
+
+
 def test_unusable_cache_folder_is_a_clear_error(folder_root: Path, tmp_path_factory):
     not_a_folder = tmp_path_factory.mktemp("cache") / "file"
     not_a_folder.write_text("")
@@ -1088,6 +1303,29 @@ def test_images_are_turned_by_their_exif_orientation(tmp_path: Path, suffix):
     image, mask = bundle.train[0]
     bright = denormalize(image).mean(0) > 0.5
     assert (bright == mask.bool()).float().mean() > 0.9
+
+
+# How a camera stores the shown view for each EXIF orientation (the inverse of the turn a viewer applies).
+STORED_FOR_ORIENTATION = {
+    1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270,
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(STORED_FOR_ORIENTATION))
+def test_every_exif_orientation_is_read_as_shown(tmp_path: Path, orientation: int):
+    """Mirrorings (2, 4), the half turn (3) and all four quarter turns and transposes (5-8): the
+    pixels read and the header's sides are those of the view a viewer shows."""
+    shown = (np.arange(24 * 32) % 251).astype(np.uint8).reshape(24, 32)  # no two pixels alike nearby
+    transform = STORED_FOR_ORIENTATION[orientation]
+    stored = Image.fromarray(shown) if transform is None else Image.fromarray(shown).transpose(transform)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(tmp_path / "x.png", exif=exif.tobytes())
+    assert image_size(tmp_path / "x.png") == (24, 32)
+    pixels = read_image_file(tmp_path / "x.png", in_channels=1)[..., 0]
+    assert np.array_equal(pixels, shown.astype(np.float32) / 255)
 
 
 def test_a_mask_drawn_on_the_stored_pixels_of_a_turned_photo_gets_a_hint(tmp_path: Path):
@@ -1191,6 +1429,54 @@ def test_sixteen_bit_images_keep_their_precision_and_match_load_image(tmp_path: 
     assert (denormalize(image) - exact).abs().max() < 1e-4  # far finer than 8 bits (1/255)
 
 
+def test_eight_bit_images_beside_16_bit_ones_are_kept_exactly(tmp_path: Path):
+    """A folder mixing 8-bit and 16-bit images is stored in 16 bits: an 8-bit image still gives
+    what load_image gives for it, exactly (level k is k/255)."""
+    for i in range(5):
+        write_pair(tmp_path, f"c{i}", seed=i)
+    for i in range(2):
+        values = (np.random.default_rng(i).random((16, 20)) * 4000).astype(np.uint16)
+        Image.fromarray(values).save(tmp_path / "images" / f"c{i}.png")
+    bundle = build_datasets(**folder_options(tmp_path, "--cache", "memory"))
+    assert bundle.train.source.store.layout.image_dtype == "uint16"
+    for dataset in (bundle.train, bundle.val, bundle.test):
+        dataset.augment = False
+        for index, pair in enumerate(dataset.pairs):
+            assert torch.equal(dataset[index][0], load_image(pair.image, 8)), pair.stem
+
+
+def test_images_are_rounded_to_the_nearest_level(tmp_path: Path):
+    """Resized values are kept as the nearest of the 256 levels: never more than half a level off."""
+    image_path, _ = write_pair(tmp_path, "a", size=(20, 16))
+    exact = resize_image(torch.from_numpy(read_image_file(image_path)).permute(2, 0, 1), 8)
+    error = (denormalize(load_image(image_path, 8)) - exact).abs().max().item()
+    assert 0.1 / 255 < error <= 0.5 / 255 + 1e-6  # the premise: resizing made values between levels
+
+
+def test_float_masks_must_hold_whole_numbers(tmp_path: Path):
+    values = np.zeros((4, 6), dtype=np.float32)
+    values[:, 3:] = 2.0
+    Image.fromarray(values, mode="F").save(tmp_path / "whole.tif")
+    assert read_mask_file(tmp_path / "whole.tif").tolist() == [[0, 0, 0, 2, 2, 2]] * 4
+    values[0, 0] = 0.5
+    Image.fromarray(values, mode="F").save(tmp_path / "half.tif")
+    with pytest.raises(DataError, match=r"half\.tif holds non-integer values"):
+        read_mask_file(tmp_path / "half.tif")
+
+
+@pytest.mark.parametrize(("shape", "size"), [((7, 5), 3), ((4, 4), 2), ((5, 9), 12), ((6, 10, 4), 5)])
+def test_masks_are_resized_at_pixel_centres_as_nearest_exact(shape, size):
+    """The mask sample at each output pixel's centre, as torch's nearest-exact and Pillow's NEAREST
+    take it (not the top-left corner), whatever the integer type."""
+    from cmrf.data.imageio import resize_nearest
+
+    mask = np.arange(np.prod(shape), dtype=np.int32).reshape(shape) * 1000
+    reference = torch.nn.functional.interpolate(torch.from_numpy(mask)[None, None].double(),
+                                                size=(size,) * len(shape), mode="nearest-exact")[0, 0]
+    resized = resize_nearest(mask, size)
+    assert resized.dtype == np.int32 and np.array_equal(resized, reference.numpy().astype(np.int32))
+
+
 def test_synthetic_samples_are_generated_once_per_index(monkeypatch):
     import cmrf.data.synthetic as synthetic
 
@@ -1270,6 +1556,27 @@ def test_a_damaged_png_exif_block_reads_the_pixels_as_stored(tmp_path: Path, cut
     Image.fromarray(pixels).save(tmp_path / "a.png", exif=exif.tobytes()[:cut])
     assert image_size(tmp_path / "a.png") == (24, 32)
     assert read_image_file(tmp_path / "a.png").shape == (24, 32, 3)
+
+
+def test_a_png_exif_chunk_after_the_pixels_is_not_applied(tmp_path: Path):
+    """Only an eXIf chunk before the image data counts (docs of _orientation): seeing one after it
+    would mean decoding the whole file to read a header. Header and pixels agree: as stored."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pixels = (np.arange(24 * 32) % 251).astype(np.uint8).reshape(24, 32)
+    rows = b"".join(b"\x00" + row.tobytes() for row in pixels)
+    header = struct.pack(">IIBBBBB", 32, 24, 8, 0, 0, 0, 0)
+    chunks = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"eXIf", exif.tobytes())
+    (tmp_path / "late.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunks + chunk(b"IEND", b""))
+    with Image.open(tmp_path / "late.png") as image:  # the premise: Pillow finds it once decoded
+        image.load()
+        assert image.getexif().get(0x0112) == 6
+    assert image_size(tmp_path / "late.png") == (24, 32)
+    read = read_image_file(tmp_path / "late.png", in_channels=1)[..., 0]
+    assert np.array_equal(read, pixels.astype(np.float32) / 255)
 
 
 def test_split_and_class_files_from_windows_editors(folder_root: Path, tmp_path_factory):
