@@ -369,6 +369,15 @@ def test_a_refused_export_leaves_no_folder_it_made(tmp_path, capsys, argv, messa
     assert os.listdir(tmp_path) == []
 
 
+def test_a_file_where_o_needs_a_folder_is_named(tmp_path, capsys):
+    """``-o afile/x.onnx`` with ``afile`` a file: mkdir's own "File exists" says nothing of the cause."""
+    (tmp_path / "afile").write_text("not a folder")
+    assert main(["export", "onnx", *SMALL[:6], "-o", str(tmp_path / "afile" / "sub" / "x.onnx")]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "afile: is not a folder: -o needs a folder there" in line
+    assert (tmp_path / "afile").read_text() == "not a folder"
+
+
 @requires_onnx_exporter
 def test_export_of_a_per_shape_wrapper_takes_its_models_input(tmp_path):
     """``optimize_for_inference(freeze=True)`` returns a wrapper that does not say its model's channels

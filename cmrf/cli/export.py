@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 from pathlib import Path
 
 from cmrf.cli.common import check_output_file, require_extra, user_path
@@ -72,6 +73,9 @@ def _folders_made_for(folder: Path):
     """Make ``folder`` and its missing parents; if the body fails, remove those made (while empty):
     a refused export (a bad flag, an input size the model does not take) leaves no empty folders."""
     missing = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
+    lowest = missing[-1].parent if missing else folder  # the deepest folder that exists, if a folder
+    if lowest.exists() and not lowest.is_dir():  # mkdir's own word for it, "File exists", says nothing
+        raise NotADirectoryError(errno.ENOTDIR, "is not a folder: -o needs a folder there", str(lowest))
     folder.mkdir(parents=True, exist_ok=True)
     try:
         yield
