@@ -211,16 +211,52 @@ def _name_list(names, limit: int = 20) -> str:
 
 
 def map_to_model_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` in ``model``'s key names (the reference code's names are mapped), also for a model
-    inside wrappers (``DataParallel``/DDP's ``module``, ``torch.compile``'s ``_orig_mod``)."""
-    while getattr(model, "checkpoint_filter_fn", None) is None:
-        inner = getattr(model, "_orig_mod", None)
+    """``state`` in ``model``'s key names, also for a model inside wrappers (``DataParallel``/DDP's
+    ``module``, ``torch.compile``'s ``_orig_mod``).
+
+    The reference code's names are mapped by the model's ``checkpoint_filter_fn``. A name that
+    every key starts with (a Lightning checkpoint's ``model.``/``net.``: the LightningModule's
+    attribute) is dropped when the keys that remain are exactly the model's; otherwise the keys
+    stay as they are, for the strict load to report.
+    """
+    model = _unwrapped_model(model)
+    filter_fn = getattr(model, "checkpoint_filter_fn", None)
+    mapped = filter_fn(state, model) if filter_fn is not None else state
+    keys = list(model.state_dict())
+    own = _wrapper_prefix(keys)  # a wrapper with no filter: its keys as read_state_dict leaves a file's
+    expected = {k[len(own):] for k in keys}
+    rest = state
+    while not _keys_fit(mapped, expected) and (leading := _shared_leading_name(rest)):
+        rest = {k[len(leading):]: v for k, v in rest.items()}
+        candidate = filter_fn(rest, model) if filter_fn is not None else rest
+        if _keys_fit(candidate, expected):
+            return candidate
+    return mapped
+
+
+def _unwrapped_model(model: nn.Module) -> nn.Module:
+    """The model with a ``checkpoint_filter_fn`` inside wrappers, or ``model`` itself if none has one."""
+    found = model
+    while getattr(found, "checkpoint_filter_fn", None) is None:
+        inner = getattr(found, "_orig_mod", None)
         if not isinstance(inner, nn.Module):  # (a Sequential may be empty, hence no "or")
-            inner = getattr(model, "module", None)
+            inner = getattr(found, "module", None)
         if not isinstance(inner, nn.Module):
-            return state
-        model = inner
-    return model.checkpoint_filter_fn(state, model)
+            return model
+        found = inner
+    return found
+
+
+def _shared_leading_name(keys) -> str:
+    """``"model."`` if every one of ``keys`` starts with that first name and goes on after it, else ``""``."""
+    first = {key.partition(".")[0] + "." if "." in key else "" for key in keys}
+    return first.pop() if len(first) == 1 and "" not in first else ""
+
+
+def _keys_fit(state: dict, expected: set[str]) -> bool:
+    """Whether ``state`` holds exactly the ``expected`` keys, BatchNorm step counters optional."""
+    keys = state.keys()
+    return not keys - expected and all(k.rpartition(".")[2] == "num_batches_tracked" for k in expected - keys)
 
 
 def load_state_dict_checked(

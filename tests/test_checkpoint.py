@@ -495,3 +495,52 @@ def test_a_mismatched_run_checkpoint_names_its_3d_or_swapped_model(tmp_path, nam
     if swap:
         eval(swap, {"cmrf": cmrf, "model": model})
     cmrf.load_checkpoint(model, path)
+
+
+def _lightning_checkpoint(model: torch.nn.Module, path: Path, attribute: str = "model") -> None:
+    """What a LightningModule that holds the network as ``self.<attribute>`` saves."""
+    state = {f"{attribute}.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"epoch": 7, "global_step": 70, "pytorch-lightning_version": "2.5.0", "state_dict": state,
+                "hyper_parameters": {"lr": 1e-3}, "optimizer_states": [], "lr_schedulers": []}, path)
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return a.state_dict().keys() == b.state_dict().keys() and all(
+        torch.equal(x, b.state_dict()[k]) for k, x in a.state_dict().items())
+
+
+def test_a_lightning_checkpoint_loads_by_every_route(tmp_path):
+    """Lightning puts the LightningModule's attribute name ("model.", "net.") before every key; it is
+    dropped when what remains fits the model, as with DDP's "module."."""
+    kwargs = {"channels": (16, 32), "N": 2}
+    source = cmrf.create_model("tinyunet", num_classes=3, **kwargs)
+    path = tmp_path / "epoch=7-step=70.ckpt"
+    _lightning_checkpoint(source, path, attribute="net")
+    assert _same_weights(cmrf.load_checkpoint(cmrf.TinyUNet(num_classes=3, **kwargs), path), source)
+    built = cmrf.create_model("tinyunet", num_classes=3, checkpoint_path=str(path), **kwargs)
+    assert _same_weights(built, source)
+    overlay = cmrf.create_model("tinyunet", num_classes=3, pretrained=True,
+                                pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    assert _same_weights(overlay, source)
+    inferred, meta = model_from_checkpoint(path, model="tinyunet", model_kwargs=kwargs)
+    assert meta["num_classes"] == 3 and _same_weights(inferred, source)
+
+
+def test_a_shared_leading_name_is_dropped_only_when_the_rest_fits(tmp_path):
+    """A model whose own keys all start with "model." (MONAI's UNet) keeps them; its Lightning
+    checkpoint ("model.model.") loads; a file that does not fit after dropping is still refused."""
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+
+    source = Holder()
+    torch.save(source.state_dict(), tmp_path / "own.pth")
+    assert _same_weights(cmrf.load_checkpoint(Holder(), tmp_path / "own.pth"), source)
+    _lightning_checkpoint(source, tmp_path / "lightning.ckpt")
+    assert _same_weights(cmrf.load_checkpoint(Holder(), tmp_path / "lightning.ckpt"), source)
+    conv_only = {f"model.model.0.{k}": v for k, v in source.model[0].state_dict().items()}  # no model.1
+    torch.save({"state_dict": conv_only}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match=r"missing keys: model\.0\.bias.*unexpected keys: model\.model\.0"):
+        cmrf.load_checkpoint(Holder(), tmp_path / "other.ckpt")
