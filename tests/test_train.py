@@ -658,6 +658,24 @@ def test_recipe_defaults_are_the_papers_and_threads_choice():
             resolve_device("cuda")
 
 
+def test_a_cuda_device_past_the_machines_count_is_named(monkeypatch):
+    """torch accepts torch.device("cuda:7") on a machine with two GPUs and fails at the first copy."""
+    from cmrf.train.processes import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cuda", local_rank=1) == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"device cuda:7 requested but this machine has 2 CUDA devices "
+                                         r"\(cuda:0 to cuda:1;"):
+        resolve_device("cuda:7")
+    with pytest.raises(ValueError, match=r"device 'cuda' \(process 2: cuda:2\) requested .* 2 CUDA devices"):
+        resolve_device("cuda", local_rank=2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"has 1 CUDA device \(cuda:0;"):
+        resolve_device("cuda:1")
+
+
 def test_amp_auto_takes_bf16_only_where_the_gpu_computes_it_natively(monkeypatch):
     from contextlib import nullcontext
 

@@ -34,6 +34,14 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
             raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
         if device.index is None:
             device = torch.device("cuda", local_rank)
+        count = torch.cuda.device_count()
+        if device.index >= count:  # else torch fails later, deep inside the first copy to it
+            shown = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+            asked = name if name == str(device) else f"{name!r} (process {local_rank}: {device})"
+            raise ValueError(
+                f"device {asked} requested but this machine has {count} CUDA device"
+                f"{'s' if count != 1 else ''} ({shown}; CUDA_VISIBLE_DEVICES limits which are seen)"
+            )
     elif device.type != "cpu":
         raise ValueError(f"unsupported device {name!r}: use cpu, cuda, cuda:N or auto")
     return device
