@@ -125,12 +125,14 @@ def _example_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[i
     the default 2D size for it; the exporter's own errors about these are long and indirect."""
     channels = getattr(model, "in_channels", None)
     spatial_dims = getattr(model, "spatial_dims", None)  # checked only where the model says it
+    min_size = getattr(model, "min_size", None)  # TinyU-Net: one pixel must survive every pooling
     if input_size is None:
         if spatial_dims not in (None, 2):
             raise ValueError(f"{type(model).__name__} takes {spatial_dims}D inputs: give input_size "
                              f"(B, C, {', '.join('*' * spatial_dims)}), e.g. (1, {channels or 1}, "
                              f"{', '.join(['64'] * spatial_dims)})")
-        input_size = (1, channels or 3, 256, 256)
+        side = max(256, min_size) if isinstance(min_size, int) else 256  # a deep model takes more
+        input_size = (1, channels or 3, side, side)
     size = check_input_size(input_size)
     if isinstance(channels, int) and size[1] != channels:
         raise ValueError(f"input_size {size} has {size[1]} channels, but {type(model).__name__} takes "
@@ -138,7 +140,6 @@ def _example_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[i
     if isinstance(spatial_dims, int) and len(size) != spatial_dims + 2:
         raise ValueError(f"input_size {size} has {len(size) - 2} spatial sides, but "
                          f"{type(model).__name__} takes {spatial_dims}D inputs")
-    min_size = getattr(model, "min_size", None)  # TinyU-Net: one pixel must survive every pooling
     if isinstance(min_size, int) and min(size[2:]) < min_size:
         raise ValueError(f"input_size {size} has a side below {min_size}, the smallest "
                          f"{type(model).__name__} takes (every spatial side >= {min_size})")
@@ -164,7 +165,8 @@ def export_onnx(
             inside the file.
         input_size: the example input shape ``(B, C, *spatial)``; ``C`` must be the model's
             ``in_channels`` where it has one. Default ``(1, in_channels, 256, 256)`` for 2D
-            models (``in_channels`` 3 if the model does not say); 3D models need it given.
+            models (``in_channels`` 3 if the model does not say; sides of ``model.min_size`` if
+            that is more, for TinyU-Nets of nine or more levels); 3D models need it given.
         dynamic: ``False`` (default) fixes the graph to ``input_size``; ``True`` makes the batch
             and every spatial side dynamic (for TinyU-Net the sides stay multiples of
             ``model.min_size``, so ``input_size``'s sides must be such multiples too).

@@ -177,6 +177,9 @@ def test_export_input_size_follows_the_model(tmp_path):
 
     dims = [d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
     assert dims == [1, 1, 256, 256]
+    from cmrf.export import _example_size
+
+    assert _example_size(cmrf.TinyUNet(channels=(4,) * 9, N=2), None) == (1, 3, 512, 512)  # 2 ** 9
 
 
 @requires_onnx_exporter

@@ -384,6 +384,7 @@ def test_onnxruntime_backend_refuses_what_it_cannot_run(checkpoint, images, tmp_
     wrapped = inference_model(plain, torch.device("cpu"), backend="onnxruntime")
     assert type(wrapped).__name__ == "OnnxRuntimeInference"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert inference_device(Namespace(backend="onnxruntime", device="auto")) == torch.device("cpu")
     assert inference_device(Namespace(backend="torch", device="auto")).type == "cuda"
 

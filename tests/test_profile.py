@@ -140,7 +140,10 @@ def test_bad_input_size():
 @pytest.mark.parametrize(
     ("argv", "input_size"),
     [(["tinyunet3d", "--channels", "16", "32"], [1, 3, 64, 64, 64]),
-     (["tinyunet", "--in-chans", "1", "--channels", "16", "32"], [1, 1, 256, 256])],
+     (["tinyunet", "--in-chans", "1", "--channels", "16", "32"], [1, 1, 256, 256]),
+     # deeper than the default side allows: 2 ** levels, not an error about a size nobody gave
+     (["tinyunet", "--N", "2", "--channels", *["4"] * 9], [1, 3, 512, 512]),
+     (["tinyunet3d", "--N", "2", "--channels", *["4"] * 7], [1, 3, 128, 128, 128])],
 )
 def test_profile_default_input_follows_the_model(capsys, argv, input_size):
     """The default input was 1x3x256x256 whatever the model: a 3D or 1-channel model failed."""

@@ -23,9 +23,10 @@ __all__ = [
 
 def default_input_size(model, in_chans: int, side: int | None = None) -> list[int]:
     """``[1, in_chans, side, ...]`` for ``model``'s spatial dims: ``side`` or 256 for images, 64 for
-    volumes (and 1D signals)."""
+    volumes (and 1D signals), raised to the model's ``min_size`` (a deep TinyU-Net's 2 ** levels)."""
     spatial_dims = int(getattr(model, "spatial_dims", 2))
-    side = side or (256 if spatial_dims == 2 else 64)
+    min_size = getattr(model, "min_size", None)
+    side = side or max(256 if spatial_dims == 2 else 64, min_size if isinstance(min_size, int) else 1)
     return [1, in_chans, *([side] * spatial_dims)]
 
 
