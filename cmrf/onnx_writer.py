@@ -9,6 +9,9 @@ shape). This module exports whatever module it is given and knows nothing of mod
 from __future__ import annotations
 
 import importlib.util
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -104,6 +107,31 @@ def check_onnxruntime() -> None:
         )
 
 
+# What onnx_ir logs as a warning to the exporter's own authors while it builds a graph, about
+# a choice it makes correctly: the empty integer list of a Constant in the exporter's index_put
+# (SegNet's max-unpooling, five lines per export) is typed INTS.
+_EXPORTER_NOTES = ("Attribute type is ambiguous because it is an empty sequence",)
+
+
+class _HideExporterNotes(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_EXPORTER_NOTES)
+
+
+@contextmanager
+def _exporter_notes_hidden(hide: bool) -> Iterator[None]:
+    """Keeps ``_EXPORTER_NOTES`` (and nothing else) off the log while the exporter runs."""
+    if not hide:
+        yield
+        return
+    logger, note_filter = logging.getLogger("onnx_ir._convenience"), _HideExporterNotes()
+    logger.addFilter(note_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(note_filter)
+
+
 def write_onnx(
     module: nn.Module,
     example: torch.Tensor,
@@ -129,7 +157,7 @@ def write_onnx(
     check_opset(opset_version)
     # The exporter reports its progress on stdout unless told not to (verbose=False). Not a
     # redirect of sys.stdout: that would silence every other thread of the program meanwhile.
-    with torch.no_grad(), reference_only():
+    with torch.no_grad(), reference_only(), _exporter_notes_hidden(not verbose):
         torch.onnx.export(
             module,
             (example,),

@@ -216,6 +216,23 @@ def test_opsets_past_the_converters_newest_are_refused_up_front(tmp_path, capsys
 
 
 @requires_onnx_exporter
+@requires_onnx_exporter
+def test_segnet_exports_equal_and_quiet(tmp_path, caplog):
+    """Max-unpooling goes through the exporter's index_put, whose builder logged five lines of
+    "Attribute type is ambiguous ... Please create an Attr" meant for the exporter's authors."""
+    import numpy as np
+    import onnxruntime as ort
+
+    model = cmrf.create_model("segnet", num_classes=3).eval()
+    path = cmrf.export_onnx(model, tmp_path / "segnet.onnx", (1, 3, 32, 32))
+    assert not [r for r in caplog.records if "ambiguous" in r.getMessage()]
+    x = torch.randn(1, 3, 32, 32)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], expected, atol=1e-4, rtol=0)
+
+
 def test_segnet_dynamic_export_is_refused_with_the_reason(tmp_path):
     path = tmp_path / "segnet.onnx"
     with pytest.raises(ValueError, match=r"dynamic=True cannot export SegNet: its max-unpooling \(unpool\)"):
