@@ -1350,7 +1350,9 @@ def optimize_for_inference(
     a generic model are plain copies and follow ``.train()``/``.eval()`` as usual). Constants
     are built on the model's device and in its dtype, and as normal tensors even when called
     under ``torch.inference_mode()`` (inference tensors would break the eager fallback for
-    inputs that need a gradient).
+    inputs that need a gradient). Hooks belong on ``model``: on the copy's default path those
+    inside an optimized part never run, and with ``freeze``/``backend="onnxruntime"`` hooks run
+    only while a graph is traced (docs/inference.md).
 
     Args:
         model: the model to optimize, on the CPU or a CUDA device, in any floating dtype.

@@ -329,3 +329,25 @@ def test_onnx_dynamic_needs_multiples_of_min_size(small_unet, tmp_path):
         export_onnx(small_unet, tmp_path / "x.onnx", (1, 3, 36, 32), dynamic=True)
     with pytest.raises(ValueError, match="input_size must be"):
         export_onnx(small_unet, tmp_path / "x.onnx", (3, 32))
+
+
+def _hook_calls(fast: nn.Module, x: torch.Tensor, calls: int = 4) -> tuple[int, int, bool]:
+    """Calls of a hook inside ``fast``'s optimized CMRF and of a zeroing hook on its plain head,
+    and whether every output came out zeroed."""
+    inner = getattr(fast, "module", fast)
+    inside, plain = [], []
+    inner[0].pw1.register_forward_hook(lambda *_: inside.append(1))
+    inner[1].register_forward_hook(lambda module, args, out: (plain.append(1), out * 0)[1])
+    with torch.no_grad():
+        outs = [fast(x) for _ in range(calls)]
+    return len(inside), len(plain), all(not out.any() for out in outs)
+
+
+def test_hooks_on_the_copy_run_as_docs_inference_md_says():
+    """Default path: a hook inside an optimized part never runs, one on a layer copied as it is
+    runs per call. freeze=True: hooks run only while the shape's graph is traced, effect baked in."""
+    net = nn.Sequential(CMRF(16, 16, N=2), nn.Conv2d(16, 2, 1)).eval()
+    x = torch.randn(1, 16, 32, 32)
+    assert _hook_calls(optimize_for_inference(net), x) == (0, 4, True)
+    inside, plain, zeroed = _hook_calls(optimize_for_inference(net, freeze=True), x)
+    assert inside < 4 and 1 <= plain < 4 and zeroed, (inside, plain, zeroed)
