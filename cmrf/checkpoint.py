@@ -210,28 +210,75 @@ def _name_list(names, limit: int = 20) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def map_to_model_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def map_to_model_keys(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str | Path | None = None, quiet: bool = False
+) -> dict[str, torch.Tensor]:
     """``state`` in ``model``'s key names, also for a model inside wrappers (``DataParallel``/DDP's
     ``module``, ``torch.compile``'s ``_orig_mod``).
 
-    The reference code's names are mapped by the model's ``checkpoint_filter_fn``. A name that
-    every key starts with (a Lightning checkpoint's ``model.``/``net.``: the LightningModule's
-    attribute) is dropped when the keys that remain are exactly the model's; otherwise the keys
-    stay as they are, for the strict load to report.
+    The reference code's names are mapped by the model's ``checkpoint_filter_fn``. A training
+    checkpoint that holds the model's weights under a name (a Lightning checkpoint's ``model.`` or
+    ``net.``: the LightningModule's attribute, beside other keys such as a loss's class weights)
+    gives the weights under the one name whose keys are exactly the model's. Otherwise the keys
+    stay as they are, for the strict load to report. Keys left out beside the chosen name are
+    named in a ``UserWarning`` unless ``quiet`` (for a caller that only reads shapes).
+
+    Raises:
+        ValueError: the weights under more than one name fit the model (``model.`` and
+            ``ema_model.``), so which to load is the caller's choice; ``source`` names the file.
     """
     model = _unwrapped_model(model)
     filter_fn = getattr(model, "checkpoint_filter_fn", None)
-    mapped = filter_fn(state, model) if filter_fn is not None else state
+
+    def in_model_names(candidate: dict) -> dict:
+        return filter_fn(candidate, model) if filter_fn is not None else candidate
+
     keys = list(model.state_dict())
     own = _wrapper_prefix(keys)  # a wrapper with no filter: its keys as read_state_dict leaves a file's
     expected = {k[len(own):] for k in keys}
-    rest = state
-    while not _keys_fit(mapped, expected) and (leading := _shared_leading_name(rest)):
-        rest = {k[len(leading):]: v for k, v in rest.items()}
-        candidate = filter_fn(rest, model) if filter_fn is not None else rest
+    whole = in_model_names(state)
+    if _keys_fit(whole, expected):
+        return whole
+    fitting = {}
+    for name, part in _named_parts(state):
+        candidate = in_model_names(part)
         if _keys_fit(candidate, expected):
-            return candidate
+            fitting[name] = candidate
+    where = f"{source} holds" if source is not None else "the checkpoint holds"
+    if len(fitting) > 1:
+        raise ValueError(
+            f"{where} {len(fitting)} sets of weights that fit {type(model).__name__}, under "
+            f"{', '.join(fitting)}: save the one to load as a state dict of its own "
+            f"(its keys without the name)"
+        )
+    if not fitting:
+        return whole
+    (name, mapped), = fitting.items()
+    others = sorted({key.partition(".")[0] + "." for key in state if not key.startswith(name)})
+    if others and not quiet:  # not silent: the rest of a training checkpoint (a loss's weights) is left out
+        warnings.warn(f"{where} the weights of {type(model).__name__} under {name}; loaded those, "
+                      f"left out the keys under {', '.join(others)}", UserWarning, stacklevel=3)
     return mapped
+
+
+def _named_parts(state: dict):
+    """``(name, part)`` for each first name of ``state``'s keys (``"model."``), ``part`` holding
+    the keys under it without it and without wrapper prefixes after it; then, while every key
+    of ``part`` starts with one more name, the same one name further down (``"net.model."``).
+    Only names that hold everything below them: a model's own sub-blocks (``encoders.0.``) are
+    never picked out of a whole network's weights."""
+    groups: dict[str, dict] = {}
+    for key, value in state.items():
+        first, dot, rest = key.partition(".")
+        if dot and rest:
+            groups.setdefault(first + ".", {})[rest] = value
+    for name, part in groups.items():
+        part = _strip_wrapper_prefixes(part)
+        yield name, part
+        while len(inner := {key.partition(".")[0] for key in part}) == 1 and all("." in k for k in part):
+            below = inner.pop() + "."
+            name, part = name + below, _strip_wrapper_prefixes({k[len(below):]: v for k, v in part.items()})
+            yield name, part
 
 
 def _unwrapped_model(model: nn.Module) -> nn.Module:
@@ -245,12 +292,6 @@ def _unwrapped_model(model: nn.Module) -> nn.Module:
             return model
         found = inner
     return found
-
-
-def _shared_leading_name(keys) -> str:
-    """``"model."`` if every one of ``keys`` starts with that first name and goes on after it, else ``""``."""
-    first = {key.partition(".")[0] + "." if "." in key else "" for key in keys}
-    return first.pop() if len(first) == 1 and "" not in first else ""
 
 
 def _keys_fit(state: dict, expected: set[str]) -> bool:
@@ -267,7 +308,7 @@ def load_state_dict_checked(
     # The file's wrapper prefixes are gone (read_state_dict); the model's own go back on: a compiled
     # model, a DDP-wrapped one, or one whose only child is named "module", loads its own weights.
     prefix = _wrapper_prefix(expected)
-    mapped = {prefix + k: v for k, v in map_to_model_keys(model, state).items()}
+    mapped = {prefix + k: v for k, v in map_to_model_keys(model, state, source).items()}
     # BatchNorm loads a state without its step counter (older and converted checkpoints lack it),
     # as torch's strict load_state_dict and timm do.
     missing = {k for k in expected.keys() - mapped.keys() if k.rpartition(".")[2] != "num_batches_tracked"}

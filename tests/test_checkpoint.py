@@ -497,9 +497,10 @@ def test_a_mismatched_run_checkpoint_names_its_3d_or_swapped_model(tmp_path, nam
     cmrf.load_checkpoint(model, path)
 
 
-def _lightning_checkpoint(model: torch.nn.Module, path: Path, attribute: str = "model") -> None:
-    """What a LightningModule that holds the network as ``self.<attribute>`` saves."""
-    state = {f"{attribute}.{k}": v for k, v in model.state_dict().items()}
+def _lightning_checkpoint(model: torch.nn.Module, path: Path, attribute: str = "model", **others) -> None:
+    """What a LightningModule that holds the network as ``self.<attribute>`` saves (``others``:
+    further keys of its state dict, a loss's class weights, an EMA copy)."""
+    state = {f"{attribute}.{k}": v for k, v in model.state_dict().items()} | others
     torch.save({"epoch": 7, "global_step": 70, "pytorch-lightning_version": "2.5.0", "state_dict": state,
                 "hyper_parameters": {"lr": 1e-3}, "optimizer_states": [], "lr_schedulers": []}, path)
 
@@ -524,6 +525,8 @@ def test_a_lightning_checkpoint_loads_by_every_route(tmp_path):
     assert _same_weights(overlay, source)
     inferred, meta = model_from_checkpoint(path, model="tinyunet", model_kwargs=kwargs)
     assert meta["num_classes"] == 3 and _same_weights(inferred, source)
+    _lightning_checkpoint(torch.compile(source), path, attribute="net.model")  # net.model._orig_mod.*
+    assert _same_weights(cmrf.load_checkpoint(cmrf.TinyUNet(num_classes=3, **kwargs), path), source)
 
 
 def test_a_shared_leading_name_is_dropped_only_when_the_rest_fits(tmp_path):
@@ -544,3 +547,28 @@ def test_a_shared_leading_name_is_dropped_only_when_the_rest_fits(tmp_path):
     torch.save({"state_dict": conv_only}, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match=r"missing keys: model\.0\.bias.*unexpected keys: model\.model\.0"):
         cmrf.load_checkpoint(Holder(), tmp_path / "other.ckpt")
+
+
+def test_a_lightning_checkpoint_with_more_than_the_model(tmp_path):
+    """A loss's class weights beside the model are left out with a warning; two sets of weights
+    that both fit (the model and an EMA copy) are refused by name; a whole network's sub-block
+    is never picked out for a model that happens to fit it."""
+    source = _small_unet()
+    path = tmp_path / "last.ckpt"
+    _lightning_checkpoint(source, path, **{"criterion.weight": torch.tensor([0.2, 0.8])})
+    with pytest.warns(UserWarning, match=r"last.ckpt holds the weights of TinyUNet under model\.; loaded "
+                                         r"those, left out the keys under criterion\."):
+        assert _same_weights(cmrf.load_checkpoint(_small_unet(), path), source)
+    with warnings.catch_warnings(record=True) as caught:  # shapes read, then loaded: said once
+        warnings.simplefilter("always")
+        model_from_checkpoint(path, model="tinyunet", model_kwargs={"channels": (16, 32), "N": 4})
+    assert [str(w.message).count("criterion.") for w in caught] == [1], [str(w.message) for w in caught]
+    ema = {f"ema_model.{k}": v for k, v in source.state_dict().items()}
+    _lightning_checkpoint(source, path, **ema)
+    with pytest.raises(ValueError, match=r"last.ckpt holds 2 sets of weights that fit TinyUNet, under "
+                                         r"model\., ema_model\.: save the one"):
+        cmrf.load_checkpoint(_small_unet(), path)
+    torch.save(source.state_dict(), tmp_path / "whole.pth")
+    block = cmrf.CMRF(16, 32, N=4)  # fits encoders.1's keys, which sit beside others of its kind
+    with pytest.raises(ValueError, match="does not fit CMRF: missing keys"):
+        cmrf.load_checkpoint(block, tmp_path / "whole.pth")

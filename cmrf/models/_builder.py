@@ -233,7 +233,7 @@ def _load_local_pretrained(model: nn.Module, path: str) -> None:
     """timm's local pretrained weights: loaded as ``checkpoint_path`` loads them (strictly), except a
     classifier of another class count, which keeps its fresh initialisation, as timm does when
     ``num_classes`` differs from the weights' (fine-tuning on other classes)."""
-    state = map_to_model_keys(model, read_state_dict(path))
+    state = map_to_model_keys(model, read_state_dict(path), path)
     own = model.state_dict()
     _adapt_first_conv(model, state, own, path)
     head = f"{getattr(model, 'classifier_name', 'head')}."

@@ -65,7 +65,7 @@ def infer_io_channels(
     model_kwargs = dict(model_kwargs or {})
     base_io = {arg: values[0] for arg, values in _PROBES.items()}
     base_model, base = _probe_shapes(name, model_kwargs, **base_io)
-    mapped = map_to_model_keys(base_model, state)
+    mapped = map_to_model_keys(base_model, state, quiet=True)  # loading it warns, if need be
     result: dict[str, int | None] = {}
     for arg, values in _PROBES.items():
         _, other = _probe_shapes(name, model_kwargs, **{**base_io, arg: values[1]})
