@@ -717,6 +717,30 @@ def test_only_the_training_split_is_augmented(folder_root: Path):
     assert (bundle.train.augment, bundle.val.augment, bundle.test.augment) == (True, False, False)
 
 
+def test_a_root_with_other_folder_names_says_what_it_holds_and_how_to_link(tmp_path: Path):
+    """A Decathlon-style root (imagesTr/, labelsTr/) or one with labels/ got only "mask folder
+    .../masks does not exist"; the error names the folders there and the link that fits."""
+    from cmrf.data.folder import find_folder_pairs
+
+    for i in range(2):
+        write_pair(tmp_path, f"case{i}", seed=i)
+    (tmp_path / "masks").rename(tmp_path / "labelsTr")
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(DataError) as info:
+        find_folder_pairs(tmp_path)
+    assert str(info.value) == (
+        f"mask folder {tmp_path / 'masks'} does not exist or is not a folder: the data root must hold "
+        f"images/ and masks/, with files of the same stem paired; {tmp_path} holds labelsTr/, notes/: "
+        f"rename the masks' folder to masks/ or link it (ln -s labelsTr {tmp_path / 'masks'})"
+    )
+    (tmp_path / "images").rename(tmp_path / "imagesTr")
+    with pytest.raises(DataError, match=r"image folder .*holds imagesTr/, labelsTr/, notes/: .*-s imagesTr"):
+        find_folder_pairs(tmp_path)
+    (tmp_path / "images").symlink_to("imagesTr")
+    (tmp_path / "masks").symlink_to("labelsTr")
+    assert [pair.stem for pair in find_folder_pairs(tmp_path)] == ["case0", "case1"]
+
+
 def test_folder_bad_data_is_reported_with_the_file(tmp_path: Path):
     def folder_args(*extra):
         return parse("--data", "folder", "--root", str(tmp_path), "--img-size", "8", *extra)

@@ -29,6 +29,33 @@ class Pair:
     mask: Path
 
 
+# Words in the folder names other datasets use, to suggest which folder to link (MONAI's Decathlon
+# layout: imagesTr/ and labelsTr/; others: img/, labels/, gt/, annotations/, segmentations/).
+_LIKELY_NAMES = {"image": ("image", "img"), "volume": ("image", "img", "vol"),
+                 "mask": ("mask", "label", "gt", "annot", "seg", "truth")}
+
+
+def _require_pair_dirs(image_dir: Path, mask_dir: Path, kind: str) -> None:
+    """``require_dir`` for a data root's two folders; a root that exists but lacks one gets an
+    error naming the folders it holds and how to point at the right one (a link)."""
+    root = image_dir.parent
+    for path, role in ((image_dir, kind), (mask_dir, "mask")):
+        if path.is_dir() or not root.is_dir() or mask_dir.parent != root:
+            require_dir(path, f"{role} folder")
+            continue
+        others = sorted(p.name for p in root.iterdir() if p.is_dir() and p not in (image_dir, mask_dir))
+        if not others:
+            require_dir(path, f"{role} folder")
+        likely = [name for name in others if any(w in name.lower() for w in _LIKELY_NAMES[role])]
+        shown = ", ".join(f"{name}/" for name in others[:8]) + (", ..." if len(others) > 8 else "")
+        raise DataError(
+            f"{role} folder {path} does not exist or is not a folder: the data root must hold "
+            f"{image_dir.name}/ and {mask_dir.name}/, with files of the same stem paired; {root} holds "
+            f"{shown}: rename the {role}s' folder to {path.name}/ or link it "
+            f"(ln -s {(likely or others)[0]} {path})"
+        )
+
+
 def require_dir(path: Path, what: str) -> Path:
     """``path`` if it is a folder, else :class:`DataError` naming it as ``what``."""
     if not path.is_dir():
@@ -102,8 +129,7 @@ def find_pairs(
         DataError: a missing folder, no images, or (all listed at once, up to a cap) images without
             a mask, stems that two files share and files that are broken symbolic links.
     """
-    require_dir(image_dir, f"{kind} folder")
-    require_dir(mask_dir, "mask folder")
+    _require_pair_dirs(image_dir, mask_dir, kind)
     mask_suffixes = suffixes if mask_suffixes is None else mask_suffixes
     problems: list[str] = []
     images = _files_by_stem(image_dir, suffixes, kind, problems)
