@@ -522,8 +522,9 @@ def test_resume_with_another_thread_count_says_it_is_not_bit_for_bit(tmp_path, c
 
 
 def test_resume_after_a_kill_between_the_first_epochs_weights_and_state_starts_afresh(tmp_path, capsys):
-    """A kill in epoch 1 after best/last but before last_state.pt: nothing to continue, and a new run
-    rewrites those weights, so --resume (which a script may always pass) starts one."""
+    """Weights of epoch 1 without last_state.pt (what a kill could leave when the weights were
+    written first, before 0.2): nothing to continue, and a new run rewrites those weights, so
+    --resume (which a script may always pass) starts one."""
     out = tmp_path / "run"
     argv = ["train", *TINY, "--epochs", "1", "--lr", "3e-3", "--no-plots", "--out", str(out)]
     assert main(argv) == 0
@@ -535,6 +536,37 @@ def test_resume_after_a_kill_between_the_first_epochs_weights_and_state_starts_a
     assert "nothing to resume" in capsys.readouterr().out
     after = read_state_dict(out / "best.safetensors")  # the same epoch again: the same weights
     assert all(torch.equal(before[k], after[k]) for k in before) and (out / "last_state.pt").is_file()
+
+
+def test_a_stop_between_state_and_weights_is_caught_up_by_resume(run_dir, tmp_path, capsys, monkeypatch):
+    """The state is written first: a run stopped before it wrote the last epoch's weights files
+    resumes with them written from the state, equal to an uninterrupted run's."""
+    import cmrf.checkpoint
+
+    real_save = cmrf.checkpoint.save_weights
+
+    def full_disk_in_epoch_2(model, path, metadata=None):
+        if metadata and metadata.get("epoch") == "2":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_save(model, path, metadata=metadata)
+
+    out = tmp_path / "run"
+    argv = ["train", *TINY, "--epochs", "2", "--lr", "3e-3", "--no-plots", "--out", str(out)]
+    monkeypatch.setattr(cmrf.checkpoint, "save_weights", full_disk_in_epoch_2)
+    assert main(argv) == 2
+    assert "No space left on device" in _one_error_line(capsys)
+    assert load_training_state(out / STATE_FILE)["epoch"] == 2
+    assert read_metadata(out / "last.safetensors")["epoch"] == 1  # one epoch behind the state
+    monkeypatch.undo()
+    assert main([*argv, "--resume"]) == 0
+    shown = capsys.readouterr().out
+    assert "last.safetensors" in shown.split("note: wrote ")[1].split("\n")[0], shown
+    for name in ("best.safetensors", "last.safetensors"):
+        ours, uninterrupted = read_state_dict(out / name), read_state_dict(run_dir / name)
+        assert all(torch.equal(ours[k], uninterrupted[k]) for k in uninterrupted), name
+        assert read_metadata(out / name)["epoch"] == read_metadata(run_dir / name)["epoch"], name
+    assert main([*argv, "--resume"]) == 0  # caught up: nothing more to write
+    assert "note: wrote" not in capsys.readouterr().out
 
 
 def _folder_dataset(root, count: int) -> None:

@@ -321,6 +321,7 @@ def _resume(run: _Run) -> None:
     rank, world_size = run.processes.rank, run.processes.world_size
     run.progress = restore_state(state, run.parts, rank=rank, world_size=world_size, source=run.files.state)
     run.log(f"resuming {run.files.out} after epoch {run.progress.epoch}/{run.recipe.epochs}")
+    _catch_up_weights(run)
     moved = moved_data_root(state, run.metadata)
     if moved is not None:
         saved_root, root = moved
@@ -370,25 +371,55 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[dict, bool]:
 
 
 def _save(run: _Run, record: dict, improved: bool) -> None:
-    """Write the checkpoints and the training state of the epoch just completed (rank 0)."""
-    from cmrf.checkpoint import save_weights
-
+    """Write the training state and the checkpoints of the epoch just completed (rank 0)."""
     rngs = gather_rng_states(run.processes)  # every rank takes part
     if not run.processes.is_main:
         return
-    files, model = run.files, run.parts.model
-    meta = {**run.metadata, "epoch": str(record["epoch"]), "val_mean_iou": str(record["val_mean_iou"])}
-    # best first, then the state: a kill in between re-runs this epoch, which rewrites the same
-    # best weights (runs are deterministic), so the pair never disagrees.
-    for path in [files.best] * improved + [files.last]:
-        with naming_errors(path):
-            save_weights(model, path, metadata=meta)
+    files = run.files
+    # The state first, then the weights: a kill in between leaves weights files one epoch behind
+    # a state that holds this epoch's weights, and --resume writes them from it (_catch_up_weights).
+    # The other order could leave a killed epoch's weights as best.safetensors, which a re-run of
+    # that epoch that no longer improves (a GPU is not bit-deterministic) would never replace.
     state = capture_state(run.parts, run.progress, recipe=run.recipe, metadata=run.metadata, rng_states=rngs)
     save_training_state(files.state, state)
+    for path in [files.best] * improved + [files.last]:
+        _save_weights(run, path, record)
     # A live curve for long runs, at most once a minute (a plot costs about a second).
     if run.plots and time.monotonic() - run.last_plot > CURVE_EVERY_S:
         _plot_curve(run)
         run.last_plot = time.monotonic()
+
+
+def _save_weights(run: _Run, path: Path, record: dict) -> None:
+    """``path`` (best or last) from the model as it is, labelled with ``record``'s epoch and score."""
+    from cmrf.checkpoint import save_weights
+
+    meta = {**run.metadata, "epoch": str(record["epoch"]), "val_mean_iou": str(record["val_mean_iou"])}
+    with naming_errors(path):
+        save_weights(run.parts.model, path, metadata=meta)
+
+
+def _catch_up_weights(run: _Run) -> None:
+    """After the state is restored (rank 0): write last.safetensors, and best.safetensors when the
+    state's epoch was the best, if a kill between the state and them left them an epoch behind."""
+    from cmrf.checkpoint import safetensors_metadata
+
+    progress = run.progress
+    if not run.processes.is_main or not progress.history:
+        return
+    record = progress.history[-1]
+    behind = []
+    for path in [run.files.last] + [run.files.best] * (progress.best_epoch == progress.epoch):
+        try:
+            saved_epoch = safetensors_metadata(path).get("epoch") if path.is_file() else None
+        except (OSError, ValueError):  # unreadable: written again below
+            saved_epoch = None
+        if saved_epoch != str(progress.epoch):
+            _save_weights(run, path, record)
+            behind.append(path.name)
+    if behind:
+        run.log(f"note: wrote {' and '.join(behind)} of epoch {progress.epoch} from {run.files.state.name} "
+                f"(the run was stopped before it wrote them)")
 
 
 def _plot_curve(run: _Run) -> None:
