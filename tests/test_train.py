@@ -523,7 +523,7 @@ def test_resume_with_another_thread_count_says_it_is_not_bit_for_bit(tmp_path, c
 
 def test_resume_after_a_kill_between_the_first_epochs_weights_and_state_starts_afresh(tmp_path, capsys):
     """Weights of epoch 1 without last_state.pt (what a kill could leave when the weights were
-    written first, before 0.2): nothing to continue, and a new run rewrites those weights, so
+    written first, as in 0.1.0): nothing to continue, and a new run rewrites those weights, so
     --resume (which a script may always pass) starts one."""
     out = tmp_path / "run"
     argv = ["train", *TINY, "--epochs", "1", "--lr", "3e-3", "--no-plots", "--out", str(out)]
