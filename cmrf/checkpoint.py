@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cmrf._warnings import caller_stacklevel
+
 __all__ = [
     "is_safetensors_file",
     "load_checkpoint",
@@ -218,10 +220,11 @@ def map_to_model_keys(
 
     The reference code's names are mapped by the model's ``checkpoint_filter_fn``. A training
     checkpoint that holds the model's weights under a name (a Lightning checkpoint's ``model.`` or
-    ``net.``: the LightningModule's attribute, beside other keys such as a loss's class weights)
-    gives the weights under the one name whose keys are exactly the model's. Otherwise the keys
-    stay as they are, for the strict load to report. Keys left out beside the chosen name are
-    named in a ``UserWarning`` unless ``quiet`` (for a caller that only reads shapes).
+    ``net.``: the LightningModule's attribute) gives the weights under the one name whose keys are
+    exactly the model's, provided they are most of the file (beside them, say, a loss's class
+    weights); a model's part is never picked out of a larger network's weights. Otherwise the
+    keys stay as they are, for the strict load to report. Keys left out beside the chosen name
+    are named in a ``UserWarning`` unless ``quiet`` (for a caller that only reads shapes).
 
     Raises:
         ValueError: the weights under more than one name fit the model (``model.`` and
@@ -240,58 +243,75 @@ def map_to_model_keys(
     if _keys_fit(whole, expected):
         return whole
     fitting = {}
-    for name, part in _named_parts(state):
+    for name, used, part in _named_parts(state):
         candidate = in_model_names(part)
         if _keys_fit(candidate, expected):
-            fitting[name] = candidate
+            fitting[name] = (used, candidate)
+    model_name = type(_innermost(model)).__name__
     where = f"{source} holds" if source is not None else "the checkpoint holds"
     if len(fitting) > 1:
         raise ValueError(
-            f"{where} {len(fitting)} sets of weights that fit {type(model).__name__}, under "
-            f"{', '.join(fitting)}: save the one to load as a state dict of its own "
-            f"(its keys without the name)"
+            f"{where} {len(fitting)} sets of weights that fit {model_name}, under {', '.join(fitting)}: "
+            f"save the one to load as a state dict of its own (its keys without the name)"
         )
     if not fitting:
         return whole
-    (name, mapped), = fitting.items()
-    others = sorted({key.partition(".")[0] + "." for key in state if not key.startswith(name)})
-    if others and not quiet:  # not silent: the rest of a training checkpoint (a loss's weights) is left out
-        warnings.warn(f"{where} the weights of {type(model).__name__} under {name}; loaded those, "
-                      f"left out the keys under {', '.join(others)}", UserWarning, stacklevel=3)
+    (name, (used, mapped)), = fitting.items()
+    left_out = [key for key in state if key not in used]
+    if len(left_out) >= len(used):  # a part of a larger network, not a model beside a few extras
+        return whole
+    if left_out and not quiet:  # not silent: the rest of a training checkpoint (a loss's weights)
+        shown = sorted({key.partition(".")[0] + ("." if "." in key else "") for key in left_out})
+        warnings.warn(f"{where} the weights of {model_name} under {name}; loaded those, left out "
+                      f"{len(left_out)} other key(s): {', '.join(shown)}", UserWarning,
+                      stacklevel=caller_stacklevel())
     return mapped
 
 
 def _named_parts(state: dict):
-    """``(name, part)`` for each first name of ``state``'s keys (``"model."``), ``part`` holding
-    the keys under it without it and without wrapper prefixes after it; then, while every key
-    of ``part`` starts with one more name, the same one name further down (``"net.model."``).
-    Only names that hold everything below them: a model's own sub-blocks (``encoders.0.``) are
-    never picked out of a whole network's weights."""
+    """``(name, keys used, part)`` for each first name of ``state``'s keys (``"model."``),
+    ``part`` holding the keys under it without it and without wrapper prefixes after it; then,
+    while every key of ``part`` starts with one more name, the same one name further down
+    (``"net.model."``). A model's own nested blocks (``encoders.0.``) are never candidates."""
     groups: dict[str, dict] = {}
-    for key, value in state.items():
+    for key in state:
         first, dot, rest = key.partition(".")
         if dot and rest:
-            groups.setdefault(first + ".", {})[rest] = value
-    for name, part in groups.items():
-        part = _strip_wrapper_prefixes(part)
-        yield name, part
+            groups.setdefault(first + ".", {})[rest] = key
+    for name, originals in groups.items():  # originals: the key under the name -> the file's key
+        used = set(originals.values())
+        part = _strip_wrapper_prefixes({rest: state[key] for rest, key in originals.items()})
+        yield name, used, part
         while len(inner := {key.partition(".")[0] for key in part}) == 1 and all("." in k for k in part):
             below = inner.pop() + "."
             name, part = name + below, _strip_wrapper_prefixes({k[len(below):]: v for k, v in part.items()})
-            yield name, part
+            yield name, used, part
 
 
 def _unwrapped_model(model: nn.Module) -> nn.Module:
     """The model with a ``checkpoint_filter_fn`` inside wrappers, or ``model`` itself if none has one."""
     found = model
     while getattr(found, "checkpoint_filter_fn", None) is None:
-        inner = getattr(found, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):  # (a Sequential may be empty, hence no "or")
-            inner = getattr(found, "module", None)
-        if not isinstance(inner, nn.Module):
+        inner = _wrapped(found)
+        if inner is None:
             return model
         found = inner
     return found
+
+
+def _wrapped(model: nn.Module) -> nn.Module | None:
+    """The module a ``torch.compile``/``DataParallel``/DDP wrapper holds, or ``None``."""
+    inner = getattr(model, "_orig_mod", None)
+    if not isinstance(inner, nn.Module):  # (a Sequential may be empty, hence no "or")
+        inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else None
+
+
+def _innermost(model: nn.Module) -> nn.Module:
+    """``model`` inside every wrapper, for messages that name it."""
+    while (inner := _wrapped(model)) is not None:
+        model = inner
+    return model
 
 
 def _keys_fit(state: dict, expected: set[str]) -> bool:

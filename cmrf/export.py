@@ -126,12 +126,14 @@ def _example_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[i
     channels = getattr(model, "in_channels", None)
     spatial_dims = getattr(model, "spatial_dims", None)  # checked only where the model says it
     min_size = getattr(model, "min_size", None)  # TinyU-Net: one pixel must survive every pooling
+    at_least = min_size if isinstance(min_size, int) else 1  # a deep model takes more than the defaults
     if input_size is None:
         if spatial_dims not in (None, 2):
+            side = str(max(64, at_least))
             raise ValueError(f"{type(model).__name__} takes {spatial_dims}D inputs: give input_size "
                              f"(B, C, {', '.join('*' * spatial_dims)}), e.g. (1, {channels or 1}, "
-                             f"{', '.join(['64'] * spatial_dims)})")
-        side = max(256, min_size) if isinstance(min_size, int) else 256  # a deep model takes more
+                             f"{', '.join([side] * spatial_dims)})")
+        side = max(256, at_least)
         input_size = (1, channels or 3, side, side)
     size = check_input_size(input_size)
     if isinstance(channels, int) and size[1] != channels:

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import collections
 import copy
-import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
@@ -53,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
+from cmrf._warnings import caller_stacklevel
 from cmrf.layers import CMRF, ConvNorm, check_input, cmrf_blocks, conv_type, first_parameter, has_user_hooks
 from cmrf.models.tinyunet import TinyUNet
 from cmrf.onnx_writer import check_onnxruntime, write_onnx
@@ -1237,16 +1237,6 @@ def _departures(module: CMRF | TinyUNet, name: str) -> list[str]:
     return reasons
 
 
-def _caller_stacklevel() -> int:
-    """``warnings.warn``'s stacklevel for the caller's first frame outside cmrf and torch (whose
-    decorators add frames), so that a warning names the user's line."""
-    inside = (str(Path(__file__).parent), str(Path(torch.__file__).parent))
-    level, frame = 1, sys._getframe(1)
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(inside):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 def _rewritable(module: nn.Module, name: str, kept: list[str]) -> bool:
     """Whether ``module`` (a TinyUNet or a CMRF) computes what its class builds, so that its
     optimized form computes the same; when it does not, say why in ``kept``."""
@@ -1429,7 +1419,7 @@ def optimize_for_inference(
         warnings.warn(
             f"optimize_for_inference kept these parts as they are (plain copies, not optimized), "
             f"because they compute something other than what their class builds: {' | '.join(kept)}",
-            stacklevel=_caller_stacklevel(),
+            stacklevel=caller_stacklevel(),
         )
     optimized = optimized.eval().requires_grad_(False)
     if cuda_graph:

@@ -557,8 +557,9 @@ def test_a_lightning_checkpoint_with_more_than_the_model(tmp_path):
     path = tmp_path / "last.ckpt"
     _lightning_checkpoint(source, path, **{"criterion.weight": torch.tensor([0.2, 0.8])})
     with pytest.warns(UserWarning, match=r"last.ckpt holds the weights of TinyUNet under model\.; loaded "
-                                         r"those, left out the keys under criterion\."):
+                                         r"those, left out 1 other key\(s\): criterion\.$") as caught:
         assert _same_weights(cmrf.load_checkpoint(_small_unet(), path), source)
+    assert caught[0].filename == __file__  # the user's line, not one inside cmrf
     with warnings.catch_warnings(record=True) as caught:  # shapes read, then loaded: said once
         warnings.simplefilter("always")
         model_from_checkpoint(path, model="tinyunet", model_kwargs={"channels": (16, 32), "N": 4})
@@ -567,8 +568,13 @@ def test_a_lightning_checkpoint_with_more_than_the_model(tmp_path):
     _lightning_checkpoint(source, path, **ema)
     with pytest.raises(ValueError, match=r"last.ckpt holds 2 sets of weights that fit TinyUNet, under "
                                          r"model\., ema_model\.: save the one"):
-        cmrf.load_checkpoint(_small_unet(), path)
+        cmrf.load_checkpoint(torch.compile(_small_unet()), path)  # named inside its wrapper
+    with pytest.raises(ValueError, match=r"last.ckpt holds 2 sets of weights"):  # the file named here too
+        model_from_checkpoint(path, model="tinyunet", model_kwargs={"channels": (16, 32), "N": 4})
     torch.save(source.state_dict(), tmp_path / "whole.pth")
     block = cmrf.CMRF(16, 32, N=4)  # fits encoders.1's keys, which sit beside others of its kind
     with pytest.raises(ValueError, match="does not fit CMRF: missing keys"):
         cmrf.load_checkpoint(block, tmp_path / "whole.pth")
+    head = torch.nn.Conv2d(16, 2, 1)  # fits head.*, a top-level part of a larger network
+    with pytest.raises(ValueError, match="does not fit Conv2d: missing keys"):
+        cmrf.load_checkpoint(head, tmp_path / "whole.pth")

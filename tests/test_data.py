@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import struct
 import time
 import zlib
@@ -721,6 +722,7 @@ def test_a_root_with_other_folder_names_says_what_it_holds_and_how_to_link(tmp_p
     """A Decathlon-style root (imagesTr/, labelsTr/) or one with labels/ got only "mask folder
     .../masks does not exist"; the error names the folders there and the link that fits."""
     from cmrf.data.folder import find_folder_pairs
+    from cmrf.data.pairs import find_pairs
 
     for i in range(2):
         write_pair(tmp_path, f"case{i}", seed=i)
@@ -729,13 +731,23 @@ def test_a_root_with_other_folder_names_says_what_it_holds_and_how_to_link(tmp_p
     with pytest.raises(DataError) as info:
         find_folder_pairs(tmp_path)
     assert str(info.value) == (
-        f"mask folder {tmp_path / 'masks'} does not exist or is not a folder: the data root must hold "
-        f"images/ and masks/, with files of the same stem paired; {tmp_path} holds labelsTr/, notes/: "
-        f"rename the masks' folder to masks/ or link it (ln -s labelsTr {tmp_path / 'masks'})"
+        f"mask folder {tmp_path / 'masks'} does not exist: the data root must hold images/ and masks/, "
+        f"with files of the same stem paired; {tmp_path} holds labelsTr/, notes/: if labelsTr/ holds the "
+        f"masks, rename it to masks/ or link it (ln -s labelsTr {shlex.quote(str(tmp_path / 'masks'))})"
     )
-    (tmp_path / "images").rename(tmp_path / "imagesTr")
-    with pytest.raises(DataError, match=r"image folder .*holds imagesTr/, labelsTr/, notes/: .*-s imagesTr"):
+    (tmp_path / "images").rename(tmp_path / "my images")  # quoted for the shell
+    with pytest.raises(DataError, match=r"image folder .*holds labelsTr/, my images/, notes/: if my images/ "
+                                        r"holds the images, .*\(ln -s 'my images' "):
         find_folder_pairs(tmp_path)
+    (tmp_path / "labelsTr").rename(tmp_path / "cache")  # nothing that looks meant: no link suggested
+    with pytest.raises(DataError, match=r"mask folder .* holds cache/, notes/$"):
+        find_pairs(tmp_path / "my images", tmp_path / "masks", (".png",))
+    (tmp_path / "masks").write_text("")  # a file in the way: a link cannot go there
+    with pytest.raises(DataError, match=r"mask folder .*masks does not exist or is not a folder$"):
+        find_pairs(tmp_path / "my images", tmp_path / "masks", (".png",))
+    (tmp_path / "masks").unlink()
+    (tmp_path / "cache").rename(tmp_path / "labelsTr")
+    (tmp_path / "my images").rename(tmp_path / "imagesTr")
     (tmp_path / "images").symlink_to("imagesTr")
     (tmp_path / "masks").symlink_to("labelsTr")
     assert [pair.stem for pair in find_folder_pairs(tmp_path)] == ["case0", "case1"]

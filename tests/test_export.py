@@ -180,6 +180,9 @@ def test_export_input_size_follows_the_model(tmp_path):
     from cmrf.export import _example_size
 
     assert _example_size(cmrf.TinyUNet(channels=(4,) * 9, N=2), None) == (1, 3, 512, 512)  # 2 ** 9
+    deep_volume = cmrf.TinyUNet(channels=(4,) * 7, N=2, spatial_dims=3)
+    with pytest.raises(ValueError, match=r"e\.g\. \(1, 3, 128, 128, 128\)$"):
+        _example_size(deep_volume, None)
 
 
 @requires_onnx_exporter

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cmrf.checkpoint import read_state_dict
+from cmrf.checkpoint import read_state_dict, safetensors_metadata
 from cmrf.cli import main
 from cmrf.train.setup import build_model
 from cmrf.train.state import STATE_FILE, load_training_state, read_metadata
@@ -569,6 +569,22 @@ def test_a_stop_between_state_and_weights_is_caught_up_by_resume(run_dir, tmp_pa
     assert "note: wrote" not in capsys.readouterr().out
 
 
+def test_a_best_file_of_another_epoch_is_named_on_resume(run_dir, tmp_path, capsys):
+    """cmrf 0.1.0 wrote best before the state: a stop between them could leave a killed epoch's
+    weights as best, which the state cannot restore; --resume says so instead of keeping quiet."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "copy"
+    shutil.copytree(run_dir, out)
+    assert json.loads((out / "metrics.json").read_text())["best_epoch"] == 1  # this test's premise
+    meta = safetensors_metadata(out / "best.safetensors") | {"epoch": "2"}
+    save_file(read_state_dict(out / "best.safetensors"), str(out / "best.safetensors"), metadata=meta)
+    argv = ["train", *TINY, "--epochs", "2", "--lr", "3e-3", "--no-plots", "--resume", "--out", str(out)]
+    assert main(argv) == 0
+    assert ("warning: best.safetensors holds the weights of epoch 2, but the run's best is epoch 1"
+            in capsys.readouterr().out)
+
+
 def _folder_dataset(root, count: int) -> None:
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(exist_ok=True)
@@ -703,6 +719,8 @@ def test_a_cuda_device_past_the_machines_count_is_named(monkeypatch):
         resolve_device("cuda:7")
     with pytest.raises(ValueError, match=r"device 'cuda' \(process 2: cuda:2\) requested .* 2 CUDA devices"):
         resolve_device("cuda", local_rank=2)
+    with pytest.raises(ValueError, match=r"device 'auto' \(process 2: cuda:2\) requested"):
+        resolve_device("auto", local_rank=2)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match=r"has 1 CUDA device \(cuda:0;"):
         resolve_device("cuda:1")

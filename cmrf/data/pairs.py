@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,11 +37,12 @@ _LIKELY_NAMES = {"image": ("image", "img"), "volume": ("image", "img", "vol"),
 
 
 def _require_pair_dirs(image_dir: Path, mask_dir: Path, kind: str) -> None:
-    """``require_dir`` for a data root's two folders; a root that exists but lacks one gets an
-    error naming the folders it holds and how to point at the right one (a link)."""
+    """``require_dir`` for a data root's two folders; a root that lacks one gets an error naming the
+    folders it holds and, where one looks meant (``labelsTr/``), the link that would point at it."""
     root = image_dir.parent
     for path, role in ((image_dir, kind), (mask_dir, "mask")):
-        if path.is_dir() or not root.is_dir() or mask_dir.parent != root:
+        # A file or a broken link in the way is the plain error's to name: a link cannot go there.
+        if path.exists() or path.is_symlink() or mask_dir.parent != root or not root.is_dir():
             require_dir(path, f"{role} folder")
             continue
         others = sorted(p.name for p in root.iterdir() if p.is_dir() and p not in (image_dir, mask_dir))
@@ -48,11 +50,11 @@ def _require_pair_dirs(image_dir: Path, mask_dir: Path, kind: str) -> None:
             require_dir(path, f"{role} folder")
         likely = [name for name in others if any(w in name.lower() for w in _LIKELY_NAMES[role])]
         shown = ", ".join(f"{name}/" for name in others[:8]) + (", ..." if len(others) > 8 else "")
+        link = (f": if {likely[0]}/ holds the {role}s, rename it to {path.name}/ or link it "
+                f"(ln -s {shlex.quote(likely[0])} {shlex.quote(str(path))})") if likely else ""
         raise DataError(
-            f"{role} folder {path} does not exist or is not a folder: the data root must hold "
-            f"{image_dir.name}/ and {mask_dir.name}/, with files of the same stem paired; {root} holds "
-            f"{shown}: rename the {role}s' folder to {path.name}/ or link it "
-            f"(ln -s {(likely or others)[0]} {path})"
+            f"{role} folder {path} does not exist: the data root must hold {image_dir.name}/ and "
+            f"{mask_dir.name}/, with files of the same stem paired; {root} holds {shown}{link}"
         )
 
 

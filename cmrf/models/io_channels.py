@@ -45,7 +45,7 @@ def _solve(got: torch.Size, low: torch.Size, high: torch.Size, values: tuple[int
 
 
 def infer_io_channels(
-    name: str, state: dict[str, torch.Tensor], model_kwargs: dict | None = None
+    name: str, state: dict[str, torch.Tensor], model_kwargs: dict | None = None, source=None
 ) -> dict[str, int | None]:
     """``in_chans`` and ``num_classes`` of registry model ``name`` that ``state`` was saved from.
 
@@ -57,6 +57,7 @@ def infer_io_channels(
         name: registry name, e.g. ``"tinyunet"``.
         state: a state dict, in this library's or the reference code's key names.
         model_kwargs: further constructor arguments (``N``, ``channels``) the model was built with.
+        source: the file ``state`` came from, for messages (see ``map_to_model_keys``).
 
     Returns:
         ``{"in_chans": int | None, "num_classes": int | None}``; ``None`` where the state dict
@@ -65,7 +66,7 @@ def infer_io_channels(
     model_kwargs = dict(model_kwargs or {})
     base_io = {arg: values[0] for arg, values in _PROBES.items()}
     base_model, base = _probe_shapes(name, model_kwargs, **base_io)
-    mapped = map_to_model_keys(base_model, state, quiet=True)  # loading it warns, if need be
+    mapped = map_to_model_keys(base_model, state, source, quiet=True)  # loading it warns, if need be
     result: dict[str, int | None] = {}
     for arg, values in _PROBES.items():
         _, other = _probe_shapes(name, model_kwargs, **{**base_io, arg: values[1]})

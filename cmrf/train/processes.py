@@ -23,6 +23,7 @@ from cmrf.train.state import get_rng_state
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """The ``torch.device`` for ``name`` (see ``Recipe.device``); checks that CUDA exists."""
+    asked = name
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -37,7 +38,7 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         count = torch.cuda.device_count()
         if device.index >= count:  # else torch fails later, deep inside the first copy to it
             shown = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
-            asked = name if name == str(device) else f"{name!r} (process {local_rank}: {device})"
+            asked = asked if asked == str(device) else f"{asked!r} (process {local_rank}: {device})"
             raise ValueError(
                 f"device {asked} requested but this machine has {count} CUDA device"
                 f"{'s' if count != 1 else ''} ({shown}; CUDA_VISIBLE_DEVICES limits which are seen)"

@@ -267,7 +267,7 @@ def _bare_metadata(
     if not is_model(model):
         raise ValueError(f"unknown model {model!r}; available: {', '.join(list_models())}")
     try:
-        inferred = infer_io_channels(model, state, model_kwargs)
+        inferred = infer_io_channels(model, state, model_kwargs, source=path)
     except TypeError as err:  # a constructor argument this model does not have
         given = ", ".join(f"--{k} {v}" for k, v in model_kwargs.items())
         raise ValueError(f"model {model!r} does not take {given} ({err})") from err
