@@ -636,6 +636,13 @@ def test_a_run_resumes_on_its_data_moved_to_another_root(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", *common, "--root", str(moved), "--epochs", "1", "--resume"]) == 0
     assert f"the data moved to {moved}" in capsys.readouterr().out
+    # The weights files still name the old root: evaluate says where to point, then scores the move.
+    assert main(["evaluate", str(out / "best.safetensors")]) == 2
+    assert _one_error_line(capsys).endswith(
+        f"was trained on data at {root}, which is not there now: give --root with where the data is "
+        f"(a moved copy of the run's data keeps the run's splits)")
+    assert main(["evaluate", str(out / "best.safetensors"), "--root", str(moved)]) == 0
+    assert "test split (2 images)" in capsys.readouterr().out
     _folder_dataset(moved, 12)  # two more pairs: other splits, refused wherever the data is
     assert main(["train", *common, "--root", str(moved), "--epochs", "1", "--resume"]) == 2
     error = _one_error_line(capsys)

@@ -179,15 +179,23 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from cmrf.data.factory import unread_options
     from cmrf.files import atomic_write_json
     from cmrf.train.loop import Processes, eval_loader, evaluate_model
     from cmrf.train.metrics import format_table
 
     model, meta = model_from_checkpoint(args.checkpoint, **checkpoint_model_options(args))
+    run_data = meta.get("data", {})
+    run_root = run_data.get("root")
+    reads_root = "root" not in unread_options(run_data.get("data", "synthetic"))  # (old runs recorded it)
+    if args.root is None and args.data in (None, run_data.get("data")) and reads_root and run_root \
+            and not Path(run_root).is_dir():  # moved since: the data's own error would not say what to do
+        raise ValueError(f"{args.checkpoint} was trained on data at {run_root}, which is not there now: "
+                         f"give --root with where the data is (a moved copy of the run's data keeps the "
+                         f"run's splits)")
     if args.json_out:  # fail now, not after the evaluation
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         check_output_file(args.json_out, "--json", {"checkpoint": args.checkpoint})
-    run_data = meta.get("data", {})
     given = {dest for dest in args.data_defaults if getattr(args, dest) is not None}
     _fill_from_run(args, run_data)
     bundle = _build_evaluation_data(args, run_data, given)
