@@ -197,6 +197,13 @@ def test_bad_device_is_rejected():
             resolve_settings("cuda")
 
 
+def test_a_cuda_index_past_the_count_is_refused_as_by_train(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"device cuda:2 requested but this machine has 2 CUDA devices"):
+        resolve_settings("cuda:2")
+
+
 # --- table, JSON and targets -----------------------------------------------------------------
 
 

@@ -140,10 +140,9 @@ def _check_device(device: str | None) -> str:
     except RuntimeError:
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
     if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+        from cmrf.train.processes import resolve_device
+
+        resolve_device(device)  # CUDA there, and the index within the machine's count (as cmrf train)
     return device
 
 
