@@ -180,9 +180,10 @@ def fold_conv_norm(block: ConvNorm, dtype: torch.dtype | None = None) -> tuple[t
     bias = conv.bias.detach().double() if conv.bias is not None else zeros
     mean, var = norm.running_mean.double(), norm.running_var.double()
     scale = torch.rsqrt(var + norm.eps)
-    if norm.affine:
+    # A weight or bias of None (affine=False, or removed afterwards) is 1 or 0, as in BatchNorm itself.
+    if norm.weight is not None:
         scale = scale * norm.weight.detach().double()
-    shift = norm.bias.detach().double() if norm.affine else zeros
+    shift = norm.bias.detach().double() if norm.bias is not None else zeros
     folded_weight = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
     folded_bias = (bias - mean) * scale + shift
     dtype = dtype or conv.weight.dtype

@@ -166,10 +166,16 @@ def profile(model: nn.Module, input_size: Sequence[int]) -> Profile:
         A ``Profile``; ``str()`` gives a one-line summary, ``to_dict()`` the JSON-ready figures.
 
     Raises:
-        ValueError: a bad ``input_size``, or ``model`` comes from ``optimize_for_inference``.
+        ValueError: a bad ``input_size``, ``model`` comes from ``optimize_for_inference`` or is on
+            the meta device.
     """
     input_size = check_input_size(input_size)
     _check_countable(model)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        # fvcore traces a real call, which meta tensors cannot make (torch fails deep inside)
+        raise ValueError(f"cannot profile {type(model).__name__} on the meta device: it has no weights "
+                         f"to run with; give it memory first (model.to_empty(device='cpu'): the counts "
+                         f"do not depend on the values)")
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32

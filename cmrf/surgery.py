@@ -743,6 +743,10 @@ def replace_blocks(
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"replace_blocks needs an nn.Module, got {type(model).__name__}")
+    # torch.compile's wrapper runs the module it holds: swap there (report paths without
+    # "_orig_mod."), and probe without Dynamo compiling the probe's hooks; the wrapper compiles
+    # again at its next call, since the modules it traced have changed.
+    model = _compiled_original(model)
     _check_not_wrapped(model)
     N = check_positive_int("N", N)
     if indivisible not in ("reduce", "skip"):
@@ -855,6 +859,14 @@ def replace_blocks(
 # inside them would train the old parameters, or none.
 # By class name, so that torch.distributed is not imported; FSDPModule is what fully_shard makes.
 _DISTRIBUTED_WRAPPERS = ("DistributedDataParallel", "FullyShardedDataParallel", "FSDPModule")
+
+
+def _compiled_original(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds, else ``model`` itself."""
+    while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None),
+                                                                     nn.Module):
+        model = model._orig_mod
+    return model
 
 
 def _check_not_wrapped(model: nn.Module) -> None:

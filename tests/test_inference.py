@@ -39,6 +39,18 @@ def test_fold_conv_norm_equals_conv_then_batchnorm(spatial_dims):
     assert _max_diff(folded, block(x)) < 1e-5
 
 
+@pytest.mark.parametrize("removed", ["weight", "bias", "both"])
+def test_fold_conv_norm_reads_a_missing_affine_weight_or_bias_as_batchnorm_does(removed):
+    """A BatchNorm whose weight or bias was set to None scales by 1 or shifts by 0, as
+    ``F.batch_norm`` does; folding it must do the same rather than fail on ``None.detach``."""
+    block = randomise_batchnorm(ConvNorm(4, 6, kernel_size=1)).eval()
+    for name in ("weight", "bias") if removed == "both" else (removed,):
+        setattr(block.norm, name, None)
+    weight, bias = fold_conv_norm(block)
+    x = torch.randn(2, 4, 5, 5)
+    assert _max_diff(F.conv2d(x, weight, bias), block(x)) < 1e-5
+
+
 @given(
     channels=st.integers(1, 3),
     height=st.integers(1, 12),

@@ -107,6 +107,15 @@ def test_an_optimized_model_is_refused_not_undercounted():
         count_paper_flops(optimized, torch.zeros(1, 3, 32, 32))
 
 
+def test_a_meta_model_is_refused_with_the_way_to_profile_it():
+    """create_model(device="meta") builds one; torch's meta kernels fail inside fvcore's trace."""
+    model = cmrf.create_model("tinyunet", channels=(16, 32), device="meta")
+    with pytest.raises(ValueError, match=r"cannot profile TinyUNet on the meta device.*to_empty"):
+        cmrf.profile(model, (1, 3, 32, 32))
+    expected = cmrf.profile(cmrf.TinyUNet(channels=(16, 32)), (1, 3, 32, 32))
+    assert cmrf.profile(model.to_empty(device="cpu"), (1, 3, 32, 32)) == expected
+
+
 def test_functional_interpolate_is_free():
     class Up(nn.Module):
         def forward(self, x):

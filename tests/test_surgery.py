@@ -673,6 +673,24 @@ def test_a_torchscript_model_is_refused():
             replace_blocks(compiled)
 
 
+def test_a_compiled_model_has_its_blocks_swapped_in_the_module_it_wraps():
+    """The probe runs the plain module (not Dynamo over the probe's hooks), the report names that
+    module's paths, and the compiled model runs the new blocks at its next call."""
+    model = small_stack().eval()
+    compiled = torch.compile(model, backend="eager")
+    frames = torch._dynamo.utils.counters["frames"]["total"]
+    try:
+        report = replace_blocks(compiled)
+        assert torch._dynamo.utils.counters["frames"]["total"] == frames  # nothing compiled
+        assert report.paths and not any("_orig_mod" in path for path in report.paths)
+        assert all(isinstance(model.get_submodule(path), CMRF) for path in report.paths)
+        x = torch.randn(1, 3, 16, 16)
+        with torch.no_grad():
+            assert torch.allclose(compiled(x), model(x), atol=1e-6)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_a_model_wrapped_for_distributed_training_is_refused():
     from torch.nn.parallel import DistributedDataParallel
 

@@ -9,6 +9,7 @@ import timm
 import torch
 
 from cmrf import CMRF, create_model, save_weights
+from cmrf import list_models as cmrf_list_models
 from cmrf.models.cmunext import CMUNeXt, checkpoint_filter_fn
 from cmrf.models.segnet import SegNet
 from cmrf.profile import profile
@@ -216,3 +217,18 @@ def test_without_defaults_drops_exactly_the_arguments_each_entry_point_defaults_
     assert without_defaults("cmunext_l", class_default) == class_default
     assert create_model("cmunext_l", dims=(16, 32, 128, 160, 256)).dims != create_model("cmunext_l").dims
     assert without_defaults("not-a-model", {"N": 8}) == {"N": 8}
+
+
+@pytest.mark.parametrize("spatial_dims", [1, 2, 4])
+def test_tinyunet3d_with_other_spatial_dims_suggests_only_a_call_that_works(spatial_dims):
+    with pytest.raises(ValueError, match=r"tinyunet3d is TinyU-Net for volumes") as info:
+        create_model("tinyunet3d", spatial_dims=spatial_dims)
+    suggestion = f"create_model('tinyunet', spatial_dims={spatial_dims})"
+    assert (suggestion in str(info.value)) == (spatial_dims in (1, 2))
+
+
+@pytest.mark.parametrize("name", cmrf_list_models())
+def test_registered_cfg_states_the_default_models_minimum_size(name):
+    """What timm's registry says without building a model agrees with the model built."""
+    registered = timm.models.get_pretrained_cfg(name).min_input_size
+    assert tuple(registered) == tuple(create_model(name).pretrained_cfg["min_input_size"])

@@ -33,18 +33,23 @@ _MODEL_FACTS = ("num_classes", "input_size", "min_input_size", "mean", "std", "c
 _INTERPOLATION = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
 
-def zoo_cfg(spatial_dims: int = 2, in_chans: int = 3, num_classes: int = 2, **overrides: Any) -> dict:
+def zoo_cfg(
+    spatial_dims: int = 2, in_chans: int = 3, num_classes: int = 2, min_side: int = 16, **overrides: Any
+) -> dict:
     """A timm ``pretrained_cfg`` entry for ``default_cfgs`` of a zoo model (no weights, no URL).
 
     Args:
         spatial_dims: 2 for images (default), 3 for volumes, 1 for signals.
         in_chans: input channels. Default 3.
         num_classes: output classes. Default 2.
+        min_side: smallest input side of the model built with its defaults (``min_input_size``;
+            a built model's cfg states its own). Default 16.
         **overrides: other ``timm.models.PretrainedCfg`` fields (``classifier``, ``first_conv``...).
     """
     side = (DEFAULT_SIDE[spatial_dims],) * spatial_dims
     cfg = {
         "input_size": (in_chans, *side),
+        "min_input_size": (in_chans, *(min_side,) * spatial_dims),
         "fixed_input_size": False,
         # The data pipeline resizes images bilinearly, volumes trilinearly, and never crops.
         "interpolation": _INTERPOLATION[spatial_dims],

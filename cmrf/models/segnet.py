@@ -118,8 +118,9 @@ class SegNet(SegmentationModel):
 
 default_cfgs = generate_default_cfgs(
     {
-        "segnet": zoo_cfg(classifier=SegNet.classifier_name, first_conv="encoders.0.0.conv"),
-        "segnet_cmrf": zoo_cfg(classifier=SegNet.classifier_name, first_conv="encoders.0.pw1.conv"),
+        "segnet": zoo_cfg(classifier=SegNet.classifier_name, first_conv="encoders.0.0.conv", min_side=32),
+        "segnet_cmrf": zoo_cfg(classifier=SegNet.classifier_name, first_conv="encoders.0.pw1.conv",
+                               min_side=32),
     }
 )
 

@@ -198,6 +198,8 @@ def tinyunet(pretrained: bool = False, **kwargs) -> TinyUNet:
 def tinyunet3d(pretrained: bool = False, spatial_dims: int = 3, **kwargs) -> TinyUNet:
     """TinyU-Net for volumes (``spatial_dims=3``): 3x3x3 cascades, trilinear upsampling."""
     if spatial_dims != 3:
+        hint = (f"; use create_model('tinyunet', spatial_dims={spatial_dims!r})"
+                if spatial_dims in (1, 2) else "")
         raise ValueError(f"tinyunet3d is TinyU-Net for volumes (spatial_dims=3), got spatial_dims="
-                         f"{spatial_dims!r}; use create_model('tinyunet', spatial_dims={spatial_dims!r})")
+                         f"{spatial_dims!r}{hint}")
     return _create("tinyunet3d", pretrained, spatial_dims=spatial_dims, **kwargs)
