@@ -110,6 +110,33 @@ def test_an_input_that_fails_now_leaves_no_mask_of_an_earlier_run(checkpoint, tm
     assert sorted(p.name for p in out.iterdir()) == ["a_mask.png", "a_overlay.png"] and good.is_file()
 
 
+def test_files_cmrf_did_not_write_are_neither_replaced_nor_removed(checkpoint, tmp_path, capsys):
+    """A ground-truth folder given as --out: its a_mask.png would be replaced by the prediction,
+    and the b_mask.png of an input that cannot be read removed as an earlier run's output."""
+    folder, out = tmp_path / "images", tmp_path / "truth"
+    folder.mkdir(), out.mkdir()
+    _image(folder / "a.png", 20, 20, 1)
+    (folder / "b.png").write_bytes(b"not an image")
+    truth_a, truth_b = _image(out / "a_mask.png", 20, 20, 2), _image(out / "b_mask.png", 20, 20, 3)
+    before = {path: path.read_bytes() for path in (truth_a, truth_b)}
+    argv = ["predict", str(checkpoint), str(folder), "--out", str(out), "--device", "cpu", "--no-overlays"]
+    assert main(argv) == 2  # refused before anything is written
+    err = capsys.readouterr().err
+    assert ("holds 2 file(s) named like this run's outputs that cmrf predict did not write "
+            "(a_mask.png, b_mask.png)") in err
+    assert "--overwrite" in err
+    assert {path: path.read_bytes() for path in before} == before and len(list(out.iterdir())) == 2
+    # --overwrite replaces a_mask.png; b_mask.png, not this command's, stays though b.png fails
+    assert main([*argv, "--overwrite"]) == 1
+    summary = capsys.readouterr().out
+    assert "left 1 file(s) named like an earlier run's outputs, which cmrf predict did not write" in summary
+    assert truth_a.read_bytes() != before[truth_a] and truth_b.read_bytes() == before[truth_b]
+    with Image.open(truth_a) as mask:  # the mark that lets the next run replace it
+        assert mask.text["Software"] == "cmrf predict"
+    (folder / "b.png").unlink()
+    assert main(argv) == 0  # a re-run replaces its own mask without --overwrite
+
+
 def test_outputs_of_a_stem_that_now_collides_are_removed(checkpoint, tmp_path, capsys):
     folder = tmp_path / "images"
     folder.mkdir()

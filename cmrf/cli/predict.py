@@ -6,6 +6,12 @@ summary counts the masks written and the inputs that failed, and the exit status
 input failed (docs/cli.md). Errors on the output side (read-only folder, full disk) stop the run
 with exit status 2: every later write would fail the same way.
 
+Only its own files are replaced or removed: masks and overlays carry the PNG text entry
+``Software: cmrf predict`` (``OUTPUT_MARK``). A file in ``--out`` that is named like an output of
+this run but lacks the entry (a ground-truth ``a_mask.png``, or a mask of cmrf 0.1.0, which wrote
+no entry) stops the run before anything is written, unless ``--overwrite`` is given; one named like
+an earlier run's output that this run would remove is left where it is and counted in the summary.
+
 Output names are unique (compared case-insensitively, as on macOS and Windows disks):
 ``STEM_mask.png`` and ``STEM_overlay.png``, where ``STEM`` is the input's stem; inputs whose stems
 collide (``a.png``, ``a.jpg``) use their full file name instead (``a.png_mask.png``,
@@ -40,7 +46,10 @@ from cmrf.cli.model_args import (
 )
 from cmrf.train.setup import model_from_checkpoint
 
-__all__ = ["build", "output_stems", "run_predict"]
+__all__ = ["OUTPUT_MARK", "build", "output_stems", "run_predict"]
+
+# Written into every mask and overlay: what cmrf predict may replace or remove.
+OUTPUT_MARK = {"Software": "cmrf predict"}
 
 
 def _image_files(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -98,6 +107,9 @@ def build(parser: argparse.ArgumentParser):
                         help="network input side (default: the run's, 256 for a bare state dict)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--no-overlays", dest="overlays", action="store_false", help="write only the masks")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace files in --out named like this run's outputs that cmrf predict did not "
+                             "write (without it such files stop the run before anything is written)")
     add_optimize_argument(parser, "masks")
     add_checkpoint_model_arguments(parser)
     parser.epilog = (
@@ -190,12 +202,41 @@ def _renamed_outputs(files: Sequence[Path], stems: Sequence[str], out: Path) -> 
     return [out / f"{stem}_{kind}.png" for stem in plain for kind in ("mask", "overlay")]
 
 
-def _remove_files(paths: Sequence[Path]) -> int:
-    """Remove those of ``paths`` that are files; how many there were."""
-    removed = [path for path in paths if path.is_file()]
-    for path in removed:
+def _written_by_predict(path: Path) -> bool:
+    """Whether ``path`` is a PNG that carries ``OUTPUT_MARK`` (one this command wrote)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and all(image.text.get(k) == v for k, v in OUTPUT_MARK.items())
+    except (OSError, ValueError, SyntaxError):  # not an image, unreadable: not ours either
+        return False
+
+
+def _check_no_foreign_outputs(stems: Sequence[str], out: Path, overlays: bool, overwrite: bool) -> None:
+    """Refuse, before anything is written, to replace files in ``--out`` that this command did not
+    write (a user's ground truth named ``a_mask.png``), unless ``--overwrite``."""
+    if overwrite:
+        return
+    kinds = ("mask", "overlay") if overlays else ("mask",)
+    targets = (out / f"{stem}_{kind}.png" for stem in stems for kind in kinds)
+    foreign = [path for path in targets if path.exists() and not _written_by_predict(path)]
+    if foreign:
+        names = ", ".join(path.name for path in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ValueError(
+            f"--out {out} holds {len(foreign)} file(s) named like this run's outputs that cmrf predict did "
+            f"not write ({names}); they would be replaced: choose another --out, or pass --overwrite "
+            f"(masks of cmrf 0.1.0 carry no mark and count as not written by it)")
+
+
+def _remove_outputs(paths: Sequence[Path]) -> tuple[int, int]:
+    """Remove those of ``paths`` that this command wrote; ``(removed, left)``, where ``left``
+    counts the files at those paths that it did not write (kept)."""
+    present = [path for path in paths if path.is_file()]
+    ours = [path for path in present if _written_by_predict(path)]
+    for path in ours:
         path.unlink()
-    return len(removed)
+    return len(ours), len(present) - len(ours)
 
 
 @torch.no_grad()
@@ -217,10 +258,17 @@ def run_predict(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stems = output_stems(files)
     _check_no_output_links_to_an_input(files, stems, out, args.overlays)
+    _check_no_foreign_outputs(stems, out, args.overlays, args.overwrite)
     for path, reason in problems:
         _report(path, reason)
-    failed, written, stale = len(problems), 0, 0
-    stale += _remove_files(_renamed_outputs(files, stems, out))
+    failed, written = len(problems), 0
+    stale = Counter()
+
+    def remove(paths: Sequence[Path]) -> None:
+        removed, left = _remove_outputs(paths)
+        stale.update(removed=removed, left=left)
+
+    remove(_renamed_outputs(files, stems, out))
     for path, stem in zip(files, stems, strict=True):
         try:  # the input side: a bad image is reported and skipped
             size = image_size(path)
@@ -229,21 +277,25 @@ def run_predict(args: argparse.Namespace) -> int:
             _report(path, err)
             failed += 1
             # An earlier run's outputs for this image would pass for this run's.
-            stale += _remove_files([out / f"{stem}_mask.png", out / f"{stem}_overlay.png"])
+            remove([out / f"{stem}_mask.png", out / f"{stem}_overlay.png"])
             continue
         prediction = model(image[None].to(device)).argmax(dim=1)[0].cpu()
         # The output side: an error here (full disk, read-only folder) ends the run with exit 2.
         # Both writers are atomic (cmrf.files): the masks already written and, for this one, any
         # previous file stay intact. The mask matches the input image's size; the overlay shows
         # what the network saw.
-        save_mask_png(prediction, out / f"{stem}_mask.png", meta["num_classes"], size)
+        save_mask_png(prediction, out / f"{stem}_mask.png", meta["num_classes"], size, metadata=OUTPUT_MARK)
         overlay = out / f"{stem}_overlay.png"
         if args.overlays:
-            plot_overlays(denormalize(image)[None], None, prediction[None], overlay, titles=[path.name])
+            plot_overlays(denormalize(image)[None], None, prediction[None], overlay, titles=[path.name],
+                          metadata=OUTPUT_MARK)
         else:  # an earlier run's overlay would show another prediction beside this mask
-            stale += _remove_files([overlay])
+            remove([overlay])
         written += 1
     what = " and overlays" if args.overlays else ""
-    removed = f"; removed {stale} file(s) of an earlier run" if stale else ""
+    removed = f"; removed {stale['removed']} file(s) of an earlier run" if stale["removed"] else ""
+    if stale["left"]:
+        removed += (f"; left {stale['left']} file(s) named like an earlier run's outputs, which cmrf predict "
+                    f"did not write")
     print(f"wrote {written} mask(s){what} to {out}{removed}; {failed} input(s) failed")
     return 1 if failed else 0

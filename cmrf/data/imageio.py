@@ -456,7 +456,7 @@ def _palette(num_colours: int) -> list[int]:
 
 def save_mask_png(
     mask: torch.Tensor | np.ndarray, path: str | Path, num_classes: int | None = None,
-    size: tuple[int, int] | None = None,
+    size: tuple[int, int] | None = None, metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write a mask ``(H, W)`` of class indices as a PNG that :func:`read_mask_file` reads back.
 
@@ -469,11 +469,12 @@ def save_mask_png(
         num_classes: class count; default ``max(2, mask.max() + 1)``.
         size: optional ``(height, width)`` to resize to (nearest), e.g. the original image's
             (see :func:`image_size`).
+        metadata: text entries written into the PNG (tEXt chunks, ``{"Software": ...}``). Default none.
 
     Returns:
         ``path`` as a ``Path``.
     """
-    from PIL import Image
+    from PIL import Image, PngImagePlugin
 
     values = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
     if values.ndim != 2:
@@ -493,6 +494,9 @@ def save_mask_png(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngImagePlugin.PngInfo()
+    for key, text in (metadata or {}).items():
+        info.add_text(key, text)
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format="PNG", pnginfo=info)
     return path

@@ -21,11 +21,13 @@ CLASS_COLOURS = np.array(
 )
 
 
-def _save(figure, path: str | Path) -> Path:
-    """Write ``figure`` atomically: a failed write (full disk) leaves the previous file as it was."""
+def _save(figure, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``figure`` atomically: a failed write (full disk) leaves the previous file as it was.
+    ``metadata``: text entries for the file (PNG tEXt chunks), as matplotlib's ``savefig`` takes them."""
     path = Path(path)
     with naming_errors(path), atomic_path(path) as tmp:
-        figure.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=100, bbox_inches="tight")
+        figure.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=100, bbox_inches="tight",
+                       metadata=metadata)
     return path
 
 
@@ -87,6 +89,7 @@ def plot_overlays(
     path: str | Path,
     spatial_dims: int = 2,
     titles: Sequence[str] | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """One row per image: the image, the ground truth over it (if given), the prediction over it.
 
@@ -97,6 +100,7 @@ def plot_overlays(
         path: output PNG.
         spatial_dims: 3 shows the middle slice of each volume.
         titles: optional row labels (e.g. file names).
+        metadata: text entries for the PNG (``{"Software": ...}``). Default: matplotlib's.
     """
     from matplotlib.figure import Figure
 
@@ -120,4 +124,4 @@ def plot_overlays(
             # File names are text, not mathtext: "scan_$x^$.png" must neither fail nor be typeset.
             axes[i][0].set_ylabel(titles[i], fontsize=8, parse_math=False)
     figure.tight_layout()
-    return _save(figure, path)
+    return _save(figure, path, metadata)
