@@ -423,6 +423,26 @@ def test_upper_case_suffixes_are_found_and_hidden_files_ignored(folder_root: Pat
     assert (pairs[0].image.name, pairs[0].mask.name) == ("case0.PNG", "case0.PNG")
 
 
+def test_webp_and_gif_images_are_read_and_masks_without_an_image_are_named(folder_root: Path):
+    """Images in another format than the suffixes read took their masks out of the data silently."""
+    originals = {}
+    for stem, suffix in (("case0", ".webp"), ("case1", ".gif")):
+        png = folder_root / "images" / f"{stem}.png"
+        originals[stem] = decode_image(png, 16)
+        with Image.open(png) as image:
+            image.save(png.with_suffix(suffix), lossless=True)  # webp: lossless; gif: palette of the colours
+        png.unlink()
+    pairs = find_folder_pairs(folder_root)
+    assert [pair.image.name for pair in pairs[:2]] == ["case0.webp", "case1.gif"] and len(pairs) == 10
+    assert np.array_equal(decode_image(pairs[0].image, 16), originals["case0"])
+    assert decode_image(pairs[1].image, 16).shape == originals["case1"].shape
+    (folder_root / "images" / "case2.png").rename(folder_root / "images" / "case2.heic")  # not read
+    with pytest.warns(DataWarning, match=r"1 mask file\(s\) have no image in .*images and are left out: "
+                                         r"case2\.png$"):
+        pairs = find_folder_pairs(folder_root)
+    assert "case2" not in [pair.stem for pair in pairs]
+
+
 def test_a_mask_whose_stem_differs_in_case_is_named(folder_root: Path):
     (folder_root / "masks" / "case4.png").rename(folder_root / "masks" / "Case4.png")
     with pytest.raises(DataError, match=r"mask for image .*case4\.png is missing: expected .*case4\.png .*"

@@ -32,7 +32,7 @@ __all__ = [
     "save_mask_png",
 ]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 # Pillow modes of images with more than 8 bits per sample (16-bit PNG/TIFF CT slices, float TIFF).
 HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")

@@ -10,11 +10,12 @@ import errno
 import os
 import shlex
 import unicodedata
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cmrf.data.base import SPLITS, DataBundle, DataError
+from cmrf.data.base import SPLITS, DataBundle, DataError, DataWarning
 from cmrf.data.cache import CachedSource, SourceDataset
 from cmrf.data.masks import problem_report
 
@@ -155,7 +156,18 @@ def find_pairs(
             raise DataError(problems[0])
         header = f"{len(problems)} problems pairing {image_dir} with {mask_dir}:"
         raise DataError(problem_report(header, problems))
+    _warn_unclaimed_masks([path for stem, path in masks.items() if stem not in claimed], image_dir, kind)
     return pairs
+
+
+def _warn_unclaimed_masks(masks: Sequence[Path], image_dir: Path, kind: str) -> None:
+    """Say which masks no image claims: a dataset whose images are in a format not read (their
+    masks left out with them) would otherwise shrink without a word."""
+    if not masks:
+        return
+    names = ", ".join(path.name for path in masks[:5]) + (", ..." if len(masks) > 5 else "")
+    warnings.warn(f"{len(masks)} mask file(s) have no {kind} in {image_dir} and are left out: {names}",
+                  DataWarning, stacklevel=3)
 
 
 def _near_misses(masks: dict[str, Path]) -> Callable[[str], str]:
