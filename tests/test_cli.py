@@ -266,6 +266,18 @@ def test_cpu_evaluate_runs_frozen_graphs_and_gives_the_same_scores(run_checkpoin
         assert value == (pytest.approx(scores[1][key]) if isinstance(value, float) else scores[1][key]), key
 
 
+def test_evaluate_notes_another_image_size_and_its_json_names_the_data(run_checkpoint, tmp_path, capsys):
+    out = tmp_path / "scores.json"
+    argv = ["evaluate", str(run_checkpoint), "--device", "cpu", "--no-optimize", "--json", str(out)]
+    assert main(argv) == 0
+    assert "note:" not in capsys.readouterr().err
+    assert json.loads(out.read_text())["data"] == {**json.loads(out.read_text())["data"], "img_size": 32,
+                                                    "data": "synthetic", "seed": 0}
+    assert main([*argv, "--img-size", "48"]) == 0
+    assert "note: --img-size 48, the run trained at 32" in capsys.readouterr().err
+    assert json.loads(out.read_text())["data"]["img_size"] == 48
+
+
 def test_evaluate_takes_a_reference_checkpoint(tmp_path, capsys):
     from tests.conftest import golden_state_dict, load_golden
 

@@ -785,6 +785,18 @@ def test_workers_auto_is_zero_on_the_cpu_and_one_per_free_core_on_cuda(monkeypat
         main(["train", "--workers", "-1"])
 
 
+def test_a_seed_out_of_range_is_a_usage_error_naming_the_flag(capsys):
+    """torch.manual_seed takes seeds below 2**64 and each process is seeded with seed + rank: a
+    larger one failed after the data was read with "Overflow when unpacking long long"."""
+    for bad in (str(2**64), str(2**63), "-1", "seven"):
+        with pytest.raises(SystemExit):
+            main(["train", "--seed", bad])
+        assert "argument --seed: expected an integer from 0 to 2**63 - 1" in capsys.readouterr().err
+    from cmrf.cli.common import seed_value
+
+    assert seed_value(str(2**63 - 1)) == 2**63 - 1 and seed_value("0") == 0
+
+
 def test_an_unknown_compile_backend_is_a_usage_error_before_the_data(tmp_path, capsys):
     from cmrf.train.recipe import Recipe
 

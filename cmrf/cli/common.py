@@ -108,6 +108,18 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# torch.manual_seed takes seeds below 2**64, and training seeds each process with seed + rank.
+MAX_SEED = 2**63 - 1
+
+
+def seed_value(text: str) -> int:
+    """``--seed``: an integer from 0 to ``MAX_SEED``."""
+    value = _int_at_least(text, 0, f"an integer from 0 to 2**63 - 1 ({MAX_SEED})")
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**63 - 1 ({MAX_SEED}), got {value}")
+    return value
+
+
 def workers_value(text: str) -> int | str:
     """``--workers``: ``auto`` or an integer >= 0."""
     return text if text == "auto" else _int_at_least(text, 0, "auto or an integer >= 0")
@@ -134,7 +146,7 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, seed_default: int | N
     )
     parser.add_argument(
         "--seed",
-        type=int,
+        type=seed_value,
         default=seed_default,
         help="seed of data, initialisation, shuffling, augmentation"
         + (f" (default {seed_default})" if seed_default is not None else " (default: the run's)"),

@@ -173,6 +173,13 @@ def build(parser: argparse.ArgumentParser):
     return run_evaluate
 
 
+def _scored_data(args: argparse.Namespace) -> dict:
+    """The data options and seed the scores were computed with, for the JSON (paths as text)."""
+    options = {key: str(value) if isinstance(value, os.PathLike) else value
+               for key, value in data_options(args).items()}
+    return {**options, "seed": args.seed}
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     with torch_threads(args.threads):
         return _evaluate(args)
@@ -198,6 +205,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         check_output_file(args.json_out, "--json", {"checkpoint": args.checkpoint})
     given = {dest for dest in args.data_defaults if getattr(args, dest) is not None}
     _fill_from_run(args, run_data)
+    trained = run_data.get("img_size")
+    if "img_size" in given and trained and args.img_size != trained:  # as cmrf predict notes it
+        print(f"note: --img-size {args.img_size}, the run trained at {trained}", file=sys.stderr)
     bundle = _build_evaluation_data(args, run_data, given)
     _check_same_splits(args, run_data, bundle)
     if bundle.num_classes != meta["num_classes"] or bundle.in_channels != meta["in_chans"]:
@@ -215,7 +225,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     # Two input shapes at most: full batches and a last, smaller one.
     model = inference_model(model.to(device), device, args.optimize, max_graphs=2, backend=args.backend)
     scores = evaluate_model(model, loader, bundle.num_classes, list(bundle.class_names), device)
-    scores = {**scores, "split": args.split, "images": len(dataset), "checkpoint": str(args.checkpoint)}
+    scores = {**scores, "split": args.split, "images": len(dataset), "checkpoint": str(args.checkpoint),
+              "data": _scored_data(args)}
     print(format_table(scores, f"{args.split} split ({len(dataset)} images), {args.checkpoint}"))
     if args.json_out:
         atomic_write_json(scores, args.json_out)
