@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from cmrf.data.base import SPLITS, DataBundle, DataError, read_text_lines
+from cmrf.data.base import SPLITS, DataBundle, DataError, DataWarning, read_text_lines
+from cmrf.data.imageio import IMAGE_SUFFIXES
 from cmrf.data.masks import MaskRule, class_names_for, resolve_classes
 from cmrf.data.pairs import Pair, file_stem, pairs_bundle, require_dir, used_pairs
 
@@ -19,7 +21,7 @@ __all__ = ["folder_split_bundle", "split_by_fractions", "split_file_sizes", "spl
 SPLIT_STREAM = 104729
 
 # Suffixes stripped from the names listed in split files (so "case1.png" names stem "case1").
-LISTED_SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+LISTED_SUFFIXES = (".nii.gz", ".nii", *IMAGE_SUFFIXES)
 
 
 def split_by_fractions(pairs: list, val_fraction: float, test_fraction: float, seed: int) -> dict[str, list]:
@@ -84,6 +86,11 @@ def split_from_files(pairs: list, split_dir: str | Path) -> dict[str, list]:
         if not items:
             raise DataError(f"split file {file} lists no samples: the {split} split is empty")
         splits[split] = items
+    unlisted = [pair.stem for pair in pairs if pair.stem not in seen]
+    if unlisted:  # a subset on purpose, or a forgotten line: say it, the run would not
+        names = ", ".join(unlisted[:5]) + (", ..." if len(unlisted) > 5 else "")
+        warnings.warn(f"{len(unlisted)} of {len(pairs)} samples are in none of the split files of "
+                      f"{split_dir} and are not used: {names}", DataWarning, stacklevel=2)
     return splits
 
 
