@@ -444,6 +444,21 @@ def test_webp_and_gif_images_are_read_and_masks_without_an_image_are_named(folde
     assert "case2" not in [pair.stem for pair in pairs]
 
 
+def test_an_image_folder_given_as_root_and_split_subfolders_are_named(folder_root: Path, tmp_path_factory):
+    images = folder_root / "images"
+    expected = (rf"data root {images} holds image files itself; --root is the folder that holds images/ "
+                rf"and masks/: did you mean --root {folder_root}, ")
+    with pytest.raises(DataError, match=expected):
+        find_folder_pairs(images)
+    # images/train/, images/val/: the layout of many downloads; subfolders are not searched
+    nested = tmp_path_factory.mktemp("nested")
+    for split in ("train", "val"):
+        write_pair(nested, f"{split}0", image_dir=f"images/{split}", mask_dir=f"masks/{split}")
+    with pytest.raises(DataError, match=r"no images \(.*\) in .*images; its subfolders train/, val/ hold "
+                                        r"images, but subfolders are not searched: .*--split-dir"):
+        find_folder_pairs(nested)
+
+
 def test_a_mask_whose_stem_differs_in_case_is_named(folder_root: Path):
     (folder_root / "masks" / "case4.png").rename(folder_root / "masks" / "Case4.png")
     with pytest.raises(DataError, match=r"mask for image .*case4\.png is missing: expected .*case4\.png .*"

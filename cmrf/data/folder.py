@@ -45,10 +45,42 @@ def find_folder_pairs(root: str | Path) -> list[Pair]:
     """
     root = require_dir(Path(root), "data root")
     image_dir = root / "images"
+    if not image_dir.exists() and not image_dir.is_symlink():
+        _refuse_an_image_folder_as_root(root)
     hint = ""
     if image_dir.is_dir() and any(p.name.lower().endswith((".nii", ".nii.gz")) for p in image_dir.iterdir()):
         hint = "; it holds NIfTI volumes: add --spatial-dims 3"
+    elif image_dir.is_dir():
+        hint = _nested_images_hint(image_dir)
     return find_pairs(image_dir, root / "masks", IMAGE_SUFFIXES, empty_hint=hint)
+
+
+def _has_images(folder: Path) -> bool:
+    return any(p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") for p in folder.iterdir())
+
+
+def _refuse_an_image_folder_as_root(root: Path) -> None:
+    """A root that holds the images themselves (``--root data/images``) is the image folder, not
+    the root: say so, and name the root that fits when there is one."""
+    if not _has_images(root):
+        return
+    parent = root.parent
+    meant = (f": did you mean --root {parent}, which holds {root.name}/ and masks/?"
+             if (parent / "masks").is_dir() else "")
+    raise DataError(f"data root {root} holds image files itself; --root is the folder that holds images/ "
+                    f"and masks/{meant}")
+
+
+def _nested_images_hint(image_dir: Path) -> str:
+    """For an image folder without images: the subfolders that hold some (``images/train/``), which
+    are not searched, and how to lay such data out."""
+    nested = sorted(p.name for p in image_dir.iterdir() if p.is_dir() and _has_images(p))
+    if not nested:
+        return ""
+    shown = ", ".join(f"{name}/" for name in nested[:5]) + (", ..." if len(nested) > 5 else "")
+    return (f"; its subfolders {shown} hold images, but subfolders are not searched: put every image in "
+            f"images/ and every mask in masks/, and list the splits in train.txt, val.txt and test.txt "
+            f"for --split-dir")
 
 
 class ImagePairSource(CachedSource):
