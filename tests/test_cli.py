@@ -343,6 +343,49 @@ def test_evaluate_holds_only_the_runs_own_files_to_its_splits(tmp_path, capsys):
     assert "files added or removed" in capsys.readouterr().err
 
 
+def _grey_folder(root: Path, count: int = 6) -> Path:
+    """A folder of ``count`` 16-bit grey images (CT slices) with 0/255 masks."""
+    from tests.test_data import write_grey_pair
+
+    for i in range(count):
+        write_grey_pair(root, f"ct{i}", seed=i)
+    return root
+
+
+def test_a_grey_run_trains_evaluates_and_resumes_with_one_channel(tmp_path, capsys):
+    from cmrf.train.state import read_metadata
+
+    root, out = _grey_folder(tmp_path / "ct"), tmp_path / "run"
+    train = ["train", "--data", "folder", "--root", str(root), "--img-size", "32", "--channels", "16", "32",
+             "--epochs", "1", "--device", "cpu", "--no-plots", "--out", str(out)]
+    assert main([*train, "--in-chans", "2"]) == 2
+    assert "--in-chans 2: expected 1 (grey) or 3 (RGB)" in _one_line(capsys.readouterr().err)
+    assert main([*train, "--in-chans", "1"]) == 0, capsys.readouterr().err
+    meta = read_metadata(out / "best.safetensors")
+    assert (meta["in_chans"], meta["data"]["in_chans"]) == (1, 1)
+    evaluate = ["evaluate", str(out / "best.safetensors"), "--device", "cpu", "--no-optimize"]
+    assert main(evaluate) == 0, capsys.readouterr().err  # the images read grey, as in training
+    capsys.readouterr()
+    assert main([*evaluate, "--in-chans", "3"]) == 2
+    assert "in_chans=3 (the file has 1)" in _one_line(capsys.readouterr().err)
+    assert main([*train, "--resume"]) == 2  # the flag left out: RGB images, which the model cannot take
+    assert "--in-chans 1 (given 3)" in _one_line(capsys.readouterr().err)
+    assert main([*train, "--in-chans", "1", "--resume"]) == 0, capsys.readouterr().err
+
+
+def test_evaluate_reads_folder_images_with_a_bare_checkpoints_channels(tmp_path, capsys):
+    """A reference .pth of a 1-channel model was refused: the folder's images were always RGB."""
+    root, checkpoint = _grey_folder(tmp_path / "ct"), tmp_path / "gray1.pth"
+    model = cmrf.create_model("tinyunet", channels=[16, 32], in_chans=1, num_classes=2)
+    torch.save(model.state_dict(), checkpoint)
+    argv = ["evaluate", str(checkpoint), "--model", "tinyunet", "--channels", "16", "32", "--data", "folder",
+            "--root", str(root), "--img-size", "32", "--device", "cpu", "--no-optimize"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "test split" in capsys.readouterr().out
+    assert main([*argv, "--in-chans", "3"]) == 2
+    assert "in_chans=1, but --in-chans 3 was given" in _one_line(capsys.readouterr().err)
+
+
 def _split_list_run(tmp_path, site, splits):
     """A checkpoint of a run on ``site`` with the split lists in ``splits`` (its fingerprint kept)."""
     from cmrf.data import build_datasets, split_file_sizes, split_fingerprint

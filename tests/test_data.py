@@ -1709,3 +1709,43 @@ def test_class_mapping_at_the_threshold_and_with_unknown_16_bit_values():
     assert atlas.apply(np.array([[2000, 0, 1000]], np.uint16)).tolist() == [[2, 0, 1]]
     with pytest.raises(DataError, match=r"mask file m\.png has values 1500 that"):
         atlas.apply(np.array([[0, 1500]], np.uint16), path="m.png")
+
+
+# --- image channels (--in-chans) -----------------------------------------------------------------
+
+
+def write_grey_pair(root: Path, stem: str, side: int = 40, seed: int = 0) -> tuple[Path, Path]:
+    """A 16-bit grey image (as CT slices come) and a mask whose left half is 255."""
+    image, mask = write_pair(root, stem, size=(side, side), seed=seed)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 4096, (side, side), dtype=np.uint16)).save(image)
+    return image, mask
+
+
+def test_folder_images_are_read_grey_with_in_chans_1(tmp_path: Path):
+    for i in range(5):
+        write_grey_pair(tmp_path, f"ct{i}", seed=i)
+    args = parse("--data", "folder", "--root", str(tmp_path), "--img-size", "32")
+    rgb = _build(args)  # no flag: RGB, as every run read before the flag existed
+    grey = _build(parse("--data", "folder", "--root", str(tmp_path), "--img-size", "32", "--in-chans", "1"))
+    assert (rgb.in_channels, grey.in_channels) == (3, 1)
+    assert rgb.val[0][0].shape == (3, 32, 32) and grey.val[0][0].shape == (1, 32, 32)
+    assert torch.equal(grey.val[0][0][0], rgb.val[0][0][1])  # the grey that RGB repeats, 16 bits kept
+
+
+def test_isic_images_are_read_grey_with_in_chans_1(isic_root: Path):
+    bundle = build_datasets(data="isic2018", root=isic_root, img_size=8, in_chans=1)
+    assert bundle.in_channels == 1 and bundle.test[0][0].shape == (1, 8, 8)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [(dict(in_chans=2), r"--in-chans 2: expected 1 \(grey\) or 3 \(RGB\)"),
+     (dict(in_chans=True), r"--in-chans True: expected 1 \(grey\) or 3 \(RGB\)"),
+     (dict(in_chans=1.0), r"--in-chans 1\.0: expected 1 \(grey\) or 3 \(RGB\)"),
+     (dict(data="synthetic", root=None, in_chans=1), r"^--in-chans: only for data read from files"),
+     (dict(spatial_dims=3, in_chans=1), r"--in-chans 1: only for 2D images; NIfTI volumes are read with")],
+)
+def test_in_chans_that_cannot_be_read_is_refused(folder_root: Path, options, message):
+    with pytest.raises(DataError, match=message):
+        build_datasets(**{"data": "folder", "root": folder_root, "img_size": 8, **options})

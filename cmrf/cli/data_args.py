@@ -55,6 +55,11 @@ def add_data_arguments(parser: argparse.ArgumentParser, description: str | None 
                        help="classes incl. background. Synthetic: 2 (default) or 4. Files: the masks hold "
                             "class indices 0..K-1 (K=2 also accepts 0/255); without it, masks must be "
                             "binary (0/255 or 0/1) or root/classes.txt must name the classes")
+    # Any count parses: cmrf evaluate's --in-chans also names a bare state dict's input channels
+    # (4 for BraTS-like volumes); build_datasets refuses all but 1 and 3 for images.
+    group.add_argument("--in-chans", type=positive_int, default=None, metavar="C",
+                       help="channels 2D image files (isic2018, folder) are read with: 3 as RGB "
+                            "(default), 1 as grey (CT slices, 16-bit PNGs); the model takes as many")
     group.add_argument("--mask-values", type=_integer, nargs="+", default=None, metavar="V",
                        help="mask files: pixels equal to the i-th value are class i (e.g. 0 128 255: three "
                             "classes); any other value is an error")

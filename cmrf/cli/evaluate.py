@@ -30,6 +30,9 @@ _DATA_HELP = (
 def _data_arguments_from_checkpoint(parser: argparse.ArgumentParser) -> None:
     """Data flags whose defaults come from the checkpoint's run (then from the data module)."""
     data_dests = add_data_arguments(parser, _DATA_HELP)
+    channels = next(action for action in parser._actions if action.dest == "in_chans")
+    channels.help = ("input channels of the model, and of 2D image files (isic2018, folder): 1 reads "
+                     "them grey, 3 as RGB (default: the checkpoint's; a bare state dict's first layer's)")
     defaults = {dest: parser.get_default(dest) for dest in data_dests}
     parser.set_defaults(**{dest: None for dest in data_dests}, data_defaults=defaults)
 
@@ -110,6 +113,16 @@ def _fill_from_run(args: argparse.Namespace, run_data: dict) -> None:
         args.seed = run_data.get("seed", 0)
 
 
+def _read_channels_of_model(args: argparse.Namespace, meta: dict) -> None:
+    """2D image files are read with the model's input channels (grey for a 1-channel model);
+    ``model_from_checkpoint`` has refused an ``--in-chans`` that is not the model's. Other data
+    has channels of its own, and a model of other channels fails the check after building it."""
+    from cmrf.data.factory import IMAGE_CHANNELS, reads_in_chans
+
+    reads = reads_in_chans(args.data, args.spatial_dims) and meta["in_chans"] in IMAGE_CHANNELS
+    args.in_chans = meta["in_chans"] if reads else None
+
+
 def _check_same_splits(args: argparse.Namespace, run_data: dict, bundle) -> None:
     """With the run's own data options, the splits must hold the files they held in training:
     files added to or removed from a fraction split (or another --seed) move training images
@@ -163,7 +176,8 @@ def build(parser: argparse.ArgumentParser):
     )
     add_runtime_arguments(parser, seed_default=None)
     _data_arguments_from_checkpoint(parser)
-    add_checkpoint_model_arguments(parser, num_classes=False)  # --num-classes is the data flag's
+    # --num-classes and --in-chans are the data flags', which serve the model too
+    add_checkpoint_model_arguments(parser, num_classes=False, in_chans=False)
     add_optimize_argument(parser, "scores")
     parser.epilog = (
         "Data flags default to the ones the checkpoint was trained with. A bare state dict (e.g. a "
@@ -208,6 +222,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     trained = run_data.get("img_size")
     if "img_size" in given and trained and args.img_size != trained:  # as cmrf predict notes it
         print(f"note: --img-size {args.img_size}, the run trained at {trained}", file=sys.stderr)
+    _read_channels_of_model(args, meta)
     bundle = _build_evaluation_data(args, run_data, given)
     _check_same_splits(args, run_data, bundle)
     if bundle.num_classes != meta["num_classes"] or bundle.in_channels != meta["in_chans"]:

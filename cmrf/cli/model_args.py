@@ -58,21 +58,24 @@ def add_registry_model_arguments(
     _add_constructor_arguments(parser)
 
 
-def add_checkpoint_model_arguments(parser: argparse.ArgumentParser, num_classes: bool = True) -> None:
-    """``--model --in-chans [--num-classes] --N --channels`` for checkpoints without cmrf metadata.
+def add_checkpoint_model_arguments(parser: argparse.ArgumentParser, num_classes: bool = True,
+                                   in_chans: bool = True) -> None:
+    """``--model [--in-chans] [--num-classes] --N --channels`` for checkpoints without cmrf metadata.
 
     A ``.safetensors`` written by ``cmrf train`` names its model; a state dict saved by the
     reference code does not, and needs ``--model``. ``--in-chans`` and ``--num-classes`` are read
-    from its layer shapes when possible. ``num_classes=False`` when the command already has a
-    ``--num-classes`` (``evaluate``'s data flag, which then serves both).
+    from its layer shapes when possible. ``num_classes=False`` (``in_chans=False``) when the
+    command already has a ``--num-classes`` (``--in-chans``): ``evaluate``'s data flags, which
+    then serve both.
     """
     group = parser.add_argument_group(
         "model of a bare state dict (e.g. a reference-code .pth; a cmrf train checkpoint names its own)"
     )
     group.add_argument("--model", default=None, metavar="NAME",
                        help="registry name of the checkpoint's model, e.g. tinyunet")
-    group.add_argument("--in-chans", type=positive_int, default=None,
-                       help="input channels (default: read from the first layer's shape)")
+    if in_chans:
+        group.add_argument("--in-chans", type=positive_int, default=None,
+                           help="input channels (default: read from the first layer's shape)")
     if num_classes:
         group.add_argument("--num-classes", type=positive_int, default=None,
                            help="classes incl. background (default: read from the last layer's shape)")

@@ -8,8 +8,8 @@ from cmrf.data.base import DataBundle, DataError
 from cmrf.data.masks import MaskRule
 from cmrf.data.store import CACHE_CHOICES
 
-__all__ = ["DATA_CHOICES", "DATA_OPTIONS", "DEFAULT_IMG_SIZE", "build_datasets", "option_flag",
-           "unread_options"]
+__all__ = ["DATA_CHOICES", "DATA_OPTIONS", "DEFAULT_IMG_SIZE", "IMAGE_CHANNELS", "build_datasets",
+           "option_flag", "reads_in_chans", "unread_options"]
 
 DATA_CHOICES = ("synthetic", "isic2018", "folder")
 
@@ -22,6 +22,7 @@ DATA_OPTIONS = {
     "root": None,
     "img_size": None,
     "num_classes": None,
+    "in_chans": None,
     "mask_values": None,
     "mask_threshold": None,
     "val_fraction": 0.2,
@@ -35,8 +36,12 @@ DATA_OPTIONS = {
 
 # Options that only files (isic2018, folder) or only synthetic data read: given for the other kind
 # they would be dropped without a word (a forgotten --data folder trains on synthetic images).
-_FILE_OPTIONS = ("root", "split_dir", "val_fraction", "test_fraction", "mask_values", "mask_threshold")
+_FILE_OPTIONS = ("root", "split_dir", "val_fraction", "test_fraction", "mask_values", "mask_threshold",
+                 "in_chans")
 _SYNTHETIC_OPTIONS = ("synthetic_samples",)
+
+# The channels 2D image files may be read with: grey or RGB (``decode_image``).
+IMAGE_CHANNELS = (1, 3)
 
 
 def option_flag(name: str) -> str:
@@ -47,6 +52,11 @@ def option_flag(name: str) -> str:
 def unread_options(data: str) -> tuple[str, ...]:
     """The options that data ``data`` ("synthetic", "isic2018", "folder") does not read."""
     return _FILE_OPTIONS if data == "synthetic" else _SYNTHETIC_OPTIONS
+
+
+def reads_in_chans(data: str, spatial_dims: int) -> bool:
+    """Whether data ``data`` of ``spatial_dims`` reads ``in_chans`` (2D image files do)."""
+    return data != "synthetic" and spatial_dims == 2
 
 
 def _check_options_apply(options: dict) -> None:
@@ -74,6 +84,10 @@ def _check_options(options: dict) -> None:
         raise DataError(f"--spatial-dims {options['spatial_dims']!r}: expected 2 or 3")
     if options["cache"] not in CACHE_CHOICES:
         raise DataError(f"--cache {options['cache']!r}: expected one of {', '.join(CACHE_CHOICES)}")
+    in_chans = options["in_chans"]  # True and 1.0 equal 1, but are no channel count
+    integral = isinstance(in_chans, numbers.Integral) and not isinstance(in_chans, bool)
+    if in_chans is not None and not (integral and in_chans in IMAGE_CHANNELS):
+        raise DataError(f"--in-chans {in_chans!r}: expected 1 (grey) or 3 (RGB)")
     img_size = options["img_size"]
     if isinstance(img_size, bool) or not isinstance(img_size, numbers.Integral) or img_size < 1:
         raise DataError(f"--img-size {img_size!r}: expected an integer >= 1")
@@ -102,6 +116,7 @@ def build_datasets(seed: int = 0, **options) -> DataBundle:
             root: the dataset folder (isic2018, folder).
             img_size: side every sample is resized to; default ``DEFAULT_IMG_SIZE[spatial_dims]``.
             num_classes: synthetic: 2 or 4; files: the masks hold class indices ``0..K-1``.
+            in_chans: 2D image files (isic2018, folder): 1 reads them grey, 3 (default) as RGB.
             mask_values: files: pixels equal to the i-th value are class i.
             mask_threshold: files: two classes, class 1 where the value is at least this.
             val_fraction, test_fraction: held-out shares where no split is given.
@@ -145,13 +160,17 @@ def build_datasets(seed: int = 0, **options) -> DataBundle:
             raise DataError(
                 f"--data {data} holds 2D images; --spatial-dims 3 needs --data folder or synthetic"
             )
+        if options["in_chans"] is not None:  # a volume's channels are the file's, not a choice
+            raise DataError(f"--in-chans {options['in_chans']}: only for 2D images; NIfTI volumes are read "
+                            f"with the channels their files hold, so leave it out")
         from cmrf.data.nifti import nifti_bundle
 
         return nifti_bundle(**files)
+    in_channels = options["in_chans"] or 3  # RGB unless asked: what every run read before the option
     if data == "isic2018":
         from cmrf.data.isic import isic_bundle
 
-        return isic_bundle(**files)
+        return isic_bundle(**files, in_channels=in_channels)
     from cmrf.data.folder import folder_bundle
 
-    return folder_bundle(**files)
+    return folder_bundle(**files, in_channels=in_channels)

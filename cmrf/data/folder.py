@@ -201,11 +201,12 @@ class FolderSegmentation(SourceDataset):
 
 def folder_bundle(*, root, img_size: int, seed: int, rule: MaskRule, val_fraction: float,
                   test_fraction: float, split_dir=None, cache: str = "memory",
-                  cache_dir=None) -> DataBundle:
-    """The splits of a generic folder (``--data folder``); every split's masks checked in one pass."""
+                  cache_dir=None, in_channels: int = 3) -> DataBundle:
+    """The splits of a generic folder (``--data folder``); every split's masks checked in one pass.
+    ``in_channels``: 3 reads the images as RGB, 1 as grey (``--in-chans``)."""
     root = Path(root)
     return folder_split_bundle(
         root, find_folder_pairs(root),
-        lambda used: ImagePairSource(used, img_size, 3, cache, cache_dir, name="folder"),
+        lambda used: ImagePairSource(used, img_size, in_channels, cache, cache_dir, name="folder"),
         seed=seed, rule=rule, val_fraction=val_fraction, test_fraction=test_fraction, split_dir=split_dir,
     )

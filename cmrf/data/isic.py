@@ -54,8 +54,9 @@ def find_isic_pairs(root: str | Path) -> dict[str, list[Pair]]:
 
 def isic_bundle(*, root, img_size: int, seed: int, rule: MaskRule, val_fraction: float,
                 test_fraction: float, split_dir=None, cache: str = "memory",
-                cache_dir=None) -> DataBundle:
-    """The splits of an ISIC 2018 tree (``--data isic2018``): 2 classes, masks 0/255.
+                cache_dir=None, in_channels: int = 3) -> DataBundle:
+    """The splits of an ISIC 2018 tree (``--data isic2018``): 2 classes, masks 0/255; the images
+    read as RGB (``in_channels`` 3) or grey (1, ``--in-chans``).
 
     The official validation and test folders are the val and test splits where present (the
     missing ones are cut off the training set by fractions); ``split_dir`` overrides both.
@@ -66,6 +67,7 @@ def isic_bundle(*, root, img_size: int, seed: int, rule: MaskRule, val_fraction:
     pairs = [pair for split_pairs_ in official.values() for pair in split_pairs_]
     splits = split_pairs(pairs, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
                          split_dir=split_dir, official=official)
-    source = ImagePairSource(used_pairs(pairs, splits), img_size, 3, cache, cache_dir, name="isic2018")
+    source = ImagePairSource(used_pairs(pairs, splits), img_size, in_channels, cache, cache_dir,
+                             name="isic2018")
     mapping = resolve_classes(source.mask_values(), rule, fixed_classes=2, source="ISIC 2018 Task 1")
     return pairs_bundle(source, splits, mapping, list(ISIC_CLASS_NAMES), seed)

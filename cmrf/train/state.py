@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cmrf.data.factory import option_flag, unread_options
+from cmrf.data.factory import option_flag, reads_in_chans, unread_options
 from cmrf.files import atomic_write
 from cmrf.models.registry import without_defaults
 from cmrf.train.run_folder import STATE_FILE, RunFiles, naming_errors
@@ -241,6 +241,11 @@ def _metadata_settings(meta: dict) -> dict[str, object]:
                      if key not in _DATA_STORAGE_OPTIONS + _DATA_COPY_CHECKS and key not in unread})
     if settings.get("--num-classes") is None:  # left out: the classes the data had, which the model has
         settings["--num-classes"] = meta.get("num_classes")
+    settings.pop("--in-chans", None)  # the model's input channels are the data's: compared once
+    if reads_in_chans(data.get("data", "synthetic"), data.get("spatial_dims", 2)):
+        # named by the flag that sets them (runs saved before it existed, or left at the default,
+        # read their images as RGB: their models have 3, which the default gives again)
+        settings["--in-chans"] = settings.pop("input channels")
     return settings
 
 
