@@ -87,6 +87,19 @@ def test_debug_environment_variable(tmp_path, monkeypatch, capsys):
         assert main(argv) == 2 and "Traceback" in capsys.readouterr().err, on
 
 
+def test_a_listed_data_report_keeps_its_items_apart_on_one_line():
+    """problem_report's indented items were joined by bare spaces: "...expected (X, Y, Z) image file ..."."""
+    from cmrf.cli import describe_error
+    from cmrf.data import DataError
+    from cmrf.data.masks import problem_report
+
+    report = problem_report("2 of 2 pairs cannot be used:", ["a.nii.gz has shape (2, 1)", "b.nii.gz too"],
+                            "Give --num-classes 3.\nOr --mask-values 0 1 2.")
+    expected = ("2 of 2 pairs cannot be used: a.nii.gz has shape (2, 1); b.nii.gz too; Give --num-classes 3. "
+                "Or --mask-values 0 1 2.")
+    assert describe_error(DataError(report)) == expected
+
+
 def test_unexpected_error_is_one_line_with_exit_70(monkeypatch, capsys):
     import cmrf.quickstart
 
@@ -600,6 +613,23 @@ def test_ctrl_c_while_starting_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cmrf.cli, "build_parser", interrupted)
     assert main(["profile", "tinyunet"]) == 130
     assert capsys.readouterr().err == "cmrf profile: interrupted\n"
+
+
+@pytest.mark.parametrize(("command", "hint"), [("train", True), ("demo", True), ("profile", False)])
+def test_ctrl_c_during_training_says_how_to_go_on(monkeypatch, capsys, command, hint):
+    """An interrupted training keeps its epochs; the line said only "interrupted"."""
+    import cmrf.cli
+
+    def interrupting(args):
+        raise KeyboardInterrupt
+
+    # every command's runner interrupted at once (its options are not built: none are given)
+    monkeypatch.setattr(cmrf.cli, "_builder", lambda spec: lambda sub_parser: interrupting)
+    assert main([command]) == 130
+    expected = f"cmrf {command}: interrupted"
+    if hint:
+        expected += "; completed epochs are kept: run the same command with --resume to continue"
+    assert capsys.readouterr().err == expected + "\n"
 
 
 def test_a_closed_output_pipe_ends_quietly(monkeypatch, capsys):

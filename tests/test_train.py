@@ -151,6 +151,12 @@ def test_demo_runs_with_its_settings_overridden_and_reruns_into_its_own_folder(t
     assert f"replacing the earlier demo run in {out}" in capsys.readouterr().out
     assert json.loads((out / "metrics.json").read_text())["history"][0]["epoch"] == 1
     assert not (out / "overlays.png").exists()  # the earlier run's figures went with it
+    # A stopped demo (no metrics.json yet) is not replaced: its epochs are kept for --resume.
+    (out / "metrics.json").unlink()
+    before = _hashes(out)
+    assert main(["demo", "--out", str(out), *TINY, "--epochs", "1", "--no-plots"]) == 2
+    assert f"{out} already holds a run" in _one_error_line(capsys) and _hashes(out) == before
+    assert main(["demo", "--out", str(out), *TINY, "--epochs", "1", "--no-plots", "--resume"]) == 0
 
 
 def _hashes(folder) -> dict[str, str]:
@@ -585,6 +591,25 @@ def test_a_best_file_of_another_epoch_is_named_on_resume(run_dir, tmp_path, caps
             in capsys.readouterr().out)
 
 
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_lost_best_file_of_an_earlier_epoch_is_named_not_left_to_resume(run_dir, tmp_path, capsys, damage):
+    """The state holds the last epoch's weights only: "--resume to finish the run" led in a circle."""
+    out = tmp_path / "copy"
+    shutil.copytree(run_dir, out)
+    assert json.loads((out / "metrics.json").read_text())["best_epoch"] == 1  # this test's premise
+    best = out / "best.safetensors"
+    if damage == "missing":
+        best.unlink()
+    else:
+        best.write_bytes(best.read_bytes()[:100])
+    argv = ["train", *TINY, "--epochs", "2", "--lr", "3e-3", "--no-plots", "--resume", "--out", str(out)]
+    assert main(argv) == 2
+    err = _one_error_line(capsys)
+    assert f"the best checkpoint {best} (epoch 1) cannot be read" in err
+    assert f"its weights are nowhere else: {out / 'last_state.pt'} holds epoch 2's" in err
+    assert f"cmrf evaluate {out / 'last.safetensors'}" in err and "--resume" not in err
+
+
 def _folder_dataset(root, count: int) -> None:
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(exist_ok=True)
@@ -593,6 +618,26 @@ def _folder_dataset(root, count: int) -> None:
         mask = Image.new("L", (32, 32), 0)
         mask.paste(255, (0, 0, 16, 8 + i))
         mask.save(root / "masks" / f"s{i:02d}.png")
+
+
+def test_a_run_folder_that_is_the_datas_image_or_mask_folder_is_refused(tmp_path, capsys):
+    """The run's figures written into images/ became samples without masks: the run could then not
+    be resumed or evaluated, nor the data trained on, until they were deleted by hand."""
+    from cmrf.data.factory import data_file_folders
+
+    root = tmp_path / "data"
+    _folder_dataset(root, 6)
+    before = sorted(p.name for p in (root / "images").iterdir())
+    for folder in ("images", "masks"):
+        argv = ["train", "--data", "folder", "--root", str(root), "--img-size", "32", "--channels", "16",
+                "32", "--device", "cpu", "--out", str(root / folder / ".")]
+        assert main(argv) == 2
+        assert f"is the data's folder {root / folder}: the run's files would be written among the samples" \
+            in _one_error_line(capsys)
+    assert sorted(p.name for p in (root / "images").iterdir()) == before
+    isic = data_file_folders("isic2018", tmp_path)
+    assert tmp_path / "ISIC2018_Task1-2_Training_Input" in isic and len(isic) == 6
+    assert data_file_folders("synthetic", None) == []
 
 
 def test_files_added_to_a_fraction_split_stop_resume_and_evaluate(tmp_path, capsys):

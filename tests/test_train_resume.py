@@ -101,7 +101,8 @@ def test_sigterm_stops_a_run_with_one_line_and_leaves_it_resumable(tmp_path):
         time.sleep(0.02)
     victim.send_signal(signal.SIGTERM)
     assert victim.wait(timeout=60) == 143
-    assert victim.stderr.read().strip().splitlines() == ["cmrf train: terminated"]
+    assert victim.stderr.read().strip().splitlines() == [
+        "cmrf train: terminated; completed epochs are kept: run the same command with --resume to continue"]
     assert temporary_files(out) == []
     assert _completed_epochs(out / STATE_FILE) >= 1  # --resume continues from there
 

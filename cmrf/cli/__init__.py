@@ -138,8 +138,20 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _one_line(text: str) -> str:
-    """``text`` without terminal colour codes, its lines and runs of blanks joined by one space."""
-    return " ".join(_ANSI.sub("", text).split())
+    """``text`` without terminal colour codes, in one line: runs of blanks become one space; the
+    indented items of a listed report (``problem_report``) and what follows them are set apart by
+    "; ", other lines (wrapped text) joined by a space."""
+    joined, after_item = "", False
+    for raw in _ANSI.sub("", text).splitlines():
+        line = " ".join(raw.split())
+        if not line:
+            continue
+        item = raw[:1].isspace()
+        if joined:
+            apart = (item or after_item) and not joined.endswith((":", ";"))
+            joined += "; " if apart else " "
+        joined, after_item = joined + line, item
+    return joined
 
 
 def _user_error(err: BaseException) -> BaseException | None:
@@ -201,10 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as err:
         if _debug_requested(args):  # where it stopped, then the status scripts rely on (not 1)
             traceback.print_exc()
+        # Training saves every epoch: say how to go on (a new run may start there too, as --resume allows).
+        hint = ("; completed epochs are kept: run the same command with --resume to continue"
+                if args.command in _LONG_RUNNING else "")
         if isinstance(err, _Terminated):
-            print(f"cmrf {args.command}: terminated", file=sys.stderr)
+            print(f"cmrf {args.command}: terminated{hint}", file=sys.stderr)
             return EXIT_TERMINATED
-        print(f"cmrf {args.command}: interrupted", file=sys.stderr)
+        print(f"cmrf {args.command}: interrupted{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         if _debug_requested(args):

@@ -173,6 +173,18 @@ def _data_metadata(args: argparse.Namespace, bundle) -> dict:
     return data
 
 
+def _check_out_is_not_a_data_folder(args: argparse.Namespace) -> None:
+    """A run folder that is the data's image or mask folder puts the run's figures among the samples:
+    the next read of the data (a resume, an evaluation, any new run on it) fails to pair them."""
+    from cmrf.data.factory import data_file_folders
+
+    out = Path(args.out).resolve()
+    for folder in data_file_folders(args.data, args.root):
+        if folder.resolve() == out:
+            raise ValueError(f"--out {args.out} is the data's folder {folder}: the run's files would be "
+                             f"written among the samples and read as data next time; choose another --out")
+
+
 def _train(args: argparse.Namespace) -> int:
     from cmrf.data import build_datasets
     from cmrf.train.loop import fit
@@ -181,6 +193,7 @@ def _train(args: argparse.Namespace) -> int:
     from cmrf.train.state import model_metadata
 
     recipe = recipe_from_args(args)  # checks the recipe before any data is read
+    _check_out_is_not_a_data_folder(args)
     check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)  # before reading data, too
     resolve_model_choice(args.model, args.spatial_dims, replace_blocks=args.replace_blocks)  # and this
     bundle = build_datasets(seed=args.seed, **data_options(args))
@@ -251,11 +264,13 @@ def build_demo(parser: argparse.ArgumentParser):
 
 
 def _replaces_earlier_demo(out: str | Path) -> bool:
-    """True when ``out`` holds a run and that run was made by ``cmrf demo`` (its metadata says so)."""
+    """True when ``out`` holds a finished run made by ``cmrf demo`` (its metadata says so, and its
+    ``metrics.json`` is there). An unfinished one is left to the usual choice, ``--resume`` or
+    ``--overwrite``: replacing it would throw away the epochs a stopped demo has trained."""
     from cmrf.train.state import saved_run_metadata
 
     files = RunFiles(Path(out))
-    if not files.existing():
+    if not files.existing() or not files.metrics.is_file():
         return False
     meta = saved_run_metadata(files) or {}
     return meta.get("command") == "demo"

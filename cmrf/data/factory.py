@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import numbers
+from pathlib import Path
 
 from cmrf.data.base import DataBundle, DataError
 from cmrf.data.masks import MaskRule
 from cmrf.data.store import CACHE_CHOICES
 
 __all__ = ["DATA_CHOICES", "DATA_OPTIONS", "DEFAULT_IMG_SIZE", "IMAGE_CHANNELS", "build_datasets",
-           "option_flag", "reads_in_chans", "unread_options"]
+           "data_file_folders", "option_flag", "reads_in_chans", "unread_options"]
 
 DATA_CHOICES = ("synthetic", "isic2018", "folder")
 
@@ -52,6 +53,19 @@ def option_flag(name: str) -> str:
 def unread_options(data: str) -> tuple[str, ...]:
     """The options that data ``data`` ("synthetic", "isic2018", "folder") does not read."""
     return _FILE_OPTIONS if data == "synthetic" else _SYNTHETIC_OPTIONS
+
+
+def data_file_folders(data: str, root) -> list[Path]:
+    """The folders whose files ``data`` reads as samples under ``root`` (images and masks): a file
+    written there by something else would be read as data, or break the pairing."""
+    if data == "synthetic" or root is None:
+        return []
+    root = Path(root)
+    if data == "isic2018":
+        from cmrf.data.isic import ISIC_FOLDERS
+
+        return [root / name for names in ISIC_FOLDERS.values() for name in names]
+    return [root / "images", root / "masks"]
 
 
 def reads_in_chans(data: str, spatial_dims: int) -> bool:

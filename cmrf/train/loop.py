@@ -454,7 +454,19 @@ def _final_scores(run: _Run) -> dict:
     """Scores of the best checkpoint on validation and test (validation when there is no test)."""
     from cmrf.checkpoint import load_checkpoint
 
-    load_checkpoint(run.parts.model, run.files.best)
+    try:
+        load_checkpoint(run.parts.model, run.files.best)
+    except (ValueError, OSError) as err:
+        progress = run.progress
+        if progress.best_epoch == progress.epoch:  # --resume rewrites it from the state
+            raise
+        # The state holds the last epoch's weights only: --resume could never finish this run.
+        raise UnfinishedRunError(
+            f"final evaluation failed: the best checkpoint {run.files.best} (epoch {progress.best_epoch}) "
+            f"cannot be read ({_one_line(err)}), and its weights are nowhere else: {run.files.state} holds "
+            f"epoch {progress.epoch}'s. Score the last weights with cmrf evaluate {run.files.last}, or train "
+            f"again with --overwrite"
+        ) from err
     bundle, recipe = run.bundle, run.recipe
 
     def score(loader: DataLoader, split: str) -> dict:
@@ -484,6 +496,8 @@ def _finish(run: _Run) -> dict:
     run.processes.barrier()  # rank 0 has written best.safetensors
     try:
         result = _final_scores(run)
+    except UnfinishedRunError:
+        raise
     except (ValueError, OSError, RuntimeError) as err:
         raise UnfinishedRunError(
             f"final evaluation failed: {_one_line(err)}; the {run.progress.epoch} trained epoch(s) are safe "
