@@ -73,7 +73,7 @@ def _check_dynamic_supported(model: nn.Module) -> None:
         raise ValueError(
             f"dynamic=True cannot export {type(model).__name__}: its max-unpooling ({unpools[0]}) is "
             f"exported with the example's sizes, so ONNX Runtime fails at any other input size; export "
-            f"with dynamic=False once per input size you need"
+            f"with dynamic=False (without --dynamic) once per input size you need"
         )
 
 
@@ -88,9 +88,9 @@ def _dynamic_shapes(size: tuple[int, ...], spatial_multiple: int) -> tuple[dict,
     bad = [s for s in size[2:] if s % spatial_multiple]
     if bad:
         raise ValueError(
-            f"dynamic export needs spatial sides that are multiples of {spatial_multiple} "
-            f"(the sides the model accepts), got input_size {size}; pick such a size or export with "
-            f"dynamic=False for exactly this shape"
+            f"dynamic export needs spatial sides that are multiples of {spatial_multiple} (the sides "
+            f"one graph of this model can follow), got input_size {size}; pick such a size or export "
+            f"with dynamic=False (without --dynamic) for exactly this shape"
         )
     axes = {0: Dim("batch", min=1, max=_MAX_SIDE)}
     for i in range(2, len(size)):
@@ -145,6 +145,10 @@ def _example_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[i
     if isinstance(min_size, int) and min(size[2:]) < min_size:
         raise ValueError(f"input_size {size} has a side below {min_size}, the smallest "
                          f"{type(model).__name__} takes (every spatial side >= {min_size})")
+    multiple = getattr(model, "input_multiple", None)  # CMUNeXt: its decoder adds skips of equal size
+    if isinstance(multiple, int) and any(side % multiple for side in size[2:]):
+        raise ValueError(f"input_size {size} has sides that are not multiples of {multiple}, as every "
+                         f"spatial side of {type(model).__name__} must be")
     return size
 
 

@@ -248,7 +248,7 @@ def test_segnet_dynamic_export_cli_is_one_line(tmp_path, capsys):
     argv = ["export", "onnx", "segnet", "--dynamic", "--input-size", "1", "3", "64", "64"]
     argv += ["-o", str(tmp_path / "segnet.onnx")]
     assert main(argv) == 2
-    assert "dynamic=False once per input size" in _one_error_line(capsys.readouterr().err)
+    assert "dynamic=False (without --dynamic) once per input size" in _one_error_line(capsys.readouterr().err)
 
 
 # --- which model: flags, cmrf train checkpoints, reference checkpoints -------------------------
@@ -390,6 +390,22 @@ def test_a_refused_export_leaves_no_folder_it_made(tmp_path, capsys, argv, messa
     assert main(["export", "onnx", *argv, "-o", str(out)]) == 2
     assert message in _one_error_line(capsys.readouterr().err)
     assert os.listdir(tmp_path) == []
+
+
+def test_an_o_that_names_a_folder_writes_no_file_by_that_name(tmp_path, capsys):
+    """``-o new/`` wrote a file called ``new`` (Path drops the slash), where an existing ``new/`` is
+    refused as a folder."""
+    assert main(["export", "onnx", *SMALL[:6], "-o", str(tmp_path / "new") + "/"]) == 2
+    assert "names a folder (it ends with /), -o needs a file name" in _one_error_line(capsys.readouterr().err)
+    assert os.listdir(tmp_path) == []
+
+
+def test_cmunext_sides_that_are_not_multiples_of_16_are_a_value_error():
+    """export_onnx promises a ValueError for a size the model does not take; torch's exporter raised
+    a 700-character TorchExportError."""
+    model = cmrf.create_model("cmunext", dims=(8, 8, 16, 16, 16)).eval()
+    with pytest.raises(ValueError, match=r"not multiples of 16, as every spatial side of CMUNeXt must be"):
+        cmrf.export_onnx(model, "unused.onnx", (1, 3, 40, 40))
 
 
 def test_a_file_where_o_needs_a_folder_is_named(tmp_path, capsys):

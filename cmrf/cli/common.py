@@ -32,8 +32,12 @@ def check_output_file(path: str | Path, flag: str, reads: dict[str, str | Path |
 
     Raises:
         ValueError: ``path`` is one of ``reads``.
-        OSError: its folder is missing or read-only, or ``path`` is a folder.
+        OSError: its folder is missing or read-only, or ``path`` is (or names, ending with a
+            separator) a folder.
     """
+    if str(path).endswith(("/", os.sep)):  # Path() drops it, and would write a file by that name
+        raise IsADirectoryError(errno.EISDIR, f"names a folder (it ends with {str(path)[-1]}), {flag} needs "
+                                              f"a file name", str(path))
     path = Path(path)
     for option, source in (reads or {}).items():
         if source is not None and Path(source).exists() and path.exists() and path.samefile(source):
