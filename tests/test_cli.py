@@ -291,6 +291,14 @@ def test_evaluate_notes_another_image_size_and_its_json_names_the_data(run_check
     assert json.loads(out.read_text())["data"]["img_size"] == 48
 
 
+def test_evaluate_with_other_spatial_dims_than_the_model_names_the_model(run_checkpoint, capsys):
+    """A data error ("no images ... add --spatial-dims 3") blamed the data for the flag's mismatch."""
+    assert main(["evaluate", str(run_checkpoint), "--spatial-dims", "3", "--device", "cpu"]) == 2
+    line = _one_line(capsys.readouterr().err)
+    expected = "holds a 2D model, and --spatial-dims 3 reads 3D data: leave --spatial-dims out"
+    assert f"{run_checkpoint} {expected}" in line
+
+
 def test_evaluate_takes_a_reference_checkpoint(tmp_path, capsys):
     from tests.conftest import golden_state_dict, load_golden
 

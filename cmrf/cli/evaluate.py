@@ -223,6 +223,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     if "img_size" in given and trained and args.img_size != trained:  # as cmrf predict notes it
         print(f"note: --img-size {args.img_size}, the run trained at {trained}", file=sys.stderr)
     _read_channels_of_model(args, meta)
+    model_dims = getattr(model, "spatial_dims", None)
+    if isinstance(model_dims, int) and args.spatial_dims != model_dims:  # the data's error blames the data
+        raise ValueError(f"{args.checkpoint} holds a {model_dims}D model, and --spatial-dims "
+                         f"{args.spatial_dims} reads {args.spatial_dims}D data: leave --spatial-dims out")
     bundle = _build_evaluation_data(args, run_data, given)
     _check_same_splits(args, run_data, bundle)
     if bundle.num_classes != meta["num_classes"] or bundle.in_channels != meta["in_chans"]:
