@@ -44,6 +44,7 @@ from cmrf.cli.model_args import (
     inference_model,
     positive_int,
 )
+from cmrf.data.base import listing
 from cmrf.train.setup import model_from_checkpoint
 
 __all__ = ["OUTPUT_MARK", "build", "output_stems", "run_predict"]
@@ -222,7 +223,7 @@ def _check_no_foreign_outputs(stems: Sequence[str], out: Path, overlays: bool, o
     targets = (out / f"{stem}_{kind}.png" for stem in stems for kind in kinds)
     foreign = [path for path in targets if path.exists() and not _written_by_predict(path)]
     if foreign:
-        names = ", ".join(path.name for path in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        names = listing([path.name for path in foreign], 3)
         raise ValueError(
             f"--out {out} holds {len(foreign)} file(s) named like this run's outputs that cmrf predict did "
             f"not write ({names}); they would be replaced: choose another --out, or pass --overwrite "

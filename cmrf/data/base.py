@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,7 @@ __all__ = [
     "SegmentationDataset",
     "augment_pair",
     "denormalize",
+    "listing",
     "normalize",
     "shared_zeros",
 ]
@@ -65,6 +67,12 @@ def read_text_lines(path) -> list[str]:
 
 class DataWarning(UserWarning):
     """Data was used in a way the user should know about (e.g. a cache fell back to disk)."""
+
+
+def listing(names: Sequence[str], limit: int = 5) -> str:
+    """The first ``limit`` of ``names`` joined by commas, with ", ..." when there are more: what
+    an error or warning shows of a long list (the count it gives tells the rest)."""
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
 
 
 @dataclass

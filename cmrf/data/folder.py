@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cmrf.data.base import DataBundle, DataError
+from cmrf.data.base import DataBundle, DataError, listing
 from cmrf.data.cache import CachedSource, SourceDataset, run_checks
 from cmrf.data.imageio import (
     HIGH_BIT_MODES,
@@ -77,7 +77,7 @@ def _nested_images_hint(image_dir: Path) -> str:
     nested = sorted(p.name for p in image_dir.iterdir() if p.is_dir() and _has_images(p))
     if not nested:
         return ""
-    shown = ", ".join(f"{name}/" for name in nested[:5]) + (", ..." if len(nested) > 5 else "")
+    shown = listing([f"{name}/" for name in nested])
     return (f"; its subfolders {shown} hold images, but subfolders are not searched: put every image in "
             f"images/ and every mask in masks/, and list the splits in train.txt, val.txt and test.txt "
             f"for --split-dir")

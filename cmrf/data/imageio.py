@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cmrf.data.base import DataError, normalize
+from cmrf.data.base import DataError, listing, normalize
 
 __all__ = [
     "HIGH_BIT_MODES",
@@ -439,7 +439,7 @@ def check_mask_values(mask: np.ndarray, num_classes: int, path) -> None:
     present = present_values(np.asarray(mask))
     bad = present[(present < 0) | (present >= num_classes)]
     if bad.size:
-        shown = ", ".join(str(v) for v in bad[:8].tolist()) + (", ..." if bad.size > 8 else "")
+        shown = listing([str(v) for v in bad.tolist()], 8)
         raise DataError(
             f"mask file {path} has values {shown} outside the class range 0..{num_classes - 1} "
             f"(num_classes={num_classes})"

@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from cmrf.data.base import DataError, read_text_lines
+from cmrf.data.base import DataError, listing, read_text_lines
 
 __all__ = [
     "MAX_LISTED",
@@ -213,7 +213,7 @@ def _ambiguous(masks: Sequence[MaskValues], union: set[int]) -> DataError:
         groups.setdefault(mask.values, []).append(mask.path)
     lines = []
     for values, paths in sorted(groups.items(), key=lambda item: -len(item[1])):
-        examples = ", ".join(str(p) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+        examples = listing([str(p) for p in paths], 3)
         lines.append(f"values {values_text(values)} in {len(paths)} file(s): {examples}")
     ordered = sorted(union)
     hints = [MASK_OPTION_HINT + "."]

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cmrf.data.base import SPLITS, DataBundle, DataError, DataWarning
+from cmrf.data.base import SPLITS, DataBundle, DataError, DataWarning, listing
 from cmrf.data.cache import CachedSource, SourceDataset
 from cmrf.data.masks import problem_report
 
@@ -50,7 +50,7 @@ def _require_pair_dirs(image_dir: Path, mask_dir: Path, kind: str) -> None:
         if not others:
             require_dir(path, f"{role} folder")
         likely = [name for name in others if any(w in name.lower() for w in _LIKELY_NAMES[role])]
-        shown = ", ".join(f"{name}/" for name in others[:8]) + (", ..." if len(others) > 8 else "")
+        shown = listing([f"{name}/" for name in others], 8)
         link = (f": if {likely[0]}/ holds the {role}s, rename it to {path.name}/ or link it "
                 f"(ln -s {shlex.quote(likely[0])} {shlex.quote(str(path))})") if likely else ""
         raise DataError(
@@ -165,7 +165,7 @@ def _warn_unclaimed_masks(masks: Sequence[Path], image_dir: Path, kind: str) -> 
     masks left out with them) would otherwise shrink without a word."""
     if not masks:
         return
-    names = ", ".join(path.name for path in masks[:5]) + (", ..." if len(masks) > 5 else "")
+    names = listing([path.name for path in masks])
     warnings.warn(f"{len(masks)} mask file(s) have no {kind} in {image_dir} and are left out: {names}",
                   DataWarning, stacklevel=3)
 

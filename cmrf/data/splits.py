@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cmrf.data.base import SPLITS, DataBundle, DataError, DataWarning, read_text_lines
+from cmrf.data.base import SPLITS, DataBundle, DataError, DataWarning, listing, read_text_lines
 from cmrf.data.imageio import IMAGE_SUFFIXES
 from cmrf.data.masks import MaskRule, class_names_for, resolve_classes
 from cmrf.data.pairs import Pair, file_stem, pairs_bundle, require_dir, used_pairs
@@ -88,9 +88,8 @@ def split_from_files(pairs: list, split_dir: str | Path) -> dict[str, list]:
         splits[split] = items
     unlisted = [pair.stem for pair in pairs if pair.stem not in seen]
     if unlisted:  # a subset on purpose, or a forgotten line: say it, the run would not
-        names = ", ".join(unlisted[:5]) + (", ..." if len(unlisted) > 5 else "")
         warnings.warn(f"{len(unlisted)} of {len(pairs)} samples are in none of the split files of "
-                      f"{split_dir} and are not used: {names}", DataWarning, stacklevel=2)
+                      f"{split_dir} and are not used: {listing(unlisted)}", DataWarning, stacklevel=2)
     return splits
 
 
