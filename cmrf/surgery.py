@@ -23,6 +23,7 @@ shapes differ, every swap is undone before the error is raised.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import warnings
 from collections.abc import Iterable
@@ -73,7 +74,8 @@ class BlockReplacement:
 
     Attributes:
         path: dotted module path inside the model (as in ``named_modules``).
-        old_type: class name of the module that was (or, in a dry run, would be) replaced.
+        old_type: class name of the module that was (or, in a dry run, would be) replaced; for a
+            ``torch.compile``d block, that of the module it wraps with `` (compiled)`` added.
         in_channels, out_channels: channels seen by the probe.
         N: receptive fields of the CMRF that replaces it (``N' <= N`` when channels forced it).
         old_params, new_params: parameter counts of the old block and of the CMRF.
@@ -227,9 +229,9 @@ def _path_matches(path: str, pattern: str) -> bool:
 def _matches(selectors: list, path: str, module: nn.Module) -> bool:
     for item in selectors:
         if isinstance(item, str):
-            if type(module).__name__ == item or _path_matches(path, item):
+            if type(_compiled_original(module)).__name__ == item or _path_matches(path, item):
                 return True
-        elif isinstance(module, item):
+        elif isinstance(_compiled_original(module), item):
             return True
     return False
 
@@ -308,8 +310,15 @@ def _forward(model: nn.Module, example, grad: bool = False) -> object:
             return t.detach().requires_grad_(True).clone() if t.is_floating_point() else t
 
         example = tuple(map(traced, example)) if isinstance(example, tuple) else traced(example)
-    with eval_mode(model), torch.set_grad_enabled(grad), reference_only():
+    with eval_mode(model), torch.set_grad_enabled(grad), reference_only(), _eager():
         return model(*example) if isinstance(example, tuple) else model(example)
+
+
+def _eager():
+    """Run ``torch.compile``d submodules eagerly: compiling the probe's hooks takes seconds per
+    module and spends the user's recompile limit on a forward that is thrown away."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def _run(model: nn.Module, example) -> object:
@@ -636,7 +645,7 @@ def _select(
     while partial := [(plan, why) for plan in plans if (why := _shared_outside(plan, plans, owners))]:
         plan, why = partial[0]
         plans.remove(plan)
-        skipped.append(SkippedBlock(plan.path, type(plan.module).__name__, why))
+        skipped.append(SkippedBlock(plan.path, _kind(plan.module), why))
         visit(plan.path, plan.module)
     return plans, skipped
 
@@ -822,7 +831,7 @@ def replace_blocks(
         report.replaced.append(
             BlockReplacement(
                 plan.path,
-                type(plan.module).__name__,
+                _kind(plan.module),
                 plan.in_channels,
                 plan.out_channels,
                 plan.N,
@@ -867,6 +876,13 @@ def _compiled_original(model: nn.Module) -> nn.Module:
                                                                      nn.Module):
         model = model._orig_mod
     return model
+
+
+def _kind(block: nn.Module) -> str:
+    """The class name a report shows for ``block``; a ``torch.compile``d one (it is replaced with
+    its wrapper, which would go on running the old block) by the class it holds."""
+    original = _compiled_original(block)
+    return type(block).__name__ if original is block else f"{type(original).__name__} (compiled)"
 
 
 def _check_not_wrapped(model: nn.Module) -> None:

@@ -528,6 +528,18 @@ def test_a_bad_environment_variable_is_one_line_and_exit_2(variable, value, tmp_
     assert repr(value) in lines[0]
 
 
+def test_an_unknown_mplbackend_is_ignored_with_a_note(run_checkpoint, tmp_path):
+    """matplotlib refuses to import under an unknown MPLBACKEND and MONAI imports it: every evaluate
+    and train stopped ("Key backend: 'nonsense' is not a valid value"), even with --no-plots."""
+    env = {**os.environ, "MPLBACKEND": "nonsense"}
+    done = subprocess.run([sys.executable, "-m", "cmrf", "evaluate", str(run_checkpoint), "--json",
+                           str(tmp_path / "scores.json")], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "ignoring the environment variable MPLBACKEND='nonsense'" in done.stderr
+    assert (tmp_path / "scores.json").is_file()
+
+
 def test_a_forced_fused_path_that_cannot_run_is_the_users_error():
     from cmrf.ops.cascade import FusedUnavailableError
 

@@ -691,6 +691,23 @@ def test_a_compiled_model_has_its_blocks_swapped_in_the_module_it_wraps():
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("targets", [None, ["DoubleConv"], [DoubleConv]])
+def test_compiled_blocks_inside_a_model_are_probed_eagerly_and_named_by_their_class(targets):
+    """`model[0] = torch.compile(model[0])`: the probe compiled it (seconds per block, spending the
+    recompile limit), the report called it 'OptimizedModule' and class selectors missed it."""
+    model = small_stack().eval()
+    model[0] = torch.compile(model[0], backend="eager")
+    frames = torch._dynamo.utils.counters["frames"]["total"]
+    try:
+        report = replace_blocks(model, targets=targets)
+        assert torch._dynamo.utils.counters["frames"]["total"] == frames  # nothing compiled
+        kinds = {row.path: row.old_type for row in report.replaced}
+        assert kinds["0"] == "DoubleConv (compiled)" and kinds["2"] == "DoubleConv"
+        assert isinstance(model[0], CMRF)  # the wrapper would go on running the old block
+    finally:
+        torch._dynamo.reset()
+
+
 def test_a_model_wrapped_for_distributed_training_is_refused():
     from torch.nn.parallel import DistributedDataParallel
 

@@ -188,6 +188,28 @@ def describe_error(err: BaseException) -> str:
     return _one_line(str(err)) or type(err).__name__
 
 
+def _drop_unusable_mplbackend(command: str) -> None:
+    """Ignore an ``MPLBACKEND`` that matplotlib does not know, saying so, rather than stop.
+
+    matplotlib refuses to be imported at all under such a value, and MONAI (the losses) imports it,
+    so every ``train`` and ``evaluate`` failed, ``--no-plots`` or not. cmrf draws its figures on a
+    ``Figure`` of its own and needs no backend, so the command goes on as if the variable were unset.
+    """
+    value = os.environ.get("MPLBACKEND")
+    if not value or "matplotlib" in sys.modules:
+        return
+    try:
+        import matplotlib  # noqa: F401  (validates MPLBACKEND)
+    except ValueError:
+        del os.environ["MPLBACKEND"]
+        for name in [n for n in sys.modules if n == "matplotlib" or n.startswith("matplotlib.")]:
+            del sys.modules[name]  # the failed import left half-built modules behind
+        print(f"cmrf {command}: note: ignoring the environment variable MPLBACKEND={value!r}: not a "
+              f"matplotlib backend (cmrf draws its figures without one)", file=sys.stderr)
+    except ImportError:  # matplotlib not installed: nothing reads the variable
+        return
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``cmrf`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status (see module doc)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -208,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         from cmrf.ops import check_environment
 
         check_environment()  # CMRF_FUSED, CMRF_UPSAMPLE: a bad value is refused before any work
+        _drop_unusable_mplbackend(args.command)
         with _sigterm_unwinds():
             return int(args.run(args) or 0)
     except KeyboardInterrupt as err:
