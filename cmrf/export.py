@@ -16,12 +16,14 @@ shares.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from cmrf._warnings import caller_stacklevel
 from cmrf.files import atomic_path
 from cmrf.inference import GraphPerShape, optimize_for_inference
 from cmrf.layers import check_input_size, cmrf_blocks, eval_mode
@@ -192,6 +194,10 @@ def export_onnx(
             sides that are not multiples of ``model.min_size``, or a dynamic export of a model
             with max-unpooling (SegNet), which ONNX Runtime could run only at the example's size.
         OSError: the file cannot be written (the previous file, if any, is left as it was).
+
+    Warns:
+        UserWarning: for a float64 model, whose graph ONNX Runtime's CPU provider cannot run
+            (it has no float64 convolution); the file is written all the same.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"export_onnx expects an nn.Module, got {type(model).__name__}")
@@ -212,6 +218,11 @@ def export_onnx(
         device=param.device if param is not None else "cpu",
         dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32,
     )
+    if example.dtype == torch.float64:  # a valid graph, but one most users could not run
+        warnings.warn(
+            f"export_onnx: {type(model).__name__} is float64, and ONNX Runtime's CPU provider has no "
+            f"float64 convolution, so it cannot run the exported graph; export model.float() to run it "
+            f"there", stacklevel=caller_stacklevel())
     dynamic_shapes = _dynamic_shapes(size, spatial_multiple) if dynamic else None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -121,9 +121,14 @@ def test_optimize_chooses_the_graph_and_the_models_dtype_is_kept(tmp_path):
         ops[optimize] = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert "DepthToSpace" in ops[True] and "Resize" not in ops[True]
     assert "Resize" in ops[False] and "DepthToSpace" not in ops[False]
-    path = cmrf.export_onnx(cmrf.CMRF(8, 16, N=4).double(), tmp_path / "double.onnx", (1, 8, 16, 16))
+    with pytest.warns(UserWarning, match="float64.*ONNX Runtime's CPU provider.*model.float()") as caught:
+        path = cmrf.export_onnx(cmrf.CMRF(8, 16, N=4).double(), tmp_path / "double.onnx", (1, 8, 16, 16))
+    assert caught[0].filename == __file__  # the user's line
     graph = onnx.load(str(path)).graph
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.DOUBLE
+    ort = pytest.importorskip("onnxruntime")
+    with pytest.raises(Exception, match="NOT_IMPLEMENTED"):  # what the warning says: keep them in step
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
 @requires_onnx_exporter
