@@ -178,6 +178,31 @@ def test_nifti_channels_keep_their_content_and_their_own_scale(tmp_path: Path):
     torch.testing.assert_close(rising, falling.flip(0), atol=0.02, rtol=0)  # same scale after scaling
 
 
+def test_nifti_singleton_time_axes_are_dropped(tmp_path: Path):
+    """NIfTI's 4th axis is time and its 5th vector components: tools write one time point as an
+    axis of 1, (X, Y, Z, 1, C) images and (X, Y, Z, 1) masks. Both were refused by shape; they read
+    as the (X, Y, Z, C) and (X, Y, Z) files they are, and a real time series is still refused."""
+    ramp = np.arange(4, dtype=np.float32)[:, None, None].repeat(4, 1).repeat(4, 2)
+    image = np.stack([ramp, ramp[::-1] * 1000], axis=-1)  # (4, 4, 4, 2)
+    mask = np.eye(4, dtype=np.uint8)[None].repeat(4, 0)
+    for i in range(3):
+        write_volume(tmp_path / "flat" / "images" / f"v{i}.nii", image)
+        write_volume(tmp_path / "flat" / "masks" / f"v{i}.nii", mask)
+        write_volume(tmp_path / "timed" / "images" / f"v{i}.nii", image[:, :, :, None, :])
+        write_volume(tmp_path / "timed" / "masks" / f"v{i}.nii", mask[..., None])
+    options = ("--spatial-dims", "3", "--img-size", "4", "--val-fraction", "0.3", "--test-fraction", "0.3")
+    flat = build("--data", "folder", "--root", str(tmp_path / "flat"), *options)
+    timed = build("--data", "folder", "--root", str(tmp_path / "timed"), *options)
+    assert timed.in_channels == 2 and timed.num_classes == 2
+    flat.train.augment = timed.train.augment = False
+    for (flat_image, flat_mask), (timed_image, timed_mask) in zip(flat.train, timed.train, strict=True):
+        torch.testing.assert_close(timed_image, flat_image, rtol=0, atol=0)
+        assert torch.equal(timed_mask, flat_mask)
+    write_volume(tmp_path / "timed" / "masks" / "v0.nii", mask[..., None].repeat(2, axis=-1))
+    with pytest.raises(DataError, match=r"mask file .*v0\.nii has shape \(4, 4, 4, 2\); expected \(X, Y, Z\)"):
+        build("--data", "folder", "--root", str(tmp_path / "timed"), *options)
+
+
 def test_nifti_images_with_different_channel_counts_are_refused(tmp_path: Path):
     for i, shape in enumerate([(4, 4, 4, 2), (4, 4, 4, 2), (4, 4, 4)]):
         write_volume(tmp_path / "images" / f"v{i}.nii", np.random.default_rng(i).random(shape))

@@ -118,13 +118,25 @@ def _same_grid(image_path: Path, mask_path: Path) -> None:
                     f"order, so resample the mask onto the volume's grid first")
 
 
+def _layout(shape: tuple[int, ...], path: Path, kind: str) -> tuple[int, ...]:
+    """The shape a file's voxels are used in: ``(X, Y, Z)`` for masks, ``(X, Y, Z)`` or
+    ``(X, Y, Z, C)`` for images. NIfTI keeps its fourth axis for time and its fifth for vector
+    components, and many tools write a single time point as an axis of 1: ``(X, Y, Z, 1, C)``
+    images and ``(X, Y, Z, 1)`` or ``(X, Y, Z, 1, 1)`` masks are taken with those axes dropped."""
+    shape = tuple(int(n) for n in shape)
+    if len(shape) == 5 and shape[3] == 1:
+        shape = shape[:3] + shape[4:]  # one time point of a vector image
+    if kind == "mask" and len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) == 3 or (len(shape) == 4 and kind == "image"):
+        return shape
+    expected = ("(X, Y, Z) or (X, Y, Z, C) (also (X, Y, Z, 1, C))" if kind == "image"
+                else "(X, Y, Z) (also (X, Y, Z, 1))")
+    raise DataError(f"{kind} file {path} has shape {tuple(shape)}; expected {expected}")
+
+
 def _spatial_shape(path: Path, kind: str) -> tuple[int, ...]:
-    shape = tuple(int(n) for n in _load(path, kind).shape)
-    if len(shape) == 4 and kind == "image":
-        shape = shape[:3]  # trailing channel axis
-    if len(shape) != 3:
-        expected = "(X, Y, Z) or (X, Y, Z, C)" if kind == "image" else "(X, Y, Z)"
-        raise DataError(f"{kind} file {path} has shape {shape}; expected {expected}")
+    shape = _layout(_load(path, kind).shape, path, kind)[:3]  # an image's channel axis left out
     if 1 in shape:
         # Resizing to a cube would repeat the one slice along that axis: a 2D image trained as a volume.
         raise DataError(
@@ -140,6 +152,7 @@ def read_volume(path: str | Path) -> np.ndarray:
     path = Path(path)
     _spatial_shape(path, "image")
     voxels = _voxels(path, "image").astype(np.float32)
+    voxels = voxels.reshape(_layout(voxels.shape, path, "image"))
     voxels = voxels[None] if voxels.ndim == 3 else np.moveaxis(voxels, -1, 0)
     if not np.isfinite(voxels).all():
         raise DataError(f"image file {path} holds NaN or infinite values")
@@ -153,6 +166,7 @@ def read_volume_mask(path: str | Path) -> np.ndarray:
     path = Path(path)
     _spatial_shape(path, "mask")
     voxels = _voxels(path, "mask")
+    voxels = voxels.reshape(_layout(voxels.shape, path, "mask"))
     if voxels.dtype.kind == "f" and (not np.isfinite(voxels).all() or (voxels != np.round(voxels)).any()):
         raise DataError(f"mask file {path} holds non-integer values; expected class indices")
     return voxels.astype(np.int64)
@@ -160,7 +174,7 @@ def read_volume_mask(path: str | Path) -> np.ndarray:
 
 def _channels(path: Path) -> int:
     """Channels of a volume from its header: 1 for ``(X, Y, Z)``, C for ``(X, Y, Z, C)``."""
-    shape = _load(path, "image").shape
+    shape = _layout(_load(path, "image").shape, path, "image")
     return 1 if len(shape) == 3 else int(shape[3])
 
 
