@@ -56,7 +56,12 @@ from cmrf._warnings import caller_stacklevel
 from cmrf.layers import CMRF, ConvNorm, check_input, cmrf_blocks, conv_type, first_parameter, has_user_hooks
 from cmrf.models.tinyunet import TinyUNet
 from cmrf.onnx_writer import check_onnxruntime, write_onnx
-from cmrf.ops.cascade import interpreter_enabled, triton_available, triton_missing_reason
+from cmrf.ops.cascade import (
+    functorch_transforms_active,
+    interpreter_enabled,
+    triton_available,
+    triton_missing_reason,
+)
 from cmrf.ops.stamps import TensorStamp
 from cmrf.ops.upsample import cubic_weights, is_exporting, pad_replicate
 
@@ -123,7 +128,7 @@ def _result_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _call_path(path: str, x: torch.Tensor) -> str:
     """The path this call takes: ``path`` if ``x`` suits it, else ``"plain"``."""
-    if path == "plain" or _tracing():
+    if path == "plain" or _tracing() or functorch_transforms_active():  # vmap/grad: no out=, no kernels
         return "plain"
     if path == "onednn":
         cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32
@@ -882,8 +887,10 @@ class GraphPerShape(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A module in training mode computes something else than the eval-mode graphs (batch
-        # statistics, dropout): it runs as it is. So does a non-tensor: the module names it.
-        if not isinstance(x, torch.Tensor) or self.module.training or self._eager(x):
+        # statistics, dropout): it runs as it is. So does a non-tensor: the module names it, and
+        # so do torch.func transforms (vmap, grad), whose wrapped tensors a graph cannot take.
+        if (not isinstance(x, torch.Tensor) or self.module.training or functorch_transforms_active()
+                or self._eager(x)):
             return self.module(x)
         self._drop_graphs_if_weights_changed()
         key = self._key(x)

@@ -767,3 +767,18 @@ def test_backend_arguments(small_unet, monkeypatch, onnxruntime_available):
     missing = r"needs onnxruntime, which is not installed: pip install 'cmrf\[onnx\]'"
     with pytest.raises(ImportError, match=missing):
         optimize_for_inference(small_unet, backend="onnxruntime")
+
+
+@pytest.mark.parametrize("options", [{}, {"freeze": True}, {"backend": "onnxruntime"}])
+def test_torch_func_transforms_run_the_optimized_model_eagerly(small_unet, options):
+    """vmap over the optimized model failed in the CPU graph's out= writes ("Batching rule not
+    implemented for aten::add.out"), and under freeze=True in TorchScript ("Unsupported value kind")."""
+    from torch.func import vmap
+
+    if options.get("backend") == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnxscript")
+    fast = optimize_for_inference(small_unet, **options)
+    x = torch.randn(3, 1, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(vmap(fast)(x), vmap(small_unet)(x), rtol=1e-5, atol=1e-5)

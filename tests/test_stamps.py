@@ -36,3 +36,15 @@ def test_inference_tensors_are_stamped_without_a_version():
     assert tensor_version(torch.ones(3)) == 0
     stamp = TensorStamp([t])
     assert stamp.matches([t]) and not stamp.matches([t.clone()])
+
+
+def test_inference_tensors_written_in_place_do_not_match():
+    """Without a version counter a write inside inference mode left the stamp matching: a graph
+    or derived weight of a module built under inference_mode kept the old values."""
+    with torch.inference_mode():
+        weight = torch.ones(3)
+    stamp = TensorStamp([weight, torch.zeros(2)])
+    assert stamp.matches([weight, stamp._tensors[1]])
+    with torch.inference_mode():
+        weight.mul_(2)
+    assert not stamp.matches([weight, stamp._tensors[1]])

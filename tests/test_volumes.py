@@ -199,7 +199,8 @@ def test_nifti_singleton_time_axes_are_dropped(tmp_path: Path):
         torch.testing.assert_close(timed_image, flat_image, rtol=0, atol=0)
         assert torch.equal(timed_mask, flat_mask)
     write_volume(tmp_path / "timed" / "masks" / "v0.nii", mask[..., None].repeat(2, axis=-1))
-    with pytest.raises(DataError, match=r"mask file .*v0\.nii has shape \(4, 4, 4, 2\); expected \(X, Y, Z\)"):
+    series = r"mask file .*v0\.nii has shape \(4, 4, 4, 2\); expected \(X, Y, Z\)"
+    with pytest.raises(DataError, match=series):
         build("--data", "folder", "--root", str(tmp_path / "timed"), *options)
 
 

@@ -192,7 +192,15 @@ def _is_depthwise_3x3(conv, c: int) -> bool:
 
 
 def _has_hooks(*modules: nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+    """Forward or backward hooks on any of ``modules``: the kernels never call them."""
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in modules)
+
+
+def functorch_transforms_active() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ...) is running: its wrapped tensors
+    have no storage for the kernels. Not asked while Dynamo traces (it handles transforms itself)."""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
 def fused_unsupported_reason(y: torch.Tensor, stages: nn.ModuleList) -> str | None:
@@ -201,10 +209,13 @@ def fused_unsupported_reason(y: torch.Tensor, stages: nn.ModuleList) -> str | No
     The kernels cover 2-D inputs ``(B, 2c, H, W)`` in fp32/fp16/bf16 and stages that are exactly
     a bias-free depthwise 3x3 ``nn.Conv2d`` (stride 1, padding 1) followed by ``nn.BatchNorm2d``
     in an ``nn.Sequential`` (or a subclass that keeps its ``forward``, as ``ConvNorm``), all in the
-    same mode (training or eval, tracking running statistics or not), without hooks.
+    same mode (training or eval, tracking running statistics or not), without hooks (forward or
+    backward), outside ``torch.func`` transforms.
     """
     if len(stages) == 0:
         return "N = 1 has no cascade stage to fuse"
+    if functorch_transforms_active():
+        return "a torch.func transform (vmap, grad, ...) is running, which the fused kernels do not support"
     if y.dim() != 4:
         return (
             f"only 2-D inputs (B, C, H, W) have fused kernels, got a {y.dim()}-D input "
@@ -233,7 +244,7 @@ def fused_unsupported_reason(y: torch.Tensor, stages: nn.ModuleList) -> str | No
         if type(norm) is not nn.BatchNorm2d or norm.num_features != c:
             return f"stage {index}'s norm is {type(norm).__name__}, not BatchNorm2d({c})"
         if _has_hooks(stage, conv, norm):  # Conv2d and BatchNorm2d have no children
-            return f"stage {index} has forward hooks, which fused kernels would skip"
+            return f"stage {index} has hooks, which fused kernels would skip"
         weight = conv._parameters.get("weight")
         if weight is None:  # e.g. moved elsewhere by a reparametrization
             return f"stage {index}'s conv holds no weight parameter"

@@ -69,10 +69,15 @@ def _caching_allowed(y: torch.Tensor) -> bool:
     return not (y.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def _key(y: torch.Tensor, tensors, extra=()) -> tuple:
+def _key(y: torch.Tensor, tensors, extra=()) -> tuple | None:
+    """What the cached values were made from, or ``None`` (make them afresh) when a tensor is an
+    inference tensor (a module built under ``torch.inference_mode()``): it has no version
+    counter, so a write in place (``load_state_dict`` in inference mode) could not be seen."""
     # id: which tensor; data_ptr: its storage (``.data = ...``, ``.to()``); version: in-place writes.
-    return (y.device, torch.is_inference_mode_enabled(), extra,
-            *[None if t is None else (id(t), t.data_ptr(), tensor_version(t)) for t in tensors])
+    marks = [None if t is None else (id(t), t.data_ptr(), tensor_version(t)) for t in tensors]
+    if any(mark is not None and mark[2] is None for mark in marks):
+        return None
+    return (y.device, torch.is_inference_mode_enabled(), extra, *marks)
 
 
 def _cached(stages: nn.ModuleList, kind: str, key, build):

@@ -31,16 +31,25 @@ def _marks(tensors: Iterable[torch.Tensor]) -> list[tuple[int, int | None]]:
 
 
 class TensorStamp:
-    """Which ``tensors``, at which storage and version, when the stamp was taken."""
+    """Which ``tensors``, at which storage and version, when the stamp was taken.
 
-    __slots__ = ("_marks", "_tensors")
+    Inference tensors (made under ``torch.inference_mode()``) have no version counter: the stamp
+    keeps a copy of their values instead and compares it at every ``matches`` (slower, and on a
+    GPU a synchronisation, but a write in place inside inference mode is seen).
+    """
+
+    __slots__ = ("_marks", "_tensors", "_values")
 
     def __init__(self, tensors: Iterable[torch.Tensor] = ()):
         self._tensors = tuple(tensors)
         self._marks = _marks(self._tensors)
+        with torch.inference_mode(False):
+            self._values = {i: t.detach().clone() for i, (t, (_, version)) in
+                            enumerate(zip(self._tensors, self._marks, strict=True)) if version is None}
 
     def matches(self, tensors: Sequence[torch.Tensor]) -> bool:
         """Whether ``tensors`` are the stamped ones, none replaced, moved or written in place."""
         return (len(tensors) == len(self._tensors)
                 and all(a is b for a, b in zip(self._tensors, tensors, strict=True))
-                and _marks(tensors) == self._marks)
+                and _marks(tensors) == self._marks
+                and all(torch.equal(tensors[i], value) for i, value in self._values.items()))
