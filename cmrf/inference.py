@@ -1,7 +1,8 @@
 """Fast inference: an eval-only rewrite of CMRF models that computes the same function.
 
 ``optimize_for_inference(model)`` returns a copy in which every rewrite is exact in real
-arithmetic (outputs agree with the original to float rounding, well within 1e-4 in fp32):
+arithmetic (outputs agree with the original to float rounding, well within 1e-4 in fp32 for
+outputs of order one):
 
 * every BatchNorm is folded into the convolution before it (eval-mode statistics);
 * in each TinyU-Net decoder stage the part of ``pw1`` that reads the upsampled tensor runs at

@@ -342,9 +342,23 @@ def upsample2x(x: torch.Tensor, mode: str = "bicubic", method: str = "separable"
     with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
         if method == "conv":
             return _upsample_conv_bicubic(x)
-        if method == "matmul":
-            return _upsample_matmul(x, kind)
-        return _upsample_separable(x, kind)
+        # Per axis, these round every partial sum (separable) or each axis (matmul) to x's dtype:
+        # fp16/bf16 are computed in fp32 and rounded once, as F.interpolate (and the convolution) do.
+        low = x.dtype in (torch.float16, torch.bfloat16)
+        per_axis = _upsample_matmul if method == "matmul" else _upsample_separable
+        out = per_axis(x.float() if low else x, kind)
+        out = out.to(x.dtype) if low else out
+        # Slices and products give a contiguous result; F.interpolate keeps a channels-last input so.
+        layout = _channels_last_format(x)
+        return out if layout is None else out.contiguous(memory_format=layout)
+
+
+def _channels_last_format(x: torch.Tensor) -> torch.memory_format | None:
+    """``torch.channels_last(_3d)`` when ``x`` is laid out so (and not also plainly contiguous)."""
+    layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if layout is None or x.is_contiguous() or not x.is_contiguous(memory_format=layout):
+        return None
+    return layout
 
 
 # --- choice ----------------------------------------------------------------------------------
@@ -435,8 +449,9 @@ def upsample_to(x: torch.Tensor, size: Sequence[int], mode: str, method: str | N
     Returns:
         ``(B, C, *size)``. When every side of ``size`` is exactly twice ``x``'s, the result of
         the chosen exact formulation (equal to ``F.interpolate`` up to float rounding, with a
-        deterministic backward, for finite inputs: an ``inf`` in ``x`` makes NaNs over a wider
-        area than ``F.interpolate``'s, since a zero weight times ``inf`` is NaN); otherwise
+        deterministic backward, for finite inputs: a NaN or ``inf`` in ``x`` makes NaNs over a
+        wider area than ``F.interpolate``'s, since a zero weight times either is NaN; with
+        ``"matmul"`` the whole output plane, see docs/upsampling.md); otherwise
         ``F.interpolate``'s.
 
     Raises:
