@@ -792,6 +792,14 @@ def test_a_root_with_other_folder_names_says_what_it_holds_and_how_to_link(tmp_p
     (tmp_path / "masks").unlink()
     (tmp_path / "cache").rename(tmp_path / "labelsTr")
     (tmp_path / "my images").rename(tmp_path / "imagesTr")
+    with pytest.raises(DataError) as info:  # both folders lacking: both fixes at once, not one per run
+        find_folder_pairs(tmp_path)
+    assert str(info.value).startswith(f"image folder {tmp_path / 'images'} and mask folder "
+                                      f"{tmp_path / 'masks'} do not exist: ")
+    assert str(info.value).endswith(
+        f"holds imagesTr/, labelsTr/, notes/: if imagesTr/ holds the images, rename it to images/ or link "
+        f"it (ln -s imagesTr {shlex.quote(str(tmp_path / 'images'))}); if labelsTr/ holds the masks, "
+        f"rename it to masks/ or link it (ln -s labelsTr {shlex.quote(str(tmp_path / 'masks'))})")
     (tmp_path / "images").symlink_to("imagesTr")
     (tmp_path / "masks").symlink_to("labelsTr")
     assert [pair.stem for pair in find_folder_pairs(tmp_path)] == ["case0", "case1"]

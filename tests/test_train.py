@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -513,7 +514,9 @@ def test_resume_with_another_thread_count_says_it_is_not_bit_for_bit(tmp_path, c
     argv = ["train", *TINY, "--epochs", "1", "--lr", "3e-3", "--no-plots", "--out", str(out)]
     assert main([*argv, "--threads", "1"]) == 0
     held = f"{out} holds best.safetensors, last.safetensors, last_state.pt, metrics.json ("
-    assert held in capsys.readouterr().out  # --no-plots: no figures claimed
+    printed = capsys.readouterr().out
+    assert held in printed  # --no-plots: no figures claimed
+    assert re.search(r"\(\d+\.\d min, 1 CPU thread\)", printed)  # the count that set the rounding
     assert main([*argv, "--threads", "2", "--resume"]) == 0
     assert ("note: the run trained with 1 CPU thread(s), this process has 2: it continues correctly, but "
             "its float rounding differs") in capsys.readouterr().out

@@ -7,9 +7,11 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from cmrf.cli.common import add_model_arguments, add_runtime_arguments, user_path
 from cmrf.cli.data_args import add_data_arguments, data_options
-from cmrf.train.processes import is_main_process
+from cmrf.train.processes import is_main_process, resolve_device
 from cmrf.train.recipe import AMP_CHOICES, Recipe
 from cmrf.train.run_folder import RunFiles, check_run_folder
 from cmrf.train.setup import build_model, resolve_model_choice, torch_threads
@@ -239,7 +241,12 @@ def _train(args: argparse.Namespace) -> int:
         # What the folder holds, not what this call wrote: a resumed finished run rewrites only the
         # scores, and a figure may be off (--no-plots, --overlays 0) or have failed to draw.
         names = ", ".join(path.name for path in RunFiles(Path(args.out)).existing())
-        print(f"{args.out} holds {names} ({minutes:.1f} min)")
+        # The CPU thread count changes the float rounding, so a run is repeatable only with the same
+        # count: --threads -1 picks it from the load, so say what it picked.
+        threads = torch.get_num_threads()
+        on_cpu = resolve_device(recipe.device).type == "cpu"
+        where = f", {threads} CPU thread{'s' if threads > 1 else ''}" if on_cpu else ""
+        print(f"{args.out} holds {names} ({minutes:.1f} min{where})")
     return 0
 
 

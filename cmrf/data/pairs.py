@@ -41,22 +41,30 @@ def _require_pair_dirs(image_dir: Path, mask_dir: Path, kind: str) -> None:
     """``require_dir`` for a data root's two folders; a root that lacks one gets an error naming the
     folders it holds and, where one looks meant (``labelsTr/``), the link that would point at it."""
     root = image_dir.parent
+    missing = []
     for path, role in ((image_dir, kind), (mask_dir, "mask")):
         # A file or a broken link in the way is the plain error's to name: a link cannot go there.
         if path.exists() or path.is_symlink() or mask_dir.parent != root or not root.is_dir():
             require_dir(path, f"{role} folder")
             continue
-        others = sorted(p.name for p in root.iterdir() if p.is_dir() and p not in (image_dir, mask_dir))
-        if not others:
-            require_dir(path, f"{role} folder")
+        missing.append((path, role))
+    if not missing:
+        return
+    others = sorted(p.name for p in root.iterdir() if p.is_dir() and p not in (image_dir, mask_dir))
+    if not others:
+        require_dir(*missing[0][:1], f"{missing[0][1]} folder")
+    fixes = []  # every folder's fix in one message: a Decathlon root lacks both
+    for path, role in missing:
         likely = [name for name in others if any(w in name.lower() for w in _LIKELY_NAMES[role])]
-        shown = listing([f"{name}/" for name in others], 8)
-        link = (f": if {likely[0]}/ holds the {role}s, rename it to {path.name}/ or link it "
-                f"(ln -s {shlex.quote(likely[0])} {shlex.quote(str(path))})") if likely else ""
-        raise DataError(
-            f"{role} folder {path} does not exist: the data root must hold {image_dir.name}/ and "
-            f"{mask_dir.name}/, with files of the same stem paired; {root} holds {shown}{link}"
-        )
+        if likely:
+            fixes.append(f"if {likely[0]}/ holds the {role}s, rename it to {path.name}/ or link it "
+                         f"(ln -s {shlex.quote(likely[0])} {shlex.quote(str(path))})")
+    absent = " and ".join(f"{role} folder {path}" for path, role in missing)
+    raise DataError(
+        f"{absent} {'does' if len(missing) == 1 else 'do'} not exist: the data root must hold "
+        f"{image_dir.name}/ and {mask_dir.name}/, with files of the same stem paired; {root} holds "
+        f"{listing([f'{name}/' for name in others], 8)}{': ' + '; '.join(fixes) if fixes else ''}"
+    )
 
 
 def require_dir(path: Path, what: str) -> Path:
