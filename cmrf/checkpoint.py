@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import pickle
@@ -360,7 +361,7 @@ def _how_it_was_built(source: str | Path) -> str:
     try:
         meta = safetensors_metadata(source)
         if meta.get("format") != "cmrf":
-            return ""
+            return _saved_from(meta)
         name, values = meta["model"], json.loads(meta.get("model_kwargs") or "{}")
         in_chans, num_classes = json.loads(meta["in_chans"]), json.loads(meta["num_classes"])
         dims = json.loads(meta.get("data") or "{}").get("spatial_dims")
@@ -375,6 +376,47 @@ def _how_it_was_built(source: str | Path) -> str:
     if replace_n is not None:
         call += f", then cmrf.replace_blocks(model, N={replace_n})"
     return f" (cmrf train wrote it for {call}: build the model that way)"
+
+
+# Metadata key of a save_weights file whose model create_model built: the call, as JSON.
+CREATE_CALL_KEY = "cmrf_create_model"
+
+
+def _layout_fingerprint(model: nn.Module) -> str:
+    """Names and shapes of ``model``'s state: equal while nothing swapped or resized a part."""
+    layout = [(key, tuple(value.shape)) for key, value in model.state_dict().items()]
+    return hashlib.sha256(repr(layout).encode()).hexdigest()
+
+
+def record_create_call(model: nn.Module, name: str, kwargs: dict) -> None:
+    """Note on ``model`` (``cmrf_create_call``) the ``create_model(name, **kwargs)`` call that built
+    it, for ``save_weights`` to store. Arguments JSON cannot hold (a class, a tensor) note nothing."""
+    try:
+        call = json.dumps({"model": name, "kwargs": kwargs})
+    except (TypeError, ValueError):
+        return
+    model.cmrf_create_call = (call, _layout_fingerprint(model))
+
+
+def _create_call(model: nn.Module) -> str | None:
+    """The recorded call, if ``model`` still has the layout that call builds (``replace_blocks``
+    or timm's ``reset_classifier`` since would make it name another model)."""
+    recorded = getattr(model, "cmrf_create_call", None)
+    if not (isinstance(recorded, tuple) and len(recorded) == 2):
+        return None
+    call, fingerprint = recorded
+    return call if fingerprint == _layout_fingerprint(model) else None
+
+
+def _saved_from(meta: dict) -> str:
+    """The clause naming the ``create_model`` call ``save_weights`` recorded, or ``""``."""
+    try:
+        call = json.loads(meta[CREATE_CALL_KEY])
+        name, kwargs = call["model"], call["kwargs"]
+        arguments = [repr(name)] + [f"{key}={value!r}" for key, value in kwargs.items()]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return ""
+    return f" (it was saved from cmrf.create_model({', '.join(arguments)}): build the model that way)"
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
@@ -402,7 +444,9 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | 
         model: whose ``state_dict()`` to save (tied weights are stored under each name).
         path: the file to write; any suffix but a pickle's (``.pt``, ``.pth``, ``.ckpt``,
             ``.bin``, ``.tar``), which ``torch.load`` could not read. ``.safetensors`` is usual.
-        metadata: string keys and string values stored in the file's header, or ``None``.
+        metadata: string keys and string values stored in the file's header, or ``None``. A
+            model that ``cmrf.create_model`` built, unchanged in layout since, also records that
+            call (key ``cmrf_create_model``), which a load that does not fit then names.
 
     Raises:
         ValueError: for a pickle suffix, or metadata that is not ``str`` to ``str``.
@@ -426,6 +470,9 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | 
     if wrong:
         raise ValueError(f"metadata must map str to str (safetensors stores text only), got "
                          f"{', '.join(wrong)}: convert them with str()")
+    call = _create_call(model)
+    if call is not None and CREATE_CALL_KEY not in (metadata or {}):
+        metadata = {**(metadata or {}), CREATE_CALL_KEY: call}
     state, seen = {}, set()
     for key, value in model.state_dict().items():
         value = value.detach().cpu().contiguous()

@@ -578,3 +578,26 @@ def test_a_lightning_checkpoint_with_more_than_the_model(tmp_path):
     head = torch.nn.Conv2d(16, 2, 1)  # fits head.*, a top-level part of a larger network
     with pytest.raises(ValueError, match="does not fit Conv2d: missing keys"):
         cmrf.load_checkpoint(head, tmp_path / "whole.pth")
+
+
+def test_save_weights_of_a_created_model_names_its_call_when_a_load_does_not_fit(tmp_path):
+    """A file of save_weights said nothing of the model it came from: loading it into a default
+    TinyUNet listed a hundred missing keys and no way out. The create_model call is recorded now,
+    unless the model changed layout since (replace_blocks, reset_classifier), when it would lie."""
+    model = cmrf.create_model("tinyunet", channels=[16, 32, 64, 128], N=4, num_classes=3)
+    save_weights(model, tmp_path / "w.safetensors", metadata={"note": "mine"})
+    assert safetensors_metadata(tmp_path / "w.safetensors")["note"] == "mine"
+    with pytest.raises(ValueError, match=re.escape(
+            "(it was saved from cmrf.create_model('tinyunet', channels=[16, 32, 64, 128], N=4, "
+            "num_classes=3): build the model that way)")):
+        cmrf.create_model("tinyunet", checkpoint_path=tmp_path / "w.safetensors")
+    rebuilt = cmrf.create_model("tinyunet", channels=[16, 32, 64, 128], N=4, num_classes=3,
+                                checkpoint_path=tmp_path / "w.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
+
+    model.reset_classifier(5)
+    segnet = cmrf.create_model("segnet")
+    cmrf.replace_blocks(segnet)
+    for changed in (model, segnet):
+        save_weights(changed, tmp_path / "changed.safetensors")
+        assert "cmrf_create_model" not in safetensors_metadata(tmp_path / "changed.safetensors")

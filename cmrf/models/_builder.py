@@ -14,7 +14,7 @@ from timm.layers import is_scriptable
 from timm.models import adapt_input_conv, get_pretrained_cfg, resolve_pretrained_cfg
 from torch import nn
 
-from cmrf.checkpoint import load_state_dict_checked, map_to_model_keys, read_state_dict
+from cmrf.checkpoint import load_state_dict_checked, map_to_model_keys, read_state_dict, record_create_call
 from cmrf.models._base import fit_cfg
 
 # Bookkeeping arguments timm.create_model passes to every entry point; they do not describe the model.
@@ -222,6 +222,7 @@ def build_model(
     model = model_cls(**kwargs).to(device=device, dtype=dtype)
     if finish is not None:
         model = finish(model)
+    record_create_call(model, variant, kwargs)
     base = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg).to_dict()
     model.pretrained_cfg = fit_cfg(base, model, architecture=variant, overlay=overlay)
     if pretrained:
