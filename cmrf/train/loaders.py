@@ -98,8 +98,9 @@ class EpochSampler(Sampler[tuple[int, bool, int]]):
 class EpochView(Dataset):
     """A training dataset read with ``EpochSampler``'s ``(epoch, augment, index)`` keys.
 
-    Sets the dataset's ``augment`` attribute and ``set_epoch`` (when it has them) before reading
-    the item, in whichever process reads it.
+    Before reading the item, in whichever process reads it, sets the dataset's ``augment``
+    attribute when it is a ``bool`` (a dataset's own ``augment`` of another kind, such as its
+    transform, is left alone) and calls its ``set_epoch(epoch)`` when it has one.
     """
 
     def __init__(self, dataset: Dataset):
@@ -110,8 +111,9 @@ class EpochView(Dataset):
 
     def __getitem__(self, key: tuple[int, bool, int]):
         epoch, augment, index = key
-        if hasattr(self.dataset, "set_epoch"):
+        if isinstance(getattr(self.dataset, "augment", None), bool):
             self.dataset.augment = augment
+        if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
         return self.dataset[index]
 

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cmrf.constants import thread_limit
+from cmrf.layers import eval_mode
 from cmrf.train.loaders import EpochSampler, choose_workers, eval_loader, train_loader
 from cmrf.train.losses import CEDiceLoss
 from cmrf.train.metrics import SegmentationMetrics
@@ -246,6 +247,12 @@ def _setup(model: nn.Module, bundle, out: Path, recipe: Recipe, metadata: dict, 
     # Different ranks draw different random numbers (e.g. dropout); initial weights are
     # broadcast from rank 0 by DDP.
     seed_everything(recipe.seed + processes.rank)
+    given = model
+    # torch.compile's wrapper: its state_dict keys start "_orig_mod.", which a plain model of the
+    # same network could not load nor resume from. Save the module it wraps; train through it.
+    while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None),
+                                                                     nn.Module):
+        model = model._orig_mod
     model = model.to(device)
     optimizer = torch.optim.Adam(
         model.parameters(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay
@@ -259,6 +266,8 @@ def _setup(model: nn.Module, bundle, out: Path, recipe: Recipe, metadata: dict, 
     batch = recipe.batch_size
     val_loader = eval_loader(bundle.val, batch, workers, processes, device=device, persistent=True)
     train_model, eval_model = _runners(model, recipe, processes, device)
+    if given is not model and not processes.distributed and not recipe.compile_backend:
+        train_model = eval_model = given
     if processes.is_main:
         out.mkdir(parents=True, exist_ok=True)
     run = _Run(
@@ -318,6 +327,12 @@ def _resume(run: _Run) -> None:
             f"cannot resume {run.files.out}, its run has other settings: {'; '.join(differences)}; "
             f"resume with the saved settings, or train into another --out"
         )
+    saved_meta = state.get("metadata")
+    if not run.metadata and isinstance(saved_meta, dict) and saved_meta:
+        # Resumed without metadata (from Python): keep the run's, which every later file must
+        # carry for evaluate and the next resume; without it the data could not be compared.
+        run.metadata = dict(saved_meta)
+        run.log("note: resumed without metadata: the run's own is kept, and the data is not compared with it")
     rank, world_size = run.processes.rank, run.processes.world_size
     run.progress = restore_state(state, run.parts, rank=rank, world_size=world_size, source=run.files.state)
     run.log(f"resuming {run.files.out} after epoch {run.progress.epoch}/{run.recipe.epochs}")
@@ -536,6 +551,63 @@ def _read_evaluation_splits(bundle) -> None:
             split.fill()
 
 
+def _check_bundle(bundle) -> None:
+    """Datasets of ``(image, mask)`` pairs in every split, training and validation not empty."""
+    for name in ("train", "val"):
+        split = getattr(bundle, name, None)
+        if isinstance(split, DataLoader):
+            raise ValueError(f"bundle.{name} is a DataLoader: fit takes datasets and makes its own loaders "
+                             f"(batch size from Recipe.batch_size); pass its .dataset")
+        if split is None or len(split) == 0:
+            raise ValueError("training needs a non-empty validation split to choose the best checkpoint"
+                             if name == "val" else "training needs a non-empty training split, got "
+                             f"{'none' if split is None else 'an empty one'}")
+    sample = bundle.val[0]
+    if not (isinstance(sample, (tuple, list)) and len(sample) == 2
+            and all(isinstance(t, torch.Tensor) for t in sample)):
+        kind = (f"a dict with keys {sorted(sample)}" if isinstance(sample, dict)
+                else f"a {type(sample).__name__}")
+        raise ValueError(f"the datasets must yield (image, mask) tensor pairs, got {kind} from bundle.val[0]")
+
+
+def _check_model_output(model: nn.Module, bundle, device: torch.device) -> None:
+    """Run the model once on the first validation image, before any training: an output of other
+    classes or size than the masks (a one-channel sigmoid model, a half-resolution head, a
+    tuple) otherwise trains for an epoch, or, with one channel, trains and scores nonsense."""
+    image, mask = bundle.val[0]
+    with eval_mode(model), torch.no_grad():
+        output = model(image[None].to(device))
+    if not isinstance(output, torch.Tensor):
+        raise ValueError(f"the model returns a {type(output).__name__}; fit needs one tensor of logits "
+                         f"(B, K, *S)")
+    expected = (bundle.num_classes, *mask.shape)
+    if tuple(output.shape[1:]) != expected:
+        raise ValueError(f"the model maps an image {tuple(image.shape)} to {tuple(output.shape[1:])} per "
+                         f"sample, but the data needs (K, *S) = {expected}: {bundle.num_classes} classes at "
+                         f"the mask's size (a one-channel, sigmoid-style model needs num_classes="
+                         f"{bundle.num_classes})")
+
+
+@contextlib.contextmanager
+def _generators_kept() -> Iterator[None]:
+    """Give the caller's random generators back: fit seeds them from the recipe (and a resume
+    loads the run's), which would otherwise make every model built after it start alike."""
+    import random
+
+    import numpy as np
+
+    saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
 def fit(
     model: nn.Module,
     bundle,
@@ -567,24 +639,31 @@ def fit(
         The content of ``metrics.json``: test (or, without a test split, validation) scores
         ``mean_iou``, ``mean_dice``, ``per_class``, plus ``split``, ``best_epoch``, ``val`` and
         ``history`` (one record per epoch: ``epoch`` (1-based), ``train_loss``,
-        ``val_mean_iou``, ``lr``).
+        ``val_mean_iou``, ``lr``). ``model`` then holds the best epoch's weights (those of
+        ``best.safetensors``; ``last.safetensors`` has the last epoch's), in eval mode.
+
+    The random generators (Python's, NumPy's, torch's) are seeded from ``recipe.seed`` for the
+    run and given back as they were when ``fit`` returns or raises.
 
     Raises:
         RunFolderError: ``out_dir`` holds another run (without ``resume``/``overwrite``), or the
             run to resume has other settings.
+        ValueError: an empty training or validation split, datasets that do not yield
+            ``(image, mask)`` tensor pairs (or DataLoaders), or a model whose output for the first
+            validation image is not ``(1, num_classes, *mask.shape)`` (checked before training).
         DataError: a validation or test sample cannot be read (checked before training starts).
         UnfinishedRunError: training finished but the final evaluation failed (resume to finish).
         OSError: a file could not be written; the previous version of that file is intact.
     """
     recipe = recipe or Recipe()
-    if bundle.val is None or len(bundle.val) == 0:
-        raise ValueError("training needs a non-empty validation split to choose the best checkpoint")
+    _check_bundle(bundle)
     # The folder's check under its lock: a second training into it at the same time is refused,
     # and one that waited behind a finished run finds that run's files.
-    with _run_folder_held(out_dir, init_processes(recipe.device)):
+    with _run_folder_held(out_dir, init_processes(recipe.device)), _generators_kept():
         check_run_folder(out_dir, resume=resume, overwrite=overwrite)
         _read_evaluation_splits(bundle)
         run = _setup(model, bundle, Path(out_dir), recipe, dict(metadata or {}), plots)
+        _check_model_output(run.parts.model, bundle, run.device)
         if overwrite:
             _clear(run)
         elif run.processes.is_main:  # what a kill during a write left: never read, only taking space

@@ -42,5 +42,21 @@ class CEDiceLoss(nn.Module):
                 f"loss expects logits (B, K, *S) and target (B, *S), got {tuple(logits.shape)} and "
                 f"{tuple(target.shape)}"
             )
-        # Softmax and Dice in float32 even under autocast: half precision sums overflow.
-        return self.loss(logits.float(), target.unsqueeze(1))
+        classes = logits.shape[1]
+        if classes < 2:
+            raise ValueError(f"loss expects logits of K >= 2 classes (B, K, *S), softmax over K, got "
+                             f"{classes} channel(s): a one-channel (sigmoid) model needs num_classes=2 here")
+        if target.is_floating_point() and not torch.equal(target, target.round()):
+            raise ValueError(f"target holds non-integer values (soft or resized masks?); expected class "
+                             f"indices 0..{classes - 1}")
+        try:
+            # Softmax and Dice in float32 even under autocast: half precision sums overflow.
+            return self.loss(logits.float(), target.unsqueeze(1))
+        except RuntimeError as err:  # MONAI's one-hot: "index 255 is out of bounds for dimension 1"
+            low, high = (int(v) for v in torch.aminmax(target.detach()))
+            if low >= 0 and high < classes:
+                raise
+            bad = low if low < 0 else high
+            raise ValueError(f"target holds class {bad}, outside 0..{classes - 1} of the model's {classes} "
+                             f"outputs; an ignore value such as 255 is not supported: map it to a class "
+                             f"first") from err

@@ -57,13 +57,49 @@ class SegmentationMetrics:
         ).to(device)
 
     def update(self, prediction: torch.Tensor, target: torch.Tensor) -> None:
-        if prediction.dim() == target.dim() + 1:
+        """Add a batch: ``prediction`` logits ``(B, K, *S)`` or labels ``(B, *S)``, ``target`` labels.
+
+        Raises:
+            ValueError: logits with other than ``K`` channels, shapes that differ, floating-point
+                labels as ``prediction`` (probabilities or one-hot maps), a ``target`` with
+                non-integer values, or labels outside ``0..K-1`` (such as an ignore value 255).
+        """
+        from_logits = prediction.dim() == target.dim() + 1
+        if from_logits:
+            if prediction.shape[1] != self.num_classes:
+                one = (" (a one-channel, sigmoid-style output would score as background everywhere: "
+                       "give the model K = 2 outputs, or pass (logits > 0).long() as labels)"
+                       if prediction.shape[1] == 1 else "")
+                raise ValueError(f"prediction has {prediction.shape[1]} channels (B, K, *S), but num_classes "
+                                 f"is {self.num_classes}{one}")
             prediction = prediction.argmax(dim=1)
         if prediction.shape != target.shape:
             raise ValueError(
                 f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape"
             )
-        self.metrics.update(prediction.reshape(-1), target.reshape(-1))
+        if prediction.is_floating_point():
+            raise ValueError(f"a prediction of the target's shape must hold class indices (an integer "
+                             f"tensor), got {prediction.dtype}: pass logits (B, K, *S), or their argmax(1)")
+        if not from_logits:  # an argmax of K channels is in range: no check (a device sync) needed
+            prediction = self._labels("prediction", prediction)
+        self.metrics.update(prediction.reshape(-1), self._labels("target", target).reshape(-1))
+
+    def _labels(self, what: str, labels: torch.Tensor) -> torch.Tensor:
+        """``labels`` as class indices, checked: torchmetrics fails on values outside ``0..K-1``
+        with "shape '[2, 2]' is invalid for input of size 5", naming neither."""
+        if labels.is_floating_point():
+            if not torch.equal(labels, labels.round()):
+                raise ValueError(f"{what} holds non-integer values (soft or resized masks?); expected class "
+                                 f"indices 0..{self.num_classes - 1}")
+            labels = labels.long()
+        if labels.numel():
+            low, high = (int(v) for v in torch.aminmax(labels))
+            if low < 0 or high >= self.num_classes:
+                bad = low if low < 0 else high
+                raise ValueError(f"{what} holds class {bad}, outside 0..{self.num_classes - 1} "
+                                 f"(num_classes={self.num_classes}); an ignore value such as 255 is not "
+                                 f"supported: map it to a class first")
+        return labels
 
     def compute(self) -> dict:
         """``{"mean_iou", "mean_dice", "per_class": {name: {"iou", "dice"}}}``, fractions in 0..1."""

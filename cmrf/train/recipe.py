@@ -21,9 +21,11 @@ from dataclasses import asdict, dataclass
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 
 
-def _check_count(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+def _count(name: str, value, minimum: int) -> int:
+    """``value`` as a plain ``int`` (NumPy's integers too), if it is an integer >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)  # a plain int: the recipe is saved as JSON and in weights-only torch files
 
 
 @dataclass
@@ -71,11 +73,13 @@ class Recipe:
 
     def __post_init__(self):
         for name in ("epochs", "batch_size"):
-            _check_count(name, getattr(self, name), 1)
+            setattr(self, name, _count(name, getattr(self, name), 1))
         for name in ("seed", "overlays"):
-            _check_count(name, getattr(self, name), 0)
+            setattr(self, name, _count(name, getattr(self, name), 0))
         if self.workers != "auto":
-            _check_count("workers", self.workers, 0)
+            self.workers = _count("workers", self.workers, 0)
+        if self.aug_stop is not None:
+            self.aug_stop = _count("aug_stop", self.aug_stop, 0)
         for name in ("lr", "min_lr", "weight_decay", "ce_weight", "dice_weight"):
             value = getattr(self, name)
             # NaN passes every comparison below unnoticed, and inf trains to NaN at the first step.

@@ -178,6 +178,7 @@ def run_folder_lock(out: str | Path) -> Iterator[None]:
         yield
         return
     out = Path(out)
+    _check_writable(out)  # a file in the way, a read-only parent: said plainly, before mkdir fails
     with naming_errors(out):
         out.mkdir(parents=True, exist_ok=True)
         folder = os.open(out, os.O_RDONLY)

@@ -1,0 +1,221 @@
+"""`cmrf.train.fit` and its parts used from a script of one's own, not through the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from torch.utils.data import DataLoader, Dataset
+
+import cmrf
+from cmrf.data import build_datasets
+from cmrf.train.loaders import EpochView
+from cmrf.train.loop import fit
+from cmrf.train.losses import CEDiceLoss
+from cmrf.train.metrics import SegmentationMetrics
+from cmrf.train.recipe import Recipe
+from cmrf.train.run_folder import RunFolderError
+from cmrf.train.state import model_metadata
+
+
+def tiny_bundle():
+    return build_datasets(seed=0, data="synthetic", img_size=32, synthetic_samples=12)
+
+
+def tiny_model(**kwargs):
+    return cmrf.create_model("tinyunet", N=2, channels=[8, 16], **kwargs)
+
+
+def recipe(**changes) -> Recipe:
+    return Recipe(**{"epochs": 1, "batch_size": 4, "device": "cpu", "workers": 0, **changes})
+
+
+def run_files(out):
+    return sorted(p.name for p in out.iterdir()) if out.exists() else []
+
+
+def test_a_one_channel_model_is_refused_before_training(tmp_path):
+    """A sigmoid-style model on two-class data trained, its loss fell, and every score was that of
+    an all-background prediction (argmax over one channel)."""
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"to \(1, 32, 32\) per sample, but the data needs .*\(2, 32, 32\).*"
+                                         r"num_classes=2"):
+        fit(tiny_model(num_classes=1), tiny_bundle(), out, recipe(), plots=False)
+    assert not any(name.endswith(".safetensors") for name in run_files(out))
+
+
+@pytest.mark.parametrize("output", ["tuple", "half"])
+def test_a_model_whose_output_does_not_fit_the_masks_is_refused_before_training(tmp_path, output):
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_model()
+
+        def forward(self, x):
+            logits = self.inner(x)
+            return (logits,) if output == "tuple" else logits[..., ::2, ::2]
+
+    with pytest.raises(ValueError, match="returns a tuple" if output == "tuple" else r"\(2, 16, 16\)"):
+        fit(Wrapped(), tiny_bundle(), tmp_path / "run", recipe(), plots=False)
+
+
+def test_fit_gives_the_callers_random_generators_back(tmp_path):
+    """fit seeded the global generators from the recipe and left them so: every model built after
+    a fit in one process started from the same weights."""
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    for seed in (5, 6):
+        random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+        expected = draws()
+        model, bundle = tiny_model(), tiny_bundle()
+        random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+        fit(model, bundle, tmp_path / f"run{seed}", recipe(), plots=False)
+        assert draws() == expected
+
+
+class StopAfter(Dataset):
+    """A training split that raises KeyboardInterrupt at its ``limit``-th read (a Ctrl-C)."""
+
+    def __init__(self, dataset, limit: int):
+        self.dataset, self.limit, self.reads = dataset, limit, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        self.reads += 1
+        if self.reads > self.limit:
+            raise KeyboardInterrupt
+        return self.dataset[index]
+
+
+def test_a_resume_without_metadata_keeps_the_runs_metadata(tmp_path):
+    """Resumed from Python without metadata=, every later file lost the run's metadata: cmrf
+    evaluate then refused last.safetensors and no later resume was ever checked."""
+    bundle = tiny_bundle()
+    meta = model_metadata("tinyunet", {"N": 2, "channels": [8, 16]}, 3, 2, bundle.class_names)
+    out = tmp_path / "run"
+    interrupted = dataclasses.replace(bundle, train=StopAfter(bundle.train, len(bundle.train) + 2))
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_model(), interrupted, out, recipe(epochs=2), metadata=meta, plots=False)
+    fit(tiny_model(), bundle, out, recipe(epochs=2), resume=True, plots=False)
+    with safe_open(out / "last.safetensors", "pt") as file:
+        saved = file.metadata()
+    assert saved["model"] == "tinyunet" and saved["epoch"] == "2"
+
+
+def test_a_compiled_model_saves_the_weights_of_the_module_it_wraps(tmp_path):
+    """Its files had keys "_orig_mod.*", which the same model uncompiled could neither load nor
+    resume from ("its weights belong to another network")."""
+    model = tiny_model()
+    compiled = torch.compile(model, backend="eager")
+    try:
+        fit(compiled, tiny_bundle(), tmp_path / "run", recipe(), plots=False)
+    finally:
+        torch._dynamo.reset()
+    plain = tiny_model()
+    cmrf.load_checkpoint(plain, tmp_path / "run" / "best.safetensors")
+    with safe_open(tmp_path / "run" / "best.safetensors", "pt") as file:
+        names = list(file.keys())
+    assert names and not any(name.startswith("_orig_mod.") for name in names)
+
+
+def test_bundles_fit_cannot_train_are_refused_plainly(tmp_path):
+    bundle = tiny_bundle()
+    empty = dataclasses.replace(bundle, train=torch.utils.data.Subset(bundle.train, []))
+    with pytest.raises(ValueError, match="non-empty training split, got an empty one"):
+        fit(tiny_model(), empty, tmp_path / "a", recipe(), plots=False)
+    loaders = dataclasses.replace(bundle, train=DataLoader(bundle.train, batch_size=4))
+    with pytest.raises(ValueError, match=r"bundle\.train is a DataLoader: .*pass its \.dataset"):
+        fit(tiny_model(), loaders, tmp_path / "b", recipe(), plots=False)
+
+    class Dicts(Dataset):
+        def __len__(self):
+            return len(bundle.val)
+
+        def __getitem__(self, index):
+            image, mask = bundle.val[index]
+            return {"image": image, "label": mask}
+
+    dicts = r"\(image, mask\) tensor pairs, got a dict with keys \['image', 'label'\]"
+    with pytest.raises(ValueError, match=dicts):
+        fit(tiny_model(), dataclasses.replace(bundle, val=Dicts()), tmp_path / "c", recipe(), plots=False)
+
+
+def test_an_out_dir_that_is_a_file_is_named_as_such(tmp_path):
+    """fit raised a bare FileExistsError / NotADirectoryError from its folder lock."""
+    (tmp_path / "afile").write_text("")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(RunFolderError, match=r"afile is a file, not a folder"):
+            fit(tiny_model(), tiny_bundle(), out, recipe(), plots=False)
+
+
+def test_recipe_counts_take_numpy_integers_and_aug_stop_is_a_count():
+    made = Recipe(epochs=np.int64(3), batch_size=np.int32(2), aug_stop=np.int64(2))
+    assert (made.epochs, made.batch_size, made.aug_stop) == (3, 2, 2)
+    assert all(type(v) is int for v in (made.epochs, made.batch_size, made.aug_stop))
+    for bad in (1.5, True):
+        with pytest.raises(ValueError, match="aug_stop must be an integer >= 0"):
+            Recipe(epochs=3, aug_stop=bad)
+
+
+def test_epoch_view_sets_only_a_boolean_augment_flag():
+    """A dataset's own callable `augment` was overwritten with a bool ('bool' object is not
+    callable); one with a bool flag but no set_epoch was never switched off at aug_stop."""
+    class Flagged(Dataset):
+        augment = True
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            return self.augment
+
+    class OwnTransform(Flagged):
+        def __init__(self):
+            self.augment = lambda value: value
+            self.epochs = []
+
+        def set_epoch(self, epoch):
+            self.epochs.append(epoch)
+
+        def __getitem__(self, index):
+            return self.augment(index)
+
+    assert EpochView(Flagged())[(3, False, 0)] is False
+    own = OwnTransform()
+    assert EpochView(own)[(3, False, 0)] == 0 and own.epochs == [3] and callable(own.augment)
+
+
+def test_metrics_refuse_what_they_would_score_wrongly():
+    metrics = SegmentationMetrics(2)
+    target = torch.zeros(2, 4, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"1 channels .* num_classes is 2 .*sigmoid-style"):
+        metrics.update(torch.randn(2, 1, 4, 4), target)
+    with pytest.raises(ValueError, match=r"must hold class indices .*got torch.float32"):
+        metrics.update(torch.rand(2, 4, 4), target)
+    with pytest.raises(ValueError, match=r"target holds class 255, outside 0\.\.1 .*map it to a class"):
+        metrics.update(torch.randn(2, 2, 4, 4), target.clone().fill_(255))
+    with pytest.raises(ValueError, match="target holds non-integer values"):
+        metrics.update(torch.randn(2, 2, 4, 4), torch.full((2, 4, 4), 0.7))
+    metrics.update(torch.randn(2, 2, 4, 4), torch.ones(2, 4, 4))  # float, but class indices
+    assert metrics.compute()["per_class"]["foreground"]["iou"] >= 0
+
+
+def test_the_loss_names_labels_it_cannot_use():
+    loss = CEDiceLoss()
+    target = torch.zeros(2, 4, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"K >= 2 classes .*got 1 channel"):
+        loss(torch.randn(2, 1, 4, 4), target)
+    with pytest.raises(ValueError, match=r"target holds class 255, outside 0\.\.1 of the model's 2 outputs"):
+        loss(torch.randn(2, 2, 4, 4), target.clone().fill_(255))
+    with pytest.raises(ValueError, match=r"target holds class -1"):
+        loss(torch.randn(2, 2, 4, 4), target.clone().fill_(-1))
+    with pytest.raises(ValueError, match="non-integer values"):
+        loss(torch.randn(2, 2, 4, 4), torch.full((2, 4, 4), 0.7))
+    assert torch.isfinite(loss(torch.randn(2, 2, 4, 4), torch.ones(2, 4, 4)))
