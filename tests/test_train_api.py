@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 
 import numpy as np
 import pytest
@@ -130,6 +131,10 @@ def test_bundles_fit_cannot_train_are_refused_plainly(tmp_path):
     empty = dataclasses.replace(bundle, train=torch.utils.data.Subset(bundle.train, []))
     with pytest.raises(ValueError, match="non-empty training split, got an empty one"):
         fit(tiny_model(), empty, tmp_path / "a", recipe(), plots=False)
+    for classes, names in ((1, ["lesion"]), (2, ["background"])):
+        with pytest.raises(ValueError, match=re.escape(f"num_classes={classes} and class_names={names}")):
+            fit(tiny_model(), dataclasses.replace(bundle, num_classes=classes, class_names=names),
+                tmp_path / "n", recipe(), plots=False)
     loaders = dataclasses.replace(bundle, train=DataLoader(bundle.train, batch_size=4))
     with pytest.raises(ValueError, match=r"bundle\.train is a DataLoader: .*pass its \.dataset"):
         fit(tiny_model(), loaders, tmp_path / "b", recipe(), plots=False)

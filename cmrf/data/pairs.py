@@ -52,7 +52,8 @@ def _require_pair_dirs(image_dir: Path, mask_dir: Path, kind: str) -> None:
         return
     others = sorted(p.name for p in root.iterdir() if p.is_dir() and p not in (image_dir, mask_dir))
     if not others:
-        require_dir(*missing[0][:1], f"{missing[0][1]} folder")
+        path, role = missing[0]
+        require_dir(path, f"{role} folder")
     fixes = []  # every folder's fix in one message: a Decathlon root lacks both
     for path, role in missing:
         likely = [name for name in others if any(w in name.lower() for w in _LIKELY_NAMES[role])]

@@ -562,6 +562,10 @@ def _check_bundle(bundle) -> None:
             raise ValueError("training needs a non-empty validation split to choose the best checkpoint"
                              if name == "val" else "training needs a non-empty training split, got "
                              f"{'none' if split is None else 'an empty one'}")
+    classes, names = bundle.num_classes, list(bundle.class_names)
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2 or len(names) != classes:
+        raise ValueError(f"bundle.num_classes must be an int >= 2 (background included) with as many "
+                         f"class_names, got num_classes={classes!r} and class_names={names}")
     sample = bundle.val[0]
     if not (isinstance(sample, (tuple, list)) and len(sample) == 2
             and all(isinstance(t, torch.Tensor) for t in sample)):
