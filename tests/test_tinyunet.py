@@ -142,6 +142,15 @@ def test_pretrained_loads_the_local_file_timm_names(tmp_path, build, golden, ref
     x = torch.rand(2, 1, 40, 48)
     with torch.no_grad():  # summed weights: a grey image is what the RGB model sees in three equal channels
         torch.testing.assert_close(grey(x), model(x.expand(-1, 3, -1, -1)), atol=1e-5, rtol=1e-5)
+    # Only what was asked for may differ: a 1-channel, 5-class file loaded without num_classes or
+    # in_chans gave a default model, its head random and its first convolution adapted, silently.
+    mine = tmp_path / "mine.pth"
+    torch.save(cmrf.create_model("tinyunet", in_chans=1, num_classes=5).state_dict(), mine)
+    mine_local = dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(mine)))
+    with pytest.raises(ValueError, match=r"does not fit TinyUNet: shape mismatches: encoders\.0.*head\."):
+        build("tinyunet", **mine_local)
+    with pytest.raises(ValueError, match=r"head\.weight: checkpoint \(5, 64, 1, 1\) vs model \(2, 64"):
+        build("tinyunet", in_chans=1, **mine_local)
 
 
 @pytest.mark.parametrize("name, saved_chans, in_chans, size", [
@@ -184,7 +193,8 @@ def test_pretrained_first_convolution_timm_cannot_adapt_starts_afresh(tmp_path, 
     monkeypatch.setattr(builder, "adapt_input_conv", cannot)
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match="saved for 2 input channels, the model takes 3.*starts afresh"):
-        model = create_model("tinyunet", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+        model = create_model("tinyunet", in_chans=3, pretrained=True,
+                             pretrained_cfg_overlay=dict(file=str(path)))
     torch.manual_seed(0)
     fresh = create_model("tinyunet")
     first = "encoders.0.pw1.conv.weight"

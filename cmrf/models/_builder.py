@@ -215,6 +215,8 @@ def build_model(
     _resolve_in_channels(kwargs)
     _defaults_from_cfg(overlay, kwargs)  # as timm, which lays the overlay over the cfg first
     _defaults_from_cfg(pretrained_cfg, kwargs)
+    # What the caller asked for: only those may differ from a local pretrained file's weights.
+    requested = {name for name in ("num_classes", "in_channels") if name in kwargs}
     _check_kwargs(model_cls, variant, kwargs, entry_args)
     for key in _NEUTRAL_TIMM_KWARGS:
         kwargs.pop(key, None)
@@ -226,20 +228,24 @@ def build_model(
     base = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg).to_dict()
     model.pretrained_cfg = fit_cfg(base, model, architecture=variant, overlay=overlay)
     if pretrained:
-        _load_local_pretrained(model, weights_file)
+        _load_local_pretrained(model, weights_file, requested)
     return model
 
 
-def _load_local_pretrained(model: nn.Module, path: str) -> None:
-    """timm's local pretrained weights: loaded as ``checkpoint_path`` loads them (strictly), except a
-    classifier of another class count, which keeps its fresh initialisation, as timm does when
-    ``num_classes`` differs from the weights' (fine-tuning on other classes)."""
+def _load_local_pretrained(model: nn.Module, path: str, requested: set[str]) -> None:
+    """timm's local pretrained weights: loaded as ``checkpoint_path`` loads them (strictly), except,
+    as in timm, where the caller asked for other classes or input channels than the weights have:
+    with ``num_classes`` in ``requested`` a classifier of another class count keeps its fresh
+    initialisation (fine-tuning on other classes), with ``in_channels`` (``in_chans``) the first
+    convolution is adapted. Without the request, such a file is a mismatch, not a silently different model."""
     state = map_to_model_keys(model, read_state_dict(path), path)
     own = model.state_dict()
-    _adapt_first_conv(model, state, own, path)
+    if "in_channels" in requested:
+        _adapt_first_conv(model, state, own, path)
     head = f"{getattr(model, 'classifier_name', 'head')}."
     head_keys = [key for key in own if key.startswith(head)]
-    if any(key in state and state[key].shape != own[key].shape for key in head_keys):
+    if "num_classes" in requested and any(key in state and state[key].shape != own[key].shape
+                                          for key in head_keys):
         state = {k: v for k, v in state.items() if not k.startswith(head)}
         state.update({key: own[key] for key in head_keys})
     load_state_dict_checked(model, state, path)

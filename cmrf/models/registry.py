@@ -91,8 +91,10 @@ def create_model(
 
     Args:
         name: a name from ``list_models()``, e.g. ``"tinyunet"``.
-        pretrained: no released weights exist yet; ``True`` raises and points to
-            ``checkpoint_path``. Nothing is ever downloaded.
+        pretrained: no released weights exist, and nothing is ever downloaded: ``True`` loads
+            the local file timm's ``pretrained_cfg_overlay=dict(file=PATH)`` (or a
+            ``pretrained_cfg`` dict) names, and without one raises and points to
+            ``checkpoint_path``.
         in_chans: input channels (timm's name; ``in_channels`` is the same argument). Default:
             the model's, 3.
         num_classes: output classes. Default: the model's, 2 (or, as in timm, the
