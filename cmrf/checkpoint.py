@@ -31,7 +31,10 @@ __all__ = [
 ]
 
 # Wrappers that training scripts commonly put around the state dict.
-_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
+# The first of these that holds tensors is taken; the averaged (EMA) weights only when a file holds
+# nothing else (timm's train.py writes "state_dict" beside "state_dict_ema").
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net", "network", "weights", "params",
+                 "state_dict_ema", "model_ema", "ema")
 
 
 def _existing_file(path: str | Path) -> Path:
@@ -151,7 +154,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a ``torch.save`` file, on the CPU.
 
     ``torch.save`` files are opened with ``weights_only=True``: no pickled code runs. A dict
-    that wraps the weights under ``state_dict``/``model`` is unwrapped, and the prefixes that
+    that wraps the weights under one of ``_WRAPPER_KEYS`` (``state_dict``, ``model``,
+    ``model_state_dict``, ``net``, ..., the EMA copies last) is unwrapped, and the prefixes that
     wrappers put before every key are removed: ``module.`` (DataParallel/DDP) and ``_orig_mod.``
     (``torch.compile``), in either order.
 
@@ -173,14 +177,23 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise _truncated(path, "safetensors", err) from err
     else:
         state = _read_torch_file(path)
+    top = state
     if isinstance(state, dict):
         for key in _WRAPPER_KEYS:
-            if isinstance(state.get(key), dict):
-                state = state[key]
+            inner = state.get(key)
+            # A dict that holds no tensor (a model's configuration under "model") is not the weights.
+            if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+                state = inner
                 break
     tensors_only = isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
     if not tensors_only or not state:
-        raise ValueError(f"{path} does not hold a state dict of tensors")
+        if isinstance(top, dict) and top:
+            names = [repr(k) for k in top]
+            held = f"its top-level keys are {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}"
+        else:
+            held = f"it holds {'an empty dict' if isinstance(top, dict) else 'a ' + type(top).__name__}"
+        raise ValueError(f"{path} does not hold a state dict of tensors: {held}; the weights are read from "
+                         f"the top level or from the first of {', '.join(_WRAPPER_KEYS)} that holds tensors")
     return _strip_wrapper_prefixes(state)
 
 
@@ -321,6 +334,21 @@ def _keys_fit(state: dict, expected: set[str]) -> bool:
     return not keys - expected and all(k.rpartition(".")[2] == "num_batches_tracked" for k in expected - keys)
 
 
+def _unusable(value, own: torch.Tensor) -> str:
+    """Why ``value`` cannot be copied into the model's ``own`` tensor, or ``""``: what torch's
+    ``load_state_dict`` would fail on after copying the tensors before it (a meta or sparse
+    tensor), or would cast without a word (integer or complex values into floating weights)."""
+    if not isinstance(value, torch.Tensor):
+        return f"a {type(value).__name__}, not a tensor"
+    if value.is_meta:
+        return "a meta tensor (no values: saved from a model built on the meta device)"
+    if value.layout != torch.strided:
+        return f"a {str(value.layout).removeprefix('torch.')} tensor, not a dense one"
+    if own.is_floating_point() and not value.is_floating_point():
+        return f"{str(value.dtype).removeprefix('torch.')} values for a floating-point weight"
+    return ""
+
+
 def load_state_dict_checked(
     model: nn.Module, state: dict[str, torch.Tensor], source: str | Path
 ) -> nn.Module:
@@ -339,8 +367,12 @@ def load_state_dict_checked(
         for k, v in expected.items()
         if k in mapped and mapped[k].shape != v.shape
     ]
-    if missing or unexpected or mismatched:
+    unusable = [f"{k}: {_unusable(v, expected[k])}" for k, v in mapped.items()
+                if k in expected and _unusable(v, expected[k])]
+    if missing or unexpected or mismatched or unusable:
         problems = []
+        if unusable:  # load_state_dict would fail on them partway, the model half overwritten
+            problems.append(f"unusable tensors: {'; '.join(unusable[:20])}")
         if missing:
             problems.append(f"missing keys: {_name_list(missing)}")
         if unexpected:

@@ -601,3 +601,38 @@ def test_save_weights_of_a_created_model_names_its_call_when_a_load_does_not_fit
     for changed in (model, segnet):
         save_weights(changed, tmp_path / "changed.safetensors")
         assert "cmrf_create_model" not in safetensors_metadata(tmp_path / "changed.safetensors")
+
+
+@pytest.mark.parametrize("bad, why", [
+    (torch.empty(2, device="meta"), "a meta tensor"),
+    (torch.zeros(2).to_sparse(), "a sparse_coo tensor, not a dense one"),
+    (torch.zeros(2, dtype=torch.int64), "int64 values for a floating-point weight"),
+])
+def test_a_tensor_that_cannot_be_loaded_is_refused_before_any_weight_is_copied(tmp_path, bad, why):
+    """Keys and shapes fitted, so load_state_dict ran and failed partway ("Cannot copy out of meta
+    tensor"), 433 of 434 tensors already overwritten; integer weights were cast silently."""
+    state = cmrf.create_model("tinyunet").state_dict()
+    state["head.bias"] = bad
+    torch.save(state, tmp_path / "bad.pth")
+    model = cmrf.create_model("tinyunet")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"unusable tensors: head\.bias: {re.escape(why)}"):
+        cmrf.load_checkpoint(model, tmp_path / "bad.pth")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_weights_under_other_common_keys_load_and_a_miss_names_the_keys_found(tmp_path):
+    """{'net': sd}, timm's EMA-only {'state_dict_ema': sd}, or a configuration dict under 'model'
+    beside 'model_state_dict' gave "does not hold a state dict of tensors" and nothing more."""
+    model = cmrf.create_model("tinyunet")
+    state = model.state_dict()
+    for name, content in (("net", {"net": state, "epoch": 3}), ("ema", {"state_dict_ema": state}),
+                          ("config", {"model": {"name": "tinyunet", "N": 8}, "model_state_dict": state})):
+        torch.save(content, tmp_path / f"{name}.pth")
+        loaded = cmrf.load_checkpoint(cmrf.create_model("tinyunet"), tmp_path / f"{name}.pth")
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    torch.save({"optimizer": {"lr": 1}, "epoch": 3}, tmp_path / "none.pth")
+    missed = (r"none\.pth does not hold a state dict of tensors: its top-level keys are 'optimizer', "
+              r"'epoch'; the weights are read from the top level or from the first of state_dict, model, ")
+    with pytest.raises(ValueError, match=missed):
+        cmrf.load_checkpoint(model, tmp_path / "none.pth")
