@@ -16,6 +16,7 @@ shares.
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -196,8 +197,8 @@ def export_onnx(
         OSError: the file cannot be written (the previous file, if any, is left as it was).
 
     Warns:
-        UserWarning: for a float64 model, whose graph ONNX Runtime's CPU provider cannot run
-            (it has no float64 convolution); the file is written all the same.
+        UserWarning: for a float64 or bfloat16 model, whose graph ONNX Runtime's CPU provider
+            cannot run (it has no such convolution); the file is written all the same.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"export_onnx expects an nn.Module, got {type(model).__name__}")
@@ -218,10 +219,11 @@ def export_onnx(
         device=param.device if param is not None else "cpu",
         dtype=param.dtype if param is not None and param.is_floating_point() else torch.float32,
     )
-    if example.dtype == torch.float64:  # a valid graph, but one most users could not run
+    if example.dtype in (torch.float64, torch.bfloat16):  # a valid graph most users could not run
+        dtype = str(example.dtype).removeprefix("torch.")
         warnings.warn(
-            f"export_onnx: {type(model).__name__} is float64, and ONNX Runtime's CPU provider has no "
-            f"float64 convolution, so it cannot run the exported graph; export model.float() to run it "
+            f"export_onnx: {type(model).__name__} is {dtype}, and ONNX Runtime's CPU provider has no "
+            f"{dtype} convolution, so it cannot run the exported graph; export model.float() to run it "
             f"there", stacklevel=caller_stacklevel())
     dynamic_shapes = _dynamic_shapes(size, spatial_multiple) if dynamic else None
     path = Path(path)
@@ -233,4 +235,53 @@ def export_onnx(
                    verbose=verbose)
         if dynamic:
             _check_dynamic_axes(tmp, len(size))
+            _check_at_another_size(model, tmp, example, spatial_multiple)
     return path
+
+
+def _check_at_another_size(model: nn.Module, path: Path, example: torch.Tensor, multiple: int) -> None:
+    """Run a dynamic file in ONNX Runtime at other sizes than the example's (one more multiple per
+    side: odd sides for a general model) and refuse it where it fails or disagrees with the model.
+
+    A forward that branches on its input size, or pads skip connections to fit, makes torch.export
+    narrow or specialise the sizes; the exporter then writes a graph whose every axis is named free
+    and which is wrong, or fails, at other sizes. Skipped without ONNX Runtime, for non-fp32
+    models (the CPU provider's kernels), and where the model itself refuses the size.
+    """
+    if importlib.util.find_spec("onnxruntime") is None or example.dtype != torch.float32:
+        return
+    import onnxruntime
+
+    other = torch.randn(example.shape[0] + 1, example.shape[1],
+                        *(side + multiple for side in example.shape[2:]), device=example.device)
+    try:
+        with torch.no_grad():
+            expected = model(other)
+    except Exception:  # a size the model itself does not take: nothing to compare
+        return
+    if not isinstance(expected, torch.Tensor):
+        return
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    shape = tuple(other.shape)
+    try:
+        got = torch.from_numpy(session.run(None, {"input": other.cpu().numpy()})[0])
+    except Exception as err:
+        raise ExportUnsupportedError(
+            f"the dynamic ONNX file of {type(model).__name__} fails in ONNX Runtime at {shape}, a size "
+            f"the model takes ({_first_line(err)}): its forward depends on the input size in a way the "
+            f"exporter could not keep dynamic; export without --dynamic (dynamic=False) for each size"
+        ) from None
+    expected = expected.detach().cpu().float()
+    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+    if got.shape != expected.shape or not torch.allclose(got, expected, rtol=0, atol=1e-3 * scale):
+        difference = (float((got - expected).abs().max()) if got.shape == expected.shape
+                      else f"shape {tuple(got.shape)} against {tuple(expected.shape)}")
+        raise ExportUnsupportedError(
+            f"the dynamic ONNX file of {type(model).__name__} disagrees with the model at {shape} (max "
+            f"difference {difference}): its forward depends on the input size in a way the exporter "
+            f"could not keep dynamic; export without --dynamic (dynamic=False) for each size")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:300]

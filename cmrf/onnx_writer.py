@@ -132,6 +132,32 @@ def _exporter_notes_hidden(hide: bool) -> Iterator[None]:
         logger.removeFilter(note_filter)
 
 
+@contextmanager
+def _narrowing_seen(narrowed: list[str]) -> Iterator[None]:
+    """Record, in ``narrowed``, each time the ONNX exporter narrows the requested dynamic shapes.
+
+    When ``torch.export`` finds that the model's code constrains a dynamic size (a branch on its
+    parity, a pad that makes skip connections fit), the exporter re-exports with torch's suggested
+    fixes applied (``refine_dynamic_shapes_from_suggested_fixes``) and says nothing; the file still
+    names every side as free. Its message is kept for the refusal.
+    """
+    shapes = torch.export.dynamic_shapes
+    refine = getattr(shapes, "refine_dynamic_shapes_from_suggested_fixes", None)
+    if refine is None:
+        yield
+        return
+
+    def recording(message, dynamic_shapes):
+        narrowed.append(str(message))
+        return refine(message, dynamic_shapes)
+
+    shapes.refine_dynamic_shapes_from_suggested_fixes = recording
+    try:
+        yield
+    finally:
+        shapes.refine_dynamic_shapes_from_suggested_fixes = refine
+
+
 def write_onnx(
     module: nn.Module,
     example: torch.Tensor,
@@ -157,7 +183,8 @@ def write_onnx(
     check_opset(opset_version)
     # The exporter reports its progress on stdout unless told not to (verbose=False). Not a
     # redirect of sys.stdout: that would silence every other thread of the program meanwhile.
-    with torch.no_grad(), reference_only(), _exporter_notes_hidden(not verbose):
+    narrowed: list[str] = []
+    with torch.no_grad(), reference_only(), _exporter_notes_hidden(not verbose), _narrowing_seen(narrowed):
         torch.onnx.export(
             module,
             (example,),
@@ -170,6 +197,13 @@ def write_onnx(
             external_data=False,
             verbose=verbose,
         )
+    if narrowed and dynamic_shapes is not None:
+        why = next((line.strip() for line in narrowed[0].splitlines() if line.strip()), "")
+        raise ExportUnsupportedError(
+            f"{type(module).__name__}'s forward depends on its input size in a way torch.export cannot "
+            f"keep dynamic ({why[:300]}); the ONNX exporter narrowed the dynamic sizes without saying so "
+            f"and would write a file that is wrong or fails at other sizes: export without --dynamic "
+            f"(dynamic=False) for each input size you need")
     written = _default_opset(path)
     if written != opset_version:  # the exporter's version converter gave up and kept its own opset
         raise ValueError(f"the exporter wrote opset {written} instead of the requested {opset_version}; "
