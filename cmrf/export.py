@@ -225,6 +225,7 @@ def export_onnx(
             f"export_onnx: {type(model).__name__} is {dtype}, and ONNX Runtime's CPU provider has no "
             f"{dtype} convolution, so it cannot run the exported graph; export model.float() to run it "
             f"there", stacklevel=caller_stacklevel())
+    _check_runs(model, example)
     dynamic_shapes = _dynamic_shapes(size, spatial_multiple) if dynamic else None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -280,6 +281,18 @@ def _check_at_another_size(model: nn.Module, path: Path, example: torch.Tensor, 
             f"the dynamic ONNX file of {type(model).__name__} disagrees with the model at {shape} (max "
             f"difference {difference}): its forward depends on the input size in a way the exporter "
             f"could not keep dynamic; export without --dynamic (dynamic=False) for each size")
+
+
+def _check_runs(model: nn.Module, example: torch.Tensor) -> None:
+    """Run ``model`` once on ``example``: a model that cannot take it (another rank, too few
+    channels) fails here with its own one-line message, not inside the exporter, whose error is a
+    page of advice to change torch's code with the cause at its end."""
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(example)
+    except Exception as err:
+        raise ValueError(f"{type(model).__name__} cannot run on the example input {tuple(example.shape)} "
+                         f"({type(err).__name__}: {_first_line(err)}); give an input_size it takes") from err
 
 
 def _first_line(err: BaseException) -> str:

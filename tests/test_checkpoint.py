@@ -560,6 +560,11 @@ def test_a_lightning_checkpoint_with_more_than_the_model(tmp_path):
                                          r"those, left out 1 other key\(s\): criterion\.$") as caught:
         assert _same_weights(cmrf.load_checkpoint(_small_unet(), path), source)
     assert caught[0].filename == __file__  # the user's line, not one inside cmrf
+    timm = pytest.importorskip("timm")
+    with pytest.warns(UserWarning, match="left out 1 other key") as caught:  # through timm's factory too
+        timm.create_model("tinyunet", channels=(16, 32), N=4, pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(path)))
+    assert caught[0].filename == __file__
     with warnings.catch_warnings(record=True) as caught:  # shapes read, then loaded: said once
         warnings.simplefilter("always")
         model_from_checkpoint(path, model="tinyunet", model_kwargs={"channels": (16, 32), "N": 4})

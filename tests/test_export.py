@@ -495,3 +495,14 @@ def test_a_dynamic_file_wrong_at_other_sizes_is_refused(tmp_path, model):
         cmrf.export_onnx(model().eval(), tmp_path / "m.onnx", (1, 3, 64, 64), dynamic=True)
     assert not (tmp_path / "m.onnx").exists()
     cmrf.export_onnx(model().eval(), tmp_path / "m.onnx", (1, 3, 64, 64))  # fixed size: fine
+
+
+@requires_onnx_exporter
+def test_an_input_the_model_cannot_take_is_named_in_one_line(tmp_path):
+    """A general model given a 3-D size: torch's exporter error, a page that starts "Modify the model
+    code", with CMRF's own message at its end."""
+    model = torch.nn.Sequential(cmrf.CMRF(3, 16, N=4), torch.nn.Conv2d(16, 2, 1)).eval()
+    named = r"^Sequential cannot run on the example input \(1, 3, 64\) \(ValueError: CMRF \(spatial_dims=2\) "
+    with pytest.raises(ValueError, match=named + r"expects a 4-D input"):
+        cmrf.export_onnx(model, tmp_path / "m.onnx", (1, 3, 64))
+    assert not (tmp_path / "m.onnx").exists()
