@@ -440,14 +440,31 @@ def _create_call(model: nn.Module) -> str | None:
     return call if fingerprint == _layout_fingerprint(model) else None
 
 
-def _saved_from(meta: dict) -> str:
-    """The clause naming the ``create_model`` call ``save_weights`` recorded, or ``""``."""
+def _create_call_of(meta: dict) -> tuple[str, dict] | None:
+    """``(name, kwargs)`` of the ``create_model`` call ``save_weights`` recorded in ``meta``."""
     try:
         call = json.loads(meta[CREATE_CALL_KEY])
         name, kwargs = call["model"], call["kwargs"]
-        arguments = [repr(name)] + [f"{key}={value!r}" for key, value in kwargs.items()]
-    except (KeyError, TypeError, ValueError, AttributeError):
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (name, kwargs) if isinstance(name, str) and isinstance(kwargs, dict) else None
+
+
+def recorded_create_call(path: str | Path) -> tuple[str, dict] | None:
+    """The ``create_model(name, **kwargs)`` call ``save_weights`` recorded in a ``.safetensors``
+    file, as ``(name, kwargs)``, or ``None`` (another file, or none recorded)."""
+    try:
+        return _create_call_of(safetensors_metadata(path))
+    except (OSError, ValueError):
+        return None
+
+
+def _saved_from(meta: dict) -> str:
+    """The clause naming the ``create_model`` call ``save_weights`` recorded, or ``""``."""
+    call = _create_call_of(meta)
+    if call is None:
         return ""
+    arguments = [repr(call[0])] + [f"{key}={value!r}" for key, value in call[1].items()]
     return f" (it was saved from cmrf.create_model({', '.join(arguments)}): build the model that way)"
 
 

@@ -641,3 +641,18 @@ def test_weights_under_other_common_keys_load_and_a_miss_names_the_keys_found(tm
               r"'epoch'; the weights are read from the top level or from the first of state_dict, model, ")
     with pytest.raises(ValueError, match=missed):
         cmrf.load_checkpoint(model, tmp_path / "none.pth")
+
+
+def test_the_command_line_builds_the_model_a_save_weights_file_records(tmp_path):
+    """`cmrf evaluate`/`export` said such a file "carries no cmrf metadata" and wanted --model, and
+    a CMUNeXt of other dims could not be described with the flags at all."""
+    from cmrf.cli import main
+
+    model = cmrf.create_model("cmunext", dims=(8, 16, 32, 64, 128), depths=(1, 1, 1, 2, 1),
+                              kernels=(3, 3, 7, 7, 9), num_classes=3)
+    save_weights(model, tmp_path / "mine.safetensors")
+    rebuilt, meta = model_from_checkpoint(tmp_path / "mine.safetensors")
+    assert (meta["model"], meta["num_classes"]) == ("cmunext", 3)
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
+    assert main(["export", "onnx", "--checkpoint", str(tmp_path / "mine.safetensors"),
+                 "--input-size", "1", "3", "32", "32", "-o", str(tmp_path / "mine.onnx")]) == 0

@@ -181,7 +181,12 @@ def model_from_checkpoint(
         ValueError: a truncated or corrupt file, a bare state dict without ``model``, values that
             disagree with the file, or weights that do not fit the model; each names the file.
     """
-    from cmrf.checkpoint import load_state_dict_checked, read_state_dict, safetensors_metadata
+    from cmrf.checkpoint import (
+        load_state_dict_checked,
+        read_state_dict,
+        recorded_create_call,
+        safetensors_metadata,
+    )
     from cmrf.train.state import training_state_metadata
 
     state = read_state_dict(path)  # a last_state.pt: the weights it holds under "model"
@@ -190,6 +195,17 @@ def model_from_checkpoint(
             path, model=model, num_classes=num_classes, in_chans=in_chans, model_kwargs=model_kwargs
         )
     else:
+        recorded = recorded_create_call(path)  # a save_weights file of a create_model model
+        if recorded is not None and model is None and not model_kwargs:
+            model, recorded_kwargs = recorded
+            io = {"num_classes": num_classes, "in_chans": in_chans}
+            pairs = (("num_classes", "num_classes"), ("in_channels", "in_chans"), ("in_chans", "in_chans"))
+            for key, name in pairs:
+                if key in recorded_kwargs and io[name] is None:
+                    io[name] = recorded_kwargs[key]
+            num_classes, in_chans = io["num_classes"], io["in_chans"]
+            model_kwargs = {k: v for k, v in recorded_kwargs.items()
+                            if k not in ("num_classes", "in_channels", "in_chans")}
         meta = _bare_metadata(path, state, model, num_classes, in_chans, model_kwargs or {})
     data = meta["data"]
     net, _ = build_model(
