@@ -695,3 +695,14 @@ def test_a_demo_stopped_by_a_closed_output_says_so_and_a_report_cut_short_does_n
     monkeypatch.setattr(cmrf.quickstart, "quickstart_report", reader_gone)
     assert main(["quickstart", "--size", "64"]) == 141
     assert capsys.readouterr().err == ""
+
+
+def test_evaluate_names_a_one_channel_sigmoid_checkpoint(tmp_path, capsys):
+    """It said the checkpoint "was trained for 3 channels and 1 classes, the data has ... 2 classes",
+    and --num-classes 1 then failed on the data: the model's head is what cannot be scored."""
+    torch.save(cmrf.create_model("tinyunet", channels=[16, 32], N=4, num_classes=1).state_dict(),
+               tmp_path / "bin1.pth")
+    argv = ["evaluate", str(tmp_path / "bin1.pth"), "--model", "tinyunet", "--channels", "16", "32",
+            "--N", "4", "--data", "synthetic", "--img-size", "32", "--synthetic-samples", "8"]
+    assert main(argv) == 2
+    assert "holds a model with 1 output channel; cmrf evaluate scores the argmax" in capsys.readouterr().err

@@ -222,6 +222,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     trained = run_data.get("img_size")
     if "img_size" in given and trained and args.img_size != trained:  # as cmrf predict notes it
         print(f"note: --img-size {args.img_size}, the run trained at {trained}", file=sys.stderr)
+    if meta["num_classes"] < 2:  # before the data: its class count would be blamed instead
+        raise ValueError(f"{args.checkpoint} holds a model with {meta['num_classes']} output channel; cmrf "
+                         f"evaluate scores the argmax of 2 or more class logits (a one-channel sigmoid head "
+                         f"is not a class index)")
     _read_channels_of_model(args, meta)
     model_dims = getattr(model, "spatial_dims", None)
     if isinstance(model_dims, int) and args.spatial_dims != model_dims:  # the data's error blames the data
