@@ -49,17 +49,19 @@ def _existing_file(path: str | Path) -> Path:
 
 
 def is_safetensors_file(path: str | Path) -> bool:
-    """Whether ``path`` is (meant to be) safetensors: by its suffix, else by its first bytes.
+    """Whether ``path`` is (meant to be) safetensors: by its first bytes, else by its suffix.
 
     A safetensors file starts with an 8-byte header length and then the JSON header's ``{``;
     ``torch.save`` files start with a zip (``PK``) or pickle (``0x80``) signature.
     """
     path = Path(path)
-    if path.suffix == ".safetensors":
-        return True
     with open(path, "rb") as f:
         head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{"
+    if len(head) == 9 and head[8:9] == b"{":
+        return True
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # a torch.save file, whatever its name says
+        return False
+    return path.suffix == ".safetensors"
 
 
 def _first_sentence(err: BaseException) -> str:
@@ -69,6 +71,9 @@ def _first_sentence(err: BaseException) -> str:
 
 
 def _truncated(path: Path, kind: str, err: BaseException) -> ValueError:
+    if "TorchScript" in str(err):  # torch.jit.save's archive: a program, not a state dict
+        return ValueError(f"cannot read weights from {path}: it is a TorchScript archive (torch.jit.save), "
+                          f"which cmrf does not load; save the model's state_dict() instead")
     return ValueError(f"cannot read weights from {path}: file is truncated or not a {kind} file "
                       f"({_first_sentence(err)})")
 
@@ -132,7 +137,10 @@ def _read_torch_file(path: Path):
             # torch.jit.load", which would run its code; a plain pickle's protocol): the error
             # below says what the file is, in one line.
             warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
+            # An open file, not the path: torch 2.14 reads any path ending in .safetensors as
+            # safetensors, also a torch.save file given that name.
+            with open(path, "rb") as file:
+                return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # "Unsupported global: GLOBAL builtins.eval", or for modules torch blocks outright
         # (os, sys, posix) "Trying to load unsupported GLOBAL posix.system whose module ..."

@@ -656,3 +656,17 @@ def test_the_command_line_builds_the_model_a_save_weights_file_records(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
     assert main(["export", "onnx", "--checkpoint", str(tmp_path / "mine.safetensors"),
                  "--input-size", "1", "3", "32", "32", "-o", str(tmp_path / "mine.onnx")]) == 0
+
+
+def test_a_torch_file_named_safetensors_loads_and_a_torchscript_archive_is_named(tmp_path):
+    """A torch.save file named *.safetensors was read as safetensors ("header too large"), by
+    cmrf and by torch 2.14's own torch.load; a TorchScript archive was called truncated."""
+    model = cmrf.create_model("tinyunet").eval()
+    torch.save(model.state_dict(), tmp_path / "renamed.safetensors")
+    loaded = cmrf.load_checkpoint(cmrf.create_model("tinyunet"), tmp_path / "renamed.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation and tracer warnings
+        torch.jit.save(torch.jit.trace(model, torch.randn(1, 3, 32, 32)), tmp_path / "scripted.pt")
+    with pytest.raises(ValueError, match=r"scripted\.pt: it is a TorchScript archive \(torch\.jit\.save\)"):
+        cmrf.load_checkpoint(cmrf.create_model("tinyunet"), tmp_path / "scripted.pt")
