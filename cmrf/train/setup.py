@@ -197,15 +197,12 @@ def model_from_checkpoint(
     else:
         recorded = recorded_create_call(path)  # a save_weights file of a create_model model
         if recorded is not None and model is None and not model_kwargs:
-            model, recorded_kwargs = recorded
-            io = {"num_classes": num_classes, "in_chans": in_chans}
-            pairs = (("num_classes", "num_classes"), ("in_channels", "in_chans"), ("in_chans", "in_chans"))
-            for key, name in pairs:
-                if key in recorded_kwargs and io[name] is None:
-                    io[name] = recorded_kwargs[key]
-            num_classes, in_chans = io["num_classes"], io["in_chans"]
-            model_kwargs = {k: v for k, v in recorded_kwargs.items()
-                            if k not in ("num_classes", "in_channels", "in_chans")}
+            model, model_kwargs = recorded[0], dict(recorded[1])
+            # The call's classes and channels are values the flags may give (and _bare_metadata checks).
+            recorded_classes = model_kwargs.pop("num_classes", None)
+            recorded_chans = model_kwargs.pop("in_channels", model_kwargs.pop("in_chans", None))
+            num_classes = recorded_classes if num_classes is None else num_classes
+            in_chans = recorded_chans if in_chans is None else in_chans
         meta = _bare_metadata(path, state, model, num_classes, in_chans, model_kwargs or {})
     data = meta["data"]
     net, _ = build_model(
