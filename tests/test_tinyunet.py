@@ -269,3 +269,18 @@ def test_volumetric_variant():
     assert out.shape == (2, 3, 9, 12, 7)
     out.mean().backward()
     assert x.grad is not None
+
+
+def test_pretrained_takes_timms_in_memory_state_dict():
+    """timm's pretrained_cfg_overlay=dict(state_dict=sd), its first choice of local weights, was
+    refused as "no pretrained weights are published"."""
+    source = cmrf.create_model("tinyunet")
+    overlay = dict(state_dict=source.state_dict())
+    for build in (create_model, timm.create_model):
+        model = build("tinyunet", pretrained=True, pretrained_cfg_overlay=overlay)
+        pairs = zip(model.state_dict().values(), source.state_dict().values())
+        assert all(torch.equal(a, b) for a, b in pairs)
+        assert model.pretrained_cfg["state_dict"] is None  # the tensors are not kept alive by the cfg
+    with pytest.raises(ValueError, match=r"the state_dict of pretrained_cfg_overlay does not fit TinyUNet"):
+        create_model("tinyunet", pretrained=True, pretrained_cfg_overlay=dict(
+            state_dict=cmrf.create_model("tinyunet", num_classes=3).state_dict()))

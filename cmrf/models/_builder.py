@@ -227,18 +227,26 @@ def build_model(
     record_create_call(model, variant, kwargs)
     base = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg).to_dict()
     model.pretrained_cfg = fit_cfg(base, model, architecture=variant, overlay=overlay)
+    if model.pretrained_cfg.get("state_dict") is not None:  # loaded below; not kept alive (nor pickled)
+        model.pretrained_cfg["state_dict"] = None
     if pretrained:
         _load_local_pretrained(model, weights_file, requested)
     return model
 
 
-def _load_local_pretrained(model: nn.Module, path: str, requested: set[str]) -> None:
+def _load_local_pretrained(model: nn.Module, path: str | dict, requested: set[str]) -> None:
     """timm's local pretrained weights: loaded as ``checkpoint_path`` loads them (strictly), except,
     as in timm, where the caller asked for other classes or input channels than the weights have:
     with ``num_classes`` in ``requested`` a classifier of another class count keeps its fresh
     initialisation (fine-tuning on other classes), with ``in_channels`` (``in_chans``) the first
     convolution is adapted. Without the request, such a file is a mismatch, not a silently different model."""
-    state = map_to_model_keys(model, read_state_dict(path), path)
+    if isinstance(path, dict):  # timm's pretrained_cfg_overlay=dict(state_dict=...)
+        state, path = dict(path), "the state_dict of pretrained_cfg_overlay"
+        if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{path} must map names to tensors (a model's state_dict())")
+    else:
+        state = read_state_dict(path)
+    state = map_to_model_keys(model, state, path)
     own = model.state_dict()
     if "in_channels" in requested:
         _adapt_first_conv(model, state, own, path)
@@ -279,11 +287,13 @@ def _adapt_first_conv(model: nn.Module, state: dict, own: dict, path: str) -> No
         state[key] = wanted
 
 
-def _local_weights_file(*cfgs) -> str | None:
-    """The ``file`` of timm's ``pretrained_cfg_overlay`` or ``pretrained_cfg`` (dicts or timm's
-    ``PretrainedCfg``), the first one that names one; the only pretrained weights cmrf loads."""
-    for cfg in cfgs:
-        file = cfg.get("file") if isinstance(cfg, dict) else getattr(cfg, "file", None)
-        if file:
-            return file
+def _local_weights_file(*cfgs) -> str | dict | None:
+    """The local weights timm's ``pretrained_cfg_overlay`` or ``pretrained_cfg`` (dicts or timm's
+    ``PretrainedCfg``) name, the first one that names any: an in-memory ``state_dict`` (timm's
+    first choice), else a ``file``. The only pretrained weights cmrf loads."""
+    for field in ("state_dict", "file"):
+        for cfg in cfgs:
+            value = cfg.get(field) if isinstance(cfg, dict) else getattr(cfg, field, None)
+            if value is not None and (field == "file" or isinstance(value, dict)):
+                return value or None
     return None
