@@ -375,8 +375,8 @@ def load_state_dict_checked(
         for k, v in expected.items()
         if k in mapped and mapped[k].shape != v.shape
     ]
-    unusable = [f"{k}: {_unusable(v, expected[k])}" for k, v in mapped.items()
-                if k in expected and _unusable(v, expected[k])]
+    unusable = [f"{k}: {why}" for k, v in mapped.items()
+                if k in expected and (why := _unusable(v, expected[k]))]
     if missing or unexpected or mismatched or unusable:
         problems = []
         if unusable:  # load_state_dict would fail on them partway, the model half overwritten

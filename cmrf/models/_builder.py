@@ -197,8 +197,8 @@ def build_model(
         kwargs.pop(key, None)
     pretrained_cfg = kwargs.pop("pretrained_cfg", None)
     overlay = kwargs.pop("pretrained_cfg_overlay", None)
-    weights_file = _local_weights_file(overlay, pretrained_cfg)
-    if pretrained and weights_file is None:
+    local_weights = _local_weights(overlay, pretrained_cfg)
+    if pretrained and local_weights is None:
         raise ValueError(
             f"no pretrained weights are published for {variant!r} and cmrf never downloads; "
             f"train one (cmrf train) or load your own with checkpoint_path='best_model.pth' or "
@@ -230,22 +230,22 @@ def build_model(
     if model.pretrained_cfg.get("state_dict") is not None:  # loaded below; not kept alive (nor pickled)
         model.pretrained_cfg["state_dict"] = None
     if pretrained:
-        _load_local_pretrained(model, weights_file, requested)
+        _load_local_pretrained(model, local_weights, requested)
     return model
 
 
-def _load_local_pretrained(model: nn.Module, path: str | dict, requested: set[str]) -> None:
+def _load_local_pretrained(model: nn.Module, source: str | dict, requested: set[str]) -> None:
     """timm's local pretrained weights: loaded as ``checkpoint_path`` loads them (strictly), except,
     as in timm, where the caller asked for other classes or input channels than the weights have:
     with ``num_classes`` in ``requested`` a classifier of another class count keeps its fresh
     initialisation (fine-tuning on other classes), with ``in_channels`` (``in_chans``) the first
     convolution is adapted. Without the request, such a file is a mismatch, not a silently different model."""
-    if isinstance(path, dict):  # timm's pretrained_cfg_overlay=dict(state_dict=...)
-        state, path = dict(path), "the state_dict of pretrained_cfg_overlay"
+    if isinstance(source, dict):  # timm's pretrained_cfg_overlay=dict(state_dict=...)
+        state, path = dict(source), "the state_dict of pretrained_cfg_overlay"
         if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError(f"{path} must map names to tensors (a model's state_dict())")
     else:
-        state = read_state_dict(path)
+        state, path = read_state_dict(source), source
     state = map_to_model_keys(model, state, path)
     own = model.state_dict()
     if "in_channels" in requested:
@@ -287,7 +287,7 @@ def _adapt_first_conv(model: nn.Module, state: dict, own: dict, path: str) -> No
         state[key] = wanted
 
 
-def _local_weights_file(*cfgs) -> str | dict | None:
+def _local_weights(*cfgs) -> str | dict | None:
     """The local weights timm's ``pretrained_cfg_overlay`` or ``pretrained_cfg`` (dicts or timm's
     ``PretrainedCfg``) name, the first one that names any: an in-memory ``state_dict`` (timm's
     first choice), else a ``file``. The only pretrained weights cmrf loads."""
