@@ -47,6 +47,16 @@ def maxpool_type(spatial_dims: int) -> type[nn.Module]:
     return _MAXPOOL[check_spatial_dims(spatial_dims)]
 
 
+def compiled_original(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds, else ``model`` itself.
+
+    By class name, so that Dynamo is not imported to ask."""
+    while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None),
+                                                                     nn.Module):
+        model = model._orig_mod
+    return model
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` in eval mode for the ``with`` block, then every submodule's own training flag

@@ -38,6 +38,7 @@ from cmrf.layers import (
     check_positive_int,
     cmrf_channels,
     cmrf_num_params,
+    compiled_original,
     eval_mode,
     has_user_hooks,
 )
@@ -229,9 +230,9 @@ def _path_matches(path: str, pattern: str) -> bool:
 def _matches(selectors: list, path: str, module: nn.Module) -> bool:
     for item in selectors:
         if isinstance(item, str):
-            if type(_compiled_original(module)).__name__ == item or _path_matches(path, item):
+            if type(compiled_original(module)).__name__ == item or _path_matches(path, item):
                 return True
-        elif isinstance(_compiled_original(module), item):
+        elif isinstance(compiled_original(module), item):
             return True
     return False
 
@@ -755,7 +756,7 @@ def replace_blocks(
     # torch.compile's wrapper runs the module it holds: swap there (report paths without
     # "_orig_mod."), and probe without Dynamo compiling the probe's hooks; the wrapper compiles
     # again at its next call, since the modules it traced have changed.
-    model = _compiled_original(model)
+    model = compiled_original(model)
     _check_not_wrapped(model)
     N = check_positive_int("N", N)
     if indivisible not in ("reduce", "skip"):
@@ -870,18 +871,10 @@ def replace_blocks(
 _DISTRIBUTED_WRAPPERS = ("DistributedDataParallel", "FullyShardedDataParallel", "FSDPModule")
 
 
-def _compiled_original(model: nn.Module) -> nn.Module:
-    """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds, else ``model`` itself."""
-    while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None),
-                                                                     nn.Module):
-        model = model._orig_mod
-    return model
-
-
 def _kind(block: nn.Module) -> str:
     """The class name a report shows for ``block``; a ``torch.compile``d one (it is replaced with
     its wrapper, which would go on running the old block) by the class it holds."""
-    original = _compiled_original(block)
+    original = compiled_original(block)
     return type(block).__name__ if original is block else f"{type(original).__name__} (compiled)"
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cmrf.constants import thread_limit
-from cmrf.layers import eval_mode
+from cmrf.layers import compiled_original, eval_mode
 from cmrf.train.loaders import EpochSampler, choose_workers, eval_loader, train_loader
 from cmrf.train.losses import CEDiceLoss
 from cmrf.train.metrics import SegmentationMetrics
@@ -250,10 +250,7 @@ def _setup(model: nn.Module, bundle, out: Path, recipe: Recipe, metadata: dict, 
     given = model
     # torch.compile's wrapper: its state_dict keys start "_orig_mod.", which a plain model of the
     # same network could not load nor resume from. Save the module it wraps; train through it.
-    while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None),
-                                                                     nn.Module):
-        model = model._orig_mod
-    model = model.to(device)
+    model = compiled_original(model).to(device)
     optimizer = torch.optim.Adam(
         model.parameters(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay
     )
