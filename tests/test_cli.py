@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -442,8 +443,42 @@ def test_evaluate_a_moved_copy_of_the_runs_data_keeps_its_split_lists(tmp_path, 
     out = tmp_path / "scores.json"
     argv = ["evaluate", str(checkpoint), "--device", "cpu", "--no-optimize", "--json", str(out)]
     assert main([*argv, "--root", str(tmp_path / "moved")]) == 0, capsys.readouterr().err
-    assert json.loads(out.read_text())["images"] == 3  # the run's test list, not a fraction of six
+    scores = json.loads(out.read_text())
+    assert scores["images"] == 3  # the run's test list, not a fraction of six
     assert "the run's split lists" in _one_line(capsys.readouterr().err)
+    assert scores["data"]["split_dir"] == str(tmp_path / "moved" / "splits")  # what was read, to trace it
+
+
+@pytest.mark.parametrize(("listing", "text", "why"), [
+    ("val", "s2\ns2\n", "'s2' is already in val.txt"),  # a slip in the moved copy's list
+    ("test", "s3\ns4\n", "the run's splits were"),  # an edit: s5 left out of the test list
+], ids=["slip", "edited"])
+def test_evaluate_says_why_a_moved_copys_split_lists_are_not_the_runs(tmp_path, capsys, listing, text, why):
+    """The run's data moved with its split lists, one of them since broken or edited: it was split
+    afresh by fractions without a word, and that test split held the run's training images."""
+    import shutil
+
+    from tests.test_data import write_pair
+
+    site = tmp_path / "site"
+    for i in range(6):
+        write_pair(site, f"s{i}", seed=i)
+    (site / "splits").mkdir()
+    for name, stems in (("train", "s0\ns1\n"), ("val", "s2\n"), ("test", "s3\ns4\ns5\n")):
+        (site / "splits" / f"{name}.txt").write_text(stems)
+    checkpoint = _split_list_run(tmp_path, site, site / "splits")
+    moved = tmp_path / "moved"
+    shutil.move(site, moved)
+    (moved / "splits" / f"{listing}.txt").write_text(text)
+    out = tmp_path / "scores.json"
+    argv = ["evaluate", str(checkpoint), "--device", "cpu", "--no-optimize", "--json", str(out)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # s5 in no list
+        assert main([*argv, "--root", str(moved)]) == 0
+    err = _one_line(capsys.readouterr().err)
+    assert f"{moved} has split lists, {moved / 'splits'}, where the run kept its own" in err, err
+    assert why in err and "may hold training images" in err
+    assert json.loads(out.read_text())["data"]["split_dir"] is None  # split afresh, as recorded
 
 
 @pytest.mark.parametrize(("stems", "lists", "size"), [

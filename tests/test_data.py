@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import struct
 import time
@@ -503,6 +504,20 @@ def test_classes_txt_comments_are_skipped_and_one_name_is_refused(folder_root: P
     (folder_root / "classes.txt").write_text("background\n")
     with pytest.raises(DataError, match=r"classes\.txt names 1 class\(es\); segmentation needs at least 2"):
         build_datasets(**options)
+    (folder_root / "classes.txt").write_text("bg\nbg\n")  # two score rows of one name
+    with pytest.raises(DataError, match=r"classes\.txt names bg more than once; one name per class"):
+        build_datasets(**options)
+
+
+def test_an_empty_image_file_is_named_empty(folder_root: Path):
+    """Pillow's "cannot identify image file" does not say the file is empty (an interrupted copy)."""
+    from cmrf.data import image_size, load_image
+
+    empty = folder_root / "images" / "empty.png"
+    empty.write_bytes(b"")
+    for read in (image_size, lambda path: load_image(path, 8, 3)):
+        with pytest.raises(DataError, match=r"image file .*empty\.png: the file is empty \(0 bytes\)"):
+            read(empty)
 
 
 def test_class_names_must_match_the_class_count(folder_root: Path):
@@ -585,6 +600,20 @@ def test_isic_errors_name_the_missing_thing(isic_root: Path, tmp_path_factory):
         _build(parse("--data", "isic2018", "--root", str(empty / "nowhere")), 0)
     with pytest.raises(DataError, match="2 classes"):
         _build(parse("--data", "isic2018", "--root", str(isic_root), "--num-classes", "3"), 0)
+
+
+@pytest.mark.parametrize(("saved_as", "hint"), [
+    ("ISIC_0000002_segmentation.jpg", "ISIC_0000002_segmentation.jpg is there, but masks are read from .png "
+                                      "files only: JPEG's compression"),
+    ("ISIC_0000002.png", "ISIC_0000002.png is there, named as its image: this layout names the mask of "
+                         "ISIC_0000002 ISIC_0000002_segmentation.png"),
+], ids=["jpeg", "image-stem"])
+def test_isic_mask_saved_under_another_name_is_named(isic_root: Path, saved_as, hint):
+    """The file that is there was not named; the error said only which one was expected."""
+    truth = isic_root / ISIC_FOLDERS["train"][1]
+    (truth / "ISIC_0000002_segmentation.png").rename(truth / saved_as)
+    with pytest.raises(DataError, match=re.escape(hint)):
+        _build(parse("--data", "isic2018", "--root", str(isic_root)), 0)
 
 
 # --- generic folder ------------------------------------------------------------------------------
@@ -727,6 +756,26 @@ def test_folder_with_split_files(folder_root: Path, tmp_path_factory):
     (split_dir / "test.txt").unlink()
     with pytest.raises(DataError, match=r"split file .*test\.txt does not exist"):
         _build(args, 0)
+
+
+@pytest.mark.filterwarnings("ignore:.*in none of the split files")
+@pytest.mark.parametrize(("file_stem", "listed", "hint"), [
+    ("cafe\u0301 1", "caf\u00e9 1", "accents decomposed (NFD)"),  # files from macOS, list typed elsewhere
+    ("caf\u00e9 1", "cafe\u0301 1", "accents composed (NFC)"),
+    ("Case2", "case2", "must match in case too"),
+], ids=["nfd-files", "nfc-files", "case"])
+def test_a_listed_stem_that_differs_in_unicode_form_or_case_is_named(tmp_path, file_stem, listed, hint):
+    """The list's name and the file's look identical on screen: the error said only "no pair"."""
+    from cmrf.data.pairs import Pair
+    from cmrf.data.splits import split_from_files
+
+    stems = (file_stem, "b", "c")
+    pairs = [Pair(stem, tmp_path / f"{stem}.png", tmp_path / f"{stem}_m.png") for stem in stems]
+    for name, text in (("train", f"{listed}\n"), ("val", "b\n"), ("test", "c\n")):
+        (tmp_path / f"{name}.txt").write_text(text, encoding="utf-8")
+    with pytest.raises(DataError, match=f"line 1: no image/mask pair with stem .* \\(pair {file_stem!r} is "
+                                        f"there.*{re.escape(hint)}"):
+        split_from_files(pairs, tmp_path)
 
 
 @pytest.mark.filterwarnings("ignore:.*in none of the split files")  # listed subsets, on purpose

@@ -431,3 +431,19 @@ def test_backend_onnxruntime_not_installed_is_a_user_error(checkpoint, images, t
     err = capsys.readouterr().err
     assert err.startswith("cmrf predict: error: ") and "pip install 'cmrf[onnx]'" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_inputs_naming_no_image_make_no_output_folder_and_name_subfolders(checkpoint, tmp_path, capsys):
+    """A folder whose images are all in subfolders said only "holds no images", and an empty --out
+    folder was left behind."""
+    scans = tmp_path / "scans"
+    (scans / "day1").mkdir(parents=True)
+    _image(scans / "day1" / "a.png", 20, 20)
+    out = tmp_path / "out"
+    assert main(["predict", str(checkpoint), str(scans), str(tmp_path / "missing.png"), "--out", str(out),
+                 "--device", "cpu", "--no-optimize"]) == 1
+    captured = capsys.readouterr()
+    err = " ".join(captured.err.split())
+    assert "its subfolders day1/ hold images, but subfolders are not searched" in err
+    assert "none of the 2 input(s) names an image" in captured.out
+    assert not out.exists()

@@ -940,3 +940,19 @@ def test_the_training_state_file_serves_as_a_checkpoint(tmp_path, capsys):
         assert main(argv) == 0, capsys.readouterr().err
         scores[name] = {k: v for k, v in json.loads(json_out.read_text()).items() if k != "checkpoint"}
     assert scores["last_state.pt"] == scores["last.safetensors"]
+
+
+def test_a_run_that_fails_before_writing_anything_leaves_no_folder(tmp_path):
+    """A corrupt image found in epoch 1 left an empty --out folder behind; one that was there
+    before, or holds a file, stays."""
+    from cmrf.train.run_folder import run_folder_lock
+
+    fresh, existing, written = tmp_path / "fresh" / "run", tmp_path / "existing", tmp_path / "written"
+    existing.mkdir()
+    for out in (fresh, existing, written):
+        with pytest.raises(RuntimeError), run_folder_lock(out):
+            if out is written:
+                (out / "log.txt").write_text("epoch 1\n")
+            raise RuntimeError("a corrupt image")
+    assert not fresh.exists() and fresh.parent.is_dir()  # only the run's own folder goes
+    assert existing.is_dir() and (written / "log.txt").is_file()

@@ -67,31 +67,52 @@ def _run_split_dir_at(run_data: dict, root: str | os.PathLike) -> Path | None:
 
 
 def _build_evaluation_data(args: argparse.Namespace, run_data: dict, given: set[str]):
-    """The datasets to score. Another ``--root`` may be a copy of the run's data (moved, or on
-    another machine): when the run's file options read it into the splits the run recorded, it is
-    the run's data, and keeps them; a fresh split of it would score training images."""
+    """The datasets to score, and the data options they were read with. Another ``--root`` may be
+    a copy of the run's data (moved, or on another machine): when the run's file options read it
+    into the splits the run recorded, it is the run's data, and keeps them; a fresh split of it would
+    score training images. Otherwise it is other data, split afresh, and the user is told when split
+    lists stand where the run kept its own (an edited or broken copy of them, or another site's)."""
     from cmrf.data import DataError, build_datasets, split_file_sizes, split_fingerprint
 
+    options = data_options(args)
     saved = run_data.get("split_files")
     site = {key: run_data[key] for key in _SITE_OPTIONS if key not in given and run_data.get(key) is not None}
-    if saved is not None and site and args.data == run_data.get("data") and _other_data(args, run_data):
-        if "split_dir" in site:
-            lists = _run_split_dir_at(run_data, args.root)
-            if lists is None:
-                print(f"warning: the run's split lists, {site['split_dir']}, are gone, so {args.root} is "
-                      f"split afresh; if it is a copy of the run's data, its {args.split} split may hold "
-                      f"training images: give the lists with --split-dir", file=sys.stderr)
-                return build_datasets(seed=args.seed, **data_options(args))
-            site["split_dir"] = lists
-        with contextlib.suppress(DataError):  # not the run's files: other data, below
-            bundle = build_datasets(seed=args.seed, **{**data_options(args), **site})
-            sizes = run_data.get("split_sizes")  # None in runs saved before sizes were recorded
-            if split_fingerprint(bundle) == saved and sizes in (None, split_file_sizes(bundle)):
-                lists = f", with the run's split lists {site['split_dir']}" if "split_dir" in site else ""
-                print(f"note: {args.root} holds the files of the run's splits, so it is scored as the run's "
-                      f"data{lists}", file=sys.stderr)
-                return bundle
-    return build_datasets(seed=args.seed, **data_options(args))
+    if saved is None or not site or args.data != run_data.get("data") or not _other_data(args, run_data):
+        return build_datasets(seed=args.seed, **options), options
+    lists = None
+    if "split_dir" in site:
+        lists = _run_split_dir_at(run_data, args.root)
+        if lists is None:
+            print(f"warning: the run's split lists, {site['split_dir']}, are gone, so {args.root} is "
+                  f"split afresh; if it is a copy of the run's data, its {args.split} split may hold "
+                  f"training images: give the lists with --split-dir", file=sys.stderr)
+            return build_datasets(seed=args.seed, **options), options
+        site["split_dir"] = lists
+    with_site = {**options, **site}
+    try:
+        bundle = build_datasets(seed=args.seed, **with_site)
+    except DataError as error:  # not the run's files: other data, below
+        why = f"reading them failed: {error}"
+    else:
+        sizes = run_data.get("split_sizes")  # None in runs saved before sizes were recorded
+        now = split_fingerprint(bundle)
+        if now == saved and sizes in (None, split_file_sizes(bundle)):
+            moved = f", with the run's split lists {lists}" if lists is not None else ""
+            print(f"note: {args.root} holds the files of the run's splits, so it is scored as the run's "
+                  f"data{moved}", file=sys.stderr)
+            return bundle, with_site
+        why = (f"they give {now}, the run's splits were {saved}" if now != saved
+               else "its files are not the run's (other sizes)")
+    if lists is not None and _inside(lists, args.root):
+        print(f"warning: {args.root} has split lists, {lists}, where the run kept its own, but they do "
+              f"not read it into the run's splits ({why}); it is scored as other data, split afresh: if it "
+              f"is a copy of the run's data, its {args.split} split may hold training images; fix the "
+              f"lists, or give lists with --split-dir", file=sys.stderr)
+    return build_datasets(seed=args.seed, **options), options
+
+
+def _inside(path: Path, root: str | os.PathLike) -> bool:
+    return Path(path).resolve().is_relative_to(Path(root).resolve())
 
 
 def _fill_from_run(args: argparse.Namespace, run_data: dict) -> None:
@@ -187,11 +208,10 @@ def build(parser: argparse.ArgumentParser):
     return run_evaluate
 
 
-def _scored_data(args: argparse.Namespace) -> dict:
+def _scored_data(options: dict, seed: int) -> dict:
     """The data options and seed the scores were computed with, for the JSON (paths as text)."""
-    options = {key: str(value) if isinstance(value, os.PathLike) else value
-               for key, value in data_options(args).items()}
-    return {**options, "seed": args.seed}
+    options = {key: str(value) if isinstance(value, os.PathLike) else value for key, value in options.items()}
+    return {**options, "seed": seed}
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -231,7 +251,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if isinstance(model_dims, int) and args.spatial_dims != model_dims:  # the data's error blames the data
         raise ValueError(f"{args.checkpoint} holds a {model_dims}D model, and --spatial-dims "
                          f"{args.spatial_dims} reads {args.spatial_dims}D data: leave --spatial-dims out")
-    bundle = _build_evaluation_data(args, run_data, given)
+    bundle, options = _build_evaluation_data(args, run_data, given)
     _check_same_splits(args, run_data, bundle)
     if bundle.num_classes != meta["num_classes"] or bundle.in_channels != meta["in_chans"]:
         raise ValueError(
@@ -249,7 +269,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     model = inference_model(model.to(device), device, args.optimize, max_graphs=2, backend=args.backend)
     scores = evaluate_model(model, loader, bundle.num_classes, list(bundle.class_names), device)
     scores = {**scores, "split": args.split, "images": len(dataset), "checkpoint": str(args.checkpoint),
-              "data": _scored_data(args)}
+              "data": _scored_data(options, args.seed)}
     print(format_table(scores, f"{args.split} split ({len(dataset)} images), {args.checkpoint}"))
     if args.json_out:
         atomic_write_json(scores, args.json_out)

@@ -65,7 +65,8 @@ def _image_files(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[Path, st
             found = sorted(p for p in item.iterdir() if p.is_file() and not p.name.startswith(".")
                            and p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                problems.append((item, f"folder holds no images ({', '.join(IMAGE_SUFFIXES)})"))
+                problems.append((item, f"folder holds no images ({', '.join(IMAGE_SUFFIXES)})"
+                                       f"{_nested_images_hint(item)}"))
         elif item.is_file():
             found = [item]
         else:
@@ -79,6 +80,22 @@ def _image_files(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[Path, st
             elif files[seen[target]].is_symlink() and not path.is_symlink():
                 files[seen[target]] = path  # one file under two names: named as the file itself
     return files, problems
+
+
+def _nested_images_hint(folder: Path) -> str:
+    """For a folder without images: its subfolders that hold some, which are not searched."""
+    from cmrf.data import IMAGE_SUFFIXES
+
+    def holds_images(path: Path) -> bool:
+        return any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in path.iterdir())
+
+    nested = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+                    and holds_images(p))
+    if not nested:
+        return ""
+    more = f" and {len(nested) - 3} more" if len(nested) > 3 else ""
+    shown = ", ".join(f"{name}/" for name in nested[:3]) + more
+    return f"; its subfolders {shown} hold images, but subfolders are not searched: give them as inputs"
 
 
 def output_stems(paths: Sequence[Path]) -> list[str]:
@@ -254,6 +271,11 @@ def run_predict(args: argparse.Namespace) -> int:
     device = inference_device(args)
     model = inference_model(model.to(device), device, args.optimize, max_graphs=1, backend=args.backend)
     files, problems = _image_files(args.inputs)
+    if not files:  # nothing to write: no --out folder is made, and an earlier run's is left as it is
+        for path, reason in problems:
+            _report(path, reason)
+        print(f"wrote no masks: none of the {len(problems)} input(s) names an image")
+        return 1
     if out.exists() and not out.is_dir():  # mkdir's own word for it, "File exists", says nothing
         raise NotADirectoryError(errno.ENOTDIR, "is not a folder: --out takes the masks' folder", str(out))
     out.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ decoded samples are cached. Imports only :mod:`cmrf.data.base` of the package.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -141,7 +142,16 @@ def image_header(path: str | Path, kind: str = "image") -> ImageHeader:
     except DataError:  # a file read otherwise than stored (_check_storage): its own message
         raise
     except _unreadable() as err:
-        raise DataError(f"cannot read {kind} file {path}: {type(err).__name__}: {err}") from None
+        raise _unreadable_file(path, kind, err) from None
+
+
+def _unreadable_file(path: Path, kind: str, err: BaseException) -> DataError:
+    """The error for a file Pillow could not read; an empty one (an interrupted copy or download)
+    says so: Pillow's "cannot identify image file" does not."""
+    with contextlib.suppress(OSError):
+        if path.stat().st_size == 0:
+            return DataError(f"cannot read {kind} file {path}: the file is empty (0 bytes)")
+    return DataError(f"cannot read {kind} file {path}: {type(err).__name__}: {err}")
 
 
 # EXIF orientation (tag 274): 1 is as stored; 2-8 are mirrorings and turns, 5-8 swap the sides.
@@ -199,7 +209,7 @@ def _open_image(path: Path, kind: str, draft: tuple[str, int] | None = None):
     except DataError:
         raise
     except _unreadable() as err:
-        raise DataError(f"cannot read {kind} file {path}: {type(err).__name__}: {err}") from None
+        raise _unreadable_file(path, kind, err) from None
     return image
 
 

@@ -321,6 +321,9 @@ def class_names_for(root: Path | None, num_classes: int | None = None) -> list[s
         if len(names) < 2:
             raise DataError(f"{file} names {len(names)} class(es); segmentation needs at least 2, "
                             f"background first, one name per line")
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:  # the per-class score tables would have two rows of one name
+            raise DataError(f"{file} names {listing(repeated)} more than once; one name per class")
         if num_classes is not None and len(names) != num_classes:
             raise DataError(f"{file} names {len(names)} classes but the data has {num_classes}")
         return names

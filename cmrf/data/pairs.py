@@ -152,12 +152,16 @@ def find_pairs(
     pairs = []
     claimed = {mask_stem(stem) for stem in images}
     near_miss = _near_misses({stem: path for stem, path in masks.items() if stem not in claimed})
+    unread = None
     for stem, image in images.items():
         mask = masks.get(mask_stem(stem))
         if mask is None:
             expected = mask_dir / f"{mask_stem(stem)}{mask_suffixes[0]}"
-            problems.append(f"mask for {kind} {image} is missing: expected {expected}{others}"
-                            f"{near_miss(mask_stem(stem))}")
+            hint = near_miss(mask_stem(stem))
+            if not hint:
+                unread = _files_of_other_suffixes(mask_dir, mask_suffixes) if unread is None else unread
+                hint = _misnamed_mask_hint(stem, mask_stem(stem), masks, unread, mask_suffixes)
+            problems.append(f"mask for {kind} {image} is missing: expected {expected}{others}{hint}")
         else:
             pairs.append(Pair(stem, image, mask))
     if problems:
@@ -167,6 +171,33 @@ def find_pairs(
         raise DataError(problem_report(header, problems))
     _warn_unclaimed_masks([path for stem, path in masks.items() if stem not in claimed], image_dir, kind)
     return pairs
+
+
+def _files_of_other_suffixes(folder: Path, suffixes: Sequence[str]) -> dict[str, str]:
+    """The names of ``folder``'s files that masks are not read from, by stem (``x.jpg`` as ``x``)."""
+    found = {}
+    for path in folder.iterdir():
+        name = path.name
+        if name.startswith(".") or file_stem(name, suffixes) is not None or "." not in name:
+            continue
+        head = name.rsplit(".", 1)[0]
+        found.setdefault(head.rsplit(".", 1)[0] if name.lower().endswith(".gz") else head, name)
+    return found
+
+
+def _misnamed_mask_hint(image_stem: str, wanted: str, masks: dict[str, Path], unread: dict[str, str],
+                        suffixes: Sequence[str]) -> str:
+    """For a missing mask: a file of its stem whose suffix masks are not read from (an ISIC mask saved
+    as JPEG), or a mask named as its image where this layout names masks otherwise; "" if none."""
+    if wanted in unread:
+        name = unread[wanted]
+        lossy = (": JPEG's compression changes the labels at every edge; save masks losslessly"
+                 if name.lower().endswith((".jpg", ".jpeg")) else "")
+        return f" ({name} is there, but masks are read from {', '.join(suffixes)} files only{lossy})"
+    if wanted != image_stem and image_stem in masks:
+        return (f" ({masks[image_stem].name} is there, named as its image: this layout names the mask of "
+                f"{image_stem} {wanted}{suffixes[0]})")
+    return ""
 
 
 def _warn_unclaimed_masks(masks: Sequence[Path], image_dir: Path, kind: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -78,7 +79,8 @@ def split_from_files(pairs: list, split_dir: str | Path) -> dict[str, list]:
             if not stem or stem.startswith("#"):
                 continue
             if stem not in by_stem:
-                raise DataError(f"{file}, line {line_number}: no image/mask pair with stem {stem!r}")
+                raise DataError(f"{file}, line {line_number}: no image/mask pair with stem {stem!r}"
+                                f"{_listed_near_miss(stem, by_stem)}")
             if stem in seen:
                 raise DataError(f"{file}, line {line_number}: {stem!r} is already in {seen[stem]}")
             seen[stem] = file.name
@@ -91,6 +93,24 @@ def split_from_files(pairs: list, split_dir: str | Path) -> dict[str, list]:
         warnings.warn(f"{len(unlisted)} of {len(pairs)} samples are in none of the split files of "
                       f"{split_dir} and are not used: {listing(unlisted)}", DataWarning, stacklevel=2)
     return splits
+
+
+def _listed_near_miss(stem: str, stems) -> str:
+    """A hint for a listed ``stem`` that is not there: a pair whose stem differs only in case, or
+    only in Unicode form (macOS writes accents decomposed, NFD; a list typed elsewhere has them
+    composed, NFC, and the two look the same on screen); "" when there is none."""
+    def composed(name: str) -> str:
+        return unicodedata.normalize("NFC", name)
+
+    for other in stems:
+        if composed(other) == composed(stem):
+            form = "decomposed (NFD)" if not unicodedata.is_normalized("NFC", other) else "composed (NFC)"
+            return (f" (pair {other!r} is there, the same name with its accents {form} in the file names: "
+                    f"write the list with the names as the files spell them, or rename the files)")
+    for other in stems:
+        if composed(other).casefold() == composed(stem).casefold():
+            return f" (pair {other!r} is there: listed stems must match in case too)"
+    return ""
 
 
 def split_pairs(

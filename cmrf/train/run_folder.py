@@ -179,6 +179,7 @@ def run_folder_lock(out: str | Path) -> Iterator[None]:
         return
     out = Path(out)
     _check_writable(out)  # a file in the way, a read-only parent: said plainly, before mkdir fails
+    created = not out.exists()
     with naming_errors(out):
         out.mkdir(parents=True, exist_ok=True)
         folder = os.open(out, os.O_RDONLY)
@@ -193,6 +194,9 @@ def run_folder_lock(out: str | Path) -> Iterator[None]:
         yield
     finally:
         os.close(folder)  # releases the lock
+        if created:  # a run that failed before writing anything (a corrupt image in epoch 1) leaves no folder
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if still empty
 
 
 @contextlib.contextmanager
