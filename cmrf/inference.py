@@ -110,6 +110,34 @@ def choose_path(device: torch.device | str, dtype: torch.dtype = torch.float32) 
     return "plain"
 
 
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, except that tensors a module keeps outside its parameters and
+    buffers that are part of an autograd graph are copied detached: ``deepcopy`` refuses those ("Only
+    Tensors created explicitly by the user (graph leaves) support the deepcopy protocol"), and MONAI's
+    ``DynUNet(deep_supervision=True)`` keeps its last deep-supervision outputs so, after any forward
+    with gradients on. The model itself is left as it is."""
+    memo: dict[int, object] = {}
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name not in ("_parameters", "_buffers", "_modules"):
+                for tensor in _graph_tensors(value):
+                    memo[id(tensor)] = tensor.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
+def _graph_tensors(value, depth: int = 0):
+    """The tensors with a ``grad_fn`` in ``value`` and the lists, tuples and dicts it holds."""
+    if isinstance(value, torch.Tensor):
+        if value.grad_fn is not None:
+            yield value
+    elif isinstance(value, (list, tuple)) and depth < 4:
+        for item in value:
+            yield from _graph_tensors(item, depth + 1)
+    elif isinstance(value, dict) and depth < 4:
+        for item in value.values():
+            yield from _graph_tensors(item, depth + 1)
+
+
 def _tracing() -> bool:
     """Whether the model is being traced (export, ONNX, ``torch.compile``): plain operators only."""
     return is_exporting() or torch.compiler.is_compiling() or torch.jit.is_tracing()
@@ -1412,7 +1440,7 @@ def optimize_for_inference(
     kept: list[str] = []  # customised CMRF parts left as they are, and why
     optimized = _optimized(model, path, "", kept)
     if optimized is None:
-        optimized = copy.deepcopy(model)
+        optimized = copy_model(model)
         count = _replace_blocks(optimized, path, "", kept)
         if count == 0 and kept:
             raise ValueError(

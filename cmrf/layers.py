@@ -394,6 +394,16 @@ class CMRF(nn.Module):
             f"residual={self.add_residual}, spatial_dims={self.spatial_dims}"
         )
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this first on every module it is given; without it, scripting a
+        # model holding CMRF failed deep in the TorchScript compiler ("Expected a value of type
+        # 'Tensor' for argument 'self' but instead found type 'str'").
+        raise TypeError(
+            "torch.jit.script cannot compile CMRF: its forward checks the input and chooses the cascade "
+            "implementation in Python; use torch.jit.trace, torch.export, torch.compile or cmrf.export_onnx "
+            "(cmrf.optimize_for_inference(model, freeze=True) gives a frozen TorchScript graph on the CPU)"
+        )
+
 
 def cmrf_blocks(module: nn.Module) -> list[CMRF]:
     """Every ``CMRF`` in ``module`` (``module`` itself included), in ``module.modules()`` order."""

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from cmrf.layers import check_input_size, eval_mode
+from cmrf.layers import check_input_size, compiled_original, eval_mode
 from cmrf.ops import reference_only
 
 # thop's per-output-element cost of nn.Upsample by mode. thop's module hook itself counts
@@ -89,6 +89,12 @@ def _paper_ops(module: nn.Module, inputs, output) -> int:
 
 def _check_countable(model: nn.Module) -> None:
     from cmrf.inference import InferenceCMRF  # lazy: inference is far heavier than profiling
+
+    compiled = [name for name, m in model.named_modules() if compiled_original(m) is not m]
+    if compiled:  # fvcore's trace fails on them ("using FX to torch.jit.trace a dynamo-optimized function")
+        names = ", ".join(compiled[:3])
+        raise ValueError(f"{type(model).__name__} holds torch.compile'd submodules ({names}), which fvcore "
+                         f"cannot trace: profile the model before compiling its parts")
 
     if getattr(model, "inference_path", None) is not None or any(
             isinstance(m, InferenceCMRF) for m in model.modules()):
@@ -170,6 +176,7 @@ def profile(model: nn.Module, input_size: Sequence[int]) -> Profile:
             the meta device.
     """
     input_size = check_input_size(input_size)
+    model = compiled_original(model)  # fvcore's trace refuses Dynamo's wrapper; the counts are the module's
     _check_countable(model)
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         # fvcore traces a real call, which meta tensors cannot make (torch fails deep inside)

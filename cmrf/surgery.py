@@ -263,6 +263,7 @@ class _Call:
     problem: str | None  # why the call cannot be a block's call, or None
     in_shape: tuple[int, ...] | None = None
     out_shape: tuple[int, ...] | None = None
+    skip_wrapper: bool = False  # its output concatenates its input (``cat([x, inner(x)])``)
 
 
 @dataclass
@@ -381,6 +382,19 @@ def _hookable(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
     return {p: m for p, m in modules.items() if not (p + ".").startswith(scripted)}
 
 
+_SKIP_WRAPPER = ("concatenates its input to its output (a skip connection): the blocks inside are replaced "
+                 "instead, keeping that path")
+
+
+def _concatenates(output: torch.Tensor, given: torch.Tensor) -> bool:
+    """Whether ``output`` was made by concatenating ``given`` itself with other tensors, as a skip
+    connection's wrapper does (``cat([x, inner(x)])``); read from the probe's autograd graph."""
+    node, source = output.grad_fn, given.grad_fn
+    if node is None or source is None or not type(node).__name__.startswith("CatBackward"):
+        return False
+    return any(next_node is source for next_node, _ in node.next_functions)
+
+
 def _probe(model: nn.Module, modules: dict[str, nn.Module], example) -> _Probe:
     calls: dict[str, list[_Call]] = {}
     conv_calls: list[tuple[str, tuple[int, ...], tuple[int, ...], int, tuple[int, ...]]] = []
@@ -388,7 +402,9 @@ def _probe(model: nn.Module, modules: dict[str, nn.Module], example) -> _Probe:
 
     def make_hook(path: str, module: nn.Module):
         def hook(mod, args, kwargs, output):
-            calls.setdefault(path, []).append(_describe_call(args, kwargs, output))
+            call = _describe_call(args, kwargs, output)
+            call.skip_wrapper = call.problem is None and _concatenates(output, args[0])
+            calls.setdefault(path, []).append(call)
             if isinstance(mod, _CONVS) and isinstance(output, torch.Tensor) and args:
                 shapes = (tuple(args[0].shape), tuple(output.shape))
                 conv_calls.append((path, *shapes, mod.weight.dim() - 2, tuple(mod.kernel_size)))
@@ -539,6 +555,8 @@ def _block_problem(path: str, module: nn.Module, probe: _Probe) -> tuple[str | N
     heads = sorted(head for head in probe.heads if head == path or head.startswith(prefix))
     if heads:
         return f"holds the network's final convolution {heads[0]} (a classifier head)", True
+    if any(call.skip_wrapper for call in calls):  # a CMRF in its place would drop the skip path
+        return _SKIP_WRAPPER, True
     return None, False
 
 

@@ -585,6 +585,13 @@ def test_forced_on_cpu_without_interpreter_names_cuda_and_triton(monkeypatch):
     with pytest.raises(FusedUnavailableError, match="CUDA") as info:
         cascade_concat(torch.randn(1, 2, 3, 3), stages, fused=True)
     assert "Triton" in str(info.value) and "CMRF_FUSED=0" in str(info.value)
+    # What the kernels would not compute anyway takes the reference, as documented, instead of
+    # advice to move to CUDA, where it would take the reference too.
+    volume_stages = CMRF(2, 8, N=4, spatial_dims=3).cascade
+    y = torch.randn(1, 2, 3, 4, 5)
+    with pytest.warns(UserWarning, match="3-D volumes use the reference"):
+        out = cascade_concat(y, volume_stages, fused=True)
+    torch.testing.assert_close(out, cascade_concat_reference(y, volume_stages))
 
 
 def test_unsupported_stages_fall_back_loudly_when_forced():

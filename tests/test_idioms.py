@@ -275,6 +275,20 @@ def test_timm_layer_flags(factory):
     assert not timm.layers.is_scriptable()  # the flag does not outlive the call
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_torch_jit_script_of_a_model_holding_cmrf_says_why_it_cannot():
+    """Scripting failed deep in the TorchScript compiler ("Expected a value of type 'Tensor' for
+    argument 'self' but instead found type 'str'"), also for a MONAI U-Net after replace_blocks."""
+    from cmrf import CMRF
+
+    holder = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), CMRF(8, 8, N=2))
+    for model in (create_model("tinyunet", **SMALL["tinyunet"]), holder, CMRF(4, 8, N=2, spatial_dims=3)):
+        with pytest.raises(TypeError, match=r"torch\.jit\.script cannot compile CMRF.*torch\.jit\.trace"):
+            torch.jit.script(model)
+    torch.jit.trace(holder.eval(), torch.randn(1, 3, 8, 8))  # the route it names works
+
+
 def test_zero_drop_rates_change_nothing_and_are_accepted():
     # timm's train.py always passes drop_rate (0.0 by default).
     model = timm.create_model("tinyunet", drop_rate=0.0, drop_path_rate=0.0, **SMALL["tinyunet"]).eval()

@@ -108,6 +108,49 @@ def test_cmrf_blocks_in_any_model_every_path(path):
         assert _max_diff(fast(x), model(x)) < TOL
 
 
+class _KeepsOutputs(nn.Module):
+    """As MONAI's DynUNet(deep_supervision=True): the last forward's intermediate outputs kept in a
+    list attribute, still in the autograd graph after a training step."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(CMRF(4, 8, N=2), CMRF(8, 8, N=2))
+        self.heads = [torch.zeros(1)]
+
+    def forward(self, x):
+        hidden = self.blocks[0](x)
+        self.heads[0] = hidden
+        return self.blocks[1](hidden)
+
+
+def _trained_keeping_model() -> _KeepsOutputs:
+    model = _KeepsOutputs()
+    model(torch.randn(2, 4, 16, 16)).sum().backward()  # the kept tensor now has a grad_fn
+    assert model.heads[0].grad_fn is not None
+    return model.eval()
+
+
+def test_a_model_keeping_graph_tensors_in_attributes_is_optimized():
+    """deepcopy refused the kept tensors ("Only Tensors created explicitly by the user (graph leaves)
+    support the deepcopy protocol"): optimize_for_inference failed after a training step on a
+    replace_blocks'd MONAI DynUNet with deep supervision."""
+    model = _trained_keeping_model()
+    kept = model.heads[0]
+    fast = optimize_for_inference(model, path="plain")
+    assert model.heads[0] is kept and kept.grad_fn is not None  # the original is left as it was
+    assert fast.heads[0].grad_fn is None and torch.equal(fast.heads[0], kept.detach())
+    x = torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        assert _max_diff(fast(x), model(x)) < TOL
+
+
+@requires_onnx_exporter
+@pytest.mark.filterwarnings("ignore:The tensor attribute self.heads")  # torch's word on the test model
+def test_a_model_keeping_graph_tensors_in_attributes_is_exported(tmp_path):
+    export_onnx(_trained_keeping_model(), tmp_path / "kept.onnx", input_size=(1, 4, 16, 16))
+    assert (tmp_path / "kept.onnx").is_file()
+
+
 @pytest.mark.parametrize("path", PATH_PARAMS)
 def test_empty_batch_gives_empty_output(small_unet, path):
     fast = optimize_for_inference(small_unet, path=path)

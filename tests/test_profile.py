@@ -180,3 +180,27 @@ def test_a_model_fvcore_cannot_trace_keeps_no_hooks():
     with pytest.raises(RuntimeError):
         cmrf.profile(model, (1, 3, 16, 16))
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize(("name", "built"), [("cmunext", ("cmunext", {"spatial_dims": 3})),
+                                              ("tinyunet", ("tinyunet3d", {}))])
+def test_profile_cli_builds_the_model_for_a_volume_input(capsys, name, built):
+    """`cmrf profile cmunext --input-size 1 3 32 32 32` failed: "CMUNeXt (spatial_dims=2) expects a
+    4-D input"; cmrf train builds it for volumes from the same name."""
+    small = ["--channels", "8", "16", "--N", "4"] if name == "tinyunet" else []  # CMUNeXt's widths are dims=
+    argv = ["profile", name, "--input-size", "1", "1", "32", "32", "32", *small, "--json"]
+    assert main(argv) == 0, capsys.readouterr().err
+    figures = json.loads(capsys.readouterr().out)
+    kwargs = {"channels": (8, 16), "N": 4} if small else {}
+    expected = cmrf.profile(cmrf.create_model(built[0], in_chans=1, **kwargs, **built[1]), (1, 1, 32, 32, 32))
+    assert figures["params"] == expected.params and figures["flops"] == expected.flops
+
+
+def test_a_compiled_model_is_profiled_as_the_model_it_wraps():
+    """fvcore's trace refused Dynamo's wrapper with a raw torch error; replace_blocks takes it."""
+    model = cmrf.create_model("tinyunet", channels=(16, 32), N=4)
+    compiled = torch.compile(model)
+    assert cmrf.profile(compiled, (1, 3, 32, 32)) == cmrf.profile(model, (1, 3, 32, 32))
+    holder = nn.Sequential(torch.compile(nn.Conv2d(3, 8, 3)), nn.ReLU())
+    with pytest.raises(ValueError, match=r"holds torch.compile'd submodules \(0\).*before compiling"):
+        cmrf.profile(holder, (1, 3, 16, 16))

@@ -1264,3 +1264,35 @@ def test_a_torchscript_module_without_convolutions_is_not_reported():
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), scripted, TwoConvs(16), nn.Conv2d(16, 2, 1))
     report = replace_blocks(model)
     assert report.paths == ["2"] and report.skipped == []
+
+
+class _SkipWrapper(nn.Module):
+    """A skip connection's wrapper, ``cat([x, inner(x)])``, as MONAI's SkipConnection: one tensor
+    in, one out at the same size, two or more convolutions inside."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return torch.cat([x, self.inner(x)], dim=1)
+
+
+def test_a_skip_connections_wrapper_is_searched_inside_not_replaced():
+    """It was replaced whole by a CMRF (64 -> 192 in MONAI's UNet(num_res_units=2)), which dropped
+    the concatenated input path without a word; the block inside is replaced instead."""
+    inner = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _SkipWrapper(inner), nn.Conv2d(24, 2, 1))
+    report = replace_blocks(model, N=2)
+    assert [row.path for row in report.replaced] == ["1.inner"]
+    assert isinstance(model[1], _SkipWrapper) and isinstance(model[1].inner, CMRF)
+    assert "concatenates its input to its output" in str(report)
+    assert model(torch.randn(1, 3, 16, 16)).shape == (1, 2, 16, 16)
+
+
+def test_monai_unet_with_residual_units_keeps_its_skip_connections():
+    UNet = pytest.importorskip("monai.networks.nets").UNet
+    model = UNet(2, 1, 2, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2)
+    report = replace_blocks(model)
+    assert [row.path for row in report.replaced] == ["model.1.submodule.1.submodule.1.submodule"]
+    assert type(model.model[1].submodule[1].submodule[1]).__name__ == "SkipConnection"

@@ -19,7 +19,8 @@ def build(parser: argparse.ArgumentParser):
     add_registry_model_arguments(parser)
     parser.add_argument("--input-size", type=positive_int, nargs="+", default=None, metavar="S",
                         help="input shape B C *spatial (default 1 C 256 256 for images, 1 C 64 64 64 for "
-                        "volumes, C the model's input channels)")
+                        "volumes, C the model's input channels); three sides build the model for volumes "
+                        "(tinyunet as tinyunet3d, other models with spatial_dims=3)")
     parser.add_argument("--json", action="store_true", help="print JSON: params, macs, flops, input_size")
     return run_profile
 
@@ -32,7 +33,11 @@ def run_profile(args: argparse.Namespace) -> int:
         raise ValueError(f"--input-size must be B C *spatial (3 numbers or more), got {args.input_size}")
     given_chans = None if args.input_size is None else args.input_size[1]
     in_chans = args.in_chans if args.in_chans is not None else given_chans or 3
-    model, _ = build_model(args.model, in_chans, args.num_classes, model_kwargs=constructor_kwargs(args))
+    # The input's rank chooses the model's dimensionality, as the data's does in cmrf train:
+    # tinyunet becomes tinyunet3d for a volume, cmunext and segnet get spatial_dims=3.
+    spatial_dims = None if args.input_size is None else len(args.input_size) - 2
+    model, _ = build_model(args.model, in_chans, args.num_classes, spatial_dims=spatial_dims,
+                           model_kwargs=constructor_kwargs(args))
     result = profile(model, args.input_size or default_input_size(model, in_chans))
     print(json.dumps(result.to_dict()) if args.json else f"{args.model}: {result}")
     return 0

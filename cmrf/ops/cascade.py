@@ -317,12 +317,14 @@ def cascade_concat(y: torch.Tensor, stages: nn.ModuleList, fused: bool | None = 
         if not (y.is_cuda and triton_available()) or fused_unsupported_reason(y, stages):
             return cascade_concat_reference(y, stages)
     else:
-        check_fused_device(y)
+        # What the kernels do not compute (a volume, hooks, ...) takes the reference on any device,
+        # as documented; only a cascade they would compute needs Triton's device.
         reason = fused_unsupported_reason(y, stages)
         if reason:
             warnings.warn(f"fused CMRF cascade forced but unavailable, using the reference: {reason}",
                           stacklevel=3)
             return cascade_concat_reference(y, stages)
+        check_fused_device(y)
     if y.numel() == 0:
         # Nothing for the kernels to compute; the reference treats an empty batch as PyTorch does
         # (an empty output, running statistics kept).
