@@ -16,3 +16,13 @@ THREADS_PER_CORE_LIMIT = 4
 def thread_limit() -> int:
     """The most CPU threads the thread options accept on this machine (4 per core it reports)."""
     return THREADS_PER_CORE_LIMIT * (os.cpu_count() or 1)
+
+
+def worker_limit_problem(workers: int) -> str | None:
+    """Why ``workers`` DataLoader processes are too many for this machine, or ``None``: more than
+    4 per core it reports (the thread options' limit) only fill its memory; a typo such as 1000
+    ends in the kernel's out-of-memory killer, leaving orphaned workers behind."""
+    if workers <= thread_limit():
+        return None
+    return (f"expected at most {thread_limit()} worker processes ({THREADS_PER_CORE_LIMIT} per core of the "
+            f"{os.cpu_count()} this machine has), got {workers}")

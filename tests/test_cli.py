@@ -634,6 +634,23 @@ def test_thread_counts_beyond_the_machine_are_refused_up_front(monkeypatch, caps
         capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("command", ["train", "demo", "evaluate"])
+def test_worker_counts_beyond_the_machine_are_refused_up_front(monkeypatch, capsys, command):
+    """--workers 1000 (a typo) started 1000 processes: the out-of-memory killer ended the run and
+    a worker was left orphaned, holding the shell's pipe open."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    extra = ["some.safetensors"] if command == "evaluate" else []
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *extra, "--workers", "1000", "--batch-size", "0"])
+    assert exit_info.value.code == 2
+    from cmrf.cli import build_parser
+
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--workers: expected at most 8 worker processes (4 per core of the 2 this machine has), got " \
+           "1000" in err
+    assert build_parser("train").parse_args(["train", "--workers", "8"]).workers == 8
+
+
 def test_bench_refuses_thread_counts_beyond_the_machine(monkeypatch, capsys):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert main(["bench", "--device", "cpu", "--threads", "9", "--size", "17"]) == 2  # checked first

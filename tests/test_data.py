@@ -1244,6 +1244,26 @@ def test_a_disk_cache_whose_data_check_was_not_saved_is_made_again(folder_root: 
     assert images.calls == 0  # the images the stopped run decoded are still used
 
 
+@pytest.mark.parametrize("cut", ["images.npy", "masks.npy"])
+def test_a_cut_disk_cache_file_is_made_again_not_read_as_zeros(folder_root: Path, tmp_path_factory, cut):
+    """numpy's read-write mapping extended a file cut short (a partial copy of the cache) with
+    zeros: 9 of 10 images read black, their flags still set, and training ran on them silently."""
+    cache_dir = tmp_path_factory.mktemp("cache")
+    options = folder_options(folder_root, "--cache", "disk", "--cache-dir", str(cache_dir))
+    bundle = build_datasets(**options)
+    bundle.train.augment = False
+    expected = load_all(bundle)
+    (file,) = cache_dir.glob(f"*/{cut}")
+    size = file.stat().st_size
+    with open(file, "r+b") as handle:
+        handle.truncate(128 + (size - 128) // 2)  # the header (128 bytes) and half the data
+    again = build_datasets(**options)
+    again.train.augment = False
+    for (image, mask), (want_image, want_mask) in zip(load_all(again), expected, strict=True):
+        assert torch.equal(image, want_image) and torch.equal(mask, want_mask)
+    assert file.stat().st_size == size  # made afresh
+
+
 def test_without_cache_files_are_decoded_on_every_load(folder_root: Path, monkeypatch):
     images, masks = count_decoding(monkeypatch)
     bundle = build_datasets(**folder_options(folder_root, "--cache", "none"))

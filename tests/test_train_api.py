@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import re
 
@@ -160,6 +161,13 @@ def test_an_out_dir_that_is_a_file_is_named_as_such(tmp_path):
             fit(tiny_model(), tiny_bundle(), out, recipe(), plots=False)
 
 
+def test_recipe_refuses_more_workers_than_the_machine_can_hold(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"workers: expected at most 8 worker processes .* got 1000"):
+        Recipe(workers=1000)
+    assert Recipe(workers=8).workers == 8
+
+
 def test_recipe_counts_take_numpy_integers_and_aug_stop_is_a_count():
     made = Recipe(epochs=np.int64(3), batch_size=np.int32(2), aug_stop=np.int64(2))
     assert (made.epochs, made.batch_size, made.aug_stop) == (3, 2, 2)
@@ -224,3 +232,12 @@ def test_the_loss_names_labels_it_cannot_use():
     with pytest.raises(ValueError, match="non-integer values"):
         loss(torch.randn(2, 2, 4, 4), torch.full((2, 4, 4), 0.7))
     assert torch.isfinite(loss(torch.randn(2, 2, 4, 4), torch.ones(2, 4, 4)))
+
+
+def test_mixed_precision_asked_for_by_name_on_the_cpu_is_noted(tmp_path, capsys):
+    """--amp fp16 on the CPU trained in float32 without a word."""
+    fit(tiny_model(), tiny_bundle(), tmp_path / "fp16", recipe(amp="fp16"), plots=False)
+    assert "note: mixed precision (fp16) is for CUDA; on the cpu this run trains in float32" in (
+        capsys.readouterr().out)
+    fit(tiny_model(), tiny_bundle(), tmp_path / "auto", recipe(amp="auto"), plots=False)
+    assert "mixed precision" not in capsys.readouterr().out  # the default says nothing

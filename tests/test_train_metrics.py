@@ -348,8 +348,9 @@ def test_another_root_or_split_dir_is_free_on_resume_only_when_the_splits_hold_t
     # run's own root the same change (a corrected mask) is no difference.
     sized = saved(metadata(site, site / "splits", splits, "sha1 000000000001"))
     resized = metadata(moved, moved / "splits", splits, "sha1 000000000002")
-    assert resume_differences(sized, recipe=Recipe(epochs=4), metadata=resized) == [
-        f"--root {site} (given {moved})",
+    assert resume_differences(sized, recipe=Recipe(epochs=4), metadata=resized) == [  # why it is refused
+        f"--root {site} (given {moved}: its files have the run's names but other sizes, so they are not a "
+        f"copy of the run's data)",
         f"--split-dir {site / 'splits'} (given {moved / 'splits'})",
     ]
     edited = metadata(site, site / "splits", splits, "sha1 000000000002")

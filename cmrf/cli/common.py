@@ -8,7 +8,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from cmrf.constants import THREADS_PER_CORE_LIMIT, thread_limit
+from cmrf.constants import THREADS_PER_CORE_LIMIT, thread_limit, worker_limit_problem
 
 
 def _int_at_least(text: str, low: int, expected: str) -> int:
@@ -125,8 +125,14 @@ def seed_value(text: str) -> int:
 
 
 def workers_value(text: str) -> int | str:
-    """``--workers``: ``auto`` or an integer >= 0."""
-    return text if text == "auto" else _int_at_least(text, 0, "auto or an integer >= 0")
+    """``--workers``: ``auto`` or an integer from 0 to ``cmrf.constants.thread_limit()``."""
+    if text == "auto":
+        return text
+    value = _int_at_least(text, 0, "auto or an integer >= 0")
+    problem = worker_limit_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser, seed_default: int | None = 0) -> None:

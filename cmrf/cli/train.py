@@ -296,12 +296,13 @@ def _demo(run_train_fn):
             args.overwrite = True
         status = run_train_fn(args)
         metrics = json.loads((Path(args.out) / "metrics.json").read_text())
-        foreground = [v["iou"] for k, v in metrics["per_class"].items() if k != "background"]
+        # The weakest class other than the first (background), by the name the table gives it.
+        weakest = min(list(metrics["per_class"].items())[1:], key=lambda item: item[1]["iou"])
         # The figures in the folder: off by flags, or not drawn (no matplotlib, a failed drawing).
         shown = [name for name in ("overlays.png", "training_curve.png") if (Path(args.out) / name).is_file()]
         figures = f"; open {' and '.join(f'{args.out}/{name}' for name in shown)}" if shown else ""
         seconds = time.perf_counter() - started
-        say(f"demo done in {seconds:.0f} s: foreground IoU {min(foreground):.3f}{figures}")
+        say(f"demo done in {seconds:.0f} s: {weakest[0]} IoU {weakest[1]['iou']:.3f}{figures}")
         return status
 
     return run_demo

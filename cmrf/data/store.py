@@ -211,7 +211,8 @@ class _DiskStore(_ArrayStore):
 
     def _open(self) -> None:
         try:
-            self._views(*(np.load(self.folder / name, mmap_mode="r+") for name in self.FILES))
+            self._views(*(_map(self.folder / name, shape, dtype)
+                          for name, (shape, dtype) in zip(self.FILES, _file_shapes(self.layout))))
         except (OSError, ValueError) as err:
             raise DataError(
                 f"cannot open the data cache {self.folder}: {err}; delete that folder, or give another "
@@ -230,6 +231,24 @@ class _DiskStore(_ArrayStore):
     def __setstate__(self, state):
         self.layout, self.folder, self.facts = state["layout"], state["folder"], None
         self._open()
+
+
+def _file_shapes(layout: Layout) -> tuple:
+    """``(shape, dtype)`` of the images, masks and filled flags files of a store of ``layout``."""
+    return (((layout.count, *layout.image_shape), layout.image_dtype),
+            ((layout.count, *layout.mask_shape), layout.mask_dtype),
+            ((2, layout.count), "uint8"))
+
+
+def _map(path: Path, shape: tuple, dtype: str) -> np.ndarray:
+    """``path`` memory-mapped for reading and writing, after checking it holds ``shape`` and
+    ``dtype`` in full: numpy's ``r+`` mapping extends a short file with zeros (a cache cut by a
+    partial copy would read as black images and background masks, marked filled)."""
+    whole = np.load(path, mmap_mode="r")  # "r" refuses a file shorter than its header says
+    if whole.shape != shape or whole.dtype != np.dtype(dtype):
+        raise ValueError(f"{path.name} holds {whole.dtype} {whole.shape}, expected {dtype} {shape}")
+    del whole
+    return np.load(path, mmap_mode="r+")
 
 
 def _info(layout: Layout) -> dict:
@@ -288,12 +307,7 @@ def _create_disk_store(folder: Path, layout: Layout) -> None:
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         tmp.mkdir()
-        shapes = (
-            ((layout.count, *layout.image_shape), layout.image_dtype),
-            ((layout.count, *layout.mask_shape), layout.mask_dtype),
-            ((2, layout.count), "uint8"),
-        )
-        for name, (shape, dtype) in zip(_DiskStore.FILES, shapes):
+        for name, (shape, dtype) in zip(_DiskStore.FILES, _file_shapes(layout)):
             array = np.lib.format.open_memmap(tmp / name, mode="w+", dtype=dtype, shape=shape)
             del array
             # Reserve the blocks now: writing into a sparse file on a full disk would kill the process.
@@ -350,7 +364,7 @@ def open_store(spec: StoreSpec, layout: Layout) -> SampleStore:
         info = json.loads((folder / "info.json").read_text())
         if info == _info(layout):
             return _DiskStore(layout, folder)
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # DataError too: a damaged store (a cut file) is made afresh
         pass
     _create_disk_store(folder, layout)
     return _DiskStore(layout, folder)

@@ -273,6 +273,9 @@ def _setup(model: nn.Module, bundle, out: Path, recipe: Recipe, metadata: dict, 
         eval_model=eval_model, loss_fn=CEDiceLoss(recipe.ce_weight, recipe.dice_weight),
         train_loader=loader, epochs=epochs, val_loader=val_loader, workers=workers, plots=plots,
     )  # fmt: skip
+    if recipe.amp in ("bf16", "fp16") and amp_dtype is None:  # asked for by name: not dropped silently
+        run.log(f"note: mixed precision ({recipe.amp}) is for CUDA; on the {device.type} this run trains in "
+                f"float32")
     if recipe.compile_backend:
         run.log(f"torch.compile ({recipe.compile_backend}): the first training and validation steps compile")
     if plots and importlib.util.find_spec("matplotlib") is None:

@@ -18,6 +18,8 @@ import math
 import numbers
 from dataclasses import asdict, dataclass
 
+from cmrf.constants import worker_limit_problem
+
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 
 
@@ -78,6 +80,9 @@ class Recipe:
             setattr(self, name, _count(name, getattr(self, name), 0))
         if self.workers != "auto":
             self.workers = _count("workers", self.workers, 0)
+            problem = worker_limit_problem(self.workers)
+            if problem:
+                raise ValueError(f"workers: {problem}")
         if self.aug_stop is not None:
             self.aug_stop = _count("aug_stop", self.aug_stop, 0)
         for name in ("lr", "min_lr", "weight_decay", "ce_weight", "dice_weight"):

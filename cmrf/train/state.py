@@ -367,14 +367,18 @@ def resume_differences(
             if label not in saved:  # a state saved before this was recorded: nothing to compare
                 given.pop(label, None)
         splits = _DATA_LABELS["split_files"]
-        if saved.get(splits) is not None and saved.get(splits) == given.get(splits) and _same_copies(
-            saved_meta, metadata
-        ):
+        same_names = saved.get(splits) is not None and saved.get(splits) == given.get(splits)
+        copies = _same_copies(saved_meta, metadata)
+        if same_names and copies:
             for flag in _DATA_LOCATION_FLAGS:
                 saved.pop(flag, None)
                 given.pop(flag, None)
         # --seed is also a recipe field: report it once.
-        differences += [d for d in _differences(saved, given) if not d.startswith("--seed ")]
+        data = [d for d in _differences(saved, given) if not d.startswith("--seed ")]
+        if same_names and not copies:  # why a moved copy is taken and this look-alike is not
+            data = [f"{d[:-1]}: its files have the run's names but other sizes, so they are not a copy of "
+                    f"the run's data)" if d.startswith("--root ") and d.endswith(")") else d for d in data]
+        differences += data
     saved_world = state.get("world_size")
     if world_size is not None and saved_world is not None and saved_world != world_size:
         differences.append(f"processes {saved_world} (given {world_size}; torchrun --nproc_per_node sets "
@@ -469,8 +473,14 @@ def load_training_state(path: str | Path) -> dict:
     except Exception as err:  # unpickling errors come in many types
         from cmrf.checkpoint import load_error_detail
 
+        # States are written atomically, so a damaged one was damaged afterwards (a disk error, a
+        # partial copy): say what is still usable beside it.
+        weights = [name for name in ("best.safetensors", "last.safetensors")
+                   if (path.parent / name).is_file()]
+        kept = (f"; {' and '.join(weights)} beside it are separate files, usable as they are" if weights
+                else "")
         raise ValueError(f"cannot read training state {path}: damaged or not a torch file "
-                         f"({load_error_detail(err)})") from err
+                         f"({load_error_detail(err)}){kept}; --overwrite starts the run afresh") from err
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ValueError(f"{path} is not a cmrf training state (expected format {STATE_FORMAT!r})")
     return state
