@@ -716,7 +716,8 @@ def test_other_data_with_the_runs_file_names_at_another_root_is_not_taken_for_a_
     assert main(["train", *common, "--root", str(root), "--epochs", "1"]) == 0
     capsys.readouterr()
     assert main(["train", *common, "--root", str(other), "--epochs", "1", "--resume"]) == 2
-    assert f"--root {root} (given {other})" in _one_error_line(capsys)
+    why = "its files have the run's names but other sizes"
+    assert f"--root {root} (given {other}: {why}" in _one_error_line(capsys)
     mask = Image.new("L", (32, 32), 0)
     mask.paste(255, (0, 0, 30, 30))
     mask.save(root / "masks" / "s03.png")
