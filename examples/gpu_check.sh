@@ -1,34 +1,41 @@
 #!/usr/bin/env bash
-# One unattended GPU check of cmrf: the CUDA tests, then `cmrf bench --device cuda`.
+# One unattended GPU check of cmrf: `cmrf bench --device cuda`, the upsampling timings, then the
+# CUDA tests.
 #
-#   bash examples/gpu_check.sh               # tests (<= 140 s), then the benchmark (<= 290 s)
+#   bash examples/gpu_check.sh               # benchmark (<= 290 s), upsampling (<= 60 s), tests (<= 110 s)
 #   bash examples/gpu_check.sh --bench-only  # the benchmark again (e.g. on a machine still warm)
 #
 # Run from the repository root on a machine with one CUDA GPU and a python3 that has torch, Triton,
 # timm, safetensors and hypothesis (the device image of this project has them; fvcore and monai are
 # not, and travel as wheels in .whl/ when they are wanted: without monai the `cmrf train` check of
-# tests/test_cuda.py skips; see docs/benchmarks.md). Everything is written under $OUT (default ./gpu_check_out), at most 7 files:
-#   env.txt         GPU, driver, versions
-#   tests.log       pytest output;  tests.xml  its JUnit report
-#   bench_cuda.md   the benchmark table (stdout of cmrf bench)
-#   bench_cuda.json the same figures as JSON;  bench_cuda.log  its progress lines and errors
-#   upsample_cuda.md  every exact x2 upsampling formulation timed at the decoder shapes (fp32, bf16),
-#                     to tune cmrf.ops.upsample.choose_method by measurement
+# tests/test_cuda.py skips; see docs/benchmarks.md). Everything is written under $OUT (default
+# ./gpu_check_out, ignored by git), at most 7 files, each as its step goes (a call cut short keeps
+# what was measured):
+#   env.txt           GPU, driver, versions
+#   bench_cuda.md     the benchmark table (stdout of cmrf bench)
+#   bench_cuda.json   the same figures as JSON;  bench_cuda.log  its progress lines and errors
+#   upsample_cuda.md  every exact x2 upsampling formulation timed at the decoder shapes (fp32 without
+#                     TF32, bf16), one table per shape as it is measured, to tune
+#                     cmrf.ops.upsample.choose_method by measurement
+#   tests.log         pytest output;  tests.xml  its JUnit report
 #
-# Environment overrides: PYTHON (python3), GPU_CHECK_TESTS (the test files), BENCH_DEVICE (cuda),
-# BENCH_ARGS (extra `cmrf bench` options), TEST_TIMEOUT (140), BENCH_TIMEOUT (290). With the
-# 20 s grace of each and the 60 s upsampling step the worst case is about 550 s: it fits a 600 s call.
-# Exit status: 0 when the tests passed and the benchmark and the upsampling step finished, else 1
+# The benchmark runs first: no CUDA figure of the current code exists yet, and its max-diff column
+# already compares every fast row with the reference; the tests come last.
+#
+# Environment overrides: PYTHON (python3), GPU_CHECK_TESTS (test files or node ids), BENCH_DEVICE
+# (cuda), BENCH_ARGS (extra `cmrf bench` options), TEST_TIMEOUT (110), BENCH_TIMEOUT (290). Each
+# limit sends SIGINT, then SIGKILL after a grace (20 s, 10 s for the upsampling); the wheel install
+# and the version report have 45 s each. Worst case about 600 s, typically far less: it fits a
+# 600 s call. The call's output tail (12,000 characters) is shorter than the files: read the files.
+# Exit status: 0 when the benchmark and the upsampling step finished and the tests passed, else 1
 # (the logs say which).
 
 set -u
-# Time limits send SIGINT first (then SIGKILL 20 s later): pytest then still prints its summary and
-# writes tests.xml, and cmrf bench prints the table of the rows it measured.
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT"
 PYTHON="${PYTHON:-python3}"
-TEST_TIMEOUT="${TEST_TIMEOUT:-140}"
+TEST_TIMEOUT="${TEST_TIMEOUT:-110}"
 BENCH_TIMEOUT="${BENCH_TIMEOUT:-290}"
 BENCH_DEVICE="${BENCH_DEVICE:-cuda}"
 BENCH_ONLY=0
@@ -40,14 +47,18 @@ unset CI  # the golden files (../shared) do not travel: their tests skip instead
 
 # Wheels carried in .whl/ (fvcore, monai, ...) go to a private folder, never into the image's site.
 if compgen -G ".whl/*.whl" >/dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/cmrf_site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/cmrf_site"
+    if timeout -k 5 45 "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target /tmp/cmrf_site .whl/*.whl; then
+        export PYTHONPATH="$PYTHONPATH:/tmp/cmrf_site"
+    else
+        echo "== installing the carried wheels failed: going on without them"
+    fi
 fi
 
 {
     date -u
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1
-    "$PYTHON" - <<'EOF'
+    timeout -k 5 45 "$PYTHON" - <<'PYEOF'
 import importlib
 import platform
 
@@ -64,49 +75,67 @@ for name in ("triton", "timm", "safetensors", "hypothesis", "onnxruntime", "fvco
         print(name, importlib.import_module(name).__version__)
     except Exception as err:  # missing packages are reported, not fatal
         print(name, "missing:", type(err).__name__)
-EOF
+PYEOF
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
 status=0
-if [ "$BENCH_ONLY" = 0 ]; then
-    tests=""
-    # The files whose tests run CUDA code; the rest of the suite runs on the CPU anywhere.
-    for f in ${GPU_CHECK_TESTS:-tests/test_cuda.py tests/test_fused_cascade.py}; do
-        [ -e "$f" ] && tests="$tests $f"
-    done
-    echo "== pytest$tests (timeout ${TEST_TIMEOUT} s)"
-    timeout -s INT -k 20 "$TEST_TIMEOUT" "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider --junitxml="$OUT/tests.xml" \
-        $tests >"$OUT/tests.log" 2>&1
-    rc=$?
-    tail -n 40 "$OUT/tests.log"
-    echo "== pytest exit status $rc"
-    [ "$rc" = 0 ] || status=1
-fi
-
 echo "== cmrf bench --device $BENCH_DEVICE ${BENCH_ARGS:-} (timeout ${BENCH_TIMEOUT} s)"
+# SIGINT first: cmrf bench prints the table of the rows it measured and exits 130, which
+# --preserve-status reports (timeout's own status would be 124).
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
-timeout -s INT -k 20 "$BENCH_TIMEOUT" "$PYTHON" -m cmrf bench --device "$BENCH_DEVICE" ${BENCH_ARGS:-} \
-    --json "$OUT/bench_cuda.json" >"$OUT/bench_cuda.md" 2>"$OUT/bench_cuda.log"
+timeout --preserve-status -s INT -k 20 "$BENCH_TIMEOUT" "$PYTHON" -m cmrf bench --device "$BENCH_DEVICE" \
+    ${BENCH_ARGS:-} --json "$OUT/bench_cuda.json" >"$OUT/bench_cuda.md" 2>"$OUT/bench_cuda.log"
 rc=$?
 tail -n 30 "$OUT/bench_cuda.log"
 cat "$OUT/bench_cuda.md"
 echo "== cmrf bench exit status $rc"
 [ "$rc" = 0 ] || status=1
+[ "$BENCH_ONLY" = 1 ] && exit "$status"
 
 echo "== upsampling formulations on $BENCH_DEVICE (timeout 60 s)"
-timeout 60 "$PYTHON" - "$BENCH_DEVICE" >"$OUT/upsample_cuda.md" 2>&1 <<'EOF'
+timeout --preserve-status -s INT -k 10 60 "$PYTHON" - "$BENCH_DEVICE" >"$OUT/upsample_cuda.md" 2>&1 <<'PYEOF'
 import sys
 
 import torch
 
-from cmrf.ops.upsample import format_measurements, measure
+from cmrf.ops.upsample import decoder_shapes, format_measurements, measure
 
+# The tests compare fp32 without TF32; cuDNN's default would show TF32-sized differences here.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
+print("TF32 off (cuDNN and matmul)\n", flush=True)
 for dtype in (torch.float32, torch.bfloat16):
-    print(format_measurements(measure(device=sys.argv[1], dtype=dtype, batch=16)), end="\n\n")
-EOF
+    for shape in decoder_shapes(16):  # one table per shape, printed at once: a cut keeps the others
+        rows = measure(shapes=[shape], device=sys.argv[1], dtype=dtype, batch=16)
+        print(format_measurements(rows), end="\n\n", flush=True)
+PYEOF
 rc=$?
 cat "$OUT/upsample_cuda.md"
 echo "== upsampling exit status $rc"
+[ "$rc" = 0 ] || status=1
+
+# The files whose tests run CUDA code (the rest of the suite runs on the CPU anywhere); node ids
+# (file::test) are kept too. An entry that names no file is said, and with none left no test runs
+# (pytest would otherwise collect the whole suite).
+tests=""
+for f in ${GPU_CHECK_TESTS:-tests/test_cuda.py tests/test_fused_cascade.py}; do
+    if [ -e "${f%%::*}" ]; then tests="$tests $f"; else echo "== no such test file, left out: $f"; fi
+done
+if [ -z "$tests" ]; then
+    echo "== no test to run"
+    exit 1
+fi
+# A hung test (a stuck CUDA graph capture) must not take the others' time.
+per_test=""
+"$PYTHON" -c "import pytest_timeout" 2>/dev/null && per_test=" --timeout 45"
+echo "== pytest$tests$per_test (timeout ${TEST_TIMEOUT} s)"
+# SIGINT first: pytest still prints its summary and writes tests.xml.
+# shellcheck disable=SC2086  # tests and per_test are lists of arguments
+timeout --preserve-status -s INT -k 20 "$TEST_TIMEOUT" "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider \
+    --junitxml="$OUT/tests.xml" $per_test $tests >"$OUT/tests.log" 2>&1
+rc=$?
+tail -n 40 "$OUT/tests.log"
+echo "== pytest exit status $rc"
 [ "$rc" = 0 ] || status=1
 exit "$status"

@@ -713,3 +713,47 @@ esac
     assert result.returncode == expected, result.stdout + result.stderr
     assert f"== upsampling exit status {upsample_status}" in result.stdout
     assert "== pytest exit status 0" in result.stdout and "== cmrf bench exit status 0" in result.stdout
+
+
+def _fake_gpu_check(tmp_path, **env_changes):
+    """Run examples/gpu_check.sh with a stand-in python that logs each step's arguments."""
+    import subprocess
+    from pathlib import Path
+
+    fake_python = tmp_path / "python"
+    log = tmp_path / "calls.log"
+    fake_python.write_text(f"""#!/usr/bin/env bash
+echo "$*" >> {log}
+case "$*" in
+  "-m pytest"*) echo "1 passed"; exit 0;;
+  "-m cmrf bench"*) echo "| row | ms |"; exit 0;;
+  *) cat >/dev/null; exit 0;;
+esac
+""")
+    fake_python.chmod(0o755)
+    script = Path(__file__).resolve().parents[1] / "examples" / "gpu_check.sh"
+    env = {**os.environ, "PYTHON": str(fake_python), "OUT": str(tmp_path / "out"), "BENCH_DEVICE": "cpu",
+           **env_changes}
+    result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    calls = log.read_text().splitlines() if log.exists() else []
+    return result, calls
+
+
+def test_gpu_check_script_runs_the_benchmark_first_and_keeps_test_node_ids(tmp_path):
+    """The benchmark (never yet measured on a GPU) waited behind up to 160 s of tests; node ids in
+    GPU_CHECK_TESTS were dropped silently."""
+    node = "tests/test_fused_cascade.py::test_cuda_graph_capture_eval_and_training"
+    result, calls = _fake_gpu_check(tmp_path, GPU_CHECK_TESTS=f"{node} tests/nope.py")
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = [call.split()[1] if call.startswith("-m ") else call for call in calls]
+    assert steps.index("cmrf") < steps.index("pytest")
+    pytest_call = next(call for call in calls if call.startswith("-m pytest"))
+    assert node in pytest_call and "--timeout 45" in pytest_call and "nope" not in pytest_call
+    assert "== no such test file, left out: tests/nope.py" in result.stdout
+
+
+def test_gpu_check_script_runs_no_whole_suite_when_no_test_file_is_left(tmp_path):
+    """An empty list made pytest collect the whole suite, which took the test step's time."""
+    result, calls = _fake_gpu_check(tmp_path, GPU_CHECK_TESTS="tests/typo.py")
+    assert result.returncode == 1 and "== no test to run" in result.stdout
+    assert not any(call.startswith("-m pytest") for call in calls)
