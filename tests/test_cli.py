@@ -425,9 +425,9 @@ def _split_list_run(tmp_path, site, splits):
     return checkpoint
 
 
-def test_evaluate_a_moved_copy_of_the_runs_data_keeps_its_split_lists(tmp_path, capsys):
-    """The run's dataset copied elsewhere (split lists inside it, moved along) is the run's data:
-    a fresh fraction split of it would put training images into the scored split."""
+def _moved_run_with_split_lists(tmp_path):
+    """A run's checkpoint on six pairs split by lists inside the data (train s0 s1, val s2, test
+    s3 s4 s5), the data since moved to ``tmp_path / "moved"``, lists and all."""
     import shutil
 
     from tests.test_data import write_pair
@@ -440,6 +440,13 @@ def test_evaluate_a_moved_copy_of_the_runs_data_keeps_its_split_lists(tmp_path, 
         (site / "splits" / f"{name}.txt").write_text(stems)
     checkpoint = _split_list_run(tmp_path, site, site / "splits")
     shutil.move(site, tmp_path / "moved")
+    return checkpoint
+
+
+def test_evaluate_a_moved_copy_of_the_runs_data_keeps_its_split_lists(tmp_path, capsys):
+    """The run's dataset copied elsewhere (split lists inside it, moved along) is the run's data:
+    a fresh fraction split of it would put training images into the scored split."""
+    checkpoint = _moved_run_with_split_lists(tmp_path)
     out = tmp_path / "scores.json"
     argv = ["evaluate", str(checkpoint), "--device", "cpu", "--no-optimize", "--json", str(out)]
     assert main([*argv, "--root", str(tmp_path / "moved")]) == 0, capsys.readouterr().err
@@ -456,19 +463,8 @@ def test_evaluate_a_moved_copy_of_the_runs_data_keeps_its_split_lists(tmp_path, 
 def test_evaluate_says_why_a_moved_copys_split_lists_are_not_the_runs(tmp_path, capsys, listing, text, why):
     """The run's data moved with its split lists, one of them since broken or edited: it was split
     afresh by fractions without a word, and that test split held the run's training images."""
-    import shutil
-
-    from tests.test_data import write_pair
-
-    site = tmp_path / "site"
-    for i in range(6):
-        write_pair(site, f"s{i}", seed=i)
-    (site / "splits").mkdir()
-    for name, stems in (("train", "s0\ns1\n"), ("val", "s2\n"), ("test", "s3\ns4\ns5\n")):
-        (site / "splits" / f"{name}.txt").write_text(stems)
-    checkpoint = _split_list_run(tmp_path, site, site / "splits")
+    checkpoint = _moved_run_with_split_lists(tmp_path)
     moved = tmp_path / "moved"
-    shutil.move(site, moved)
     (moved / "splits" / f"{listing}.txt").write_text(text)
     out = tmp_path / "scores.json"
     argv = ["evaluate", str(checkpoint), "--device", "cpu", "--no-optimize", "--json", str(out)]
