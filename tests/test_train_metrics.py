@@ -305,6 +305,15 @@ def test_resume_differences_name_the_flags_that_matter():
     ]
 
 
+def test_a_run_saved_with_more_workers_than_this_machine_allows_resumes(monkeypatch):
+    """The saved recipe is rebuilt to compare it: its --workers 16 from a larger machine must not
+    stop the resume here (workers are free to change)."""
+    saved = capture_state(_parts(0), Progress(), recipe=Recipe(epochs=4), metadata={}, rng_states=[])
+    saved["recipe"]["workers"] = 16  # as a 16-core machine saved it
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert resume_differences(saved, recipe=Recipe(epochs=4, workers=2), metadata={}) == []
+
+
 def test_another_root_or_split_dir_is_free_on_resume_only_when_the_splits_hold_the_same_files(tmp_path):
     """The splits' files are what shows the data moved: without them (a state saved before they
     were recorded) or with other files, another --root or --split-dir is other data."""

@@ -355,7 +355,10 @@ def resume_differences(
         One ``"--flag SAVED (given GIVEN)"`` entry per difference; empty when they agree.
     """
     known = {f.name for f in fields(recipe)}
-    saved_recipe = type(recipe)(**{k: v for k, v in state["recipe"].items() if k in known})
+    # Fields free to change are not compared, nor checked against this machine (a run saved with
+    # --workers 16 on a larger one resumes here).
+    saved_recipe = type(recipe)(**{k: v for k, v in state["recipe"].items()
+                                   if k in known and k not in RESUME_FREE_FIELDS})
     differences = _differences(_recipe_settings(saved_recipe), _recipe_settings(recipe))
     if saved_recipe.aug_stop is None and recipe.aug_stop is None:  # both 60% of --epochs: said there
         differences = [d for d in differences if not d.startswith("--aug-stop ")]
