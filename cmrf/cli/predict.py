@@ -84,10 +84,7 @@ def _image_files(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[Path, st
 
 def _nested_images_hint(folder: Path) -> str:
     """For a folder without images: its subfolders that hold some, which are not searched."""
-    from cmrf.data import IMAGE_SUFFIXES
-
-    def holds_images(path: Path) -> bool:
-        return any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in path.iterdir())
+    from cmrf.data.folder import holds_images
 
     nested = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
                     and holds_images(p))

@@ -55,14 +55,15 @@ def find_folder_pairs(root: str | Path) -> list[Pair]:
     return find_pairs(image_dir, root / "masks", IMAGE_SUFFIXES, empty_hint=hint)
 
 
-def _has_images(folder: Path) -> bool:
+def holds_images(folder: Path) -> bool:
+    """Whether ``folder`` itself holds image files (hidden files aside; subfolders not searched)."""
     return any(p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") for p in folder.iterdir())
 
 
 def _refuse_an_image_folder_as_root(root: Path) -> None:
     """A root that holds the images themselves (``--root data/images``) is the image folder, not
     the root: say so, and name the root that fits when there is one."""
-    if not _has_images(root):
+    if not holds_images(root):
         return
     parent = root.parent
     meant = (f": did you mean --root {parent}, which holds {root.name}/ and masks/?"
@@ -74,7 +75,7 @@ def _refuse_an_image_folder_as_root(root: Path) -> None:
 def _nested_images_hint(image_dir: Path) -> str:
     """For an image folder without images: the subfolders that hold some (``images/train/``), which
     are not searched, and how to lay such data out."""
-    nested = sorted(p.name for p in image_dir.iterdir() if p.is_dir() and _has_images(p))
+    nested = sorted(p.name for p in image_dir.iterdir() if p.is_dir() and holds_images(p))
     if not nested:
         return ""
     shown = listing([f"{name}/" for name in nested])
