@@ -376,12 +376,12 @@ def resume_differences(
             for flag in _DATA_LOCATION_FLAGS:
                 saved.pop(flag, None)
                 given.pop(flag, None)
+        elif same_names and given.get("--root") not in (None, saved.get("--root")):
+            # why a moved copy is taken and this look-alike is not
+            given["--root"] = (f"{given['--root']}: its files have the run's names but other sizes, so they "
+                               f"are not a copy of the run's data")
         # --seed is also a recipe field: report it once.
-        data = [d for d in _differences(saved, given) if not d.startswith("--seed ")]
-        if same_names and not copies:  # why a moved copy is taken and this look-alike is not
-            data = [f"{d[:-1]}: its files have the run's names but other sizes, so they are not a copy of "
-                    f"the run's data)" if d.startswith("--root ") and d.endswith(")") else d for d in data]
-        differences += data
+        differences += [d for d in _differences(saved, given) if not d.startswith("--seed ")]
     saved_world = state.get("world_size")
     if world_size is not None and saved_world is not None and saved_world != world_size:
         differences.append(f"processes {saved_world} (given {world_size}; torchrun --nproc_per_node sets "
