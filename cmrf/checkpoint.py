@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import re
+import reprlib
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +39,11 @@ _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net", "network", "w
 
 
 def _existing_file(path: str | Path) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        got = f"{type(path).__name__} ({reprlib.repr(path)})"
+        if isinstance(path, dict):  # model.load_state_dict's argument, passed here by habit
+            got = f"{type(path).__name__}: for weights already in memory, use model.load_state_dict(state)"
+        raise TypeError(f"the checkpoint path must be a str or os.PathLike, got {got}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(errno.ENOENT, "no such checkpoint file", str(path))
@@ -385,6 +391,12 @@ def load_state_dict_checked(
             problems.append(f"missing keys: {_name_list(missing)}")
         if unexpected:
             problems.append(f"unexpected keys: {_name_list(unexpected)}")
+        if _folded_keys(unexpected, expected.keys()):
+            problems.append(
+                "these are the weights of an optimize_for_inference copy (BatchNorm folded into its "
+                "convolutions), which no trainable model loads: save the model before optimizing it "
+                "(cmrf.save_weights(model, path)), and optimize again after loading"
+            )
         if mismatched:
             problems.append(f"shape mismatches: {'; '.join(mismatched[:20])}")
         raise ValueError(
@@ -393,6 +405,15 @@ def load_state_dict_checked(
         )
     model.load_state_dict(mapped)
     return model
+
+
+def _folded_keys(unexpected: set[str], expected) -> list[str]:
+    """The ``unexpected`` keys that an ``optimize_for_inference`` copy's ``state_dict`` has: a
+    conv's folded ``weight``/``bias`` where the model has a ``conv`` + ``norm`` pair, or a
+    decoder's split first convolution (``pw1_low``, ``pw1_skip``)."""
+    return [key for key in unexpected
+            if f"{key.rpartition('.')[0]}.conv.weight" in expected
+            or key.endswith(("pw1_low.weight", "pw1_skip.weight"))]
 
 
 def _how_it_was_built(source: str | Path) -> str:
@@ -491,6 +512,20 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".tar")
 
 
+def _refuse_inference_copy(model: nn.Module) -> None:
+    """Refuse an ``optimize_for_inference`` copy, whose folded, reordered weights no trainable
+    model loads back (its parts say so with a class attribute ``inference_only = True``)."""
+    parts = [name for name, module in model.named_modules() if getattr(type(module), "inference_only", False)]
+    if parts:
+        where = "it is" if parts[0] == "" else f"its part {parts[0].removeprefix('module.')!r} is"
+        raise ValueError(
+            f"save_weights got an optimize_for_inference copy ({type(model).__name__}: {where} "
+            f"inference-only): its weights have BatchNorm folded in, and no trainable model loads them "
+            f"back; save the model you optimized (cmrf.save_weights(model, path)) and call "
+            f"optimize_for_inference again after loading it"
+        )
+
+
 def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Save ``model``'s state dict as safetensors, atomically (``cmrf.files.atomic_path``).
 
@@ -506,13 +541,15 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | 
             call (key ``cmrf_create_model``), which a load that does not fit then names.
 
     Raises:
-        ValueError: for a pickle suffix, or metadata that is not ``str`` to ``str``.
+        ValueError: for a pickle suffix, metadata that is not ``str`` to ``str``, or a copy
+            made by ``optimize_for_inference`` (save the model it was made from instead).
         OSError: the file cannot be written.
     """
     from safetensors.torch import save_file
 
     from cmrf.files import atomic_path
 
+    _refuse_inference_copy(model)
     suffix = Path(path).suffix.lower()
     if suffix in _PICKLE_SUFFIXES:
         raise ValueError(

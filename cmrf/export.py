@@ -139,6 +139,11 @@ def _example_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[i
         side = max(256, at_least)
         input_size = (1, channels or 3, side, side)
     size = check_input_size(input_size)
+    if isinstance(spatial_dims, int) and len(size) == spatial_dims + 1 and size[0] == channels:
+        # timm's pretrained_cfg["input_size"] is (C, *spatial): read as (B, C, ...) it would blame C
+        raise ValueError(f"input_size {size} has no batch dimension (timm's pretrained_cfg['input_size'] "
+                         f"is (C, *spatial)): {type(model).__name__} needs (B, C, *spatial), "
+                         f"e.g. {(1, *size)}")
     if isinstance(channels, int) and size[1] != channels:
         raise ValueError(f"input_size {size} has {size[1]} channels, but {type(model).__name__} takes "
                          f"in_channels={channels}: use (B, {channels}, ...)")

@@ -474,6 +474,9 @@ class InferenceCMRF(nn.Module):
     Shapes: ``(B, in_channels, *S) -> (B, out_channels, *S)``.
     """
 
+    # save_weights refuses a model holding this: its folded weights load into nothing trainable.
+    inference_only = True
+
     def __init__(
         self,
         pw1: nn.Module,
@@ -739,6 +742,9 @@ class InferenceDecoderCMRF(nn.Module):
     Shapes: ``low (B, C_low, *s)``, ``skip (B, C_skip, *S) -> (B, out_channels, *S)``.
     """
 
+    # save_weights refuses a model holding this: its folded weights load into nothing trainable.
+    inference_only = True
+
     def __init__(self, block: InferenceCMRF, low_channels: int, mode: str, spatial_dims: int):
         super().__init__()
         weight, bias = block.pw1.weight, block.pw1.bias
@@ -778,6 +784,9 @@ class InferenceTinyUNet(nn.Module):
         model: the ``TinyUNet`` to rewrite (left untouched).
         path: one of ``PATHS``. Default ``"onednn"``.
     """
+
+    # save_weights refuses a model holding this: its folded weights load into nothing trainable.
+    inference_only = True
 
     def __init__(self, model: nn.Module, path: str = "onednn"):
         super().__init__()
@@ -1269,7 +1278,8 @@ def _departures(module: CMRF | TinyUNet, name: str) -> list[str]:
         # A layer added to a Sequential the class builds runs; one added elsewhere is never called.
         if path and path not in expected and isinstance(expected.get(parent), nn.Sequential):
             reasons.append(f"{prefix + path} was added to {prefix + parent}")
-        if has_user_hooks(layer):
+        if has_user_hooks(layer) and not (isinstance(layer, CMRF) and f"{path}.".startswith(blocks)):
+            # (a TinyUNet's CMRF block with hooks gets its own entry: "is customised" below)
             reasons.append(f"{prefix + path if path else 'it'} has hooks registered")
     return reasons
 
@@ -1279,12 +1289,14 @@ def _rewritable(module: nn.Module, name: str, kept: list[str]) -> bool:
     optimized form computes the same; when it does not, say why in ``kept``."""
     reasons = _departures(module, name)
     if isinstance(module, TinyUNet):
-        reasons += [
-            f"its block {name + '.' if name else ''}{group}.{i} is customised (see its own entry)"
-            for group in ("encoders", "decoders")
-            for i, block in enumerate(getattr(module, group, ()))
-            if isinstance(block, CMRF) and _departures(block, "")
-        ]
+        custom = [f"{name + '.' if name else ''}{group}.{i}"
+                  for group in ("encoders", "decoders")
+                  for i, block in enumerate(getattr(module, group, ()))
+                  if isinstance(block, CMRF) and _departures(block, "")]
+        if len(custom) == 1:
+            reasons.append(f"its block {custom[0]} is customised (see its own entry)")
+        elif custom:
+            reasons.append(f"its blocks {', '.join(custom)} are customised (see their own entries)")
     if reasons:
         kept.append(f"{name or 'the model'} ({type(module).__qualname__}): {'; '.join(reasons)}")
     return not reasons
@@ -1377,9 +1389,12 @@ def optimize_for_inference(
     a generic model are plain copies and follow ``.train()``/``.eval()`` as usual). Constants
     are built on the model's device and in its dtype, and as normal tensors even when called
     under ``torch.inference_mode()`` (inference tensors would break the eager fallback for
-    inputs that need a gradient). Hooks belong on ``model``: on the copy's default path those
-    inside an optimized part never run, and with ``freeze``/``backend="onnxruntime"`` hooks run
-    only while a graph is traced (docs/inference.md).
+    inputs that need a gradient). Hooks: a TinyUNet or CMRF of ``model`` with hooks registered
+    (on it or a layer inside) is kept as a plain copy, its hooks running and nothing optimized
+    (with no other block to rewrite, the call refuses: remove them first with their handles'
+    ``.remove()``). On the copy, hooks inside an optimized part never run, and with
+    ``freeze``/``backend="onnxruntime"`` hooks run only while a graph is traced
+    (docs/inference.md).
 
     Args:
         model: the model to optimize, on the CPU or a CUDA device, in any floating dtype.
@@ -1443,9 +1458,11 @@ def optimize_for_inference(
         optimized = copy_model(model)
         count = _replace_blocks(optimized, path, "", kept)
         if count == 0 and kept:
+            hooks = "; hooks keep a block as it is: remove them (handle.remove()) to optimize it" if any(
+                "has hooks registered" in entry for entry in kept) else ""
             raise ValueError(
                 f"optimize_for_inference found no CMRF block it can rewrite in {type(model).__name__}: "
-                f"{' | '.join(kept)}; the rewrite computes only what TinyUNet and CMRF build"
+                f"{' | '.join(kept)}; the rewrite computes only what TinyUNet and CMRF build{hooks}"
             )
         if count == 0:
             raise ValueError(

@@ -189,7 +189,14 @@ def check_input(
             ``x.float() / 255`` and the training normalisation), a floating dtype other than the
             weights' outside autocast, or a side that is too small or not a multiple of
             ``multiple_of``.
+        TypeError: ``x`` is a ``torch.fx.Proxy`` (``torch.fx.symbolic_trace``, which these checks
+            defeat; ``torch.export`` and ``torch.jit.trace`` work).
     """
+    if isinstance(x, torch.fx.Proxy):  # torch.fx.symbolic_trace: Python checks of shapes cannot run
+        raise TypeError(
+            f"{name} cannot be traced by torch.fx.symbolic_trace: its forward checks the input's shape "
+            f"in Python; use torch.export.export(model, (x,)) or torch.jit.trace(model, x) instead"
+        )
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
     ndim = spatial_dims + 2
@@ -391,7 +398,8 @@ class CMRF(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_channels={self.in_channels}, out_channels={self.out_channels}, N={self.N}, "
-            f"residual={self.add_residual}, spatial_dims={self.spatial_dims}"
+            f"shortcut={self.add_residual}, spatial_dims={self.spatial_dims}"
+            + ("" if self.fused is None else f", fused={self.fused}")
         )
 
     def __prepare_scriptable__(self):

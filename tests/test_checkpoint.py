@@ -670,3 +670,14 @@ def test_a_torch_file_named_safetensors_loads_and_a_torchscript_archive_is_named
         torch.jit.save(torch.jit.trace(model, torch.randn(1, 3, 32, 32)), tmp_path / "scripted.pt")
     with pytest.raises(ValueError, match=r"scripted\.pt: it is a TorchScript archive \(torch\.jit\.save\)"):
         cmrf.load_checkpoint(cmrf.create_model("tinyunet"), tmp_path / "scripted.pt")
+
+
+@pytest.mark.parametrize("path, expected", [
+    (5, r"must be a str or os.PathLike, got int \(5\)$"),
+    ({"w": torch.zeros(1)}, r"got dict: for weights already in memory, use model.load_state_dict\(state\)"),
+])
+def test_load_checkpoint_names_a_path_that_is_not_one(path, expected):
+    """load_checkpoint(model, 5) gave os.fspath's "expected str, bytes or os.PathLike object, not
+    int", naming no argument; a state dict passed by habit got the same."""
+    with pytest.raises(TypeError, match=expected):
+        cmrf.load_checkpoint(cmrf.TinyUNet(channels=(16, 32), N=2), path)

@@ -175,3 +175,17 @@ def test_cmrf_blocks_finds_every_block_in_order():
     assert cmrf_blocks(net) == [*net.encoders, *net.decoders]
     assert cmrf_blocks(optimize_for_inference(net)) == []  # the optimized copy holds none
     assert cmrf_blocks(torch.nn.Conv2d(1, 1, 1)) == []
+
+
+def test_fx_symbolic_trace_is_refused_naming_the_routes_that_work():
+    """torch.fx.symbolic_trace got "CMRF expects a torch.Tensor, got Proxy" (a ValueError about the
+    input, not about the tracer)."""
+    with pytest.raises(TypeError, match=r"CMRF cannot be traced by torch.fx.symbolic_trace: .*torch.export"):
+        torch.fx.symbolic_trace(CMRF(16, 16, N=2))
+
+
+def test_repr_names_constructor_arguments():
+    """The repr said ``residual=`` (no such argument) and left out ``fused``."""
+    text = repr(CMRF(8, 16, N=2, fused=False))
+    assert "in_channels=8, out_channels=16, N=2, shortcut=False, spatial_dims=2, fused=False" in text
+    assert "shortcut=True, spatial_dims=2\n" in repr(CMRF(16, 16, N=2))

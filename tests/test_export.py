@@ -177,6 +177,10 @@ def test_export_input_size_follows_the_model(tmp_path):
         cmrf.export_onnx(model, tmp_path / "x.onnx", (1, 1, 32, 32, 32))
     with pytest.raises(ValueError, match=r"input_size \(1, 1, 2, 32\) has a side below 4, the smallest"):
         cmrf.export_onnx(model, tmp_path / "x.onnx", (1, 1, 2, 32))
+    for built in (cmrf.create_model("tinyunet"), cmrf.create_model("tinyunet3d")):
+        timm_size = built.pretrained_cfg["input_size"]  # (C, *spatial): "256 channels" blamed C
+        with pytest.raises(ValueError, match=rf"has no batch dimension .*e\.g\. \(1, 3, {timm_size[1]}"):
+            cmrf.export_onnx(built, tmp_path / "x.onnx", timm_size)
     volume = cmrf.TinyUNet(in_channels=1, channels=(16, 32), N=4, spatial_dims=3)
     with pytest.raises(ValueError, match=r"takes 3D inputs: give input_size \(B, C, \*, \*, \*\)"):
         cmrf.export_onnx(volume, tmp_path / "v.onnx")
@@ -389,6 +393,8 @@ def test_dynamic_export_from_an_example_of_the_smallest_size(tmp_path, spatial_d
     "argv, message",
     [
         ([*SMALL[:6], "--input-size", "1", "3", "2", "2"], "has a side below 4"),
+        ([*SMALL[:6], "--input-size", "3", "32", "32"],
+         "no batch size: give B C and 2 sides, e.g. --input-size 1 3 32"),
         (["no_such_model"], "unknown model 'no_such_model'"),
     ],
 )

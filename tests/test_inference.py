@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from cmrf import CMRF, TinyUNet, export_onnx, optimize_for_inference, save_weights
+from cmrf import load_checkpoint as cmrf_load_checkpoint
 from cmrf.cli import main as cli_main
 from cmrf.inference import InferenceCMRF, fold_conv_norm, max_pool2x, upsample_bicubic2x
 from cmrf.layers import ConvNorm
@@ -265,6 +266,40 @@ def test_what_is_kept_and_why_is_named():
     assert "encoders.1 (CMRF): encoders.1.pw1.norm has hooks registered" in message
     with pytest.raises(ValueError, match=r"no CMRF block it can rewrite in _DoubledCMRF: .*its own forward"):
         optimize_for_inference(_DoubledCMRF(8, 8, N=2).eval())
+
+
+def test_hooks_on_every_block_are_named_once_with_the_way_out():
+    """Each hooked block was named twice ("has hooks registered" in the TinyUNet's entry and its
+    own), and the refusal did not say how to get an optimized copy."""
+    model = TinyUNet(channels=(16, 32), N=2).eval()
+    handles = [m.register_forward_hook(lambda *a: None) for m in model.modules() if isinstance(m, CMRF)]
+    with pytest.raises(ValueError) as caught:
+        optimize_for_inference(model)
+    message = str(caught.value)
+    assert message.count("has hooks registered") == len(handles)
+    assert "its blocks encoders.0, encoders.1, decoders.0, decoders.1 are customised" in message
+    assert "remove them (handle.remove())" in message
+    for handle in handles:
+        handle.remove()
+    assert type(optimize_for_inference(model)).__name__ == "InferenceTinyUNet"
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_save_weights_refuses_an_optimized_copy_and_a_load_names_one(tmp_path, freeze):
+    """The copy's state dict (BatchNorm folded) was saved without a word, and loading it back gave
+    a list of missing keys with no hint; save_weights now refuses it and a torch.save'd one is named."""
+    model = TinyUNet(channels=(16, 32), N=2, num_classes=3).eval()
+    fast = optimize_for_inference(model, freeze=freeze)
+    with pytest.raises(ValueError, match=r"optimize_for_inference copy .*save the model you optimized"):
+        save_weights(fast, tmp_path / "fast.safetensors")
+    assert not list(tmp_path.iterdir())
+    generic = optimize_for_inference(nn.Sequential(nn.Conv2d(3, 8, 1), CMRF(8, 8, N=2)).eval())
+    with pytest.raises(ValueError, match=r"Sequential: its part '1' is inference-only"):
+        save_weights(generic, tmp_path / "generic.safetensors")
+    torch.save(fast.state_dict(), tmp_path / "fast.pt")
+    with pytest.raises(ValueError, match=r"of an optimize_for_inference copy .*save the model before"):
+        cmrf_load_checkpoint(TinyUNet(channels=(16, 32), N=2, num_classes=3), tmp_path / "fast.pt")
+    save_weights(model, tmp_path / "model.safetensors")  # the model it was made from saves as ever
 
 
 @pytest.mark.parametrize("change", ["none", "momentum", "SyncBatchNorm", "same settings spelt otherwise"])

@@ -60,6 +60,11 @@ def _model(args: argparse.Namespace):
 def _input_size(args: argparse.Namespace, model, in_chans: int, data: dict) -> list[int]:
     if args.input_size is None:
         return default_input_size(model, in_chans, data.get("img_size"))
+    spatial_dims = getattr(model, "spatial_dims", None)
+    if isinstance(spatial_dims, int) and len(args.input_size) == spatial_dims + 1:
+        given = " ".join(map(str, args.input_size))
+        raise ValueError(f"--input-size {given} has no batch size: give B C and {spatial_dims} sides, "
+                         f"e.g. --input-size 1 {given}")
     if len(args.input_size) >= 2 and args.input_size[1] != in_chans:
         raise ValueError(
             f"--input-size {' '.join(map(str, args.input_size))} has {args.input_size[1]} channels, but the "
