@@ -136,6 +136,16 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
         raise _truncated(path, "safetensors", err) from err
 
 
+def _is_onnx_graph(path: Path) -> bool:
+    """Whether ``path`` is an ONNX model: its suffix, or the protobuf's first field (``ir_version``,
+    field 1 as a varint: byte 0x08) followed by a small version number."""
+    if path.suffix.lower() == ".onnx":
+        return True
+    with open(path, "rb") as file:
+        head = file.read(2)
+    return len(head) == 2 and head[0] == 0x08 and 3 <= head[1] <= 20
+
+
 def _read_torch_file(path: Path):
     try:
         with warnings.catch_warnings():
@@ -151,7 +161,13 @@ def _read_torch_file(path: Path):
         # "Unsupported global: GLOBAL builtins.eval", or for modules torch blocks outright
         # (os, sys, posix) "Trying to load unsupported GLOBAL posix.system whose module ..."
         found = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(err), re.IGNORECASE)
-        if found is None:  # not a pickle at all (an image, an ONNX graph): torch's weights-only reader
+        if found is None and _is_onnx_graph(path):  # what cmrf export writes, given back by habit
+            raise ValueError(
+                f"cannot read weights from {path}: it is an ONNX graph (what cmrf export writes), not a "
+                f"weights file; give the checkpoint it was exported from (.safetensors or .pt): "
+                f"cmrf predict and cmrf evaluate run it in ONNX Runtime with --backend onnxruntime"
+            ) from err
+        if found is None:  # not a pickle at all (an image): torch's weights-only reader
             raise ValueError(  # stops at its first byte ("Unsupported operand 80")
                 f"cannot read weights from {path}: not a torch checkpoint or safetensors file "
                 f"({_weights_unpickler_reason(err)})") from err

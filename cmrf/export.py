@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -168,6 +168,7 @@ def export_onnx(
     optimize: bool = True,
     opset_version: int = DEFAULT_OPSET,
     verbose: bool = False,
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Export ``model`` (optimized for inference first) to an ONNX file.
 
@@ -188,6 +189,9 @@ def export_onnx(
             without CMRF blocks).
         opset_version: ONNX opset. Default 20, the first with a native ``Gelu``.
         verbose: print the exporter's progress.
+        metadata: text entries for the file's ``metadata_props`` (what ONNX Runtime's
+            ``session.get_modelmeta().custom_metadata_map`` reads back), e.g. how to prepare the
+            input; ``None`` (default) writes none. ``cmrf export`` records a run's (docs/cli.md).
 
     Returns:
         The path written. The graph has one input ``input`` and one output ``output``.
@@ -207,6 +211,7 @@ def export_onnx(
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"export_onnx expects an nn.Module, got {type(model).__name__}")
+    _check_metadata(metadata)
     model = _unwrapped(model)
     check_exporter()
     check_opset(opset_version)
@@ -242,7 +247,33 @@ def export_onnx(
         if dynamic:
             _check_dynamic_axes(tmp, len(size))
             _check_at_another_size(model, tmp, example, spatial_multiple)
+        if metadata:
+            _write_metadata(tmp, metadata)
     return path
+
+
+def _check_metadata(metadata) -> None:
+    """``metadata`` is ``None`` or maps text to text, as ONNX's ``metadata_props`` store it."""
+    if metadata is None:
+        return
+    if not isinstance(metadata, Mapping):
+        raise ValueError(f"metadata must be a dict of str to str, got {type(metadata).__name__}")
+    wrong = [f"{key!r}: {value!r}" for key, value in metadata.items()
+             if not isinstance(key, str) or not isinstance(value, str)]
+    if wrong:
+        raise ValueError(f"metadata must map str to str (ONNX stores text only), got {', '.join(wrong)}: "
+                         f"convert them with str() or json.dumps()")
+
+
+def _write_metadata(path: Path, metadata: Mapping[str, str]) -> None:
+    """Add ``metadata`` to the ONNX file ``path``'s ``metadata_props``, in place."""
+    import onnx
+
+    graph = onnx.load(str(path))
+    for key, value in metadata.items():
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(graph, str(path))
 
 
 def _check_at_another_size(model: nn.Module, path: Path, example: torch.Tensor, multiple: int) -> None:

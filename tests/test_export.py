@@ -308,6 +308,45 @@ def test_run_checkpoint_names_its_model_and_size(tmp_path, captured_export):
     assert main(["export", "onnx", "--checkpoint", str(checkpoint), "-o", str(tmp_path / "x.onnx")]) == 0
     assert captured_export["input_size"] == [1, 1, 48, 48]
     assert captured_export["model"].head.out_channels == 3
+    recorded = captured_export["metadata"]  # how a deployer feeds the graph, beside it
+    assert recorded["cmrf_img_size"] == "48" and recorded["cmrf_in_chans"] == "1"
+    assert recorded["cmrf_class_names"] == '["a", "b", "c"]' and recorded["cmrf_num_classes"] == "3"
+    preprocess = recorded["cmrf_preprocess"]
+    assert "resize to 48x48" in preprocess and "(x - 0.5) / 0.25" in preprocess
+    assert recorded["cmrf_normalize_mean"] == "0.5" and recorded["cmrf_normalize_std"] == "0.25"
+    bare = tmp_path / "bare.safetensors"  # its preparation is unknown: no preprocessing entries
+    cmrf.save_weights(model, bare)
+    argv = ["export", "onnx", "tinyunet", "--channels", "16", "32", "--N", "4", "--checkpoint", str(bare)]
+    assert main([*argv, "-o", str(tmp_path / "y.onnx")]) == 0
+    assert "cmrf_preprocess" not in captured_export["metadata"]
+    assert captured_export["metadata"]["cmrf_in_chans"] == "1"
+
+
+@requires_onnx_exporter
+def test_export_onnx_writes_metadata_onnx_runtime_reads(tmp_path):
+    import onnxruntime as ort
+
+    model = cmrf.TinyUNet(channels=(16, 32), N=4)
+    with pytest.raises(ValueError, match=r"metadata must map str to str .*'img_size': 32"):
+        cmrf.export_onnx(model, tmp_path / "x.onnx", (1, 3, 32, 32), metadata={"img_size": 32})
+    path = cmrf.export_onnx(model, tmp_path / "x.onnx", (1, 3, 32, 32), metadata={"img_size": "32"})
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_modelmeta().custom_metadata_map == {"img_size": "32"}
+
+
+@requires_onnx_exporter
+def test_output_the_terminal_cannot_encode_is_escaped_not_an_error(tmp_path):
+    """A finished export whose -o held undecodable bytes reported "error: 'utf-8' codec can't
+    encode character" on its last line, exit 2, the file written."""
+    import subprocess
+    import sys
+
+    out = os.fsdecode(bytes(tmp_path) + b"/g\xff.onnx")
+    code = "import sys; from cmrf.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = [sys.executable, "-c", code, "export", "onnx", *SMALL, "-o", out]
+    done = subprocess.run(argv, capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert b"g\\udcff.onnx" in done.stdout
 
 
 def test_export_without_model_or_checkpoint_is_one_line(tmp_path, capsys):
@@ -321,6 +360,11 @@ def test_input_channels_must_match_the_checkpoint(tmp_path, capsys):
     argv = ["export", "onnx", *SMALL, "--checkpoint", str(checkpoint), "-o", str(tmp_path / "x.onnx")]
     assert main(argv) == 2
     assert "has 3 channels, but the model takes 1" in _one_error_line(capsys.readouterr().err)
+    argv = ["export", "onnx", *SMALL[:6], "--checkpoint", str(checkpoint), "-o", str(tmp_path / "x.onnx")]
+    assert main([*argv, "--input-size", "2", "1", "64"]) == 2  # B C and one side: not "1 2 1 64"
+    assert "has 1 spatial side(s), but the model takes 2" in _one_error_line(capsys.readouterr().err)
+    assert main([*argv, "--input-size", "1", "64", "64"]) == 2
+    assert "no batch size: give B C and 2 sides, e.g. --input-size 1 1 64 64" in capsys.readouterr().err
 
 
 def test_torch_without_the_dynamo_exporter_is_one_line(tmp_path, monkeypatch, capsys):

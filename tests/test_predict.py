@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,12 @@ def test_outputs_of_a_stem_that_now_collides_are_removed(checkpoint, tmp_path, c
     assert "removed 2 file(s) of an earlier run" in capsys.readouterr().out
     names = sorted(p.name for p in out.iterdir())
     assert names == ["a.jpg_mask.png", "a.jpg_overlay.png", "a.png_mask.png", "a.png_overlay.png"]
+    (folder / "a.jpg").unlink()  # the other way round: a.png_mask.png would pass for a.png's mask
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "removed 2 file(s) of an earlier run" in capsys.readouterr().out
+    names = sorted(p.name for p in out.iterdir())  # a.jpg's own outputs stay, as a missing input's do
+    assert names == ["a.jpg_mask.png", "a.jpg_overlay.png", "a_mask.png", "a_overlay.png"]
 
 
 def test_an_image_given_twice_is_predicted_once(checkpoint, tmp_path, capsys):
@@ -246,6 +253,46 @@ def test_file_names_are_titles_not_mathtext(checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["predict", str(checkpoint), str(folder), "--out", str(out), "--device", "cpu"]) == 0
     assert len(list(out.glob("*_overlay.png"))) == 2 and len(list(out.glob("*_mask.png"))) == 2
+
+
+def test_file_names_that_are_not_utf8_or_lack_glyphs_are_drawn(checkpoint, tmp_path, capsys):
+    """A Latin-1 name on a UTF-8 system (Python keeps its byte as a lone surrogate) stopped the run
+    with "internal error" (exit 70) in the overlay's title; CJK names printed matplotlib's glyph
+    warnings, two per image."""
+    folder = tmp_path / "names"
+    folder.mkdir()
+    latin1 = os.fsdecode(b"M\xfcller.png")  # "Müller.png" as Latin-1 bytes
+    for name in (latin1, "\u6f22\u5b57.png", "z.png"):
+        _image(folder / name, 20, 20)
+    out = tmp_path / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["predict", str(checkpoint), str(folder), "--out", str(out), "--device", "cpu"]) == 0
+    assert len(list(out.glob("*_overlay.png"))) == 3 and len(list(out.glob("*_mask.png"))) == 3
+
+
+def test_an_onnx_file_given_as_checkpoint_is_named(checkpoint, images, tmp_path, capsys):
+    """An exported .onnx given to predict got "not a torch checkpoint or safetensors file
+    (Unsupported operand 8)"."""
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"\x08\x0a\x12\x07pytorch")  # an ONNX protobuf starts with its ir_version
+    for path in (onnx, tmp_path / "model.bin"):
+        path.write_bytes(onnx.read_bytes())
+        assert main(["predict", str(path), str(images / "c.png"), "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert "it is an ONNX graph (what cmrf export writes), not a weights file" in err
+        assert "--backend onnxruntime" in err
+
+
+def test_a_file_without_the_training_size_is_noted(checkpoint, images, tmp_path, capsys):
+    """A save_weights file records no img_size: predict guessed 256 without a word."""
+    bare = tmp_path / "weights.safetensors"
+    cmrf.save_weights(cmrf.create_model("tinyunet", channels=(16, 32), N=4), bare)
+    argv = ["predict", str(bare), str(images / "c.png"), "--out", str(tmp_path / "out"), "--device", "cpu"]
+    assert main(argv) == 0
+    assert "records no training image size; predicting at 256 (give --img-size" in capsys.readouterr().err
+    assert main([*argv, "--img-size", "32"]) == 0
+    assert "records no training image size" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("model, kwargs, message", [

@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import functools
 import importlib
+import io
 import os
 import re
 import signal
@@ -210,10 +211,20 @@ def _drop_unusable_mplbackend(command: str) -> None:
         return
 
 
+def _escape_unprintable_output() -> None:
+    """Print what the terminal's encoding cannot show (a file name's undecodable bytes, kept by
+    Python as lone surrogates) as escapes, as stderr already does: stdout's strict default turned
+    the last line of a finished export or prediction into an error and exit 2."""
+    with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
+        if sys.stdout.errors == "strict":
+            sys.stdout.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``cmrf`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status (see module doc)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
+    _escape_unprintable_output()
     try:  # building the parser imports the command's module: seconds in which Ctrl-C is common
         parser = build_parser(command if command in COMMANDS else None)
         args = parser.parse_args(argv)

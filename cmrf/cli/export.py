@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import json
 from pathlib import Path
 
 from cmrf.cli.common import check_output_file, require_extra, user_path
@@ -41,7 +42,7 @@ def build(parser: argparse.ArgumentParser):
 
 
 def _model(args: argparse.Namespace):
-    """``(model, its input channels, its run's data options)`` from the flags and the checkpoint."""
+    """``(model, its input channels, the checkpoint's metadata)`` from the flags and the checkpoint."""
     from cmrf.train.setup import build_model, model_from_checkpoint
 
     if args.checkpoint:
@@ -49,7 +50,7 @@ def _model(args: argparse.Namespace):
             args.checkpoint, model=args.model, num_classes=args.num_classes, in_chans=args.in_chans,
             model_kwargs=constructor_kwargs(args),
         )
-        return model, meta["in_chans"], meta.get("data", {})
+        return model, meta["in_chans"], meta
     if args.model is None:
         raise ValueError("give a model NAME (e.g. tinyunet) or a --checkpoint written by cmrf train")
     in_chans = args.in_chans or (args.input_size[1] if args.input_size and len(args.input_size) > 1 else 3)
@@ -57,14 +58,52 @@ def _model(args: argparse.Namespace):
     return model, in_chans, {}
 
 
+def _graph_metadata(args: argparse.Namespace, model, in_chans: int, meta: dict) -> dict[str, str]:
+    """What a deployer needs beside the graph, as ONNX ``metadata_props``: the model, its channels
+    and classes and, for a run of ``cmrf train`` (whose data options say), how its images were
+    prepared and how to read the output."""
+    from cmrf.constants import NORMALIZE_MEAN, NORMALIZE_STD
+
+    entries = {"cmrf_model": str(meta.get("model") or args.model), "cmrf_in_chans": str(in_chans)}
+    num_classes = meta.get("num_classes") or getattr(model, "num_classes", None)
+    if num_classes:
+        entries["cmrf_num_classes"] = str(num_classes)
+    if meta.get("class_names"):
+        entries["cmrf_class_names"] = json.dumps(list(meta["class_names"]))
+    data = meta.get("data") or {}
+    side = data.get("img_size")
+    if side:
+        dims = 3 if data.get("spatial_dims") == 3 else 2
+        resize = "trilinear" if dims == 3 else "bilinear, antialiased"
+        channels = "RGB" if in_chans == 3 else "one grey channel"
+        entries["cmrf_img_size"] = str(side)
+        entries["cmrf_normalize_mean"] = str(NORMALIZE_MEAN)
+        entries["cmrf_normalize_std"] = str(NORMALIZE_STD)
+        entries["cmrf_preprocess"] = (
+            f"read as {channels}; resize to {'x'.join([str(side)] * dims)} ({resize}; the aspect ratio is "
+            f"not kept); scale the values to [0, 1]; then (x - {NORMALIZE_MEAN}) / {NORMALIZE_STD}; "
+            f"float32, channels first, batch first"
+        )
+        entries["cmrf_postprocess"] = (
+            "argmax over dimension 1 gives class indices (0 = background); resize them to the image's "
+            "size with nearest neighbour"
+        )
+    return entries
+
+
 def _input_size(args: argparse.Namespace, model, in_chans: int, data: dict) -> list[int]:
     if args.input_size is None:
         return default_input_size(model, in_chans, data.get("img_size"))
     spatial_dims = getattr(model, "spatial_dims", None)
-    if isinstance(spatial_dims, int) and len(args.input_size) == spatial_dims + 1:
-        given = " ".join(map(str, args.input_size))
-        raise ValueError(f"--input-size {given} has no batch size: give B C and {spatial_dims} sides, "
-                         f"e.g. --input-size 1 {given}")
+    given = " ".join(map(str, args.input_size))
+    # Without --in-chans or a checkpoint the model took its channels from --input-size's second value.
+    channels = in_chans if args.in_chans or args.checkpoint else 3
+    if isinstance(spatial_dims, int) and len(args.input_size) != spatial_dims + 2:
+        if len(args.input_size) == spatial_dims + 1 and args.input_size[0] == channels:
+            raise ValueError(f"--input-size {given} has no batch size: give B C and {spatial_dims} sides, "
+                             f"e.g. --input-size 1 {given}")
+        raise ValueError(f"--input-size {given} has {len(args.input_size) - 2} spatial side(s), but the "
+                         f"model takes {spatial_dims}: give B C and {spatial_dims} sides")
     if len(args.input_size) >= 2 and args.input_size[1] != in_chans:
         raise ValueError(
             f"--input-size {' '.join(map(str, args.input_size))} has {args.input_size[1]} channels, but the "
@@ -99,11 +138,11 @@ def run_export(args: argparse.Namespace) -> int:
     require_extra(("onnx", "onnxscript"), "cmrf export onnx", "onnx")
     with _folders_made_for(Path(args.output).parent):  # before the check, which needs the folder
         check_output_file(args.output, "-o", {"--checkpoint": args.checkpoint})
-        model, in_chans, data = _model(args)
-        input_size = _input_size(args, model, in_chans, data)
+        model, in_chans, meta = _model(args)
+        input_size = _input_size(args, model, in_chans, meta.get("data") or {})
         path = export_onnx(
             model, args.output, input_size, dynamic=args.dynamic, optimize=not args.no_optimize,
-            opset_version=args.opset,
+            opset_version=args.opset, metadata=_graph_metadata(args, model, in_chans, meta),
         )
     size_mb = path.stat().st_size / 2**20
     shape = "x".join(map(str, input_size))

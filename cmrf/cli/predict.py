@@ -117,9 +117,10 @@ def build(parser: argparse.ArgumentParser):
                              "such as the reference code's .pth (with --model)")
     parser.add_argument("inputs", nargs="+", type=user_path, help="image files and/or folders of images")
     parser.add_argument("--out", type=user_path, required=True,
-                        help="folder for STEM_mask.png and STEM_overlay.png")
+                        help="folder for STEM_mask.png (0/255 for two classes, a palette PNG of class "
+                             "indices for more; the input image's size) and STEM_overlay.png")
     parser.add_argument("--img-size", type=positive_int, default=None,
-                        help="network input side (default: the run's, 256 for a bare state dict)")
+                        help="network input side (default: the run's; 256 for a file that records none)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--no-overlays", dest="overlays", action="store_false", help="write only the masks")
     parser.add_argument("--overwrite", action="store_true",
@@ -171,6 +172,9 @@ def _input_side(args: argparse.Namespace, meta: dict, model) -> int:
     if args.img_size and trained and args.img_size != trained:
         print(f"cmrf predict: note: --img-size {args.img_size}, the run trained at {trained}",
               file=sys.stderr)
+    if not args.img_size and not trained:  # a save_weights file or a bare state dict: a guess
+        print(f"cmrf predict: note: {args.checkpoint} records no training image size; predicting at "
+              f"{side} (give --img-size, the side the model was trained at)", file=sys.stderr)
     return side
 
 
@@ -209,12 +213,14 @@ def _check_no_output_links_to_an_input(
 
 
 def _renamed_outputs(files: Sequence[Path], stems: Sequence[str], out: Path) -> list[Path]:
-    """Outputs an earlier run wrote under an input's plain stem (``a_mask.png`` for ``a.png``) that
-    this run names otherwise (``a.png_mask.png``, since ``a.jpg`` came along): they would pass for
-    the mask of an image of this run."""
+    """Outputs an earlier run wrote for an input under the name this run does not use: its plain
+    stem (``a_mask.png`` for ``a.png``, now ``a.png_mask.png`` since ``a.jpg`` came along) or its
+    full name (``a.png_mask.png``, now ``a_mask.png`` since ``a.jpg`` is gone). They would pass
+    for the mask of an image of this run."""
     used = {stem.casefold() for stem in stems}
-    plain = dict.fromkeys(path.stem for path in files if path.stem.casefold() not in used)
-    return [out / f"{stem}_{kind}.png" for stem in plain for kind in ("mask", "overlay")]
+    other = dict.fromkeys(name for path in files for name in (path.stem, path.name)
+                          if name.casefold() not in used)
+    return [out / f"{name}_{kind}.png" for name in other for kind in ("mask", "overlay")]
 
 
 def _written_by_predict(path: Path) -> bool:

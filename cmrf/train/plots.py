@@ -6,6 +6,7 @@ on (or changes) the global backend and no window ever opens; files are written a
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -122,6 +123,15 @@ def plot_overlays(
                 ax.set_title(columns[j])
         if titles is not None:
             # File names are text, not mathtext: "scan_$x^$.png" must neither fail nor be typeset.
-            axes[i][0].set_ylabel(titles[i], fontsize=8, parse_math=False)
-    figure.tight_layout()
-    return _save(figure, path, metadata)
+            axes[i][0].set_ylabel(_drawable(titles[i]), fontsize=8, parse_math=False)
+    with warnings.catch_warnings():
+        # A name in a script the font lacks (CJK) is drawn as boxes; the warning per glyph is noise.
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from", category=UserWarning)
+        figure.tight_layout()
+        return _save(figure, path, metadata)
+
+
+def _drawable(text: str) -> str:
+    """``text`` without the lone surrogates that stand for a file name's undecodable bytes (a
+    Latin-1 name on a UTF-8 system), which the renderer refuses: each becomes U+FFFD."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
