@@ -337,6 +337,42 @@ def test_evaluate_on_another_site_does_not_take_the_runs_file_options(tmp_path, 
     assert main(argv) == 0  # the run's own site: its split lists and threshold, as trained
 
 
+def test_evaluate_names_classes_as_the_run_did_and_warns_of_other_names(tmp_path, capsys):
+    """Data with a classes.txt of other names was scored under them without a word; data without one
+    got "foreground" for the run's "tumour"; a class count the user never gave was blamed on a flag."""
+    from cmrf.train.state import model_metadata
+    from tests.test_data import write_pair
+
+    site = tmp_path / "site"
+    for i in range(5):
+        write_pair(site, f"s{i}", seed=i)
+    kwargs = {"channels": [16, 32], "N": 4}
+    data = {"data": "folder", "root": str(site), "img_size": 32, "seed": 0, "spatial_dims": 2}
+    checkpoint = tmp_path / "best.safetensors"
+    meta = model_metadata("tinyunet", kwargs, 3, 2, ["background", "tumour"], data=data)
+    cmrf.save_weights(cmrf.TinyUNet(channels=(16, 32), N=4), checkpoint, metadata=meta)
+    out = tmp_path / "scores.json"
+    argv = ["evaluate", str(checkpoint), "--device", "cpu", "--no-optimize", "--json", str(out)]
+    assert main(argv) == 0
+    assert "tumour" in capsys.readouterr().out and "warning" not in capsys.readouterr().err
+    scores = json.loads(out.read_text())
+    assert list(scores["per_class"]) == ["background", "tumour"]
+    assert scores["checkpoint_path"] == str(checkpoint.resolve()) and scores["model"] == "tinyunet"
+    assert scores["precision"] == "float32"
+    (site / "classes.txt").write_text("background\nlesion\n")
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "the data names its classes ['background', 'lesion'], but" in err
+    assert "trained on classes named ['background', 'tumour']" in err
+    assert list(json.loads(out.read_text())["per_class"]) == ["background", "lesion"]
+    (site / "classes.txt").unlink()
+    three = tmp_path / "three.safetensors"
+    meta = model_metadata("tinyunet", kwargs, 3, 3, ["background", "a", "b"], data={**data, "num_classes": 3})
+    cmrf.save_weights(cmrf.TinyUNet(channels=(16, 32), N=4, num_classes=3), three, metadata=meta)
+    assert main(["evaluate", str(three), "--device", "cpu"]) == 2
+    assert "--num-classes 3 was not given: it is the checkpoint's" in capsys.readouterr().err
+
+
 def test_evaluate_holds_only_the_runs_own_files_to_its_splits(tmp_path, capsys):
     """The run's split fingerprint keeps its training images out of its own test split; another
     --root is other data, scored as it is."""

@@ -45,10 +45,12 @@ def run_dir(tmp_path_factory):
 
 def test_train_writes_metrics_checkpoints_and_figures(run_dir):
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert set(metrics) >= {"mean_iou", "mean_dice", "per_class", "history"}
+    assert set(metrics) >= {"mean_iou", "mean_dice", "per_class", "history", "absent"}
+    assert metrics["precision"] == "float32"  # whatever --amp trained in, as cmrf evaluate scores
     assert list(metrics["per_class"]) == ["background", "lesion"]
     for scores in metrics["per_class"].values():
-        assert set(scores) == {"iou", "dice"} and 0 <= scores["iou"] <= scores["dice"] <= 1
+        assert set(scores) == {"iou", "dice", "target_pixels", "predicted_pixels"}
+        assert 0 <= scores["iou"] <= scores["dice"] <= 1 and scores["target_pixels"] > 0
     assert metrics["mean_iou"] == pytest.approx(sum(s["iou"] for s in metrics["per_class"].values()) / 2)
     history = metrics["history"]
     assert [r["epoch"] for r in history] == [1, 2]
@@ -943,7 +945,8 @@ def test_the_training_state_file_serves_as_a_checkpoint(tmp_path, capsys):
         json_out = tmp_path / f"{name}.json"
         argv = ["evaluate", str(out / name), "--device", "cpu", "--no-optimize", "--json", str(json_out)]
         assert main(argv) == 0, capsys.readouterr().err
-        scores[name] = {k: v for k, v in json.loads(json_out.read_text()).items() if k != "checkpoint"}
+        scores[name] = {k: v for k, v in json.loads(json_out.read_text()).items()
+                        if k not in ("checkpoint", "checkpoint_path")}
     assert scores["last_state.pt"] == scores["last.safetensors"]
 
 

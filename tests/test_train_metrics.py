@@ -76,13 +76,61 @@ def test_metrics_accept_logits_and_accumulate_over_the_dataset_not_per_image():
 def test_metrics_absent_class_scores_zero_and_bad_input_raises():
     metrics = SegmentationMetrics(3)
     metrics.update(torch.zeros(1, 2, 2, dtype=torch.long), torch.zeros(1, 2, 2, dtype=torch.long))
-    assert metrics.compute()["per_class"]["class2"] == {"iou": 0.0, "dice": 0.0}
+    scores = metrics.compute()
+    expected = {"iou": 0.0, "dice": 0.0, "target_pixels": 0, "predicted_pixels": 0}
+    assert scores["per_class"]["class 2"] == expected
+    assert scores["absent"] == ["class 1", "class 2"]
     with pytest.raises(ValueError, match="differ in shape"):
         metrics.update(torch.zeros(1, 2, 3, dtype=torch.long), torch.zeros(1, 2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="class names"):
         SegmentationMetrics(3, ["a", "b"])
     with pytest.raises(ValueError, match="num_classes >= 2"):
         SegmentationMetrics(1)
+
+
+def test_absent_classes_are_named_with_the_mean_of_the_others():
+    """A class in neither ground truth nor prediction scores 0 by convention and pulls the mean down,
+    unmarked in the table or the JSON."""
+    metrics = SegmentationMetrics(4)
+    truth, pred = torch.tensor([[0, 0, 1, 1], [0, 2, 2, 0]]), torch.tensor([[0, 1, 1, 1], [0, 2, 0, 0]])
+    metrics.update(pred, truth)
+    scores = metrics.compute()
+    assert scores["absent"] == ["class 3"]
+    assert scores["per_class"]["class 1"]["target_pixels"] == 2
+    assert scores["per_class"]["class 1"]["predicted_pixels"] == 3
+    # present classes: IoU 3/5, 2/3, 1/2 -> mean 58.89; Dice 3/4, 4/5, 2/3 -> mean 73.89
+    assert format_table(scores).splitlines()[-1] == (
+        "(class 3: in neither ground truth nor prediction, scored 0; the mean of the other classes is "
+        "IoU 58.89, Dice 73.89)")
+    assert scores["mean_iou"] == pytest.approx((3 / 5 + 2 / 3 + 1 / 2) / 4)
+
+
+def test_non_finite_logits_are_refused_not_scored_as_background():
+    """A NaN checkpoint scored background 86.79, mean 43.40, exit 0: argmax of NaN is 0."""
+    metrics = SegmentationMetrics(2)
+    logits = torch.randn(2, 2, 4, 4)
+    logits[1, :, 0, 0] = float("nan")
+    logits[0, 1, 2, 2] = float("inf")
+    metrics.update(logits, torch.zeros(2, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"output held 3 NaN or infinite logits .*so no scores are given"):
+        metrics.compute()
+    metrics.reset()  # the count goes with the rest
+    metrics.update(torch.randn(2, 2, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long))
+    assert metrics.compute()["absent"] == []
+
+
+def test_duplicate_names_integer_logits_and_empty_batches():
+    """Duplicate names dropped a row (the mean over 3 classes beside 2 rows); integer labels with an
+    extra dimension were argmaxed as logits; an empty batch failed in torchmetrics' reshape."""
+    with pytest.raises(ValueError, match=r"class names must differ, got 'lesion' more than once"):
+        SegmentationMetrics(3, ["bg", "lesion", "lesion"])
+    metrics = SegmentationMetrics(2)
+    with pytest.raises(ValueError, match=r"reads as logits \(B, K, \*S\), but it is torch.int64"):
+        metrics.update(torch.ones(1, 2, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
+    metrics.update(torch.zeros(0, 2, 3, 3), torch.zeros(0, 3, 3, dtype=torch.long))
+    metrics.update(torch.zeros(0, 3, 3, dtype=torch.long), torch.zeros(0, 3, 3, dtype=torch.long))
+    metrics.update(torch.ones(1, 3, 3, dtype=torch.long), torch.ones(1, 3, 3, dtype=torch.long))
+    assert metrics.compute()["per_class"]["foreground"]["iou"] == 1.0
 
 
 def test_format_table_in_percent():

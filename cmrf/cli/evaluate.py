@@ -214,6 +214,23 @@ def _scored_data(options: dict, seed: int) -> dict:
     return {**options, "seed": seed}
 
 
+def _class_names(checkpoint, meta: dict, data_names: list[str]) -> list[str]:
+    """The names of the table's rows: the data's, or the checkpoint's run's where the data only
+    numbers its classes (no ``classes.txt``). Names that differ are warned about: the model's
+    class ``k`` is what it was trained as, whatever the data calls its ``k``."""
+    from cmrf.train.metrics import default_class_names
+
+    trained = meta.get("class_names")
+    if not trained or list(trained) == data_names or len(trained) != len(data_names):
+        return data_names
+    if data_names == default_class_names(len(data_names)):
+        return list(trained)
+    print(f"warning: the data names its classes {data_names}, but {checkpoint}'s model was trained on "
+          f"classes named {list(trained)}: class k is scored as the model learnt it, under the data's name; "
+          f"check that both mean the same classes in the same order", file=sys.stderr)
+    return data_names
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     with torch_threads(args.threads):
         return _evaluate(args)
@@ -251,13 +268,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     if isinstance(model_dims, int) and args.spatial_dims != model_dims:  # the data's error blames the data
         raise ValueError(f"{args.checkpoint} holds a {model_dims}D model, and --spatial-dims "
                          f"{args.spatial_dims} reads {args.spatial_dims}D data: leave --spatial-dims out")
-    bundle, options = _build_evaluation_data(args, run_data, given)
+    try:
+        bundle, options = _build_evaluation_data(args, run_data, given)
+    except ValueError as err:  # the data names --num-classes: say it is the checkpoint's, not the user's
+        if "num_classes" not in given and args.num_classes is not None and "--num-classes" in str(err):
+            err.args = (f"{err} (--num-classes {args.num_classes} was not given: it is the checkpoint's, "
+                        f"whose model has {args.num_classes} classes)",)
+        raise
     _check_same_splits(args, run_data, bundle)
     if bundle.num_classes != meta["num_classes"] or bundle.in_channels != meta["in_chans"]:
         raise ValueError(
             f"{args.checkpoint} was trained for {meta['in_chans']} channels and {meta['num_classes']} "
             f"classes, the data has {bundle.in_channels} channels and {bundle.num_classes} classes"
         )
+    class_names = _class_names(args.checkpoint, meta, list(bundle.class_names))
     dataset = getattr(bundle, args.split)
     if dataset is None or len(dataset) == 0:
         raise ValueError(f"the {args.split} split is empty; choose another with --split")
@@ -267,9 +291,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     loader = eval_loader(dataset, args.batch_size, args.workers, Processes(), device=device)
     # Two input shapes at most: full batches and a last, smaller one.
     model = inference_model(model.to(device), device, args.optimize, max_graphs=2, backend=args.backend)
-    scores = evaluate_model(model, loader, bundle.num_classes, list(bundle.class_names), device)
+    scores = evaluate_model(model, loader, bundle.num_classes, class_names, device)
     scores = {**scores, "split": args.split, "images": len(dataset), "checkpoint": str(args.checkpoint),
-              "data": _scored_data(options, args.seed)}
+              "checkpoint_path": str(Path(args.checkpoint).resolve()), "model": meta.get("model"),
+              "epoch": meta.get("epoch"), "precision": "float32", "data": _scored_data(options, args.seed)}
     print(format_table(scores, f"{args.split} split ({len(dataset)} images), {args.checkpoint}"))
     if args.json_out:
         atomic_write_json(scores, args.json_out)

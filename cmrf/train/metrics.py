@@ -5,8 +5,13 @@ positives, false positives and false negatives are summed over every pixel of ev
 the split, then ``IoU_k = TP / (TP + FP + FN)`` and ``Dice_k = 2TP / (2TP + FP + FN)`` (Dice is
 torchmetrics' per-class F1). The background is a class like any other, and ``mean_iou`` /
 ``mean_dice`` are the unweighted means over all classes, background included, which is how the
-paper's mIoU and mDice are formed. A class that never occurs, in prediction or ground truth,
-scores 0 (torchmetrics' ``zero_division=0``).
+paper's mIoU and mDice are formed, as we read it (the paper's code release has no metric code to
+check against). A class that never occurs, in prediction or ground truth, scores 0
+(torchmetrics' ``zero_division=0``) and so pulls the means down; ``compute()`` names such classes
+(``absent``) and counts every class's ground-truth and predicted pixels.
+
+Scores are of what the network sees: masks resized to the data's side (``--img-size``, nearest
+neighbour), not of predictions resized back to each original mask.
 
 Under ``torch.distributed`` the counts are summed across ranks when ``compute()`` runs, so every
 rank gets the score of the whole split (torchmetrics synchronises metric states itself).
@@ -20,10 +25,11 @@ import torch
 
 
 def default_class_names(num_classes: int) -> list[str]:
-    """``["background", "foreground"]`` for 2 classes, else ``["background", "class1", ...]``."""
+    """``["background", "foreground"]`` for 2 classes, else ``["background", "class 1", ...]``
+    (as the data layer names classes without a ``classes.txt``)."""
     if num_classes == 2:
         return ["background", "foreground"]
-    return ["background"] + [f"class{i}" for i in range(1, num_classes)]
+    return ["background"] + [f"class {i}" for i in range(1, num_classes)]
 
 
 class SegmentationMetrics:
@@ -47,8 +53,15 @@ class SegmentationMetrics:
         names = list(class_names) if class_names is not None else default_class_names(num_classes)
         if len(names) != num_classes:
             raise ValueError(f"got {len(names)} class names {names} for num_classes={num_classes}")
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:  # the report is keyed by name: a second class of that name would replace the first
+            raise ValueError(f"class names must differ, got {', '.join(map(repr, twice))} more than once "
+                             f"in {names}")
         self.num_classes = num_classes
         self.class_names = names
+        # Logits that are NaN or infinite, counted on the device (no sync per batch): argmax reads them
+        # as class 0, which would score a diverged model as background everywhere.
+        self._non_finite = torch.zeros((), dtype=torch.long, device=device)
         self.metrics = MetricCollection(
             {
                 "iou": MulticlassJaccardIndex(num_classes, average="none"),
@@ -66,12 +79,17 @@ class SegmentationMetrics:
         """
         from_logits = prediction.dim() == target.dim() + 1
         if from_logits:
+            if not prediction.is_floating_point():
+                raise ValueError(f"prediction {tuple(prediction.shape)} has one dimension more than target "
+                                 f"{tuple(target.shape)}, so it reads as logits (B, K, *S), but it is "
+                                 f"{prediction.dtype}: logits are floating point; labels have target's shape")
             if prediction.shape[1] != self.num_classes:
                 one = (" (a one-channel, sigmoid-style output would score as background everywhere: "
                        "give the model K = 2 outputs, or pass (logits > 0).long() as labels)"
                        if prediction.shape[1] == 1 else "")
                 raise ValueError(f"prediction has {prediction.shape[1]} channels (B, K, *S), but num_classes "
                                  f"is {self.num_classes}{one}")
+            self._non_finite += prediction.numel() - torch.isfinite(prediction).sum()
             prediction = prediction.argmax(dim=1)
         if prediction.shape != target.shape:
             raise ValueError(
@@ -80,6 +98,8 @@ class SegmentationMetrics:
         if prediction.is_floating_point():
             raise ValueError(f"a prediction of the target's shape must hold class indices (an integer "
                              f"tensor), got {prediction.dtype}: pass logits (B, K, *S), or their argmax(1)")
+        if not target.numel():  # an empty batch adds nothing (torchmetrics cannot reshape it)
+            return
         if not from_logits:  # an argmax of K channels is in range: no check (a device sync) needed
             prediction = self._labels("prediction", prediction)
         self.metrics.update(prediction.reshape(-1), self._labels("target", target).reshape(-1))
@@ -102,20 +122,43 @@ class SegmentationMetrics:
         return labels
 
     def compute(self) -> dict:
-        """``{"mean_iou", "mean_dice", "per_class": {name: {"iou", "dice"}}}``, fractions in 0..1."""
+        """The scores as fractions in 0..1: ``{"mean_iou", "mean_dice", "per_class": {name: {"iou",
+        "dice", "target_pixels", "predicted_pixels"}}, "absent": [names]}``, where ``absent`` lists
+        the classes in neither the ground truth nor the prediction (scored 0).
+
+        Raises:
+            ValueError: logits given to ``update`` held NaN or infinite values (a diverged model,
+                an fp16 overflow): their argmax would have scored those pixels as class 0.
+        """
         scores = self.metrics.compute()
+        # The IoU metric's confusion matrix (rows: ground truth, columns: prediction) is this process's
+        # own again after compute(); the pixel counts are summed across processes with the NaN count.
+        confusion = self.metrics["iou"].confmat
+        counts = torch.cat([self._non_finite.reshape(1), confusion.sum(1), confusion.sum(0)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)  # every rank scores the whole split, and refuses alike
+        counts = counts.cpu()
+        if counts[0]:
+            raise ValueError(
+                f"the model's output held {int(counts[0])} NaN or infinite logits (not finite weights or "
+                f"input: a diverged training, an fp16 overflow); their argmax would score those pixels "
+                f"as class 0 ({self.class_names[0]}), so no scores are given")
+        pixels = counts[1:].reshape(2, self.num_classes)
         iou, dice = scores["iou"].double().cpu(), scores["dice"].double().cpu()
         return {
             "mean_iou": float(iou.mean()),
             "mean_dice": float(dice.mean()),
             "per_class": {
-                name: {"iou": float(iou[k]), "dice": float(dice[k])}
+                name: {"iou": float(iou[k]), "dice": float(dice[k]),
+                       "target_pixels": int(pixels[0, k]), "predicted_pixels": int(pixels[1, k])}
                 for k, name in enumerate(self.class_names)
             },
+            "absent": [name for k, name in enumerate(self.class_names) if not pixels[:, k].any()],
         }
 
     def reset(self) -> None:
         self.metrics.reset()
+        self._non_finite.zero_()
 
 
 def format_table(scores: dict, title: str | None = None) -> str:
@@ -128,4 +171,10 @@ def format_table(scores: dict, title: str | None = None) -> str:
         row = scores["per_class"][name]
         lines.append(f"{name:<{width}}  {100 * row['iou']:7.2f}  {100 * row['dice']:7.2f}")
     lines.append(f"{'mean':<{width}}  {100 * scores['mean_iou']:7.2f}  {100 * scores['mean_dice']:7.2f}")
+    absent = [name for name in scores.get("absent", ()) if name in scores["per_class"]]
+    present = [scores["per_class"][name] for name in names if name not in absent]
+    if absent and present:  # a 0 by convention: give the mean it pulls down without it, too
+        iou, dice = (100 * sum(row[key] for row in present) / len(present) for key in ("iou", "dice"))
+        lines.append(f"({', '.join(absent)}: in neither ground truth nor prediction, scored 0; the mean "
+                     f"of the other classes is IoU {iou:.2f}, Dice {dice:.2f})")
     return "\n".join(lines)

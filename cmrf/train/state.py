@@ -156,7 +156,11 @@ def training_state_metadata(path: str | Path) -> dict[str, str] | None:
     except (ValueError, OSError):
         return None
     meta = state.get("metadata")
-    return meta if isinstance(meta, dict) and meta else None
+    if not isinstance(meta, dict) or not meta:
+        return None
+    if "epoch" not in meta and isinstance(state.get("epoch"), int):  # as last.safetensors records it
+        meta = {**meta, "epoch": str(state["epoch"])}
+    return meta
 
 
 def read_metadata(path: str | Path) -> dict:
