@@ -415,6 +415,13 @@ def load_state_dict_checked(
             )
         if mismatched:
             problems.append(f"shape mismatches: {'; '.join(mismatched[:20])}")
+        head = f"{getattr(model, 'classifier_name', None)}."
+        if mismatched and not missing and not unexpected and all(m.startswith(head) for m in mismatched):
+            problems.append(
+                "only the classifier differs: to fine-tune for other classes, load the rest with "
+                "create_model(..., num_classes=K, pretrained=True, pretrained_cfg_overlay=dict(file=PATH)) "
+                "or cmrf train --init PATH"
+            )
         raise ValueError(
             f"checkpoint {source} does not fit {type(model).__name__}{_how_it_was_built(source)}: "
             + " | ".join(problems)

@@ -681,3 +681,20 @@ def test_load_checkpoint_names_a_path_that_is_not_one(path, expected):
     int", naming no argument; a state dict passed by habit got the same."""
     with pytest.raises(TypeError, match=expected):
         cmrf.load_checkpoint(cmrf.TinyUNet(channels=(16, 32), N=2), path)
+
+
+def test_an_overlays_num_classes_describes_the_file_and_a_head_only_mismatch_names_fine_tuning(tmp_path):
+    """pretrained_cfg_overlay=dict(file=..., num_classes=4) for a 2-class file built a 4-class model
+    with a random head, silently: in timm the cfg's num_classes describes the weights. Asked for in
+    create_model's own arguments, the head starts afresh, as before."""
+    kwargs = {"channels": (16, 32), "N": 2}
+    path = tmp_path / "two.safetensors"
+    cmrf.save_weights(cmrf.create_model("tinyunet", **kwargs), path)
+    with pytest.raises(ValueError, match=r"head\.weight: checkpoint \(2, .* vs model \(4, "):
+        overlay = dict(file=str(path), num_classes=4)
+        cmrf.create_model("tinyunet", pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    asked = cmrf.create_model("tinyunet", num_classes=4, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+    assert asked.head.out_channels == 4
+    with pytest.raises(ValueError, match=r"only the classifier differs: to fine-tune .*train --init PATH"):
+        cmrf.create_model("tinyunet", num_classes=4, checkpoint_path=str(path), **kwargs)

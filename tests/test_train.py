@@ -964,3 +964,30 @@ def test_a_run_that_fails_before_writing_anything_leaves_no_folder(tmp_path):
             raise RuntimeError("a corrupt image")
     assert not fresh.exists() and fresh.parent.is_dir()  # only the run's own folder goes
     assert existing.is_dir() and (written / "log.txt").is_file()
+
+
+def test_init_starts_a_run_from_earlier_weights_and_resume_compares_it(tmp_path, capsys):
+    """cmrf train had no way to start from earlier weights (fine-tuning); --init loads them, the
+    classifier of another class count afresh, and the run records the file for --resume."""
+    from safetensors import safe_open
+
+    import cmrf
+
+    source = cmrf.create_model("tinyunet", channels=(16, 32), N=8, num_classes=4)
+    init = tmp_path / "four.safetensors"
+    cmrf.save_weights(source, init)
+    out = tmp_path / "run"
+    argv = ["train", *TINY, "--epochs", "1", "--no-plots", "--out", str(out), "--init", str(init)]
+    assert main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert f"starting from {init}: the classifier head starts afresh" in printed
+    with safe_open(out / "best.safetensors", "pt") as file:
+        meta = json.loads(file.metadata()["init"])
+    assert meta["file"] == str(init) and len(meta["sha256"]) == 64
+    assert main(argv[:-2] + ["--resume"]) == 2
+    assert "--init four.safetensors (sha256 " in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 0
+    wrong = tmp_path / "other.safetensors"
+    cmrf.save_weights(cmrf.create_model("tinyunet", channels=(16, 64), N=8), wrong)
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(tmp_path / "x"), "--init", str(wrong)]) == 2
+    assert "shape mismatches" in capsys.readouterr().err

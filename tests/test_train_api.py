@@ -111,6 +111,48 @@ def test_a_resume_without_metadata_keeps_the_runs_metadata(tmp_path):
     assert saved["model"] == "tinyunet" and saved["epoch"] == "2"
 
 
+def test_a_resume_without_metadata_on_other_data_is_refused(tmp_path):
+    """fit(resume=True) without metadata= continued a synthetic run on folder data (or other
+    classes), its files still describing the run's data."""
+    from tests.test_data import write_pair
+
+    bundle = tiny_bundle()
+    meta = model_metadata("tinyunet", {"N": 2, "channels": [8, 16]}, 3, 2, bundle.class_names,
+                          data={"data": "synthetic", "img_size": 32, "spatial_dims": 2})
+    out = tmp_path / "run"
+    fit(tiny_model(), bundle, out, recipe(), metadata=meta, plots=False)
+    root = tmp_path / "site"
+    for i in range(6):
+        write_pair(root, f"s{i}", seed=i)
+    (root / "classes.txt").write_text("background\nlesion\n")
+    files = build_datasets(seed=0, data="folder", root=root, img_size=32)
+    with pytest.raises(RunFolderError, match=r"its run was trained on other data \(the splits' files differ"):
+        fit(tiny_model(), files, out, recipe(), resume=True, plots=False)
+    four = build_datasets(seed=0, data="synthetic", img_size=32, synthetic_samples=12, num_classes=4)
+    with pytest.raises(RunFolderError, match=r"classes 2 \(given 4\)"):
+        fit(tiny_model(num_classes=4), four, out, recipe(), resume=True, plots=False)
+    fit(tiny_model(), bundle, out, recipe(), resume=True, plots=False)  # its own data: resumes
+
+
+def test_a_resume_must_freeze_what_the_run_froze(tmp_path):
+    """A fine-tune with a frozen encoder, resumed without freezing it again, trained the encoder
+    on without a word; a model with nothing to train failed in backward."""
+    bundle = tiny_bundle()
+    out = tmp_path / "run"
+    frozen = tiny_model()
+    frozen.encoders.requires_grad_(False)
+    fit(frozen, bundle, out, recipe(), plots=False)
+    with pytest.raises(ValueError, match=r"frozen in the run require grad now \(encoders\.0\.pw1"):
+        fit(tiny_model(), bundle, out, recipe(), resume=True, plots=False)
+    again = tiny_model()
+    again.encoders.requires_grad_(False)
+    fit(again, bundle, out, recipe(), resume=True, plots=False)
+    with pytest.raises(ValueError, match=r"TinyUNet has no trainable parameter"):
+        fit(tiny_model().requires_grad_(False), bundle, tmp_path / "none", recipe(), plots=False)
+    with pytest.raises(ValueError, match=r"--min-lr\), got lr=1e-07, .*needs a smaller --min-lr too"):
+        recipe(lr=1e-7)
+
+
 def test_a_compiled_model_saves_the_weights_of_the_module_it_wraps(tmp_path):
     """Its files had keys "_orig_mod.*", which the same model uncompiled could neither load nor
     resume from ("its weights belong to another network")."""

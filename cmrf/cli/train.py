@@ -140,6 +140,13 @@ def build_train(parser: argparse.ArgumentParser):
         help="delete the files of the run already in --out (and only those) before training",
     )
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG figures")
+    parser.add_argument(
+        "--init", type=user_path, default=None, metavar="FILE",
+        help="fine-tune: start from the weights in FILE (a checkpoint of cmrf train, a save_weights file "
+        "or a reference-code state dict) instead of a random initialisation; a classifier for other "
+        "classes starts afresh and a first layer for other input channels is adapted, everything else "
+        "must fit (give the file's --channels/--N)",
+    )
     parser.set_defaults(run_kind="train")
     return run_train
 
@@ -173,6 +180,21 @@ def _data_metadata(args: argparse.Namespace, bundle) -> dict:
         # and their sizes, which tell a copy of them at another --root from other data so named
         data["split_sizes"] = split_file_sizes(bundle)
     return data
+
+
+def _start_from(model, path) -> dict:
+    """Load ``--init``'s weights into ``model`` (``load_pretrained_weights``) and say what was not
+    loaded as it is; the file's name and SHA-256 for the run's metadata (``--resume`` compares them,
+    and the state then holds the weights, so the file is read again but not used)."""
+    import hashlib
+
+    from cmrf.models._builder import load_pretrained_weights
+
+    notes = load_pretrained_weights(model, path)
+    if is_main_process():
+        print(f"starting from {path}" + (f": {'; '.join(notes)}" if notes else ""))
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return {"file": str(path), "sha256": digest}
 
 
 def _check_out_is_not_a_data_folder(args: argparse.Namespace) -> None:
@@ -213,6 +235,7 @@ def _train(args: argparse.Namespace) -> int:
         report=is_main_process(),
         new_run=True,
     )
+    extra = {"init": _start_from(model, args.init)} if getattr(args, "init", None) else {}
     metadata = model_metadata(
         name,
         model_kwargs,
@@ -222,6 +245,7 @@ def _train(args: argparse.Namespace) -> int:
         replace_n,
         data,
         command=args.run_kind,
+        **extra,
     )
     started = time.perf_counter()
     result = fit(

@@ -213,10 +213,12 @@ def build_model(
         raise ValueError(f"{variant!r} is not TorchScript-scriptable (scriptable=True): trace it with "
                          f"torch.jit.trace, or export it with torch.export or cmrf.export_onnx")
     _resolve_in_channels(kwargs)
+    # What the caller asked for: only those may differ from a local pretrained file's weights. A
+    # cfg's num_classes / input_size describe the weights (timm resets a head only for a num_classes
+    # other than the cfg's), so they are not a request to change them.
+    requested = {name for name in ("num_classes", "in_channels") if name in kwargs}
     _defaults_from_cfg(overlay, kwargs)  # as timm, which lays the overlay over the cfg first
     _defaults_from_cfg(pretrained_cfg, kwargs)
-    # What the caller asked for: only those may differ from a local pretrained file's weights.
-    requested = {name for name in ("num_classes", "in_channels") if name in kwargs}
     _check_kwargs(model_cls, variant, kwargs, entry_args)
     for key in _NEUTRAL_TIMM_KWARGS:
         kwargs.pop(key, None)
@@ -232,6 +234,36 @@ def build_model(
     if pretrained:
         _load_local_pretrained(model, local_weights, requested)
     return model
+
+
+def load_pretrained_weights(model: nn.Module, path) -> list[str]:
+    """Start ``model`` from the weights in ``path`` for fine-tuning (``cmrf train --init``).
+
+    Loaded as ``pretrained=True`` loads a local file for a model that asks for its own classes and
+    input channels: every tensor must fit, except a classifier of another class count, which keeps
+    its fresh initialisation, and a first convolution of other input channels, adapted by timm's
+    rule (``adapt_input_conv``). Reference-code names and wrapper prefixes are mapped.
+
+    Returns:
+        What was not loaded as it is, in words (``[]`` when every tensor was).
+
+    Raises:
+        ValueError: the file does not fit otherwise (other ``channels``/``N``, another model),
+            naming the keys; the model is left untouched.
+    """
+    own = {key: value.shape for key, value in model.state_dict().items()}
+    saved = {key: value.shape for key, value in map_to_model_keys(model, read_state_dict(path), str(path),
+                                                                    quiet=True).items()}
+    _load_local_pretrained(model, str(path), {"num_classes", "in_channels"})
+    head = getattr(model, "classifier_name", "head")
+    first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    notes = []
+    if any(key in saved and saved[key] != own[key] for key in own if key.startswith(f"{head}.")):
+        notes.append(f"the classifier {head} starts afresh (the file's is for other classes)")
+    key = f"{first}.weight"
+    if first and key in saved and key in own and saved[key][1] != own[key][1]:
+        notes.append(f"{first} adapted from {saved[key][1]} input channels to {own[key][1]}")
+    return notes
 
 
 def _load_local_pretrained(model: nn.Module, source: str | dict, requested: set[str]) -> None:

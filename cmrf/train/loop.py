@@ -50,6 +50,7 @@ from cmrf.train.state import (
     Progress,
     TrainingParts,
     capture_state,
+    decode_metadata,
     load_training_state,
     moved_data_root,
     restore_state,
@@ -251,6 +252,9 @@ def _setup(model: nn.Module, bundle, out: Path, recipe: Recipe, metadata: dict, 
     # torch.compile's wrapper: its state_dict keys start "_orig_mod.", which a plain model of the
     # same network could not load nor resume from. Save the module it wraps; train through it.
     model = compiled_original(model).to(device)
+    if not any(param.requires_grad for param in model.parameters()):  # the first backward would fail
+        raise ValueError(f"{type(model).__name__} has no trainable parameter (every requires_grad is "
+                         f"False): unfreeze what should train (requires_grad_(True)) before fit")
     optimizer = torch.optim.Adam(
         model.parameters(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay
     )
@@ -314,6 +318,26 @@ def _run_folder_held(out_dir: str | Path, processes: Processes) -> Iterator[None
         yield
 
 
+def _other_data_than_run(bundle, saved: dict) -> list[str]:
+    """How ``bundle`` differs from the data a run recorded in its metadata (``saved``, decoded):
+    classes, their names, input channels, spatial dims and, for file data, the splits' files."""
+    from cmrf.data import split_fingerprint
+
+    data = saved.get("data") or {}
+    checks = [("classes", saved.get("num_classes"), bundle.num_classes),
+              ("class names", saved.get("class_names"), list(bundle.class_names)),
+              ("input channels", saved.get("in_chans"), bundle.in_channels),
+              ("spatial dims", data.get("spatial_dims"), bundle.spatial_dims)]
+    found = [f"{what} {was} (given {now})" for what, was, now in checks if was is not None and was != now]
+    files, recorded = split_fingerprint(bundle), data.get("split_files")
+    source = data.get("data", "synthetic")
+    # (a run of file data saved before the files were recorded: nothing to compare)
+    if (recorded is not None and recorded != files) or (recorded is None and source == "synthetic" and files):
+        found.append(f"the splits' files differ from the run's ({source} data"
+                     f"{', ' + str(data['root']) if data.get('root') else ''})")
+    return found
+
+
 def _resume(run: _Run) -> None:
     """Continue from ``last_state.pt``, after checking that it is this run's."""
     if not run.files.state.is_file():
@@ -330,9 +354,15 @@ def _resume(run: _Run) -> None:
     saved_meta = state.get("metadata")
     if not run.metadata and isinstance(saved_meta, dict) and saved_meta:
         # Resumed without metadata (from Python): keep the run's, which every later file must
-        # carry for evaluate and the next resume; without it the data could not be compared.
+        # carry for evaluate and the next resume, after comparing what the data itself says.
+        other = _other_data_than_run(run.bundle, decode_metadata(saved_meta))
+        if other:
+            raise RunFolderError(
+                f"cannot resume {run.files.out}: its run was trained on other data ({'; '.join(other)}); "
+                f"pass the run's data (and its metadata=), or train into another out_dir")
         run.metadata = dict(saved_meta)
-        run.log("note: resumed without metadata: the run's own is kept, and the data is not compared with it")
+        run.log("note: resumed without metadata: the run's own is kept; the data's classes, channels and "
+                "split files were compared with it")
     rank, world_size = run.processes.rank, run.processes.world_size
     run.progress = restore_state(state, run.parts, rank=rank, world_size=world_size, source=run.files.state)
     run.log(f"resuming {run.files.out} after epoch {run.progress.epoch}/{run.recipe.epochs}")

@@ -93,7 +93,10 @@ class Recipe:
             # A plain float: the recipe is saved as JSON and in weights-only torch files.
             setattr(self, name, float(value))
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
-            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+            hint = ("; min_lr defaults to 1e-6, so a smaller lr (a fine-tune's) needs a smaller --min-lr too"
+                    if 0 < self.lr < self.min_lr else "")
+            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr (--lr, --min-lr), got lr={self.lr}, "
+                             f"min_lr={self.min_lr}{hint}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if len(self.betas) != 2 or not all(isinstance(b, numbers.Real) and 0 <= b < 1 for b in self.betas):

@@ -245,6 +245,8 @@ def _metadata_settings(meta: dict) -> dict[str, object]:
                      if key not in _DATA_STORAGE_OPTIONS + _DATA_COPY_CHECKS and key not in unread})
     if settings.get("--num-classes") is None:  # left out: the classes the data had, which the model has
         settings["--num-classes"] = meta.get("num_classes")
+    init = meta.get("init")  # --init: which weights the run started from, by name and content
+    settings["--init"] = f"{Path(init['file']).name} (sha256 {init['sha256'][:12]})" if init else "none"
     settings.pop("--in-chans", None)  # the model's input channels are the data's: compared once
     if reads_in_chans(data.get("data", "synthetic"), data.get("spatial_dims", 2)):
         # named by the flag that sets them (runs saved before it existed, or left at the default,
@@ -333,6 +335,8 @@ def capture_state(
         "best_score": progress.best_score,
         "best_epoch": progress.best_epoch,
         "model": {k: v.detach().cpu() for k, v in parts.model.state_dict().items()},
+        # Which parameters were frozen (requires_grad=False): a resume must freeze the same ones.
+        "frozen": frozen_parameters(parts.model),
         "optimizer": parts.optimizer.state_dict(),
         "scheduler": parts.scheduler.state_dict(),
         "scaler": parts.scaler.state_dict(),
@@ -443,6 +447,7 @@ def restore_state(
         ValueError: the saved weights do not fit ``parts.model`` (nothing is loaded then).
     """
     _check_weights_fit(parts.model, state["model"], source)
+    _check_same_frozen(parts.model, state.get("frozen"), source)
     parts.model.load_state_dict(state["model"])
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.scheduler.load_state_dict(state["scheduler"])
@@ -456,6 +461,32 @@ def restore_state(
         best_score=state["best_score"],
         best_epoch=state["best_epoch"],
     )
+
+
+def frozen_parameters(model: nn.Module) -> list[str]:
+    """The names of ``model``'s parameters that do not require grad (frozen for fine-tuning)."""
+    return [name for name, param in model.named_parameters() if not param.requires_grad]
+
+
+def _check_same_frozen(model: nn.Module, saved: list[str] | None, source: str | Path) -> None:
+    """Refuse to resume a run whose frozen parameters differ from the model's now: resumed without
+    freezing them again, the frozen encoder of a fine-tune trained on, without a word."""
+    if saved is None:  # a state saved before this was recorded
+        return
+    now = frozen_parameters(model)
+    if set(saved) == set(now):
+        return
+    unfrozen, newly = [n for n in saved if n not in now], [n for n in now if n not in saved]
+    parts = []
+    if unfrozen:
+        parts.append(f"{len(unfrozen)} frozen in the run require grad now ({', '.join(unfrozen[:4])}"
+                     f"{', ...' if len(unfrozen) > 4 else ''})")
+    if newly:
+        parts.append(f"{len(newly)} trained in the run are frozen now ({', '.join(newly[:4])}"
+                     f"{', ...' if len(newly) > 4 else ''})")
+    raise ValueError(f"cannot resume from {source}: the model's frozen parameters differ from the run's: "
+                     f"{'; '.join(parts)}; freeze (requires_grad_(False)) exactly what the run froze, "
+                     f"then resume")
 
 
 def save_training_state(path: str | Path, state: dict) -> None:
