@@ -146,7 +146,30 @@ def _is_onnx_graph(path: Path) -> bool:
     return len(head) == 2 and head[0] == 0x08 and 3 <= head[1] <= 20
 
 
+# torch.save stores its zip entries uncompressed: a file that expands far beyond its size is a
+# re-packed archive built to exhaust memory (a 195 KB file held a 200 MB tensor, 1 GB to read).
+_MAX_EXPANSION = 20
+
+
+def check_not_a_zip_bomb(path: Path) -> None:
+    """Refuse a zip (``torch.save``'s format) whose entries expand ``_MAX_EXPANSION`` times its size."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            expanded = sum(entry.file_size for entry in archive.infolist())
+    except (zipfile.BadZipFile, OSError):
+        return  # torch.load names a damaged file
+    size = path.stat().st_size
+    if expanded > _MAX_EXPANSION * size + 2**20:
+        raise ValueError(f"cannot read weights from {path}: its zip entries expand to {expanded} bytes from "
+                         f"{size} (torch.save stores them uncompressed); a re-compressed archive is not read")
+
+
 def _read_torch_file(path: Path):
+    check_not_a_zip_bomb(path)
     try:
         with warnings.catch_warnings():
             # torch warns about a foreign file before failing (a TorchScript archive: "call
@@ -380,14 +403,18 @@ def _unusable(value, own: torch.Tensor) -> str:
 
 
 def load_state_dict_checked(
-    model: nn.Module, state: dict[str, torch.Tensor], source: str | Path
+    model: nn.Module, state: dict[str, torch.Tensor], source: str | Path, *, check_only: bool = False
 ) -> nn.Module:
-    """Load ``state`` into ``model`` strictly after checking every key and shape (see ``load_checkpoint``)."""
+    """Load ``state`` into ``model`` strictly after checking every key and shape (see ``load_checkpoint``).
+
+    ``check_only=True`` runs the checks and loads nothing (and says nothing a load would warn
+    about): for a model built on the meta device, to learn whether a file fits before building it.
+    """
     expected = model.state_dict()
     # The file's wrapper prefixes are gone (read_state_dict); the model's own go back on: a compiled
     # model, a DDP-wrapped one, or one whose only child is named "module", loads its own weights.
     prefix = _wrapper_prefix(expected)
-    mapped = {prefix + k: v for k, v in map_to_model_keys(model, state, source).items()}
+    mapped = {prefix + k: v for k, v in map_to_model_keys(model, state, source, quiet=check_only).items()}
     # BatchNorm loads a state without its step counter (older and converted checkpoints lack it),
     # as torch's strict load_state_dict and timm do.
     missing = {k for k in expected.keys() - mapped.keys() if k.rpartition(".")[2] != "num_batches_tracked"}
@@ -407,9 +434,9 @@ def load_state_dict_checked(
             problems.append(f"missing keys: {_name_list(missing)}")
         if unexpected:
             problems.append(f"unexpected keys: {_name_list(unexpected)}")
-        if _folded_keys(unexpected, expected.keys()):
+        if len(_folded_keys(unexpected, expected.keys())) >= 2:
             problems.append(
-                "these are the weights of an optimize_for_inference copy (BatchNorm folded into its "
+                "these look like the weights of an optimize_for_inference copy (BatchNorm folded into its "
                 "convolutions), which no trainable model loads: save the model before optimizing it "
                 "(cmrf.save_weights(model, path)), and optimize again after loading"
             )
@@ -426,7 +453,8 @@ def load_state_dict_checked(
             f"checkpoint {source} does not fit {type(model).__name__}{_how_it_was_built(source)}: "
             + " | ".join(problems)
         )
-    model.load_state_dict(mapped)
+    if not check_only:
+        model.load_state_dict(mapped)
     return model
 
 

@@ -698,3 +698,53 @@ def test_an_overlays_num_classes_describes_the_file_and_a_head_only_mismatch_nam
     assert asked.head.out_channels == 4
     with pytest.raises(ValueError, match=r"only the classifier differs: to fine-tune .*train --init PATH"):
         cmrf.create_model("tinyunet", num_classes=4, checkpoint_path=str(path), **kwargs)
+
+
+def _run_file_with(tmp_path, name: str, **changes) -> Path:
+    """A cmrf train checkpoint whose metadata entries ``changes`` replace (a crafted file)."""
+    from cmrf.train.state import model_metadata
+
+    meta = model_metadata("tinyunet", {"channels": [16, 32], "N": 2}, 3, 2, ["background", "lesion"],
+                          data={"data": "synthetic", "img_size": 32, "spatial_dims": 2})
+    path = tmp_path / name
+    model = cmrf.create_model("tinyunet", channels=(16, 32), N=2)
+    cmrf.save_weights(model, path, metadata={**meta, **changes})
+    return path
+
+
+def test_a_crafted_checkpoints_metadata_cannot_allocate_or_open_files(tmp_path):
+    """Metadata chose the model built before its weights were checked: huge channels tried to
+    allocate 40 GB, model arguments could name files to open (checkpoint_path), and malformed
+    entries ended in a RecursionError or TypeError ("internal error")."""
+    import json
+
+    huge = _run_file_with(tmp_path, "huge.safetensors", model_kwargs=json.dumps({"channels": [100000] * 2}))
+    with pytest.raises(ValueError, match=r"does not fit TinyUNet"):
+        model_from_checkpoint(huge)
+    opener = _run_file_with(tmp_path, "open.safetensors",
+                            model_kwargs=json.dumps({"checkpoint_path": "/etc/passwd"}))
+    with pytest.raises(ValueError, match=r"hold 'checkpoint_path', which are not constructor arguments"):
+        model_from_checkpoint(opener)
+    deep = _run_file_with(tmp_path, "deep.safetensors", model_kwargs="[" * 100000)
+    with pytest.raises(ValueError, match=r"its cmrf metadata is damaged \(not JSON: RecursionError\)"):
+        model_from_checkpoint(deep)
+    listed = _run_file_with(tmp_path, "list.safetensors", data="[1, 2]", num_classes="true")
+    with pytest.raises(ValueError, match=r"wrong type: num_classes \(bool, .*data \(list, expected a dict\)"):
+        model_from_checkpoint(listed)
+    assert isinstance(model_from_checkpoint(_run_file_with(tmp_path, "ok.safetensors"))[0], cmrf.TinyUNet)
+
+
+def test_a_recompressed_torch_file_is_not_inflated(tmp_path):
+    """torch.save stores zip entries uncompressed; a re-packed deflated archive of 20 KB expanded to a
+    20 MB tensor (1000-fold: a few MB of file could exhaust memory)."""
+    import zipfile
+
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.zeros(5_000_000)}, plain)
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as packed:
+        for entry in source.infolist():
+            packed.writestr(entry.filename, source.read(entry.filename))
+    with pytest.raises(ValueError, match=r"bomb.pt: its zip entries expand to \d+ bytes from \d+"):
+        read_state_dict(bomb)
+    assert read_state_dict(plain)["w"].numel() == 5_000_000

@@ -354,7 +354,8 @@ def test_evaluate_names_classes_as_the_run_did_and_warns_of_other_names(tmp_path
     out = tmp_path / "scores.json"
     argv = ["evaluate", str(checkpoint), "--device", "cpu", "--no-optimize", "--json", str(out)]
     assert main(argv) == 0
-    assert "tumour" in capsys.readouterr().out and "warning" not in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "tumour" in captured.out and "warning" not in captured.err
     scores = json.loads(out.read_text())
     assert list(scores["per_class"]) == ["background", "tumour"]
     assert scores["checkpoint_path"] == str(checkpoint.resolve()) and scores["model"] == "tinyunet"
@@ -371,6 +372,23 @@ def test_evaluate_names_classes_as_the_run_did_and_warns_of_other_names(tmp_path
     cmrf.save_weights(cmrf.TinyUNet(channels=(16, 32), N=4, num_classes=3), three, metadata=meta)
     assert main(["evaluate", str(three), "--device", "cpu"]) == 2
     assert "--num-classes 3 was not given: it is the checkpoint's" in capsys.readouterr().err
+
+
+def test_evaluate_never_takes_a_checkpoints_cache_location(tmp_path, capsys, monkeypatch):
+    """The run's cache and cache_dir were read back from the checkpoint: a crafted file made evaluate
+    create and fill any folder its metadata named."""
+    from cmrf.train.state import model_metadata
+
+    monkeypatch.setenv("CMRF_CACHE_DIR", str(tmp_path / "mine"))
+    elsewhere = tmp_path / "elsewhere" / "cache"
+    data = {"data": "synthetic", "img_size": 32, "synthetic_samples": 16, "cache": "disk",
+            "cache_dir": str(elsewhere), "seed": 0, "spatial_dims": 2}
+    names = ["background", "lesion"]
+    meta = model_metadata("tinyunet", {"channels": [16, 32], "N": 4}, 3, 2, names, data=data)
+    checkpoint = tmp_path / "best.safetensors"
+    cmrf.save_weights(cmrf.TinyUNet(channels=(16, 32), N=4), checkpoint, metadata=meta)
+    assert main(["evaluate", str(checkpoint), "--device", "cpu", "--no-optimize"]) == 0
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_evaluate_holds_only_the_runs_own_files_to_its_splits(tmp_path, capsys):

@@ -1826,3 +1826,10 @@ def test_isic_images_are_read_grey_with_in_chans_1(isic_root: Path):
 def test_in_chans_that_cannot_be_read_is_refused(folder_root: Path, options, message):
     with pytest.raises(DataError, match=message):
         build_datasets(**{"data": "folder", "root": folder_root, "img_size": 8, **options})
+
+
+@pytest.mark.parametrize("dims, side", [(2, 8193), (3, 1025)])
+def test_an_image_size_beyond_any_run_is_refused(dims, side):
+    """A checkpoint's recorded img_size is read back by evaluate: unbounded, 10**6 asked for 60 TB."""
+    with pytest.raises(DataError, match=rf"--img-size {side}: expected at most {side - 1} for {dims}D data"):
+        build_datasets(data="synthetic", img_size=side, spatial_dims=dims)

@@ -494,3 +494,37 @@ def test_inputs_naming_no_image_make_no_output_folder_and_name_subfolders(checkp
     assert "its subfolders day1/ hold images, but subfolders are not searched" in err
     assert "none of the 2 input(s) names an image" in captured.out
     assert not out.exists()
+
+
+def test_planted_links_and_control_characters_in_names(checkpoint, tmp_path, capsys):
+    """A link named like an output whose target is missing was written through (creating the
+    target anywhere) without the foreign-file check; a file name's newline or escape sequence
+    reached the terminal as it is."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    _image(folder / "a.png", 20, 20)
+    (folder / "b\n FAKE: all ok\x1b[31m.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "elsewhere" / "owned.png"
+    (out / "a_mask.png").symlink_to(victim)
+    argv = ["predict", str(checkpoint), str(folder), "--out", str(out), "--device", "cpu"]
+    assert main(argv) == 2
+    assert "that cmrf predict did not write (a_mask.png)" in capsys.readouterr().err
+    assert not victim.exists() and not victim.parent.exists()
+    (out / "a_mask.png").unlink()
+    assert main(argv) == 1  # the bad file is reported, a.png written
+    err = capsys.readouterr().err
+    assert "\\n FAKE: all ok\\x1b[31m.png" in err and "\x1b" not in err and err.count("\n") == 1
+
+
+def test_a_checkpoints_huge_image_size_is_refused(tmp_path, capsys, images):
+    from cmrf.train.state import model_metadata
+
+    meta = model_metadata("tinyunet", {"channels": [16, 32], "N": 4}, 3, 2, ["background", "lesion"],
+                          data={"img_size": 40000})
+    path = tmp_path / "huge.safetensors"
+    cmrf.save_weights(cmrf.TinyUNet(channels=(16, 32), N=4), path, metadata=meta)
+    assert main(["predict", str(path), str(images / "c.png"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--img-size 40000 (the checkpoint's): expected an integer of at most 8192" in err

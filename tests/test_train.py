@@ -983,11 +983,25 @@ def test_init_starts_a_run_from_earlier_weights_and_resume_compares_it(tmp_path,
     assert f"starting from {init}: the classifier head starts afresh" in printed
     with safe_open(out / "best.safetensors", "pt") as file:
         meta = json.loads(file.metadata()["init"])
-    assert meta["file"] == str(init) and len(meta["sha256"]) == 64
+    assert meta["file"] == str(init.resolve()) and len(meta["sha256"]) == 64
     assert main(argv[:-2] + ["--resume"]) == 2
-    assert "--init four.safetensors (sha256 " in capsys.readouterr().err
-    assert main([*argv, "--resume"]) == 0
+    assert f"--init a file of sha256 {meta['sha256'][:12]} (given none)" in capsys.readouterr().err
+    moved = tmp_path / "moved.safetensors"  # the same weights elsewhere: compared by content
+    init.rename(moved)
+    assert main([*argv[:-1], str(moved), "--resume"]) == 0
+    assert "starting from" not in capsys.readouterr().out  # the state holds the weights since
     wrong = tmp_path / "other.safetensors"
     cmrf.save_weights(cmrf.create_model("tinyunet", channels=(16, 64), N=8), wrong)
     assert main(["train", *TINY, "--epochs", "1", "--out", str(tmp_path / "x"), "--init", str(wrong)]) == 2
     assert "shape mismatches" in capsys.readouterr().err
+
+
+def test_a_dangling_link_named_like_a_run_file_is_refused(tmp_path, capsys):
+    """A link in a fresh --out named best.safetensors, to a missing file, was written through: the
+    run created the weights wherever the link pointed."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").symlink_to(tmp_path / "elsewhere" / "planted.json")
+    assert main(["train", *TINY, "--epochs", "1", "--no-plots", "--out", str(out)]) == 2
+    assert "metrics.json -> " in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere").exists()

@@ -40,6 +40,8 @@ def _data_arguments_from_checkpoint(parser: argparse.ArgumentParser) -> None:
 # Options that describe one dataset's files: another dataset (another --data or --root) has its own
 # split lists and mask encoding, so the run's do not carry over to it.
 _SITE_OPTIONS = ("split_dir", "mask_values", "mask_threshold")
+# Options of this machine, not of the run: a checkpoint's are never taken.
+_STORAGE_OPTIONS = ("cache", "cache_dir")
 
 
 def _other_data(args: argparse.Namespace, run_data: dict) -> bool:
@@ -122,7 +124,9 @@ def _fill_from_run(args: argparse.Namespace, run_data: dict) -> None:
     from cmrf.data.factory import unread_options
 
     missing = [dest for dest in args.data_defaults if getattr(args, dest) is None]
-    not_inherited = _SITE_OPTIONS if _other_data(args, run_data) else ()
+    # Where decoded samples are kept is this machine's choice, never a checkpoint's: a file from
+    # elsewhere could otherwise make evaluate write gigabytes into any folder its metadata names.
+    not_inherited = _STORAGE_OPTIONS + (_SITE_OPTIONS if _other_data(args, run_data) else ())
     for dest in missing:
         default = args.data_defaults[dest]
         setattr(args, dest, default if dest in not_inherited else run_data.get(dest, default))
@@ -271,7 +275,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     try:
         bundle, options = _build_evaluation_data(args, run_data, given)
     except ValueError as err:  # the data names --num-classes: say it is the checkpoint's, not the user's
-        if "num_classes" not in given and args.num_classes is not None and "--num-classes" in str(err):
+        if "num_classes" not in given and args.num_classes is not None \
+                and f"--num-classes {args.num_classes}" in str(err):
             err.args = (f"{err} (--num-classes {args.num_classes} was not given: it is the checkpoint's, "
                         f"whose model has {args.num_classes} classes)",)
         raise

@@ -74,16 +74,21 @@ def _graph_metadata(args: argparse.Namespace, model, in_chans: int, meta: dict) 
     side = data.get("img_size")
     if side:
         dims = 3 if data.get("spatial_dims") == 3 else 2
-        resize = "trilinear" if dims == 3 else "bilinear, antialiased"
-        channels = "RGB" if in_chans == 3 else "one grey channel"
         entries["cmrf_img_size"] = str(side)
         entries["cmrf_normalize_mean"] = str(NORMALIZE_MEAN)
         entries["cmrf_normalize_std"] = str(NORMALIZE_STD)
+        shape = "x".join([str(side)] * dims)
+        if data.get("data") == "nifti":  # (cmrf.data.nifti)
+            read = (f"{in_chans} channel(s) as stored; clip each volume and channel to its 0.5 and 99.5 "
+                    f"percentiles and scale that range to [0, 1]; resize to {shape} (trilinear)")
+        elif dims == 2:  # (cmrf.data.imageio; synthetic data is made in [0, 1] at this size)
+            read = (f"read as {'RGB' if in_chans == 3 else 'one grey channel'}; scale 8-bit values by "
+                    f"1/255, 16-bit and float images from their own minimum and maximum to [0, 1]; resize "
+                    f"to {shape} (bilinear, antialiased; the aspect ratio is not kept)")
+        else:
+            read = f"{in_chans} channel(s) in [0, 1] at {shape}"
         entries["cmrf_preprocess"] = (
-            f"read as {channels}; resize to {'x'.join([str(side)] * dims)} ({resize}; the aspect ratio is "
-            f"not kept); scale the values to [0, 1]; then (x - {NORMALIZE_MEAN}) / {NORMALIZE_STD}; "
-            f"float32, channels first, batch first"
-        )
+            f"{read}; then (x - {NORMALIZE_MEAN}) / {NORMALIZE_STD}; float32, channels first, batch first")
         entries["cmrf_postprocess"] = (
             "argmax over dimension 1 gives class indices (0 = background); resize them to the image's "
             "size with nearest neighbour"
@@ -99,6 +104,9 @@ def _input_size(args: argparse.Namespace, model, in_chans: int, data: dict) -> l
     # Without --in-chans or a checkpoint the model took its channels from --input-size's second value.
     channels = in_chans if args.in_chans or args.checkpoint else 3
     if isinstance(spatial_dims, int) and len(args.input_size) != spatial_dims + 2:
+        if len(args.input_size) < 2:
+            raise ValueError(f"--input-size {given}: give B C and {spatial_dims} sides ({spatial_dims + 2} "
+                             f"values), got {len(args.input_size)}")
         if len(args.input_size) == spatial_dims + 1 and args.input_size[0] == channels:
             raise ValueError(f"--input-size {given} has no batch size: give B C and {spatial_dims} sides, "
                              f"e.g. --input-size 1 {given}")

@@ -141,7 +141,13 @@ def _report(path: Path, err: BaseException | str) -> None:
     message = err if isinstance(err, str) else describe_error(err)
     if str(path) not in message:
         message = f"{path}: {message}"
-    print(f"cmrf predict: error: {message} (skipped)", file=sys.stderr)
+    print(f"cmrf predict: error: {_printable(message)} (skipped)", file=sys.stderr)
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters escaped: a file name holding a newline or a terminal escape
+    sequence must not forge lines or recolour the terminal."""
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode() for c in text)
 
 
 def _check_model_fits_images(meta: dict, model, checkpoint) -> None:
@@ -166,6 +172,11 @@ def _input_side(args: argparse.Namespace, meta: dict, model) -> int:
     trained = meta.get("data", {}).get("img_size")
     side = args.img_size or trained or 256
     smallest = int(getattr(model, "smallest_side", None) or getattr(model, "min_size", 1))
+    from cmrf.data.factory import MAX_IMG_SIZE
+
+    if not isinstance(side, int) or side > MAX_IMG_SIZE[2]:  # a checkpoint's recorded size included
+        raise ValueError(f"--img-size {side!r} (the {'flag' if args.img_size else 'checkpoint'}'s): expected "
+                         f"an integer of at most {MAX_IMG_SIZE[2]}")
     if side < smallest:
         raise ValueError(f"--img-size {side} is below the smallest side {type(model).__name__} takes "
                          f"({smallest})")
@@ -241,7 +252,9 @@ def _check_no_foreign_outputs(stems: Sequence[str], out: Path, overlays: bool, o
         return
     kinds = ("mask", "overlay") if overlays else ("mask",)
     targets = (out / f"{stem}_{kind}.png" for stem in stems for kind in kinds)
-    foreign = [path for path in targets if path.exists() and not _written_by_predict(path)]
+    # A link whose target is missing counts too: written through, it would create that target.
+    foreign = [path for path in targets
+               if (path.exists() or path.is_symlink()) and not _written_by_predict(path)]
     if foreign:
         names = listing([path.name for path in foreign], 3)
         raise ValueError(

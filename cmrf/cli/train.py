@@ -182,19 +182,23 @@ def _data_metadata(args: argparse.Namespace, bundle) -> dict:
     return data
 
 
-def _start_from(model, path) -> dict:
+def _start_from(model, path, resuming: bool) -> dict:
     """Load ``--init``'s weights into ``model`` (``load_pretrained_weights``) and say what was not
-    loaded as it is; the file's name and SHA-256 for the run's metadata (``--resume`` compares them,
-    and the state then holds the weights, so the file is read again but not used)."""
+    loaded as it is, unless ``resuming`` a run whose state holds the weights since; the file (as
+    found) and its SHA-256 for the run's metadata, which ``--resume`` compares by content."""
     import hashlib
 
     from cmrf.models._builder import load_pretrained_weights
 
-    notes = load_pretrained_weights(model, path)
-    if is_main_process():
-        print(f"starting from {path}" + (f": {'; '.join(notes)}" if notes else ""))
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return {"file": str(path), "sha256": digest}
+    if not resuming:
+        notes = load_pretrained_weights(model, path)
+        if is_main_process():
+            print(f"starting from {path}" + (f": {'; '.join(notes)}" if notes else ""))
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(2**20), b""):
+            digest.update(chunk)
+    return {"file": str(Path(path).resolve()), "sha256": digest.hexdigest()}
 
 
 def _check_out_is_not_a_data_folder(args: argparse.Namespace) -> None:
@@ -235,7 +239,8 @@ def _train(args: argparse.Namespace) -> int:
         report=is_main_process(),
         new_run=True,
     )
-    extra = {"init": _start_from(model, args.init)} if getattr(args, "init", None) else {}
+    resuming = args.resume and RunFiles(Path(args.out)).state.is_file()
+    extra = {"init": _start_from(model, args.init, resuming)} if getattr(args, "init", None) else {}
     metadata = model_metadata(
         name,
         model_kwargs,

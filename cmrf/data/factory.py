@@ -35,6 +35,10 @@ DATA_OPTIONS = {
     "cache_dir": None,
 }
 
+# The largest side samples are resized to: far above any segmentation run's (the paper's is 256), and
+# a bound on what a run's recorded options, read back from a checkpoint, can make evaluate allocate.
+MAX_IMG_SIZE = {2: 8192, 3: 1024}
+
 # Options that only files (isic2018, folder) or only synthetic data read: given for the other kind
 # they would be dropped without a word (a forgotten --data folder trains on synthetic images).
 _FILE_OPTIONS = ("root", "split_dir", "val_fraction", "test_fraction", "mask_values", "mask_threshold",
@@ -105,6 +109,10 @@ def _check_options(options: dict) -> None:
     img_size = options["img_size"]
     if isinstance(img_size, bool) or not isinstance(img_size, numbers.Integral) or img_size < 1:
         raise DataError(f"--img-size {img_size!r}: expected an integer >= 1")
+    largest = MAX_IMG_SIZE[options["spatial_dims"]]
+    if img_size > largest:  # also a checkpoint's recorded size, which evaluate reads: bounded memory
+        raise DataError(f"--img-size {img_size}: expected at most {largest} for {options['spatial_dims']}D "
+                        f"data (every sample is resized to it per side)")
     for name in ("val_fraction", "test_fraction"):  # as the command line's flag types check them
         value = options[name]
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:

@@ -331,8 +331,10 @@ def _other_data_than_run(bundle, saved: dict) -> list[str]:
     found = [f"{what} {was} (given {now})" for what, was, now in checks if was is not None and was != now]
     files, recorded = split_fingerprint(bundle), data.get("split_files")
     source = data.get("data", "synthetic")
-    # (a run of file data saved before the files were recorded: nothing to compare)
-    if (recorded is not None and recorded != files) or (recorded is None and source == "synthetic" and files):
+    # (a run of file data saved before the files were recorded, or one whose metadata recorded no
+    # data options at all: nothing to compare)
+    synthetic_run = bool(data) and source == "synthetic"
+    if (recorded is not None and recorded != files) or (recorded is None and synthetic_run and files):
         found.append(f"the splits' files differ from the run's ({source} data"
                      f"{', ' + str(data['root']) if data.get('root') else ''})")
     return found

@@ -59,8 +59,8 @@ class SegmentationMetrics:
                              f"in {names}")
         self.num_classes = num_classes
         self.class_names = names
-        # Logits that are NaN or infinite, counted on the device (no sync per batch): argmax reads them
-        # as class 0, which would score a diverged model as background everywhere.
+        # NaN logits, counted on the device (no sync per batch): argmax picks a pixel's first NaN channel
+        # (class 0 when all are NaN), which scored a diverged model as background everywhere.
         self._non_finite = torch.zeros((), dtype=torch.long, device=device)
         self.metrics = MetricCollection(
             {
@@ -89,7 +89,8 @@ class SegmentationMetrics:
                        if prediction.shape[1] == 1 else "")
                 raise ValueError(f"prediction has {prediction.shape[1]} channels (B, K, *S), but num_classes "
                                  f"is {self.num_classes}{one}")
-            self._non_finite += prediction.numel() - torch.isfinite(prediction).sum()
+            # NaN only: argmax handles infinities (an fp16 overflow to +inf still wins its pixel).
+            self._non_finite += torch.isnan(prediction).sum()
             prediction = prediction.argmax(dim=1)
         if prediction.shape != target.shape:
             raise ValueError(
@@ -127,8 +128,8 @@ class SegmentationMetrics:
         the classes in neither the ground truth nor the prediction (scored 0).
 
         Raises:
-            ValueError: logits given to ``update`` held NaN or infinite values (a diverged model,
-                an fp16 overflow): their argmax would have scored those pixels as class 0.
+            ValueError: logits given to ``update`` held NaN (a diverged model): their argmax
+                would have scored those pixels as their first NaN channel (class 0 if all are).
         """
         scores = self.metrics.compute()
         # The IoU metric's confusion matrix (rows: ground truth, columns: prediction) is this process's
@@ -140,9 +141,9 @@ class SegmentationMetrics:
         counts = counts.cpu()
         if counts[0]:
             raise ValueError(
-                f"the model's output held {int(counts[0])} NaN or infinite logits (not finite weights or "
-                f"input: a diverged training, an fp16 overflow); their argmax would score those pixels "
-                f"as class 0 ({self.class_names[0]}), so no scores are given")
+                f"the model's output held {int(counts[0])} NaN logits (from non-finite weights or input: a "
+                f"diverged training); argmax would pick a pixel's first NaN channel (class 0, "
+                f"{self.class_names[0]}, when all are NaN), so no scores are given")
         pixels = counts[1:].reshape(2, self.num_classes)
         iou, dice = scores["iou"].double().cpu(), scores["dice"].double().cpu()
         return {

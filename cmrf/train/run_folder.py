@@ -126,6 +126,14 @@ def _check_names_free(files: RunFiles) -> None:
     """Refuse a folder where a name the run writes is taken by something that is not a file (a
     folder named ``best.safetensors``): the first save would fail after an epoch of training, and
     ``--overwrite`` does not delete it."""
+    dangling = [f"{path.name} -> {os.readlink(path)}" for path in files.all()
+                if path.is_symlink() and not path.exists()]
+    if dangling:  # written through, the link would create its target, wherever that is
+        raise RunFolderError(
+            f"--out {files.out}: {', '.join(dangling)}: a link to a missing file, where the run writes a "
+            f"file by that name, which would create the link's target; remove the link, or choose another "
+            f"--out"
+        )
     taken = [path.name for path in files.all() if path.exists() and not path.is_file()]
     if taken:
         raise RunFolderError(

@@ -205,17 +205,38 @@ def model_from_checkpoint(
             in_chans = recorded_chans if in_chans is None else in_chans
         meta = _bare_metadata(path, state, model, num_classes, in_chans, model_kwargs or {})
     data = meta["data"]
-    net, _ = build_model(
-        meta["model"],
-        meta["in_chans"],
-        meta["num_classes"],
-        data.get("spatial_dims"),  # None for a bare state dict: the model's own
-        meta.get("model_kwargs"),
-        meta.get("replace_blocks"),
-        data.get("img_size") or 64,
-    )
+    _check_recorded_kwargs(meta.get("model_kwargs"), path)
+    build = (meta["model"], meta["in_chans"], meta["num_classes"],
+             data.get("spatial_dims"))  # None for a bare state dict: the model's own
+    if meta.get("replace_blocks") is None:
+        # Checked on the meta device first: a file's metadata (a million classes, huge channels)
+        # must not allocate a model its weights do not fit.
+        with torch.device("meta"):  # (create_model's device= builds on the CPU, then moves)
+            skeleton, _ = build_model(*build, meta.get("model_kwargs"))
+        load_state_dict_checked(skeleton, state, path, check_only=True)
+    net, _ = build_model(*build, meta.get("model_kwargs"), meta.get("replace_blocks"),
+                         data.get("img_size") or 64)
     load_state_dict_checked(net, state, path)
     return net.eval(), meta
+
+
+# create_model arguments that load files or place the model: a checkpoint's recorded constructor
+# arguments never hold them (cmrf writes N, channels and the like), so a file that does is refused.
+_NOT_CONSTRUCTOR_ARGS = ("checkpoint_path", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
+                         "device", "dtype", "cache_dir")
+
+
+def _check_recorded_kwargs(kwargs, path) -> None:
+    """Refuse recorded ``model_kwargs`` that are not a dict of constructor arguments."""
+    if kwargs is None:
+        return
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{path}: its metadata's model arguments are a {type(kwargs).__name__}, not a dict")
+    foreign = [key for key in kwargs if not isinstance(key, str) or key in _NOT_CONSTRUCTOR_ARGS]
+    if foreign:
+        raise ValueError(f"{path}: its metadata's model arguments hold {', '.join(map(repr, foreign))}, "
+                         f"which are not constructor arguments (cmrf records only those, such as N and "
+                         f"channels)")
 
 
 def _run_metadata(path: str | Path, **given) -> dict:

@@ -187,9 +187,24 @@ def read_metadata(path: str | Path) -> dict:
             f"{path} carries no cmrf training metadata (model name, classes); pass a best.safetensors "
             f"or last.safetensors written by cmrf train"
         )
-    decoded = decode_metadata(meta)
+    try:
+        decoded = decode_metadata(meta)
+    except (ValueError, RecursionError) as err:  # not JSON, or nested past the parser's depth
+        raise ValueError(f"{path}: its cmrf metadata is damaged (not JSON: {type(err).__name__})") from None
     decoded.pop("format")
+    wrong = [f"{key} ({type(decoded[key]).__name__}, expected {kind})" for key, types, kind in _METADATA_TYPES
+             if key in decoded and (not isinstance(decoded[key], types) or isinstance(decoded[key], bool))]
+    if wrong:
+        raise ValueError(f"{path}: its cmrf metadata has entries of the wrong type: {', '.join(wrong)}")
     return decoded
+
+
+# The decoded metadata entries whose type the code relies on: a file from elsewhere is checked first.
+_METADATA_TYPES = (
+    ("model", str, "a name"), ("in_chans", int, "an integer"), ("num_classes", int, "an integer"),
+    ("class_names", list, "a list"), ("data", dict, "a dict"), ("model_kwargs", (dict, type(None)), "a dict"),
+    ("replace_blocks", (int, type(None)), "an integer or null"),
+)
 
 
 def saved_run_metadata(files: RunFiles) -> dict | None:
@@ -246,7 +261,7 @@ def _metadata_settings(meta: dict) -> dict[str, object]:
     if settings.get("--num-classes") is None:  # left out: the classes the data had, which the model has
         settings["--num-classes"] = meta.get("num_classes")
     init = meta.get("init")  # --init: which weights the run started from, by name and content
-    settings["--init"] = f"{Path(init['file']).name} (sha256 {init['sha256'][:12]})" if init else "none"
+    settings["--init"] = f"a file of sha256 {init['sha256'][:12]}" if init else "none"  # moved: the same
     settings.pop("--in-chans", None)  # the model's input channels are the data's: compared once
     if reads_in_chans(data.get("data", "synthetic"), data.get("spatial_dims", 2)):
         # named by the flag that sets them (runs saved before it existed, or left at the default,
@@ -505,7 +520,10 @@ def load_training_state(path: str | Path) -> dict:
     Raises:
         ValueError: the file is not a cmrf training state (or is damaged).
     """
+    from cmrf.checkpoint import check_not_a_zip_bomb
+
     path = Path(path)
+    check_not_a_zip_bomb(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
