@@ -238,10 +238,12 @@ def test_an_output_that_links_to_an_input_is_refused_before_anything_is_written(
     assert main(argv) == 2
     assert f"{out / 'c_overlay.png'} is a link to the input {source}" in capsys.readouterr().err
     assert source.read_bytes() == before and [p.name for p in out.iterdir()] == ["c_overlay.png"]
-    # a link loop there names no input: not refused (nor an internal error), the mask is written
+    # a link loop there names no input (nor an internal error): a link to nothing, which predict did
+    # not write, refused as such files are, and replaced with --overwrite
     (out / "c_overlay.png").unlink()
     (out / "c_mask.png").symlink_to(out / "c_mask.png")
-    assert main(argv) == 0 and source.read_bytes() == before
+    assert main(argv) == 2 and "did not write (c_mask.png)" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0 and source.read_bytes() == before
 
 
 def test_file_names_are_titles_not_mathtext(checkpoint, tmp_path, capsys):

@@ -252,9 +252,10 @@ def load_pretrained_weights(model: nn.Module, path) -> list[str]:
             naming the keys; the model is left untouched.
     """
     own = {key: value.shape for key, value in model.state_dict().items()}
-    saved = {key: value.shape for key, value in map_to_model_keys(model, read_state_dict(path), str(path),
-                                                                    quiet=True).items()}
-    _load_local_pretrained(model, str(path), {"num_classes", "in_channels"})
+    state = read_state_dict(path)  # read once: its shapes say below what was adapted
+    mapped = map_to_model_keys(model, state, str(path), quiet=True)
+    saved = {key: value.shape for key, value in mapped.items()}
+    _load_local_pretrained(model, state, {"num_classes", "in_channels"}, label=str(path))
     head = getattr(model, "classifier_name", "head")
     first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
     notes = []
@@ -266,14 +267,15 @@ def load_pretrained_weights(model: nn.Module, path) -> list[str]:
     return notes
 
 
-def _load_local_pretrained(model: nn.Module, source: str | dict, requested: set[str]) -> None:
+def _load_local_pretrained(model: nn.Module, source: str | dict, requested: set[str], label: str | None = None
+                           ) -> None:
     """timm's local pretrained weights: loaded as ``checkpoint_path`` loads them (strictly), except,
     as in timm, where the caller asked for other classes or input channels than the weights have:
     with ``num_classes`` in ``requested`` a classifier of another class count keeps its fresh
     initialisation (fine-tuning on other classes), with ``in_channels`` (``in_chans``) the first
     convolution is adapted. Without the request, such a file is a mismatch, not a silently different model."""
-    if isinstance(source, dict):  # timm's pretrained_cfg_overlay=dict(state_dict=...)
-        state, path = dict(source), "the state_dict of pretrained_cfg_overlay"
+    if isinstance(source, dict):  # timm's pretrained_cfg_overlay=dict(state_dict=...), or a file read
+        state, path = dict(source), label or "the state_dict of pretrained_cfg_overlay"
         if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError(f"{path} must map names to tensors (a model's state_dict())")
     else:

@@ -260,8 +260,8 @@ def _metadata_settings(meta: dict) -> dict[str, object]:
                      if key not in _DATA_STORAGE_OPTIONS + _DATA_COPY_CHECKS and key not in unread})
     if settings.get("--num-classes") is None:  # left out: the classes the data had, which the model has
         settings["--num-classes"] = meta.get("num_classes")
-    init = meta.get("init")  # --init: which weights the run started from, by name and content
-    settings["--init"] = f"a file of sha256 {init['sha256'][:12]}" if init else "none"  # moved: the same
+    init = meta.get("init")  # --init: the weights the run started from, by content (a moved copy is the same)
+    settings["--init"] = f"a file of sha256 {init['sha256'][:12]}" if init else "none"
     settings.pop("--in-chans", None)  # the model's input channels are the data's: compared once
     if reads_in_chans(data.get("data", "synthetic"), data.get("spatial_dims", 2)):
         # named by the flag that sets them (runs saved before it existed, or left at the default,
