@@ -192,12 +192,12 @@ def check_input(
         TypeError: ``x`` is a ``torch.fx.Proxy`` (``torch.fx.symbolic_trace``, which these checks
             defeat; ``torch.export`` and ``torch.jit.trace`` work).
     """
-    if isinstance(x, torch.fx.Proxy):  # torch.fx.symbolic_trace: Python checks of shapes cannot run
-        raise TypeError(
-            f"{name} cannot be traced by torch.fx.symbolic_trace: its forward checks the input's shape "
-            f"in Python; use torch.export.export(model, (x,)) or torch.jit.trace(model, x) instead"
-        )
     if not isinstance(x, torch.Tensor):
+        if isinstance(x, torch.fx.Proxy):  # torch.fx.symbolic_trace: Python checks of shapes cannot run
+            raise TypeError(
+                f"{name} cannot be traced by torch.fx.symbolic_trace: its forward checks the input's shape "
+                f"in Python; use torch.export.export(model, (x,)) or torch.jit.trace(model, x) instead"
+            )
         raise ValueError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
     ndim = spatial_dims + 2
     expected = f"(B, {in_channels}, {', '.join('*' * spatial_dims)})"
