@@ -563,6 +563,17 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
 _PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".tar")
 
 
+def check_text_metadata(metadata, store: str) -> None:
+    """``metadata`` is ``None`` or a dict of text to text, all that ``store``'s header keeps."""
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ValueError(f"metadata must be a dict of str to str, got {type(metadata).__name__}")
+    wrong = [f"{key!r}: {value!r}" for key, value in (metadata or {}).items()
+             if not isinstance(key, str) or not isinstance(value, str)]
+    if wrong:
+        raise ValueError(f"metadata must map str to str ({store} stores text only), got "
+                         f"{', '.join(wrong)}: convert them with str() or json.dumps()")
+
+
 def _refuse_inference_copy(model: nn.Module) -> None:
     """Refuse an ``optimize_for_inference`` copy, whose folded, reordered weights no trainable
     model loads back (its parts say so with a class attribute ``inference_only = True``)."""
@@ -608,13 +619,7 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | 
             f"{suffix!r} (a torch.save pickle's suffix): name it *.safetensors, or use "
             f"torch.save(model.state_dict(), path) for a pickle"
         )
-    if metadata is not None and not isinstance(metadata, dict):
-        raise ValueError(f"metadata must be a dict of str to str, got {type(metadata).__name__}")
-    wrong = [f"{key!r}: {value!r}" for key, value in (metadata or {}).items()
-             if not isinstance(key, str) or not isinstance(value, str)]
-    if wrong:
-        raise ValueError(f"metadata must map str to str (safetensors stores text only), got "
-                         f"{', '.join(wrong)}: convert them with str()")
+    check_text_metadata(metadata, "safetensors")
     call = _create_call(model)
     if call is not None and CREATE_CALL_KEY not in (metadata or {}):
         metadata = {**(metadata or {}), CREATE_CALL_KEY: call}

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from cmrf._warnings import caller_stacklevel
+from cmrf.checkpoint import check_text_metadata
 from cmrf.files import atomic_path
 from cmrf.inference import GraphPerShape, optimize_for_inference
 from cmrf.layers import check_input_size, cmrf_blocks, eval_mode
@@ -168,7 +169,7 @@ def export_onnx(
     optimize: bool = True,
     opset_version: int = DEFAULT_OPSET,
     verbose: bool = False,
-    metadata: Mapping[str, str] | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Export ``model`` (optimized for inference first) to an ONNX file.
 
@@ -211,7 +212,7 @@ def export_onnx(
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"export_onnx expects an nn.Module, got {type(model).__name__}")
-    _check_metadata(metadata)
+    check_text_metadata(metadata, "ONNX")
     model = _unwrapped(model)
     check_exporter()
     check_opset(opset_version)
@@ -250,19 +251,6 @@ def export_onnx(
         if metadata:
             _write_metadata(tmp, metadata)
     return path
-
-
-def _check_metadata(metadata) -> None:
-    """``metadata`` is ``None`` or maps text to text, as ONNX's ``metadata_props`` store it."""
-    if metadata is None:
-        return
-    if not isinstance(metadata, Mapping):
-        raise ValueError(f"metadata must be a dict of str to str, got {type(metadata).__name__}")
-    wrong = [f"{key!r}: {value!r}" for key, value in metadata.items()
-             if not isinstance(key, str) or not isinstance(value, str)]
-    if wrong:
-        raise ValueError(f"metadata must map str to str (ONNX stores text only), got {', '.join(wrong)}: "
-                         f"convert them with str() or json.dumps()")
 
 
 def _write_metadata(path: Path, metadata: Mapping[str, str]) -> None:
