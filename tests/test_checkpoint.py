@@ -658,6 +658,17 @@ def test_the_command_line_builds_the_model_a_save_weights_file_records(tmp_path)
                  "--input-size", "1", "3", "32", "32", "-o", str(tmp_path / "mine.onnx")]) == 0
 
 
+def test_flags_beside_a_recorded_call_replace_its_arguments(tmp_path):
+    """With --channels/--N given, a save_weights file's recorded call was ignored and the file said to
+    "carry no cmrf metadata" although the flags named exactly the recorded arguments."""
+    save_weights(cmrf.create_model("tinyunet", channels=(16, 32), N=2), tmp_path / "w.safetensors")
+    path = tmp_path / "w.safetensors"
+    model, meta = model_from_checkpoint(path, model_kwargs={"channels": [16, 32], "N": 2})
+    assert meta["model"] == "tinyunet" and isinstance(model, cmrf.TinyUNet)
+    with pytest.raises(ValueError, match=r"saved from cmrf.create_model\('tinyunet', channels=\[16, 32\]"):
+        model_from_checkpoint(path, model_kwargs={"channels": [16, 64]})
+
+
 def test_a_torch_file_named_safetensors_loads_and_a_torchscript_archive_is_named(tmp_path):
     """A torch.save file named *.safetensors was read as safetensors ("header too large"), by
     cmrf and by torch 2.14's own torch.load; a TorchScript archive was called truncated."""

@@ -196,13 +196,16 @@ def model_from_checkpoint(
         )
     else:
         recorded = recorded_create_call(path)  # a save_weights file of a create_model model
-        if recorded is not None and model is None and not model_kwargs:
-            model, model_kwargs = recorded[0], dict(recorded[1])
+        if recorded is not None and model is None:
+            model, recorded_kwargs = recorded[0], dict(recorded[1])
             # The call's classes and channels are values the flags may give (and _bare_metadata checks).
-            recorded_classes = model_kwargs.pop("num_classes", None)
-            recorded_chans = model_kwargs.pop("in_channels", model_kwargs.pop("in_chans", None))
+            recorded_classes = recorded_kwargs.pop("num_classes", None)
+            recorded_chans = recorded_kwargs.pop("in_channels", recorded_kwargs.pop("in_chans", None))
             num_classes = recorded_classes if num_classes is None else num_classes
             in_chans = recorded_chans if in_chans is None else in_chans
+            # Flags given (--channels, --N) take the place of the call's; a file they do not fit is
+            # then a mismatch naming the call, not "carries no cmrf metadata".
+            model_kwargs = {**recorded_kwargs, **(model_kwargs or {})}
         meta = _bare_metadata(path, state, model, num_classes, in_chans, model_kwargs or {})
     data = meta["data"]
     _check_recorded_kwargs(meta.get("model_kwargs"), path)
