@@ -169,11 +169,11 @@ def _check_model_fits_images(meta: dict, model, checkpoint) -> None:
 def _input_side(args: argparse.Namespace, meta: dict, model) -> int:
     """The network's input side: ``--img-size``, else the run's, else 256; checked against the
     smallest side the model takes, and noted on stderr when it is not the run's."""
+    from cmrf.data.factory import MAX_IMG_SIZE
+
     trained = meta.get("data", {}).get("img_size")
     side = args.img_size or trained or 256
     smallest = int(getattr(model, "smallest_side", None) or getattr(model, "min_size", 1))
-    from cmrf.data.factory import MAX_IMG_SIZE
-
     if not isinstance(side, int) or side > MAX_IMG_SIZE[2]:  # a checkpoint's recorded size included
         raise ValueError(f"--img-size {side!r} (the {'flag' if args.img_size else 'checkpoint'}'s): expected "
                          f"an integer of at most {MAX_IMG_SIZE[2]}")

@@ -61,7 +61,7 @@ class SegmentationMetrics:
         self.class_names = names
         # NaN logits, counted on the device (no sync per batch): argmax picks a pixel's first NaN channel
         # (class 0 when all are NaN), which scored a diverged model as background everywhere.
-        self._non_finite = torch.zeros((), dtype=torch.long, device=device)
+        self._nan_logits = torch.zeros((), dtype=torch.long, device=device)
         self.metrics = MetricCollection(
             {
                 "iou": MulticlassJaccardIndex(num_classes, average="none"),
@@ -90,7 +90,7 @@ class SegmentationMetrics:
                 raise ValueError(f"prediction has {prediction.shape[1]} channels (B, K, *S), but num_classes "
                                  f"is {self.num_classes}{one}")
             # NaN only: argmax handles infinities (an fp16 overflow to +inf still wins its pixel).
-            self._non_finite += torch.isnan(prediction).sum()
+            self._nan_logits += torch.isnan(prediction).sum()
             prediction = prediction.argmax(dim=1)
         if prediction.shape != target.shape:
             raise ValueError(
@@ -135,7 +135,7 @@ class SegmentationMetrics:
         # The IoU metric's confusion matrix (rows: ground truth, columns: prediction) is this process's
         # own again after compute(); the pixel counts are summed across processes with the NaN count.
         confusion = self.metrics["iou"].confmat
-        counts = torch.cat([self._non_finite.reshape(1), confusion.sum(1), confusion.sum(0)])
+        counts = torch.cat([self._nan_logits.reshape(1), confusion.sum(1), confusion.sum(0)])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(counts)  # every rank scores the whole split, and refuses alike
         counts = counts.cpu()
@@ -159,7 +159,7 @@ class SegmentationMetrics:
 
     def reset(self) -> None:
         self.metrics.reset()
-        self._non_finite.zero_()
+        self._nan_logits.zero_()
 
 
 def format_table(scores: dict, title: str | None = None) -> str:
