@@ -8,6 +8,7 @@ import argparse
 import os
 import re
 import shlex
+import stat
 import struct
 import time
 import warnings
@@ -1242,6 +1243,37 @@ def test_a_disk_cache_whose_data_check_was_not_saved_is_made_again(folder_root: 
     load_all(build_datasets(**options))
     assert masks.calls == 10 and (facts.parent / "facts.json").is_file()
     assert images.calls == 0  # the images the stopped run decoded are still used
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX permissions")
+def test_a_disk_cache_is_private_and_one_others_could_write_is_refused(folder_root: Path, tmp_path_factory,
+                                                                       monkeypatch):
+    """The cache holds decoded patient images: it was made with the umask's permissions (readable
+    by every user), and a store folder another user owned or could write was read as found (files
+    planted in a shared --cache-dir were trained on as the data)."""
+    cache_dir = tmp_path_factory.mktemp("cache")
+    options = folder_options(folder_root, "--cache", "disk", "--cache-dir", str(cache_dir))
+    load_all(build_datasets(**options))
+    (store,) = cache_dir.iterdir()
+    assert stat.S_IMODE(store.stat().st_mode) == 0o700
+    store.chmod(0o755)  # as an older version left it: reused, and made private
+    images, _ = count_decoding(monkeypatch)
+    load_all(build_datasets(**options))
+    assert images.calls == 0 and stat.S_IMODE(store.stat().st_mode) == 0o700
+    store.chmod(0o777)
+    with pytest.raises(DataError, match=rf"data cache {re.escape(str(store))} is writable by other users "
+                                        r"\(mode 777\).*cannot be trusted.*--cache-dir"):
+        build_datasets(**options)
+    store.chmod(0o700)
+    real_uid = os.getuid()
+    monkeypatch.setattr(os, "getuid", lambda: real_uid + 1)
+    with pytest.raises(DataError, match=rf"belongs to user id {real_uid}, so its contents cannot be trusted"):
+        build_datasets(**options)
+    monkeypatch.undo()
+    moved = store.rename(cache_dir / "elsewhere")
+    store.symlink_to(moved)
+    with pytest.raises(DataError, match=r"is a link, so its contents cannot be trusted"):
+        build_datasets(**options)
 
 
 @pytest.mark.parametrize("cut", ["images.npy", "masks.npy"])

@@ -5,6 +5,7 @@ See :mod:`cmrf.data.cache` for how sources use a store, and docs/data.md ("Cachi
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -12,6 +13,7 @@ import math
 import os
 import secrets
 import shutil
+import stat
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -263,11 +265,43 @@ def _layout_from(info: dict) -> Layout:
     )
 
 
+def _check_store_folder(folder: Path) -> None:
+    """Refuse an existing store folder that another user owns or can write, and keep our own
+    private: a cache holds decoded (patient) images, and files planted in it by someone else
+    would be trained on and scored as if they were the data's. No-op where there are no uids.
+
+    Raises:
+        DataError: the folder belongs to another user or is writable by others.
+    """
+    if not hasattr(os, "getuid"):
+        return
+    try:
+        info = folder.lstat()
+    except OSError:
+        return  # not there yet: it is made private when created
+    if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        what = ("is a link" if stat.S_ISLNK(info.st_mode)
+                else f"belongs to user id {info.st_uid}" if info.st_uid != os.getuid()
+                else f"is writable by other users (mode {stat.S_IMODE(info.st_mode):o})")
+        raise DataError(
+            f"the data cache {folder} {what}, so its contents cannot be trusted; remove it, or give "
+            "--cache-dir a folder of your own, or --cache memory"
+        )
+    if info.st_mode & 0o077:  # made by an older version with the umask's permissions
+        with contextlib.suppress(OSError):
+            os.chmod(folder, 0o700)
+
+
 def reuse_disk_store(spec: StoreSpec) -> SampleStore | None:
-    """The existing disk store of ``spec`` if it is complete (its data check saved), else None."""
+    """The existing disk store of ``spec`` if it is complete (its data check saved), else None.
+
+    Raises:
+        DataError: the store's folder belongs to another user (see ``open_store``).
+    """
     if spec.cache != "disk":
         return None
     folder = spec.folder
+    _check_store_folder(folder)
     try:
         info = json.loads((folder / "info.json").read_text())
         if info.get("format") != CACHE_FORMAT or not (folder / "facts.json").is_file():
@@ -306,7 +340,7 @@ def _create_disk_store(folder: Path, layout: Layout) -> None:
         )
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
-        tmp.mkdir()
+        tmp.mkdir(mode=0o700)  # only this user reads the decoded images
         for name, (shape, dtype) in zip(_DiskStore.FILES, _file_shapes(layout)):
             array = np.lib.format.open_memmap(tmp / name, mode="w+", dtype=dtype, shape=shape)
             del array
@@ -346,7 +380,9 @@ def open_store(spec: StoreSpec, layout: Layout) -> SampleStore:
     """A new (or, on disk, existing) store for ``layout``, as ``spec.cache`` asks.
 
     Raises:
-        DataError: a disk cache that cannot be created (no space, read-only folder).
+        DataError: a disk cache that cannot be created (no space, read-only folder), or an existing
+            one that is a link, or belongs to another user or is writable by others (its files
+            could have been planted). New disk caches are folders only their user can read.
     """
     if spec.cache == "none":
         return SampleStore(layout)
@@ -360,6 +396,7 @@ def open_store(spec: StoreSpec, layout: Layout) -> SampleStore:
             DataWarning, stacklevel=3,
         )
     folder = spec.folder
+    _check_store_folder(folder)
     try:
         info = json.loads((folder / "info.json").read_text())
         if info == _info(layout):
