@@ -360,6 +360,8 @@ def test_evaluate_names_classes_as_the_run_did_and_warns_of_other_names(tmp_path
     assert list(scores["per_class"]) == ["background", "tumour"]
     assert scores["checkpoint_path"] == str(checkpoint.resolve()) and scores["model"] == "tinyunet"
     assert scores["precision"] == "float32"
+    # How the scores were computed, to compare them with another machine's (another path, device).
+    assert scores["run"] == {"device": "cpu", "batch_size": 8, "optimize": False, "backend": "torch"}
     (site / "classes.txt").write_text("background\nlesion\n")
     assert main(argv) == 0
     err = capsys.readouterr().err

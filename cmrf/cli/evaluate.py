@@ -299,7 +299,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     scores = evaluate_model(model, loader, bundle.num_classes, class_names, device)
     scores = {**scores, "split": args.split, "images": len(dataset), "checkpoint": str(args.checkpoint),
               "checkpoint_path": str(Path(args.checkpoint).resolve()), "model": meta.get("model"),
-              "epoch": meta.get("epoch"), "precision": "float32", "data": _scored_data(options, args.seed)}
+              "epoch": meta.get("epoch"), "precision": "float32", "data": _scored_data(options, args.seed),
+              "run": {"device": str(device), "batch_size": args.batch_size, "optimize": args.optimize,
+                      "backend": args.backend}}
     print(format_table(scores, f"{args.split} split ({len(dataset)} images), {args.checkpoint}"))
     if args.json_out:
         atomic_write_json(scores, args.json_out)
