@@ -51,6 +51,24 @@ def test_full_disk_halfway_keeps_the_previous_onnx_file(tmp_path, monkeypatch, c
 
 
 @requires_onnx_exporter
+def test_an_o_that_names_a_checkpoint_by_a_slip_is_refused_and_kept(tmp_path, capsys):
+    """``-o run/last.safetensors`` replaced the run's checkpoint with an ONNX graph, exit 0."""
+    checkpoint = tmp_path / "last.safetensors"
+    cmrf.save_weights(cmrf.TinyUNet(channels=(16, 32), N=4), checkpoint)
+    before = checkpoint.read_bytes()
+    assert main(["export", "onnx", *SMALL, "-o", str(checkpoint)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line == (f"cmrf export: error: -o {checkpoint} is an existing file that is not an ONNX graph (a "
+                    f"checkpoint, weights?): it would be replaced; write the graph to a file named .onnx")
+    assert checkpoint.read_bytes() == before
+    graph = tmp_path / "model.graph"  # another name: written, with a note, and replaced again
+    assert main(["export", "onnx", *SMALL, "-o", str(graph)]) == 0
+    assert f"note: -o {graph} does not end in .onnx" in capsys.readouterr().err
+    assert main(["export", "onnx", *SMALL, "-o", str(graph)]) == 0
+    assert "note" not in capsys.readouterr().err
+
+
+@requires_onnx_exporter
 def test_exporter_failure_keeps_the_previous_file_and_leaves_no_zero_byte_file(tmp_path, monkeypatch):
     def failing_export(model, args, f, **kwargs):
         open(f, "wb").close()

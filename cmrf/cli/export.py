@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import errno
 import json
+import sys
 from pathlib import Path
 
 from cmrf.cli.common import check_output_file, require_extra, user_path
@@ -140,12 +141,37 @@ def _folders_made_for(folder: Path):
         raise
 
 
+def _is_onnx_graph(path: Path) -> bool:
+    """Whether ``path`` parses as an ONNX model with a graph (protobuf may accept other bytes)."""
+    import onnx
+
+    try:
+        return len(onnx.load(str(path), load_external_data=False).graph.node) > 0
+    except Exception:  # any parse failure (protobuf, I/O): not a graph
+        return False
+
+
+def _check_output_name(output: str | Path) -> None:
+    """Refuse to replace an existing file that is neither named ``.onnx`` nor an ONNX graph: ``-o``
+    naming the run's ``last.safetensors`` or a state dict by a slip would lose it. A new file named
+    otherwise is written, with a note."""
+    path = Path(output)
+    if path.suffix.lower() == ".onnx":
+        return
+    if path.is_file() and not _is_onnx_graph(path):
+        raise ValueError(f"-o {path} is an existing file that is not an ONNX graph (a checkpoint, weights?): "
+                         f"it would be replaced; write the graph to a file named .onnx")
+    if not path.exists():
+        print(f"note: -o {path} does not end in .onnx; the file is an ONNX graph", file=sys.stderr)
+
+
 def run_export(args: argparse.Namespace) -> int:
     from cmrf.export import export_onnx
 
     require_extra(("onnx", "onnxscript"), "cmrf export onnx", "onnx")
     with _folders_made_for(Path(args.output).parent):  # before the check, which needs the folder
         check_output_file(args.output, "-o", {"--checkpoint": args.checkpoint})
+        _check_output_name(args.output)
         model, in_chans, meta = _model(args)
         input_size = _input_size(args, model, in_chans, meta.get("data") or {})
         path = export_onnx(
