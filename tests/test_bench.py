@@ -571,6 +571,10 @@ def test_bench_cli_checks_the_json_path_before_running(tmp_path, monkeypatch, ca
     assert f"{tmp_path / 'missing'}: no such folder for --json" in capsys.readouterr().err
     assert cli_main([*base, str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+    weights = tmp_path / "best.safetensors"  # by a slip: kept, not replaced by the table
+    weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    assert cli_main([*base, str(weights)]) == 2
+    assert f"--json {weights} is an existing file that is not JSON" in capsys.readouterr().err
 
 
 def test_bench_cascade_is_an_alias_for_the_cascade_rows():

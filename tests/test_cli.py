@@ -217,6 +217,22 @@ def test_evaluate_json_on_a_full_disk_keeps_the_previous_file(run_checkpoint, tm
     assert sorted(os.listdir(tmp_path)) == ["best.safetensors", "scores.json"]
 
 
+def test_evaluate_json_naming_a_checkpoint_by_a_slip_is_refused_before_scoring(run_checkpoint, tmp_path,
+                                                                            capsys):
+    """``--json runs/x/last.safetensors`` replaced another checkpoint of the run with the scores."""
+    other = tmp_path / "last.safetensors"
+    other.write_bytes(run_checkpoint.read_bytes())
+    assert main(["evaluate", str(run_checkpoint), "--json", str(other)]) == 2
+    assert _one_line(capsys.readouterr().err) == (
+        f"cmrf evaluate: error: --json {other} is an existing file that is not JSON (a checkpoint, "
+        f"weights?): it would be replaced; write to a file named .json")
+    assert other.read_bytes() == run_checkpoint.read_bytes()
+    scores = tmp_path / "scores.txt"  # JSON under another name: replaced again without a word
+    scores.write_text("{}")
+    assert main(["evaluate", str(run_checkpoint), "--json", str(scores), "--no-optimize"]) == 0
+    assert json.loads(scores.read_text())["split"] == "test" and "note" not in capsys.readouterr().err
+
+
 def test_evaluate_scores_the_train_split_without_augmentation(run_checkpoint, monkeypatch):
     import cmrf.train.loop as loop
 

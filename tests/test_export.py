@@ -59,7 +59,7 @@ def test_an_o_that_names_a_checkpoint_by_a_slip_is_refused_and_kept(tmp_path, ca
     assert main(["export", "onnx", *SMALL, "-o", str(checkpoint)]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert line == (f"cmrf export: error: -o {checkpoint} is an existing file that is not an ONNX graph (a "
-                    f"checkpoint, weights?): it would be replaced; write the graph to a file named .onnx")
+                    f"checkpoint, weights?): it would be replaced; write to a file named .onnx")
     assert checkpoint.read_bytes() == before
     graph = tmp_path / "model.graph"  # another name: written, with a note, and replaced again
     assert main(["export", "onnx", *SMALL, "-o", str(graph)]) == 0

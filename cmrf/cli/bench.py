@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from cmrf.bench.settings import GROUPS, PRECISIONS
-from cmrf.cli.common import check_output_file, user_path
+from cmrf.cli.common import check_output_file, check_replaces_only, user_path
 
 __all__ = ["build", "build_cascade"]
 
@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     settings = resolve_settings(args.device, **options)
     if args.json_path:  # before a run of minutes, not after it
         check_output_file(args.json_path, "--json")
+        check_replaces_only(args.json_path, "--json", ".json", "JSON")
     report = run_benchmark(settings, progress=None if args.quiet else _progress)
     print(to_markdown(report))
     if args.json_path:

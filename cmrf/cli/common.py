@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib.util
+import json
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from cmrf.constants import THREADS_PER_CORE_LIMIT, thread_limit, worker_limit_problem
@@ -49,6 +52,38 @@ def check_output_file(path: str | Path, flag: str, reads: dict[str, str | Path |
         raise IsADirectoryError(errno.EISDIR, f"is a folder, {flag} needs a file name", str(path))
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(errno.EACCES, f"cannot write into this folder ({flag})", str(folder))
+
+
+def _is_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+        return True
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        return False
+
+
+def check_replaces_only(path: str | Path, flag: str, suffix: str, what: str,
+                        is_kind: Callable[[Path], bool] | None = None) -> None:
+    """Refuse to replace an existing file that is neither named ``suffix`` nor of that kind: an
+    output option naming the run's ``last.safetensors`` by a slip would lose it. A new file named
+    otherwise is written, with a note on stderr.
+
+    Args:
+        path: the output file. flag: its option, for the messages. suffix: its usual suffix
+            (``".json"``). what: what the command writes, in words (``"JSON"``).
+        is_kind: whether an existing file holds that kind of content; default: parses as JSON.
+
+    Raises:
+        ValueError: ``path`` is an existing file of another kind.
+    """
+    path = Path(path)
+    if path.suffix.lower() == suffix:
+        return
+    if path.is_file() and not (is_kind or _is_json)(path):
+        raise ValueError(f"{flag} {path} is an existing file that is not {what} (a checkpoint, weights?): it "
+                         f"would be replaced; write to a file named {suffix}")
+    if not path.exists():
+        print(f"note: {flag} {path} does not end in {suffix}; the file is {what}", file=sys.stderr)
 
 
 def require_extra(packages: tuple[str, ...], what: str, extra: str) -> None:

@@ -8,7 +8,13 @@ import os
 import sys
 from pathlib import Path
 
-from cmrf.cli.common import add_runtime_arguments, check_output_file, positive_int, user_path
+from cmrf.cli.common import (
+    add_runtime_arguments,
+    check_output_file,
+    check_replaces_only,
+    positive_int,
+    user_path,
+)
 from cmrf.cli.data_args import add_data_arguments, data_options
 from cmrf.cli.model_args import (
     add_checkpoint_model_arguments,
@@ -258,6 +264,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.json_out:  # fail now, not after the evaluation
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         check_output_file(args.json_out, "--json", {"checkpoint": args.checkpoint})
+        check_replaces_only(args.json_out, "--json", ".json", "JSON")
     given = {dest for dest in args.data_defaults if getattr(args, dest) is not None}
     _fill_from_run(args, run_data)
     trained = run_data.get("img_size")

@@ -6,10 +6,9 @@ import argparse
 import contextlib
 import errno
 import json
-import sys
 from pathlib import Path
 
-from cmrf.cli.common import check_output_file, require_extra, user_path
+from cmrf.cli.common import check_output_file, check_replaces_only, require_extra, user_path
 from cmrf.cli.model_args import (
     add_registry_model_arguments,
     constructor_kwargs,
@@ -151,27 +150,13 @@ def _is_onnx_graph(path: Path) -> bool:
         return False
 
 
-def _check_output_name(output: str | Path) -> None:
-    """Refuse to replace an existing file that is neither named ``.onnx`` nor an ONNX graph: ``-o``
-    naming the run's ``last.safetensors`` or a state dict by a slip would lose it. A new file named
-    otherwise is written, with a note."""
-    path = Path(output)
-    if path.suffix.lower() == ".onnx":
-        return
-    if path.is_file() and not _is_onnx_graph(path):
-        raise ValueError(f"-o {path} is an existing file that is not an ONNX graph (a checkpoint, weights?): "
-                         f"it would be replaced; write the graph to a file named .onnx")
-    if not path.exists():
-        print(f"note: -o {path} does not end in .onnx; the file is an ONNX graph", file=sys.stderr)
-
-
 def run_export(args: argparse.Namespace) -> int:
     from cmrf.export import export_onnx
 
     require_extra(("onnx", "onnxscript"), "cmrf export onnx", "onnx")
     with _folders_made_for(Path(args.output).parent):  # before the check, which needs the folder
         check_output_file(args.output, "-o", {"--checkpoint": args.checkpoint})
-        _check_output_name(args.output)
+        check_replaces_only(args.output, "-o", ".onnx", "an ONNX graph", _is_onnx_graph)
         model, in_chans, meta = _model(args)
         input_size = _input_size(args, model, in_chans, meta.get("data") or {})
         path = export_onnx(
