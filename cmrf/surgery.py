@@ -264,6 +264,7 @@ class _Call:
     in_shape: tuple[int, ...] | None = None
     out_shape: tuple[int, ...] | None = None
     skip_wrapper: bool = False  # its output concatenates its input (``cat([x, inner(x)])``)
+    gate: bool = False  # its output is its input scaled by maps made from it (``x * se(x)``)
 
 
 @dataclass
@@ -395,6 +396,27 @@ def _concatenates(output: torch.Tensor, given: torch.Tensor) -> bool:
     return any(next_node is source for next_node, _ in node.next_functions)
 
 
+def _gates(output: torch.Tensor, given: torch.Tensor, depth: int = 0) -> bool:
+    """Whether ``output`` is ``given`` scaled by maps computed from it, as attention gates make it
+    (``x * se(x)``, scSE's ``x * cse(x) + x * sse(x)``, CBAM's ``x * ca(x) * sa(...)``); read from
+    the probe's autograd graph: products that take ``given`` (or such a product) as a factor, and
+    sums of them."""
+    node, source = output.grad_fn if depth == 0 else output, given.grad_fn
+    if node is None or source is None or depth > 8:
+        return False
+    children = [child for child, _ in node.next_functions if child is not None]
+    kind = type(node).__name__
+    if kind.startswith("MulBackward"):
+        return any(child is source or _gates(child, given, depth + 1) for child in children)
+    if kind.startswith("AddBackward"):
+        return bool(children) and all(_gates(child, given, depth + 1) for child in children)
+    return False
+
+
+_GATE = ("multiplies its input by maps it computes from it (an attention gate such as scSE or "
+         "squeeze-excitation): a CMRF in its place would replace the gated features with new ones")
+
+
 def _probe(model: nn.Module, modules: dict[str, nn.Module], example) -> _Probe:
     calls: dict[str, list[_Call]] = {}
     conv_calls: list[tuple[str, tuple[int, ...], tuple[int, ...], int, tuple[int, ...]]] = []
@@ -404,6 +426,7 @@ def _probe(model: nn.Module, modules: dict[str, nn.Module], example) -> _Probe:
         def hook(mod, args, kwargs, output):
             call = _describe_call(args, kwargs, output)
             call.skip_wrapper = call.problem is None and _concatenates(output, args[0])
+            call.gate = call.problem is None and _gates(output, args[0])
             calls.setdefault(path, []).append(call)
             if isinstance(mod, _CONVS) and isinstance(output, torch.Tensor) and args:
                 shapes = (tuple(args[0].shape), tuple(output.shape))
@@ -557,6 +580,8 @@ def _block_problem(path: str, module: nn.Module, probe: _Probe) -> tuple[str | N
         return f"holds the network's final convolution {heads[0]} (a classifier head)", True
     if any(call.skip_wrapper for call in calls):  # a CMRF in its place would drop the skip path
         return _SKIP_WRAPPER, True
+    if any(call.gate for call in calls):  # (not reported, as the squeeze-excitation case above)
+        return _GATE, False
     return None, False
 
 

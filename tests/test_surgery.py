@@ -771,6 +771,62 @@ def test_a_gate_that_convolves_only_pooled_maps_is_not_a_block():
     assert "convolves only pooled 1x1 maps" in {s.path: s.reason for s in report.skipped}["2"]
 
 
+class SpatialChannelGate(nn.Module):
+    """scSE: a channel gate from the pooled map plus a spatial gate, a 1x1 convolution on the grid."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channel = Gate(channels)
+        self.spatial = nn.Conv2d(channels, 1, 1)
+
+    def forward(self, x):
+        return self.channel(x) + x * torch.sigmoid(self.spatial(x))
+
+
+class ChainedGates(nn.Module):
+    """CBAM-like: a channel gate, then a spatial gate from a 7x7 convolution, scaling in turn."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channel = Gate(channels)
+        self.spatial = nn.Conv2d(2, 1, 7, padding=3)
+
+    def forward(self, x):
+        y = self.channel(x)
+        pooled = torch.cat([y.mean(1, keepdim=True), y.amax(1, keepdim=True)], 1)
+        return y * torch.sigmoid(self.spatial(pooled))
+
+
+class GatedResidual(nn.Module):
+    """An SE-ResNet block: the gate scales the convolutions' output, and the input is added back."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body, self.gate = DoubleConv(channels, channels), Gate(channels)
+
+    def forward(self, x):
+        return self.gate(self.body(x)) + x
+
+
+@pytest.mark.parametrize("gate", [SpatialChannelGate, ChainedGates])
+def test_an_attention_gate_convolving_on_the_grid_is_not_a_block(gate):
+    """smp's scSE attention (its spatial gate is a 1x1 convolution on the input's grid) became a
+    CMRF 4-5 times its size, turning gated features into new ones, without a word."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), DoubleConv(16, 16), gate(16), GatedResidual(16),
+                          nn.Conv2d(16, 2, 1))
+    report = replace_blocks(model, dry_run=True)
+    assert report.paths == ["1", "3"]  # the gated residual block is still a block
+    report = replace_blocks(model, targets=["2"], dry_run=True)
+    assert not report.paths and "an attention gate" in {s.path: s.reason for s in report.skipped}["2"]
+
+
+def test_no_scse_attention_of_an_smp_unet_becomes_a_cmrf():
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    model = smp.Unet("resnet18", encoder_weights=None, classes=2, decoder_attention_type="scse")
+    report = replace_blocks(model, example_input=torch.randn(2, 3, 64, 64), dry_run=True)
+    assert report.paths and not any("attention" in path for path in report.paths)
+
+
 def test_no_squeeze_excitation_of_a_torchvision_network_becomes_a_cmrf():
     models = pytest.importorskip("torchvision.models")
     features = models.mobilenet_v3_small().features
