@@ -520,6 +520,13 @@ def _create_call(model: nn.Module) -> str | None:
     return call if fingerprint == _layout_fingerprint(model) else None
 
 
+def model_create_call(model: nn.Module) -> tuple[str, dict] | None:
+    """``(name, kwargs)`` of the ``create_model`` call that built ``model``, if its layout is still
+    the one that call builds, else ``None``."""
+    call = _create_call(model)
+    return None if call is None else _create_call_of({CREATE_CALL_KEY: call})
+
+
 def _create_call_of(meta: dict) -> tuple[str, dict] | None:
     """``(name, kwargs)`` of the ``create_model`` call ``save_weights`` recorded in ``meta``."""
     try:

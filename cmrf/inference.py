@@ -1464,6 +1464,13 @@ def optimize_for_inference(
                 f"optimize_for_inference found no CMRF block it can rewrite in {type(model).__name__}: "
                 f"{' | '.join(kept)}; the rewrite computes only what TinyUNet and CMRF build{hooks}"
             )
+        already = [f"its part {name} ({type(module).__name__})" if name else "it"
+                   for name, module in model.named_modules()
+                   if getattr(type(module), "inference_only", False)]
+        if count == 0 and already:  # "no CMRF block" would send the user looking for one
+            raise ValueError(
+                f"{type(model).__name__} is already optimized: {already[0]} comes from "
+                f"optimize_for_inference; call optimize_for_inference on the original model")
         if count == 0:
             raise ValueError(
                 f"optimize_for_inference found no CMRF block in {type(model).__name__}; it optimizes "

@@ -174,7 +174,10 @@ def profile(model: nn.Module, input_size: Sequence[int]) -> Profile:
     Raises:
         ValueError: a bad ``input_size``, ``model`` comes from ``optimize_for_inference`` or is on
             the meta device.
+        TypeError: ``model`` is not an ``nn.Module``.
     """
+    if not isinstance(model, nn.Module):  # (a function would fail deep inside: "no named_modules")
+        raise TypeError(f"profile needs an nn.Module, got {type(model).__name__}")
     input_size = check_input_size(input_size)
     model = compiled_original(model)  # fvcore's trace refuses Dynamo's wrapper; the counts are the module's
     _check_countable(model)

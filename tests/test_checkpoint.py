@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import stat
@@ -600,12 +601,21 @@ def test_save_weights_of_a_created_model_names_its_call_when_a_load_does_not_fit
                                 checkpoint_path=tmp_path / "w.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
 
+    # timm's reset_classifier makes what the same call with other classes builds: recorded so
+    # (the attribute kept naming num_classes=3, and save_weights recorded no call at all).
     model.reset_classifier(5)
+    assert json.loads(model.cmrf_create_call[0])["kwargs"]["num_classes"] == 5
+    save_weights(model, tmp_path / "five.safetensors")
+    with pytest.raises(ValueError, match=re.escape("N=4, num_classes=5): build the model that way)")):
+        cmrf.create_model("tinyunet", num_classes=5, checkpoint_path=tmp_path / "five.safetensors")
+    cmrf.create_model("tinyunet", channels=[16, 32, 64, 128], N=4, num_classes=5,
+                      checkpoint_path=tmp_path / "five.safetensors")
     segnet = cmrf.create_model("segnet")
     cmrf.replace_blocks(segnet)
-    for changed in (model, segnet):
-        save_weights(changed, tmp_path / "changed.safetensors")
-        assert "cmrf_create_model" not in safetensors_metadata(tmp_path / "changed.safetensors")
+    segnet.reset_classifier(3)  # a layout no call builds: nothing recorded, the stale call dropped
+    assert not hasattr(segnet, "cmrf_create_call")
+    save_weights(segnet, tmp_path / "changed.safetensors")
+    assert "cmrf_create_model" not in safetensors_metadata(tmp_path / "changed.safetensors")
 
 
 @pytest.mark.parametrize("bad, why", [

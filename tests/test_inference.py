@@ -177,6 +177,12 @@ def test_bad_input_gives_clear_errors(tinyunet_pair):
         optimize_for_inference(nn.Sequential(nn.Conv2d(3, 3, 1)))
     with pytest.raises(ValueError, match="expects an nn.Module"):
         optimize_for_inference("tinyunet")
+    # Optimizing a copy again said it "found no CMRF block", sending the user to look for one.
+    with pytest.raises(ValueError, match=r"^InferenceTinyUNet is already optimized: it comes from "
+                                         r"optimize_for_inference; call optimize_for_inference on the"):
+        optimize_for_inference(fast)
+    with pytest.raises(ValueError, match=r"^Sequential is already optimized: its part 0 \(InferenceTinyUNet"):
+        optimize_for_inference(nn.Sequential(fast))
     block, fast_block = CMRF(8, 16, N=2).eval(), optimize_for_inference(CMRF(8, 16, N=2))
     for bad in (torch.randn(1, 5, 4, 4), torch.ones(1, 8, 4, 4, dtype=torch.long), "image"):
         with pytest.raises(ValueError) as original:  # the optimized block says what the original says

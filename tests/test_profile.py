@@ -124,6 +124,12 @@ def test_functional_interpolate_is_free():
     assert count_paper_flops(Up(), torch.zeros(1, 1, 4, 4)) == 0
 
 
+def test_profile_of_a_function_is_a_type_error_naming_it():
+    """A function failed deep inside ("'function' object has no attribute 'named_modules'")."""
+    with pytest.raises(TypeError, match=r"^profile needs an nn.Module, got function$"):
+        cmrf.profile(lambda t: t, (1, 3, 32, 32))
+
+
 def test_profile_restores_training_mode():
     """Every submodule's own flag: a BatchNorm frozen with .eval() inside a training model stays
     frozen (restoring only the top-level flag would switch it back to training)."""

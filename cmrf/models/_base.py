@@ -164,7 +164,8 @@ class SegmentationModel(nn.Module):
         """Replace the classifier by a freshly initialised one with ``num_classes`` outputs.
 
         The new convolution has the old one's input channels, kernel, padding and bias, and its
-        device and dtype; every other layer is kept. ``num_classes`` and ``pretrained_cfg`` follow.
+        device and dtype; every other layer is kept. ``num_classes``, ``pretrained_cfg`` and the
+        recorded ``create_model`` call (``cmrf_create_call``) follow.
 
         Args:
             num_classes: output classes, an integer >= 1 (a segmentation head always exists; to read
@@ -181,7 +182,10 @@ class SegmentationModel(nn.Module):
                 f"{type(self).__name__} has no global pooling (it predicts every pixel); "
                 f"global_pool must be None, got {global_pool!r}"
             )
+        from cmrf.checkpoint import model_create_call, record_create_call
+
         old = self.get_classifier()
+        call = model_create_call(self)
         if not isinstance(old, _CONVS):
             raise ValueError(
                 f"reset_classifier replaces the convolution at {self.classifier_name!r}, found a "
@@ -203,3 +207,8 @@ class SegmentationModel(nn.Module):
         setattr(self.get_submodule(parent_name), child_name, new)
         self.num_classes = num_classes
         self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
+        # The model is now what the same call with these classes builds (save_weights records it).
+        if call is not None:
+            record_create_call(self, call[0], {**call[1], "num_classes": num_classes})
+        elif hasattr(self, "cmrf_create_call"):
+            del self.cmrf_create_call
