@@ -338,6 +338,35 @@ def test_run_checkpoint_names_its_model_and_size(tmp_path, captured_export):
     assert main([*argv, "-o", str(tmp_path / "y.onnx")]) == 0
     assert "cmrf_preprocess" not in captured_export["metadata"]
     assert captured_export["metadata"]["cmrf_in_chans"] == "1"
+    # A fixed --input-size other than the run's is what the graph takes: the metadata said 48x48.
+    argv = ["export", "onnx", "--checkpoint", str(checkpoint), "--input-size", "1", "1", "40", "64"]
+    assert main([*argv, "-o", str(tmp_path / "z.onnx")]) == 0
+    assert "resize to 40x64" in captured_export["metadata"]["cmrf_preprocess"]
+    assert "cmrf_img_size" not in captured_export["metadata"]  # no one side
+    assert main([*argv, "--dynamic", "-o", str(tmp_path / "z.onnx")]) == 0  # any size: the run's
+    assert captured_export["metadata"]["cmrf_img_size"] == "48"
+
+
+def test_a_volume_runs_metadata_says_how_nifti_was_read_and_sizes_are_named(tmp_path, captured_export,
+                                                                            capsys):
+    """A NIfTI run records its data as "folder" (3D): its graph was described as taking volumes
+    "in [0, 1]", leaving out the percentile clipping a deployer must repeat."""
+    model = cmrf.TinyUNet(in_channels=1, num_classes=2, channels=(8, 16), N=2, spatial_dims=3)
+    checkpoint = tmp_path / "best.safetensors"
+    data = {"data": "folder", "img_size": 16, "spatial_dims": 3}
+    meta = model_metadata("tinyunet3d", {"channels": [8, 16], "N": 2}, 1, 2, ["bg", "organ"], data=data)
+    cmrf.save_weights(model, checkpoint, metadata=meta)
+    assert main(["export", "onnx", "--checkpoint", str(checkpoint), "-o", str(tmp_path / "v.onnx")]) == 0
+    preprocess = captured_export["metadata"]["cmrf_preprocess"]
+    assert "0.5 and 99.5 percentiles" in preprocess and "resize to 16x16x16 (trilinear)" in preprocess
+    # "1 1 16 16" for a one-channel volume: the hint read it as C and three sides (one of 1).
+    argv = ["export", "onnx", "--checkpoint", str(checkpoint), "--input-size", "1", "1", "16", "16"]
+    assert main([*argv, "-o", str(tmp_path / "w.onnx")]) == 2
+    assert "has 2 spatial side(s), but the model takes 3" in capsys.readouterr().err
+    argv[-4:] = ["1", "16", "16", "16"]  # C and three sides: the batch is what is missing
+    assert main([*argv, "-o", str(tmp_path / "w.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "has no batch size: give B C and 3 sides, e.g. --input-size 1 1 16 16 16" in err
 
 
 @requires_onnx_exporter

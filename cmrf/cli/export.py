@@ -58,10 +58,13 @@ def _model(args: argparse.Namespace):
     return model, in_chans, {}
 
 
-def _graph_metadata(args: argparse.Namespace, model, in_chans: int, meta: dict) -> dict[str, str]:
+def _graph_metadata(args: argparse.Namespace, model, in_chans: int, meta: dict,
+                    input_size: list[int]) -> dict[str, str]:
     """What a deployer needs beside the graph, as ONNX ``metadata_props``: the model, its channels
     and classes and, for a run of ``cmrf train`` (whose data options say), how its images were
-    prepared and how to read the output."""
+    prepared and how to read the output. The size to resize to is the graph's input's (a fixed
+    ``--input-size`` other than the run's is what the graph takes); ``cmrf_img_size`` is given
+    where that size is one side repeated."""
     from cmrf.constants import NORMALIZE_MEAN, NORMALIZE_STD
 
     entries = {"cmrf_model": str(meta.get("model") or args.model), "cmrf_in_chans": str(in_chans)}
@@ -74,11 +77,14 @@ def _graph_metadata(args: argparse.Namespace, model, in_chans: int, meta: dict) 
     side = data.get("img_size")
     if side:
         dims = 3 if data.get("spatial_dims") == 3 else 2
-        entries["cmrf_img_size"] = str(side)
+        sides = [side] * dims if args.dynamic else list(input_size[2:])
+        if len(set(sides)) == 1:
+            entries["cmrf_img_size"] = str(sides[0])
         entries["cmrf_normalize_mean"] = str(NORMALIZE_MEAN)
         entries["cmrf_normalize_std"] = str(NORMALIZE_STD)
-        shape = "x".join([str(side)] * dims)
-        if data.get("data") == "nifti":  # (cmrf.data.nifti)
+        shape = "x".join(map(str, sides))
+        # Volumes of a run are NIfTI files read by cmrf.data.nifti (recorded as data "folder").
+        if dims == 3 and data.get("data") in ("folder", "nifti"):
             read = (f"{in_chans} channel(s) as stored; clip each volume and channel to its 0.5 and 99.5 "
                     f"percentiles and scale that range to [0, 1]; resize to {shape} (trilinear)")
         elif dims == 2:  # (cmrf.data.imageio; synthetic data is made in [0, 1] at this size)
@@ -107,7 +113,9 @@ def _input_size(args: argparse.Namespace, model, in_chans: int, data: dict) -> l
         if len(args.input_size) < 2:
             raise ValueError(f"--input-size {given}: give B C and {spatial_dims} sides ({spatial_dims + 2} "
                              f"values), got {len(args.input_size)}")
-        if len(args.input_size) == spatial_dims + 1 and args.input_size[0] == channels:
+        # "C S S S" lacks the batch; "1 1 16 16" for a 1-channel volume may lack a side instead.
+        if len(args.input_size) == spatial_dims + 1 and args.input_size[0] == channels \
+                and args.input_size[1] != channels:
             raise ValueError(f"--input-size {given} has no batch size: give B C and {spatial_dims} sides, "
                              f"e.g. --input-size 1 {given}")
         raise ValueError(f"--input-size {given} has {len(args.input_size) - 2} spatial side(s), but the "
@@ -161,7 +169,7 @@ def run_export(args: argparse.Namespace) -> int:
         input_size = _input_size(args, model, in_chans, meta.get("data") or {})
         path = export_onnx(
             model, args.output, input_size, dynamic=args.dynamic, optimize=not args.no_optimize,
-            opset_version=args.opset, metadata=_graph_metadata(args, model, in_chans, meta),
+            opset_version=args.opset, metadata=_graph_metadata(args, model, in_chans, meta, input_size),
         )
     size_mb = path.stat().st_size / 2**20
     shape = "x".join(map(str, input_size))
