@@ -316,6 +316,19 @@ def test_evaluate_with_other_spatial_dims_than_the_model_names_the_model(run_che
     assert f"{run_checkpoint} {expected}" in line
 
 
+def test_evaluate_of_a_bare_volume_state_dict_reads_volumes(tmp_path, capsys):
+    """A bare 3D state dict (no run metadata) was refused with "--spatial-dims 2 reads 2D data:
+    leave --spatial-dims out", which was not given: its model says it reads volumes."""
+    bare = tmp_path / "bare3d.pth"
+    torch.save(cmrf.TinyUNet(in_channels=1, channels=(8, 16), N=2, spatial_dims=3).state_dict(), bare)
+    argv = ["evaluate", str(bare), "--model", "tinyunet3d", "--channels", "8", "16", "--N", "2",
+            "--data", "synthetic", "--img-size", "16", "--synthetic-samples", "8", "--no-optimize"]
+    assert main(argv) == 0
+    assert "mean" in capsys.readouterr().out
+    assert main([*argv, "--spatial-dims", "2"]) == 2  # given: the mismatch is named
+    assert "holds a 3D model, and --spatial-dims 2 reads 2D data" in _one_line(capsys.readouterr().err)
+
+
 def test_evaluate_takes_a_reference_checkpoint(tmp_path, capsys):
     from tests.conftest import golden_state_dict, load_golden
 

@@ -277,8 +277,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     _read_channels_of_model(args, meta)
     model_dims = getattr(model, "spatial_dims", None)
     if isinstance(model_dims, int) and args.spatial_dims != model_dims:  # the data's error blames the data
-        raise ValueError(f"{args.checkpoint} holds a {model_dims}D model, and --spatial-dims "
-                         f"{args.spatial_dims} reads {args.spatial_dims}D data: leave --spatial-dims out")
+        if "spatial_dims" not in given:  # a bare state dict: its model says what data it reads
+            args.spatial_dims = model_dims
+        else:
+            raise ValueError(f"{args.checkpoint} holds a {model_dims}D model, and --spatial-dims "
+                             f"{args.spatial_dims} reads {args.spatial_dims}D data: leave --spatial-dims out")
     try:
         bundle, options = _build_evaluation_data(args, run_data, given)
     except ValueError as err:  # the data names --num-classes: say it is the checkpoint's, not the user's
