@@ -994,6 +994,13 @@ def test_init_starts_a_run_from_earlier_weights_and_resume_compares_it(tmp_path,
     cmrf.save_weights(cmrf.create_model("tinyunet", channels=(16, 64), N=8), wrong)
     assert main(["train", *TINY, "--epochs", "1", "--out", str(tmp_path / "x"), "--init", str(wrong)]) == 2
     assert "shape mismatches" in capsys.readouterr().err
+    # Weights of a 3D model for a 2D run: a list of every convolution's shape did not say so.
+    volume = tmp_path / "volume.safetensors"
+    cmrf.save_weights(cmrf.create_model("tinyunet3d", channels=(16, 32), N=8), volume)
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(tmp_path / "y"), "--init", str(volume)]) == 2
+    err = capsys.readouterr().err
+    assert f"{volume} holds weights of a 3D model (" in err and "the model to start is 2D" in err
+    assert "give weights of a 2D model" in err and "mismatches" not in err
 
 
 def test_a_dangling_link_named_like_a_run_file_is_refused(tmp_path, capsys):

@@ -255,6 +255,7 @@ def load_pretrained_weights(model: nn.Module, path) -> list[str]:
     state = read_state_dict(path)  # read once: its shapes say below what was adapted
     mapped = map_to_model_keys(model, state, str(path), quiet=True)
     saved = {key: value.shape for key, value in mapped.items()}
+    _check_same_spatial_dims(own, saved, path)
     _load_local_pretrained(model, state, {"num_classes", "in_channels"}, label=str(path))
     head = getattr(model, "classifier_name", "head")
     first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
@@ -265,6 +266,18 @@ def load_pretrained_weights(model: nn.Module, path) -> list[str]:
     if first and key in saved and key in own and saved[key][1] != own[key][1]:
         notes.append(f"{first} adapted from {saved[key][1]} input channels to {own[key][1]}")
     return notes
+
+
+def _check_same_spatial_dims(own: dict, saved: dict, path) -> None:
+    """Refuse weights of a model with other spatial dimensions (2D weights for a 3D model), named as
+    such: the shape list of every convolution would not say it."""
+    for key, shape in own.items():
+        if key.endswith(".weight") and key in saved and len(shape) >= 3 and len(saved[key]) >= 3 \
+                and len(saved[key]) != len(shape):
+            file_dims, model_dims = len(saved[key]) - 2, len(shape) - 2
+            raise ValueError(
+                f"{path} holds weights of a {file_dims}D model ({key} is {tuple(saved[key])}), and the model "
+                f"to start is {model_dims}D ({tuple(shape)}): give weights of a {model_dims}D model")
 
 
 def _load_local_pretrained(model: nn.Module, source: str | dict, requested: set[str], label: str | None = None
