@@ -2,6 +2,7 @@
 
     python examples/deploy_cpu.py                               # random weights, a synthetic image
     python examples/deploy_cpu.py --checkpoint best_model.pth --image scan.png --onnx tinyunet.onnx
+    python examples/deploy_cpu.py --checkpoint grey4.pth --in-chans 1 --num-classes 4 --image scan.png
 
 The optimized model computes the same logits as the original (checked below) several times faster
 on the CPU; the ONNX file runs in ONNX Runtime without PyTorch. Threads follow ``--threads`` (or
@@ -20,17 +21,19 @@ import torch
 import cmrf
 
 
-def load_image(path: str | None, size: int) -> torch.Tensor:
-    """``(1, 3, size, size)``, normalised as ``cmrf train`` and ``cmrf predict`` normalise: the
-    image at ``path`` read and resized as in training, or a synthetic blob."""
+def load_image(path: str | None, size: int, in_chans: int = 3) -> torch.Tensor:
+    """``(1, in_chans, size, size)``, normalised as ``cmrf train`` and ``cmrf predict`` normalise:
+    the image at ``path`` read (RGB, or grey for one channel) and resized as in training, or a
+    synthetic blob."""
     from cmrf.data import load_image as load_training_image
     from cmrf.data import normalize
 
     if path is not None:
-        return load_training_image(path, size)[None]
+        return load_training_image(path, size, in_chans)[None]
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
     blob = (xx**2 + yy**2 < 0.3).float()
-    return normalize(torch.stack([blob * 0.8, blob * 0.4, 0.2 + 0 * blob]))[None]
+    rgb = torch.stack([blob * 0.8, blob * 0.4, 0.2 + 0 * blob])
+    return normalize(rgb if in_chans == 3 else rgb.mean(0, keepdim=True).expand(in_chans, -1, -1))[None]
 
 
 def median_ms(fn, x, repeats: int = 5) -> float:
@@ -47,7 +50,9 @@ def main() -> None:
     parser.add_argument(
         "--checkpoint", default=None, help=".safetensors or weights-only .pth (default: random weights)"
     )
-    parser.add_argument("--image", default=None, help="an RGB image (default: a synthetic one)")
+    parser.add_argument("--image", default=None, help="an image file (default: a synthetic one)")
+    parser.add_argument("--in-chans", type=int, default=3, help="the model's input channels (default 3)")
+    parser.add_argument("--num-classes", type=int, default=2, help="the model's classes (default 2)")
     parser.add_argument("--size", type=int, default=256, help="network input side (default 256)")
     parser.add_argument("--onnx", default=None, help="also export to this .onnx file and run it")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
@@ -56,9 +61,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     # The three lines a deployment needs:
-    model = cmrf.create_model("tinyunet", checkpoint_path=args.checkpoint).eval()
+    model = cmrf.create_model("tinyunet", in_chans=args.in_chans, num_classes=args.num_classes,
+                              checkpoint_path=args.checkpoint).eval()
     fast = cmrf.optimize_for_inference(model)
-    x = load_image(args.image, args.size)
+    x = load_image(args.image, args.size, args.in_chans)
     with torch.inference_mode():
         mask = fast(x).argmax(1)
 
@@ -73,7 +79,8 @@ def main() -> None:
 
         # A graph for any size takes sides that are multiples of 16; others get one for --size only.
         dynamic = args.size % 16 == 0
-        path = cmrf.export_onnx(model, Path(args.onnx), (1, 3, args.size, args.size), dynamic=dynamic)
+        path = cmrf.export_onnx(model, Path(args.onnx), (1, args.in_chans, args.size, args.size),
+                                dynamic=dynamic)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
