@@ -1649,7 +1649,8 @@ def test_float_masks_must_hold_whole_numbers(tmp_path: Path):
     assert read_mask_file(tmp_path / "whole.tif").tolist() == [[0, 0, 0, 2, 2, 2]] * 4
     values[0, 0] = 0.5
     Image.fromarray(values, mode="F").save(tmp_path / "half.tif")
-    with pytest.raises(DataError, match=r"half\.tif holds non-integer values"):
+    with pytest.raises(DataError, match=r"half\.tif holds non-integer values \(such as 0\.5\); expected "
+                                        r"class values: a mask resampled with linear interpolation"):
         read_mask_file(tmp_path / "half.tif")
 
 

@@ -219,7 +219,9 @@ def test_nifti_bad_data_is_reported_with_the_file(nifti_root: Path):
     with pytest.raises(DataError, match=r"vol1\.nii\.gz has shape \(6, 7, 8\) but its mask .* \(6, 7, 9\)"):
         build(*volumes)
     write_volume(nifti_root / "masks" / "vol1.nii.gz", np.full((6, 7, 8), 0.5, dtype=np.float32))
-    with pytest.raises(DataError, match=r"mask file .*vol1\.nii\.gz holds non-integer values"):
+    # Interpolated labels: the error says so and how to fix the files (the threshold cannot read them).
+    with pytest.raises(DataError, match=r"mask file .*vol1\.nii\.gz holds non-integer values \(such as "
+                                        r"0\.5\); .*resample masks with nearest neighbour \(or round them\)"):
         build(*volumes)
     (nifti_root / "masks" / "vol1.nii.gz").write_bytes(b"garbage")
     (nifti_root / "masks" / "vol3.nii.gz").write_bytes(b"garbage")

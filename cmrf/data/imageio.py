@@ -302,6 +302,14 @@ def decode_image(path: str | Path, img_size: int, in_channels: int = 3) -> np.nd
     return quantize(image, np.uint16 if high_bit else np.uint8)
 
 
+def non_integer_mask(path, values: np.ndarray) -> str:
+    """The error for a float mask with values that are no class (interpolated labels, NaN)."""
+    bad = values[~np.isfinite(values) | (values != np.round(values))]
+    return (f"mask file {path} holds non-integer values (such as {float(bad.flat[0]):g}); expected class "
+            f"values: a mask resampled with linear interpolation blurs its labels, so resample masks "
+            f"with nearest neighbour (or round them) before --mask-values or --mask-threshold can read them")
+
+
 def load_image(path: str | Path, img_size: int, in_channels: int = 3) -> torch.Tensor:
     """An image file as the network sees it: float32 tensor ``(in_channels, img_size, img_size)``.
 
@@ -399,7 +407,7 @@ def decode_mask(path: str | Path) -> MaskFile:
         values = values.astype(np.uint8)
     if values.dtype.kind == "f":
         if not np.isfinite(values).all() or (values != np.round(values)).any():
-            raise DataError(f"mask file {path} holds non-integer values; expected class values")
+            raise DataError(non_integer_mask(path, values))
         values = values.astype(np.int64)
     # Pillow's histogram counts 8-bit values in C, far faster than numpy on a large mask.
     eight_bit = image.mode in ("L", "P")

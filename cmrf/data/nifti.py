@@ -17,7 +17,7 @@ import torch
 
 from cmrf.data.base import DataBundle, DataError
 from cmrf.data.cache import CachedSource, SourceDataset, run_checks
-from cmrf.data.imageio import present_values, quantize, resize_image, resize_nearest
+from cmrf.data.imageio import non_integer_mask, present_values, quantize, resize_image, resize_nearest
 from cmrf.data.masks import MAX_LISTED, MaskRule, MaskValues, resolve_classes
 from cmrf.data.pairs import Pair, find_pairs, require_dir, source_key
 from cmrf.data.splits import folder_split_bundle
@@ -168,7 +168,7 @@ def read_volume_mask(path: str | Path) -> np.ndarray:
     voxels = _voxels(path, "mask")
     voxels = voxels.reshape(_layout(voxels.shape, path, "mask"))
     if voxels.dtype.kind == "f" and (not np.isfinite(voxels).all() or (voxels != np.round(voxels)).any()):
-        raise DataError(f"mask file {path} holds non-integer values; expected class indices")
+        raise DataError(non_integer_mask(path, voxels))
     return voxels.astype(np.int64)
 
 
