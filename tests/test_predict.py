@@ -111,6 +111,18 @@ def test_an_input_that_fails_now_leaves_no_mask_of_an_earlier_run(checkpoint, tm
     assert sorted(p.name for p in out.iterdir()) == ["a_mask.png", "a_overlay.png"] and good.is_file()
 
 
+def test_a_volume_given_to_predict_is_named_as_one(checkpoint, tmp_path, capsys):
+    """A .nii.gz was reported as "UnidentifiedImageError: cannot identify image file"."""
+    volume = tmp_path / "ct.nii.gz"
+    volume.write_bytes(b"\x1f\x8b not read")
+    _image(tmp_path / "a.png", 20, 20, 1)
+    argv = ["predict", str(checkpoint), str(volume), str(tmp_path / "a.png"), "--out", str(tmp_path / "out"),
+            "--device", "cpu", "--no-overlays"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"{volume}: a NIfTI volume: cmrf predict segments 2D images" in err and "Unidentified" not in err
+
+
 def test_files_cmrf_did_not_write_are_neither_replaced_nor_removed(checkpoint, tmp_path, capsys):
     """A ground-truth folder given as --out: its a_mask.png would be replaced by the prediction,
     and the b_mask.png of an input that cannot be read removed as an earlier run's output."""

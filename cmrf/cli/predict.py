@@ -67,6 +67,10 @@ def _image_files(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[Path, st
             if not found:
                 problems.append((item, f"folder holds no images ({', '.join(IMAGE_SUFFIXES)})"
                                        f"{_nested_images_hint(item)}"))
+        elif item.is_file() and item.name.lower().endswith((".nii", ".nii.gz")):
+            found = []  # (Pillow's "cannot identify image file" would not say why)
+            problems.append((item, "a NIfTI volume: cmrf predict segments 2D images; segment volumes from "
+                                   "Python (docs/volumes.md)"))
         elif item.is_file():
             found = [item]
         else:
@@ -115,7 +119,8 @@ def build(parser: argparse.ArgumentParser):
     parser.add_argument("checkpoint", type=user_path,
                         help="best.safetensors or last.safetensors written by cmrf train, or a state dict "
                              "such as the reference code's .pth (with --model)")
-    parser.add_argument("inputs", nargs="+", type=user_path, help="image files and/or folders of images")
+    parser.add_argument("inputs", nargs="+", type=user_path,
+                        help="2D image files and/or folders of images (volumes: see docs/volumes.md)")
     parser.add_argument("--out", type=user_path, required=True,
                         help="folder for STEM_mask.png (0/255 for two classes, a palette PNG of class "
                              "indices for more; the input image's size) and STEM_overlay.png")
