@@ -463,7 +463,24 @@ def _depthwise3x3_into(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
             out[:, :, rows_out, cols_out].addcmul_(x[:, :, rows_in, cols_in], taps[:, :, 3 * i + j])
 
 
-class InferenceCMRF(nn.Module):
+class _EvalOnly(nn.Module):
+    """A module of ``optimize_for_inference``'s copy: ``save_weights`` refuses a model holding one
+    (``inference_only``: its folded weights load into nothing trainable), and it stays in eval mode:
+    ``train()`` warns and changes nothing (the copy computes the eval-mode forward and has no
+    gradients to train, which a later backward would only report as torch's generic error)."""
+
+    inference_only = True
+
+    def train(self, mode: bool = True):
+        if mode:
+            warnings.warn(
+                f"{type(self).__name__} is an eval-only copy made by optimize_for_inference (BatchNorm "
+                f"folded, no trainable parameters): train() leaves it in eval mode; train the original model",
+                UserWarning, stacklevel=caller_stacklevel())
+        return super().train(False)
+
+
+class InferenceCMRF(_EvalOnly):
     """Eval-only CMRF with BatchNorms folded; computes ``cmrf.eval()(x)``.
 
     Built from a ``CMRF`` with ``InferenceCMRF.from_cmrf(cmrf, path)``. On the ``"onednn"`` path
@@ -473,9 +490,6 @@ class InferenceCMRF(nn.Module):
 
     Shapes: ``(B, in_channels, *S) -> (B, out_channels, *S)``.
     """
-
-    # save_weights refuses a model holding this: its folded weights load into nothing trainable.
-    inference_only = True
 
     def __init__(
         self,
@@ -732,7 +746,7 @@ class InferenceCMRF(nn.Module):
         return self.mix_into(hidden, [None], residual, path)[0]
 
 
-class InferenceDecoderCMRF(nn.Module):
+class InferenceDecoderCMRF(_EvalOnly):
     """A TinyU-Net decoder stage: ``CMRF(cat([upsample(low, skip size), skip]))``, reordered.
 
     ``pw1``'s weight is split into the columns that read the upsampled tensor (``pw1_low``,
@@ -741,9 +755,6 @@ class InferenceDecoderCMRF(nn.Module):
 
     Shapes: ``low (B, C_low, *s)``, ``skip (B, C_skip, *S) -> (B, out_channels, *S)``.
     """
-
-    # save_weights refuses a model holding this: its folded weights load into nothing trainable.
-    inference_only = True
 
     def __init__(self, block: InferenceCMRF, low_channels: int, mode: str, spatial_dims: int):
         super().__init__()
@@ -777,16 +788,13 @@ class InferenceDecoderCMRF(nn.Module):
         return self.block.mix(F.gelu(hidden))
 
 
-class InferenceTinyUNet(nn.Module):
+class InferenceTinyUNet(_EvalOnly):
     """Eval-only TinyU-Net built by ``optimize_for_inference``; same input checks and output.
 
     Args:
         model: the ``TinyUNet`` to rewrite (left untouched).
         path: one of ``PATHS``. Default ``"onednn"``.
     """
-
-    # save_weights refuses a model holding this: its folded weights load into nothing trainable.
-    inference_only = True
 
     def __init__(self, model: nn.Module, path: str = "onednn"):
         super().__init__()

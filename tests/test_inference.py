@@ -183,6 +183,11 @@ def test_bad_input_gives_clear_errors(tinyunet_pair):
         optimize_for_inference(fast)
     with pytest.raises(ValueError, match=r"^Sequential is already optimized: its part 0 \(InferenceTinyUNet"):
         optimize_for_inference(nn.Sequential(fast))
+    # train() switched the eval-only copy to training mode without a word; a backward then failed
+    # with torch's "element 0 of tensors does not require grad".
+    with pytest.warns(UserWarning, match=r"InferenceTinyUNet is an eval-only copy .*train the original"):
+        assert fast.train() is fast
+    assert not any(module.training for module in fast.modules())
     block, fast_block = CMRF(8, 16, N=2).eval(), optimize_for_inference(CMRF(8, 16, N=2))
     for bad in (torch.randn(1, 5, 4, 4), torch.ones(1, 8, 4, 4, dtype=torch.long), "image"):
         with pytest.raises(ValueError) as original:  # the optimized block says what the original says
