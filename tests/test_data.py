@@ -1246,11 +1246,12 @@ def test_a_disk_cache_whose_data_check_was_not_saved_is_made_again(folder_root: 
 
 
 @pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX permissions")
-def test_a_disk_cache_is_private_and_one_others_could_write_is_refused(folder_root: Path, tmp_path_factory,
+def test_a_disk_cache_is_private_and_one_of_another_user_is_refused(folder_root: Path, tmp_path_factory,
                                                                        monkeypatch):
     """The cache holds decoded patient images: it was made with the umask's permissions (readable
     by every user), and a store folder another user owned or could write was read as found (files
-    planted in a shared --cache-dir were trained on as the data)."""
+    planted in a shared --cache-dir were trained on as the data): one of ours that others can write
+    is made afresh, one of another user, or a link, refused."""
     cache_dir = tmp_path_factory.mktemp("cache")
     options = folder_options(folder_root, "--cache", "disk", "--cache-dir", str(cache_dir))
     load_all(build_datasets(**options))
@@ -1260,11 +1261,12 @@ def test_a_disk_cache_is_private_and_one_others_could_write_is_refused(folder_ro
     images, _ = count_decoding(monkeypatch)
     load_all(build_datasets(**options))
     assert images.calls == 0 and stat.S_IMODE(store.stat().st_mode) == 0o700
-    store.chmod(0o777)
-    with pytest.raises(DataError, match=rf"data cache {re.escape(str(store))} is writable by other users "
-                                        r"\(mode 777\).*cannot be trusted.*--cache-dir"):
-        build_datasets(**options)
-    store.chmod(0o700)
+    store.chmod(0o775)  # others could have put files in it (umask 002): not read, made afresh
+    planted = next(store.glob("*.npy"))
+    with pytest.warns(DataWarning, match=rf"data cache {re.escape(str(store))} was writable by other users "
+                                         r"\(mode 775.*cannot be trusted: it is made afresh"):
+        load_all(build_datasets(**options))
+    assert images.calls == 10 and stat.S_IMODE(store.stat().st_mode) == 0o700 and planted.is_file()
     real_uid = os.getuid()
     monkeypatch.setattr(os, "getuid", lambda: real_uid + 1)
     with pytest.raises(DataError, match=rf"belongs to user id {real_uid}, so its contents cannot be trusted"):

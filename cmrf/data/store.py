@@ -266,12 +266,14 @@ def _layout_from(info: dict) -> Layout:
 
 
 def _check_store_folder(folder: Path) -> None:
-    """Refuse an existing store folder that another user owns or can write, and keep our own
-    private: a cache holds decoded (patient) images, and files planted in it by someone else
-    would be trained on and scored as if they were the data's. No-op where there are no uids.
+    """Refuse an existing store folder that another user owns, and keep our own private: a cache
+    holds decoded (patient) images, and files planted in it by someone else would be trained on and
+    scored as if they were the data's. No-op where there are no uids.
+
+    A folder of ours that others can write is removed (with a ``DataWarning``), to be made again.
 
     Raises:
-        DataError: the folder belongs to another user or is writable by others.
+        DataError: the folder is a link or belongs to another user.
     """
     if not hasattr(os, "getuid"):
         return
@@ -279,14 +281,19 @@ def _check_store_folder(folder: Path) -> None:
         info = folder.lstat()
     except OSError:
         return  # not there yet: it is made private when created
-    if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
-        what = ("is a link" if stat.S_ISLNK(info.st_mode)
-                else f"belongs to user id {info.st_uid}" if info.st_uid != os.getuid()
-                else f"is writable by other users (mode {stat.S_IMODE(info.st_mode):o})")
+    if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid():
+        what = "is a link" if stat.S_ISLNK(info.st_mode) else f"belongs to user id {info.st_uid}"
         raise DataError(
             f"the data cache {folder} {what}, so its contents cannot be trusted; remove it, or give "
             "--cache-dir a folder of your own, or --cache memory"
         )
+    if info.st_mode & 0o022:  # ours, but others could have put files in it: made afresh
+        mode = stat.S_IMODE(info.st_mode)
+        warnings.warn(f"the data cache {folder} was writable by other users (mode {mode:o}; older versions "
+                      f"made caches with the umask's permissions), so its contents cannot be trusted: it is "
+                      f"made afresh", DataWarning, stacklevel=3)
+        shutil.rmtree(folder, ignore_errors=True)
+        return
     if info.st_mode & 0o077:  # made by an older version with the umask's permissions
         with contextlib.suppress(OSError):
             os.chmod(folder, 0o700)
@@ -381,8 +388,9 @@ def open_store(spec: StoreSpec, layout: Layout) -> SampleStore:
 
     Raises:
         DataError: a disk cache that cannot be created (no space, read-only folder), or an existing
-            one that is a link, or belongs to another user or is writable by others (its files
-            could have been planted). New disk caches are folders only their user can read.
+            one that is a link or belongs to another user (its files could have been planted; one
+            of ours that others can write is made afresh). New disk caches are folders only their
+            user can read.
     """
     if spec.cache == "none":
         return SampleStore(layout)
