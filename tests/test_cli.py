@@ -225,7 +225,7 @@ def test_evaluate_json_naming_a_checkpoint_by_a_slip_is_refused_before_scoring(r
     assert main(["evaluate", str(run_checkpoint), "--json", str(other)]) == 2
     assert _one_line(capsys.readouterr().err) == (
         f"cmrf evaluate: error: --json {other} is an existing file that is not JSON (a checkpoint, "
-        f"weights?): it would be replaced; write to a file named .json")
+        f"weights?): it would be replaced; write to a file whose name ends in .json")
     assert other.read_bytes() == run_checkpoint.read_bytes()
     scores = tmp_path / "scores.txt"  # JSON under another name: replaced again without a word
     scores.write_text("{}")
@@ -292,6 +292,7 @@ def test_cpu_evaluate_runs_frozen_graphs_and_gives_the_same_scores(run_checkpoin
         assert builds and all(shape[1:] == (3, 32, 32) for shape in builds)
         assert len(builds) <= 2  # full batches and a last, smaller one; nothing built by --no-optimize
     assert scores[0].keys() == scores[1].keys()
+    assert (scores[0].pop("run")["optimize"], scores[1].pop("run")["optimize"]) == (True, False)
     for key, value in scores[0].items():
         assert value == (pytest.approx(scores[1][key]) if isinstance(value, float) else scores[1][key]), key
 

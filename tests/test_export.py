@@ -59,13 +59,16 @@ def test_an_o_that_names_a_checkpoint_by_a_slip_is_refused_and_kept(tmp_path, ca
     assert main(["export", "onnx", *SMALL, "-o", str(checkpoint)]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert line == (f"cmrf export: error: -o {checkpoint} is an existing file that is not an ONNX graph (a "
-                    f"checkpoint, weights?): it would be replaced; write to a file named .onnx")
+                    f"checkpoint, weights?): it would be replaced; write to a file whose name ends in .onnx")
     assert checkpoint.read_bytes() == before
     graph = tmp_path / "model.graph"  # another name: written, with a note, and replaced again
     assert main(["export", "onnx", *SMALL, "-o", str(graph)]) == 0
     assert f"note: -o {graph} does not end in .onnx" in capsys.readouterr().err
     assert main(["export", "onnx", *SMALL, "-o", str(graph)]) == 0
     assert "note" not in capsys.readouterr().err
+    empty = tmp_path / "tmp.x1y2"  # a script's mktemp: nothing to lose, written
+    empty.touch()
+    assert main(["export", "onnx", *SMALL, "-o", str(empty)]) == 0 and empty.stat().st_size > 0
 
 
 @requires_onnx_exporter
@@ -341,7 +344,7 @@ def test_run_checkpoint_names_its_model_and_size(tmp_path, captured_export):
     # A fixed --input-size other than the run's is what the graph takes: the metadata said 48x48.
     argv = ["export", "onnx", "--checkpoint", str(checkpoint), "--input-size", "1", "1", "40", "64"]
     assert main([*argv, "-o", str(tmp_path / "z.onnx")]) == 0
-    assert "resize to 40x64" in captured_export["metadata"]["cmrf_preprocess"]
+    assert "resize to 40x64 (height x width)" in captured_export["metadata"]["cmrf_preprocess"]
     assert "cmrf_img_size" not in captured_export["metadata"]  # no one side
     assert main([*argv, "--dynamic", "-o", str(tmp_path / "z.onnx")]) == 0  # any size: the run's
     assert captured_export["metadata"]["cmrf_img_size"] == "48"

@@ -79,9 +79,10 @@ def check_replaces_only(path: str | Path, flag: str, suffix: str, what: str,
     path = Path(path)
     if path.suffix.lower() == suffix:
         return
-    if path.is_file() and not (is_kind or _is_json)(path):
+    # An empty file holds nothing to lose (a script's mktemp).
+    if path.is_file() and path.stat().st_size > 0 and not (is_kind or _is_json)(path):
         raise ValueError(f"{flag} {path} is an existing file that is not {what} (a checkpoint, weights?): it "
-                         f"would be replaced; write to a file named {suffix}")
+                         f"would be replaced; write to a file whose name ends in {suffix}")
     if not path.exists():
         print(f"note: {flag} {path} does not end in {suffix}; the file is {what}", file=sys.stderr)
 

@@ -83,6 +83,8 @@ def _graph_metadata(args: argparse.Namespace, model, in_chans: int, meta: dict,
         entries["cmrf_normalize_mean"] = str(NORMALIZE_MEAN)
         entries["cmrf_normalize_std"] = str(NORMALIZE_STD)
         shape = "x".join(map(str, sides))
+        if len(set(sides)) > 1:  # which side is which (PIL's resize takes width first)
+            shape += " (depth x height x width)" if dims == 3 else " (height x width)"
         # Volumes of a run are NIfTI files read by cmrf.data.nifti (recorded as data "folder").
         if dims == 3 and data.get("data") in ("folder", "nifti"):
             read = (f"{in_chans} channel(s) as stored; clip each volume and channel to its 0.5 and 99.5 "
