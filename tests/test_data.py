@@ -247,7 +247,7 @@ def test_synthetic_disk_caches_of_two_seeds_are_two(tmp_path: Path):
     assert len(list(tmp_path.glob("synthetic-train-*"))) == 2
     again = _build(args, seed=0)  # and the same seed finds its own
     again.train.augment = False
-    assert torch.equal(again.train[0][0], first.train[0][0]) and len(list(tmp_path.iterdir())) == 6
+    assert torch.equal(again.train[0][0], first.train[0][0]) and len(cache_folders(tmp_path)) == 6
 
 
 @pytest.mark.parametrize("spatial_dims, side", [("2", 256), ("3", 64)])
@@ -1181,6 +1181,11 @@ def test_image_size_is_height_width(tmp_path: Path):
 # --- decoded once, cached ---------------------------------------------------------------------
 
 
+def cache_folders(cache_dir: Path) -> list[Path]:
+    """The disk caches in ``cache_dir``, without their lock files (``.NAME.lock``)."""
+    return [path for path in cache_dir.iterdir() if not path.name.startswith(".")]
+
+
 class Counter:
     """Wraps a function and counts its calls (in this process)."""
 
@@ -1225,7 +1230,7 @@ def test_each_file_is_decoded_once(folder_root: Path, tmp_path_factory, monkeypa
     load_all(again)
     if cache == "disk":  # a second run reads nothing: no mask for the check, no image
         assert (images.calls, masks.calls) == (10, 10)
-        assert len(list(cache_dir.iterdir())) == 1
+        assert len(cache_folders(cache_dir)) == 1
     else:
         assert (images.calls, masks.calls) == (20, 20)
 
@@ -1255,7 +1260,7 @@ def test_a_disk_cache_is_private_and_one_of_another_user_is_refused(folder_root:
     cache_dir = tmp_path_factory.mktemp("cache")
     options = folder_options(folder_root, "--cache", "disk", "--cache-dir", str(cache_dir))
     load_all(build_datasets(**options))
-    (store,) = cache_dir.iterdir()
+    (store,) = cache_folders(cache_dir)
     assert stat.S_IMODE(store.stat().st_mode) == 0o700
     store.chmod(0o755)  # as an older version left it: reused, and made private
     images, _ = count_decoding(monkeypatch)
@@ -1276,6 +1281,56 @@ def test_a_disk_cache_is_private_and_one_of_another_user_is_refused(folder_root:
     store.symlink_to(moved)
     with pytest.raises(DataError, match=r"is a link, so its contents cannot be trusted"):
         build_datasets(**options)
+
+
+def _fill_shared_store(cache_dir: Path, barrier, errors) -> None:
+    from cmrf.data.store import Layout, StoreSpec, open_store
+
+    layout = Layout(6, (2, 4, 4), "uint8", (4, 4), "uint8")
+    barrier.wait()  # every process opens the store at the same moment, as torchrun's ranks do
+    try:
+        store = open_store(StoreSpec("disk", "race", ("same files",), cache_dir), layout)
+        for index in range(layout.count):  # as a dataset does: decode only what no one has kept
+            if store.get_image(index) is None:
+                store.put_image(index, np.full(layout.image_shape, index + 1, np.uint8))
+    except Exception as err:  # reported to the parent: a child's traceback is lost
+        errors.put(f"{type(err).__name__}: {err}")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks processes")
+def test_processes_opening_one_disk_cache_at_once_share_it_intact(tmp_path: Path, monkeypatch):
+    """A process that lost the race to create the folder removed the winner's, which had opened some
+    files by then: it wrote pixels into deleted files and marked them filled in the new folder, where
+    they read back black (4 of 10 trials with 4 processes), or failed on a file gone missing."""
+    import multiprocessing
+
+    from cmrf.data import store as store_module
+    from cmrf.data.store import Layout, StoreSpec, open_store
+
+    original_map = store_module._map
+
+    def slow_map(*args):  # widen the window between mapping one file and the next
+        mapped = original_map(*args)
+        time.sleep(0.05)
+        return mapped
+
+    monkeypatch.setattr(store_module, "_map", slow_map)  # (forked children inherit it)
+    context = multiprocessing.get_context("fork")
+    for trial in range(3):
+        cache_dir = tmp_path / f"cache{trial}"
+        barrier, errors = context.Barrier(4), context.Queue()
+        processes = [context.Process(target=_fill_shared_store, args=(cache_dir, barrier, errors))
+                     for _ in range(4)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(60)
+        assert errors.empty(), errors.get()
+        assert len(cache_folders(cache_dir)) == 1
+        layout = Layout(6, (2, 4, 4), "uint8", (4, 4), "uint8")
+        store = open_store(StoreSpec("disk", "race", ("same files",), cache_dir), layout)
+        for index in range(layout.count):
+            assert (store.get_image(index) == index + 1).all(), (trial, index)
 
 
 @pytest.mark.parametrize("cut", ["images.npy", "masks.npy"])
@@ -1386,7 +1441,7 @@ def test_a_disk_cache_larger_than_the_free_space_is_refused(folder_root: Path, t
     cache_dir = tmp_path_factory.mktemp("cache")
     with pytest.raises(DataError, match=r"the disk cache needs \d+\.\d\d KiB in .* but only 100 bytes are "):
         build_datasets(**folder_options(folder_root, "--cache", "disk", "--cache-dir", str(cache_dir)))
-    assert not any(cache_dir.iterdir())
+    assert not cache_folders(cache_dir)
 
 
 def test_a_dataset_of_no_samples_is_refused(folder_root: Path):
@@ -1427,7 +1482,7 @@ def test_a_full_disk_when_reserving_the_cache_is_a_clear_error(folder_root: Path
     options = folder_options(folder_root, "--cache", "disk", "--cache-dir", str(cache_dir))
     with pytest.raises(DataError, match=r"cannot create the data cache .*No space left on device"):
         build_datasets(**options)
-    assert not any(cache_dir.iterdir())  # nothing half-made left behind
+    assert not cache_folders(cache_dir)  # nothing half-made left behind
 
     def unsupported(fd, offset, length):
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
@@ -1454,7 +1509,7 @@ def test_disk_cache_follows_changed_files(folder_root: Path, tmp_path_factory):
     write_pair(folder_root, stems[0], mask_values=(255, 0))  # the mask inverted: a new file
     after = build_datasets(**options).train[0][1]
     assert torch.equal(after, 1 - before)
-    assert len(list(cache_dir.iterdir())) == 2
+    assert len(cache_folders(cache_dir)) == 2
     # rewritten with the same size (uncompressed PNGs) and its modification time put back, as
     # rsync -t or cp -p do: still a new file
     mask = bundle.train.pairs[0].mask

@@ -299,6 +299,31 @@ def _check_store_folder(folder: Path) -> None:
             os.chmod(folder, 0o700)
 
 
+@contextlib.contextmanager
+def _store_lock(folder: Path):
+    """Hold an exclusive lock for ``folder`` (a file beside it) while a process checks, removes,
+    creates or opens it: torchrun ranks and runs sharing a ``--cache-dir`` start together, and one
+    that removed a folder another had just made and opened left that one writing pixels into deleted
+    files while marking them filled in the new folder (black images read back as data). Where
+    ``fcntl`` is missing (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        handle = os.open(folder.with_name(f".{folder.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as err:
+        raise DataError(f"cannot create the data cache folder {folder.parent}: {err}; give another "
+                        "--cache-dir, or --cache memory") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
+
+
 def reuse_disk_store(spec: StoreSpec) -> SampleStore | None:
     """The existing disk store of ``spec`` if it is complete (its data check saved), else None.
 
@@ -308,14 +333,17 @@ def reuse_disk_store(spec: StoreSpec) -> SampleStore | None:
     if spec.cache != "disk":
         return None
     folder = spec.folder
-    _check_store_folder(folder)
-    try:
-        info = json.loads((folder / "info.json").read_text())
-        if info.get("format") != CACHE_FORMAT or not (folder / "facts.json").is_file():
-            return None
-        return _DiskStore(_layout_from(info), folder)
-    except (OSError, ValueError, KeyError, TypeError, DataError):
+    if not folder.parent.is_dir():  # nothing to reuse (and no lock file to make)
         return None
+    with _store_lock(folder):
+        _check_store_folder(folder)
+        try:
+            info = json.loads((folder / "info.json").read_text())
+            if info.get("format") != CACHE_FORMAT or not (folder / "facts.json").is_file():
+                return None
+            return _DiskStore(_layout_from(info), folder)
+        except (OSError, ValueError, KeyError, TypeError, DataError):
+            return None
 
 
 def _reserve(path: Path) -> None:
@@ -333,7 +361,7 @@ def _reserve(path: Path) -> None:
 
 
 def _create_disk_store(folder: Path, layout: Layout) -> None:
-    """Create the store's files in a temporary folder renamed into place (a racing process may win)."""
+    """Create the store's files in a temporary folder renamed into place (under ``_store_lock``)."""
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(folder.parent).free
@@ -404,12 +432,13 @@ def open_store(spec: StoreSpec, layout: Layout) -> SampleStore:
             DataWarning, stacklevel=3,
         )
     folder = spec.folder
-    _check_store_folder(folder)
-    try:
-        info = json.loads((folder / "info.json").read_text())
-        if info == _info(layout):
-            return _DiskStore(layout, folder)
-    except (OSError, ValueError):  # DataError too: a damaged store (a cut file) is made afresh
-        pass
-    _create_disk_store(folder, layout)
-    return _DiskStore(layout, folder)
+    with _store_lock(folder):  # one process makes the folder; the others open it
+        _check_store_folder(folder)
+        try:
+            info = json.loads((folder / "info.json").read_text())
+            if info == _info(layout):
+                return _DiskStore(layout, folder)
+        except (OSError, ValueError):  # DataError too: a damaged store (a cut file) is made afresh
+            pass
+        _create_disk_store(folder, layout)
+        return _DiskStore(layout, folder)
