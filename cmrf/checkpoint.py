@@ -584,7 +584,9 @@ def check_text_metadata(metadata, store: str) -> None:
 def _refuse_inference_copy(model: nn.Module) -> None:
     """Refuse an ``optimize_for_inference`` copy, whose folded, reordered weights no trainable
     model loads back (its parts say so with a class attribute ``inference_only = True``)."""
-    parts = [name for name, module in model.named_modules() if getattr(type(module), "inference_only", False)]
+    from cmrf.layers import inference_only_parts
+
+    parts = inference_only_parts(model)
     if parts:
         where = "it is" if parts[0] == "" else f"its part {parts[0].removeprefix('module.')!r} is"
         raise ValueError(

@@ -54,7 +54,16 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
 
 from cmrf._warnings import caller_stacklevel
-from cmrf.layers import CMRF, ConvNorm, check_input, cmrf_blocks, conv_type, first_parameter, has_user_hooks
+from cmrf.layers import (
+    CMRF,
+    ConvNorm,
+    check_input,
+    cmrf_blocks,
+    conv_type,
+    first_parameter,
+    has_user_hooks,
+    inference_only_parts,
+)
 from cmrf.models.tinyunet import TinyUNet
 from cmrf.onnx_writer import check_onnxruntime, write_onnx
 from cmrf.ops.cascade import (
@@ -1472,12 +1481,12 @@ def optimize_for_inference(
                 f"optimize_for_inference found no CMRF block it can rewrite in {type(model).__name__}: "
                 f"{' | '.join(kept)}; the rewrite computes only what TinyUNet and CMRF build{hooks}"
             )
-        already = [f"its part {name} ({type(module).__name__})" if name else "it"
-                   for name, module in model.named_modules()
-                   if getattr(type(module), "inference_only", False)]
+        already = inference_only_parts(model)
         if count == 0 and already:  # "no CMRF block" would send the user looking for one
+            part = (f"its part {already[0]} ({type(model.get_submodule(already[0])).__name__})"
+                    if already[0] else "it")
             raise ValueError(
-                f"{type(model).__name__} is already optimized: {already[0]} comes from "
+                f"{type(model).__name__} is already optimized: {part} comes from "
                 f"optimize_for_inference; call optimize_for_inference on the original model")
         if count == 0:
             raise ValueError(

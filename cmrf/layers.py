@@ -416,3 +416,9 @@ class CMRF(nn.Module):
 def cmrf_blocks(module: nn.Module) -> list[CMRF]:
     """Every ``CMRF`` in ``module`` (``module`` itself included), in ``module.modules()`` order."""
     return [m for m in module.modules() if isinstance(m, CMRF)]
+
+
+def inference_only_parts(module: nn.Module) -> list[str]:
+    """Names (``""`` for ``module`` itself) of the parts of ``module`` that come from
+    ``optimize_for_inference``: their classes say so with ``inference_only = True``."""
+    return [name for name, m in module.named_modules() if getattr(type(m), "inference_only", False)]

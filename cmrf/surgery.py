@@ -396,20 +396,26 @@ def _concatenates(output: torch.Tensor, given: torch.Tensor) -> bool:
     return any(next_node is source for next_node, _ in node.next_functions)
 
 
-def _gates(output: torch.Tensor, given: torch.Tensor, depth: int = 0) -> bool:
+def _gates(output: torch.Tensor, given: torch.Tensor) -> bool:
     """Whether ``output`` is ``given`` scaled by maps computed from it, as attention gates make it
     (``x * se(x)``, scSE's ``x * cse(x) + x * sse(x)``, CBAM's ``x * ca(x) * sa(...)``); read from
-    the probe's autograd graph: products that take ``given`` (or such a product) as a factor, and
-    sums of them."""
-    node, source = output.grad_fn if depth == 0 else output, given.grad_fn
-    if node is None or source is None or depth > 8:
+    the probe's autograd graph."""
+    if output.grad_fn is None or given.grad_fn is None:
+        return False
+    return _scales(output.grad_fn, given.grad_fn)
+
+
+def _scales(node, source, depth: int = 0) -> bool:
+    """Whether autograd ``node`` is a product taking ``source`` (or such a product) as a factor,
+    or a sum of such products."""
+    if depth > 8:
         return False
     children = [child for child, _ in node.next_functions if child is not None]
     kind = type(node).__name__
     if kind.startswith("MulBackward"):
-        return any(child is source or _gates(child, given, depth + 1) for child in children)
+        return any(child is source or _scales(child, source, depth + 1) for child in children)
     if kind.startswith("AddBackward"):
-        return bool(children) and all(_gates(child, given, depth + 1) for child in children)
+        return bool(children) and all(_scales(child, source, depth + 1) for child in children)
     return False
 
 
