@@ -712,14 +712,15 @@ esac
 """)
     fake_python.chmod(0o755)
     script = Path(__file__).resolve().parents[1] / "examples" / "gpu_check.sh"
-    env = {**os.environ, "PYTHON": str(fake_python), "OUT": str(tmp_path / "out"), "BENCH_DEVICE": "cpu"}
+    env = {**os.environ, "PYTHON": str(fake_python), "OUT": str(tmp_path / "out"), "BENCH_DEVICE": "cpu",
+           "GPU_CHECK_UPSAMPLE": "1"}
     result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == expected, result.stdout + result.stderr
     assert f"== upsampling exit status {upsample_status}" in result.stdout
     assert "== pytest exit status 0" in result.stdout and "== cmrf bench exit status 0" in result.stdout
 
 
-def _fake_gpu_check(tmp_path, **env_changes):
+def _fake_gpu_check(tmp_path, *args, **env_changes):
     """Run examples/gpu_check.sh with a stand-in python that logs each step's arguments."""
     import subprocess
     from pathlib import Path
@@ -738,7 +739,8 @@ esac
     script = Path(__file__).resolve().parents[1] / "examples" / "gpu_check.sh"
     env = {**os.environ, "PYTHON": str(fake_python), "OUT": str(tmp_path / "out"), "BENCH_DEVICE": "cpu",
            **env_changes}
-    result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True,
+                            timeout=120)
     calls = log.read_text().splitlines() if log.exists() else []
     return result, calls
 
@@ -754,6 +756,34 @@ def test_gpu_check_script_runs_the_benchmark_first_and_keeps_test_node_ids(tmp_p
     pytest_call = next(call for call in calls if call.startswith("-m pytest"))
     assert node in pytest_call and "--timeout 45" in pytest_call and "nope" not in pytest_call
     assert "== no such test file, left out: tests/nope.py" in result.stdout
+
+
+def _steps(calls):
+    """The steps the stand-in python saw: bench, pytest, or the upsampling script ("- cpu")."""
+    names = {"-m cmrf bench": "bench", "-m pytest": "pytest", "- cpu": "upsample"}
+    return [name for call in calls for prefix, name in names.items() if call.startswith(prefix)]
+
+
+@pytest.mark.parametrize(("args", "env", "expected_steps", "test_limit"), [
+    ((), {}, ["bench", "pytest"], 180),
+    (("--tests-only",), {}, ["pytest"], 480),
+    (("--bench-only",), {}, ["bench"], None),
+    ((), {"GPU_CHECK_UPSAMPLE": "1"}, ["bench", "pytest", "upsample"], 180),
+])
+def test_gpu_check_script_steps(tmp_path, args, env, expected_steps, test_limit):
+    """The CUDA test files outlast 110 s on an H200 (kernels compile per shape): the tests got a
+    longer limit and a call of their own (--tests-only); the upsampling, measured, became opt-in."""
+    result, calls = _fake_gpu_check(tmp_path, *args, **env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _steps(calls) == expected_steps
+    if test_limit is not None:
+        assert f"(timeout {test_limit} s)" in result.stdout
+
+
+def test_gpu_check_script_refuses_an_unknown_option(tmp_path):
+    result, calls = _fake_gpu_check(tmp_path, "--test-only")
+    assert result.returncode == 2 and "usage: bash examples/gpu_check.sh" in result.stderr
+    assert calls == []
 
 
 def test_gpu_check_script_runs_no_whole_suite_when_no_test_file_is_left(tmp_path):

@@ -206,15 +206,24 @@ def test_choice_rule(monkeypatch):
     assert choose_method(_fake("cpu", (1, 2, 129, 8))) == "interpolate"
     assert choose_method(_fake("cpu", (1, 2, 16, 16, 16)), "trilinear") == "matmul"
     assert choose_method(_fake("cpu", (1, 2, 17, 8, 8)), "trilinear") == "interpolate"
-    # the CUDA forward's limit: conv below 128 x 128 outputs' worth of input, interpolate from it
-    assert choose_method(_fake("cuda", (16, 128, 128, 127))) == "conv"
+    # CUDA bicubic (H200, docs/upsampling.md): matmul, except a forward from 128 x 128 pixels
+    assert choose_method(_fake("cuda", (16, 128, 128, 127))) == "matmul"
     assert choose_method(_fake("cuda", (16, 128, 128, 128))) == "interpolate"
     assert choose_method(_fake("cpu", (1, 2, 8, 8, 8)), "trilinear") == "matmul"
     assert choose_method(_fake("cpu", (1, 2, 32, 32, 32)), "trilinear") == "interpolate"
-    assert choose_method(_fake("cuda", (16, 128, 128, 128), requires_grad=True)) == "conv"
+    assert choose_method(_fake("cuda", (16, 128, 128, 128), requires_grad=True)) == "matmul"
     assert choose_method(_fake("cuda", (16, 128, 128, 128))) == "interpolate"
-    assert choose_method(_fake("cuda", (16, 512, 16, 16))) == "conv"
+    assert choose_method(_fake("cuda", (16, 512, 16, 16), torch.bfloat16)) == "matmul"
+    assert choose_method(_fake("cuda", (16, 512, 16, 16)), "bilinear") == "separable"
+    assert choose_method(_fake("cuda", (16, 512, 16, 16), requires_grad=True), "bilinear") == "separable"
     assert choose_method(_fake("cuda", (1, 8, 8, 8, 8), requires_grad=True), "trilinear") == "separable"
+    # TF32 matrix products would round the input: the conv form instead, as before the H200 figures
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert choose_method(_fake("cuda", (16, 128, 128, 128), requires_grad=True)) == "conv"
+    assert choose_method(_fake("cuda", (16, 512, 16, 16))) == "conv"
+    assert choose_method(_fake("cuda", (16, 128, 128, 128))) == "interpolate"
+    monkeypatch.undo()
+    monkeypatch.setattr(up, "_ENV_METHOD", None)
     with use_method("conv"):
         assert choose_method(torch.randn(1, 2, 4, 4)) == "conv"
         assert choose_method(torch.randn(1, 2, 4, 4, 4), "trilinear") == "separable"

@@ -383,18 +383,24 @@ def choose_method(x: torch.Tensor, mode: str = "bicubic", requires_grad: bool | 
       3.2–9x forward + backward at the 2-D decoder shapes). ``"interpolate"`` otherwise: for
       1-D, for larger sides (the product's cost grows with the side), and for bf16/fp16, where
       this CPU's convolutions and matrix products were 3–40x slower than ``F.interpolate``.
-    * CUDA (not measured in this project beyond the H200 figures quoted in the docs, so a
-      reasoned choice that ``measure()`` on a GPU should confirm):
-      - with a backward (``requires_grad`` or, when ``None``, autograd enabled and ``x``
-        requiring grad): ``"conv"``. Its forward + backward was 0.5–6.1 ms against
-        8–22 ms (fp32) and 54–216 ms (bf16) for ``F.interpolate`` on the H200, and it is
-        deterministic.
-      - forward only: ``"interpolate"`` when the input has at least ``128 * 128`` pixels per
-        channel (there the H200 measured ``F.interpolate`` forward at 1.4 ms against 3.0–3.2 ms
-        for the conv form), ``"conv"`` below (0.26–1.65 ms against 1.4–5.4 ms).
+    * CUDA (``measure()`` on an H200, 2026-11-29, docs/upsampling.md):
+      - bicubic, when float32 matrix products run in full precision
+        (``torch.get_float32_matmul_precision() == "highest"``, PyTorch's default): with a
+        backward (``requires_grad`` or, when ``None``, autograd enabled and ``x`` requiring
+        grad) ``"matmul"``, fastest forward + backward at all four decoder shapes (0.5–2.7 ms
+        fp32, 0.6–3.4 ms bf16, against 8–22 and 53–212 ms for ``F.interpolate`` and 0.6–6.5 ms
+        for the conv form); forward only ``"interpolate"`` when the input has at least
+        ``128 * 128`` pixels per channel (1.43 against 1.48 ms for ``"matmul"``) and
+        ``"matmul"`` below (0.09–0.6 ms against 2.7–5.4 ms and 0.27–1.84 ms for the conv
+        form). With TF32 products allowed the matrix products would round the input to TF32,
+        so the conv form is taken instead, as below.
+      - otherwise (other modes, or TF32 products): with a backward ``"conv"`` (bicubic) or
+        ``"separable"``; forward only ``"interpolate"`` from ``128 * 128`` pixels per channel,
+        ``"conv"``/``"separable"`` below (conv form measured as above; 3-D unmeasured).
       - inside ``torch.compile``: ``"separable"``; Inductor fuses its slices and sums into a few
         pointwise kernels forward and backward, where the convolution stays an external call
-        (the H200 measured the compiled conv form slower than compiled ``F.interpolate``).
+        (the H200 measured the compiled conv form slower than compiled ``F.interpolate``;
+        the compiled formulations themselves are unmeasured).
     * any other device: ``"separable"`` (plain tensor ops, no assumptions).
 
     ``"conv"`` is only defined for bicubic; other modes get ``"separable"`` in its place.
@@ -424,12 +430,15 @@ def choose_method(x: torch.Tensor, mode: str = "bicubic", requires_grad: bool | 
     elif x.device.type == "cuda":
         if requires_grad is None:
             requires_grad = torch.is_grad_enabled() and x.requires_grad
+        large = math.prod(x.shape[2:]) >= 128 * 128
         if torch.compiler.is_compiling():
             method = "separable"
+        elif mode == "bicubic" and torch.get_float32_matmul_precision() == "highest":
+            method = "interpolate" if large and not requires_grad else "matmul"
         elif requires_grad:
             method = "conv"
         else:
-            method = "interpolate" if math.prod(x.shape[2:]) >= 128 * 128 else "conv"
+            method = "interpolate" if large else "conv"
     else:
         method = "separable"
     if method == "conv" and mode != "bicubic":

@@ -1,0 +1,81 @@
+"""Where a `cmrf bench` row spends its time: the top kernels and host/device totals of a few calls.
+
+    python examples/profile_kernels.py                         # CUDA defaults (batch 16, bf16)
+    python examples/profile_kernels.py --rows training.cmrf --top 25
+    python examples/profile_kernels.py --device cpu --batch 1  # CPU operators instead of kernels
+
+Builds each row exactly as `cmrf bench` does (`cmrf.bench.network`: same model, input, precision
+and variant), runs its untimed check and warm-up calls, then profiles ``--calls`` calls with
+``torch.profiler`` and prints, per row: the wall time per call (the profiler slows the host a
+little), the device time per call, and the operators or kernels that take most of it. On CUDA a
+wall time well above the device time means the row waits on the host (launch overhead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from cmrf.bench.network import NetworkContext, build_network_runner
+from cmrf.bench.settings import resolve_settings
+
+DEFAULT_ROWS = ["inference.cmrf", "inference.optimized-graph", "training.reference", "training.cmrf"]
+
+
+def profile_row(name: str, ctx: NetworkContext, settings, calls: int, top: int) -> None:
+    runner = build_network_runner(name, ctx, settings)
+    runner.check()
+    for _ in range(3):
+        runner.call()
+    on_cuda = settings.on_cuda
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    if on_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            runner.call()
+        if on_cuda:
+            torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) * 1e3 / calls
+    events = prof.key_averages()
+    if on_cuda:
+        # Only the kernels themselves: an operator's self device time repeats its kernels' time.
+        key = "self_device_time_total"
+        device_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+    else:
+        key = "self_cpu_time_total"
+        device_us = sum(e.self_cpu_time_total for e in events)
+    device_ms = device_us / 1e3 / calls
+    where = "kernels" if on_cuda else "CPU operators (self time)"
+    print(f"## {name}: {wall_ms:.2f} ms wall per call under the profiler, {device_ms:.2f} ms of {where}\n")
+    # Totals in the table are over all profiled calls; the header line above is per call.
+    print(events.table(sort_by=key, row_limit=top, max_name_column_width=60))
+    print(flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
+    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help="inference.* / training.* rows")
+    parser.add_argument("--batch", type=int, help="images per call (CUDA 16, CPU 1)")
+    parser.add_argument("--size", type=int, default=256, help="image side, a multiple of 16")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="CUDA bf16, CPU fp32")
+    parser.add_argument("--calls", type=int, default=5, help="profiled calls per row (default 5)")
+    parser.add_argument("--top", type=int, default=15, help="operators or kernels listed (default 15)")
+    args = parser.parse_args()
+    overrides = {k: v for k, v in (("batch", args.batch), ("precision", args.precision)) if v is not None}
+    settings = resolve_settings(args.device, size=args.size, rows=tuple(args.rows), **overrides)
+    ctx = NetworkContext.create(settings)
+    print(f"{settings.device}, batch {settings.batch}, {settings.size}², {settings.precision}, "
+          f"torch {torch.__version__}\n")
+    for name in args.rows:
+        profile_row(name, ctx, settings, args.calls, args.top)
+
+
+if __name__ == "__main__":
+    main()
