@@ -17,13 +17,14 @@ import argparse
 import time
 
 import torch
-from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from cmrf.bench.harness import _device_event_us
 from cmrf.bench.network import NetworkContext, build_network_runner
 from cmrf.bench.settings import resolve_settings
 
-DEFAULT_ROWS = ["inference.cmrf", "inference.optimized-graph", "training.reference", "training.cmrf"]
+CUDA_ROWS = ["inference.cmrf", "inference.optimized-graph", "training.reference", "training.cmrf"]
+CPU_ROWS = ["inference.cmrf", "inference.optimized", "training.reference", "training.cmrf"]
 
 
 def profile_row(name: str, ctx: NetworkContext, settings, calls: int, top: int) -> None:
@@ -33,20 +34,22 @@ def profile_row(name: str, ctx: NetworkContext, settings, calls: int, top: int) 
         runner.call()
     on_cuda = settings.on_cuda
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    device = settings.torch_device
     if on_cuda:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     with profile(activities=activities) as prof:
         for _ in range(calls):
             runner.call()
         if on_cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
     wall_ms = (time.perf_counter() - start) * 1e3 / calls
     events = prof.key_averages()
     if on_cuda:
-        # Only the kernels themselves: an operator's self device time repeats its kernels' time.
+        # Kernels, copies and fills, as the bench sums them: not the operators' self device time
+        # (it repeats their kernels') nor annotations such as the optimizer step's range.
         key = "self_device_time_total"
-        device_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+        device_us = sum(_device_event_us(e) for e in events)
     else:
         key = "self_cpu_time_total"
         device_us = sum(e.self_cpu_time_total for e in events)
@@ -61,19 +64,21 @@ def profile_row(name: str, ctx: NetworkContext, settings, calls: int, top: int) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
-    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help="inference.* / training.* rows")
+    parser.add_argument("--rows", nargs="+", help="inference.* / training.* rows (default: "
+                        f"CUDA {' '.join(CUDA_ROWS)}; CPU {' '.join(CPU_ROWS)})")
     parser.add_argument("--batch", type=int, help="images per call (CUDA 16, CPU 1)")
     parser.add_argument("--size", type=int, default=256, help="image side, a multiple of 16")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="CUDA bf16, CPU fp32")
     parser.add_argument("--calls", type=int, default=5, help="profiled calls per row (default 5)")
     parser.add_argument("--top", type=int, default=15, help="operators or kernels listed (default 15)")
     args = parser.parse_args()
+    rows = args.rows or (CPU_ROWS if args.device == "cpu" else CUDA_ROWS)
     overrides = {k: v for k, v in (("batch", args.batch), ("precision", args.precision)) if v is not None}
-    settings = resolve_settings(args.device, size=args.size, rows=tuple(args.rows), **overrides)
+    settings = resolve_settings(args.device, size=args.size, rows=tuple(rows), **overrides)
     ctx = NetworkContext.create(settings)
     print(f"{settings.device}, batch {settings.batch}, {settings.size}², {settings.precision}, "
           f"torch {torch.__version__}\n")
-    for name in args.rows:
+    for name in rows:
         profile_row(name, ctx, settings, args.calls, args.top)
 
 

@@ -754,7 +754,7 @@ def test_gpu_check_script_runs_the_benchmark_first_and_keeps_test_node_ids(tmp_p
     steps = [call.split()[1] if call.startswith("-m ") else call for call in calls]
     assert steps.index("cmrf") < steps.index("pytest")
     pytest_call = next(call for call in calls if call.startswith("-m pytest"))
-    assert node in pytest_call and "--timeout 45" in pytest_call and "nope" not in pytest_call
+    assert node in pytest_call and "--timeout 120" in pytest_call and "nope" not in pytest_call
     assert "== no such test file, left out: tests/nope.py" in result.stdout
 
 
@@ -765,10 +765,10 @@ def _steps(calls):
 
 
 @pytest.mark.parametrize(("args", "env", "expected_steps", "test_limit"), [
-    ((), {}, ["bench", "pytest"], 180),
-    (("--tests-only",), {}, ["pytest"], 480),
+    ((), {}, ["bench", "pytest"], 170),
+    (("--tests-only",), {}, ["pytest"], 300),
     (("--bench-only",), {}, ["bench"], None),
-    ((), {"GPU_CHECK_UPSAMPLE": "1"}, ["bench", "pytest", "upsample"], 180),
+    ((), {"GPU_CHECK_UPSAMPLE": "1"}, ["bench", "pytest", "upsample"], 170),
 ])
 def test_gpu_check_script_steps(tmp_path, args, env, expected_steps, test_limit):
     """The CUDA test files outlast 110 s on an H200 (kernels compile per shape): the tests got a
@@ -780,10 +780,11 @@ def test_gpu_check_script_steps(tmp_path, args, env, expected_steps, test_limit)
         assert f"(timeout {test_limit} s)" in result.stdout
 
 
-def test_gpu_check_script_refuses_an_unknown_option(tmp_path):
-    result, calls = _fake_gpu_check(tmp_path, "--test-only")
+@pytest.mark.parametrize("args", [("--test-only",), ("--bench-only", "--tests-only")])
+def test_gpu_check_script_refuses_an_unknown_option(tmp_path, args):
+    result, calls = _fake_gpu_check(tmp_path, *args)
     assert result.returncode == 2 and "usage: bash examples/gpu_check.sh" in result.stderr
-    assert calls == []
+    assert calls == [] and not (tmp_path / "out").exists()
 
 
 def test_gpu_check_script_runs_no_whole_suite_when_no_test_file_is_left(tmp_path):

@@ -198,6 +198,7 @@ def _fake(device, shape, dtype=torch.float32, requires_grad=False):
 
 def test_choice_rule(monkeypatch):
     monkeypatch.setattr(up, "_ENV_METHOD", None)
+    monkeypatch.setattr(up, "_tf32_products_allowed", lambda: False)  # PyTorch's default
     assert choose_method(torch.randn(1, 2, 16, 16)) == "matmul"
     assert choose_method(torch.randn(1, 2, 16, 16, dtype=torch.bfloat16)) == "interpolate"
     assert choose_method(_fake("cpu", (1, 2, 256, 8))) == "interpolate"
@@ -217,13 +218,17 @@ def test_choice_rule(monkeypatch):
     assert choose_method(_fake("cuda", (16, 512, 16, 16)), "bilinear") == "separable"
     assert choose_method(_fake("cuda", (16, 512, 16, 16), requires_grad=True), "bilinear") == "separable"
     assert choose_method(_fake("cuda", (1, 8, 8, 8, 8), requires_grad=True), "trilinear") == "separable"
-    # TF32 matrix products would round the input: the conv form instead, as before the H200 figures
-    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
-    assert choose_method(_fake("cuda", (16, 128, 128, 128), requires_grad=True)) == "conv"
-    assert choose_method(_fake("cuda", (16, 512, 16, 16))) == "conv"
+    # beyond the measured sides (128): the conv form, as before the H200 figures
+    assert choose_method(_fake("cuda", (2, 8, 129, 64), requires_grad=True)) == "conv"
+    assert choose_method(_fake("cuda", (2, 8, 256, 256))) == "interpolate"
+    # TF32 matrix products would round fp32/fp16 values: the exact slices and sums instead
+    monkeypatch.setattr(up, "_tf32_products_allowed", lambda: True)
+    assert choose_method(_fake("cuda", (16, 128, 128, 128), requires_grad=True)) == "separable"
+    assert choose_method(_fake("cuda", (16, 512, 16, 16), torch.float16)) == "separable"
+    assert choose_method(_fake("cuda", (16, 512, 16, 16), torch.bfloat16)) == "matmul"
+    assert choose_method(_fake("cuda", (16, 512, 16, 16), torch.float64)) == "matmul"
     assert choose_method(_fake("cuda", (16, 128, 128, 128))) == "interpolate"
-    monkeypatch.undo()
-    monkeypatch.setattr(up, "_ENV_METHOD", None)
+    monkeypatch.setattr(up, "_tf32_products_allowed", lambda: False)
     with use_method("conv"):
         assert choose_method(torch.randn(1, 2, 4, 4)) == "conv"
         assert choose_method(torch.randn(1, 2, 4, 4, 4), "trilinear") == "separable"
@@ -398,3 +403,26 @@ def test_a_channels_last_input_gives_a_channels_last_output(method):
     torch.testing.assert_close(out, F.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False))
     volume = torch.randn(1, 3, 4, 5, 3).contiguous(memory_format=torch.channels_last_3d)
     assert upsample2x(volume, "trilinear", method).is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_tf32_setting_is_read_from_either_api(monkeypatch):
+    """torch.get_float32_matmul_precision() raises once the new fp32_precision API was used (torch
+    2.14): every CUDA bicubic upsampling would have failed after the recommended TF32 setting."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(type(matmul), "fp32_precision") and not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    saved = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert up._tf32_products_allowed() is True
+        matmul.fp32_precision = "ieee"
+        assert up._tf32_products_allowed() is False
+        matmul.fp32_precision = "none"
+        torch.set_float32_matmul_precision("high")  # the legacy API
+        assert up._tf32_products_allowed() is True
+        torch.set_float32_matmul_precision("highest")
+        matmul.fp32_precision = "none"
+        assert up._tf32_products_allowed() is False
+    finally:
+        torch.set_float32_matmul_precision("highest")
+        matmul.fp32_precision = saved

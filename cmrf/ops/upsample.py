@@ -6,7 +6,7 @@ on every side it runs one of several exact formulations of the x2 case instead; 
 runs ``F.interpolate`` itself.
 
 Why: ``F.interpolate``'s bicubic backward scatters with atomics on CUDA. On an H200 (see
-``docs/upsampling.md``) it took 8–22 ms per decoder call in fp32 and 54–216 ms in bf16, more
+``docs/upsampling.md``) it took 8–22 ms per decoder call in fp32 and 53–216 ms in bf16, more
 than a third of TinyU-Net's training step, and it is not deterministic.
 
 The x2 case (``align_corners=False``) is a fixed filter: output ``2i + p`` samples the input at
@@ -384,19 +384,22 @@ def choose_method(x: torch.Tensor, mode: str = "bicubic", requires_grad: bool | 
       1-D, for larger sides (the product's cost grows with the side), and for bf16/fp16, where
       this CPU's convolutions and matrix products were 3–40x slower than ``F.interpolate``.
     * CUDA (``measure()`` on an H200, 2026-11-29, docs/upsampling.md):
-      - bicubic, when float32 matrix products run in full precision
-        (``torch.get_float32_matmul_precision() == "highest"``, PyTorch's default): with a
-        backward (``requires_grad`` or, when ``None``, autograd enabled and ``x`` requiring
-        grad) ``"matmul"``, fastest forward + backward at all four decoder shapes (0.5–2.7 ms
-        fp32, 0.6–3.4 ms bf16, against 8–22 and 53–212 ms for ``F.interpolate`` and 0.6–6.5 ms
-        for the conv form); forward only ``"interpolate"`` when the input has at least
-        ``128 * 128`` pixels per channel (1.43 against 1.48 ms for ``"matmul"``) and
-        ``"matmul"`` below (0.09–0.6 ms against 2.7–5.4 ms and 0.27–1.84 ms for the conv
-        form). With TF32 products allowed the matrix products would round the input to TF32,
-        so the conv form is taken instead, as below.
-      - otherwise (other modes, or TF32 products): with a backward ``"conv"`` (bicubic) or
+      - bicubic with every side at most 128 (the measured decoder shapes): forward only,
+        ``"interpolate"`` when the input has at least ``128 * 128`` pixels per channel (1.43
+        against 1.48 ms for ``"matmul"``); otherwise, with a backward (``requires_grad`` or,
+        when ``None``, autograd enabled and ``x`` requiring grad) or below that size,
+        ``"matmul"``: forward + backward 0.5–2.7 ms fp32 and 0.6–3.4 ms bf16 against 8–22 and
+        53–212 ms for ``F.interpolate`` and 0.6–6.5 ms for the conv form (fastest at every
+        shape but bf16 (16, 512, 16, 16), a tie with the conv form: 0.83 against 0.81 ms);
+        forward 0.09–0.6 ms against 2.7–5.4 and 0.27–1.84 ms. A float32 or float16 input while
+        CUDA may run float32 products in TF32 (``torch.set_float32_matmul_precision("high")``,
+        ``torch.backends.cuda.matmul.fp32_precision = "tf32"``) takes ``"separable"`` instead:
+        TF32 would round a float32 input, and each axis's float32 result before the next axis's
+        product, to 10 mantissa bits (as many as float16 keeps; bfloat16 keeps 7, so its result
+        does not change).
+      - other modes, and sides over 128: with a backward ``"conv"`` (bicubic) or
         ``"separable"``; forward only ``"interpolate"`` from ``128 * 128`` pixels per channel,
-        ``"conv"``/``"separable"`` below (conv form measured as above; 3-D unmeasured).
+        ``"conv"``/``"separable"`` below (unmeasured beyond the shapes above).
       - inside ``torch.compile``: ``"separable"``; Inductor fuses its slices and sums into a few
         pointwise kernels forward and backward, where the convolution stays an external call
         (the H200 measured the compiled conv form slower than compiled ``F.interpolate``;
@@ -433,8 +436,13 @@ def choose_method(x: torch.Tensor, mode: str = "bicubic", requires_grad: bool | 
         large = math.prod(x.shape[2:]) >= 128 * 128
         if torch.compiler.is_compiling():
             method = "separable"
-        elif mode == "bicubic" and torch.get_float32_matmul_precision() == "highest":
-            method = "interpolate" if large and not requires_grad else "matmul"
+        elif mode == "bicubic" and max(x.shape[2:]) <= 128:
+            if large and not requires_grad:
+                method = "interpolate"
+            elif x.dtype in (torch.float32, torch.float16) and _tf32_products_allowed():
+                method = "separable"  # exact: slices and sums, no product that TF32 could round
+            else:
+                method = "matmul"
         elif requires_grad:
             method = "conv"
         else:
@@ -444,6 +452,23 @@ def choose_method(x: torch.Tensor, mode: str = "bicubic", requires_grad: bool | 
     if method == "conv" and mode != "bicubic":
         method = "separable"
     return method
+
+
+def _tf32_products_allowed() -> bool:
+    """Whether CUDA float32 matrix products may round their inputs to TF32 (either PyTorch API).
+
+    ``torch.backends.cuda.matmul.fp32_precision`` (torch 2.9+) when set; else the legacy
+    ``allow_tf32``, which ``torch.set_float32_matmul_precision`` also sets. Reading a legacy flag
+    after the new API was used raises on torch 2.14; then assume they may.
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", "none")
+    if precision != "none":
+        return precision == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:
+        return True
 
 
 def upsample_to(x: torch.Tensor, size: Sequence[int], mode: str, method: str | None = None) -> torch.Tensor:
