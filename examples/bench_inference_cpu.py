@@ -39,6 +39,13 @@ def main() -> None:
     parser.add_argument("--freeze", action="store_true", help="also time freeze=True")
     parser.add_argument("--compile", action="store_true", help="also time Inductor over the optimized module")
     args = parser.parse_args()
+    if args.size < 16 or args.size % 16:
+        parser.error(f"--size must be a multiple of 16 (the reference TinyU-Net needs it), got {args.size}")
+    for name in ("threads", "repeats", "batch"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be at least 0, got {args.warmup}")
     torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)

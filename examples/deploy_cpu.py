@@ -57,12 +57,23 @@ def main() -> None:
     parser.add_argument("--onnx", default=None, help="also export to this .onnx file and run it")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args()
+    for flag, path in (("--checkpoint", args.checkpoint), ("--image", args.image)):
+        if path is not None and not Path(path).is_file():
+            parser.error(f"{flag} {path}: no such file")
+    if args.onnx:
+        try:
+            import onnxruntime  # noqa: F401  (checked first: the torch work below takes a while)
+        except ImportError:
+            parser.error('--onnx needs ONNX Runtime: pip install "cmrf[onnx]"')
     if args.threads:
         torch.set_num_threads(args.threads)
 
     # The three lines a deployment needs:
-    model = cmrf.create_model("tinyunet", in_chans=args.in_chans, num_classes=args.num_classes,
-                              checkpoint_path=args.checkpoint).eval()
+    try:
+        model = cmrf.create_model("tinyunet", in_chans=args.in_chans, num_classes=args.num_classes,
+                                  checkpoint_path=args.checkpoint).eval()
+    except (ValueError, RuntimeError) as err:  # weights of another model: the loader names the shapes
+        parser.error(str(err).splitlines()[0])
     fast = cmrf.optimize_for_inference(model)
     x = load_image(args.image, args.size, args.in_chans)
     with torch.inference_mode():

@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from cmrf.bench.harness import _device_event_us
 from cmrf.bench.network import NetworkContext, build_network_runner
-from cmrf.bench.settings import resolve_settings
+from cmrf.bench.settings import resolve_settings, row_names, selected
 
 CUDA_ROWS = ["inference.cmrf", "inference.optimized-graph", "training.reference", "training.cmrf"]
 CPU_ROWS = ["inference.cmrf", "inference.optimized", "training.reference", "training.cmrf"]
@@ -72,9 +72,18 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=5, help="profiled calls per row (default 5)")
     parser.add_argument("--top", type=int, default=15, help="operators or kernels listed (default 15)")
     args = parser.parse_args()
-    rows = args.rows or (CPU_ROWS if args.device == "cpu" else CUDA_ROWS)
+    selectors = args.rows or (CPU_ROWS if args.device == "cpu" else CUDA_ROWS)
     overrides = {k: v for k, v in (("batch", args.batch), ("precision", args.precision)) if v is not None}
-    settings = resolve_settings(args.device, size=args.size, rows=tuple(rows), **overrides)
+    try:  # the bench's own checks (device, size, precision, row names): one line each
+        settings = resolve_settings(args.device, size=args.size, rows=tuple(selectors), **overrides)
+    except ValueError as err:
+        parser.error(str(err))
+    # Groups and prefixes as `cmrf bench --rows` reads them (a group's reference row comes along).
+    rows = [name for name in row_names(settings)
+            if name.split(".")[0] in ("inference", "training") and selected(settings, name)]
+    if not rows:
+        parser.error(f"--rows {' '.join(selectors)}: no inference.* or training.* row (cascade rows "
+                     "are profiled by `cmrf bench` itself)")
     ctx = NetworkContext.create(settings)
     print(f"{settings.device}, batch {settings.batch}, {settings.size}², {settings.precision}, "
           f"torch {torch.__version__}\n")
