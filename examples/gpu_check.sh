@@ -46,11 +46,13 @@
 set -u
 RUN_BENCH=1
 RUN_TESTS=1
+USAGE="usage: bash examples/gpu_check.sh [--bench-only | --tests-only]   (see the comments at its top)"
 case "$#:${1:-}" in
     1:--bench-only) RUN_TESTS=0 ;;
     1:--tests-only) RUN_BENCH=0 ;;
+    1:--help | 1:-h) echo "$USAGE"; exit 0 ;;
     0:) ;;
-    *) echo "usage: bash examples/gpu_check.sh [--bench-only | --tests-only]" >&2; exit 2 ;;
+    *) echo "$USAGE" >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_check_out}"

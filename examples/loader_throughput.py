@@ -43,4 +43,7 @@ if __name__ == "__main__":
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workers", type=int, nargs="*", default=[0, 1, 2],
                         help="DataLoader worker counts to measure (default 0 1 2)")
-    main(parser.parse_args().workers)
+    args = parser.parse_args()
+    if any(count < 0 for count in args.workers):
+        parser.error(f"worker counts must be 0 or more, got {args.workers}")
+    main(args.workers)

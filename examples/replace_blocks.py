@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--N", type=int, default=8, help="receptive fields per CMRF (default 8)")
     parser.add_argument("--costs", action="store_true", help="profile SegNet before/after at 256x256")
     args = parser.parse_args()
+    if args.N < 1:
+        parser.error(f"--N must be at least 1, got {args.N}")
     warnings.simplefilter("default")
     segnet_demo(args.N, args.costs)
     monai_demo(args.N, spatial_dims=2)

@@ -787,6 +787,12 @@ def test_gpu_check_script_refuses_an_unknown_option(tmp_path, args):
     assert calls == [] and not (tmp_path / "out").exists()
 
 
+def test_gpu_check_script_help_is_usage_and_success(tmp_path):
+    result, calls = _fake_gpu_check(tmp_path, "--help")
+    assert result.returncode == 0 and result.stdout.startswith("usage: bash examples/gpu_check.sh")
+    assert calls == []
+
+
 def test_gpu_check_script_runs_no_whole_suite_when_no_test_file_is_left(tmp_path):
     """An empty list made pytest collect the whole suite, which took the test step's time."""
     result, calls = _fake_gpu_check(tmp_path, GPU_CHECK_TESTS="tests/typo.py")
