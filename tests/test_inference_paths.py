@@ -297,6 +297,30 @@ def test_path_arguments_are_checked(small_unet, monkeypatch):
         optimize_for_inference(small_unet, path="fused")
 
 
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_cuda_decoder_upsampling_takes_the_measured_formulation(small_unet, monkeypatch, requires_grad):
+    """On CUDA the decoders upsample through ``upsample_to`` (``choose_method``'s per-shape rule,
+    measured on an H200), not the phase convolutions the CPU paths use; checked on a fake CUDA
+    tensor, so it runs without a GPU (``tests/test_cuda.py`` compares the outputs on one)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from cmrf.ops.upsample import choose_method
+
+    calls = []
+
+    def recording_upsample_to(x, size, mode, method=None):
+        calls.append((x.device.type, tuple(size), mode, choose_method(x, mode)))
+        return x.new_empty((*x.shape[:2], *size))
+
+    monkeypatch.setattr(inference, "upsample_to", recording_upsample_to)
+    decoder = optimize_for_inference(small_unet, path="plain").decoders[0]
+    with FakeTensorMode():
+        low = torch.empty(2, 4, 8, 8, device="cuda", requires_grad=requires_grad)
+        out = decoder.upsample(low, (16, 16))
+    assert tuple(out.shape) == (2, 4, 16, 16)
+    assert calls == [("cuda", (16, 16), "bicubic", "matmul")]
+
+
 def test_tracing_uses_plain_operators(small_unet):
     fast = optimize_for_inference(small_unet)
     compiled = torch.compile(fast, backend="eager", fullgraph=True)
