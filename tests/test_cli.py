@@ -840,3 +840,38 @@ def test_evaluate_names_a_one_channel_sigmoid_checkpoint(tmp_path, capsys):
             "--N", "4", "--data", "synthetic", "--img-size", "32", "--synthetic-samples", "8"]
     assert main(argv) == 2
     assert "holds a model with 1 output channel; cmrf evaluate scores the argmax" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "package"),
+    [
+        (["demo", "--out", "{tmp}/demo"], "monai"),
+        (["train", "--data", "synthetic", "--out", "{tmp}/run"], "torchmetrics"),
+        (["evaluate", "{tmp}/missing.pt"], "torchmetrics"),
+    ],
+)
+def test_a_command_without_the_train_extra_is_a_user_error(tmp_path, capsys, monkeypatch, argv, package):
+    """Without MONAI or torchmetrics (the ``train`` extra) the command says what to install (exit
+    status 2) before it reads anything, not an internal error deep in the first epoch (70)."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    def find_spec(name, *rest):
+        return None if name == package else real_find_spec(name, *rest)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    assert main([arg.format(tmp=tmp_path) for arg in argv]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"needs {package}, which is not installed: pip install 'cmrf[train]'" in err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(("build", "package"), [("loss", "monai"), ("metrics", "torchmetrics")])
+def test_the_training_parts_name_the_extra_they_need(monkeypatch, build, package):
+    from cmrf.train.losses import CEDiceLoss
+    from cmrf.train.metrics import SegmentationMetrics
+
+    monkeypatch.setitem(sys.modules, package, None)  # an import of it fails as if not installed
+    with pytest.raises(ImportError, match=r"needs .*not installed: pip install 'cmrf\[train\]'"):
+        CEDiceLoss() if build == "loss" else SegmentationMetrics(2)

@@ -87,6 +87,12 @@ def check_replaces_only(path: str | Path, flag: str, suffix: str, what: str,
         print(f"note: {flag} {path} does not end in {suffix}; the file is {what}", file=sys.stderr)
 
 
+# What the training and evaluation commands import from the ``train`` extra (Pillow, in it too, is
+# a dependency of torchvision, which timm needs, so it is always there).
+TRAIN_PACKAGES = ("torchmetrics", "monai", "tqdm")
+EVALUATE_PACKAGES = ("torchmetrics", "tqdm")
+
+
 def require_extra(packages: tuple[str, ...], what: str, extra: str) -> None:
     """Refuse a command whose optional packages are not installed with a ``ValueError`` (exit status 2,
     the user's to fix), naming them and the extra that installs them; an ``ImportError`` would be

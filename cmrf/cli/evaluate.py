@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 
 from cmrf.cli.common import (
+    EVALUATE_PACKAGES,
     add_runtime_arguments,
     check_output_file,
     check_replaces_only,
     positive_int,
+    require_extra,
     user_path,
 )
 from cmrf.cli.data_args import add_data_arguments, data_options
@@ -242,6 +244,7 @@ def _class_names(checkpoint, meta: dict, data_names: list[str]) -> list[str]:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    require_extra(EVALUATE_PACKAGES, "cmrf evaluate", "train")
     with torch_threads(args.threads):
         return _evaluate(args)
 

@@ -9,7 +9,13 @@ from pathlib import Path
 
 import torch
 
-from cmrf.cli.common import add_model_arguments, add_runtime_arguments, user_path
+from cmrf.cli.common import (
+    TRAIN_PACKAGES,
+    add_model_arguments,
+    add_runtime_arguments,
+    require_extra,
+    user_path,
+)
 from cmrf.cli.data_args import add_data_arguments, data_options
 from cmrf.train.processes import is_main_process, resolve_device
 from cmrf.train.recipe import AMP_CHOICES, Recipe
@@ -152,6 +158,7 @@ def build_train(parser: argparse.ArgumentParser):
 
 
 def run_train(args: argparse.Namespace) -> int:
+    require_extra(TRAIN_PACKAGES, f"cmrf {args.run_kind}", "train")
     with torch_threads(args.threads):
         return _train(args)
 

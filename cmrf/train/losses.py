@@ -25,7 +25,11 @@ class CEDiceLoss(nn.Module):
 
     def __init__(self, ce_weight: float = 1.0, dice_weight: float = 1.0, batch_dice: bool = True):
         super().__init__()
-        from monai.losses import DiceCELoss
+        try:
+            from monai.losses import DiceCELoss
+        except ImportError as err:
+            message = "CEDiceLoss needs monai, which is not installed: pip install 'cmrf[train]'"
+            raise ImportError(message) from err
 
         if not (ce_weight >= 0 and dice_weight >= 0) or ce_weight + dice_weight in (0, math.inf):
             raise ValueError(

@@ -45,8 +45,13 @@ class SegmentationMetrics:
     """
 
     def __init__(self, num_classes: int, class_names: Sequence[str] | None = None, device="cpu"):
-        from torchmetrics import MetricCollection
-        from torchmetrics.classification import MulticlassF1Score, MulticlassJaccardIndex
+        try:
+            from torchmetrics import MetricCollection
+            from torchmetrics.classification import MulticlassF1Score, MulticlassJaccardIndex
+        except ImportError as err:
+            raise ImportError(
+                "SegmentationMetrics needs torchmetrics, which is not installed: pip install 'cmrf[train]'"
+            ) from err
 
         if num_classes < 2:
             raise ValueError(f"segmentation metrics need num_classes >= 2, got {num_classes}")
