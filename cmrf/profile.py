@@ -104,6 +104,14 @@ def _check_countable(model: nn.Module) -> None:
             "the model it was made from")
 
 
+def _without_autocast(example: torch.Tensor):
+    """Autocast off for ``example``'s device: the counts are of the model's own dtype, and under an
+    enclosing autocast region fvcore's trace fails on the casts of parameters it records."""
+    if example.device.type in ("cpu", "cuda", "xpu", "mps"):
+        return torch.autocast(example.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def count_paper_flops(model: nn.Module, example: torch.Tensor) -> int:
     """FLOPs of ``model(example)`` in the paper's convention (see the module docstring), counted in
     eval mode (every submodule's training flag is restored afterwards).
@@ -120,7 +128,7 @@ def count_paper_flops(model: nn.Module, example: torch.Tensor) -> int:
 
     handles = [m.register_forward_hook(hook) for m in model.modules()]
     try:
-        with torch.no_grad(), reference_only(), eval_mode(model):
+        with torch.no_grad(), reference_only(), eval_mode(model), _without_autocast(example):
             model(example)
     finally:
         for handle in handles:
@@ -149,7 +157,7 @@ def count_fvcore_macs(model: nn.Module, example: torch.Tensor) -> int:
     """Total MACs that fvcore's ``FlopCountAnalysis`` counts for ``model(example)``, traced in eval
     mode (every submodule's training flag is restored afterwards, and no hook is left on it)."""
     with (warnings.catch_warnings(), torch.no_grad(), reference_only(), eval_mode(model),
-          _removing_new_hooks(model)):
+          _removing_new_hooks(model), _without_autocast(example)):
         # fvcore's import uses the deprecated torch.jit.script; tracing warns about the shape
         # checks in forward(). Neither concerns the user.
         warnings.simplefilter("ignore")

@@ -196,6 +196,53 @@ def test_timm_cfg_overlay_sets_the_models_defaults_as_timm_does():
     assert model.num_classes == 5 and model.pretrained_cfg["mean"] == (0.25, 0.25)
 
 
+@pytest.mark.parametrize("factory", [create_model, timm.create_model], ids=["cmrf", "timm"])
+def test_a_pretrained_cfg_dict_keeps_the_models_own_entries(factory, tmp_path):
+    """timm builds a ``pretrained_cfg`` dict into a cfg of ImageNet defaults (224 px, bicubic, a
+    0.875 crop, ImageNet mean/std); laid over the model's own cfg, what it leaves out stays ours."""
+    weights = tmp_path / "w.safetensors"
+    cmrf.save_weights(create_model("tinyunet", **SMALL["tinyunet"]), weights)
+    model = factory("tinyunet", pretrained=True, pretrained_cfg=dict(file=str(weights)), **SMALL["tinyunet"])
+    data = resolve_data_config({}, model=model)
+    assert data["input_size"] == (3, 256, 256) and data["interpolation"] == "bilinear"
+    assert data["crop_pct"] == 1.0
+    assert data["mean"] == (NORMALIZE_MEAN,) * 3 and data["std"] == (NORMALIZE_STD,) * 3
+    cfg = dict(interpolation="bicubic", crop_pct=0.9)
+    given = factory("tinyunet", pretrained_cfg=cfg, **SMALL["tinyunet"])
+    assert resolve_data_config({}, model=given)["interpolation"] == "bicubic"
+    assert given.pretrained_cfg["crop_pct"] == 0.9
+
+
+@pytest.mark.parametrize("name", ["tinyunet", "cmunext", "segnet"])
+@pytest.mark.parametrize("spatial_dims, mode", [(1, "linear"), (3, "trilinear")])
+def test_the_cfg_interpolation_fits_the_spatial_dims(name, spatial_dims, mode):
+    model = create_model(name, spatial_dims=spatial_dims, **SMALL[name])
+    assert model.pretrained_cfg["interpolation"] == mode
+    assert resolve_data_config({}, model=model)["interpolation"] == mode
+    overlay = dict(interpolation="nearest")
+    overlaid = create_model(name, spatial_dims=spatial_dims, pretrained_cfg_overlay=overlay, **SMALL[name])
+    assert overlaid.pretrained_cfg["interpolation"] == "nearest"
+
+
+def test_list_models_takes_a_list_of_patterns_as_timm_does():
+    assert cmrf.list_models(["tinyunet*", "segnet*"]) == ["segnet", "segnet_cmrf", "tinyunet", "tinyunet3d"]
+    assert cmrf.list_models(("tinyunet3d",)) == ["tinyunet3d"]
+    for bad in (None, 3, ["tinyunet*", 3]):
+        with pytest.raises(ValueError, match="pattern must be a string or a list of strings"):
+            cmrf.list_models(bad)
+
+
+def test_pretrained_with_a_checkpoint_path_says_to_drop_pretrained(tmp_path):
+    """timm's train.py passes both for --pretrained --initial-checkpoint."""
+    weights = tmp_path / "w.safetensors"
+    cmrf.save_weights(create_model("tinyunet", **SMALL["tinyunet"]), weights)
+    expected = r"checkpoint_path='.*w\.safetensors' loads that file by itself: drop pretrained=True"
+    with pytest.raises(ValueError, match=expected):
+        create_model("tinyunet", pretrained=True, checkpoint_path=weights, **SMALL["tinyunet"])
+    with pytest.raises(ValueError, match="with checkpoint_path given as well, drop pretrained=True"):
+        timm.create_model("tinyunet", pretrained=True, checkpoint_path=str(weights), **SMALL["tinyunet"])
+
+
 @pytest.mark.parametrize("kwargs, overlay, key", [
     (dict(num_classes=3), dict(num_classes=5), "num_classes"),
     (dict(in_chans=1), dict(input_size=(3, 64, 64)), "input_size"),

@@ -210,3 +210,13 @@ def test_a_compiled_model_is_profiled_as_the_model_it_wraps():
     holder = nn.Sequential(torch.compile(nn.Conv2d(3, 8, 3)), nn.ReLU())
     with pytest.raises(ValueError, match=r"holds torch.compile'd submodules \(0\).*before compiling"):
         cmrf.profile(holder, (1, 3, 16, 16))
+
+
+def test_profile_inside_an_autocast_region_counts_the_model_as_it_is():
+    """Under an enclosing ``torch.autocast`` fvcore's trace failed ("Cannot insert a Tensor that
+    requires grad as a constant", with the weight's values in the message)."""
+    model = cmrf.create_model("tinyunet", channels=(8, 16), N=2)
+    expected = cmrf.profile(model, (1, 3, 32, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        counted = cmrf.profile(model, (1, 3, 32, 32))
+    assert (counted.params, counted.macs, counted.flops) == (expected.params, expected.macs, expected.flops)

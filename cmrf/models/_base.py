@@ -31,6 +31,10 @@ _MODEL_FACTS = ("num_classes", "input_size", "min_input_size", "mean", "std", "c
 
 # How samples of each dimensionality are resized: torch's interpolate mode names.
 _INTERPOLATION = {1: "linear", 2: "bilinear", 3: "trilinear"}
+# The modes that resize a sample of each dimensionality (a cfg naming another is a 2-D default
+# left on a model built with other ``spatial_dims``).
+_FITTING_MODES = {1: ("linear",), 2: ("bilinear", "bicubic"), 3: ("trilinear",)}
+_ANY_DIMS_MODES = ("nearest", "nearest-exact", "area")
 
 
 def zoo_cfg(
@@ -107,6 +111,9 @@ def fit_cfg(
     for key, value in (("mean", NORMALIZE_MEAN), ("std", NORMALIZE_STD)):
         if len(tuple(cfg.get(key) or ())) != channels:
             cfg[key] = (value,) * channels
+    fitting = (*_FITTING_MODES[sd], *_ANY_DIMS_MODES)
+    if "interpolation" not in overlay and cfg.get("interpolation") not in fitting:
+        cfg["interpolation"] = _INTERPOLATION[sd]
     if architecture is not None:
         cfg["architecture"] = architecture
     _check_overlay(overlay, cfg, type(model).__name__)

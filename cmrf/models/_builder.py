@@ -203,7 +203,8 @@ def build_model(
             f"no pretrained weights are published for {variant!r} and cmrf never downloads; "
             f"train one (cmrf train) or load your own with checkpoint_path='best_model.pth' or "
             f"pretrained=True, pretrained_cfg_overlay=dict(file='best_model.pth') "
-            f"(a .safetensors file or a state dict saved by the reference code)"
+            f"(a .safetensors file or a state dict saved by the reference code); with "
+            f"checkpoint_path given as well, drop pretrained=True: the checkpoint loads by itself"
         )
     if isinstance(pretrained_cfg, str) and not _has_tag(variant, pretrained_cfg):
         raise ValueError(f"{variant!r} has no pretrained tag {pretrained_cfg!r} (cmrf publishes no weights)")
@@ -227,7 +228,12 @@ def build_model(
     if finish is not None:
         model = finish(model)
     record_create_call(model, variant, kwargs)
-    base = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg).to_dict()
+    if isinstance(pretrained_cfg, dict):
+        # Laid over the model's own cfg: timm would fill the keys it leaves out with ImageNet's
+        # (224 px, bicubic, 0.875 crop, ImageNet mean/std), which describe no model here.
+        base = {**resolve_pretrained_cfg(variant).to_dict(), **pretrained_cfg}
+    else:
+        base = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg).to_dict()
     model.pretrained_cfg = fit_cfg(base, model, architecture=variant, overlay=overlay)
     if model.pretrained_cfg.get("state_dict") is not None:  # loaded below; not kept alive (nor pickled)
         model.pretrained_cfg["state_dict"] = None

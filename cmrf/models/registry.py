@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -26,9 +26,18 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return timm_register_model(fn)
 
 
-def list_models(pattern: str = "*") -> list[str]:
-    """Sorted names of this library's models matching the shell-style ``pattern``."""
-    return sorted(name for name in _ENTRYPOINTS if fnmatch.fnmatch(name, pattern))
+def list_models(pattern: str | Sequence[str] = "*") -> list[str]:
+    """Sorted names of this library's models matching the shell-style ``pattern`` (or, as in
+    ``timm.list_models``, any of a list of patterns).
+
+    Raises:
+        ValueError: a pattern that is not a string.
+    """
+    patterns = [pattern] if isinstance(pattern, str) else pattern
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"pattern must be a string or a list of strings (shell-style, e.g. 'tinyunet*'), "
+                         f"got {pattern!r}")
+    return sorted(name for name in _ENTRYPOINTS if any(fnmatch.fnmatch(name, p) for p in patterns))
 
 
 def is_model(name: str) -> bool:
@@ -125,6 +134,16 @@ def create_model(
         kwargs["num_classes"] = num_classes
     # timm's layer flags, taken as timm.create_model takes them (the entry point sees them).
     flags = {key: kwargs.pop(key) for key in ("scriptable", "exportable", "no_jit") if key in kwargs}
+    if pretrained and checkpoint_path not in (None, ""):
+        from cmrf.models._builder import _local_weights
+
+        if _local_weights(kwargs.get("pretrained_cfg_overlay"), kwargs.get("pretrained_cfg")) is None:
+            # timm's train.py passes both for --pretrained --initial-checkpoint; with no published
+            # weights the first has nothing to load, and the second loads the file by itself.
+            raise ValueError(
+                f"pretrained=True asks for published weights, and none are published for {name!r}; "
+                f"checkpoint_path={str(checkpoint_path)!r} loads that file by itself: drop pretrained=True"
+            )
     with set_layer_config(**flags):
         model = _ENTRYPOINTS[name](pretrained=pretrained, **kwargs)
     if checkpoint_path not in (None, ""):
