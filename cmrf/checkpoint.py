@@ -238,6 +238,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
                 state = inner
                 break
+    extra = [k for k in state if isinstance(k, str) and k.split(".")[-1] == "_extra_state"] if isinstance(
+        state, dict) else []
+    if extra:  # a module's get_extra_state() (any value) holds no weights, e.g. an optimized copy's
+        state = {k: v for k, v in state.items() if k not in extra}  # channel order
     tensors_only = isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
     if not tensors_only or not state:
         if isinstance(top, dict) and top:

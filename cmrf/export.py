@@ -28,7 +28,7 @@ from cmrf._warnings import caller_stacklevel
 from cmrf.checkpoint import check_text_metadata
 from cmrf.files import atomic_path
 from cmrf.inference import GraphPerShape, optimize_for_inference
-from cmrf.layers import check_input_size, cmrf_blocks, eval_mode
+from cmrf.layers import check_input_size, cmrf_blocks, eval_mode, inference_only_parts
 from cmrf.onnx_writer import (
     DEFAULT_OPSET,
     TESTED_TORCH_FOR_ONNX,
@@ -221,7 +221,9 @@ def export_onnx(
     # The multiple every side must keep: TinyU-Net's 2 ** depth, CMUNeXt's 16.
     spatial_multiple = int(getattr(model, "input_multiple", None) or getattr(model, "min_size", 1))
     size = _example_size(model, input_size)
-    if optimize and cmrf_blocks(model):
+    # An optimized copy (inference-only parts) may keep a block as it is (hooks, its own forward):
+    # it is exported as it is, not optimized again.
+    if optimize and cmrf_blocks(model) and not inference_only_parts(model):
         model = optimize_for_inference(model)  # a copy
     param = next(model.parameters(), None)
     example_size = _dynamic_example_size(size, spatial_multiple) if dynamic else size

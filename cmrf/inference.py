@@ -535,6 +535,24 @@ class InferenceCMRF(_EvalOnly):
 
     FUSED_BUFFERS = ("fused_weight", "fused_scale", "fused_shift")
 
+    def _pw1_order(self) -> str:
+        return "halves_first" if self.halves_first else "interleaved"
+
+    def get_extra_state(self) -> dict:
+        """The order of ``pw1``'s output channels, saved in the state dict: a state dict of a copy
+        built for another path has the same keys and shapes but another order, and would load
+        without an error into wrong outputs."""
+        return {"pw1_order": self._pw1_order()}
+
+    def set_extra_state(self, state) -> None:
+        saved = state.get("pw1_order") if isinstance(state, dict) else None
+        if saved != self._pw1_order():
+            raise ValueError(
+                f"this state dict's pw1 channels are in {saved!r} order, this {type(self).__name__}'s in "
+                f"{self._pw1_order()!r} (copies for path 'onednn' reorder them, 'fused' and 'plain' do "
+                f"not): load the original model's weights and call optimize_for_inference again"
+            )
+
     def _pw2_matrix(self) -> torch.Tensor:
         weight, bias = self.pw2.weight, self.pw2.bias
         return torch.cat([weight.flatten(1), bias[:, None]], dim=1).detach().clone()
@@ -1185,7 +1203,9 @@ class OnnxRuntimeInference(CPUGraphPerShape):
         import onnxruntime as ort
 
         module = self.module
-        if cmrf_blocks(module):  # not optimized yet: export the fast graph
+        # Not optimized yet: export the fast graph. An optimized copy may still hold a CMRF block
+        # kept as it is (hooks, its own forward); optimizing it again would find nothing to do.
+        if cmrf_blocks(module) and not inference_only_parts(module):
             module = optimize_for_inference(module)
         # The graph's outputs are the module's output tensors, flattened: a module with auxiliary
         # heads returns a tuple or a dict, which the session's outputs are put back into. Run

@@ -321,6 +321,25 @@ def test_cuda_decoder_upsampling_takes_the_measured_formulation(small_unet, monk
     assert calls == [("cuda", (16, 16), "bicubic", "matmul")]
 
 
+def test_a_state_dict_of_another_paths_copy_is_refused(small_unet, tmp_path):
+    """The ``"onednn"`` copy reorders ``pw1``'s channels, the others do not; same keys and shapes,
+    so its state dict loaded into a ``"plain"`` copy gave wrong outputs without an error."""
+    onednn = optimize_for_inference(small_unet, path="onednn")
+    plain = optimize_for_inference(small_unet, path="plain")
+    torch.save(onednn.state_dict(), tmp_path / "fast.pt")
+    saved = torch.load(tmp_path / "fast.pt", weights_only=True)
+    with pytest.raises(ValueError, match="pw1 channels are in 'halves_first' order, this InferenceCMRF's "
+                                         "in 'interleaved'"):
+        plain.load_state_dict(saved)
+    with pytest.raises(ValueError, match="in 'interleaved' order, this InferenceCMRF's in 'halves_first'"):
+        onednn.load_state_dict(plain.state_dict())
+    again = optimize_for_inference(small_unet, path="onednn")
+    again.load_state_dict(saved)  # the same path's copy loads
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert _max_diff(again(x), small_unet(x)) < TOL
+
+
 def test_tracing_uses_plain_operators(small_unet):
     fast = optimize_for_inference(small_unet)
     compiled = torch.compile(fast, backend="eager", fullgraph=True)
@@ -644,6 +663,29 @@ def test_onnxruntime_backend_equals_original(small_unet, onnxruntime_available):
     with torch.no_grad():
         assert _max_diff(fast(same_shape), small_unet(same_shape)) < TOL
     assert fast.num_graphs == len(inputs)
+
+
+def test_an_optimized_copy_that_kept_a_block_runs_in_onnxruntime_and_exports(onnxruntime_available, tmp_path):
+    """A block kept as it is (a hook on it) is still a CMRF in the optimized copy: the session and
+    ``export_onnx`` of that copy optimized it again, which found nothing to rewrite and raised
+    ("found no CMRF block it can rewrite")."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = randomise_batchnorm(TinyUNet(channels=(6, 12), N=3)).eval()
+    model.encoders[0].register_forward_hook(lambda module, inputs, output: None)
+    x = torch.randn(1, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the documented warning about the kept block
+        fast = optimize_for_inference(model, backend="onnxruntime")
+        optimized = optimize_for_inference(model)
+    with torch.no_grad():
+        expected = model(x)
+        assert _max_diff(fast(x), expected) < TOL
+        path = export_onnx(optimized, tmp_path / "kept.onnx", tuple(x.shape))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert _max_diff(torch.from_numpy(got), expected) < TOL
 
 
 def test_onnxruntime_backend_limits_and_fallbacks(small_unet, onnxruntime_available):
