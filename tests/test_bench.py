@@ -154,6 +154,19 @@ def test_cpu_defaults_follow_the_cpu_target():
     assert sum(n.startswith("cascade.") for n in names) == 2 * 4 * 2  # eval + one train batch, 4 shapes
 
 
+def test_the_step_in_a_cuda_graph_is_a_cuda_row_after_the_eager_one_and_refuses_fp16():
+    from cmrf.bench.network import build_network_runner
+
+    cuda = BenchSettings(device="cuda", batch=16, size=256, precision="bf16")
+    training = [n for n in row_names(cuda) if n.startswith("training.")]
+    assert training == ["training.reference", "training.compile", "training.cmrf", "training.cmrf-graph",
+                        "training.cmrf-compile"]
+    assert "training.cmrf-graph" not in row_names(resolve_settings("cpu"))
+    fp16 = BenchSettings(device="cuda", batch=16, size=256, precision="fp16")
+    with pytest.raises(ValueError, match="cannot hold fp16's loss scaler"):
+        build_network_runner("training.cmrf-graph", None, fp16)
+
+
 def test_selection_adds_the_group_reference_and_drops_compile_rows_when_off():
     s = resolve_settings("cpu", rows=("inference.optimized", "cascade.train.b1.L3"))
     picked = [n for n in row_names(s) if selected(s, n)]

@@ -233,6 +233,24 @@ def test_evaluate_json_naming_a_checkpoint_by_a_slip_is_refused_before_scoring(r
     assert json.loads(scores.read_text())["split"] == "test" and "note" not in capsys.readouterr().err
 
 
+def test_evaluate_json_onto_the_runs_metrics_is_refused_before_scoring(run_checkpoint, tmp_path, capsys):
+    """``--json RUN/metrics.json`` replaced the run's per-epoch history and best epoch, which only
+    training again gives back, with the evaluation's scores."""
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"mean_iou": 0.5, "best_epoch": 3, "history": [{"epoch": 1}]}))
+    before = metrics.read_bytes()
+    assert main(["evaluate", str(run_checkpoint), "--json", str(metrics)]) == 2
+    assert _one_line(capsys.readouterr().err) == (
+        f"cmrf evaluate: error: --json {metrics} holds the training run's metrics (its history and best "
+        f"epoch), which this evaluation would replace; write it to another file, e.g. "
+        f"{tmp_path / 'evaluation.json'}")
+    assert metrics.read_bytes() == before
+    scores = tmp_path / "scores.json"  # an evaluation's own file is replaced as before
+    scores.write_text(json.dumps({"mean_iou": 0.5, "split": "val"}))
+    assert main(["evaluate", str(run_checkpoint), "--json", str(scores), "--no-optimize"]) == 0
+    assert json.loads(scores.read_text())["split"] == "test"
+
+
 def test_evaluate_scores_the_train_split_without_augmentation(run_checkpoint, monkeypatch):
     import cmrf.train.loop as loop
 
@@ -872,6 +890,8 @@ def test_the_training_parts_name_the_extra_they_need(monkeypatch, build, package
     from cmrf.train.losses import CEDiceLoss
     from cmrf.train.metrics import SegmentationMetrics
 
-    monkeypatch.setitem(sys.modules, package, None)  # an import of it fails as if not installed
+    # Imports of it (and of its submodules, which earlier tests may have loaded) fail as if not installed.
+    for name in [package, *(n for n in list(sys.modules) if n.startswith(package + "."))]:
+        monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError, match=r"needs .*not installed: pip install 'cmrf\[train\]'"):
         CEDiceLoss() if build == "loss" else SegmentationMetrics(2)

@@ -120,6 +120,33 @@ def test_training_step_equals_the_reference():
     assert not failed, failed
 
 
+@needs_gpu
+def test_the_bench_step_in_a_cuda_graph_trains_as_eager_steps():
+    """``cmrf bench``'s ``training.cmrf-graph`` replays a captured Adam step: its first step's logits
+    and three replays' weights equal three eager steps of the same model."""
+    from cmrf.bench.network import NetworkContext, build_network_runner
+    from cmrf.bench.settings import BenchSettings
+
+    settings = BenchSettings(device="cuda", batch=2, size=64, precision="fp32", N=4)
+    ctx = NetworkContext.create(settings)
+    eager = copy.deepcopy(ctx.model).train()
+    runner = build_network_runner("training.cmrf-graph", ctx, settings)
+    first = runner.check()["output"]
+    runner.call()
+    runner.call()
+    optimizer = torch.optim.Adam(eager.parameters(), lr=1e-4)
+    for step in range(3):
+        out = eager(ctx.x)
+        torch.nn.functional.cross_entropy(out.float(), ctx.target).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step == 0:
+            torch.testing.assert_close(first, out.detach().float(), rtol=0, atol=1e-4)
+    failed = [name for (name, p), q in zip(runner.module.named_parameters(), eager.parameters(), strict=True)
+              if not torch.allclose(p, q, rtol=0, atol=1e-3)]
+    assert not failed, failed
+
+
 def test_cmrf_train_on_the_device(tmp_path):
     pytest.importorskip("monai", reason="cmrf train's loss needs monai (carry its wheel: docs/benchmarks.md)")
     args = ["train", "--img-size", "32", "--synthetic-samples", "16", "--channels", "16", "32",

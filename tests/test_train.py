@@ -340,7 +340,26 @@ def test_every_rank_stops_with_the_main_processs_lock_failure(tmp_path, monkeypa
         pass
 
 
-def test_a_full_disk_while_saving_the_state_keeps_the_previous_one(tmp_path, capsys, monkeypatch):
+class _FillsUp(io.RawIOBase):
+    """A writable file that takes ``room`` bytes into ``f``, then fails as a full disk does."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.f.write(data)
+
+
+@pytest.mark.parametrize("writer", ["os_error", "torch_zip_writer"])
+def test_a_full_disk_while_saving_the_state_keeps_the_previous_one(tmp_path, capsys, monkeypatch, writer):
+    """``torch_zip_writer``: torch.save's own writer turns the write's OSError into a RuntimeError
+    ("unexpected pos ..."), which was reported as an internal error (exit status 70)."""
     out = tmp_path / "run"
     state_file = out / STATE_FILE
     real_save, saved = torch.save, []
@@ -352,6 +371,8 @@ def test_a_full_disk_while_saving_the_state_keeps_the_previous_one(tmp_path, cap
         saved.append(state_file.read_bytes())
         buffer = io.BytesIO()
         real_save(obj, buffer, *args, **kwargs)
+        if writer == "torch_zip_writer":
+            real_save(obj, _FillsUp(f, len(buffer.getvalue()) // 2), *args, **kwargs)
         f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
         f.flush()
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -80,6 +80,42 @@ def test_fit_gives_the_callers_random_generators_back(tmp_path):
         assert draws() == expected
 
 
+def test_an_evaluation_pass_takes_nothing_from_the_global_generator():
+    """Each pass over an evaluation loader drew its workers' base seed from torch's global
+    generator (with 0 workers every pass, with persistent workers only the first), so a model with
+    dropout trained differently with --workers 0 and 2 from the second epoch on."""
+    from cmrf.train.loaders import eval_loader
+    from cmrf.train.processes import Processes
+
+    loader = eval_loader(tiny_bundle().val, 2, 0, Processes())
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    for _ in range(2):
+        for _ in loader:
+            pass
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_an_epoch_is_reported_only_once_it_is_saved(tmp_path, capsys, monkeypatch):
+    """The epoch's line was printed before its state was written: a Ctrl-C in between lost an
+    epoch that the screen showed as done (``--resume`` trained it again)."""
+    from cmrf.train import loop
+
+    real_save, calls = loop.save_training_state, []
+
+    def interrupted_at_the_second(path, state):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_save(path, state)
+
+    monkeypatch.setattr(loop, "save_training_state", interrupted_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_model(), tiny_bundle(), tmp_path / "run", recipe(epochs=3), plots=False)
+    out = capsys.readouterr().out
+    assert "epoch 1/3" in out and "epoch 2/3" not in out
+
+
 class StopAfter(Dataset):
     """A training split that raises KeyboardInterrupt at its ``limit``-th read (a Ctrl-C)."""
 

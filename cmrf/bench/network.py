@@ -31,6 +31,10 @@ class Runner:
     check: Callable[[], dict[str, torch.Tensor]]
     note: str = ""
     extra: dict = field(default_factory=dict)
+    module: nn.Module | None = None  # the model the row trains, where a test needs to read it
+    # Peak MiB measured by the row itself (a CUDA graph's, at capture: a replay allocates nothing
+    # new, so the suite's measurement around a call would say nothing of the step's memory).
+    peak_mib: float | None = None
 
 
 def randomise_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -217,11 +221,80 @@ def _training(variant: str, ctx: NetworkContext, settings: BenchSettings) -> Run
     return _compiled(runner) if net is not model else runner
 
 
+def _graphed_training(ctx: NetworkContext, settings: BenchSettings) -> Runner:
+    """The cmrf model's whole Adam step (forward, loss, backward, step) captured in one CUDA graph
+    and replayed: no host work per step, so the wall time approaches the kernel time (the eager
+    step spent half its time on the host on an H200). The recipe of PyTorch's whole-network
+    capture: static input and target, warm-up on a side stream, gradients allocated inside the
+    graph, an Adam that keeps its step count on the device (``capturable=True``), autocast without
+    its cast cache. fp16 is refused: its loss scaler reads a flag back to the host at every step.
+    """
+    if settings.precision == "fp16":
+        raise ValueError("a CUDA-graphed step cannot hold fp16's loss scaler (it reads back whether a "
+                         "gradient overflowed at each step): run this row in bf16 or fp32")
+    model = copy.deepcopy(ctx.model).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, capturable=True)
+    x, target = ctx.x.clone(), ctx.target.clone()
+
+    def step() -> torch.Tensor:
+        with autocast(settings, cache_enabled=False):
+            out = model(x)
+            loss = F.cross_entropy(out.float(), target)
+        loss.backward()
+        optimizer.step()
+        return out
+
+    graph = torch.cuda.CUDAGraph()
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture() -> None:
+        # Warm-up with a zero learning rate: Triton compiles its kernels and Adam makes its state,
+        # while the weights stay those of the other rows (their first-step outputs compare).
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                optimizer.zero_grad(set_to_none=True)
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-4
+        optimizer.zero_grad(set_to_none=True)  # allocated, then rewritten at each replay, in the graph
+        device = x.device
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        with torch.cuda.graph(graph):
+            captured["output"] = step()
+        runner.peak_mib = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+    def check() -> dict[str, torch.Tensor]:
+        capture()
+        graph.replay()  # the first step from the shared weights: its logits and gradients compare
+        out = captured["output"].detach().float().clone()
+        grads = {f"grad.{n}": p.grad.detach().float().clone() for n, p in model.named_parameters()
+                 if p.grad is not None}
+        return {"output": out, **grads}
+
+    def replay() -> None:
+        if not captured:  # a call before the check (a probe in a fresh process)
+            capture()
+        graph.replay()
+
+    note = "whole step in one CUDA graph (replayed); peak MiB: the graph's, measured at capture"
+    runner = Runner(call=replay, check=check, note=note, module=model)
+    return runner
+
+
 def build_network_runner(name: str, ctx: NetworkContext, settings: BenchSettings) -> Runner:
     """The runner of row ``name`` (``inference.<variant>`` or ``training.<variant>``)."""
     group, _, variant = name.partition(".")
     if group == "inference":
         return _inference(variant, ctx, settings)
+    if group == "training" and variant == "cmrf-graph":
+        return _graphed_training(ctx, settings)
     if group == "training":
         return _training(variant, ctx, settings)
     raise ValueError(f"not a whole-network row: {name!r}")

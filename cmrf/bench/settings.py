@@ -45,10 +45,11 @@ TRAINING_VARIANTS = {
     "reference": "reference eager",
     "compile": "torch.compile(reference)",
     "cmrf": "cmrf default",
+    "cmrf-graph": "cmrf, step in a CUDA graph",
     "cmrf-compile": "cmrf + torch.compile",
 }
 COMPILED_VARIANTS = ("compile", "cmrf-compile")
-CUDA_ONLY = ("inference.optimized-graph",)
+CUDA_ONLY = ("inference.optimized-graph", "training.cmrf-graph")
 CPU_ONLY = ("inference.optimized-frozen", "inference.onnxruntime")
 # TinyU-Net's CMRF widths; its cascade sees (B, width / N, side, side) at side = size / 2**level.
 CASCADE_WIDTHS = (64, 128, 256, 512)

@@ -229,7 +229,8 @@ class _Run:
             return
         try:
             row.kernel_ms = harness.kernel_time_ms(runner.call, self.device)
-            row.peak_mib = harness.cuda_peak_mib(runner.call, self.device)
+            peak = harness.cuda_peak_mib(runner.call, self.device)
+            row.peak_mib = runner.peak_mib if runner.peak_mib is not None else peak
         except Exception as err:
             row.add_note(f"profiling failed: {harness.describe_error(err)}")
 

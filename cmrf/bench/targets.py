@@ -47,7 +47,7 @@ TARGETS = (
            min_vs_eager=5.0, max_diff=1e-4),
     Target(("inference.cmrf", "inference.optimized", "inference.optimized-graph"), _CUDA_NET,
            ">= 5x eager and >= 3x compile (batch 16, 256², bf16)", min_vs_eager=5.0, min_vs_compile=3.0),
-    Target(("training.cmrf", "training.cmrf-compile"), _CUDA_NET,
+    Target(("training.cmrf", "training.cmrf-graph", "training.cmrf-compile"), _CUDA_NET,
            ">= 4x eager and >= 4x compile, peak <= reference (batch 16, 256², bf16)",
            min_vs_eager=4.0, min_vs_compile=4.0, peak_le_reference=True),
     Target(("cascade.eval.b128.L?.*.fused",), _CUDA_CASCADE,

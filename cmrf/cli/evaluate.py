@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -195,6 +196,19 @@ def _check_same_splits(args: argparse.Namespace, run_data: dict, bundle) -> None
     )
 
 
+def _check_not_a_runs_metrics(path: Path) -> None:
+    """Refuse to replace a training run's ``metrics.json`` (its per-epoch history and best epoch,
+    which only training the run again would give back) with an evaluation's scores."""
+    try:
+        held = json.loads(path.read_text())
+    except (OSError, ValueError):  # missing, unreadable or not JSON: nothing of a run's to lose
+        return
+    if isinstance(held, dict) and "history" in held and "best_epoch" in held:
+        raise ValueError(f"--json {path} holds the training run's metrics (its history and best epoch), "
+                         f"which this evaluation would replace; write it to another file, e.g. "
+                         f"{path.with_name('evaluation.json')}")
+
+
 def build(parser: argparse.ArgumentParser):
     parser.add_argument("checkpoint", type=user_path,
                         help="best.safetensors or last.safetensors written by cmrf train, or a state dict "
@@ -268,6 +282,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         check_output_file(args.json_out, "--json", {"checkpoint": args.checkpoint})
         check_replaces_only(args.json_out, "--json", ".json", "JSON")
+        _check_not_a_runs_metrics(Path(args.json_out))
     given = {dest for dest in args.data_defaults if getattr(args, dest) is not None}
     _fill_from_run(args, run_data)
     trained = run_data.get("img_size")

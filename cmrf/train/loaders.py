@@ -195,5 +195,9 @@ def eval_loader(
         dataset,
         batch_size=batch_size,
         sampler=ShardSampler(dataset, processes),
+        # Each new iterator draws its workers' base seed from this generator: from torch's global
+        # one it would take a draw per evaluation with 0 workers and none later with persistent
+        # workers, so dropout in the next epoch would depend on --workers.
+        generator=torch.Generator().manual_seed(0),
         **_loader_options(workers, device.type == "cuda", persistent),
     )

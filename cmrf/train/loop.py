@@ -381,11 +381,12 @@ def _resume(run: _Run) -> None:
                 f"it continues correctly, but its float rounding differs from an uninterrupted run's; {same}")
 
 
-def _train_epoch(run: _Run, epoch: int) -> tuple[dict, bool]:
+def _train_epoch(run: _Run, epoch: int) -> tuple[dict, bool, str]:
     """Train epoch ``epoch`` (0-based), validate, step the schedule, update the progress.
 
     Returns:
-        The epoch's history record and whether it is the best so far.
+        The epoch's history record, whether it is the best so far, and its progress line (logged
+        by the caller once the epoch is saved: a line on screen says the epoch is kept).
     """
     recipe, progress = run.recipe, run.progress
     run.epochs.set_epoch(epoch, augment=epoch < recipe.augment_epochs)
@@ -410,11 +411,11 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[dict, bool]:
         progress.best_score, progress.best_epoch = scores["mean_iou"], epoch + 1
     progress.epoch = epoch + 1
     progress.history.append(record)
-    run.log(
+    line = (
         f"{tag}  loss {train_loss:.4f}  val mIoU {scores['mean_iou']:.4f}  lr {lr:.2e}  "
         f"{time.perf_counter() - started:.1f}s ({images_per_s:.1f} img/s){'  *best' if improved else ''}"
     )
-    return record, improved
+    return record, improved, line
 
 
 def _save(run: _Run, record: dict, improved: bool) -> None:
@@ -711,6 +712,7 @@ def fit(
             _resume(run)
         with fast_cuda(run.device):
             for epoch in range(run.progress.epoch, recipe.epochs):
-                record, improved = _train_epoch(run, epoch)
+                record, improved, line = _train_epoch(run, epoch)
                 _save(run, record, improved)
+                run.log(line)  # after the save: an interrupt now keeps the epoch this line reports
             return _finish(run)

@@ -511,7 +511,26 @@ def save_training_state(path: str | Path, state: dict) -> None:
         OSError: the file could not be written (full disk, read-only folder); names ``path``.
     """
     with naming_errors(path), atomic_write(path) as f:
-        torch.save(state, f)
+        try:
+            torch.save(state, f)
+        except RuntimeError as err:
+            # A failed write inside torch's zip writer (a full disk) surfaces as its RuntimeError
+            # ("unexpected pos ..."), with the write's OSError only as the context: report that.
+            cause = _os_error_behind(err)
+            if cause is None:
+                raise
+            raise cause from err
+
+
+def _os_error_behind(err: BaseException) -> OSError | None:
+    """The first ``OSError`` in ``err``'s chain of context, or ``None``."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def load_training_state(path: str | Path) -> dict:
