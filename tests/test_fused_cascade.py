@@ -948,6 +948,108 @@ def test_cache_follows_parameter_updates():
     check()
 
 
+def test_cache_sees_running_statistics_a_reference_training_forward_updated():
+    """BatchNorm's own training forward (the reference path: reference_only(), fused=False, a
+    hook) updates running_mean/var in place without moving their ``_version``: the folded eval
+    weights stayed cached from before, off by 8e-2 (only ``num_batches_tracked`` is versioned)."""
+    fused_cascade.clear_cache()
+    stages = make_stages(2, 4).eval()
+    y = torch.randn(2, 4, 6, 5, device=DEVICE)
+    with torch.no_grad():
+        cascade_concat(y, stages, fused=True)  # folds and caches
+        stages.train()
+        with reference_only():
+            for _ in range(5):
+                cascade_concat(torch.randn(2, 4, 6, 5, device=DEVICE) * 3 + 1, stages)
+        stages.eval()
+        torch.testing.assert_close(cascade_concat(y, stages, fused=True), cascade_concat_reference(y, stages),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_global_module_hooks_take_the_reference():
+    """Hooks registered for every module (``register_module_forward_hook``) reach the stages on the
+    reference path; the fused path skipped them silently."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    stages = make_stages(2, 3).eval()
+    y = torch.randn(1, 4, 5, 5, device=DEVICE)
+    calls = []
+    handle = register_module_forward_hook(lambda module, inputs, output: calls.append(type(module).__name__))
+    try:
+        assert "hooks" in fused_unsupported_reason(y, stages)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # forced and unavailable: the reference, with a warning
+            cascade_concat(y, stages, fused=True)
+    finally:
+        handle.remove()
+    assert calls.count("BatchNorm2d") == len(stages)
+    assert fused_unsupported_reason(y, stages) is None
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_forward_mode_ad_takes_the_reference(train):
+    """Inside ``torch.autograd.forward_ad`` the kernels dropped the tangent (or, with autograd on,
+    failed for want of a jvp); the reference carries it."""
+    import torch.autograd.forward_ad as fwAD
+
+    stages = make_stages(2, 3).train(train)
+    ref_stages = copy.deepcopy(stages)
+    y, tangent = torch.randn(2, 4, 5, 5, device=DEVICE), torch.randn(2, 4, 5, 5, device=DEVICE)
+    with fwAD.dual_level():
+        assert "forward-mode AD" in fused_unsupported_reason(y, stages)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = fwAD.unpack_dual(cascade_concat(fwAD.make_dual(y, tangent), stages, fused=True)).tangent
+        expected = fwAD.unpack_dual(cascade_concat_reference(fwAD.make_dual(y, tangent), ref_stages)).tangent
+    torch.testing.assert_close(got, expected)
+
+
+def test_stages_that_mix_running_statistics_tracking_take_the_reference():
+    """``track_running_stats`` switched off on one stage after construction (its buffers remain):
+    the fused path updated every stage's statistics as the first stage's setting said."""
+    stages = make_stages(2, 3).train()
+    stages[1].norm.track_running_stats = False
+    y = torch.randn(2, 4, 5, 5, device=DEVICE)
+    assert "mix" in fused_unsupported_reason(y, stages)
+    ref_stages = copy.deepcopy(stages)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cascade_concat(y, stages, fused=True)
+        cascade_concat_reference(y, ref_stages)
+    for norm, ref in zip(stages, ref_stages):
+        torch.testing.assert_close(norm.norm.running_mean, ref.norm.running_mean)
+        assert int(norm.norm.num_batches_tracked) == int(ref.norm.num_batches_tracked)
+
+
+def test_a_norm_whose_affine_weight_is_not_a_parameter_takes_the_reference():
+    stages = make_stages(2, 3).eval()
+    norm = stages[1].norm
+    weight = norm.weight.detach() * 2
+    del norm.weight
+    norm.weight = weight  # a plain tensor attribute, as a reparametrization leaves it
+    y = torch.randn(1, 4, 5, 5, device=DEVICE)
+    assert "other than as parameters" in fused_unsupported_reason(y, stages)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(cascade_concat(y, stages, fused=True), cascade_concat_reference(y, stages))
+
+
+@pytest.mark.parametrize("value", ["false", "0", 0, 1])
+def test_a_fused_setting_that_is_not_a_bool_is_refused(value):
+    """``module.fused = "false"`` read as on (a non-empty string is truthy)."""
+    stages = make_stages(2, 3).eval()
+    with pytest.raises(ValueError, match=f"fused must be True, False or None \\(auto\\), got {value!r}"):
+        cascade_concat(torch.randn(1, 4, 5, 5, device=DEVICE), stages, fused=value)
+
+
+def test_stages_given_as_a_list_run_uncached():
+    stages = make_stages(2, 3).eval()
+    y = torch.randn(1, 4, 5, 5, device=DEVICE)
+    with torch.no_grad():
+        expected = cascade_concat_reference(y, stages)
+        torch.testing.assert_close(cascade_concat(y, list(stages), fused=True), expected)
+
+
 def test_expanded_gradient_and_tolerance_1e3():
     """A gradient expanded over the batch (stride 0) reaches the backward kernels as it is."""
     stages = make_stages(2, 3, seed=5)

@@ -40,6 +40,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 
 def cascade_concat_reference(y: torch.Tensor, stages: nn.ModuleList) -> torch.Tensor:
@@ -112,6 +113,8 @@ def fused_mode(fused: bool | None = None) -> str:
         ValueError: for a ``CMRF_FUSED`` value other than auto/1/0 (or true/false/on/off).
     """
     if fused is not None:
+        if fused is not True and fused is not False:  # "false" or "0" would read as on
+            raise ValueError(f"fused must be True, False or None (auto), got {fused!r}")
         return "on" if fused else "off"
     raw = _fused_env()
     mode = _ENV_VALUES.get(raw.strip().lower())
@@ -191,10 +194,24 @@ def _is_depthwise_3x3(conv, c: int) -> bool:
     )
 
 
+# torch's registries of global module hooks (``register_module_forward_hook`` and the like).
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
 def _has_hooks(*modules: nn.Module) -> bool:
-    """Forward or backward hooks on any of ``modules``: the kernels never call them."""
+    """Forward or backward hooks on any of ``modules``, or global module hooks
+    (``nn.modules.module.register_module_forward_hook`` and the like): the kernels never call them."""
+    if any(getattr(_torch_module, name, None) for name in _GLOBAL_HOOKS):
+        return True
     return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                for m in modules)
+
+
+def _forward_ad_active() -> bool:
+    """Whether a forward-mode AD level is open (``torch.autograd.forward_ad.dual_level``): the
+    kernels would drop the inputs' tangents."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
 def functorch_transforms_active() -> bool:
@@ -216,6 +233,8 @@ def fused_unsupported_reason(y: torch.Tensor, stages: nn.ModuleList) -> str | No
         return "N = 1 has no cascade stage to fuse"
     if functorch_transforms_active():
         return "a torch.func transform (vmap, grad, ...) is running, which the fused kernels do not support"
+    if not torch.compiler.is_compiling() and _forward_ad_active():
+        return "forward-mode AD (torch.autograd.forward_ad) is active, which the fused kernels do not support"
     if y.dim() != 4:
         return (
             f"only 2-D inputs (B, C, H, W) have fused kernels, got a {y.dim()}-D input "
@@ -250,7 +269,10 @@ def fused_unsupported_reason(y: torch.Tensor, stages: nn.ModuleList) -> str | No
             return f"stage {index}'s conv holds no weight parameter"
         if weight.device != y.device:
             return f"stage {index}'s weights are on {weight.device}, the input on {y.device}"
-        modes.add((norm.training, norm._buffers["running_mean"] is None))
+        if norm.affine and not (isinstance(norm._parameters.get("weight"), nn.Parameter)
+                                and isinstance(norm._parameters.get("bias"), nn.Parameter)):
+            return f"stage {index}'s norm holds its affine weight or bias other than as parameters"
+        modes.add((norm.training, norm._buffers["running_mean"] is None, norm.track_running_stats))
     if len(modes) > 1:
         return "the stages' BatchNorms mix training/eval mode or running-statistics tracking"
     return None

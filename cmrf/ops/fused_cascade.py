@@ -84,7 +84,10 @@ def _cached(stages: nn.ModuleList, kind: str, key, build):
     """``build()``'s result, from the cache when ``key`` matches (``key=None``: no cache)."""
     if key is None:
         return build()
-    entries = _cache.setdefault(stages, {})
+    try:
+        entries = _cache.setdefault(stages, {})
+    except TypeError:  # stages without weak references (a plain list of modules): no cache
+        return build()
     hit = entries.get(kind)
     if hit is not None and hit[0] == key:
         return hit[1]
@@ -117,9 +120,13 @@ def _params(stages) -> list:
 
 
 def _buffers(stages) -> list:
+    """Running statistics of every stage, and their batch counts: BatchNorm's own training forward
+    (the reference path) updates the statistics in place without bumping their ``_version``, while
+    it counts the batch with a versioned ``add_``, which is what shows the cache that they changed."""
     tensors = []
     for norm in _norms(stages):
-        tensors += (norm._buffers["running_mean"], norm._buffers["running_var"])
+        buffers = norm._buffers
+        tensors += (buffers["running_mean"], buffers["running_var"], buffers.get("num_batches_tracked"))
     return tensors
 
 
