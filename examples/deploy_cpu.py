@@ -60,6 +60,9 @@ def main() -> None:
     for flag, path in (("--checkpoint", args.checkpoint), ("--image", args.image)):
         if path is not None and not Path(path).is_file():
             parser.error(f"{flag} {path}: no such file")
+    if args.onnx and Path(args.onnx).suffix.lower() != ".onnx" and Path(args.onnx).exists():
+        parser.error(f"--onnx {args.onnx} is an existing file not named .onnx: it would be replaced; "
+                     f"give a file name that ends in .onnx")
     if args.onnx:
         try:
             import onnxruntime  # noqa: F401  (checked first: the torch work below takes a while)
@@ -74,6 +77,8 @@ def main() -> None:
                                   checkpoint_path=args.checkpoint).eval()
     except (ValueError, RuntimeError) as err:  # weights of another model: the loader names the shapes
         parser.error(str(err).splitlines()[0])
+    if args.size < model.min_size:
+        parser.error(f"--size {args.size}: TinyUNet takes sides of at least {model.min_size} pixels")
     fast = cmrf.optimize_for_inference(model)
     x = load_image(args.image, args.size, args.in_chans)
     with torch.inference_mode():

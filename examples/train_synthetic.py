@@ -65,12 +65,12 @@ def main() -> None:
         bundle.class_names,
         data={**data, "seed": args.seed},
     )
-    recipe = Recipe(epochs=args.epochs, lr=args.lr, seed=args.seed, device="cpu")
     try:
+        recipe = Recipe(epochs=args.epochs, lr=args.lr, seed=args.seed, device="cpu")
         result = fit(
             model, bundle, args.out, recipe, resume=args.resume, overwrite=args.overwrite, metadata=metadata
         )
-    except RunFolderError as err:  # another run is there: say so, as `cmrf train` does
+    except (RunFolderError, ValueError) as err:  # another run there, a bad value: one line, as `cmrf train`
         raise SystemExit(f"train_synthetic.py: error: {err}") from None
     print(format_table(result, f"{result['split']} split, best epoch {result['best_epoch']}"))
     print(f"cmrf evaluate {args.out}/best.safetensors   # the same scores from the command line")

@@ -417,3 +417,25 @@ def test_hooks_on_the_copy_run_as_docs_inference_md_says():
     assert _hook_calls(optimize_for_inference(net), x) == (0, 4, True)
     inside, plain, zeroed = _hook_calls(optimize_for_inference(net, freeze=True), x)
     assert inside < 4 and 1 <= plain < 4 and zeroed, (inside, plain, zeroed)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--size", "8"], "--size 8: TinyUNet takes sides of at least 16 pixels"),
+    (["--onnx", "{tmp}/notes.txt"], "is an existing file not named .onnx: it would be replaced"),
+])
+def test_the_deployment_example_refuses_bad_arguments_in_one_line(tmp_path, monkeypatch, capsys, args,
+                                                                  message):
+    """``--size 8`` ended in a traceback from the model; ``--onnx notes.txt`` replaced the user's file."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    script = Path(__file__).resolve().parents[1] / "examples" / "deploy_cpu.py"
+    monkeypatch.setattr(sys, "argv", ["deploy_cpu.py", *(a.format(tmp=tmp_path) for a in args)])
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(script), run_name="__main__")
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
+    assert notes.read_text() == "hello"

@@ -343,3 +343,22 @@ def test_the_training_example_reads_files_and_volumes(tmp_path, monkeypatch):
         monkeypatch.setattr(sys, "argv", ["train_synthetic.py", *args, "--epochs", "1", "--out", str(out)])
         runpy.run_path(str(script), run_name="__main__")
         assert (out / "best.safetensors").is_file(), name
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--epochs", "0"], "epochs must be an integer >= 1, got 0"),
+    (["--img-size", "8"], "needs every spatial side >= 16"),
+])
+def test_the_training_example_says_a_bad_value_in_one_line(tmp_path, monkeypatch, args, message):
+    """A bad --epochs, --lr or --img-size ended the example in a traceback from inside the library."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "train_synthetic.py"
+    argv = ["train_synthetic.py", "--synthetic-samples", "6", "--out", str(tmp_path / "run"), *args]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(script), run_name="__main__")
+    text = str(stopped.value.code)
+    assert text.startswith("train_synthetic.py: error: ") and message in text and "\n" not in text

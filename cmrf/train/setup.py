@@ -174,7 +174,8 @@ def model_from_checkpoint(
 
     Returns:
         ``(model, metadata)``; ``metadata`` has at least ``model``, ``in_chans``, ``num_classes``,
-        ``class_names`` and ``data`` (the run's data options, empty for a bare state dict).
+        ``class_names`` (``None`` for a bare state dict, which records none) and ``data`` (the run's
+        data options, empty for a bare state dict).
 
     Raises:
         OSError: the file cannot be opened.
@@ -324,7 +325,7 @@ def _bare_metadata(
         "model": model,
         "model_kwargs": model_kwargs,
         **values,
-        "class_names": ["background"] + [f"class_{i}" for i in range(1, values["num_classes"])],
+        "class_names": None,  # not recorded: names made up here would contradict the data's
         "replace_blocks": None,
         "data": {},
         "source": "state dict",
