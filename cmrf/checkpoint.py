@@ -203,6 +203,17 @@ def _read_torch_file(path: Path):
         raise _truncated(path, "torch checkpoint", err) from err
 
 
+def _without_extra_state(state: dict) -> dict:
+    """``state`` without modules' extra state (``get_extra_state()``: any value, no weights; e.g. an
+    optimized copy's channel order); ``state`` itself when it holds none."""
+    def is_extra(key) -> bool:
+        return isinstance(key, str) and key.rpartition(".")[2] == "_extra_state"
+
+    if not any(is_extra(key) for key in state):
+        return state
+    return {key: value for key, value in state.items() if not is_extra(key)}
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a ``torch.save`` file, on the CPU.
 
@@ -238,10 +249,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
                 state = inner
                 break
-    extra = [k for k in state if isinstance(k, str) and k.split(".")[-1] == "_extra_state"] if isinstance(
-        state, dict) else []
-    if extra:  # a module's get_extra_state() (any value) holds no weights, e.g. an optimized copy's
-        state = {k: v for k, v in state.items() if k not in extra}  # channel order
+    if isinstance(state, dict):
+        state = _without_extra_state(state)
     tensors_only = isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
     if not tensors_only or not state:
         if isinstance(top, dict) and top:

@@ -594,7 +594,8 @@ def test_a_dynamic_file_wrong_at_other_sizes_is_refused(tmp_path, model):
     with pytest.raises(ValueError, match=r"depends on (its|the) input size .*dynamic=False"):
         cmrf.export_onnx(model().eval(), tmp_path / "m.onnx", (1, 3, 64, 64), dynamic=True)
     assert not (tmp_path / "m.onnx").exists()
-    cmrf.export_onnx(model().eval(), tmp_path / "m.onnx", (1, 3, 64, 64))  # fixed size: fine
+    if model is _FlipsOddWidths:  # fixed size: fine (one model shows it; each export takes seconds)
+        cmrf.export_onnx(model().eval(), tmp_path / "m.onnx", (1, 3, 64, 64))
 
 
 @requires_onnx_exporter

@@ -800,6 +800,8 @@ def test_graphs_follow_changed_weights(small_unet, kind, monkeypatch):
         fast.module.load_state_dict(other.state_dict())
         assert _max_diff(fast(x), other(x)) < TOL and _max_diff(other(x), small_unet(x)) > 1e-3
         assert len(builds) == 2 and fast.num_graphs == 1
+        if kind == "onnxruntime":
+            return  # the change detection below is GraphPerShape's, shared (each ORT rebuild is an export)
 
         head = fast.module.head
         before = eager(x)
