@@ -286,10 +286,16 @@ def _strip_wrapper_prefixes(state: dict) -> dict:
     return {k[len(prefix):]: v for k, v in state.items()} if prefix else state
 
 
-def _name_list(names, limit: int = 20) -> str:
-    names = sorted(names)
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+# How many keys or shapes a mismatch message names of each kind: enough to see the pattern, short
+# enough for one line of a CLI error (a model of other widths differs in hundreds of tensors).
+SHOWN_PROBLEMS = 5
+
+
+def _name_list(names, limit: int = SHOWN_PROBLEMS, sep: str = ", ", order: bool = True) -> str:
+    """The first ``limit`` of ``names`` joined, and how many more there are."""
+    names = sorted(names) if order else list(names)
+    shown = sep.join(names[:limit])
+    return shown + (f"{sep}... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
 def map_to_model_keys(
@@ -442,7 +448,7 @@ def load_state_dict_checked(
     if missing or unexpected or mismatched or unusable:
         problems = []
         if unusable:  # load_state_dict would fail on them partway, the model half overwritten
-            problems.append(f"unusable tensors: {'; '.join(unusable[:20])}")
+            problems.append(f"unusable tensors: {_name_list(unusable, sep='; ', order=False)}")
         if missing:
             problems.append(f"missing keys: {_name_list(missing)}")
         if unexpected:
@@ -454,7 +460,7 @@ def load_state_dict_checked(
                 "(cmrf.save_weights(model, path)), and optimize again after loading"
             )
         if mismatched:
-            problems.append(f"shape mismatches: {'; '.join(mismatched[:20])}")
+            problems.append(f"shape mismatches: {_name_list(mismatched, sep='; ', order=False)}")
         head = f"{getattr(model, 'classifier_name', None)}."
         if mismatched and not missing and not unexpected and all(m.startswith(head) for m in mismatched):
             problems.append(
@@ -546,6 +552,20 @@ def _create_call_of(meta: dict) -> tuple[str, dict] | None:
         call = json.loads(meta[CREATE_CALL_KEY])
         name, kwargs = call["model"], call["kwargs"]
     except (KeyError, TypeError, ValueError):
+        return None
+    return (name, kwargs) if isinstance(name, str) and isinstance(kwargs, dict) else None
+
+
+def training_create_call(path: str | Path) -> tuple[str, dict] | None:
+    """The ``create_model(name, **kwargs)`` call that built the model of a file ``cmrf train``
+    wrote, as ``(name, kwargs)``, or ``None`` (another file, or a ``--replace-blocks`` model, which
+    no such call builds)."""
+    try:
+        meta = safetensors_metadata(path)
+        if meta.get("format") != "cmrf" or json.loads(meta.get("replace_blocks") or "null") is not None:
+            return None
+        name, kwargs = meta["model"], json.loads(meta.get("model_kwargs") or "{}")
+    except (OSError, ValueError, KeyError, TypeError):
         return None
     return (name, kwargs) if isinstance(name, str) and isinstance(kwargs, dict) else None
 

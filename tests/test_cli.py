@@ -897,3 +897,33 @@ def test_the_training_parts_name_the_extra_they_need(monkeypatch, build, package
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError, match=r"needs .*not installed: pip install 'cmrf\[train\]'"):
         CEDiceLoss() if build == "loss" else SegmentationMetrics(2)
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.parametrize("script", ["quickstart.py", "fused_host_time.py", "bench_cascade.py"])
+def test_examples_answer_help_instead_of_running(script, monkeypatch, capsys):
+    """quickstart.py and fused_host_time.py ran on --help; bench_cascade.py printed cmrf bench's help."""
+    import runpy
+
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))  # the script sets it
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(EXAMPLES / script), run_name="__main__")
+    out = capsys.readouterr().out
+    first_line = (EXAMPLES / script).read_text().splitlines()[0].strip('"')
+    assert exit_.value.code == 0 and first_line in out, out
+    assert "481,170" not in out and "host time per fused call" not in out and "--compile" not in out
+
+
+def test_bench_cascade_example_keeps_its_rows(capsys):
+    """A --rows given to examples/bench_cascade.py replaced the cascade rows it exists for."""
+    import runpy
+
+    bench_arguments = runpy.run_path(str(EXAMPLES / "bench_cascade.py"))["bench_arguments"]
+    assert bench_arguments(["--json", "c.json"]) == ["bench", "--rows", "cascade", "--json", "c.json"]
+    with pytest.raises(SystemExit) as exit_:
+        bench_arguments(["--rows", "inference"])
+    assert exit_.value.code == 2 and "--rows inference: this script times the cascade rows only" \
+        in capsys.readouterr().err

@@ -42,6 +42,14 @@ def test_cli_model_kwargs(capsys):
     assert f"params {expected.params:,}" in out
 
 
+def test_cli_names_the_model_it_measured(capsys):
+    """A volume's input builds tinyunet3d (cmunext with spatial_dims=3), which was labelled as asked."""
+    assert main(["profile", "tinyunet", "--input-size", "1", "1", "16", "16", "16", "--channels", "16"]) == 0
+    assert capsys.readouterr().out.startswith("tinyunet3d: input 1x1x16x16x16:")
+    assert main(["profile", "cmunext_s", "--input-size", "1", "1", "16", "16", "16"]) == 0
+    assert capsys.readouterr().out.startswith("cmunext_s (spatial_dims=3): input")
+
+
 def test_cli_bad_input_is_one_line(capsys):
     assert main(["profile", "nosuchnet"]) == 2
     err = capsys.readouterr().err

@@ -284,3 +284,14 @@ def test_pretrained_takes_timms_in_memory_state_dict():
     with pytest.raises(ValueError, match=r"the state_dict of pretrained_cfg_overlay does not fit TinyUNet"):
         create_model("tinyunet", pretrained=True, pretrained_cfg_overlay=dict(
             state_dict=cmrf.create_model("tinyunet", num_classes=3).state_dict()))
+
+
+def test_tinyunet_arguments_are_read_from_the_shapes(golden):
+    """cmrf train --init names the options of a file of other widths; a bare state dict records none."""
+    from cmrf.models.tinyunet import tinyunet_arguments
+
+    small = cmrf.create_model("tinyunet", channels=(16, 32, 96), N=4)
+    assert tinyunet_arguments(small.state_dict()) == {"N": 4, "channels": [16, 32, 96]}
+    # the paper's code names the same tensors otherwise
+    assert tinyunet_arguments(golden_state_dict(golden)) == {"N": 8, "channels": [64, 128, 256, 512]}
+    assert tinyunet_arguments(cmrf.create_model("segnet").state_dict()) is None

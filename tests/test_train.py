@@ -1014,7 +1014,14 @@ def test_init_starts_a_run_from_earlier_weights_and_resume_compares_it(tmp_path,
     wrong = tmp_path / "other.safetensors"
     cmrf.save_weights(cmrf.create_model("tinyunet", channels=(16, 64), N=8), wrong)
     assert main(["train", *TINY, "--epochs", "1", "--out", str(tmp_path / "x"), "--init", str(wrong)]) == 2
-    assert "shape mismatches" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # It listed some 40 tensors in 3,000 characters and named a Python call: the options say it.
+    assert "shape mismatches" in err and err.rstrip().endswith("cmrf train --channels 16 64 --N 8"), err
+    assert len(err) < 1000 and "(86 more)" in err, err
+    bare = tmp_path / "other.pth"  # no metadata: the widths come from the shapes
+    torch.save(cmrf.create_model("tinyunet", channels=(16, 64), N=4).state_dict(), bare)
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(tmp_path / "x"), "--init", str(bare)]) == 2
+    assert capsys.readouterr().err.rstrip().endswith("cmrf train --channels 16 64 --N 4")
     # Weights of a 3D model for a 2D run: a list of every convolution's shape did not say so.
     volume = tmp_path / "volume.safetensors"
     cmrf.save_weights(cmrf.create_model("tinyunet3d", channels=(16, 32), N=8), volume)

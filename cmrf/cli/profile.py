@@ -36,8 +36,11 @@ def run_profile(args: argparse.Namespace) -> int:
     # The input's rank chooses the model's dimensionality, as the data's does in cmrf train:
     # tinyunet becomes tinyunet3d for a volume, cmunext and segnet get spatial_dims=3.
     spatial_dims = None if args.input_size is None else len(args.input_size) - 2
-    model, _ = build_model(args.model, in_chans, args.num_classes, spatial_dims=spatial_dims,
-                           model_kwargs=constructor_kwargs(args))
+    model, name = build_model(args.model, in_chans, args.num_classes, spatial_dims=spatial_dims,
+                              model_kwargs=constructor_kwargs(args))
     result = profile(model, args.input_size or default_input_size(model, in_chans))
-    print(json.dumps(result.to_dict()) if args.json else f"{args.model}: {result}")
+    # The model measured, not the one asked for: tinyunet3d for tinyunet and a volume.
+    label = name if spatial_dims in (None, 2) or name.endswith(f"{spatial_dims}d") \
+        else f"{name} (spatial_dims={spatial_dims})"
+    print(json.dumps(result.to_dict()) if args.json else f"{label}: {result}")
     return 0

@@ -189,16 +189,24 @@ def _data_metadata(args: argparse.Namespace, bundle) -> dict:
     return data
 
 
-def _start_from(model, path, resuming: bool) -> dict:
+def _start_from(model, path, resuming: bool, built: tuple[str, dict]) -> dict:
     """Load ``--init``'s weights into ``model`` (``load_pretrained_weights``) and say what was not
     loaded as it is, unless ``resuming`` a run whose state holds the weights since; the file (as
-    found) and its SHA-256 for the run's metadata, which ``--resume`` compares by content."""
+    found) and its SHA-256 for the run's metadata, which ``--resume`` compares by content.
+    ``built`` is the model's ``(name, constructor arguments)``: a file of another model is refused
+    with the options that build the file's model, where the file or its shapes say them."""
     import hashlib
 
     from cmrf.models._builder import load_pretrained_weights
 
     if not resuming:
-        notes = load_pretrained_weights(model, path)
+        try:
+            notes = load_pretrained_weights(model, path)
+        except ValueError as err:
+            options = _options_building(path, built)
+            if options:
+                raise ValueError(f"{err} | the file holds the model of: cmrf train {options}") from None
+            raise
         if is_main_process():
             print(f"starting from {path}" + (f": {'; '.join(notes)}" if notes else ""))
     digest = hashlib.sha256()
@@ -206,6 +214,34 @@ def _start_from(model, path, resuming: bool) -> dict:
         for chunk in iter(lambda: file.read(2**20), b""):
             digest.update(chunk)
     return {"file": str(Path(path).resolve()), "sha256": digest.hexdigest()}
+
+
+def _options_building(path, built: tuple[str, dict]) -> str | None:
+    """The ``--model``/``--channels``/``--N`` options that build the model of the weights in
+    ``path``, as recorded in the file (``save_weights``, ``cmrf train``) or, for a TinyUNet, read
+    from its shapes; ``None`` where neither says or they are the options ``built`` already has."""
+    from cmrf.checkpoint import read_state_dict, recorded_create_call, training_create_call
+    from cmrf.models.tinyunet import tinyunet_arguments
+
+    call = recorded_create_call(path) or training_create_call(path)
+    if call is None:
+        try:
+            kwargs = tinyunet_arguments(read_state_dict(path))
+        except (OSError, ValueError):
+            return None
+        call = None if kwargs is None else (None, kwargs)
+    if call is None:
+        return None
+    name, kwargs = call
+    options = [] if name in (None, built[0]) else ["--model", name]
+    if kwargs.get("channels") is not None:
+        options += ["--channels", *map(str, kwargs["channels"])]
+    if kwargs.get("N") is not None:
+        options += ["--N", str(kwargs["N"])]
+    mine = {key: list(value) if key == "channels" else value for key, value in built[1].items()}
+    same = name in (None, built[0]) and all(mine.get(key) == kwargs.get(key) for key in ("N", "channels")
+                                            if kwargs.get(key) is not None)
+    return None if same or not options else " ".join(options)
 
 
 def _check_out_is_not_a_data_folder(args: argparse.Namespace) -> None:
@@ -247,7 +283,8 @@ def _train(args: argparse.Namespace) -> int:
         new_run=True,
     )
     resuming = args.resume and RunFiles(Path(args.out)).state.is_file()
-    extra = {"init": _start_from(model, args.init, resuming)} if getattr(args, "init", None) else {}
+    extra = {"init": _start_from(model, args.init, resuming, (name, model_kwargs))} \
+        if getattr(args, "init", None) else {}
     metadata = model_metadata(
         name,
         model_kwargs,

@@ -26,7 +26,7 @@ from cmrf.models._builder import add_reference_key_hook, build_model, rename_key
 from cmrf.models.registry import register_model
 from cmrf.ops.upsample import is_exporting, upsample_to
 
-__all__ = ["TinyUNet", "checkpoint_filter_fn"]
+__all__ = ["TinyUNet", "checkpoint_filter_fn", "tinyunet_arguments"]
 
 # Upsampling used by the decoder: the paper's bicubic in 2D; PyTorch has no bicubic for volumes,
 # so 3D uses trilinear (and 1D linear).
@@ -61,6 +61,23 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module |
         return dict(state_dict)
     patterns = [(r"^(encoder|decoder)(\d+)\.cmrf\.", _stage_index), (r"^final_conv\.", "head.")]
     return rename_keys(state_dict, patterns + _CMRF_KEY_MAP)
+
+
+def tinyunet_arguments(state_dict: dict[str, torch.Tensor]) -> dict | None:
+    """The ``N`` and ``channels`` of the TinyUNet that ``state_dict`` (reference-code or this
+    library's names) belongs to, read from its shapes, or ``None`` where it is not one's.
+
+    Each encoder's output width is its ``pw2`` convolution's output channels, and ``N`` is one
+    more than the number of cascade stages (``N - 1`` depthwise convolutions).
+    """
+    state = checkpoint_filter_fn(state_dict)
+    widths = []
+    while (weight := state.get(f"encoders.{len(widths)}.pw2.conv.weight")) is not None:
+        widths.append(int(weight.shape[0]))
+    stages = {key for key in state if re.fullmatch(r"encoders\.0\.cascade\.\d+\.conv\.weight", key)}
+    if not widths or not stages:
+        return None
+    return {"N": len(stages) + 1, "channels": widths}
 
 
 def _export_size_oblivious():
