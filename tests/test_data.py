@@ -42,7 +42,7 @@ from cmrf.data import (
     read_mask_file,
     save_mask_png,
 )
-from cmrf.data.imageio import decode_image, decode_mask, dequantize, quantize, resize_image
+from cmrf.data.imageio import decode_image, decode_mask, dequantize, image_header, quantize, resize_image
 from cmrf.data.masks import ClassMapping, MaskRule, MaskValues, resolve_classes
 
 
@@ -316,16 +316,17 @@ def test_a_lossy_mask_file_is_refused_not_read_as_grey_level_classes(tmp_path: P
     mask = np.zeros((32, 32), dtype=np.uint8)
     mask[8:24, 5:21] = 255
     Image.fromarray(mask).save(tmp_path / "mask.jpg", quality=75)
-    with pytest.raises(DataError, match=r"mask\.jpg is lossy \(JPEG\) and holds \d+ values.*threshold"):
+    lossy = r"is lossy \(JPEG or lossy WebP\) and holds"
+    with pytest.raises(DataError, match=rf"mask\.jpg {lossy} \d+ values.*threshold"):
         read_mask_file(tmp_path / "mask.jpg")
     flat = np.zeros((16, 16), dtype=np.uint8)
     flat[:, 8:] = 100  # block-aligned flat halves: JPEG keeps exactly two values, still no classes
     Image.fromarray(flat).save(tmp_path / "two.jpg", quality=75)
     assert decode_mask(tmp_path / "two.jpg").present.tolist() == [0, 100]  # the premise
-    with pytest.raises(DataError, match=r"two\.jpg is lossy \(JPEG\) and holds 2 values"):
+    with pytest.raises(DataError, match=r"two\.jpg is lossy \(JPEG or lossy WebP\) and holds 2 values"):
         read_mask_file(tmp_path / "two.jpg")
     Image.fromarray(flat).save(tmp_path / "named.png", format="JPEG")  # JPEG data, whatever the name
-    with pytest.raises(DataError, match=r"named\.png is lossy \(JPEG\)"):
+    with pytest.raises(DataError, match=r"named\.png is lossy \(JPEG or lossy WebP\)"):
         read_mask_file(tmp_path / "named.png")
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "empty.jpg")
     assert read_mask_file(tmp_path / "empty.jpg").tolist() == [[0] * 8] * 8  # one value: nothing blurred
@@ -1054,7 +1055,7 @@ def test_jpeg_masks_are_refused_or_thresholded_on_request(tmp_path: Path):
     with pytest.raises(DataError) as caught:
         build_datasets(**folder_options(tmp_path))
     message = str(caught.value)
-    assert message.startswith("5 mask file(s) are JPEG, whose lossy compression changes pixel values")
+    assert message.startswith("5 mask file(s) are JPEG or lossy WebP, whose compression changes pixel values")
     assert f"{tmp_path / 'masks' / 'c0.jpg'}: values 0, " in message and "--mask-threshold 128" in message
     with pytest.raises(DataError, match="are JPEG"):  # --num-classes 2 does not make them exact
         build_datasets(**folder_options(tmp_path, "--num-classes", "2"))
@@ -1923,3 +1924,47 @@ def test_an_image_size_beyond_any_run_is_refused(dims, side):
     """A checkpoint's recorded img_size is read back by evaluate: unbounded, 10**6 asked for 60 TB."""
     with pytest.raises(DataError, match=rf"--img-size {side}: expected at most {side - 1} for {dims}D data"):
         build_datasets(data="synthetic", img_size=side, spatial_dims=dims)
+
+
+def test_lossy_webp_and_jpeg_in_tiff_masks_are_flagged_lossy(tmp_path: Path):
+    """Pillow's default WebP is lossy, and a TIFF may hold JPEG: both were read as exact class values
+    (class 3 vanished from whole masks, 4-14 % of binary pixels flipped, no word said)."""
+    mask = np.zeros((48, 48), dtype=np.uint8)
+    mask[8:30, 8:30], mask[20:40, 25:45], mask[35:46, 2:20] = 1, 2, 3
+    saves = {"lossy.webp": {}, "lossless.webp": {"lossless": True}, "jpeg.tif": {"compression": "jpeg"},
+             "lzw.tif": {"compression": "tiff_lzw"}}
+    for name, options in saves.items():
+        Image.fromarray(mask).save(tmp_path / name, **options)
+    lossy = {name: decode_mask(tmp_path / name).lossy for name in saves}
+    assert lossy == {"lossy.webp": True, "lossless.webp": False, "jpeg.tif": True, "lzw.tif": False}
+    assert np.array_equal(decode_mask(tmp_path / "lossless.webp").values, mask)
+    with pytest.raises(DataError, match="is lossy"):
+        read_mask_file(tmp_path / "lossy.webp")
+
+
+def test_grey_gif_masks_are_read_by_grey_level(tmp_path: Path):
+    """GIF has no grey mode: a grey 0/2 mask saved as GIF is a palette renumbered to 0/1, which was
+    read by index, so its class-2 pixels trained as class 1."""
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[4:12, 4:12] = 2
+    Image.fromarray(mask).save(tmp_path / "m.gif")
+    assert Image.open(tmp_path / "m.gif").getpalette()[3:6] == [2, 2, 2]  # the premise: index 1 is grey 2
+    decoded = decode_mask(tmp_path / "m.gif")
+    assert decoded.present.tolist() == [0, 2] and np.array_equal(decoded.values, mask)
+
+
+def test_animated_images_and_cut_off_tiffs_are_named(tmp_path: Path):
+    """An animated GIF was read as its first frame (a blank mask); a TIFF cut off inside its
+    directory raised a bare TypeError ("Missing dimensions"), an internal error in cmrf predict."""
+    frames = [Image.fromarray(np.full((8, 8), value, dtype=np.uint8)) for value in (0, 255)]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    with pytest.raises(DataError, match=r"a\.gif is an animated GIF of 2 frames"):
+        decode_mask(tmp_path / "a.gif")
+    whole = tmp_path / "whole.tif"
+    page = Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8))
+    page.save(whole, save_all=True, append_images=[page])
+    (tmp_path / "cut.tif").write_bytes(whole.read_bytes()[:900])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's "Corrupt EXIF data"
+        with pytest.raises(DataError, match=r"cannot read image file .*cut\.tif: TypeError"):
+            image_header(tmp_path / "cut.tif")

@@ -60,14 +60,25 @@ def test_output_stems_are_unique_whatever_the_inputs():
 def test_bad_inputs_are_reported_and_skipped(checkpoint, images, tmp_path, capsys):
     out = tmp_path / "out"
     missing = tmp_path / "missing.png"
-    status = main(["predict", str(checkpoint), str(images), str(missing), "--out", str(out)])
+    # A link whose image moved away was skipped without a word (exit 0 when all else went well).
+    (images / "d.png").symlink_to(tmp_path / "moved.png")
+    # A TIFF cut off inside its directory was an internal error (TypeError) that stopped the run.
+    whole = tmp_path / "whole.tif"
+    page = Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8))
+    page.save(whole, save_all=True, append_images=[page])
+    (images / "e.tif").write_bytes(whole.read_bytes()[:900])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's "Corrupt EXIF data" for the cut TIFF
+        status = main(["predict", str(checkpoint), str(images), str(missing), "--out", str(out)])
     captured = capsys.readouterr()
     assert status == 1
-    errors = captured.err.strip().splitlines()
-    assert len(errors) == 2 and "Traceback" not in captured.err
-    assert errors[0].startswith(f"cmrf predict: error: {missing}: ") and "skipped" in errors[0]
-    assert errors[1].startswith("cmrf predict: error: ") and str(images / "b.png") in errors[1]
-    assert f"wrote 3 mask(s) and overlays to {out}; 2 input(s) failed" in captured.out
+    errors = [line for line in captured.err.strip().splitlines() if line.startswith("cmrf predict")]
+    assert len(errors) == 4 and "Traceback" not in captured.err, captured.err
+    assert errors[0].startswith(f"cmrf predict: error: {images / 'd.png'}: a broken link: its target")
+    assert errors[1].startswith(f"cmrf predict: error: {missing}: ") and "skipped" in errors[1]
+    assert errors[2].startswith("cmrf predict: error: ") and str(images / "b.png") in errors[2]
+    assert f"{images / 'e.tif'}: TypeError" in errors[3]
+    assert f"wrote 3 mask(s) and overlays to {out}; 4 input(s) failed" in captured.out
     expected = {"a.png": (40, 24), "a.jpg": (30, 20), "c": (33, 17)}  # stems that collide keep their suffix
     written = sorted(p.name for p in out.iterdir())
     assert written == sorted([f"{s}_mask.png" for s in expected] + [f"{s}_overlay.png" for s in expected])

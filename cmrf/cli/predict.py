@@ -57,14 +57,20 @@ def _image_files(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[Path, st
     """The image files named by ``inputs`` (files and folders), each once; and the inputs that
     name nothing usable, as ``(path, reason)``."""
     from cmrf.data import IMAGE_SUFFIXES
+    from cmrf.data.pairs import broken_link_reason
 
     files, problems, seen = [], [], {}
     for item in map(Path, inputs):
         if item.is_dir():
             # Hidden files are skipped, as training skips them (macOS leaves "._a.png" beside "a.png").
-            found = sorted(p for p in item.iterdir() if p.is_file() and not p.name.startswith(".")
+            named = sorted(p for p in item.iterdir() if not p.name.startswith(".")
                            and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
+            found = [p for p in named if p.is_file()]
+            # A link whose target is gone is an image the user meant to segment: reported, as
+            # training reports it, not skipped (exit 0 would say every image was segmented).
+            problems += [(p, broken_link_reason(p).removeprefix("is ")) for p in named
+                         if p.is_symlink() and not p.exists()]
+            if not named:
                 problems.append((item, f"folder holds no images ({', '.join(IMAGE_SUFFIXES)})"
                                        f"{_nested_images_hint(item)}"))
         elif item.is_file() and item.name.lower().endswith((".nii", ".nii.gz")):
@@ -75,7 +81,8 @@ def _image_files(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[Path, st
             found = [item]
         else:
             found = []
-            problems.append((item, "no such file or folder"))
+            problems.append((item, broken_link_reason(item).removeprefix("is ") if item.is_symlink()
+                             else "no such file or folder"))
         for path in found:
             target = path.resolve()
             if target not in seen:

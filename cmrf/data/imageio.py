@@ -42,13 +42,45 @@ HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 LOSSY_FORMATS = ("JPEG", "MPO")
 
 
+# TIFF compressions that change pixel values (Pillow's names of tags 6 and 7).
+LOSSY_TIFF_COMPRESSIONS = ("jpeg", "tiff_jpeg")
+
+
 def _unreadable() -> tuple[type[BaseException], ...]:
     """What Pillow raises for a file it cannot decode: OSError (a truncated file; an unknown
     format, its UnidentifiedImageError), ValueError, SyntaxError (a broken PNG chunk, a corrupt
-    header) and DecompressionBombError (more pixels than Pillow's safety limit)."""
+    header), DecompressionBombError (more pixels than Pillow's safety limit), and TypeError and
+    struct.error (a TIFF cut off inside its directory: "Missing dimensions", "unpack requires a
+    buffer"). Only Pillow's calls are wrapped with it."""
+    import struct
+
     from PIL import Image
 
-    return (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+    return (OSError, ValueError, SyntaxError, TypeError, struct.error, Image.DecompressionBombError)
+
+
+def _webp_is_lossy(path: Path) -> bool:
+    """Whether a WebP file holds lossy (VP8) image data rather than lossless (VP8L): Pillow reads
+    both alike. Reads the RIFF chunk headers up to the first image chunk."""
+    with open(path, "rb") as file:
+        if file.read(12)[8:12] != b"WEBP":
+            return False
+        while len(header := file.read(8)) == 8:
+            fourcc, size = header[:4], int.from_bytes(header[4:], "little")
+            if fourcc in (b"VP8 ", b"VP8L"):
+                return fourcc == b"VP8 "
+            file.seek(size + (size & 1), 1)  # chunks are padded to an even size
+    return False
+
+
+def _is_lossy(image, path: Path) -> bool:
+    """Whether ``path`` (opened as ``image``) was stored with a compression that changes pixel
+    values: JPEG (also inside a TIFF) and lossy WebP, Pillow's default for ``.webp``."""
+    if image.format in LOSSY_FORMATS or path.suffix.lower() in (".jpg", ".jpeg"):
+        return True
+    if image.format == "TIFF":
+        return image.info.get("compression") in LOSSY_TIFF_COMPRESSIONS
+    return image.format == "WEBP" and _webp_is_lossy(path)
 
 
 class ImageHeader(NamedTuple):
@@ -113,6 +145,11 @@ def _check_storage(image, path: Path, kind: str) -> None:
         raise DataError(
             f"{kind} file {path} is a TIFF of {pages} pages; cmrf reads single-page images (only the "
             f"first page would be used): save each page as a file of its own"
+        )
+    if image.format != "TIFF" and getattr(image, "is_animated", False):  # GIF, APNG, WebP
+        raise DataError(
+            f"{kind} file {path} is an animated {image.format} of {image.n_frames} frames; cmrf reads "
+            f"single images (only the first frame would be used): save each frame as a file of its own"
         )
 
 
@@ -366,25 +403,39 @@ def _black_and_white_palette(image) -> bool:
     return used[-1] < len(entries) and len({entries[i] for i in used}) == len(used)
 
 
+def _grey_gif(image) -> bool:
+    """Whether a GIF's used palette entries are all grey: a grey-level mask saved as GIF, which
+    has no grey mode. Its grey levels are the values: GIF writers (Pillow's among them) renumber
+    the palette to the levels a file uses, so its indices differ from file to file (0/2 becomes
+    0/1)."""
+    if image.format != "GIF":
+        return False
+    palette = image.getpalette() or []
+    entries = [tuple(palette[i:i + 3]) for i in range(0, len(palette) - 2, 3)]
+    used = np.flatnonzero(image.histogram()[:256])
+    return bool(used.size) and used[-1] < len(entries) and all(len(set(entries[i])) == 1 for i in used)
+
+
 def decode_mask(path: str | Path) -> MaskFile:
     """Decode a mask file, keeping its raw values (no class mapping; see :mod:`cmrf.data.masks`).
 
     Accepted: grey-level and palette PNGs (palette indices are the values, except that a palette of
-    black and white only is read as the 0/255 levels viewers show), 16-bit PNGs, 1-bit
-    images, RGB files whose three channels are equal; JPEG files are decoded but flagged ``lossy``.
+    black and white only is read as the 0/255 levels viewers show, and a GIF whose used entries are
+    grey as its grey levels), 16-bit PNGs, 1-bit images, RGB files whose three channels are equal;
+    JPEG files (also JPEG-compressed TIFFs) and lossy WebP files are decoded but flagged ``lossy``.
 
     Raises:
         DataError: the file is missing, unreadable, in colour, or holds non-integer values.
     """
     path = Path(path)
     image = _open_image(path, "mask")
-    lossy = image.format in LOSSY_FORMATS or path.suffix.lower() in (".jpg", ".jpeg")
+    lossy = _is_lossy(image, path)
     if image.mode not in MASK_MODES:  # CMYK keeps the mask in K, YCbCr/LAB/HSV mix it: not values
         raise DataError(
             f"mask file {path} is a {image.mode} image; expected class values in a grey-level, palette, "
             f"1-bit, 16-bit or grey RGB image (modes {', '.join(MASK_MODES)})"
         )
-    if image.mode in ("P", "PA") and _black_and_white_palette(image):
+    if image.mode in ("P", "PA") and (_black_and_white_palette(image) or _grey_gif(image)):
         image = image.convert("LA" if image.mode == "PA" else "L")
     if "A" in image.getbands():
         # Some tools draw the mask as transparency over a blank colour: the values would all be one.
@@ -432,8 +483,9 @@ def read_mask_file(path: str | Path) -> np.ndarray:
     if mask.present.size and present <= {0, 255} and mask.present[-1] == 255:
         return (mask.values == 255).astype(np.int64)
     if mask.lossy and len(present) > 1:
-        raise DataError(f"mask file {path} is lossy (JPEG) and holds {len(present)} values, not class "
-                        f"indices; threshold it (cmrf train --mask-threshold 128) or save masks as PNG")
+        raise DataError(f"mask file {path} is lossy (JPEG or lossy WebP) and holds {len(present)} "
+                        f"values, not class indices; threshold it (cmrf train --mask-threshold 128) or save "
+                        f"masks as PNG")
     return mask.values.astype(np.int64)
 
 

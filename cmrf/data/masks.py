@@ -10,7 +10,8 @@ The conventions (docs/data.md, "Masks"):
   ``vi`` class ``i``; every other value is an error.
 - **threshold**: ``mask_threshold=T`` (``--mask-threshold T``) makes two classes, class 1 where
   the value is at least T: for anti-aliased or JPEG masks.
-- **lossy (JPEG) masks** are refused unless thresholded: compression changes their values.
+- **lossy masks** (JPEG, JPEG-compressed TIFF, lossy WebP) are refused unless thresholded:
+  compression changes their values.
 
 Anything else is a :class:`DataError` that lists the files (up to :data:`MAX_LISTED`) with the
 values found in them and suggests the option to give. The class count is never "largest value
@@ -198,8 +199,8 @@ def _refuse_lossy(masks: Sequence[MaskValues]) -> None:
     lossy = [m for m in masks if m.lossy]
     if lossy:
         raise DataError(problem_report(
-            f"{len(lossy)} mask file(s) are JPEG, whose lossy compression changes pixel values (a 0/255 "
-            "mask gains values such as 1..254 along its edges), so they cannot be read as classes:",
+            f"{len(lossy)} mask file(s) are JPEG or lossy WebP, whose compression changes pixel values "
+            "(a 0/255 mask gains values such as 1..254 along its edges), so they cannot be read as classes:",
             [f"{m.path}: values {values_text(m.values)}" for m in lossy],
             "Save the masks as PNG, or give --mask-threshold 128 to make two classes (value >= 128 is "
             "class 1).",

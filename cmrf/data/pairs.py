@@ -84,7 +84,7 @@ def file_stem(name: str, suffixes: Sequence[str]) -> str | None:
     return None
 
 
-def _broken_link(path: Path) -> str:
+def broken_link_reason(path: Path) -> str:
     """Why the symbolic link ``path`` leads to no file: a missing target, or a loop."""
     try:
         os.stat(path)
@@ -106,7 +106,7 @@ def _files_by_stem(folder: Path, suffixes: Sequence[str], kind: str, problems: l
         if broken_link:
             # Reported, and kept as found: skipped, an image would vanish from the data unnoticed
             # and a mask be reported missing although its file is there.
-            problems.append(f"{kind} file {path} {_broken_link(path)}")
+            problems.append(f"{kind} file {path} {broken_link_reason(path)}")
         elif not path.is_file():
             continue
         if stem in found:

@@ -38,8 +38,9 @@ __all__ = [
 CACHE_CHOICES = ("memory", "disk", "none")
 
 # Bump when what a store holds changes meaning: old disk caches are then rebuilt, not misread.
-CACHE_FORMAT = 4  # 2: images turned by their EXIF orientation; 3: NIfTI pairs checked for one grid;
-# 4: palette masks whose palette is black and white only read as 0/255 (not by index)
+CACHE_FORMAT = 5  # 2: images turned by their EXIF orientation; 3: NIfTI pairs checked for one grid;
+# 4: palette masks whose palette is black and white only read as 0/255 (not by index);
+# 5: lossy WebP and JPEG-in-TIFF masks flagged lossy, GIF masks of grey entries read as grey levels
 
 
 def default_cache_dir() -> Path:
