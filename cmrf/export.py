@@ -28,7 +28,7 @@ from cmrf._warnings import caller_stacklevel
 from cmrf.checkpoint import check_text_metadata
 from cmrf.files import atomic_path
 from cmrf.inference import GraphPerShape, optimize_for_inference
-from cmrf.layers import check_input_size, cmrf_blocks, eval_mode, inference_only_parts
+from cmrf.layers import check_input_size, cmrf_blocks, compiled_original, eval_mode, inference_only_parts
 from cmrf.onnx_writer import (
     DEFAULT_OPSET,
     TESTED_TORCH_FOR_ONNX,
@@ -117,11 +117,27 @@ def _dynamic_example_size(size: tuple[int, ...], spatial_multiple: int) -> tuple
 
 def _unwrapped(model: nn.Module) -> nn.Module:
     """The module a per-shape wrapper (``optimize_for_inference`` with ``freeze=True``,
-    ``backend="onnxruntime"`` or ``cuda_graph=True``) runs: what the export traces anyway (a wrapper
-    runs it as it is while traced), and what says which input it takes (channels, rank, sizes)."""
-    while isinstance(model, GraphPerShape):
-        model = model.module
-    return model
+    ``backend="onnxruntime"`` or ``cuda_graph=True``), ``torch.compile`` or ``(Distributed)
+    DataParallel`` runs: what the export traces anyway, what says which input it takes (channels,
+    rank, sizes), and what ``optimize`` can rewrite (the compiled wrapper's copy would run the
+    original; a dynamic export of a wrapper failed in the exporter)."""
+    wrappers = (GraphPerShape, nn.DataParallel, nn.parallel.DistributedDataParallel)
+    while True:
+        if isinstance(model, wrappers):
+            model = model.module
+        elif (inner := compiled_original(model)) is not model:
+            model = inner
+        else:
+            return model
+
+
+def _check_not_on_meta(model: nn.Module) -> None:
+    """Refuse a model whose tensors are on the meta device: it has no weights to write (the
+    exporter failed deep inside an ONNX pass)."""
+    meta = next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"export_onnx: {type(model).__name__} is on the meta device ({meta}), with no "
+                         f"weights to export; load weights into it first (load_state_dict(..., assign=True))")
 
 
 def _example_size(model: nn.Module, input_size: Sequence[int] | None) -> tuple[int, ...]:
@@ -214,6 +230,7 @@ def export_onnx(
         raise ValueError(f"export_onnx expects an nn.Module, got {type(model).__name__}")
     check_text_metadata(metadata, "ONNX")
     model = _unwrapped(model)
+    _check_not_on_meta(model)
     check_exporter()
     check_opset(opset_version)
     if dynamic:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from cmrf._warnings import caller_stacklevel
 from cmrf.layers import (
     CMRF,
     check_positive_int,
@@ -304,11 +305,25 @@ def _shapes(output):
     return type(output).__name__
 
 
+def _check_no_lazy_parameters(model: nn.Module) -> None:
+    """Refuse lazy modules not yet initialised (``nn.LazyConv2d``...): their shapes, which the
+    choice of blocks reads, exist only after a first forward."""
+    lazy = [name for name, p in model.named_parameters() if nn.parameter.is_lazy(p)]
+    if lazy:
+        raise ValueError(
+            f"replace_blocks: {type(model).__name__} has lazy modules not initialised yet ({lazy[0]}"
+            f"{f' and {len(lazy) - 1} more' if len(lazy) > 1 else ''}), whose shapes are unknown: run one "
+            f"forward pass, model(x), before replace_blocks"
+        )
+
+
 def _forward(model: nn.Module, example, grad: bool = False) -> object:
     """``model(example)`` in eval mode without side effects; with ``grad``, recording the autograd
     graph from the (copied) floating-point inputs, so it reaches every convolution."""
     if grad:
         def traced(t: torch.Tensor) -> torch.Tensor:
+            if t.is_inference():  # made under inference_mode: a normal copy can be recorded
+                t = t.clone()
             # A non-leaf copy: the model may write into its input in place.
             return t.detach().requires_grad_(True).clone() if t.is_floating_point() else t
 
@@ -768,7 +783,8 @@ def replace_blocks(
             paper's mapping), else every block qualifies; inside a module that has its own (a
             zoo model in your wrapper), that module's mapping applies.
         exclude: selectors as in ``targets``; matching modules and everything inside them stay.
-        dry_run: only report what would be replaced; the model is not touched.
+        dry_run: only report what would be replaced; the model is not touched. (The probe runs
+            the model's forward, so its forward hooks see the probe input, also in a dry run.)
         example_input: probe input. Default: ``randn(2, C, S, ...)`` with the number of spatial
             dimensions of the model's first registered convolution, ``S`` = 256 (1D), 64 (2D) or
             32 (3D), on that convolution's device and dtype, and ``C`` the first that the model
@@ -793,13 +809,23 @@ def replace_blocks(
 
     Raises:
         ValueError: bad ``N``, ``targets``, ``exclude``, ``indivisible`` or ``example_input``, a
-            string selector that matches nothing, a model that fails on the probe input, one
+            string selector that matches nothing, lazy modules not yet initialised, a model that
+            fails on the probe input, one
             wrapped in ``DistributedDataParallel``/FSDP (replace before wrapping), or a
             TorchScript module (replace in the Python model).
         RuntimeError: the model no longer runs, or its output shapes change, after the swap
             (for example when its ``forward`` reads attributes of the replaced modules); every
             swap is undone first.
     """
+    # Under torch.inference_mode the probe would record no autograd graph (the skip, gate and head
+    # checks read it: a wrong block was swapped) and the new weights would be inference tensors,
+    # which cannot train.
+    with torch.inference_mode(False):
+        return _replace_blocks(model, N, targets=targets, exclude=exclude, dry_run=dry_run,
+                               example_input=example_input, indivisible=indivisible)
+
+
+def _replace_blocks(model, N, *, targets, exclude, dry_run, example_input, indivisible) -> ReplaceReport:
     if not isinstance(model, nn.Module):
         raise ValueError(f"replace_blocks needs an nn.Module, got {type(model).__name__}")
     # torch.compile's wrapper runs the module it holds: swap there (report paths without
@@ -820,6 +846,7 @@ def replace_blocks(
     _check_selectors_exist("targets", targets, model)
     _check_selectors_exist("exclude", exclude, model)
 
+    _check_no_lazy_parameters(model)
     params_before = sum(p.numel() for p in model.parameters())
     report = ReplaceReport(
         params_before=params_before,
@@ -837,7 +864,7 @@ def replace_blocks(
                 f"replace_blocks: {type(model).__name__} has no convolution, nothing to replace; "
                 f"the model is unchanged",
                 NothingToReplaceWarning,
-                stacklevel=2,
+                stacklevel=caller_stacklevel(),
             )
             return report
         example_input, probe = _default_probe(model, modules, examples)
@@ -868,7 +895,7 @@ def replace_blocks(
             f"{type(model).__name__} (a module mapping (B, C, *S) to (B, C', *S) with two or more "
             f"convolutions){'; skipped: ' + reasons if reasons else ''}; the model is unchanged",
             NothingToReplaceWarning,
-            stacklevel=2,
+            stacklevel=caller_stacklevel(),
         )
         return report
 
@@ -901,13 +928,13 @@ def replace_blocks(
                 f"replace_blocks replaced frozen blocks ({', '.join(frozen)}) by CMRFs with fresh random "
                 f"weights, frozen as the blocks were, so they will never learn: unfreeze them "
                 f"(model.get_submodule(path).requires_grad_(True)), or keep the blocks (exclude=[...])",
-                stacklevel=2,
+                stacklevel=caller_stacklevel(),
             )
         if hooked:
             warnings.warn(
                 f"replace_blocks removed modules that had hooks registered ({', '.join(hooked)}); "
                 f"those hooks no longer run: register them again on the CMRF modules if needed",
-                stacklevel=2,
+                stacklevel=caller_stacklevel(),
             )
     else:
         report.params_after = _kept_params(model, plans) + sum(r.new_params for r in report.replaced)

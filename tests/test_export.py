@@ -607,3 +607,30 @@ def test_an_input_the_model_cannot_take_is_named_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=named + r"expects a 4-D input"):
         cmrf.export_onnx(model, tmp_path / "m.onnx", (1, 3, 64))
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_wrapped_models_export_the_optimized_model_inside(tmp_path, monkeypatch):
+    """export_onnx of torch.compile(model) wrote the unoptimized graph (the optimized copy's forward
+    still ran the original) after compiling it to check it runs; a dynamic export of a DataParallel
+    or compiled model failed inside the exporter; a model on the meta device failed in an ONNX pass."""
+    import cmrf.export
+    from cmrf.layers import inference_only_parts
+
+    seen = []
+
+    def record(model, example, path, **kwargs):
+        seen.append((model, kwargs["dynamic_shapes"]))
+        Path(path).write_bytes(b"onnx")
+
+    monkeypatch.setattr(cmrf.export, "write_onnx", record)
+    monkeypatch.setattr(cmrf.export, "_check_dynamic_axes", lambda *args: None)
+    monkeypatch.setattr(cmrf.export, "_check_at_another_size", lambda *args: None)
+    model = cmrf.TinyUNet(in_channels=1, channels=(8, 16), N=2).eval()
+    cmrf.export_onnx(torch.compile(model), tmp_path / "c.onnx", (1, 1, 32, 32))
+    cmrf.export_onnx(torch.nn.DataParallel(model), tmp_path / "d.onnx", (1, 1, 32, 32), dynamic=True)
+    (compiled, _), (parallel, shapes) = seen
+    assert inference_only_parts(compiled) and inference_only_parts(parallel)
+    assert type(compiled).__name__ != "OptimizedModule"  # whose forward ran the unoptimized original
+    assert not isinstance(parallel, torch.nn.DataParallel) and str(shapes[0][2]) == "4*side0"  # min_size 4
+    with pytest.raises(ValueError, match=r"TinyUNet is on the meta device \(encoders\.0\.pw1\.conv\.weight"):
+        cmrf.export_onnx(model.to("meta"), tmp_path / "m.onnx", (1, 1, 32, 32))

@@ -1352,3 +1352,28 @@ def test_monai_unet_with_residual_units_keeps_its_skip_connections():
     report = replace_blocks(model)
     assert [row.path for row in report.replaced] == ["model.1.submodule.1.submodule.1.submodule"]
     assert type(model.model[1].submodule[1].submodule[1]).__name__ == "SkipConnection"
+
+
+def test_replacing_under_inference_mode_is_replacing_outside_it():
+    """Under torch.inference_mode the probe recorded no autograd graph: MONAI's UNet lost its
+    SkipConnection wrapper (the concatenated skip path dropped, shapes unchanged) and the new
+    weights were inference tensors that cannot train."""
+    UNet = pytest.importorskip("monai.networks.nets").UNet
+
+    def build():
+        torch.manual_seed(0)
+        return UNet(2, 1, 2, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2)
+
+    expected = [row.path for row in replace_blocks(build()).replaced]
+    model = build()
+    with torch.inference_mode():
+        report = replace_blocks(model, example_input=torch.randn(2, 1, 64, 64))
+    assert [row.path for row in report.replaced] == expected
+    assert not any(p.is_inference() for p in model.parameters())
+    model.train()(torch.randn(2, 1, 64, 64)).sum().backward()
+
+
+def test_lazy_modules_not_yet_initialised_are_named():
+    model = nn.Sequential(nn.LazyConv2d(16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+    with pytest.raises(ValueError, match=r"lazy modules not initialised yet \(0\.weight and 1 more\)"):
+        replace_blocks(model, example_input=torch.randn(1, 3, 32, 32))
