@@ -422,8 +422,9 @@ def test_an_input_of_another_float_dtype_than_the_weights_is_named(name, dtype):
     expected = rf"{label}'s weights are torch.float32 but the input is {dtype}: .*x.to\(torch.float32\)"
     with pytest.raises(ValueError, match=expected):
         model(x)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts: no refusal
-        assert model(x.bfloat16()).shape[0] == x.shape[0]
+    if dtype == torch.bfloat16:  # once per model: a bf16 forward of SegNet takes seconds on the CPU
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts: no refusal
+            assert model(x).shape[0] == x.shape[0]
     with pytest.raises(ValueError, match=r"CMRF's weights are torch.float64 but the input is torch.float32"):
         CMRF(4, 8, N=2).double()(torch.ones(1, 4, 3, 3))
 
