@@ -19,7 +19,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from cmrf.bench.harness import _device_event_us
+from cmrf.bench.harness import device_event_us
 from cmrf.bench.network import NetworkContext, build_network_runner
 from cmrf.bench.settings import resolve_settings, row_names, selected
 
@@ -49,7 +49,7 @@ def profile_row(name: str, ctx: NetworkContext, settings, calls: int, top: int) 
         # Kernels, copies and fills, as the bench sums them: not the operators' self device time
         # (it repeats their kernels') nor annotations such as the optimizer step's range.
         key = "self_device_time_total"
-        device_us = sum(_device_event_us(e) for e in events)
+        device_us = sum(device_event_us(e) for e in events)
     else:
         key = "self_cpu_time_total"
         device_us = sum(e.self_cpu_time_total for e in events)

@@ -31,7 +31,8 @@ MODELS = {
 # Runs inside the subprocess: build, profile, then one training step while watching peak RSS.
 _WORKER = """
 import json, resource, sys, time
-import torch, monai, cmrf
+import torch, cmrf
+{imports}
 torch.manual_seed(0)
 model = {build}
 size = {size}
@@ -54,7 +55,9 @@ print(json.dumps(result))
 
 
 def measure(build: str, size: int, count: bool) -> dict:
-    code = _WORKER.format(build=build, size=size, count=count)
+    # MONAI only for its own rows: the TinyU-Net rows run without it installed.
+    imports = "import monai" if "monai." in build else ""
+    code = _WORKER.format(build=build, size=size, count=count, imports=imports)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     if done.returncode:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}

@@ -927,3 +927,20 @@ def test_bench_cascade_example_keeps_its_rows(capsys):
         bench_arguments(["--rows", "inference"])
     assert exit_.value.code == 2 and "--rows inference: this script times the cascade rows only" \
         in capsys.readouterr().err
+
+
+def test_volumes_cost_example_imports_monai_only_for_its_rows(monkeypatch):
+    """Every worker imported MONAI, so without it the TinyU-Net rows failed too."""
+    import runpy
+
+    script = runpy.run_path(str(EXAMPLES / "volumes_cost.py"))
+    codes = []
+
+    def run(argv, **kwargs):
+        codes.append(argv[-1])
+        return subprocess.CompletedProcess(argv, 1, "", "stub")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    for name in ("tinyunet3d", "MONAI UNet"):
+        script["measure"](script["MODELS"][name], 16, False)
+    assert "import monai" not in codes[0] and "import monai" in codes[1]

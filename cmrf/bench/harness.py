@@ -23,6 +23,7 @@ __all__ = [
     "Deadline",
     "cuda_peak_mib",
     "describe_error",
+    "device_event_us",
     "kernel_time_ms",
     "median",
     "release_cuda_cache",
@@ -123,7 +124,7 @@ def time_interleaved(
     return {name: s for name, s in samples.items() if name not in errors}, errors
 
 
-def _device_event_us(event) -> float:
+def device_event_us(event) -> float:
     """GPU microseconds of one profiler event that ran on the device (0 for host events)."""
     device_type = getattr(event, "device_type", None)
     if device_type is None or device_type == torch.autograd.DeviceType.CPU:
@@ -156,7 +157,7 @@ def kernel_time_ms(fn: Callable[[], object], device: torch.device, calls: int = 
 
 def _device_ms_per_call(events, calls: int) -> float | None:
     """Milliseconds per call of the device ``events``; ``None`` when there are none."""
-    device_us = [_device_event_us(e) for e in events]
+    device_us = [device_event_us(e) for e in events]
     return sum(device_us) / 1e3 / calls if any(device_us) else None
 
 
