@@ -28,6 +28,7 @@ from cmrf.data.imageio import (
 )
 from cmrf.data.isic import ISIC_FOLDERS, find_isic_pairs
 from cmrf.data.masks import ClassMapping, MaskRule
+from cmrf.data.nifti import load_volume
 from cmrf.data.pairs import Pair, find_pairs
 from cmrf.data.splits import split_file_sizes, split_fingerprint
 from cmrf.data.store import CACHE_CHOICES
@@ -59,6 +60,7 @@ __all__ = [
     "generate_sample",
     "image_size",
     "load_image",
+    "load_volume",
     "normalize",
     "read_image_file",
     "read_mask_file",

@@ -339,12 +339,16 @@ def decode_image(path: str | Path, img_size: int, in_channels: int = 3) -> np.nd
     return quantize(image, np.uint16 if high_bit else np.uint8)
 
 
-def non_integer_mask(path, values: np.ndarray) -> str:
-    """The error for a float mask with values that are no class (interpolated labels, NaN)."""
+def non_integer_mask(path, values: np.ndarray, cause: str = "") -> str:
+    """The error for a float mask with values that are no class (interpolated labels, NaN);
+    ``cause``, where known, replaces the usual one (linear interpolation)."""
     bad = values[~np.isfinite(values) | (values != np.round(values))]
-    return (f"mask file {path} holds non-integer values (such as {float(bad.flat[0]):g}); expected class "
-            f"values: a mask resampled with linear interpolation blurs its labels, so resample masks "
-            f"with nearest neighbour (or round them) before --mask-values or --mask-threshold can read them")
+    # Nine digits: 1.00000095 must not print as "1", the whole number it is not.
+    cause = cause or ("a mask resampled with linear interpolation blurs its labels, so resample masks "
+                      "with nearest neighbour (or round them) before --mask-values or --mask-threshold "
+                      "can read them")
+    return (f"mask file {path} holds non-integer values (such as {float(bad.flat[0]):.9g}); expected class "
+            f"values: {cause}")
 
 
 def load_image(path: str | Path, img_size: int, in_channels: int = 3) -> torch.Tensor:

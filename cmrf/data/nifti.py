@@ -15,16 +15,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cmrf.data.base import DataBundle, DataError
+from cmrf.data.base import DataBundle, DataError, normalize
 from cmrf.data.cache import CachedSource, SourceDataset, run_checks
-from cmrf.data.imageio import non_integer_mask, present_values, quantize, resize_image, resize_nearest
+from cmrf.data.imageio import (
+    dequantize,
+    non_integer_mask,
+    present_values,
+    quantize,
+    resize_image,
+    resize_nearest,
+)
 from cmrf.data.masks import MAX_LISTED, MaskRule, MaskValues, resolve_classes
 from cmrf.data.pairs import Pair, find_pairs, require_dir, source_key
 from cmrf.data.splits import folder_split_bundle
 from cmrf.data.store import Layout, StoreSpec, mask_dtype_for, open_store, reuse_disk_store
 
-__all__ = ["NiftiSegmentation", "VolumePairSource", "find_nifti_pairs", "nifti_bundle", "read_volume",
-           "read_volume_mask"]
+__all__ = ["NiftiSegmentation", "VolumePairSource", "find_nifti_pairs", "load_volume", "nifti_bundle",
+           "read_volume", "read_volume_mask"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -55,7 +62,23 @@ def _load(path: Path, kind: str):
     try:
         return nibabel.load(str(path))
     except Exception as err:  # nibabel raises several types (ImageFileError, OSError, EOFError, ...)
-        raise DataError(f"cannot read {kind} file {path}: {err}") from None
+        raise DataError(f"cannot read {kind} file {path}: {err}{_why_unreadable(path)}") from None
+
+
+def _why_unreadable(path: Path) -> str:
+    """What nibabel's "Cannot work out file type" leaves unsaid: a gzip file named ``.nii``, or a
+    file shorter than a NIfTI header (an interrupted copy or download)."""
+    try:
+        with open(path, "rb") as file:
+            start = file.read(2)
+        size = path.stat().st_size
+    except OSError:
+        return ""
+    if start == b"\x1f\x8b" and path.name.lower().endswith(".nii"):
+        return " (the file is gzip-compressed: name it .nii.gz)"
+    if size < 348 and not path.name.lower().endswith(".gz"):  # a NIfTI-1 header alone is 348 bytes
+        return f" (the file has {size} bytes, fewer than a NIfTI header: truncated?)"
+    return ""
 
 
 def _voxels(path: Path, kind: str) -> np.ndarray:
@@ -151,14 +174,35 @@ def read_volume(path: str | Path) -> np.ndarray:
     """A NIfTI image as float32 ``(C, X, Y, Z)`` scaled to ``[0, 1]`` (see the module docstring)."""
     path = Path(path)
     _spatial_shape(path, "image")
-    voxels = _voxels(path, "image").astype(np.float32)
+    voxels = _voxels(path, "image")
+    if not np.isfinite(voxels).all():  # checked as stored: float32 would make huge float64 values inf
+        raise DataError(f"image file {path} holds NaN or infinite values")
+    if voxels.dtype.kind == "f" and voxels.size and np.abs(voxels).max() > np.finfo(np.float32).max:
+        raise DataError(f"image file {path} holds values beyond the float32 range (up to "
+                        f"{np.abs(voxels).max():.3g}); rescale the volume (cmrf reads volumes as float32)")
+    voxels = voxels.astype(np.float32)
     voxels = voxels.reshape(_layout(voxels.shape, path, "image"))
     voxels = voxels[None] if voxels.ndim == 3 else np.moveaxis(voxels, -1, 0)
-    if not np.isfinite(voxels).all():
-        raise DataError(f"image file {path} holds NaN or infinite values")
     low = np.percentile(voxels, 0.5, axis=(1, 2, 3), keepdims=True)
     high = np.percentile(voxels, 99.5, axis=(1, 2, 3), keepdims=True)
     return np.clip((voxels - low) / np.maximum(high - low, 1e-6), 0.0, 1.0).astype(np.float32)
+
+
+def load_volume(path: str | Path, img_size: int | None = None) -> torch.Tensor:
+    """A NIfTI volume as the network sees it: float32 tensor ``(C, S, S, S)`` for ``img_size=S``, or
+    ``(C, X, Y, Z)`` at the file's own size for ``None`` (default; for ``sliding_window_inference``).
+
+    Read, scaled (:func:`read_volume`), resized, quantized to 16 bits and normalised exactly as the
+    training data of :class:`NiftiSegmentation`: :func:`read_volume` alone gives ``[0, 1]``, which
+    a trained model does not expect. The volume-level counterpart of :func:`cmrf.data.load_image`.
+
+    Raises:
+        DataError: the file is missing or not a volume nibabel can read.
+    """
+    voxels = torch.from_numpy(read_volume(path))
+    if img_size is not None:
+        voxels = resize_image(voxels, img_size)
+    return normalize(dequantize(quantize(voxels, np.uint16)))
 
 
 def read_volume_mask(path: str | Path) -> np.ndarray:
@@ -168,8 +212,21 @@ def read_volume_mask(path: str | Path) -> np.ndarray:
     voxels = _voxels(path, "mask")
     voxels = voxels.reshape(_layout(voxels.shape, path, "mask"))
     if voxels.dtype.kind == "f" and (not np.isfinite(voxels).all() or (voxels != np.round(voxels)).any()):
-        raise DataError(non_integer_mask(path, voxels))
+        raise DataError(non_integer_mask(path, voxels, _header_scaling(path)))
     return voxels.astype(np.int64)
+
+
+def _header_scaling(path: Path) -> str:
+    """For a label file whose integers the header scales (``scl_slope``/``scl_inter``, written by
+    nibabel for float labels saved with an integer type), why its values are not whole: the
+    hint that replaces the interpolation one."""
+    dataobj = _load(path, "mask").dataobj
+    slope, inter = getattr(dataobj, "slope", 1.0), getattr(dataobj, "inter", 0.0)
+    if slope in (None, 1.0) and inter in (None, 0.0):
+        return ""
+    return (f"the file stores integers scaled by its header (scl_slope={slope:.9g}, scl_inter={inter:.9g}), "
+            f"which is not exact: save the labels with an integer type and no scaling "
+            f"(image.set_data_dtype(np.uint8); image.header.set_slope_inter(1, 0))")
 
 
 def _channels(path: Path) -> int:
