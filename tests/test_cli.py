@@ -233,6 +233,20 @@ def test_evaluate_json_naming_a_checkpoint_by_a_slip_is_refused_before_scoring(r
     assert json.loads(scores.read_text())["split"] == "test" and "note" not in capsys.readouterr().err
 
 
+def test_evaluate_json_onto_a_pipe_or_into_new_folders_of_a_failed_run(run_checkpoint, tmp_path, capsys):
+    """``--json`` naming a FIFO hung for ever (the check read it before scoring); new --json folders
+    stayed behind, empty, when the evaluation then failed (cmrf export removes its own)."""
+    fifo = tmp_path / "scores.json"
+    os.mkfifo(fifo)
+    assert main(["evaluate", str(run_checkpoint), "--json", str(fifo)]) == 2
+    assert _one_line(capsys.readouterr().err) == (
+        f"cmrf evaluate: error: --json {fifo} is not a regular file (a pipe, a device or a socket): the "
+        f"command writes its file by replacing it; give a file name")
+    nested = tmp_path / "res" / "a" / "scores.json"
+    assert main(["evaluate", str(run_checkpoint), "--json", str(nested), "--img-size", "2"]) == 2
+    assert "needs every spatial side" in capsys.readouterr().err and not (tmp_path / "res").exists()
+
+
 def test_evaluate_json_onto_the_runs_metrics_is_refused_before_scoring(run_checkpoint, tmp_path, capsys):
     """``--json RUN/metrics.json`` replaced the run's per-epoch history and best epoch, which only
     training again gives back, with the evaluation's scores."""

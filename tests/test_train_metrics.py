@@ -135,6 +135,9 @@ def test_duplicate_names_integer_logits_and_empty_batches():
         metrics.update(torch.ones(1, 2, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
     metrics.update(torch.zeros(0, 2, 3, 3), torch.zeros(0, 3, 3, dtype=torch.long))
     metrics.update(torch.zeros(0, 3, 3, dtype=torch.long), torch.zeros(0, 3, 3, dtype=torch.long))
+    # Empty batches only: zeros would read as a model that finds nothing (torchmetrics only warned).
+    with pytest.raises(ValueError, match="no pixel was scored"):
+        metrics.compute()
     metrics.update(torch.ones(1, 3, 3, dtype=torch.long), torch.ones(1, 3, 3, dtype=torch.long))
     assert metrics.compute()["per_class"]["foreground"]["iou"] == 1.0
 

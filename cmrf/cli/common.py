@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib.util
 import json
@@ -50,8 +51,35 @@ def check_output_file(path: str | Path, flag: str, reads: dict[str, str | Path |
         raise FileNotFoundError(errno.ENOENT, f"no such folder for {flag}", str(folder))
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, f"is a folder, {flag} needs a file name", str(path))
+    if path.exists() and not path.is_file():  # reading it (to protect it) or replacing it would not do
+        raise ValueError(f"{flag} {path} is not a regular file (a pipe, a device or a socket): the command "
+                         f"writes its file by replacing it; give a file name")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise PermissionError(errno.EACCES, f"cannot write into this folder ({flag})", str(folder))
+
+
+@contextlib.contextmanager
+def folders_made_for(folder: Path | None, flag: str):
+    """Make ``folder`` and its missing parents; if the body fails, remove those made (while empty):
+    a refused command (a bad flag, an input the model does not take) leaves no empty folders.
+    ``None``: nothing to make. ``flag`` names the output option in the messages."""
+    if folder is None:
+        yield
+        return
+    missing = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
+    lowest = missing[-1].parent if missing else folder  # the deepest folder that exists, if a folder
+    if lowest.exists() and not lowest.is_dir():  # mkdir's own word for it, "File exists", says nothing
+        raise NotADirectoryError(errno.ENOTDIR, f"is not a folder: {flag} needs a folder there", str(lowest))
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for path in missing:
+            try:
+                path.rmdir()
+            except OSError:  # no longer empty: something else writes there now
+                break
+        raise
 
 
 def _is_json(path: Path) -> bool:

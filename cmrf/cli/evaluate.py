@@ -14,6 +14,7 @@ from cmrf.cli.common import (
     add_runtime_arguments,
     check_output_file,
     check_replaces_only,
+    folders_made_for,
     positive_int,
     require_extra,
     user_path,
@@ -259,7 +260,8 @@ def _class_names(checkpoint, meta: dict, data_names: list[str]) -> list[str]:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     require_extra(EVALUATE_PACKAGES, "cmrf evaluate", "train")
-    with torch_threads(args.threads):
+    json_folder = Path(args.json_out).parent if args.json_out else None
+    with torch_threads(args.threads), folders_made_for(json_folder, "--json"):  # none left if it fails
         return _evaluate(args)
 
 
@@ -279,7 +281,6 @@ def _evaluate(args: argparse.Namespace) -> int:
                          f"give --root with where the data is (a moved copy of the run's data keeps the "
                          f"run's splits)")
     if args.json_out:  # fail now, not after the evaluation
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         check_output_file(args.json_out, "--json", {"checkpoint": args.checkpoint})
         check_replaces_only(args.json_out, "--json", ".json", "JSON")
         _check_not_a_runs_metrics(Path(args.json_out))

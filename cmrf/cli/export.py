@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
 import json
 from pathlib import Path
 
-from cmrf.cli.common import check_output_file, check_replaces_only, require_extra, user_path
+from cmrf.cli.common import check_output_file, check_replaces_only, folders_made_for, require_extra, user_path
 from cmrf.cli.model_args import (
     add_registry_model_arguments,
     constructor_kwargs,
@@ -130,26 +128,6 @@ def _input_size(args: argparse.Namespace, model, in_chans: int, data: dict) -> l
     return list(args.input_size)
 
 
-@contextlib.contextmanager
-def _folders_made_for(folder: Path):
-    """Make ``folder`` and its missing parents; if the body fails, remove those made (while empty):
-    a refused export (a bad flag, an input size the model does not take) leaves no empty folders."""
-    missing = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
-    lowest = missing[-1].parent if missing else folder  # the deepest folder that exists, if a folder
-    if lowest.exists() and not lowest.is_dir():  # mkdir's own word for it, "File exists", says nothing
-        raise NotADirectoryError(errno.ENOTDIR, "is not a folder: -o needs a folder there", str(lowest))
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        yield
-    except BaseException:
-        for path in missing:
-            try:
-                path.rmdir()
-            except OSError:  # no longer empty: something else writes there now
-                break
-        raise
-
-
 def _is_onnx_graph(path: Path) -> bool:
     """Whether ``path`` parses as an ONNX model with a graph (protobuf may accept other bytes)."""
     import onnx
@@ -164,7 +142,7 @@ def run_export(args: argparse.Namespace) -> int:
     from cmrf.export import export_onnx
 
     require_extra(("onnx", "onnxscript"), "cmrf export onnx", "onnx")
-    with _folders_made_for(Path(args.output).parent):  # before the check, which needs the folder
+    with folders_made_for(Path(args.output).parent, "-o"):  # before the check, which needs the folder
         check_output_file(args.output, "-o", {"--checkpoint": args.checkpoint})
         check_replaces_only(args.output, "-o", ".onnx", "an ONNX graph", _is_onnx_graph)
         model, in_chans, meta = _model(args)

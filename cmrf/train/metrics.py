@@ -19,6 +19,7 @@ rank gets the score of the whole split (torchmetrics synchronises metric states 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -134,9 +135,14 @@ class SegmentationMetrics:
 
         Raises:
             ValueError: logits given to ``update`` held NaN (a diverged model): their argmax
-                would have scored those pixels as their first NaN channel (class 0 if all are).
+                would have scored those pixels as their first NaN channel (class 0 if all are);
+                or no pixel was scored (no ``update``, or empty batches only), where every score
+                would read 0.
         """
-        scores = self.metrics.compute()
+        with warnings.catch_warnings():  # a process given no images (DDP) still joins the sync
+            warnings.filterwarnings("ignore", message=".*compute.* called before the .*update",
+                                    category=UserWarning)
+            scores = self.metrics.compute()
         # The IoU metric's confusion matrix (rows: ground truth, columns: prediction) is this process's
         # own again after compute(); the pixel counts are summed across processes with the NaN count.
         confusion = self.metrics["iou"].confmat
@@ -150,6 +156,9 @@ class SegmentationMetrics:
                 f"diverged training); argmax would pick a pixel's first NaN channel (class 0, "
                 f"{self.class_names[0]}, when all are NaN), so no scores are given")
         pixels = counts[1:].reshape(2, self.num_classes)
+        if not pixels.any():
+            raise ValueError("no pixel was scored (update() was given no image, or empty batches only): "
+                             "there are no scores, and zeros would read as a model that finds nothing")
         iou, dice = scores["iou"].double().cpu(), scores["dice"].double().cpu()
         return {
             "mean_iou": float(iou.mean()),
