@@ -461,6 +461,10 @@ def load_state_dict_checked(
             )
         if mismatched:
             problems.append(f"shape mismatches: {_name_list(mismatched, sep='; ', order=False)}")
+            ranks = _other_spatial_dims(mapped, expected)
+            if ranks:
+                problems.append(f"these are the weights of a {ranks[0]}D model and the model is {ranks[1]}D "
+                                f"(spatial_dims={ranks[1]}): build a {ranks[0]}D model to load them")
         head = f"{getattr(model, 'classifier_name', None)}."
         if mismatched and not missing and not unexpected and all(m.startswith(head) for m in mismatched):
             problems.append(
@@ -475,6 +479,16 @@ def load_state_dict_checked(
     if not check_only:
         model.load_state_dict(mapped)
     return model
+
+
+def _other_spatial_dims(mapped: dict, expected: dict) -> tuple[int, int] | None:
+    """``(file's, model's)`` spatial dimensions where every convolution weight of the file has
+    another rank than the model's (3D weights for a 2D model), else ``None``."""
+    ranks = {(mapped[k].dim() - 2, v.dim() - 2) for k, v in expected.items()
+             if k in mapped and k.endswith(".weight") and v.dim() >= 3 and mapped[k].dim() >= 3}
+    if len(ranks) == 1 and (pair := ranks.pop())[0] != pair[1]:
+        return pair
+    return None
 
 
 def _folded_keys(unexpected: set[str], expected) -> list[str]:

@@ -769,3 +769,14 @@ def test_a_recompressed_torch_file_is_not_inflated(tmp_path):
     with pytest.raises(ValueError, match=r"bomb.pt: its zip entries expand to \d+ bytes from \d+"):
         read_state_dict(bomb)
     assert read_state_dict(plain)["w"].numel() == 5_000_000
+
+
+def test_weights_of_another_dimensionality_are_named_as_such(tmp_path):
+    """3D weights for a 2D model listed every convolution's shape and did not say why they differ."""
+    volume = tmp_path / "volume.safetensors"
+    cmrf.save_weights(cmrf.create_model("tinyunet3d", channels=(16, 32), N=2), volume)
+    with pytest.raises(ValueError, match=r"weights of a 3D model and the model is 2D \(spatial_dims=2\)"):
+        cmrf.load_checkpoint(cmrf.create_model("tinyunet", channels=(16, 32), N=2), volume)
+    with pytest.raises(ValueError) as caught:  # other widths, same dimensionality: no such claim
+        cmrf.load_checkpoint(cmrf.create_model("tinyunet3d", channels=(16, 64), N=2), volume)
+    assert "shape mismatches" in str(caught.value) and "3D model and" not in str(caught.value)
