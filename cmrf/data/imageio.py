@@ -387,6 +387,12 @@ def present_values(mask: np.ndarray) -> np.ndarray:
 MASK_MODES = ("1", "L", "P", "LA", "PA", "RGB", "RGBA", "RGBX", *HIGH_BIT_MODES)
 
 
+def _palette_entries(image) -> list[tuple[int, ...]]:
+    """A palette image's palette as ``(r, g, b)`` entries, by index."""
+    palette = image.getpalette() or []
+    return [tuple(palette[i:i + 3]) for i in range(0, len(palette) - 2, 3)]
+
+
 def _black_and_white_palette(image) -> bool:
     """Whether a palette image is a black-and-white image stored compactly: every entry of its
     palette (used or not) is black or white.
@@ -397,8 +403,7 @@ def _black_and_white_palette(image) -> bool:
     only; any other palette (class colours, grey class levels) is read by index, and so are used
     indices that the palette does not tell apart (padding entries are black too).
     """
-    palette = image.getpalette() or []
-    entries = [tuple(palette[i:i + 3]) for i in range(0, len(palette) - 2, 3)]
+    entries = _palette_entries(image)
     if not entries or not set(entries) <= {(0, 0, 0), (255, 255, 255)}:
         return False
     # Class indices under a palette padded with black: two used indices of one colour (or one past
@@ -414,8 +419,7 @@ def _grey_gif(image) -> bool:
     0/1)."""
     if image.format != "GIF":
         return False
-    palette = image.getpalette() or []
-    entries = [tuple(palette[i:i + 3]) for i in range(0, len(palette) - 2, 3)]
+    entries = _palette_entries(image)
     used = np.flatnonzero(image.histogram()[:256])
     return bool(used.size) and used[-1] < len(entries) and all(len(set(entries[i])) == 1 for i in used)
 
