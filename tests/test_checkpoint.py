@@ -653,9 +653,10 @@ def test_weights_under_other_common_keys_load_and_a_miss_names_the_keys_found(tm
         cmrf.load_checkpoint(model, tmp_path / "none.pth")
 
 
-def test_the_command_line_builds_the_model_a_save_weights_file_records(tmp_path):
+def test_the_command_line_builds_the_model_a_save_weights_file_records(tmp_path, monkeypatch):
     """`cmrf evaluate`/`export` said such a file "carries no cmrf metadata" and wanted --model, and
     a CMUNeXt of other dims could not be described with the flags at all."""
+    import cmrf.export
     from cmrf.cli import main
 
     model = cmrf.create_model("cmunext", dims=(8, 16, 32, 64, 128), depths=(1, 1, 1, 2, 1),
@@ -664,8 +665,18 @@ def test_the_command_line_builds_the_model_a_save_weights_file_records(tmp_path)
     rebuilt, meta = model_from_checkpoint(tmp_path / "mine.safetensors")
     assert (meta["model"], meta["num_classes"]) == ("cmunext", 3)
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
+    exported = []  # the model the command builds, not the (slow) export itself, is under test here
+
+    def record(model, path, *args, **kwargs):
+        exported.append(model)
+        Path(path).write_bytes(b"onnx")
+        return Path(path)
+
+    monkeypatch.setattr(cmrf.export, "export_onnx", record)
     assert main(["export", "onnx", "--checkpoint", str(tmp_path / "mine.safetensors"),
                  "--input-size", "1", "3", "32", "32", "-o", str(tmp_path / "mine.onnx")]) == 0
+    (built,) = exported
+    assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), model.state_dict().values()))
 
 
 def test_flags_beside_a_recorded_call_replace_its_arguments(tmp_path):

@@ -392,7 +392,10 @@ def test_output_the_terminal_cannot_encode_is_escaped_not_an_error(tmp_path):
     import sys
 
     out = os.fsdecode(bytes(tmp_path) + b"/g\xff.onnx")
-    code = "import sys; from cmrf.cli import main; sys.exit(main(sys.argv[1:]))"
+    # The export itself is stubbed (it takes seconds): what is under test is the last line's path.
+    code = ("import pathlib, sys; import cmrf.export; from cmrf.cli import main; "
+            "cmrf.export.export_onnx = lambda model, path, *a, **k: (pathlib.Path(path).write_bytes(b'x'), "
+            "pathlib.Path(path))[1]; sys.exit(main(sys.argv[1:]))")
     argv = [sys.executable, "-c", code, "export", "onnx", *SMALL, "-o", out]
     done = subprocess.run(argv, capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
     assert done.returncode == 0, done.stderr.decode(errors="replace")

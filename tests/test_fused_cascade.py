@@ -23,7 +23,7 @@ import sys
 import warnings
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -121,7 +121,7 @@ def assert_stages_match(stages, ref_stages, rtol: float = 1e-4):
             assert norm.num_batches_tracked.item() == ref_norm.num_batches_tracked.item()
 
 
-@pytest.mark.parametrize("N", [2, 4, 8])
+@pytest.mark.parametrize("N", [2, 8])  # (test_random_shapes draws N = 3 and 4 too)
 def test_training_forward_backward_and_running_stats(N):
     stages = make_stages(2, N)
     y = torch.randn(2, 4, 9, 11, device=DEVICE)
@@ -400,6 +400,7 @@ def test_momentum_none_and_no_running_stats():
     assert_stages_match(stages, ref_stages)
 
 
+@settings(max_examples=8)  # each example runs the kernels in Triton's interpreter (seconds)
 @given(
     batch=st.integers(1, 2),
     c=st.integers(1, 3),
