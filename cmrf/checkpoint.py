@@ -31,11 +31,13 @@ __all__ = [
     "save_weights",
 ]
 
-# Wrappers that training scripts commonly put around the state dict.
-# The first of these that holds tensors is taken; the averaged (EMA) weights only when a file holds
-# nothing else (timm's train.py writes "state_dict" beside "state_dict_ema").
-_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net", "network", "weights", "params",
-                 "state_dict_ema", "model_ema", "ema")
+# Wrappers that training scripts commonly put around the state dict; the first that holds tensors
+# is taken.
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net", "network", "weights", "params")
+# Where they put the averaged (EMA) weights: timm's train.py writes "state_dict_ema" beside
+# "state_dict". These come first by default, as in timm's loader (use_ema=True), so that
+# cmrf.create_model and timm.create_model load the same weights from one file.
+_EMA_KEYS = ("state_dict_ema", "model_ema", "ema")
 
 
 def _existing_file(path: str | Path) -> Path:
@@ -214,14 +216,20 @@ def _without_extra_state(state: dict) -> dict:
     return {key: value for key, value in state.items() if not is_extra(key)}
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, *, use_ema: bool = True) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a ``torch.save`` file, on the CPU.
 
     ``torch.save`` files are opened with ``weights_only=True``: no pickled code runs. A dict
     that wraps the weights under one of ``_WRAPPER_KEYS`` (``state_dict``, ``model``,
-    ``model_state_dict``, ``net``, ..., the EMA copies last) is unwrapped, and the prefixes that
-    wrappers put before every key are removed: ``module.`` (DataParallel/DDP) and ``_orig_mod.``
-    (``torch.compile``), in either order.
+    ``model_state_dict``, ``net``, ...) or ``_EMA_KEYS`` (``state_dict_ema``, ``model_ema``,
+    ``ema``) is unwrapped, and the prefixes that wrappers put before every key are removed:
+    ``module.`` (DataParallel/DDP) and ``_orig_mod.`` (``torch.compile``), in either order.
+
+    Args:
+        path: the file.
+        use_ema: when the file holds averaged (EMA) weights beside the raw ones (timm's
+            ``train.py`` writes both), read the averaged ones, as timm's loader does (default
+            ``True``), else the raw ones. Either way a ``UserWarning`` names the one read.
 
     Raises:
         FileNotFoundError, IsADirectoryError, PermissionError: the file cannot be opened.
@@ -242,13 +250,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         state = _read_torch_file(path)
     top = state
+    order = _EMA_KEYS + _WRAPPER_KEYS if use_ema else _WRAPPER_KEYS + _EMA_KEYS
     if isinstance(state, dict):
-        for key in _WRAPPER_KEYS:
-            inner = state.get(key)
-            # A dict that holds no tensor (a model's configuration under "model") is not the weights.
-            if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
-                state = inner
-                break
+        held = [key for key in order if _holds_tensors(state.get(key))]
+        if held:
+            state = state[held[0]]
+            _warn_if_both_copies(path, held)
     if isinstance(state, dict):
         state = _without_extra_state(state)
     tensors_only = isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
@@ -259,8 +266,30 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             held = f"it holds {'an empty dict' if isinstance(top, dict) else 'a ' + type(top).__name__}"
         raise ValueError(f"{path} does not hold a state dict of tensors: {held}; the weights are read from "
-                         f"the top level or from the first of {', '.join(_WRAPPER_KEYS)} that holds tensors")
+                         f"the top level or from the first of {', '.join(order)} that holds tensors")
     return _strip_wrapper_prefixes(state)
+
+
+def _holds_tensors(inner) -> bool:
+    """Whether a wrapper key's value is weights: a dict holding tensors (a model's configuration,
+    also found under "model", holds none)."""
+    return isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values())
+
+
+def _warn_if_both_copies(path: Path, held: list[str]) -> None:
+    """Name the copy read when a file holds both the averaged (EMA) and the raw weights."""
+    averaged = [key for key in held if key in _EMA_KEYS]
+    raw = [key for key in held if key not in _EMA_KEYS]
+    if not (averaged and raw):
+        return
+    other = "use_ema=True" if held[0] in raw else "use_ema=False"
+    kind = "averaged (EMA)" if held[0] in averaged else "raw"
+    warnings.warn(
+        f"{path} holds averaged (EMA) weights under {averaged[0]!r} and raw ones under {raw[0]!r}: "
+        f"read the {kind} ones, {held[0]!r}; for the other copy, cmrf.load_checkpoint(model, path, "
+        f"{other}) or cmrf.read_state_dict(path, {other})",
+        UserWarning, stacklevel=caller_stacklevel(),
+    )
 
 
 # What wrappers put before every key: DistributedDataParallel/DataParallel ("module.") and
@@ -500,11 +529,24 @@ def _folded_keys(unexpected: set[str], expected) -> list[str]:
             or key.endswith(("pw1_low.weight", "pw1_skip.weight"))]
 
 
+def _recorded_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata a weights file records: a safetensors header's, or the ``metadata``
+    dict a ``last_state.pt`` of ``cmrf train`` holds beside its weights; ``{}`` for other files."""
+    path = _existing_file(path)
+    if is_safetensors_file(path):
+        return safetensors_metadata(path)
+    top = _read_torch_file(path)
+    meta = top.get("metadata") if isinstance(top, dict) else None
+    if not isinstance(meta, dict):
+        return {}
+    return {key: value for key, value in meta.items() if isinstance(key, str) and isinstance(value, str)}
+
+
 def _how_it_was_built(source: str | Path) -> str:
     """For a file ``cmrf train`` wrote, the call that builds its model (its metadata says), as a
     clause of the mismatch message: a model built with default arguments is the usual cause."""
     try:
-        meta = safetensors_metadata(source)
+        meta = _recorded_metadata(source)
         if meta.get("format") != "cmrf":
             return _saved_from(meta)
         name, values = meta["model"], json.loads(meta.get("model_kwargs") or "{}")
@@ -573,9 +615,9 @@ def _create_call_of(meta: dict) -> tuple[str, dict] | None:
 def training_create_call(path: str | Path) -> tuple[str, dict] | None:
     """The ``create_model(name, **kwargs)`` call that built the model of a file ``cmrf train``
     wrote, as ``(name, kwargs)``, or ``None`` (another file, or a ``--replace-blocks`` model, which
-    no such call builds)."""
+    no such call builds): a ``.safetensors`` it wrote or its ``last_state.pt``."""
     try:
-        meta = safetensors_metadata(path)
+        meta = _recorded_metadata(path)
         if meta.get("format") != "cmrf" or json.loads(meta.get("replace_blocks") or "null") is not None:
             return None
         name, kwargs = meta["model"], json.loads(meta.get("model_kwargs") or "{}")
@@ -602,15 +644,18 @@ def _saved_from(meta: dict) -> str:
     return f" (it was saved from cmrf.create_model({', '.join(arguments)}): build the model that way)"
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+def load_checkpoint(model: nn.Module, path: str | Path, *, use_ema: bool = True) -> nn.Module:
     """Load weights from ``path`` into ``model`` strictly and return the model.
 
     Foreign key names (e.g. the reference TinyU-Net code's) are mapped by the model's
     ``checkpoint_filter_fn`` when it has one. Everything is checked before any weight is copied,
     so a failed load leaves the model untouched. Raises ``ValueError`` listing missing keys,
     unexpected keys and shape mismatches, or naming a truncated/corrupt file.
+
+    ``use_ema``: of a file holding averaged (EMA) weights beside the raw ones, load the averaged
+    ones (default, as timm does) or the raw ones (see ``read_state_dict``).
     """
-    return load_state_dict_checked(model, read_state_dict(path), path)
+    return load_state_dict_checked(model, read_state_dict(path, use_ema=use_ema), path)
 
 
 # torch.save's usual suffixes: a safetensors file under one of them is one torch.load cannot read.
@@ -658,15 +703,22 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | 
             model that ``cmrf.create_model`` built, unchanged in layout since, also records that
             call (key ``cmrf_create_model``), which a load that does not fit then names.
 
+    A ``torch.compile`` or ``(Distributed)DataParallel`` wrapper is looked through: the file holds
+    the wrapped model's keys, without ``_orig_mod.``/``module.``, and its recorded call.
+
     Raises:
-        ValueError: for a pickle suffix, metadata that is not ``str`` to ``str``, or a copy
-            made by ``optimize_for_inference`` (save the model it was made from instead).
+        ValueError: for a pickle suffix, metadata that is not ``str`` to ``str``, a copy made by
+            ``optimize_for_inference`` (save the model it was made from instead), or a model
+            on the meta device (no values to save).
         OSError: the file cannot be written.
     """
     from safetensors.torch import save_file
 
     from cmrf.files import atomic_path
+    from cmrf.layers import without_wrappers
 
+    # The wrapped model: keys without "module."/"_orig_mod.", and its recorded create_model call.
+    model = without_wrappers(model)
     _refuse_inference_copy(model)
     suffix = Path(path).suffix.lower()
     if suffix in _PICKLE_SUFFIXES:
@@ -681,6 +733,12 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | 
         metadata = {**(metadata or {}), CREATE_CALL_KEY: call}
     state, seen = {}, set()
     for key, value in model.state_dict().items():
+        if value.is_meta:
+            raise ValueError(
+                f"save_weights: {key!r} is a meta tensor: a model built on the meta device has no "
+                f"values to save; give it weights first (model.load_state_dict(state, assign=True), "
+                f"or model.to_empty(device='cpu') and an initialisation)"
+            )
         value = value.detach().cpu().contiguous()
         # Tied weights share storage, which safetensors refuses: store each name's own copy
         # (loading copies both names into the one tied tensor, so the tie survives a round trip).

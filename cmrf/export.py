@@ -28,7 +28,7 @@ from cmrf._warnings import caller_stacklevel
 from cmrf.checkpoint import check_text_metadata
 from cmrf.files import atomic_path
 from cmrf.inference import GraphPerShape, optimize_for_inference
-from cmrf.layers import check_input_size, cmrf_blocks, compiled_original, eval_mode, inference_only_parts
+from cmrf.layers import check_input_size, cmrf_blocks, eval_mode, inference_only_parts, without_wrappers
 from cmrf.onnx_writer import (
     DEFAULT_OPSET,
     TESTED_TORCH_FOR_ONNX,
@@ -121,14 +121,11 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     DataParallel`` runs: what the export traces anyway, what says which input it takes (channels,
     rank, sizes), and what ``optimize`` can rewrite (the compiled wrapper's copy would run the
     original; a dynamic export of a wrapper failed in the exporter)."""
-    wrappers = (GraphPerShape, nn.DataParallel, nn.parallel.DistributedDataParallel)
     while True:
-        if isinstance(model, wrappers):
-            model = model.module
-        elif (inner := compiled_original(model)) is not model:
-            model = inner
-        else:
+        inner = model.module if isinstance(model, GraphPerShape) else without_wrappers(model)
+        if inner is model:
             return model
+        model = inner
 
 
 def _check_not_on_meta(model: nn.Module) -> None:

@@ -57,6 +57,19 @@ def compiled_original(model: nn.Module) -> nn.Module:
     return model
 
 
+def without_wrappers(model: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile`` and ``(Distributed)DataParallel`` wrappers, nested in
+    any order, else ``model`` itself: the one whose ``state_dict`` keys carry no wrapper prefix."""
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    while True:
+        if isinstance(model, wrappers):
+            model = model.module
+        elif (inner := compiled_original(model)) is not model:
+            model = inner
+        else:
+            return model
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` in eval mode for the ``with`` block, then every submodule's own training flag

@@ -648,7 +648,8 @@ def test_weights_under_other_common_keys_load_and_a_miss_names_the_keys_found(tm
         assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
     torch.save({"optimizer": {"lr": 1}, "epoch": 3}, tmp_path / "none.pth")
     missed = (r"none\.pth does not hold a state dict of tensors: its top-level keys are 'optimizer', "
-              r"'epoch'; the weights are read from the top level or from the first of state_dict, model, ")
+              r"'epoch'; the weights are read from the top level or from the first of state_dict_ema, "
+              r"model_ema, ema, state_dict, model, ")
     with pytest.raises(ValueError, match=missed):
         cmrf.load_checkpoint(model, tmp_path / "none.pth")
 
@@ -791,3 +792,73 @@ def test_weights_of_another_dimensionality_are_named_as_such(tmp_path):
     with pytest.raises(ValueError) as caught:  # other widths, same dimensionality: no such claim
         cmrf.load_checkpoint(cmrf.create_model("tinyunet3d", channels=(16, 64), N=2), volume)
     assert "shape mismatches" in str(caught.value) and "3D model and" not in str(caught.value)
+
+
+def _small_tinyunet() -> torch.nn.Module:
+    return cmrf.create_model("tinyunet", channels=(16, 32), N=2)
+
+
+def test_a_file_with_averaged_and_raw_weights_loads_the_averaged_ones_as_timm_does_and_says_so(tmp_path):
+    """timm's train.py writes 'state_dict' beside 'state_dict_ema': cmrf.create_model read the raw
+    copy and timm.create_model (use_ema=True) the averaged one, from the same file, without a word."""
+    timm = pytest.importorskip("timm")
+    raw = _small_tinyunet().state_dict()
+    averaged = {k: v + 1 if v.is_floating_point() else v for k, v in raw.items()}
+    path = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 5, "state_dict": raw, "state_dict_ema": averaged, "optimizer": {}}, path)
+    key = "stem.pw1.conv.weight" if "stem.pw1.conv.weight" in raw else next(iter(raw))
+    both = (r"averaged \(EMA\) weights under 'state_dict_ema' and raw ones under 'state_dict': "
+            r"read the averaged \(EMA\) ones.*use_ema=False")
+    with pytest.warns(UserWarning, match=both):
+        ours = cmrf.create_model("tinyunet", channels=(16, 32), N=2, checkpoint_path=path)
+    theirs = timm.create_model("tinyunet", channels=(16, 32), N=2, checkpoint_path=str(path))
+    assert torch.equal(ours.state_dict()[key], averaged[key])
+    assert torch.equal(theirs.state_dict()[key], averaged[key])
+    with pytest.warns(UserWarning, match=r"read the raw ones, 'state_dict'.*use_ema=True"):
+        loaded = cmrf.load_checkpoint(_small_tinyunet(), path, use_ema=False)
+    assert torch.equal(loaded.state_dict()[key], raw[key])
+    torch.save({"state_dict": raw, "epoch": 5}, tmp_path / "raw_only.pth")  # one copy: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(read_state_dict(tmp_path / "raw_only.pth")[key], raw[key])
+
+
+@pytest.mark.parametrize("wrap", ["compile", "dataparallel"])
+def test_save_weights_looks_through_compile_and_data_parallel_wrappers(tmp_path, wrap):
+    """save_weights(torch.compile(model)) stored '_orig_mod.' keys and no recorded create_model call,
+    so `cmrf evaluate` of the file wanted --model, unlike the same model saved unwrapped."""
+    from cmrf.checkpoint import recorded_create_call
+
+    model = _small_tinyunet()
+    wrapped = torch.compile(model) if wrap == "compile" else torch.nn.DataParallel(model)
+    save_weights(wrapped, tmp_path / "w.safetensors")
+    assert read_state_dict(tmp_path / "w.safetensors").keys() == model.state_dict().keys()
+    from safetensors.torch import load_file
+
+    assert set(load_file(tmp_path / "w.safetensors")) == set(model.state_dict())  # as stored
+    assert recorded_create_call(tmp_path / "w.safetensors") == ("tinyunet", {"channels": [16, 32], "N": 2})
+
+
+def test_save_weights_of_a_model_on_the_meta_device_is_a_clear_error(tmp_path):
+    with torch.device("meta"):
+        model = _small_tinyunet()
+    with pytest.raises(ValueError, match=r"save_weights: '[\w.]+' is a meta tensor: a model built on the "
+                                         r"meta device has no values to save"):
+        save_weights(model, tmp_path / "meta.safetensors")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_last_state_file_that_does_not_fit_names_the_call_that_builds_its_model(tmp_path):
+    """The mismatch message named the create_model call for a run's .safetensors but not for its
+    last_state.pt, which records the same metadata (and docs/training.md promised it for both)."""
+    from cmrf.train.state import model_metadata
+
+    meta = model_metadata("tinyunet", {"channels": [16, 32], "N": 2}, 3, 2, ["background", "lesion"])
+    torch.save({"model": _small_tinyunet().state_dict(), "metadata": meta, "epoch": 1},
+               tmp_path / "last_state.pt")
+    call = r"cmrf\.create_model\('tinyunet', in_chans=3, num_classes=2, channels=\[16, 32\], N=2\)"
+    with pytest.raises(ValueError, match=rf"cmrf train wrote it for {call}"):
+        cmrf.create_model("tinyunet", checkpoint_path=tmp_path / "last_state.pt")
+    from cmrf.checkpoint import training_create_call  # what `cmrf train --init` names
+
+    assert training_create_call(tmp_path / "last_state.pt") == ("tinyunet", {"channels": [16, 32], "N": 2})
