@@ -164,19 +164,25 @@ def _result_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _call_path(path: str, x: torch.Tensor) -> str:
-    """The path this call takes: ``path`` if ``x`` suits it, else ``"plain"``."""
+def _needs_grad(x: torch.Tensor, module: nn.Module) -> bool:
+    """Whether this call must record a graph: for ``x``, or for weights a user set
+    ``requires_grad`` on (``copy.requires_grad_()``), which only the plain operators give."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
+def _call_path(path: str, x: torch.Tensor, module: nn.Module) -> str:
+    """The path this call of ``module`` takes: ``path`` if ``x`` suits it, else ``"plain"``."""
     if path == "plain" or _tracing() or functorch_transforms_active():  # vmap/grad: no out=, no kernels
         return "plain"
     if path == "onednn":
         cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32
         # The CPU graph writes into preallocated buffers (out=, in place): no autograd through it.
-        needs_grad = torch.is_grad_enabled() and x.requires_grad
+        needs_grad = _needs_grad(x, module)
         return "onednn" if cpu_fp32 and not needs_grad and not torch.is_autocast_enabled("cpu") else "plain"
     # fused: the Triton kernel runs CUDA tensors (CPU ones only in Triton's interpreter) and has
-    # no backward here, so an input that needs a gradient takes the plain operators.
+    # no backward here, so a call that needs a gradient takes the plain operators.
     runnable = x.is_cuda or (x.device.type == "cpu" and interpreter_enabled())
-    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    needs_grad = _needs_grad(x, module)
     # The kernels compute in fp32 at most: a float64 model keeps its precision on the plain path.
     kernel_dtype = x.dtype in (torch.float32, torch.float16, torch.bfloat16)
     return "fused" if runnable and kernel_dtype and x.dim() == 4 and not needs_grad else "plain"
@@ -314,10 +320,20 @@ def upsample_bicubic2x(x: torch.Tensor, kernel: torch.Tensor | None = None) -> t
 
     Returns:
         ``(B, C, 2H, 2W)``.
+
+    Raises:
+        ValueError: ``x`` is not ``(B, C, H, W)`` with ``C, H, W >= 1``, or ``kernel`` is not
+            ``(4C, 1, 5, 5)``.
     """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or 0 in x.shape[1:]:
+        got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"upsample_bicubic2x takes a (B, C, H, W) tensor with C, H, W >= 1, got {got}")
     channels = x.shape[1]
     if kernel is None:
         kernel = _bicubic2x_kernel(x.dtype, x.device).repeat(channels, 1, 1, 1)
+    elif tuple(kernel.shape) != (4 * channels, 1, 5, 5):
+        raise ValueError(f"upsample_bicubic2x: kernel of shape {tuple(kernel.shape)} for {channels} "
+                         f"channels, expected (4 * C, 1, 5, 5) = {(4 * channels, 1, 5, 5)}")
     if x.device.type == "cpu" and x.dtype == torch.float16 and not _tracing():
         # torch 2.4 has no fp16 replicate padding on the CPU; a cat of border slices is the same copy.
         padded = pad_replicate(pad_replicate(x, 2, 2), 3, 2)
@@ -740,7 +756,7 @@ class InferenceCMRF(_EvalOnly):
             One tensor per consumer, each equal to ``consumer(full block output)``.
         """
         self._refresh_derived()
-        path = path or _call_path(self.path, hidden)
+        path = path or _call_path(self.path, hidden, self)
         if path != "onednn":
             y = self._mix_plain(hidden, path)
             y = y if residual is None else y + residual
@@ -767,7 +783,7 @@ class InferenceCMRF(_EvalOnly):
         check_input(x, self.in_channels, self.spatial_dims, "CMRF", weight=first_parameter(self))
         if x.shape[0] == 0 and not _tracing():  # an empty batch: nothing to compute
             return x.new_empty((0, self.out_channels, *x.shape[2:]), dtype=_result_dtype(x))
-        path = _call_path(self.path, x)
+        path = _call_path(self.path, x, self)
         residual = x if self.add_residual else None
         hidden = F.gelu(pointwise(self.pw1, x) if path == "onednn" else self.pw1(x))
         return self.mix_into(hidden, [None], residual, path)[0]
@@ -869,7 +885,7 @@ class InferenceTinyUNet(_EvalOnly):
         TinyUNet._check_input(self, x)  # the original's validation: same messages
         if x.shape[0] == 0 and not _tracing():  # an empty batch: nothing to compute
             return x.new_empty((0, self.num_classes, *x.shape[2:]), dtype=_result_dtype(x))
-        path = _call_path(self.path, x)
+        path = _call_path(self.path, x, self)
         if path != "onednn":
             return self._forward_plain(x, path)
         # Each wide block output is consumed band by band (see InferenceCMRF.mix_into) by the
@@ -959,9 +975,7 @@ class GraphPerShape(nn.Module):
         return sum(graph is not _NO_GRAPH for graph in self._graphs.values())
 
     def _needs_grad(self, x: torch.Tensor) -> bool:
-        return torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.module.parameters())
-        )
+        return _needs_grad(x, self.module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A module in training mode computes something else than the eval-mode graphs (batch

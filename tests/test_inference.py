@@ -72,6 +72,19 @@ def test_bicubic2x_equals_interpolate_including_borders(channels, height, width,
     assert _max_diff(upsample_bicubic2x(x), expected) < 1e-4
 
 
+def test_bicubic2x_names_a_tensor_of_the_wrong_rank_or_kernel():
+    """A (C, H, W) tensor gave conv2d's "expected input[1, 3, 9, 11] to have 5 channels", about
+    channels; a 5-D one "Padding size 4 is not supported for 5D input"."""
+    for shape in ((3, 5, 7), (1, 2, 3, 5, 7), (2, 0, 4, 4)):
+        with pytest.raises(ValueError, match=rf"takes a \(B, C, H, W\) tensor with C, H, W >= 1, got shape "
+                                              rf"{re.escape(str(shape))}"):
+            upsample_bicubic2x(torch.randn(shape))
+    wrong_kernel = r"kernel of shape \(8, 1, 5, 5\) for 3 channels, expected .*\(12, 1, 5, 5\)"
+    with pytest.raises(ValueError, match=wrong_kernel):
+        upsample_bicubic2x(torch.randn(1, 3, 4, 4), torch.randn(8, 1, 5, 5))
+    assert upsample_bicubic2x(torch.randn(0, 3, 4, 4)).shape == (0, 3, 8, 8)  # an empty batch, as interpolate
+
+
 @given(height=st.integers(2, 11), width=st.integers(2, 11))
 def test_max_pool2x_equals_max_pool2d(height, width):
     x = torch.randn(2, 3, height, width)

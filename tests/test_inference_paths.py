@@ -592,6 +592,20 @@ def test_frozen_graph_limits_and_fallbacks(small_unet):
     assert fast.num_graphs == 0
 
 
+@pytest.mark.parametrize("freeze", [False, True])
+def test_a_copy_whose_weights_were_set_to_require_grad_runs_differentiably(small_unet, freeze):
+    """copy.requires_grad_() made every call with grad enabled fail inside the CPU graph's out=
+    writes ("add(): functions with out=... arguments don't support automatic differentiation")."""
+    fast = optimize_for_inference(small_unet, freeze=freeze).requires_grad_()
+    x = torch.randn(1, 3, 16, 16)
+    out = fast(x)
+    assert out.requires_grad and _max_diff(out.detach(), small_unet(x).detach()) < TOL
+    out.sum().backward()
+    assert all(p.grad is not None for p in fast.parameters() if p.requires_grad)
+    with torch.no_grad():  # no graph wanted: the fast path again
+        assert _max_diff(fast(x), out.detach()) < TOL
+
+
 def test_freeze_arguments(small_unet):
     with pytest.raises(TypeError, match="freeze must be a bool, got int"):
         optimize_for_inference(small_unet, freeze=1)
