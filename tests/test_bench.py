@@ -529,6 +529,27 @@ def test_with_n_1_the_fused_cascade_rows_are_skipped_with_the_reason():
     assert rows["cascade.eval.b1.L3.fp32.reference"].status != "error"
 
 
+def test_a_run_leaves_the_callers_random_stream_and_says_when_memory_probed_nothing():
+    """The rows reseeded torch's global generator (a caller's later draws changed), and --memory
+    with only cascade rows probed nothing without a word."""
+    settings = resolve_settings("cpu", rows=("cascade.eval.b1.L3",), N=1, memory=True, **TINY)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    report = run_benchmark(settings, progress=None)
+    assert torch.equal(torch.rand(3), expected)
+    assert any("--memory: no whole-network row" in note for note in to_json(report)["notes"])
+
+
+def test_settings_built_by_hand_are_checked_as_resolved_ones():
+    """run_benchmark(BenchSettings(...)) skipped the checks: unknown rows gave an empty report,
+    repeats=0 a "StatisticsError: no median for empty data" note."""
+    with pytest.raises(ValueError, match="matches no row"):
+        run_benchmark(BenchSettings(rows=("nosuch",)), progress=None)
+    with pytest.raises(ValueError, match="repeats must be an integer >= 1, got 0"):
+        run_benchmark(BenchSettings(rows=("inference.optimized",), repeats=0, threads=1), progress=None)
+
+
 def test_settings_take_one_value_or_several_without_repeats_and_refuse_non_bools():
     settings = resolve_settings("cpu", rows="inference", cascade_dtypes="fp32",
                                 cascade_train_batches=[1, 1, 2])
@@ -565,10 +586,22 @@ def test_bench_cli_writes_table_and_json(tmp_path, capsys):
         (["bench", "--device", "cpu", "--precision", "bf16"], "CUDA"),
         (["bench-cascade", "--device", "cpu", "--rows", "training.cmrf", "--repeats", "0"], "repeats"),
         (["bench", "--device", "cpu", "--N", "3"], "multiples of 2N"),
+        # flags named as flags (they were "deadline_s must be ...", "cascade_train_batches ...")
+        (["bench", "--deadline", "0"], "argument --deadline: expected a finite number > 0"),
+        (["bench", "--cascade-train-batch", "0"], "argument --cascade-train-batch: expected an integer >= 1"),
+        (["bench", "--leak-calls", "-1"], "argument --leak-calls: expected an integer >= 0"),
+        (["bench", "--threads", "0"], "argument --threads: expected an integer >= 1, got 0"),
+        # an unset shell variable: the run went on for minutes and wrote no JSON (exit 0)
+        (["bench", "--json", ""], "argument --json: expected a file or folder name, got ''"),
+        (["train", "--out", ""], "argument --out: expected a file or folder name, got ''"),
     ],
 )
 def test_bench_cli_rejects_bad_arguments(argv, message, capsys):
-    assert cli_main(argv) == 2
+    try:
+        status = cli_main(argv)
+    except SystemExit as stop:  # argparse's own refusals
+        status = stop.code
+    assert status == 2
     assert message in capsys.readouterr().err
 
 

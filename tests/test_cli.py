@@ -769,8 +769,10 @@ def test_worker_counts_beyond_the_machine_are_refused_up_front(monkeypatch, caps
 
 def test_bench_refuses_thread_counts_beyond_the_machine(monkeypatch, capsys):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert main(["bench", "--device", "cpu", "--threads", "9", "--size", "17"]) == 2  # checked first
-    expected = "threads must be at most 8 (4 per core of the 2 this machine has), got 9"
+    with pytest.raises(SystemExit) as stop:  # argparse's refusal, before any other check
+        main(["bench", "--device", "cpu", "--threads", "9", "--size", "17"])
+    assert stop.value.code == 2
+    expected = "argument --threads: expected at most 8 threads (4 per core of the 2 this machine has), got 9"
     assert expected in capsys.readouterr().err
 
 

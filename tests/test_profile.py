@@ -34,6 +34,20 @@ def test_cli_json(capsys):
     assert figures["macs"] > 0
 
 
+def test_cli_json_names_the_model_measured_and_flags_that_disagree_are_refused(capsys):
+    """The JSON held the figures only (tinyunet measured as tinyunet3d, --N and --channels were
+    lost); --in-chans against --input-size's C failed in the model's own input check."""
+    argv = ["profile", "tinyunet", "--input-size", "1", "1", "32", "32", "32", "--N", "4",
+            "--channels", "8", "16", "--json"]
+    assert main(argv) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert {k: figures[k] for k in ("model", "spatial_dims", "in_chans", "num_classes", "model_kwargs")} == {
+        "model": "tinyunet3d", "spatial_dims": 3, "in_chans": 1, "num_classes": 2,
+        "model_kwargs": {"N": 4, "channels": [8, 16]}}
+    assert main(["profile", "tinyunet", "--input-size", "1", "3", "64", "64", "--in-chans", "1"]) == 2
+    assert "--in-chans 1 does not match C = 3 of --input-size 1 3 64 64" in capsys.readouterr().err
+
+
 def test_cli_model_kwargs(capsys):
     args = ["profile", "tinyunet", "--input-size", "1", "1", "64", "64", "--num-classes", "4", "--N", "4"]
     assert main(args) == 0

@@ -455,8 +455,9 @@ def test_other_zoo_models_are_built_for_volumes_too(tmp_path, capsys):
     assert main(["train", *args, "--epochs", "1", "--device", "cpu", "--no-plots", "--out", str(out)]) == 0
     assert main(["evaluate", str(out / "best.safetensors"), "--device", "cpu"]) == 0  # rebuilt in 3D
     capsys.readouterr()
-    with pytest.raises(ValueError, match=r"'tinyunet3d' is built for spatial_dims=3 and cannot take 2D data "
-                                         r"\(spatial_dims=2\); use --model tinyunet"):
+    refused = (r"'tinyunet3d' is built for spatial_dims=3 and cannot take 2D data \(spatial_dims=2\); "
+               r"use tinyunet, which builds tinyunet3d for volumes")
+    with pytest.raises(ValueError, match=refused):
         build_model("tinyunet3d", 3, 2, spatial_dims=2)
     # the command refuses it before reading any data (here: a missing data folder)
     argv = ["train", "--model", "tinyunet3d", "--data", "isic2018", "--root", str(tmp_path / "none")]

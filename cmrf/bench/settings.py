@@ -28,6 +28,7 @@ __all__ = [
     "resolve_settings",
     "row_names",
     "selected",
+    "validate_settings",
 ]
 
 GROUPS = ("inference", "training", "cascade")
@@ -228,7 +229,7 @@ def resolve_settings(device: str | None = "cpu", **overrides) -> BenchSettings:
     given = {k: _as_tuple(v) if k in _TUPLE_SETTINGS else v for k, v in overrides.items() if v is not None}
     values = {**defaults, **given}
     settings = replace(BenchSettings(device=device), **values)
-    _validate(settings)
+    validate_settings(settings)
     return settings
 
 
@@ -242,11 +243,12 @@ def _as_tuple(value) -> tuple:
         return (value,)
     try:
         return tuple(dict.fromkeys(value))
-    except TypeError:  # not iterable, or unhashable items: _validate names the value
+    except TypeError:  # not iterable, or unhashable items: validate_settings names the value
         return (value,)
 
 
-def _validate(s: BenchSettings) -> None:
+def validate_settings(s: BenchSettings) -> None:
+    """Raise ``ValueError`` naming the first setting of ``s`` that is out of range."""
     for name in _BOOL_SETTINGS:
         if not isinstance(getattr(s, name), bool):
             raise ValueError(f"{name} must be True or False, got {getattr(s, name)!r}")

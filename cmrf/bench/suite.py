@@ -42,6 +42,7 @@ from cmrf.bench.settings import (
     resolve_settings,
     row_names,
     selected,
+    validate_settings,
 )
 from cmrf.bench.targets import apply_targets
 
@@ -297,6 +298,9 @@ class _Run:
         s = self.settings
         rows = [r for r in self.report.rows if r.group != "cascade" and r.status == "ok"]
         if s.memory:
+            if not rows:
+                self.extra_notes.append("--memory: no whole-network row (inference, training) ran, so "
+                                        "no peak RSS was probed.")
             for row in rows:
                 if _compiled(row.name) or not self.deadline.allows():
                     why = "a torch.compile row" if _compiled(row.name) else "the deadline had passed"
@@ -436,18 +440,22 @@ def run_benchmark(settings: BenchSettings | None = None, progress: Callable[[str
     """Run the benchmark and return its ``Report`` (``cmrf.bench.to_markdown`` / ``to_json`` format it).
 
     Args:
-        settings: from ``resolve_settings``; ``None`` builds them from ``overrides`` (e.g.
-            ``device="cuda"``, ``rows=("inference",)``), with the device's defaults.
+        settings: from ``resolve_settings`` (or built by hand; checked the same way, a
+            ``ValueError`` naming the first bad one); ``None`` builds them from ``overrides``
+            (e.g. ``device="cuda"``, ``rows=("inference",)``), with the device's defaults.
         progress: called with one line per step (elapsed time first); ``None`` is silent.
             Default: print to stderr.
 
     Off CUDA with cascade rows selected, ``TRITON_INTERPRET=1`` is set in this process (if unset)
     before the kernels are first imported, so that the fused cascade can run in the interpreter.
+    torch's random streams (CPU, and the bench's GPU) are restored afterwards: the rows seed them.
     """
     if settings is None:
         settings = resolve_settings(**overrides)
     elif overrides:
         raise ValueError("pass either settings or keyword overrides, not both")
+    else:  # settings built by hand: checked as resolve_settings checks its own
+        validate_settings(settings)
     run = _Run(settings, progress or (lambda _: None))
     if not settings.on_cuda and any(n.startswith("cascade.") for n in run.names):
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -457,7 +465,9 @@ def run_benchmark(settings: BenchSettings | None = None, progress: Callable[[str
         phases.append(("memory", run.memory))
     # Triton launches on the current GPU, not on the tensors' one: make the bench's device current.
     on_device = torch.cuda.device(run.device) if settings.on_cuda else contextlib.nullcontext()
-    with _cpu_threads(settings.threads), on_device:
+    # The rows seed torch for their inputs and weights: the caller's random streams are left as they were.
+    rng_devices = [run.device] if settings.on_cuda else []
+    with _cpu_threads(settings.threads), on_device, torch.random.fork_rng(devices=rng_devices):
         run.log(f"cmrf bench on {run.report.machine['device']}: {len(run.names)} rows, "
                 f"deadline {settings.deadline_s} s")
         for phase, work in phases:

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import importlib.util
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -135,7 +136,12 @@ def require_extra(packages: tuple[str, ...], what: str, extra: str) -> None:
 
 def user_path(text: str) -> str:
     """argparse type of file and folder options: ``~`` and ``~user`` expanded, as the shell does
-    for a word of its own but not after ``=`` (``--json=~/scores.json``)."""
+    for a word of its own but not after ``=`` (``--json=~/scores.json``). An empty word is refused:
+    it is what an unset shell variable gives (``--json "$OUT"``), and read as a path it would be
+    the current folder, or, tested for truth, no option at all."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            f"expected a file or folder name, got {text!r} (an unset shell variable?)")
     return os.path.expanduser(text)
 
 
@@ -154,6 +160,22 @@ def thread_count(text: str) -> int:
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     return _int_at_least(text, 1, "an integer >= 1")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0, "an integer >= 0")
+
+
+def positive_number(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

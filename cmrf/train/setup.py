@@ -130,7 +130,8 @@ def _check_builds_for(name: str, built_for: int, spatial_dims: int) -> None:
             create_model(name, spatial_dims=spatial_dims)
     except (TypeError, ValueError) as err:
         data = "volumes" if spatial_dims == 3 else f"{spatial_dims}D data"
-        hint = "; use --model tinyunet" if name == "tinyunet3d" else f" ({err})"
+        # "tinyunet" in every command (cmrf train's --model, cmrf profile's NAME): it builds both.
+        hint = "; use tinyunet, which builds tinyunet3d for volumes" if name == "tinyunet3d" else f" ({err})"
         raise ValueError(f"model {name!r} is built for spatial_dims={built_for} and cannot take {data} "
                          f"(spatial_dims={spatial_dims}){hint}") from err
 
