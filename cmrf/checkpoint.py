@@ -287,7 +287,7 @@ def _warn_if_both_copies(path: Path, held: list[str]) -> None:
     warnings.warn(
         f"{path} holds averaged (EMA) weights under {averaged[0]!r} and raw ones under {raw[0]!r}: "
         f"read the {kind} ones, {held[0]!r}; for the other copy, cmrf.load_checkpoint(model, path, "
-        f"{other}) or cmrf.read_state_dict(path, {other})",
+        f"{other}) or cmrf.checkpoint.read_state_dict(path, {other})",
         UserWarning, stacklevel=caller_stacklevel(),
     )
 
