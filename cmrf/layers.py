@@ -143,14 +143,29 @@ def check_input_size(input_size) -> tuple[int, ...]:
     return size
 
 
+def _is_numpy_bool(value) -> bool:
+    """Whether ``value`` is NumPy's bool scalar (``np.True_``), told by its type so that NumPy
+    need not be imported to ask."""
+    return type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+
+
+def check_bool(name: str, value) -> bool:
+    """Return ``value`` as a Python bool if it is ``True`` or ``False`` (NumPy's too), else raise
+    ``ValueError`` naming it: ``bool("false")`` is ``True``, so a string would mean the opposite."""
+    if not (isinstance(value, bool) or _is_numpy_bool(value)):
+        raise ValueError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
 def check_optional_bool(name: str, value) -> bool | None:
-    """Return ``value`` if it is ``None``, ``True`` or ``False``, else raise ``ValueError``.
+    """Return ``value`` if it is ``None``, ``True`` or ``False`` (NumPy's too, as a Python bool),
+    else raise ``ValueError``.
 
     Strict on purpose: ``bool("false")`` is ``True``, so a string would silently mean the opposite.
     """
-    if value is not None and not isinstance(value, bool):
+    if value is not None and not (isinstance(value, bool) or _is_numpy_bool(value)):
         raise ValueError(f"{name} must be True, False or None, got {value!r} ({type(value).__name__})")
-    return value
+    return None if value is None else bool(value)
 
 
 def first_parameter(module: nn.Module) -> torch.Tensor | None:
@@ -230,11 +245,8 @@ def check_input(
             f"{name} expects a floating-point input ({_FLOAT_DTYPES}), got {x.dtype}; convert with "
             f"{hint} (then normalise as in training)"
         )
-    if weight is not None and x.dtype != weight.dtype and not _autocast_on(x.device.type):
-        raise ValueError(
-            f"{name}'s weights are {weight.dtype} but the input is {x.dtype}: convert the input "
-            f"(x.to({weight.dtype})), the model (model.to({x.dtype})), or run under torch.autocast"
-        )
+    if weight is not None and x.dtype != weight.dtype:
+        _check_dtypes_agree(x, weight, name)
     reason = f" ({why})" if why else ""
     if any(side < min_size for side in x.shape[2:]):
         raise ValueError(
@@ -247,13 +259,32 @@ def check_input(
         )
 
 
+# What autocast computes in: a float64 input or model is never cast by it.
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_dtypes_agree(x: torch.Tensor, weight: torch.Tensor, name: str) -> None:
+    """Refuse an input whose dtype is not the weights' where autocast does not reconcile them."""
+    autocast = _autocast_on(x.device.type)
+    if autocast and x.dtype in _AUTOCAST_DTYPES and weight.dtype in _AUTOCAST_DTYPES:
+        return
+    convert = f"convert the input (x.to({weight.dtype})) or the model (model.to({x.dtype}))"
+    if autocast:  # a float64 side: autocast leaves it as it is, and the first convolution fails
+        raise ValueError(f"{name}'s weights are {weight.dtype} but the input is {x.dtype}, and autocast "
+                         f"does not cast float64: {convert}")
+    castable = x.dtype in _AUTOCAST_DTYPES and weight.dtype in _AUTOCAST_DTYPES
+    hint = ", or run under torch.autocast" if castable else ""
+    raise ValueError(f"{name}'s weights are {weight.dtype} but the input is {x.dtype}: {convert}{hint}")
+
+
 class ConvNorm(nn.Sequential):
     """Convolution without bias followed by BatchNorm (and optionally an activation).
 
     Args:
         in_channels: input channels.
         out_channels: output channels.
-        kernel_size: cubic kernel side. Default 1.
+        kernel_size: cubic kernel side, odd (the padding of ``kernel_size // 2`` keeps the size
+            only then). Default 1.
         groups: convolution groups. Default 1.
         act: activation module appended after the norm, or ``None`` (default) for none.
         spatial_dims: 2 for images, 3 for volumes. Default 2.
@@ -273,6 +304,12 @@ class ConvNorm(nn.Sequential):
         eps: float = CMRF_BN_EPS,
         momentum: float = CMRF_BN_MOMENTUM,
     ):
+        in_channels = check_positive_int("in_channels", in_channels)
+        out_channels = check_positive_int("out_channels", out_channels)
+        kernel_size = check_positive_int("kernel_size", kernel_size)
+        if kernel_size % 2 == 0:
+            raise ValueError(f"ConvNorm keeps the spatial size only with an odd kernel_size, "
+                             f"got {kernel_size}")
         layers = {
             "conv": conv_type(spatial_dims)(
                 in_channels,
@@ -316,9 +353,10 @@ def cmrf_channels(in_channels: int, out_channels: int, N: int) -> tuple[int, int
         ValueError: naming the offending numbers, when a count is not an integer >= 1 or
             ``out_channels`` is not divisible by ``2N``.
     """
+    # Python ints from here on: NumPy's would reach the modules' attributes (see CMRF).
     check_positive_int("in_channels", in_channels)
-    check_positive_int("out_channels", out_channels)
-    check_positive_int("N", N)
+    out_channels = check_positive_int("out_channels", out_channels)
+    N = check_positive_int("N", N)
     if out_channels % (2 * N):
         raise ValueError(
             f"CMRF needs out_channels divisible by 2N: {out_channels} is not divisible by "
@@ -362,16 +400,20 @@ class CMRF(nn.Module):
         N: number of receptive fields (one linear branch plus ``N - 1`` cascade stages).
             Default 8, the paper's choice.
         shortcut: add the input to the output when the channel counts match. Default True.
-        spatial_dims: 2 for images (default), 3 for volumes (3x3x3 depthwise convolutions).
+        spatial_dims: 2 for images (default), 3 for volumes (3x3x3 depthwise convolutions),
+            1 for signals.
         fused: per-module choice of the cascade implementation: ``None`` (default) follows the
             ``CMRF_FUSED`` environment variable, ``True`` forces the fused Triton kernels,
             ``False`` forces the plain PyTorch reference.
 
     Shapes: ``(B, in_channels, *S) -> (B, out_channels, *S)`` with ``len(S) == spatial_dims``.
 
+    Integer arguments may be any integral type (NumPy's included); they are kept as Python ints.
+
     Raises:
-        ValueError: for channel counts or ``N`` that are not integers >= 1, or an
-            ``out_channels`` not divisible by ``2N``.
+        ValueError: for channel counts or ``N`` that are not integers >= 1, an ``out_channels``
+            not divisible by ``2N``, a ``spatial_dims`` other than 1, 2 or 3, or a ``shortcut``
+            or ``fused`` that is not a bool (``fused`` also ``None``).
     """
 
     def __init__(
@@ -385,13 +427,12 @@ class CMRF(nn.Module):
     ):
         super().__init__()
         hidden, branch = cmrf_channels(in_channels, out_channels, N)
-        self.in_channels = int(in_channels)
-        self.out_channels = int(out_channels)
-        self.N = int(N)
+        # Python ints and bools: NumPy's in attributes made torch.compile(fullgraph=True) fail on
+        # `x + y if self.add_residual` ("data-dependent branching").
+        in_channels, out_channels, N = int(in_channels), int(out_channels), int(N)
+        self.in_channels, self.out_channels, self.N = in_channels, out_channels, N
         self.spatial_dims = check_spatial_dims(spatial_dims)
-        if not isinstance(shortcut, bool):
-            raise ValueError(f"shortcut must be True or False, got {shortcut!r} ({type(shortcut).__name__})")
-        self.add_residual = shortcut and in_channels == out_channels
+        self.add_residual = check_bool("shortcut", shortcut) and in_channels == out_channels
         self.fused = check_optional_bool("fused", fused)
         self.pw1 = ConvNorm(in_channels, hidden, act=nn.GELU(), spatial_dims=spatial_dims)
         self.cascade = nn.ModuleList(

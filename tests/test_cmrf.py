@@ -189,3 +189,52 @@ def test_repr_names_constructor_arguments():
     text = repr(CMRF(8, 16, N=2, fused=False))
     assert "in_channels=8, out_channels=16, N=2, shortcut=False, spatial_dims=2, fused=False" in text
     assert "shortcut=True, spatial_dims=2\n" in repr(CMRF(16, 16, N=2))
+
+
+def test_numpy_arguments_become_python_values_that_compile_in_one_graph():
+    """NumPy ints reached the modules' attributes (add_residual a numpy.bool): torch.compile with
+    fullgraph=True refused `x + y if self.add_residual` as data-dependent branching; np.True_ was
+    refused as a shortcut while np.int64 widths were taken."""
+    np = pytest.importorskip("numpy")
+    block = CMRF(np.int64(4), np.int64(4), np.int64(2), shortcut=np.bool_(True), fused=np.False_).eval()
+    assert type(block.add_residual) is bool and block.add_residual and block.fused is False
+    assert all(type(v) is int for v in (block.in_channels, block.N, block.pw1.conv.out_channels,
+                                         block.cascade[0].conv.groups, block.pw2.conv.in_channels))
+    x = torch.randn(1, 4, 5, 5)
+    compiled = torch.compile(block, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x), block(x))
+
+
+def test_dtype_mismatch_messages_hold_under_autocast_and_suggest_it_only_where_it_helps():
+    """Under CPU autocast a float64 input (or model) went through to "expected scalar type Double
+    but found BFloat16"; outside it, float64 was told to "run under torch.autocast", which fails."""
+    block = CMRF(4, 8, 2).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(ValueError, match="input is torch.float64, and autocast does not cast float64"):
+            block(torch.randn(1, 4, 5, 5, dtype=torch.float64))
+        with pytest.raises(ValueError, match="weights are torch.float64 .* autocast does not cast float64"):
+            CMRF(4, 8, 2).double().eval()(torch.randn(1, 4, 5, 5))
+        assert block(torch.randn(1, 4, 5, 5)).shape == (1, 8, 5, 5)  # what autocast is for
+    convert = r"convert the input \(x.to\(torch.float32\)\) or the model"
+    with pytest.raises(ValueError, match=convert) as refused:
+        block(torch.randn(1, 4, 5, 5, dtype=torch.float64))
+    assert "autocast" not in str(refused.value)
+    with pytest.raises(ValueError, match="or run under torch.autocast"):
+        block(torch.randn(1, 4, 5, 5, dtype=torch.bfloat16))
+
+
+def test_conv_norm_refuses_an_even_kernel_and_the_cascade_an_odd_width():
+    """ConvNorm(3, 4, kernel_size=4) grew 8x8 into 9x9 against its "padding keeps S"; the cascade
+    of an odd width failed with "The size of tensor a (3) must match ... (2)"."""
+    from cmrf.layers import ConvNorm
+    from cmrf.ops import cascade_concat
+    from cmrf.ops.cascade import cascade_concat_reference
+
+    with pytest.raises(ValueError, match="odd kernel_size, got 4"):
+        ConvNorm(3, 4, kernel_size=4)
+    with pytest.raises(ValueError, match="in_channels must be an integer >= 1, got 0"):
+        ConvNorm(0, 4)
+    stages = CMRF(4, 8, 2).cascade
+    for run in (cascade_concat, cascade_concat_reference):
+        with pytest.raises(ValueError, match=r"an even number of channels, got shape \(1, 5, 4, 4\)"):
+            run(torch.randn(1, 5, 4, 4), stages)

@@ -53,13 +53,24 @@ def cascade_concat_reference(y: torch.Tensor, stages: nn.ModuleList) -> torch.Te
     Returns:
         ``(B, N*c, *S)``: ``[y[:, 0::2] + y[:, 1::2], d_1, ..., d_{N-1}]`` where
         ``d_k = stages[k-1](d_{k-1})`` and ``d_0 = y[:, 1::2]``.
+
+    Raises:
+        ValueError: ``y`` is not ``(B, 2c, *S)`` with an even channel count.
     """
+    check_cascade_input(y)
     odd, even = y[:, 0::2], y[:, 1::2]
     outputs = [odd + even]
     for stage in stages:
         even = stage(even)
         outputs.append(even)
     return torch.cat(outputs, dim=1)
+
+
+def check_cascade_input(y: torch.Tensor) -> None:
+    """Refuse a ``y`` that is not ``(B, 2c, *S)``: its parity halves would differ in width."""
+    if y.dim() < 3 or y.shape[1] % 2:
+        raise ValueError(f"the CMRF cascade takes (B, 2c, *S), an even number of channels, got shape "
+                         f"{tuple(y.shape)}")
 
 
 _state = threading.local()
@@ -328,8 +339,9 @@ def cascade_concat(y: torch.Tensor, stages: nn.ModuleList, fused: bool | None = 
 
     Raises:
         FusedUnavailableError: when the fused path is forced where Triton cannot run.
-        ValueError: for a bad ``CMRF_FUSED`` value.
+        ValueError: for a bad ``CMRF_FUSED`` value, or a ``y`` that is not ``(B, 2c, *S)``.
     """
+    check_cascade_input(y)
     if reference_forced():
         return cascade_concat_reference(y, stages)
     mode = fused_mode(fused)
