@@ -26,3 +26,7 @@ def worker_limit_problem(workers: int) -> str | None:
         return None
     return (f"expected at most {thread_limit()} worker processes ({THREADS_PER_CORE_LIMIT} per core of the "
             f"{os.cpu_count()} this machine has), got {workers}")
+
+
+# torch.manual_seed takes seeds below 2**64, and training seeds each process with seed + rank.
+MAX_SEED = 2**63 - 1

@@ -362,6 +362,16 @@ def test_evaluate_of_a_bare_volume_state_dict_reads_volumes(tmp_path, capsys):
     assert "holds a 3D model, and --spatial-dims 2 reads 2D data" in _one_line(capsys.readouterr().err)
 
 
+def test_evaluate_of_a_file_that_records_no_data_wants_the_data_named(tmp_path, capsys):
+    """A checkpoint of fit() without metadata= (or any save_weights file) was scored on the default
+    synthetic data (100 images, 256²) without a word, as if that were the run's data."""
+    path = tmp_path / "mine.safetensors"
+    cmrf.save_weights(cmrf.create_model("tinyunet", channels=(16, 32), N=2), path)
+    assert main(["evaluate", str(path), "--device", "cpu"]) == 2
+    assert "records no data options" in _one_line(capsys.readouterr().err)
+    assert main(["evaluate", str(path), "--device", "cpu", "--no-optimize", *SYNTHETIC]) == 0
+
+
 def test_evaluate_takes_a_reference_checkpoint(tmp_path, capsys):
     from tests.conftest import golden_state_dict, load_golden
 

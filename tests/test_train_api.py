@@ -362,3 +362,42 @@ def test_the_training_example_says_a_bad_value_in_one_line(tmp_path, monkeypatch
         runpy.run_path(str(script), run_name="__main__")
     text = str(stopped.value.code)
     assert text.startswith("train_synthetic.py: error: ") and message in text and "\n" not in text
+
+
+def test_fit_names_arguments_of_the_wrong_kind_before_anything_is_written(tmp_path):
+    """fit("tinyunet", ...) said "'str' object has no attribute 'to'", a recipe dict failed with
+    "'dict' object has no attribute 'device'" (an empty one trained the paper's 300 epochs), and
+    metadata that is not text, or not JSON, failed after an epoch or at the resume."""
+    from cmrf.train.loop import _checked_recipe
+
+    out = tmp_path / "run"
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got str: build it with "
+                                        r"cmrf.create_model\('tinyunet'\)"):
+        fit("tinyunet", tiny_bundle(), out, recipe(), plots=False)
+    with pytest.raises(TypeError, match="out_dir must be a folder name .*got None"):
+        fit(tiny_model(), tiny_bundle(), None, recipe(), plots=False)
+    with pytest.raises(TypeError, match="recipe must be a cmrf.train.Recipe .*got str"):
+        fit(tiny_model(), tiny_bundle(), out, "paper", plots=False)
+    with pytest.raises(ValueError, match="epochs must be an integer >= 1, got 0"):  # a dict is read
+        fit(tiny_model(), tiny_bundle(), out, {"epochs": 0}, plots=False)
+    assert _checked_recipe({}) == Recipe() and _checked_recipe({"epochs": 2}).epochs == 2
+    changed = recipe()
+    changed.epochs = 0  # assigned after construction: checked again
+    with pytest.raises(ValueError, match="epochs must be an integer >= 1, got 0"):
+        fit(tiny_model(), tiny_bundle(), out, changed, plots=False)
+    with pytest.raises(ValueError, match=r"metadata must map str to str .*'epochs': 3"):
+        fit(tiny_model(), tiny_bundle(), out, recipe(), metadata={"epochs": 3}, plots=False)
+    with pytest.raises(ValueError, match=r"metadata\['note'\] = 'baseline run' is not JSON"):
+        fit(tiny_model(), tiny_bundle(), out, recipe(), metadata={"note": "baseline run"}, plots=False)
+    assert run_files(out) == []
+
+
+def test_recipe_refuses_a_seed_torch_cannot_take_and_betas_that_are_not_a_pair():
+    """Recipe(seed=2**64) failed inside fit ("Overflow when unpacking long long"), Recipe(betas=0.9)
+    with "object of type 'float' has no len()"."""
+    assert Recipe(seed=2**63 - 1).seed == 2**63 - 1
+    with pytest.raises(ValueError, match=r"seed must be an integer from 0 to 2\*\*63 - 1 .*got 1844674407"):
+        Recipe(seed=2**64)
+    for betas in (0.9, (0.9,), (True, 0.9)):
+        with pytest.raises(ValueError, match="betas must be two numbers in"):
+            Recipe(betas=betas)

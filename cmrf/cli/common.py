@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from cmrf.constants import THREADS_PER_CORE_LIMIT, thread_limit, worker_limit_problem
+from cmrf.constants import MAX_SEED, THREADS_PER_CORE_LIMIT, thread_limit, worker_limit_problem
 
 
 def _int_at_least(text: str, low: int, expected: str) -> int:
@@ -203,9 +203,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="swap the model's blocks for CMRF with cmrf.replace_blocks (N from --N, default 8)",
     )
 
-
-# torch.manual_seed takes seeds below 2**64, and training seeds each process with seed + rank.
-MAX_SEED = 2**63 - 1
 
 
 def seed_value(text: str) -> int:

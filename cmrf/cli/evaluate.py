@@ -285,6 +285,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         check_replaces_only(args.json_out, "--json", ".json", "JSON")
         _check_not_a_runs_metrics(Path(args.json_out))
     given = {dest for dest in args.data_defaults if getattr(args, dest) is not None}
+    if not run_data and not given:  # the defaults would be scored as if they were the run's data
+        raise ValueError(f"{args.checkpoint} records no data options (only cmrf train, or fit() with "
+                         f"metadata=model_metadata(...), records them): give the data to score on, e.g. "
+                         f"--data folder --root DIR, or --data synthetic --img-size 256")
     _fill_from_run(args, run_data)
     trained = run_data.get("img_size")
     if "img_size" in given and trained and args.img_size != trained:  # as cmrf predict notes it

@@ -19,9 +19,10 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
+import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -50,6 +51,7 @@ from cmrf.train.state import (
     Progress,
     TrainingParts,
     capture_state,
+    check_run_metadata,
     decode_metadata,
     load_training_state,
     moved_data_root,
@@ -648,6 +650,27 @@ def _generators_kept() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda)
 
 
+def _checked_recipe(recipe) -> Recipe:
+    """``fit``'s ``recipe``: ``None`` is the paper's, a dict gives ``Recipe``'s fields (an empty
+    one was read as no recipe, a full one failed with "'dict' object has no attribute 'device'")."""
+    if recipe is None:
+        return Recipe()
+    if isinstance(recipe, dict):
+        return Recipe(**recipe)
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"recipe must be a cmrf.train.Recipe (or a dict of its fields), "
+                        f"got {type(recipe).__name__}")
+    return replace(recipe)  # checked again: a field assigned after construction skipped the checks
+
+
+def _check_fit_arguments(model, out_dir) -> None:
+    if not isinstance(model, nn.Module):
+        hint = f": build it with cmrf.create_model({model!r})" if isinstance(model, str) else ""
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}{hint}")
+    if not isinstance(out_dir, (str, os.PathLike)) or not str(out_dir).strip():
+        raise TypeError(f"out_dir must be a folder name (str or os.PathLike), got {out_dir!r}")
+
+
 def fit(
     model: nn.Module,
     bundle,
@@ -695,14 +718,16 @@ def fit(
         UnfinishedRunError: training finished but the final evaluation failed (resume to finish).
         OSError: a file could not be written; the previous version of that file is intact.
     """
-    recipe = recipe or Recipe()
+    recipe = _checked_recipe(recipe)
+    _check_fit_arguments(model, out_dir)
+    metadata = check_run_metadata(metadata)
     _check_bundle(bundle)
     # The folder's check under its lock: a second training into it at the same time is refused,
     # and one that waited behind a finished run finds that run's files.
     with _run_folder_held(out_dir, init_processes(recipe.device)), _generators_kept():
         check_run_folder(out_dir, resume=resume, overwrite=overwrite)
         _read_evaluation_splits(bundle)
-        run = _setup(model, bundle, Path(out_dir), recipe, dict(metadata or {}), plots)
+        run = _setup(model, bundle, Path(out_dir), recipe, metadata, plots)
         _check_model_output(run.parts.model, bundle, run.device)
         if overwrite:
             _clear(run)

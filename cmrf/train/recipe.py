@@ -18,7 +18,7 @@ import math
 import numbers
 from dataclasses import asdict, dataclass
 
-from cmrf.constants import worker_limit_problem
+from cmrf.constants import MAX_SEED, worker_limit_problem
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 
@@ -78,6 +78,8 @@ class Recipe:
             setattr(self, name, _count(name, getattr(self, name), 1))
         for name in ("seed", "overlays"):
             setattr(self, name, _count(name, getattr(self, name), 0))
+        if self.seed > MAX_SEED:  # torch's generators take it only up to there (with the ranks added)
+            raise ValueError(f"seed must be an integer from 0 to 2**63 - 1 ({MAX_SEED}), got {self.seed}")
         if self.workers != "auto":
             self.workers = _count("workers", self.workers, 0)
             problem = worker_limit_problem(self.workers)
@@ -99,7 +101,9 @@ class Recipe:
                              f"min_lr={self.min_lr}{hint}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if len(self.betas) != 2 or not all(isinstance(b, numbers.Real) and 0 <= b < 1 for b in self.betas):
+        in_range = [isinstance(b, numbers.Real) and not isinstance(b, bool) and 0 <= b < 1
+                    for b in (self.betas if isinstance(self.betas, (tuple, list)) else ())]
+        if len(in_range) != 2 or not all(in_range):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         self.betas = tuple(float(b) for b in self.betas)
         if self.aug_stop is not None and not 0 <= self.aug_stop <= self.epochs:

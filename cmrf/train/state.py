@@ -41,6 +41,7 @@ __all__ = [
     "Progress",
     "TrainingParts",
     "capture_state",
+    "check_run_metadata",
     "decode_metadata",
     "get_rng_state",
     "load_training_state",
@@ -142,6 +143,25 @@ def model_metadata(
     }
     meta.update({key: json.dumps(value) for key, value in extra.items()})
     return meta
+
+
+def check_run_metadata(metadata) -> dict[str, str]:
+    """``fit``'s ``metadata``, checked before training: text to text (a safetensors header keeps
+    only text), each value but ``format``'s and ``model``'s JSON, as ``model_metadata`` writes them:
+    ``--resume`` and ``cmrf evaluate`` read them back so. Returns a copy."""
+    from cmrf.checkpoint import check_text_metadata
+
+    check_text_metadata(metadata, "every checkpoint's header")
+    for key, value in (metadata or {}).items():
+        if key in ("format", "model"):
+            continue
+        try:
+            json.loads(value)
+        except (ValueError, RecursionError):
+            raise ValueError(f"metadata[{key!r}] = {value!r} is not JSON, and a run's metadata is read back "
+                             f"as JSON (--resume, cmrf evaluate): store json.dumps(value) "
+                             f"(cmrf.train.state.model_metadata does)") from None
+    return dict(metadata or {})
 
 
 def decode_metadata(meta: dict[str, str]) -> dict:
