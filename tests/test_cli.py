@@ -242,6 +242,10 @@ def test_evaluate_json_onto_a_pipe_or_into_new_folders_of_a_failed_run(run_check
     assert _one_line(capsys.readouterr().err) == (
         f"cmrf evaluate: error: --json {fifo} is not a regular file (a pipe, a device or a socket): the "
         f"command writes its file by replacing it; give a file name")
+    # /dev/stdout redirected to a file is that regular file: replacing it put the JSON where the
+    # table was, and the table on a deleted inode
+    assert main(["evaluate", str(run_checkpoint), "--json", "/dev/stdout"]) == 2
+    assert "--json /dev/stdout is a stream or device" in _one_line(capsys.readouterr().err)
     nested = tmp_path / "res" / "a" / "scores.json"
     assert main(["evaluate", str(run_checkpoint), "--json", str(nested), "--img-size", "2"]) == 2
     assert "needs every spatial side" in capsys.readouterr().err and not (tmp_path / "res").exists()

@@ -43,6 +43,11 @@ def check_output_file(path: str | Path, flag: str, reads: dict[str, str | Path |
     if str(path).endswith(("/", os.sep)):  # Path() drops it, and would write a file by that name
         raise IsADirectoryError(errno.EISDIR, f"names a folder (it ends with {str(path)[-1]}), {flag} needs "
                                               f"a file name", str(path))
+    if os.path.abspath(path).startswith(("/dev/", "/proc/")):
+        # /dev/stdout resolves to the file a shell redirected to: replacing it (the atomic write)
+        # would put the JSON where the table was, and the table on a deleted inode.
+        raise ValueError(f"{flag} {path} is a stream or device, and the command writes its file by "
+                         f"replacing it; give a file name")
     path = Path(path)
     for option, source in (reads or {}).items():
         if source is not None and Path(source).exists() and path.exists() and path.samefile(source):
