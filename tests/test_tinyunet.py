@@ -295,3 +295,9 @@ def test_tinyunet_arguments_are_read_from_the_shapes(golden):
     # the paper's code names the same tensors otherwise
     assert tinyunet_arguments(golden_state_dict(golden)) == {"N": 8, "channels": [64, 128, 256, 512]}
     assert tinyunet_arguments(cmrf.create_model("segnet").state_dict()) is None
+    # N = 1 has no cascade stage (it was not recognised); networks of CMRF blocks that are not
+    # TinyU-Nets have encoders.*.pw2 too (they were read as TinyU-Nets of their widths)
+    single = cmrf.create_model("tinyunet", channels=(16, 32), N=1).state_dict()
+    assert tinyunet_arguments(single) == {"N": 1, "channels": [16, 32]}
+    for other in ("segnet_cmrf", "cmunext_cmrf"):
+        assert tinyunet_arguments(cmrf.create_model(other, N=2).state_dict()) is None

@@ -232,3 +232,25 @@ def test_registered_cfg_states_the_default_models_minimum_size(name):
     """What timm's registry says without building a model agrees with the model built."""
     registered = timm.models.get_pretrained_cfg(name).min_input_size
     assert tuple(registered) == tuple(create_model(name).pretrained_cfg["min_input_size"])
+
+
+def test_a_traced_segnet_takes_other_sizes():
+    """torch.jit.trace stored the unpooling's output sizes as constants: the traced model gave a
+    64-row map for a 65-row input without a word, and failed for other sizes."""
+    model = create_model("segnet_cmrf", N=2).eval()
+    with pytest.warns(torch.jit.TracerWarning):
+        traced = torch.jit.trace(model, torch.randn(1, 3, 32, 32), check_trace=False)
+    for shape in ((1, 3, 33, 32), (1, 3, 32, 35), (2, 3, 64, 48)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert torch.equal(traced(x), model(x)), shape
+
+
+def test_cmunext_training_on_one_deepest_pixel_is_named():
+    """A batch of 1 at the 16-pixel minimum failed in torch's BatchNorm ("Expected more than 1 value
+    per channel when training"), its deepest block being 1x1."""
+    model = create_model("cmunext_s").train()
+    with pytest.raises(ValueError, match=r"batch of 1 at spatial size \(16, 16\) .* batch of 2 or more"):
+        model(torch.randn(1, 3, 16, 16))
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 2, 16, 16)
+    assert model.eval()(torch.randn(1, 3, 16, 16)).shape == (1, 2, 16, 16)  # eval: running statistics

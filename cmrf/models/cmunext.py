@@ -8,6 +8,7 @@ replaced by CMRF through ``replace_blocks`` (1,967,799 params, 12.23 paper-conve
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Sequence
 
@@ -205,7 +206,7 @@ class CMUNeXt(SegmentationModel):
         dims: widths of the five stages. Default ``(16, 32, 128, 160, 256)``.
         depths: ConvMixer layers per encoder block. Default ``(1, 1, 1, 3, 1)``.
         kernels: depthwise kernel side per encoder block (odd). Default ``(3, 3, 7, 7, 7)``.
-        spatial_dims: 2 for images (default), 3 for volumes (trilinear upsampling).
+        spatial_dims: 2 for images (default), 3 for volumes (trilinear upsampling), 1 for signals.
 
     Shapes: ``(B, in_channels, *S) -> (B, num_classes, *S)``, floating-point input; every side a
     multiple of 16.
@@ -270,6 +271,13 @@ class CMUNeXt(SegmentationModel):
             why="four poolings, then x2 upsampling back",
             weight=first_parameter(self),
         )
+        deepest = math.prod(side // self.input_multiple for side in x.shape[2:])
+        if self.training and x.shape[0] * deepest == 1 and not torch.jit.is_tracing():
+            # torch's BatchNorm would say "Expected more than 1 value per channel when training"
+            raise ValueError(
+                f"CMUNeXt in training mode needs more than one value per channel in its deepest block: "
+                f"a batch of 1 at spatial size {tuple(x.shape[2:])} leaves it 1 pixel; train with a "
+                f"batch of 2 or more, or sides of {2 * self.input_multiple} or more")
         skips = []
         x = self.stem(x)
         for i, encoder in enumerate(self.encoders):

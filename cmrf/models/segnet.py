@@ -104,16 +104,28 @@ class SegNet(SegmentationModel):
             x, self.in_channels, self.spatial_dims, "SegNet", min_size=self.min_size, why="five poolings",
             weight=first_parameter(self),
         )
-        pooled = []  # (indices, size before pooling), shallow to deep
+        # torch.jit.trace records a size read in Python as a constant: the unpooling's output size
+        # would be the example's, and a traced SegNet given another size returned a map of the
+        # example's size or failed. Traced, the unpooling scatters into a tensor of the pre-pool shape.
+        tracing = torch.jit.is_tracing()
+        pooled = []  # (indices, size before pooling or, traced, the tensor before it), shallow to deep
         for encoder in self.encoders:
             x = encoder(x)
             # Plain ints: unpooling checks the size with Python conditions, which tracing breaks.
-            size = [int(s) for s in x.shape[2:]]
+            size = x if tracing else [int(s) for s in x.shape[2:]]
             x, indices = self.pool(x)
             pooled.append((indices, size))
         for decoder, (indices, size) in zip(self.decoders, reversed(pooled)):
-            x = decoder(self.unpool(x, indices, output_size=size))
+            x = _unpool_into(x, indices, size) if tracing else self.unpool(x, indices, output_size=size)
+            x = decoder(x)
         return x
+
+
+def _unpool_into(x: torch.Tensor, indices: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """``max_unpool`` of ``x`` into zeros shaped like ``before`` (the tensor that was pooled):
+    the pooling's indices are flat within each channel's map, so one scatter puts every value back."""
+    out = torch.zeros_like(before).flatten(2)
+    return out.scatter(2, indices.flatten(2), x.flatten(2)).view_as(before)
 
 
 default_cfgs = generate_default_cfgs(

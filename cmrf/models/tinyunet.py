@@ -68,16 +68,27 @@ def tinyunet_arguments(state_dict: dict[str, torch.Tensor]) -> dict | None:
     library's names) belongs to, read from its shapes, or ``None`` where it is not one's.
 
     Each encoder's output width is its ``pw2`` convolution's output channels, and ``N`` is one
-    more than the number of cascade stages (``N - 1`` depthwise convolutions).
+    more than the number of cascade stages (``N - 1`` depthwise convolutions, none for ``N = 1``).
+    The keys must be exactly those of that TinyUNet: other networks built from CMRF blocks
+    (``segnet_cmrf``, ``cmunext_cmrf``) have ``encoders.*.pw2`` too.
     """
     state = checkpoint_filter_fn(state_dict)
     widths = []
     while (weight := state.get(f"encoders.{len(widths)}.pw2.conv.weight")) is not None:
         widths.append(int(weight.shape[0]))
     stages = {key for key in state if re.fullmatch(r"encoders\.0\.cascade\.\d+\.conv\.weight", key)}
-    if not widths or not stages:
+    if not widths:
         return None
-    return {"N": len(stages) + 1, "channels": widths}
+    arguments = {"N": len(stages) + 1, "channels": widths}
+    spatial_dims = state["encoders.0.pw2.conv.weight"].dim() - 2
+    try:
+        with torch.device("meta"):  # the key names only: nothing is allocated
+            expected = TinyUNet(**arguments, spatial_dims=spatial_dims).state_dict().keys()
+    except ValueError:  # widths no TinyUNet of that N takes
+        return None
+    counters = "num_batches_tracked"  # BatchNorm step counters: optional in a state dict
+    keys = {key for key in state if not key.endswith(counters)}
+    return arguments if keys == {key for key in expected if not key.endswith(counters)} else None
 
 
 def _export_size_oblivious():
@@ -112,7 +123,7 @@ class TinyUNet(SegmentationModel):
         N: receptive fields per CMRF. Default 8.
         channels: encoder widths, shallow to deep; each a multiple of ``2N``.
             Default ``(64, 128, 256, 512)``.
-        spatial_dims: 2 for images (default) or 3 for volumes (trilinear upsampling).
+        spatial_dims: 2 for images (default), 3 for volumes (trilinear upsampling), 1 for signals.
         fused: passed to every CMRF (``None``: follow ``CMRF_FUSED``).
 
     Shapes: ``(B, in_channels, *S) -> (B, num_classes, *S)``, floating-point input.
