@@ -271,8 +271,9 @@ class CMUNeXt(SegmentationModel):
             why="four poolings, then x2 upsampling back",
             weight=first_parameter(self),
         )
-        deepest = math.prod(side // self.input_multiple for side in x.shape[2:])
-        if self.training and x.shape[0] * deepest == 1 and not torch.jit.is_tracing():
+        # (eager only: a guard on the sizes would constrain what torch.compile and torch.export trace)
+        eager = not (torch.jit.is_tracing() or torch.compiler.is_compiling())
+        if self.training and eager and x.shape[0] * math.prod(s // self.input_multiple for s in x.shape[2:]) == 1:
             # torch's BatchNorm would say "Expected more than 1 value per channel when training"
             raise ValueError(
                 f"CMUNeXt in training mode needs more than one value per channel in its deepest block: "
