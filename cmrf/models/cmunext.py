@@ -273,7 +273,8 @@ class CMUNeXt(SegmentationModel):
         )
         # (eager only: a guard on the sizes would constrain what torch.compile and torch.export trace)
         eager = not (torch.jit.is_tracing() or torch.compiler.is_compiling())
-        if self.training and eager and x.shape[0] * math.prod(s // self.input_multiple for s in x.shape[2:]) == 1:
+        deepest = (side // self.input_multiple for side in x.shape[2:])
+        if self.training and eager and x.shape[0] * math.prod(deepest) == 1:
             # torch's BatchNorm would say "Expected more than 1 value per channel when training"
             raise ValueError(
                 f"CMUNeXt in training mode needs more than one value per channel in its deepest block: "
