@@ -88,7 +88,9 @@ def main() -> None:
         print(f"optimized ({fast.inference_path} path) vs original: max |difference| {difference:.1e}")
         print(f"original {median_ms(model, x):.1f} ms, optimized {median_ms(fast, x):.1f} ms per image "
               f"({torch.get_num_threads()} threads)")
-    print(f"mask {tuple(mask.shape)}, foreground fraction {mask.float().mean():.3f}")
+    shares = torch.bincount(mask.flatten(), minlength=model.num_classes).float() / mask.numel()
+    print(f"mask {tuple(mask.shape)}, share of each class: "
+          + ", ".join(f"{k}: {share:.3f}" for k, share in enumerate(shares.tolist())))
 
     if args.onnx:
         import onnxruntime as ort

@@ -452,3 +452,18 @@ def test_the_deployment_example_refuses_bad_arguments_in_one_line(tmp_path, monk
     assert stopped.value.code == 2
     assert message in capsys.readouterr().err
     assert notes.read_text() == "hello"
+
+
+def test_the_deployment_example_reports_the_share_of_each_class(monkeypatch, capsys):
+    """It printed the mean class index as a "foreground fraction" (3.000 for a 4-class mask)."""
+    import re as regex
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "deploy_cpu.py"
+    monkeypatch.setattr(sys, "argv", ["deploy_cpu.py", "--size", "32", "--num-classes", "3"])
+    runpy.run_path(str(script), run_name="__main__")
+    line = next(line for line in capsys.readouterr().out.splitlines() if "share of each class" in line)
+    shares = [float(value) for value in regex.findall(r"\d: (\d\.\d+)", line)]
+    assert len(shares) == 3 and abs(sum(shares) - 1) < 2e-3

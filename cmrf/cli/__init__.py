@@ -220,6 +220,13 @@ def _escape_unprintable_output() -> None:
             sys.stdout.reconfigure(errors="backslashreplace")
 
 
+def _tell(line: str) -> None:
+    """The command's last line on stderr; a stderr that is closed (``2>&1 | true``, ``2>/dev/full``)
+    loses it, and the exit status stays the one the line explains (it was 1: Python's own)."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``cmrf`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status (see module doc)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -251,9 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         hint = ("; completed epochs are kept: run the same command with --resume to continue"
                 if args.command in _LONG_RUNNING else "")
         if isinstance(err, _Terminated):
-            print(f"cmrf {args.command}: terminated{hint}", file=sys.stderr)
+            _tell(f"cmrf {args.command}: terminated{hint}")
             return EXIT_TERMINATED
-        print(f"cmrf {args.command}: interrupted{hint}", file=sys.stderr)
+        _tell(f"cmrf {args.command}: interrupted{hint}")
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         if _debug_requested(args):
@@ -269,18 +276,15 @@ def main(argv: list[str] | None = None) -> int:
         if _debug_requested(args):  # the traceback, then the usual line and status (2 or 70)
             traceback.print_exc()
         if _out_of_memory(err):  # sizes the user chose: fixable, not a bug
-            print(f"cmrf {args.command}: error: out of memory: {describe_error(err)}; use a smaller input "
-                  f"size or batch, or a machine with more memory", file=sys.stderr)
+            _tell(f"cmrf {args.command}: error: out of memory: {describe_error(err)}; use a smaller input "
+                  f"size or batch, or a machine with more memory")
             return EXIT_USER_ERROR
         user_error = _user_error(err)
         if user_error is not None:
-            print(f"cmrf {args.command}: error: {describe_error(user_error)}", file=sys.stderr)
+            _tell(f"cmrf {args.command}: error: {describe_error(user_error)}")
             return EXIT_USER_ERROR
-        print(
-            f"cmrf {args.command}: internal error: {type(err).__name__}: {describe_error(err)} "
-            f"(rerun with --debug for the traceback, and please report it)",
-            file=sys.stderr,
-        )
+        _tell(f"cmrf {args.command}: internal error: {type(err).__name__}: {describe_error(err)} "
+              f"(rerun with --debug for the traceback, and please report it)")
         return EXIT_INTERNAL
 
 
