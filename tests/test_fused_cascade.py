@@ -1043,6 +1043,23 @@ def test_a_fused_setting_that_is_not_a_bool_is_refused(value):
         cascade_concat(torch.randn(1, 4, 5, 5, device=DEVICE), stages, fused=value)
 
 
+def test_stages_a_cuda_graph_captured_are_never_cached_again(monkeypatch):
+    """A replay rewrites the captured weights on the device without bumping their versions (the
+    keys' host-side counters): an eager call after replays got what was derived before them."""
+    import types
+
+    captured, other = make_stages(2, 3).eval(), make_stages(2, 3).eval()
+    on_cuda = types.SimpleNamespace(is_cuda=True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert fused_cascade._caching_allowed(on_cuda, captured)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert not fused_cascade._caching_allowed(on_cuda, captured)  # capturing: no cache, as before
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert not fused_cascade._caching_allowed(on_cuda, captured)  # ... and after it, for those stages
+    assert fused_cascade._caching_allowed(on_cuda, other)
+    assert fused_cascade._caching_allowed(on_cuda, list(other))  # (a list: never cached anyway)
+
+
 def test_stages_given_as_a_list_run_uncached():
     stages = make_stages(2, 3).eval()
     y = torch.randn(1, 4, 5, 5, device=DEVICE)

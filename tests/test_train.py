@@ -810,6 +810,32 @@ def test_a_cuda_device_past_the_machines_count_is_named(monkeypatch):
         resolve_device("cuda:1")
 
 
+def test_torchrun_processes_get_one_gpu_each_or_a_message(monkeypatch):
+    """Under torchrun, --device cuda:0 put every process on cuda:0 (NCCL: "Duplicate GPU detected",
+    reported as an internal error), and a LOCAL_RANK past the GPUs gave CUDA's "invalid device
+    ordinal" before the message resolve_device has for it."""
+    from cmrf.train import processes
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(processes.dist, "init_process_group", lambda backend: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ValueError, match=r"--device cuda:0 puts all 2 processes on one GPU; give --device"):
+        processes.init_processes("cuda:0")
+    with pytest.raises(ValueError, match=r"device 'cuda' \(process 1: cuda:1\) requested but this machine "
+                                         r"has 1 CUDA device"):
+        processes.init_processes("cuda")
+    assert chosen == []
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("RANK", "0")
+    processes.init_processes("auto")
+    assert chosen == [torch.device("cuda", 0)]
+
+
 def test_amp_auto_takes_bf16_only_where_the_gpu_computes_it_natively(monkeypatch):
     from contextlib import nullcontext
 

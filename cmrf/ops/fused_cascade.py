@@ -24,6 +24,7 @@ The tiling helpers of the kernels are re-exported for benchmark sweeps: ``eval_c
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -62,11 +63,26 @@ def clear_cache() -> None:
     _cache.clear()
 
 
-def _caching_allowed(y: torch.Tensor) -> bool:
-    """No cache while Dynamo traces (the ops must be in the graph) or a CUDA graph is captured."""
+# Stages a CUDA graph has captured: its replays rewrite their weights and statistics on the device
+# without bumping the versions the cache keys read (a host-side counter), so an eager call after a
+# replay would get what was derived before it. Nothing is cached for them from then on.
+_captured: weakref.WeakSet = weakref.WeakSet()
+
+
+def _caching_allowed(y: torch.Tensor, stages=None) -> bool:
+    """No cache while Dynamo traces (the ops must be in the graph), while a CUDA graph is captured,
+    or for ``stages`` a CUDA graph has captured before."""
     if torch.compiler.is_compiling():
         return False
-    return not (y.is_cuda and torch.cuda.is_current_stream_capturing())
+    if y.is_cuda and torch.cuda.is_current_stream_capturing():
+        with contextlib.suppress(TypeError):  # (stages without weak references are never cached)
+            _captured.add(stages)
+            _cache.pop(stages, None)
+        return False
+    try:
+        return stages not in _captured
+    except TypeError:
+        return True
 
 
 def _key(y: torch.Tensor, tensors, extra=()) -> tuple | None:
@@ -250,7 +266,7 @@ def cascade_concat_fused(y: torch.Tensor, stages) -> torch.Tensor:
         raise ValueError(
             f"BatchNorm needs more than 1 value per channel when training, got input size {tuple(y.shape)}"
         )
-    use_cache = _caching_allowed(y)
+    use_cache = _caching_allowed(y, stages)
     params = _conv_weights(stages)
     affine_stages = tuple(index for index, norm in enumerate(norms) if norm.affine)
     for index in affine_stages:

@@ -139,7 +139,12 @@ def init_processes(device_name: str) -> Processes:
     if not dist.is_initialized():
         cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
         if cuda:
-            torch.cuda.set_device(local_rank)
+            if ":" in device_name:  # NCCL refuses two processes on one GPU ("Duplicate GPU detected")
+                raise ValueError(
+                    f"--device {device_name} puts all {world_size} processes on one GPU; give --device "
+                    f"cuda: each process then takes the GPU of its LOCAL_RANK")
+            # resolve_device names a LOCAL_RANK past the visible GPUs (CUDA's "invalid device ordinal")
+            torch.cuda.set_device(resolve_device(device_name, local_rank))
         dist.init_process_group("nccl" if cuda else "gloo")
     return Processes(rank, world_size, local_rank, local_world_size)
 
