@@ -558,21 +558,20 @@ def test_resume_with_another_thread_count_says_it_is_not_bit_for_bit(tmp_path, c
     assert "only a machine that allows --threads 32 would keep it bit for bit" in capsys.readouterr().out
 
 
-def test_resume_after_a_kill_between_the_first_epochs_weights_and_state_starts_afresh(tmp_path, capsys):
-    """Weights of epoch 1 without last_state.pt (what a kill could leave when the weights were
-    written first, as in 0.1.0): nothing to continue, and a new run rewrites those weights, so
-    --resume (which a script may always pass) starts one."""
+def test_resume_never_writes_over_weights_that_have_no_state(tmp_path, capsys):
+    """Weights of epoch 1 without last_state.pt were taken for what a kill under 0.1.0's save order
+    left, and --resume started a new run over them: also over the best.safetensors a user kept of a
+    finished run (best at epoch 1), for a model of other widths, without a word."""
     out = tmp_path / "run"
     argv = ["train", *TINY, "--epochs", "1", "--lr", "3e-3", "--no-plots", "--out", str(out)]
     assert main(argv) == 0
-    for name in ("last_state.pt", "metrics.json"):  # what the kill left out
+    for name in ("last_state.pt", "metrics.json", "last.safetensors"):  # the user kept best only
         (out / name).unlink()
-    before = read_state_dict(out / "best.safetensors")
+    kept = (out / "best.safetensors").read_bytes()
     capsys.readouterr()
-    assert main([*argv, "--resume"]) == 0
-    assert "nothing to resume" in capsys.readouterr().out
-    after = read_state_dict(out / "best.safetensors")  # the same epoch again: the same weights
-    assert all(torch.equal(before[k], after[k]) for k in before) and (out / "last_state.pt").is_file()
+    assert main([*argv, "--resume"]) == 2
+    assert "holds a run's files (best.safetensors) but no last_state.pt" in _one_error_line(capsys)
+    assert (out / "best.safetensors").read_bytes() == kept
 
 
 def test_a_stop_between_state_and_weights_is_caught_up_by_resume(run_dir, tmp_path, capsys, monkeypatch):

@@ -427,6 +427,10 @@ def test_an_out_that_cannot_be_written_is_refused_before_training(tmp_path, monk
     (tmp_path / "file").write_text("x")
     with pytest.raises(RunFolderError, match=r"--out .*file/run: .*file is a file, not a folder"):
         check_run_folder(tmp_path / "file" / "run")
+    # a dangling link: it said "File exists", and only after the data was read
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(RunFolderError, match=r"--out .*link: .*link is a link to .*nowhere, which does not"):
+        check_run_folder(tmp_path / "link")
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only mount, as root sees it
     with pytest.raises(RunFolderError, match=r"--out .*new: .* is not writable"):
         check_run_folder(tmp_path / "new")

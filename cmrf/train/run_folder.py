@@ -104,10 +104,11 @@ def check_run_folder(out: str | Path, *, resume: bool = False, overwrite: bool =
     found = files.existing()
     if resume:
         # Nothing at all: a new run (a script may pass --resume every time). A run's files without
-        # its state: continuing is impossible, and starting afresh would overwrite them, unless
-        # they are the weights of a first epoch killed before its state was written (a new run
-        # rewrites them).
-        if found and not files.state.is_file() and not _first_epoch_weights_only(files, found):
+        # its state: continuing is impossible, and starting afresh would overwrite them. (Weights
+        # of epoch 1 were once let through, as what a kill under 0.1.0's save order could leave;
+        # but so is the best.safetensors a user kept of a finished run whose best epoch was 1, and
+        # the state is now written first, so no kill leaves weights without it.)
+        if found and not files.state.is_file():
             names = ", ".join(path.name for path in found)
             raise RunFolderError(
                 f"--resume: {out} holds a run's files ({names}) but no {files.state.name} to continue "
@@ -147,24 +148,14 @@ def _check_writable(out: Path) -> None:
     be written: otherwise a whole epoch trains before the first save fails."""
     existing = out
     while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a dangling link: making the folder would fail with "File exists"
+            raise RunFolderError(f"--out {out}: {existing} is a link to {os.readlink(existing)}, which does "
+                                 f"not exist; create that folder, or choose another --out")
         existing = existing.parent
     if existing.exists() and not existing.is_dir():
         raise RunFolderError(f"--out {out}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise RunFolderError(f"--out {out}: {existing} is not writable (read-only folder or file system?)")
-
-
-def _first_epoch_weights_only(files: RunFiles, found: list[Path]) -> bool:
-    """Whether ``found`` is only ``best``/``last`` weights saved after epoch 1: what a kill between
-    the weights and the state of the first epoch leaves."""
-    from cmrf.checkpoint import safetensors_metadata
-
-    if any(path not in (files.best, files.last) for path in found):
-        return False
-    try:
-        return all(safetensors_metadata(path).get("epoch") == "1" for path in found)
-    except (OSError, ValueError):  # unreadable: not something to write over
-        return False
 
 
 @contextlib.contextmanager
