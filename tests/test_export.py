@@ -51,8 +51,20 @@ def test_full_disk_halfway_keeps_the_previous_onnx_file(tmp_path, monkeypatch, c
 
 
 @requires_onnx_exporter
-def test_an_o_that_names_a_checkpoint_by_a_slip_is_refused_and_kept(tmp_path, capsys):
+def test_an_o_that_names_a_checkpoint_by_a_slip_is_refused_and_kept(tmp_path, capsys, monkeypatch):
     """``-o run/last.safetensors`` replaced the run's checkpoint with an ONNX graph, exit 0."""
+    import cmrf.export
+
+    onnx = pytest.importorskip("onnx")
+
+    def one_node_graph(model, path, *args, **kwargs):  # the -o rules are under test, not the export
+        x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+        y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+        graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+        onnx.save(onnx.helper.make_model(graph), str(path))
+        return Path(path)
+
+    monkeypatch.setattr(cmrf.export, "export_onnx", one_node_graph)
     checkpoint = tmp_path / "last.safetensors"
     cmrf.save_weights(cmrf.TinyUNet(channels=(16, 32), N=4), checkpoint)
     before = checkpoint.read_bytes()
@@ -166,7 +178,7 @@ def test_dynamic_export_keeps_cmunexts_multiple_of_16(tmp_path):
 
 
 @requires_onnx_exporter
-@pytest.mark.parametrize("optimize", [True, False])
+@pytest.mark.parametrize("optimize", [True])  # (False exports the same 1-D convolutions: seconds more)
 def test_dynamic_export_of_a_1d_model_from_a_batch_of_one(tmp_path, optimize):
     """A batch-1 example let torch.export fix the batch of 1-D convolutions at 1 (then refused as
     "upgrade torch"); the export traces a batch of 2, and the graph takes any batch."""
@@ -581,18 +593,14 @@ class _FlipsOddWidths(torch.nn.Module):
         return self.head(y)
 
 
-def _monai_basic_unet():
-    """MONAI's BasicUNet pads each upsampled map to its skip: ONNX Runtime failed at other sizes."""
-    nets = pytest.importorskip("monai.networks.nets")
-    return nets.BasicUNet(spatial_dims=2, in_channels=3, out_channels=2, features=(8, 8, 16, 32, 64, 8))
-
-
 @requires_onnx_exporter
-@pytest.mark.parametrize("model", [_FlipsOddWidths, _monai_basic_unet])
+@pytest.mark.parametrize("model", [_FlipsOddWidths])
 def test_a_dynamic_file_wrong_at_other_sizes_is_refused(tmp_path, model):
     """The exporter narrowed or specialised the dynamic sizes without a word and wrote a file whose
-    axes were all named free: 0.28 off at 64x65 for the first model, "Non concat axis dimensions
-    must match" in ONNX Runtime for a MONAI BasicUNet. No file now, and a reason."""
+    axes were all named free: 0.28 off at 64x65 for this model, "Non concat axis dimensions must
+    match" in ONNX Runtime for a MONAI BasicUNet (that case, 25 s of export on the 2-core CI
+    machine, was dropped for the suite's time: the same check at other sizes refuses both). No file
+    now, and a reason."""
     pytest.importorskip("onnxruntime")
     with pytest.raises(ValueError, match=r"depends on (its|the) input size .*dynamic=False"):
         cmrf.export_onnx(model().eval(), tmp_path / "m.onnx", (1, 3, 64, 64), dynamic=True)
