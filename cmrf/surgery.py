@@ -462,10 +462,17 @@ def _probe(model: nn.Module, modules: dict[str, nn.Module], example) -> _Probe:
     try:
         try:
             output = _forward(model, example, grad=True)
-        except Exception:  # a forward that cannot record gradients: probe without the graph
+        except Exception as err:  # a forward that cannot record gradients: probe without the graph
             for record in (calls, conv_calls, conv_nodes):
                 record.clear()
             output = _forward(model, example)
+            warnings.warn(
+                f"replace_blocks could not record the autograd graph of {type(model).__name__}'s "
+                f"forward ({type(err).__name__}: {err}), so it chose blocks by shapes alone: skip "
+                f"connections, gates and heads were not recognised. Check the report, or name the "
+                f"blocks with targets=[...]",
+                stacklevel=caller_stacklevel(),
+            )
     except Exception as err:  # the model's own forward failed: explain what was tried
         shape = tuple(example.shape) if isinstance(example, torch.Tensor) else "a tuple of inputs"
         raise ValueError(
@@ -676,6 +683,12 @@ def _select(
         if isinstance(module, _CONTAINERS):
             visit(path, module, inherited or (bool(targets) and named(targets)))
             return
+        kept = next((p for p, m in module.named_modules(prefix=path) if isinstance(m, CMRF)), None)
+        if kept is not None:  # a CMRF of an earlier call: replacing the block would drop its weights
+            if n_convs >= 2:
+                skipped.append(SkippedBlock(path, kind, f"holds the CMRF {kept}"))
+            visit(path, module)
+            return
         inner = _excluded_inside(exclude, path, module)
         if inner is not None:  # replacing the block would remove what exclude keeps
             if n_convs >= 2:
@@ -743,15 +756,21 @@ def _excluded_inside(exclude: list, path: str, module: nn.Module) -> str | None:
 
 
 def _pick_n(out_channels: int, N: int, indivisible: str) -> int | None:
-    """``N`` when ``2N`` divides ``out_channels``; else per ``indivisible`` the largest ``N'`` or None."""
+    """``N`` when ``2N`` divides ``out_channels``; else per ``indivisible`` the largest ``N'`` or None.
+
+    Never a reduction to ``N' = 1``: that CMRF has no cascade, so no spatial convolution at all."""
     if out_channels % (2 * N) == 0:
         return N
-    return choose_n(out_channels, N) if indivisible == "reduce" else None
+    reduced = choose_n(out_channels, N) if indivisible == "reduce" else None
+    return reduced if reduced != 1 else None
 
 
 def _channel_problem(out_channels: int, N: int, indivisible: str) -> str:
     if indivisible == "skip":
         return f"out_channels {out_channels} is not divisible by 2N = {2 * N} (indivisible='skip')"
+    if out_channels % 2 == 0:
+        return (f"out_channels {out_channels} is divisible by 2N' only for N' = 1, a CMRF without a "
+                f"spatial convolution (N=1 asks for it)")
     return f"out_channels {out_channels} is odd: no N' >= 1 makes it divisible by 2N'"
 
 
@@ -791,8 +810,9 @@ def replace_blocks(
             runs of: the channels of its timm ``pretrained_cfg["input_size"]``, then its
             convolutions' input channels in registration order (four tries at most).
         indivisible: what to do with a block whose ``out_channels`` is not divisible by ``2N``:
-            ``"reduce"`` (default) uses the largest ``N' <= N`` that divides (odd channel counts
-            are skipped), ``"skip"`` leaves the block and says why in the report.
+            ``"reduce"`` (default) uses the largest ``N' <= N`` that divides (odd channel counts,
+            and those only ``N' = 1`` divides when ``N > 1``, are skipped: that CMRF has no
+            spatial convolution), ``"skip"`` leaves the block and says why in the report.
 
     Returns:
         A ``ReplaceReport`` (``print`` it): one row per replaced path with old and new parameter
@@ -805,7 +825,9 @@ def replace_blocks(
     NothingToReplaceWarning)``).
 
     A block registered at several paths (MONAI's DynUNet runs its blocks through ``skip_layers``)
-    becomes one CMRF at every path.
+    becomes one CMRF at every path. CMRFs already in the model, and blocks holding one, are kept.
+    ``torch.compile`` and ``nn.DataParallel`` wrappers are looked through: the swap goes into the
+    module they hold, whose paths the report gives.
 
     Raises:
         ValueError: bad ``N``, ``targets``, ``exclude``, ``indivisible`` or ``example_input``, a
@@ -813,9 +835,10 @@ def replace_blocks(
             fails on the probe input, one
             wrapped in ``DistributedDataParallel``/FSDP (replace before wrapping), or a
             TorchScript module (replace in the Python model).
-        RuntimeError: the model no longer runs, or its output shapes change, after the swap
-            (for example when its ``forward`` reads attributes of the replaced modules); every
-            swap is undone first.
+        RuntimeError: the model no longer runs, its output shapes change, or a new module is not
+            called, in an eval-mode forward after the swap (for example when its ``forward`` reads
+            attributes of the replaced modules, or runs them through a plain list); every swap is
+            undone first.
     """
     # Under torch.inference_mode the probe would record no autograd graph (the skip, gate and head
     # checks read it: a wrong block was swapped) and the new weights would be inference tensors,
@@ -828,10 +851,7 @@ def replace_blocks(
 def _replace_blocks(model, N, *, targets, exclude, dry_run, example_input, indivisible) -> ReplaceReport:
     if not isinstance(model, nn.Module):
         raise ValueError(f"replace_blocks needs an nn.Module, got {type(model).__name__}")
-    # torch.compile's wrapper runs the module it holds: swap there (report paths without
-    # "_orig_mod."), and probe without Dynamo compiling the probe's hooks; the wrapper compiles
-    # again at its next call, since the modules it traced have changed.
-    model = compiled_original(model)
+    model = _swappable(model)
     _check_not_wrapped(model)
     N = check_positive_int("N", N)
     if indivisible not in ("reduce", "skip"):
@@ -947,6 +967,23 @@ def _replace_blocks(model, N, *, targets, exclude, dry_run, example_input, indiv
 _DISTRIBUTED_WRAPPERS = ("DistributedDataParallel", "FullyShardedDataParallel", "FSDPModule")
 
 
+def _swappable(model: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile`` and ``nn.DataParallel`` wrappers, where the swap goes.
+
+    Both run the module they hold at each call (DataParallel copies it to its GPUs then), so
+    swapped blocks run, and report paths carry no ``_orig_mod.``/``module.`` prefix. The probe
+    runs without Dynamo compiling its hooks; a compiled wrapper compiles again at its next call,
+    since the modules it traced have changed. DDP and FSDP are refused (``_check_not_wrapped``).
+    """
+    while True:
+        inner = compiled_original(model)
+        if isinstance(inner, nn.DataParallel):
+            inner = inner.module
+        if inner is model:
+            return model
+        model = inner
+
+
 def _kind(block: nn.Module) -> str:
     """The class name a report shows for ``block``; a ``torch.compile``d one (it is replaced with
     its wrapper, which would go on running the old block) by the class it holds."""
@@ -1045,9 +1082,25 @@ def _swap_all(model, plans, new_modules, example_input, expected_shapes) -> None
             done.append(plan)  # before its paths: one set before a failure is undone too
             for path in plan.paths:  # a block registered twice is one module: one CMRF for both
                 _set(model, path, new)
-        shapes = _run(model, example_input)
+        called = set()
+        handles = [new.register_forward_hook(lambda module, args, output: called.add(id(module)))
+                   for new in new_modules]
+        try:
+            shapes = _run(model, example_input)
+        finally:
+            for handle in handles:
+                handle.remove()
         if shapes != expected_shapes:
             raise RuntimeError(f"output shapes changed from {expected_shapes} to {shapes}")
+        # The swap rebinds registered modules; a forward that reaches a block some other way (a
+        # plain list, a bound method kept from before) would still run the old one.
+        idle = [plan.path for plan, new in zip(plans, new_modules) if id(new) not in called]
+        if idle:
+            raise RuntimeError(
+                f"the forward never called the new module at {', '.join(idle)}, so it still runs the "
+                f"old blocks through a reference outside the module tree (a plain list or dict, or a "
+                f"bound method): register them in an nn.ModuleList/ModuleDict"
+            )
     except Exception as err:
         for plan in reversed(done):
             for path in plan.paths:

@@ -248,7 +248,8 @@ def conv_stacks(draw):
     units, expected, downs = [], {}, 0
 
     def expect(path, out):
-        n = max((n for n in range(1, N + 1) if out % (2 * n) == 0), default=None)
+        # "reduce" never goes down to N' = 1 (no spatial convolution) unless N = 1 was asked for
+        n = max((n for n in range(1, N + 1) if out % (2 * n) == 0 and (n > 1 or N == 1)), default=None)
         if n is not None:
             expected[path] = n
         return n is not None
@@ -1377,3 +1378,83 @@ def test_lazy_modules_not_yet_initialised_are_named():
     model = nn.Sequential(nn.LazyConv2d(16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
     with pytest.raises(ValueError, match=r"lazy modules not initialised yet \(0\.weight and 1 more\)"):
         replace_blocks(model, example_input=torch.randn(1, 3, 32, 32))
+
+
+# --- blocks the forward reaches around the module tree, and second calls ----------------------
+
+
+class RunsAListOfBlocks(nn.Module):
+    """Blocks registered as attributes but run through a plain Python list the forward keeps."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.b1, self.b2 = DoubleConv(16, 16), DoubleConv(16, 16)
+        self.blocks = [self.b1, self.b2]
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def test_a_new_block_the_forward_never_calls_undoes_the_swap():
+    """The swap rebinds registered attributes: a forward reaching the old blocks through a list
+    went on running them (their weights no longer among the parameters) while the report said
+    they were replaced."""
+    model = RunsAListOfBlocks()
+    with pytest.raises(RuntimeError, match=r"never called the new module at b1, b2"):
+        replace_blocks(model)
+    assert isinstance(model.b1, DoubleConv) and isinstance(model.b2, DoubleConv)  # undone
+
+
+class FailsWithGrad(nn.Module):
+    """A forward that works only without grad (a statistic read through NumPy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.block = DoubleConv(16, 16)
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        float(x.cpu().numpy().mean())  # raises when x requires grad
+        return self.head(self.block(self.stem(x)))
+
+
+def test_a_probe_without_the_autograd_graph_says_so():
+    """The skip, gate and head checks read the probe's autograd graph; a forward that cannot record
+    one was probed without it in silence, so a skip wrapper or a gate could be replaced whole."""
+    with pytest.warns(UserWarning, match=r"could not record.*RuntimeError.*targets="):
+        report = replace_blocks(FailsWithGrad())
+    assert report.paths == ["block"]
+
+
+def test_reduce_never_goes_down_to_a_cmrf_without_a_spatial_convolution():
+    """C_out = 22 = 2 x 11: the only N' <= 8 was 1, a CMRF of 1x1 convolutions alone."""
+    model = nn.Sequential(nn.Conv2d(3, 22, 3, padding=1), DoubleConv(22, 22), nn.Conv2d(22, 2, 1))
+    with pytest.warns(NothingToReplaceWarning):
+        report = replace_blocks(model, N=8)
+    assert "22" in report.skipped[0].reason and "N' = 1" in report.skipped[0].reason
+    assert replace_blocks(nn.Sequential(nn.Conv2d(3, 22, 3, padding=1), DoubleConv(22, 22),
+                                        nn.Conv2d(22, 2, 1)), N=1).paths == ["1"]  # asked for
+
+
+def test_a_second_call_keeps_the_cmrfs_of_the_first():
+    """A stage holding a CMRF of the first call counted the CMRF's convolutions and was replaced
+    whole, the CMRF (and what it had learned) with it."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1),
+                          nn.Sequential(DoubleConv(16, 16), DoubleConv(16, 16)), nn.Conv2d(16, 2, 1))
+    replace_blocks(model, targets="1.0")
+    first = model[1][0]
+    report = replace_blocks(model)
+    assert model[1][0] is first and report.paths == ["1.1"]
+
+
+def test_a_data_parallel_model_is_named_by_the_paths_of_the_module_it_wraps():
+    model = small_stack()
+    wrapped = nn.DataParallel(model)  # on the CPU it runs the module itself
+    report = replace_blocks(wrapped, targets=["0", "2"])
+    assert report.paths == ["0", "2"] and isinstance(model[0], CMRF)
