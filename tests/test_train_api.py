@@ -401,3 +401,17 @@ def test_recipe_refuses_a_seed_torch_cannot_take_and_betas_that_are_not_a_pair()
     for betas in (0.9, (0.9,), (True, 0.9)):
         with pytest.raises(ValueError, match="betas must be two numbers in"):
             Recipe(betas=betas)
+
+
+def test_a_failed_fit_leaves_its_folder_free_while_its_error_is_kept(tmp_path):
+    """The folder's lock went to the DataLoader workers forked under it, which the traceback kept
+    alive (a notebook keeps the last one, a sweep its failures): a retry was refused as "in use by
+    another training" until the error was deleted."""
+    import multiprocessing
+
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="training loss is nan") as failure:
+        fit(tiny_model(), tiny_bundle(), out, recipe(epochs=2, lr=1e30, min_lr=0, workers=1), plots=False)
+    assert failure.value is not None  # still held here
+    assert multiprocessing.active_children() == []
+    fit(tiny_model(), tiny_bundle(), out, recipe(), plots=False, overwrite=True)  # not refused

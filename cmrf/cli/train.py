@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -267,6 +268,7 @@ def _train(args: argparse.Namespace) -> int:
     _check_out_is_not_a_data_folder(args)
     check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)  # before reading data, too
     resolve_model_choice(args.model, args.spatial_dims, replace_blocks=args.replace_blocks)  # and this
+    resolve_device(recipe.device, int(os.environ.get("LOCAL_RANK", "0") or 0))  # and CUDA's presence
     bundle = build_datasets(seed=args.seed, **data_options(args))
     data = _data_metadata(args, bundle)
     model_kwargs, replace_n = _model_kwargs(args)

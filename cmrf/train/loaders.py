@@ -141,13 +141,19 @@ def train_loader(
     )
     sampler = EpochSampler(shards)
     # Worker seeds are drawn from this generator, not from torch's global one, which would make
-    # the run depend on how many loaders were created before. Our datasets do not use them.
-    generator = torch.Generator().manual_seed(seed)
+    # the run depend on how many loaders were created before. Our datasets do not use them; a
+    # user's may (augmenting from `random`), so each rank's workers get other seeds, as the
+    # ranks' own generators do.
+    generator = torch.Generator().manual_seed(seed + processes.rank)
     loader = DataLoader(
         EpochView(dataset),
         batch_size=batch_size,
         sampler=sampler,
         generator=generator,
+        # A last batch of one image: BatchNorm statistics of a single image (and CMUNeXt's deepest
+        # block, at small sizes, cannot train on it at all). That image is left out of the epoch;
+        # shuffling leaves out another one each epoch.
+        drop_last=batch_size > 1 and len(shards) > 1 and len(shards) % batch_size == 1,
         **_loader_options(workers, pin_memory, persistent=True),
     )
     return loader, sampler

@@ -724,20 +724,36 @@ def fit(
     _check_bundle(bundle)
     # The folder's check under its lock: a second training into it at the same time is refused,
     # and one that waited behind a finished run finds that run's files.
-    with _run_folder_held(out_dir, init_processes(recipe.device)), _generators_kept():
+    processes = init_processes(recipe.device)
+    with _run_folder_held(out_dir, processes), _generators_kept():
         check_run_folder(out_dir, resume=resume, overwrite=overwrite)
+        resolve_device(recipe.device, processes.local_rank)  # no CUDA: said before the data is decoded
         _read_evaluation_splits(bundle)
         run = _setup(model, bundle, Path(out_dir), recipe, metadata, plots)
-        _check_model_output(run.parts.model, bundle, run.device)
-        if overwrite:
-            _clear(run)
-        elif run.processes.is_main:  # what a kill during a write left: never read, only taking space
-            run.files.remove_temporaries()
-        if resume:
-            _resume(run)
-        with fast_cuda(run.device):
-            for epoch in range(run.progress.epoch, recipe.epochs):
-                record, improved, line = _train_epoch(run, epoch)
-                _save(run, record, improved)
-                run.log(line)  # after the save: an interrupt now keeps the epoch this line reports
-            return _finish(run)
+        try:
+            _check_model_output(run.parts.model, bundle, run.device)
+            if overwrite:
+                _clear(run)
+            elif run.processes.is_main:  # what a kill during a write left: never read, only taking space
+                run.files.remove_temporaries()
+            if resume:
+                _resume(run)
+            with fast_cuda(run.device):
+                for epoch in range(run.progress.epoch, recipe.epochs):
+                    record, improved, line = _train_epoch(run, epoch)
+                    _save(run, record, improved)
+                    run.log(line)  # after the save: an interrupt now keeps the epoch this line reports
+                return _finish(run)
+        finally:
+            _stop_workers(run.train_loader, run.val_loader)
+
+
+def _stop_workers(*loaders: DataLoader) -> None:
+    """End the persistent loaders' worker processes now: a traceback the caller keeps (a notebook's
+    last error, a sweep's list of failures) holds the loaders, and would keep them running."""
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # multi-process iterators only
+        if shutdown is not None:
+            shutdown()
+            loader._iterator = None

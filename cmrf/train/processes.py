@@ -21,15 +21,31 @@ from torch import nn
 from cmrf.train.state import get_rng_state
 
 
-def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """The ``torch.device`` for ``name`` (see ``Recipe.device``); checks that CUDA exists."""
-    asked = name
+def check_device_name(name) -> str:
+    """``name`` as ``Recipe.device`` spells it (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``; a
+    ``torch.device`` is taken by its name), else a ``ValueError`` naming it. Whether the device
+    exists is ``resolve_device``'s question."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    if not isinstance(name, str):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        return name
     try:
         device = torch.device(name)
     except RuntimeError as err:
         raise ValueError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto") from err
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r}: use cpu, cuda, cuda:N or auto")
+    return name
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """The ``torch.device`` for ``name`` (see ``Recipe.device``); checks that CUDA exists."""
+    asked = name = check_device_name(name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
@@ -43,8 +59,6 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
                 f"device {asked} requested but this machine has {count} CUDA device"
                 f"{'s' if count != 1 else ''} ({shown}; CUDA_VISIBLE_DEVICES limits which are seen)"
             )
-    elif device.type != "cpu":
-        raise ValueError(f"unsupported device {name!r}: use cpu, cuda, cuda:N or auto")
     return device
 
 

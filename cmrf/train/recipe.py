@@ -19,6 +19,7 @@ import numbers
 from dataclasses import asdict, dataclass
 
 from cmrf.constants import MAX_SEED, worker_limit_problem
+from cmrf.train.processes import check_device_name
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 
@@ -50,7 +51,8 @@ class Recipe:
             cores this process may use (shared among the machine's processes) less one, at most 8
             (``cmrf.train.loaders.choose_workers``). Results do not depend on it.
         seed: seed of initialisation, shuffling and augmentation. Default 0.
-        device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:1"``.
+        device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:1"`` (a
+            ``torch.device`` is taken by its name).
         overlays: number of test images drawn in ``overlays.png``. Default 4.
         compile: ``torch.compile`` the model: ``False`` (default, eager), ``True`` (inductor) or
             the name of a backend (``"inductor"``, ``"aot_eager"``, ...). Compiling costs time
@@ -108,6 +110,8 @@ class Recipe:
         self.betas = tuple(float(b) for b in self.betas)
         if self.aug_stop is not None and not 0 <= self.aug_stop <= self.epochs:
             raise ValueError(f"aug_stop must be between 0 and epochs={self.epochs}, got {self.aug_stop}")
+        # Its spelling now, not after the data is decoded (whether CUDA exists is fit's question).
+        self.device = check_device_name(self.device)
         if self.amp not in AMP_CHOICES:
             raise ValueError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         if not isinstance(self.compile, (bool, str)) or self.compile == "":

@@ -192,7 +192,11 @@ def run_folder_lock(out: str | Path) -> Iterator[None]:
             ) from None
         yield
     finally:
-        os.close(folder)  # releases the lock
+        # Unlocked for every copy of the descriptor: DataLoader workers forked inside the block
+        # hold one, and may outlive it (kept alive by a traceback the caller holds on to).
+        with contextlib.suppress(OSError):
+            fcntl.flock(folder, fcntl.LOCK_UN)
+        os.close(folder)
         if created:  # a run that failed before writing anything (a corrupt image in epoch 1) leaves no folder
             with contextlib.suppress(OSError):
                 out.rmdir()  # only if still empty
