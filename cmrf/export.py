@@ -34,6 +34,7 @@ from cmrf.onnx_writer import (
     TESTED_TORCH_FOR_ONNX,
     ExportUnsupportedError,
     check_exporter,
+    check_onnx_packages,
     check_opset,
     write_onnx,
 )
@@ -218,6 +219,7 @@ def export_onnx(
             sides that are not multiples of ``model.min_size``, or a dynamic export of a model
             with max-unpooling (SegNet), which ONNX Runtime could run only at the example's size.
         OSError: the file cannot be written (the previous file, if any, is left as it was).
+        ImportError: ``onnx`` or ``onnxscript`` is not installed (``pip install 'cmrf[onnx]'``).
 
     Warns:
         UserWarning: for a float64 or bfloat16 model, whose graph ONNX Runtime's CPU provider
@@ -229,6 +231,7 @@ def export_onnx(
     model = _unwrapped(model)
     _check_not_on_meta(model)
     check_exporter()
+    check_onnx_packages(("onnx", "onnxscript"), "export_onnx")
     check_opset(opset_version)
     if dynamic:
         _check_dynamic_supported(model)

@@ -27,6 +27,7 @@ __all__ = [
     "ExportUnsupportedError",
     "check_exporter",
     "check_opset",
+    "check_onnx_packages",
     "check_onnxruntime",
     "write_onnx",
 ]
@@ -94,17 +95,22 @@ def check_exporter() -> None:
         )
 
 
+def check_onnx_packages(packages: tuple[str, ...], what: str) -> None:
+    """Raise ``ImportError`` naming the extra to install when one of ``packages`` is missing (not
+    the bare ``ModuleNotFoundError`` of an import deep inside the exporter)."""
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise ImportError(
+            f"{what} needs {' and '.join(missing)}, which {verb} not installed: pip install 'cmrf[onnx]'"
+        )
+
+
 def check_onnxruntime() -> None:
     """Raise ``ImportError`` (naming the extra to install) when ONNX Runtime or the exporter's
     ``onnxscript`` is missing, and ``ExportUnsupportedError`` when this torch cannot export."""
     check_exporter()
-    missing = [name for name in ("onnxruntime", "onnxscript") if importlib.util.find_spec(name) is None]
-    if missing:
-        verb = "is" if len(missing) == 1 else "are"
-        raise ImportError(
-            f"running in ONNX Runtime needs {' and '.join(missing)}, which {verb} not installed: "
-            f"pip install 'cmrf[onnx]'"
-        )
+    check_onnx_packages(("onnxruntime", "onnxscript"), "running in ONNX Runtime")
 
 
 # What onnx_ir logs as a warning to the exporter's own authors while it builds a graph, about

@@ -85,7 +85,7 @@ def golden_path(name: str) -> Path:
     path = GOLDEN_DIR / name
     if not path.is_file():
         message = f"golden file {path} is missing (it lives in ../shared/golden beside the project)"
-        if os.environ.get("CI"):
+        if "CI" in os.environ:  # set, even to "" or "false": a CI run never skips the parity checks
             pytest.fail(message)
         pytest.skip(message)
     return path

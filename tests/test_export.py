@@ -645,3 +645,17 @@ def test_wrapped_models_export_the_optimized_model_inside(tmp_path, monkeypatch)
     assert not isinstance(parallel, torch.nn.DataParallel) and str(shapes[0][2]) == "4*side0"  # min_size 4
     with pytest.raises(ValueError, match=r"TinyUNet is on the meta device \(encoders\.0\.pw1\.conv\.weight"):
         cmrf.export_onnx(model.to("meta"), tmp_path / "m.onnx", (1, 1, 32, 32))
+
+
+@pytest.mark.parametrize("absent", ["onnx", "onnxscript"])
+def test_export_without_the_onnx_packages_names_the_extra(tmp_path, monkeypatch, absent):
+    """export_onnx failed with a bare ModuleNotFoundError from inside the exporter."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == absent else find_spec(name, *args))
+    with pytest.raises(ImportError, match=rf"export_onnx needs {absent}, which is not installed: "
+                                          r"pip install 'cmrf\[onnx\]'"):
+        cmrf.export_onnx(cmrf.CMRF(8, 8, 2), tmp_path / "m.onnx", (1, 8, 8, 8))
+    assert not (tmp_path / "m.onnx").exists()

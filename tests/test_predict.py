@@ -553,3 +553,18 @@ def test_a_checkpoints_huge_image_size_is_refused(tmp_path, capsys, images):
     assert main(["predict", str(path), str(images / "c.png"), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "--img-size 40000 (the checkpoint's): expected an integer of at most 8192" in err
+
+
+def test_overlays_without_matplotlib_are_refused_before_anything_is_written(checkpoint, images, tmp_path,
+                                                                           capsys, monkeypatch):
+    """It failed as an "internal error" (exit 70, "please report it") after writing the first mask."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "matplotlib" else find_spec(name, *args))
+    out = tmp_path / "out"
+    assert main(["predict", str(checkpoint), str(images / "c.png"), "--out", str(out)]) == 2
+    assert "needs matplotlib, which is not installed: pip install 'cmrf[train]'" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["predict", str(checkpoint), str(images / "c.png"), "--out", str(out), "--no-overlays"]) == 0

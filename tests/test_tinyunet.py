@@ -301,3 +301,17 @@ def test_tinyunet_arguments_are_read_from_the_shapes(golden):
     assert tinyunet_arguments(single) == {"N": 1, "channels": [16, 32]}
     for other in ("segnet_cmrf", "cmunext_cmrf"):
         assert tinyunet_arguments(cmrf.create_model(other, N=2).state_dict()) is None
+
+
+@pytest.mark.parametrize("value", ["true", ""])
+def test_a_missing_golden_file_fails_whenever_ci_is_set(monkeypatch, value):
+    """CI="" (set, but empty) skipped the golden tests."""
+    import tests.conftest as conftest
+
+    monkeypatch.setattr(conftest, "GOLDEN_DIR", conftest.GOLDEN_DIR / "absent")
+    monkeypatch.setenv("CI", value)
+    with pytest.raises(pytest.fail.Exception, match="is missing"):
+        conftest.golden_path(GOLDEN)
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="is missing"):
+        conftest.golden_path(GOLDEN)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from cmrf.cli.common import user_path
+from cmrf.cli.common import require_extra, user_path
 from cmrf.cli.model_args import (
     add_checkpoint_model_arguments,
     add_optimize_argument,
@@ -290,6 +290,9 @@ def run_predict(args: argparse.Namespace) -> int:
     from cmrf.data import denormalize, image_size, load_image, save_mask_png
     from cmrf.train.plots import plot_overlays
 
+    if args.overlays:  # else an "internal error" after the first mask is written
+        require_extra(("matplotlib",), "cmrf predict (its overlays; --no-overlays writes only the masks)",
+                      "train")
     model, meta = model_from_checkpoint(args.checkpoint, **checkpoint_model_options(args))
     _check_model_fits_images(meta, model, args.checkpoint)
     img_size = _input_side(args, meta, model)
