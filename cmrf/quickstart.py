@@ -15,7 +15,8 @@ def quickstart_report(size: int = 256) -> str:
     """Build TinyU-Net (3 in, 2 classes), profile it and run one forward pass on a random image.
 
     Args:
-        size: image side in pixels (default 256, the paper's); a multiple of 16.
+        size: image side in pixels (default 256, the paper's); 16 or more (one pixel survives
+            the four poolings; the decoder upsamples to each skip's size, so any such side works).
 
     Returns:
         A small table (parameters, paper-convention GFLOPs, fvcore GMACs; the paper's row and

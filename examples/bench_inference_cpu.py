@@ -25,17 +25,20 @@ import torch
 
 import cmrf
 from cmrf.bench.network import randomise_batchnorm
+from cmrf.cli.common import thread_count
+from cmrf.inference import PATHS
 from cmrf.reference import reference_tinyunet
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--threads", type=thread_count, default=2, help="torch threads (default 2)")
     parser.add_argument("--repeats", type=int, default=15, help="timed calls of each (default 15)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls of each first (default 3)")
     parser.add_argument("--size", type=int, default=256, help="image side (default 256)")
     parser.add_argument("--batch", type=int, default=1, help="batch (default 1)")
-    parser.add_argument("--path", default="auto", help="optimize_for_inference path (default auto)")
+    parser.add_argument("--path", default="auto", choices=["auto", *PATHS],
+                        help="optimize_for_inference path (default auto)")
     parser.add_argument("--freeze", action="store_true", help="also time freeze=True")
     parser.add_argument("--compile", action="store_true", help="also time Inductor over the optimized module")
     args = parser.parse_args()

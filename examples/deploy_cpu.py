@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 import cmrf
+from cmrf.cli.common import positive_int
 
 
 def load_image(path: str | None, size: int, in_chans: int = 3) -> torch.Tensor:
@@ -55,8 +56,11 @@ def main() -> None:
     parser.add_argument("--num-classes", type=int, default=2, help="the model's classes (default 2)")
     parser.add_argument("--size", type=int, default=256, help="network input side (default 256)")
     parser.add_argument("--onnx", default=None, help="also export to this .onnx file and run it")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.image is not None and args.in_chans not in (1, 3):  # before the model is built
+        parser.error(f"--in-chans {args.in_chans} with --image: an image file is read as 1 (grey) or 3 (RGB) "
+                     f"channels")
     for flag, path in (("--checkpoint", args.checkpoint), ("--image", args.image)):
         if path is not None and not Path(path).is_file():
             parser.error(f"{flag} {path}: no such file")
@@ -68,7 +72,7 @@ def main() -> None:
             import onnxruntime  # noqa: F401  (checked first: the torch work below takes a while)
         except ImportError:
             parser.error('--onnx needs ONNX Runtime: pip install "cmrf[onnx]"')
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
 
     # The three lines a deployment needs:

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from cmrf.cli.model_args import positive_int
+from cmrf.cli.common import _int_at_least
 
 __all__ = ["build", "run_quickstart"]
 
 
+def _side(text: str) -> int:
+    """argparse type of ``--size``: TinyU-Net's four poolings need a side of 16 or more."""
+    return _int_at_least(text, 16, "an image side >= 16")
+
+
 def build(parser: argparse.ArgumentParser):
-    parser.add_argument("--size", type=positive_int, default=256, help="image side (default 256)")
+    parser.add_argument("--size", type=_side, default=256, help="image side, >= 16 (default 256)")
     return run_quickstart
 
 

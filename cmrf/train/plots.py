@@ -6,6 +6,7 @@ on (or changes) the global backend and no window ever opens; files are written a
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,20 +40,32 @@ def plot_history(history: Sequence[dict], path: str | Path) -> Path:
         history: records with ``epoch``, ``train_loss``, ``val_mean_iou`` and ``lr``.
         path: output file (``.png``).
     """
+    return _save(_history_figure(history), path)
+
+
+def _history_figure(history: Sequence[dict]):
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in history]
     figure = Figure(figsize=(11, 3.4))
     axes = figure.subplots(1, 3)
-    series = (("train_loss", "training loss (CE + Dice)"), ("val_mean_iou", "validation mIoU"), ("lr", "lr"))
+    # "training loss": its CE and Dice weights are the recipe's (either may be 0).
+    series = (("train_loss", "training loss"), ("val_mean_iou", "validation mIoU"), ("lr", "lr"))
     for ax, (key, title) in zip(axes, series, strict=True):
-        ax.plot(epochs, [r[key] for r in history], marker="o" if len(epochs) < 30 else None)
+        values = [r[key] for r in history]
+        ax.plot(epochs, values, marker="o" if len(epochs) < 30 else None)
+        skipped = sum(not math.isfinite(v) for v in values)
+        if skipped:  # matplotlib leaves them out without a mark
+            ax.text(0.5, 0.5, f"{skipped} of {len(values)} values not finite (not drawn)",
+                    transform=ax.transAxes, ha="center", va="center", color="tab:red")
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.5
         ax.grid(alpha=0.3)
     axes[2].ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     figure.tight_layout()
-    return _save(figure, path)
+    return figure
 
 
 def _display_slice(tensor: torch.Tensor, spatial_dims: int) -> torch.Tensor:
