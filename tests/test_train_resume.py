@@ -37,8 +37,9 @@ def _completed_epochs(state_file) -> int:
 
 def test_resume_after_sigkill_is_exact(tmp_path):
     # 4 steps per epoch; killed after epoch 2 completes, wherever the run then is. An epoch takes a
-    # fraction of a second: 5 epochs left a window a loaded machine's polling could miss (killed at 5/5).
-    epochs = 12
+    # fraction of a second: 5 epochs left a window a loaded machine's polling could miss (killed at 5/5);
+    # 9 leave six epochs of margin at 50 polls a second.
+    epochs = 9
     train = ["train", *TINY, "--synthetic-samples", "16", "--batch-size", "4", "--lr", "3e-3"]
     train += ["--epochs", str(epochs)]
     reference = subprocess.Popen(
