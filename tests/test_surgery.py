@@ -1263,14 +1263,21 @@ def test_a_second_call_finds_the_cmrfs_of_the_first_and_replaces_nothing():
     assert again.paths == [] and {s.reason for s in again.skipped} == {"already a CMRF"}
 
 
-class RunsTwice(nn.Module):
-    """One block run at full and at half resolution: no one CMRF fits both calls' shapes."""
+class OneBlock(nn.Module):
+    """A stem, one block and a head."""
 
     def __init__(self):
         super().__init__()
         self.stem = nn.Conv2d(3, 16, 3, padding=1)
         self.block = DoubleConv(16, 16)
         self.head = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)))
+
+
+class RunsTwice(OneBlock):
+    """One block run at full and at half resolution: no one CMRF fits both calls' shapes."""
 
     def forward(self, x):
         y = self.block(self.stem(x))
@@ -1410,18 +1417,12 @@ def test_a_new_block_the_forward_never_calls_undoes_the_swap():
     assert isinstance(model.b1, DoubleConv) and isinstance(model.b2, DoubleConv)  # undone
 
 
-class FailsWithGrad(nn.Module):
+class FailsWithGrad(OneBlock):
     """A forward that works only without grad (a statistic read through NumPy)."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.block = DoubleConv(16, 16)
-        self.head = nn.Conv2d(16, 2, 1)
 
     def forward(self, x):
         float(x.cpu().numpy().mean())  # raises when x requires grad
-        return self.head(self.block(self.stem(x)))
+        return super().forward(x)
 
 
 def test_a_probe_without_the_autograd_graph_says_so():
