@@ -244,8 +244,7 @@ def test_pretrained_with_a_checkpoint_path_says_to_drop_pretrained(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, overlay, key", [
-    (dict(num_classes=3), dict(num_classes=5), "num_classes"),
-    (dict(in_chans=1), dict(input_size=(3, 64, 64)), "input_size"),
+    (dict(in_chans=1), dict(input_size=(3, 16, 16, 16)), "input_size"),
     ({}, dict(input_size=(3, 16, 16, 16)), "input_size"),
     ({}, dict(mean=(0.5, 0.5)), "mean"),
     ({}, dict(first_conv="stem"), "first_conv"),
@@ -253,6 +252,19 @@ def test_pretrained_with_a_checkpoint_path_says_to_drop_pretrained(tmp_path):
 def test_timm_cfg_overlay_that_contradicts_the_model_is_refused(kwargs, overlay, key):
     with pytest.raises(ValueError, match=f"pretrained_cfg_overlay {key}=.*contradicts"):
         timm.create_model("tinyunet", pretrained_cfg_overlay=overlay, **kwargs, **SMALL["tinyunet"])
+
+
+@pytest.mark.parametrize("factory", [create_model, timm.create_model], ids=["cmrf", "timm"])
+def test_an_overlay_describing_the_file_fine_tunes_to_the_classes_and_channels_asked_for(factory, tmp_path):
+    """timm's fine-tuning idiom: the overlay's num_classes and input_size describe the file; it was
+    refused as contradicting the model (docs/api.md said both), while pretrained_cfg=dict(...) took it."""
+    weights = tmp_path / "w.safetensors"
+    cmrf.save_weights(create_model("tinyunet", **SMALL["tinyunet"]), weights)
+    overlay = dict(file=str(weights), num_classes=2, input_size=(3, 64, 64))
+    model = factory("tinyunet", pretrained=True, pretrained_cfg_overlay=overlay, num_classes=5, in_chans=1,
+                    **SMALL["tinyunet"])
+    assert model.num_classes == 5 and model.in_channels == 1
+    assert model.pretrained_cfg["num_classes"] == 5 and model.pretrained_cfg["input_size"] == (1, 64, 64)
 
 
 # --- get_classifier / reset_classifier -------------------------------------------------------

@@ -254,3 +254,17 @@ def test_cmunext_training_on_one_deepest_pixel_is_named():
         model(torch.randn(1, 3, 16, 16))
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, 2, 16, 16)
     assert model.eval()(torch.randn(1, 3, 16, 16)).shape == (1, 2, 16, 16)  # eval: running statistics
+
+
+def test_model_defaults_do_not_depend_on_timms_global_layer_config():
+    """Read first under timm's set_layer_config(scriptable=True) (which the zoo refuses), the defaults
+    kept only the entry point's for the rest of the process."""
+    from timm.layers import set_layer_config
+
+    from cmrf.models import registry
+
+    expected = registry.model_defaults("segnet")
+    registry._built_class.cache_clear()
+    with set_layer_config(scriptable=True):
+        assert registry.model_defaults("segnet") == expected
+    assert registry.model_defaults("segnet") == expected and "in_channels" in expected

@@ -234,12 +234,29 @@ def build_model(
         base = {**resolve_pretrained_cfg(variant).to_dict(), **pretrained_cfg}
     else:
         base = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg).to_dict()
+    overlay = _file_facts_dropped(overlay, requested, kwargs)
     model.pretrained_cfg = fit_cfg(base, model, architecture=variant, overlay=overlay)
     if model.pretrained_cfg.get("state_dict") is not None:  # loaded below; not kept alive (nor pickled)
         model.pretrained_cfg["state_dict"] = None
     if pretrained:
         _load_local_pretrained(model, local_weights, requested)
     return model
+
+
+def _file_facts_dropped(overlay, requested: set[str], kwargs: dict):
+    """``overlay`` without what describes the weights file rather than the model: its ``num_classes``
+    and ``input_size[0]`` when the caller asked for classes or channels of their own (timm's
+    fine-tuning idiom, ``pretrained_cfg_overlay=dict(file=..., num_classes=2), num_classes=5``).
+    The model's cfg then gives the model's values; any other disagreement is still refused."""
+    if not isinstance(overlay, dict):
+        return overlay
+    overlay = dict(overlay)
+    if "num_classes" in requested:
+        overlay.pop("num_classes", None)
+    size = overlay.get("input_size")
+    if "in_channels" in requested and isinstance(size, (list, tuple)) and len(size) > 1:
+        overlay["input_size"] = (kwargs["in_channels"], *size[1:])
+    return overlay
 
 
 def load_pretrained_weights(model: nn.Module, path) -> list[str]:

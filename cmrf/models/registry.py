@@ -46,12 +46,19 @@ def is_model(name: str) -> bool:
 
 
 @functools.cache
+def _built_class(name: str) -> type:
+    """The class ``name``'s entry point builds (raises, and so is not cached, when it cannot)."""
+    # No memory, no initialisation cost: only the class is wanted. timm's global layer config
+    # (scriptable=True, which the zoo refuses) must not decide it for the rest of the process.
+    with torch.device("meta"), set_layer_config(scriptable=False):
+        return type(_ENTRYPOINTS[name]())
+
+
 def _constructor_defaults(name: str) -> Mapping[str, object]:
     """Keyword defaults of ``name``'s entry point, over those of the class it builds."""
     functions = [_ENTRYPOINTS[name]]
     try:
-        with torch.device("meta"):  # no memory, no initialisation cost: only the class is wanted
-            functions.insert(0, type(_ENTRYPOINTS[name]()).__init__)
+        functions.insert(0, _built_class(name).__init__)
     except Exception:  # an entry point that cannot build on "meta": its own defaults only
         pass
     defaults = {}
