@@ -1968,3 +1968,39 @@ def test_animated_images_and_cut_off_tiffs_are_named(tmp_path: Path):
         warnings.simplefilter("ignore")  # Pillow's "Corrupt EXIF data"
         with pytest.raises(DataError, match=r"cannot read image file .*cut\.tif: TypeError"):
             image_header(tmp_path / "cut.tif")
+
+
+def test_a_reordered_split_list_gives_the_same_dataset_order(tmp_path):
+    """The dataset followed the list's order while the split fingerprint (which a resume compares)
+    sorted the names: a reordered train.txt resumed silently with other batches."""
+    from types import SimpleNamespace
+
+    from cmrf.data.splits import split_from_files
+
+    pairs = [SimpleNamespace(stem=f"case{i}") for i in range(6)]
+    train = ["case0", "case1", "case2", "case3"]
+    orders = []
+    for name, listed in (("as-found", train), ("reversed", train[::-1])):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "train.txt").write_text("".join(f"{stem}\n" for stem in listed))
+        (folder / "val.txt").write_text("case4\n")
+        (folder / "test.txt").write_text("case5\n")
+        orders.append([p.stem for p in split_from_files(pairs, folder)["train"]])
+    assert orders[0] == orders[1] == train
+
+
+def test_a_cache_folder_without_file_locks_is_one_data_error(tmp_path, monkeypatch):
+    """Lustre without -o flock, NFS without lockd: a bare [Errno 38] naming neither cache nor fix."""
+    import errno
+    import fcntl
+
+    from cmrf.data.store import _store_lock
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(DataError, match=r"cannot lock the data cache folder .*no file locks.*--cache-dir"):
+        with _store_lock(tmp_path / "cache" / "folder-32-abc"):
+            pass

@@ -319,7 +319,12 @@ def _store_lock(folder: Path):
         raise DataError(f"cannot create the data cache folder {folder.parent}: {err}; give another "
                         "--cache-dir, or --cache memory") from None
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as err:  # Lustre without -o flock (ENOSYS), NFS without lockd (ENOLCK)
+            raise DataError(f"cannot lock the data cache folder {folder.parent} ({err.strerror or err}: its "
+                            "file system has no file locks); give a --cache-dir on a local disk, or "
+                            "--cache memory") from None
         yield
     finally:
         os.close(handle)  # releases the lock
