@@ -2001,6 +2001,6 @@ def test_a_cache_folder_without_file_locks_is_one_data_error(tmp_path, monkeypat
         raise OSError(errno.ENOSYS, "Function not implemented")
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    with pytest.raises(DataError, match=r"cannot lock the data cache folder .*no file locks.*--cache-dir"):
-        with _store_lock(tmp_path / "cache" / "folder-32-abc"):
-            pass
+    message = r"cannot lock the data cache folder .*no file locks.*--cache-dir"
+    with pytest.raises(DataError, match=message), _store_lock(tmp_path / "cache" / "folder-32-abc"):
+        pass

@@ -6,6 +6,7 @@ Every entry point registered here is also registered with timm, so after ``impor
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import inspect
@@ -57,10 +58,8 @@ def _built_class(name: str) -> type:
 def _constructor_defaults(name: str) -> Mapping[str, object]:
     """Keyword defaults of ``name``'s entry point, over those of the class it builds."""
     functions = [_ENTRYPOINTS[name]]
-    try:
+    with contextlib.suppress(Exception):  # an entry point that cannot build on "meta": its own defaults only
         functions.insert(0, _built_class(name).__init__)
-    except Exception:  # an entry point that cannot build on "meta": its own defaults only
-        pass
     defaults = {}
     for function in functions:
         parameters = inspect.signature(function).parameters.values()
