@@ -495,7 +495,11 @@ def load_state_dict_checked(
                 problems.append(f"these are the weights of a {ranks[0]}D model and the model is {ranks[1]}D "
                                 f"(spatial_dims={ranks[1]}): build a {ranks[0]}D model to load them")
         head = f"{getattr(model, 'classifier_name', None)}."
-        if mismatched and not missing and not unexpected and all(m.startswith(head) for m in mismatched):
+        channels = _input_channels_hint(model, mapped, expected, prefix)
+        if channels and not missing and not unexpected and all(
+                m.startswith((head, channels[0] + ":")) for m in mismatched):
+            problems.append(channels[1])
+        elif mismatched and not missing and not unexpected and all(m.startswith(head) for m in mismatched):
             problems.append(
                 "only the classifier differs: to fine-tune for other classes, load the rest with "
                 "create_model(..., num_classes=K, pretrained=True, pretrained_cfg_overlay=dict(file=PATH)) "
@@ -508,6 +512,23 @@ def load_state_dict_checked(
     if not check_only:
         model.load_state_dict(mapped)
     return model
+
+
+def _input_channels_hint(model: nn.Module, mapped: dict, expected: dict,
+                         prefix: str) -> tuple[str, str] | None:
+    """``(key, hint)`` when the file's first convolution (the cfg's ``first_conv``) takes other
+    input channels than the model's: the model was built for other images than the weights."""
+    first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    key = f"{prefix}{first}.weight"
+    if not first or key not in mapped or key not in expected or mapped[key].dim() < 2:
+        return None
+    saved, own = mapped[key].shape[1], expected[key].shape[1]
+    if saved == own:
+        return None
+    return key, (f"the file is for {saved} input channel(s) and the model takes {own}: build it with "
+                 f"in_chans={saved}, or, to adapt the weights to {own} channels as timm does, with "
+                 f"in_chans={own}, pretrained=True, pretrained_cfg_overlay=dict(file=PATH) "
+                 f"(cmrf train --init)")
 
 
 def _other_spatial_dims(mapped: dict, expected: dict) -> tuple[int, int] | None:

@@ -481,3 +481,15 @@ def test_create_model_takes_timm_train_py_defaults():
     assert isinstance(model, cmrf.TinyUNet)
     with pytest.raises(ValueError, match=r"unknown model \['tinyunet'\]; available: .*tinyunet"):
         cmrf.create_model(["tinyunet"])
+
+
+def test_weights_for_other_input_channels_name_in_chans(tmp_path):
+    """A 1-channel file loaded without in_chans listed a shape mismatch and nothing else."""
+    weights = tmp_path / "grey.safetensors"
+    cmrf.save_weights(create_model("tinyunet", in_chans=1, **SMALL["tinyunet"]), weights)
+    for build in (lambda: timm.create_model("tinyunet", pretrained=True, pretrained_cfg_overlay=dict(
+                      file=str(weights)), **SMALL["tinyunet"]),
+                  lambda: create_model("tinyunet", checkpoint_path=weights, **SMALL["tinyunet"])):
+        with pytest.raises(ValueError, match=r"the file is for 1 input channel\(s\) and the model takes 3: "
+                                             r"build it with in_chans=1"):
+            build()
