@@ -2004,3 +2004,18 @@ def test_a_cache_folder_without_file_locks_is_one_data_error(tmp_path, monkeypat
     message = r"cannot lock the data cache folder .*no file locks.*--cache-dir"
     with pytest.raises(DataError, match=message), _store_lock(tmp_path / "cache" / "folder-32-abc"):
         pass
+
+
+def test_the_memory_cache_leaves_half_of_dev_shm_to_the_loader_workers(monkeypatch):
+    """A cache that fit all of the free /dev/shm took it (reserved at once), and the first batch a
+    worker sent failed with "unable to allocate shared memory": an internal error (Docker's 64 MiB)."""
+    import os as os_module
+    from types import SimpleNamespace
+
+    import cmrf.data.store as store
+
+    real_statvfs = os_module.statvfs
+    monkeypatch.setattr(store.os, "statvfs", lambda path: SimpleNamespace(f_bavail=1024, f_frsize=4096)
+                        if path == "/dev/shm" else real_statvfs(path))
+    monkeypatch.setattr(store.os.path, "isdir", lambda path: True)
+    assert store._memory_room() <= 2 * 1024 * 1024

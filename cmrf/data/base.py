@@ -194,8 +194,9 @@ def augment_pair(
 def shared_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zero tensor in shared memory: DataLoader workers (fork or spawn) see the same memory.
 
-    Pages are committed only when written, so a large, mostly unused tensor costs nothing.
-    Where shared memory cannot be had, an ordinary tensor is returned (workers then get copies).
+    The block is not filled or copied, but torch reserves all of it in ``/dev/shm`` at once (so a
+    full ``/dev/shm`` fails here, not at a write). Where shared memory cannot be had, an ordinary
+    tensor is returned (workers then get copies).
     """
     numel = math.prod(shape)
     try:

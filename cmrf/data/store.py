@@ -402,11 +402,13 @@ def _create_disk_store(folder: Path, layout: Layout) -> None:
 
 
 def _memory_room() -> int | None:
-    """Bytes of shared memory that can be taken: free ``/dev/shm``, half the available memory."""
+    """Bytes of shared memory the cache may take: half the free ``/dev/shm`` (DataLoader workers
+    pass every batch through it too, and a worker that finds it full fails), half the available
+    memory."""
     room = []
     if os.path.isdir("/dev/shm"):
         stats = os.statvfs("/dev/shm")
-        room.append(stats.f_bavail * stats.f_frsize)
+        room.append(stats.f_bavail * stats.f_frsize // 2)
     try:
         with open("/proc/meminfo") as file:
             for line in file:
