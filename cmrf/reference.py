@@ -1,10 +1,11 @@
 """The reference TinyU-Net algorithm, restated as plain functional PyTorch: the oracle.
 
-``cmrf bench`` compares every inference and training row against it, and the tests hold the
-golden outputs to it and every inference path of the full-width network (eager, ``optimize_for_inference``
-with each path and backend) to it, with BatchNorm statistics under which every block reaches the
-output. (The fused cascade's tests compare against ``cmrf.ops.cascade``'s plain cascade, which
-``tests/test_cmrf.py`` holds to a functional CMRF of its own.) It follows the paper's
+``cmrf bench`` compares its inference rows against it (its training rows against the model's
+plain path), and the tests hold the golden outputs to it and every inference path of the
+full-width network (eager, ``optimize_for_inference`` with each path and backend) to it, with
+BatchNorm statistics under which every block reaches the output. (The fused cascade's tests
+compare against ``cmrf.ops.cascade``'s plain cascade, which ``tests/test_cmrf.py`` holds to a
+functional CMRF of its own.) It follows the paper's
 reference code step by step (``F.interpolate`` bicubic upsampling, ``torch.cat``, eval-mode
 BatchNorm after every convolution) and shares no code with ``cmrf.layers`` or ``cmrf.inference``,
 so a mistake there cannot hide here.

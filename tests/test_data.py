@@ -2019,3 +2019,13 @@ def test_the_memory_cache_leaves_half_of_dev_shm_to_the_loader_workers(monkeypat
                         if path == "/dev/shm" else real_statvfs(path))
     monkeypatch.setattr(store.os.path, "isdir", lambda path: True)
     assert store._memory_room() <= 2 * 1024 * 1024
+
+
+def test_fractions_beside_split_files_are_refused(tmp_path):
+    """They were dropped without a word (the lists fix every split), yet a resume refused a changed
+    value of them: the rule for options the data does not read is to refuse them."""
+    options = data_options(parse("--data", "folder", "--root", str(tmp_path), "--split-dir", str(tmp_path),
+                                 "--val-fraction", "0.5"))
+    with pytest.raises(DataError, match=r"--val-fraction: the split files of --split-dir .* fix every split, "
+                                        r"so no fraction is cut; drop --val-fraction"):
+        build_datasets(**options)

@@ -82,6 +82,12 @@ def _check_options_apply(options: dict) -> None:
     synthetic = options["data"] == "synthetic"
     ignored = unread_options(options["data"])
     given = [option_flag(name) for name in ignored if options[name] != DATA_OPTIONS[name]]
+    if not given and options["split_dir"] is not None:  # the lists fix every split
+        fractions = [option_flag(name) for name in ("val_fraction", "test_fraction")
+                     if options[name] != DATA_OPTIONS[name]]
+        if fractions:
+            raise DataError(f"{', '.join(fractions)}: the split files of --split-dir {options['split_dir']} "
+                            f"fix every split, so no fraction is cut; drop {' and '.join(fractions)}")
     if not given:
         return
     if synthetic:
