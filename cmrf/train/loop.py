@@ -400,7 +400,10 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[dict, bool, str]:
         run.train_model, run.train_loader, run.loss_fn, p.optimizer, p.scaler, run.device, run.amp_dtype,
         run.processes, tag,
     )  # fmt: skip
-    images_per_s = len(run.epochs) * run.processes.world_size / (time.perf_counter() - started)
+    trained = len(run.epochs)  # this process's shard, less a last image of its own (drop_last)
+    if run.train_loader.drop_last:
+        trained -= trained % recipe.batch_size
+    images_per_s = trained * run.processes.world_size / (time.perf_counter() - started)
     share_buffers(p.model, run.processes)
     scores = evaluate_model(
         run.eval_model, run.val_loader, run.bundle.num_classes, run.class_names, run.device, run.amp_dtype,
