@@ -415,3 +415,23 @@ def test_a_failed_fit_leaves_its_folder_free_while_its_error_is_kept(tmp_path):
     assert failure.value is not None  # still held here
     assert multiprocessing.active_children() == []
     fit(tiny_model(), tiny_bundle(), out, recipe(), plots=False, overwrite=True)  # not refused
+
+
+def test_a_run_stopped_while_drawing_its_figures_is_unfinished_and_resume_completes_it(tmp_path, monkeypatch):
+    """metrics.json, the mark of a finished run, was written before the figures: a demo stopped
+    while drawing them was taken as finished and replaced by a plain re-run, its epochs lost."""
+    pytest.importorskip("matplotlib")
+    import cmrf.train.loop as loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(loop, "write_overlays", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_model(), tiny_bundle(), out, recipe(overlays=1))
+    assert "metrics.json" not in run_files(out) and "last_state.pt" in run_files(out)
+    monkeypatch.undo()
+    result = fit(tiny_model(), tiny_bundle(), out, recipe(overlays=1), resume=True)
+    assert {"metrics.json", "overlays.png", "training_curve.png"} <= set(run_files(out))
+    assert [r["epoch"] for r in result["history"]] == [1]  # finished, not trained again

@@ -546,7 +546,7 @@ def _final_scores(run: _Run) -> dict:
 
 
 def _finish(run: _Run) -> dict:
-    """Test the best checkpoint; write ``metrics.json``, the curve and the overlays (rank 0)."""
+    """Test the best checkpoint; draw the curve and the overlays, then write ``metrics.json`` (rank 0)."""
     from cmrf.files import atomic_write_json
 
     run.processes.barrier()  # rank 0 has written best.safetensors
@@ -560,6 +560,14 @@ def _finish(run: _Run) -> dict:
             f"in {run.files.state}: fix the cause and run the same command with --resume to finish the run"
         ) from err
     if run.processes.is_main:
+        # The figures first: metrics.json is the mark of a finished run (cmrf demo replaces a
+        # finished demo), so a run stopped while drawing is unfinished, and --resume completes it.
+        if run.plots:
+            _plot_curve(run)
+        if run.plots and run.recipe.overlays:
+            shown = run.bundle.test if result["split"] == "test" else run.bundle.val
+            args = (shown, run.files.overlays, run.recipe.overlays, run.device, run.bundle.spatial_dims)
+            _draw(run, run.files.overlays, lambda: write_overlays(run.parts.model, *args))
         try:
             with naming_errors(run.files.metrics):
                 atomic_write_json(result, run.files.metrics)
@@ -569,12 +577,6 @@ def _finish(run: _Run) -> dict:
                 f"trained epoch(s) are safe in {run.files.state}: fix the cause and run the same command "
                 f"with --resume to finish the run"
             ) from err
-        if run.plots:
-            _plot_curve(run)
-        if run.plots and run.recipe.overlays:
-            shown = run.bundle.test if result["split"] == "test" else run.bundle.val
-            args = (shown, run.files.overlays, run.recipe.overlays, run.device, run.bundle.spatial_dims)
-            _draw(run, run.files.overlays, lambda: write_overlays(run.parts.model, *args))
     run.processes.barrier()
     return result
 
