@@ -536,3 +536,12 @@ def test_the_training_curve_has_whole_epochs_and_says_what_it_cannot_draw():
     assert all(float(t).is_integer() for t in iou.get_xticks())
     assert loss.get_title() == "training loss"
     assert [t.get_text() for t in loss.texts] == ["1 of 4 values not finite (not drawn)"] and not iou.texts
+
+
+def test_overlays_give_eighteen_foreground_classes_colours_of_their_own():
+    """Class 7 had class 1's colour (six colours), so a 15-organ overlay could not be read."""
+    from cmrf.train.plots import CLASS_COLOURS
+
+    colours = [tuple(c) for c in CLASS_COLOURS]
+    assert len(colours) >= 18 and len(set(colours)) == len(colours)
+    assert min(np.abs(np.subtract(a, b)).sum() for i, a in enumerate(colours) for b in colours[i + 1:]) > 0.15

@@ -17,9 +17,14 @@ import torch
 from cmrf.files import atomic_path
 from cmrf.train.run_folder import naming_errors
 
-# Colours of classes 1..K-1 in overlays (class 0, the background, is left transparent).
+# Colours of classes 1..K-1 in overlays (class 0, the background, is left transparent): six bright
+# ones, then twelve of matplotlib's tab20 that differ from them, so that up to 18 foreground classes
+# (AMOS has 15 organs) get colours of their own; beyond, they repeat.
 CLASS_COLOURS = np.array(
-    [[1.0, 0.2, 0.2], [0.2, 0.9, 0.2], [0.2, 0.5, 1.0], [1.0, 0.85, 0.1], [0.9, 0.3, 0.9], [0.1, 0.9, 0.9]]
+    [[1.0, 0.2, 0.2], [0.2, 0.9, 0.2], [0.2, 0.5, 1.0], [1.0, 0.85, 0.1], [0.9, 0.3, 0.9], [0.1, 0.9, 0.9],
+     [1.0, 0.498, 0.055], [0.549, 0.337, 0.294], [0.580, 0.404, 0.741], [0.498, 0.498, 0.498],
+     [0.737, 0.741, 0.133], [0.969, 0.714, 0.824], [0.682, 0.780, 0.910], [0.596, 0.875, 0.541],
+     [1.0, 0.596, 0.588], [0.773, 0.690, 0.835], [0.769, 0.612, 0.580], [0.859, 0.859, 0.553]]
 )
 
 
