@@ -209,7 +209,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-
 def seed_value(text: str) -> int:
     """``--seed``: an integer from 0 to ``MAX_SEED``."""
     value = _int_at_least(text, 0, f"an integer from 0 to 2**63 - 1 ({MAX_SEED})")
